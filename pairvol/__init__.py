@@ -1,0 +1,1 @@
+"""The pairvol command line (``pairvol`` console script)."""

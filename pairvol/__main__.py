@@ -1,0 +1,5 @@
+import sys
+
+from pairvol.cli import main
+
+sys.exit(main())

@@ -1,0 +1,9 @@
+"""``pairvol host``: placeholder until implemented."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    sub.add_parser("host", help="(not yet implemented)")

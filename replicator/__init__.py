@@ -1,0 +1,1 @@
+"""pairvol's storage side: volumes, PVIDs, the NBD export, and (later) bitmaps, journals and pairs."""
