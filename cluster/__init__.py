@@ -1,1 +1,1 @@
-"""pairvol's host side: the host PVID cache, block-device attachment, and (later) the cluster agent."""
+"""pairvol host side: the host PVID cache, block-device attachment, later the agent."""

@@ -1,1 +1,1 @@
-"""pairvol's storage side: volumes, PVIDs, the NBD export, and (later) bitmaps, journals and pairs."""
+"""pairvol storage side: volumes, PVIDs, the NBD export, later bitmaps and journals."""

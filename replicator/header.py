@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import enum
 import struct
-import uuid
 from dataclasses import dataclass, field, replace
+from uuid import UUID
 
 import crc32c
 
@@ -85,7 +85,7 @@ class Header:
     """PVID and VOL information (SPEC section 1) plus the image layout."""
 
     pvid: int
-    uuid: uuid.UUID
+    uuid: UUID
     name: str
     data_size: int
     block_size: int
@@ -128,7 +128,7 @@ class Header:
         data_size: int,
         block_size: int,
         created_ns: int,
-        vol_uuid: uuid.UUID,
+        vol_uuid: UUID,
     ) -> Header:
         if data_size % block_size:
             raise UsageError(f"size {data_size} is not a multiple of the block size {block_size}")
@@ -239,7 +239,7 @@ def decode(slot: bytes) -> Header:
         raise HeaderCorrupt(f"unknown role {role}") from e
     return Header(
         pvid=pvid,
-        uuid=uuid.UUID(bytes=uuid_bytes),
+        uuid=UUID(bytes=uuid_bytes),
         name=_cstr(name_raw, "name"),
         data_size=data_size,
         block_size=block_size,

@@ -25,7 +25,7 @@ def parse_size(text: str, *, what: str = "size") -> int:
         if raw.startswith("-"):
             raise UsageError(f"{what} {text!r} is negative; give a positive size like 64M")
         raise UsageError(f"{what} {text!r} is not a size; use a number with K, M, G, T or P")
-    num, unit = m.group("num"), m.group("unit").upper()
+    num, unit = str(m.group("num")), str(m.group("unit")).upper()
     mult = _UNITS[unit]
     if "." in num:
         whole, frac = num.split(".")
