@@ -30,7 +30,7 @@ def parse_size(text: str, *, what: str = "size") -> int:
     if "." in num:
         whole, frac = num.split(".")
         value_num = int(whole + frac) * mult
-        value_den = 10 ** len(frac)
+        value_den: int = 10 ** len(frac)
         if value_num % value_den:
             raise UsageError(f"{what} {text!r} is not a whole number of bytes")
         value = value_num // value_den
