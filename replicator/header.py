@@ -130,6 +130,8 @@ class Header:
         created_ns: int,
         vol_uuid: UUID,
     ) -> Header:
+        if block_size < 512 or block_size > 65536 or block_size & (block_size - 1):
+            raise UsageError(f"block size {block_size} is not a power of two from 512 to 64K")
         if data_size % block_size:
             raise UsageError(f"size {data_size} is not a multiple of the block size {block_size}")
         meta_offset, meta_size, data_offset = layout_for(data_size)

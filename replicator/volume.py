@@ -156,6 +156,8 @@ class Volume:
         except OSError as e:
             raise _os_error(e, path, "open") from e
         try:
+            if os.path.isdir(path):
+                raise UsageError(f"{path} is a directory, not a volume image")
             if not os.path.isfile(path):
                 raise UsageError(f"{path} is not a regular file")
             choice = cls._read_choice(fd, path)

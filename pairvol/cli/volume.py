@@ -7,7 +7,7 @@ import datetime as dt
 from typing import Any
 
 from pairvol.cli.common import print_json
-from replicator.errors import HeaderCorrupt
+from replicator.errors import HeaderCorrupt, UsageError
 from replicator.header import Header
 from replicator.pvid import format_pvid, parse_pvid
 from replicator.sizes import format_size, parse_size
@@ -34,9 +34,8 @@ def register(sub: Any) -> None:
 
     s = vs.add_parser("set-pvid", help="give the volume a new PVID")
     s.add_argument("path")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--new", action="store_true", help="generate a fresh unique PVID")
-    g.add_argument("pvid", nargs="?", help="the PVID to assign (16 hex digits)")
+    s.add_argument("--new", action="store_true", help="generate a fresh unique PVID")
+    s.add_argument("pvid", nargs="?", help="the PVID to assign (16 hex digits)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_set_pvid)
 
@@ -95,6 +94,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_set_pvid(args: argparse.Namespace) -> int:
+    if args.new == (args.pvid is not None):
+        raise UsageError("volume set-pvid: give exactly one of --new or a PVID")
     pvid = None if args.new else parse_pvid(args.pvid)
     with Volume.open(args.path, writable=True) as v:
         old = v.header.pvid_hex
