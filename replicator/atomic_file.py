@@ -25,10 +25,12 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
-    except BaseException:
         os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
         os.unlink(tmp)
         raise
-    os.close(fd)
-    os.replace(tmp, path)
     fsync_dir(directory)
