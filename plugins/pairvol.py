@@ -5,11 +5,16 @@
 
 Export names are ``[NAME][@PVID]``; with ``@PVID`` the connection is refused unless the volume
 carries that PVID (the access check).  Each callback is one call into a typed object; errors
-set nbdkit's errno and are re-raised, never swallowed.
+set nbdkit's errno and are re-raised, never swallowed (returning after ``set_error`` would
+report success to the client).
+
+What the client sees when ``open`` fails: nbdkit 1.32 answers NBD_OPT_GO with
+NBD_REP_ERR_UNKNOWN whatever errno the plugin set, so libnbd reports ENOENT ("server has no
+export named ...") for a PVID mismatch and for an unknown export alike.  The errno we set
+still matters for every other callback, and the reason (both PVIDs) is the one line nbdkit logs.
 """
 
 import errno
-import functools
 import os
 import sys
 
@@ -21,66 +26,79 @@ if _ROOT not in sys.path:
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
+from replicator.errors import PairvolError  # noqa: E402
 from replicator.export import Exporter  # noqa: E402
 
 API_VERSION = 2
 
-_exporter = Exporter()
+# Looked up once: the request callbacks are the hot path.
+_FUA = nbdkit.FLAG_FUA
+_MAY_TRIM = nbdkit.FLAG_MAY_TRIM
+_REQ_ONE = nbdkit.FLAG_REQ_ONE
 
 
-def _errno_of(e: BaseException) -> int:
+_exporter = Exporter()  # warnings (a damaged volume in dir=) go to stderr
+
+
+def _failed(e):
+    """Set nbdkit's errno from ``e``.  The caller must re-raise (a bare ``raise``)."""
     err = getattr(e, "errno", None)
-    return err if isinstance(err, int) and err > 0 else errno.EIO
-
-
-def _reports_errno(fn):
-    """Set nbdkit's errno from the exception and RE-RAISE it (returning would mean success)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args):
-        try:
-            return fn(*args)
-        except BaseException as e:
-            nbdkit.set_error(_errno_of(e))
-            raise
-
-    return wrapper
+    nbdkit.set_error(err if isinstance(err, int) and err > 0 else errno.EIO)
+    if isinstance(e, PairvolError | OSError):
+        # An expected failure whose message says it all (a PVID mismatch names both PVIDs).
+        # Without a traceback nbdkit logs it as ONE line, "...: open: error: <message>", on
+        # stderr or syslog, wherever nbdkit's log goes.  Bugs keep their traceback.
+        e.with_traceback(None)
 
 
 def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
-@_reports_errno
 def config(key, value):
-    _exporter.config(key, value)
+    try:
+        _exporter.config(key, value)
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def config_complete():
-    _exporter.config_complete()
+    try:
+        _exporter.config_complete()
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def list_exports(readonly, is_tls):
-    return _exporter.list_exports()
+    try:
+        return _exporter.list_exports()
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def default_export(readonly, is_tls):
-    return _exporter.default_export()
+    try:
+        return _exporter.default_export()
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def open(readonly):
-    return _exporter.open(nbdkit.export_name(), readonly)
+    try:
+        return _exporter.open(nbdkit.export_name(), readonly)
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
 def close(h):
     h.close()
 
 
-@_reports_errno
 def export_description(h):
     return h.description()
 
@@ -114,7 +132,7 @@ def can_zero(h):
 
 
 def can_fast_zero(h):
-    return True
+    return True  # zero is a fallocate or EOPNOTSUPP, never a slow write of zeros
 
 
 def can_fua(h):
@@ -133,36 +151,57 @@ def is_rotational(h):
     return False
 
 
-@_reports_errno
 def pread(h, buf, offset, flags):
-    h.pread(buf, offset)
+    try:
+        h.pread(buf, offset)
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def pwrite(h, buf, offset, flags):
-    h.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    try:
+        h.pwrite(buf, offset, flags & _FUA != 0)
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def flush(h, flags):
-    h.flush()
+    try:
+        h.flush()
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def trim(h, count, offset, flags):
-    h.trim(count, offset, bool(flags & nbdkit.FLAG_FUA))
+    try:
+        h.trim(count, offset, flags & _FUA != 0)
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def zero(h, count, offset, flags):
-    h.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), bool(flags & nbdkit.FLAG_FUA))
+    try:
+        h.zero(count, offset, flags & _MAY_TRIM != 0, flags & _FUA != 0)
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def cache(h, count, offset, flags):
-    h.cache(count, offset)
+    try:
+        h.cache(count, offset)
+    except BaseException as e:
+        _failed(e)
+        raise
 
 
-@_reports_errno
 def extents(h, count, offset, flags):
-    return h.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))
+    try:
+        return h.extents(count, offset, flags & _REQ_ONE != 0)
+    except BaseException as e:
+        _failed(e)
+        raise

@@ -4,17 +4,22 @@
 resolves export names; :class:`ExportHandle` is one client connection's open volume.  Every
 data-path method works on offsets in the *data area* and adds the header's ``data_offset``,
 after a bounds check, so no client request can ever reach the header or metadata regions.
+
+Errors are :class:`~replicator.errors.PairvolError` or :class:`OSError`; both carry the errno
+the plugin hands to nbdkit.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from replicator import falloc
-from replicator.errors import NotFound, PvidMismatch, UsageError, VolumeError
-from replicator.export_info import describe, parse_export_name
+from replicator.errors import NotFound, PairvolError, PvidMismatch, UsageError, VolumeError
+from replicator.export_info import ExportName, describe, parse_export_name
 from replicator.header import Header
 from replicator.pvid import format_pvid
 from replicator.volume import Volume, looks_like_volume
@@ -25,6 +30,10 @@ EXTENT_HOLE_ZERO = 3
 MAX_REQUEST = 0xFFFFFFFF
 
 
+def _warn_stderr(message: str) -> None:
+    print(f"pairvol: {message}", file=sys.stderr, flush=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Listed:
     name: str
@@ -33,11 +42,16 @@ class Listed:
 
 
 class Exporter:
-    """Plugin-wide state: which volumes are served, and how names map to them."""
+    """Plugin-wide state: which volumes are served, and how names map to them.
 
-    def __init__(self) -> None:
+    Nothing about the volumes is cached: every listing and every new connection reads the
+    headers again, so a volume created, re-PVIDed or removed while nbdkit runs is seen at once.
+    """
+
+    def __init__(self, warn: Callable[[str], None] = _warn_stderr) -> None:
         self.volume_path: str | None = None
         self.directory: str | None = None
+        self._warn = warn
 
     def config(self, key: str, value: str) -> None:
         if key == "volume":
@@ -56,22 +70,30 @@ class Exporter:
             with Volume.open(self.volume_path):  # fail at start-up, not at first connection
                 pass
 
+    def _candidates(self) -> list[str]:
+        assert self.directory is not None
+        paths = []
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            # Dot files include Volume.create's half-built ".NAME.creating-XXXX" images.
+            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                continue
+            if looks_like_volume(entry.path):
+                paths.append(entry.path)
+        return paths
+
     def volumes(self) -> list[Listed]:
         """Every volume served, read fresh from disk (they may change while we run)."""
         if self.volume_path is not None:
-            paths = [self.volume_path]
-        else:
-            assert self.directory is not None
-            paths = []
-            for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
-                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-                    continue
-                if looks_like_volume(entry.path):
-                    paths.append(entry.path)
+            with Volume.open(self.volume_path) as v:
+                return [Listed(v.header.name, self.volume_path, v.header)]
         found = []
-        for path in paths:
-            with Volume.open(path) as v:
-                found.append(Listed(v.header.name, path, v.header))
+        for path in self._candidates():
+            try:
+                with Volume.open(path) as v:
+                    found.append(Listed(v.header.name, path, v.header))
+            except PairvolError as e:
+                # One damaged (or just deleted) file must not take every other export down.
+                self._warn(f"not serving {path}: {e}")
         return found
 
     def list_exports(self) -> list[tuple[str, str]]:
@@ -81,34 +103,39 @@ class Exporter:
         vols = self.volumes()
         return vols[0].name if len(vols) == 1 else ""
 
-    def resolve(self, export_name: str) -> str:
-        """Map ``[NAME][@PVID]`` to a volume path and run the access check."""
-        wanted = parse_export_name(export_name)
+    def _select(self, wanted: ExportName) -> Listed:
         vols = self.volumes()
         if wanted.name is None:
             if len(vols) != 1:
                 names = ", ".join(v.name for v in vols) or "none"
                 raise NotFound(f"no default export: name one of the volumes ({names})")
-            matches = vols
-        else:
-            matches = [v for v in vols if v.name == wanted.name]
+            return vols[0]
+        matches = [v for v in vols if v.name == wanted.name]
         if not matches:
             raise NotFound(f"no volume named {wanted.name!r} is served here")
         if len(matches) > 1:
             paths = ", ".join(v.path for v in matches)
             raise VolumeError(f"volume name {wanted.name!r} is ambiguous: {paths}", errno.EIO)
-        chosen = matches[0]
-        if wanted.pvid is not None and wanted.pvid != chosen.header.pvid:
-            raise PvidMismatch(
-                f"export {chosen.name!r} ({chosen.path})",
-                format_pvid(wanted.pvid),
-                chosen.header.pvid_hex,
-            )
-        return chosen.path
+        return matches[0]
 
     def open(self, export_name: str, readonly: bool) -> ExportHandle:
-        path = self.resolve(export_name)
-        vol = Volume.open(path, writable=not readonly)
+        """Open the export ``[NAME][@PVID]`` names, after SPEC section 1's access check."""
+        wanted = parse_export_name(export_name)
+        chosen = self._select(wanted)
+        vol = Volume.open(chosen.path, writable=not readonly)
+        try:
+            # Check the header read through the descriptor we are about to serve, not the one
+            # from the scan: a PVID changed in between must not slip through.
+            h = vol.header
+            if wanted.name is not None and h.name != wanted.name:
+                raise NotFound(f"{chosen.path} was renamed to {h.name!r} while being opened")
+            if wanted.pvid is not None and wanted.pvid != h.pvid:
+                raise PvidMismatch(
+                    f"export {h.name!r} ({chosen.path})", format_pvid(wanted.pvid), h.pvid_hex
+                )
+        except BaseException:
+            vol.close()
+            raise
         return ExportHandle(vol, readonly)
 
 
@@ -134,41 +161,69 @@ class ExportHandle:
     def block_size(self) -> tuple[int, int, int]:
         return (1, self.header.block_size, MAX_REQUEST)
 
+    def _outside(self, count: int, offset: int) -> VolumeError:
+        return VolumeError(
+            f"request [{offset}, {offset + count}) is outside the data area of {self.size} bytes",
+            errno.EINVAL,
+        )
+
     def _check(self, count: int, offset: int) -> None:
         if offset < 0 or count < 0 or offset + count > self.size:
-            raise VolumeError(
-                f"request [{offset}, {offset + count}) is outside the data area of {self.size}",
-                errno.EINVAL,
-            )
+            raise self._outside(count, offset)
+
+    # pread and pwrite are the hot path (benchmarked against nbdkit's C file plugin): the
+    # bounds check is inlined and the client's buffer goes straight to the syscall.
 
     def pread(self, buf: memoryview, offset: int) -> None:
-        self._check(len(buf), offset)
-        n = os.preadv(self.fd, [buf], self.base + offset)
-        if n != len(buf):
-            raise VolumeError(f"short read ({n} of {len(buf)} bytes) at {offset}")
+        count = len(buf)
+        if offset < 0 or offset + count > self.size:
+            raise self._outside(count, offset)
+        done = os.preadv(self.fd, [buf], self.base + offset)
+        if done != count:
+            raise VolumeError(f"short read ({done} of {count} bytes) at {offset}", errno.EIO)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
-        self._check(len(buf), offset)
-        n = os.pwritev(self.fd, [buf], self.base + offset, os.RWF_DSYNC if fua else 0)
-        if n != len(buf):
-            raise VolumeError(f"short write ({n} of {len(buf)} bytes) at {offset}", errno.ENOSPC)
+        count = len(buf)
+        if offset < 0 or offset + count > self.size:
+            raise self._outside(count, offset)
+        done = os.pwritev(self.fd, [buf], self.base + offset, os.RWF_DSYNC if fua else 0)
+        if done != count:
+            raise VolumeError(f"short write ({done} of {count} bytes) at {offset}", errno.ENOSPC)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
+        """Punch a hole.  Trim is advisory in NBD, so a filesystem without hole punching
+        makes it a no-op rather than an error."""
         self._check(count, offset)
-        falloc.punch_hole(self.fd, self.base + offset, count)
+        try:
+            falloc.punch_hole(self.fd, self.base + offset, count)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            return
         if fua:
             os.fdatasync(self.fd)
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
-        """Zero a range; punch a hole when allowed.  EOPNOTSUPP makes nbdkit write zeros."""
+        """Zero a range: punch a hole when the client allows it, else FALLOC_FL_ZERO_RANGE.
+
+        Where the filesystem has neither (ZERO_RANGE is missing on tmpfs, for one) the
+        OSError(EOPNOTSUPP) propagates, and nbdkit, given that errno, writes zeros itself
+        (or, for a fast-zero request, tells the client zeroing would be slow)."""
         self._check(count, offset)
+        pos = self.base + offset
+        punched = False
         if may_trim:
-            falloc.punch_hole(self.fd, self.base + offset, count)
-        else:
-            falloc.zero_range(self.fd, self.base + offset, count)
+            try:
+                falloc.punch_hole(self.fd, pos, count)
+                punched = True
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+        if not punched:
+            falloc.zero_range(self.fd, pos, count)
         if fua:
             os.fdatasync(self.fd)
 
