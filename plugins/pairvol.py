@@ -2,6 +2,8 @@
 
     nbdkit python plugins/pairvol.py volume=PATH     # serve one volume
     nbdkit python plugins/pairvol.py dir=DIR         # serve every volume in DIR by name
+    nbdkit python plugins/pairvol.py dir=DIR node=NAME listen=ADDR [secret-file=F]
+                                                     # a storage node (use `pairvol node start`)
 
 Export names are ``[NAME][@PVID]``; with ``@PVID`` the connection is refused unless the volume
 carries that PVID (the access check).  Each callback is one call into a typed object; errors
@@ -27,7 +29,7 @@ if _ROOT not in sys.path:
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 from replicator.errors import PairvolError  # noqa: E402
-from replicator.export import Exporter  # noqa: E402
+from replicator.node import Service  # noqa: E402
 
 API_VERSION = 2
 
@@ -37,7 +39,7 @@ _MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 _REQ_ONE = nbdkit.FLAG_REQ_ONE
 
 
-_exporter = Exporter()  # warnings (a damaged volume in dir=) go to stderr
+_service = Service()  # warnings (a damaged volume in dir=) go to stderr
 
 
 def _failed(e):
@@ -57,7 +59,7 @@ def thread_model():
 
 def config(key, value):
     try:
-        _exporter.config(key, value)
+        _service.config(key, value)
     except BaseException as e:
         _failed(e)
         raise
@@ -65,15 +67,27 @@ def config(key, value):
 
 def config_complete():
     try:
-        _exporter.config_complete()
+        _service.config_complete()
     except BaseException as e:
         _failed(e)
         raise
 
 
+def after_fork():
+    try:
+        _service.after_fork(nbdkit.shutdown)
+    except BaseException as e:
+        _failed(e)
+        raise
+
+
+def cleanup():
+    _service.cleanup()
+
+
 def list_exports(readonly, is_tls):
     try:
-        return _exporter.list_exports()
+        return _service.list_exports()
     except BaseException as e:
         _failed(e)
         raise
@@ -81,7 +95,7 @@ def list_exports(readonly, is_tls):
 
 def default_export(readonly, is_tls):
     try:
-        return _exporter.default_export()
+        return _service.default_export()
     except BaseException as e:
         _failed(e)
         raise
@@ -89,7 +103,7 @@ def default_export(readonly, is_tls):
 
 def open(readonly):
     try:
-        return _exporter.open(nbdkit.export_name(), readonly)
+        return _service.open(nbdkit.export_name(), readonly)
     except BaseException as e:
         _failed(e)
         raise

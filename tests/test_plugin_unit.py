@@ -259,7 +259,7 @@ def test_pvid_is_checked_on_the_header_actually_served(
 ) -> None:
     """A PVID changed between the directory scan and the open must still be refused."""
     configured(plugin, volume=vol.path)
-    exporter = plugin._exporter
+    exporter = plugin._service.exporter
     real_select = exporter._select
 
     def select_then_split(wanted: Any) -> Any:
@@ -314,7 +314,7 @@ def test_a_bug_is_eio_and_keeps_its_traceback(
     def broken(export_name: str, readonly: bool) -> None:
         raise TypeError("a bug")
 
-    monkeypatch.setattr(plugin._exporter, "open", broken)
+    monkeypatch.setattr(plugin._service.exporter, "open", broken)
     with pytest.raises(TypeError) as ei:
         plugin.open(False)
     assert stub.errors == [errno.EIO]

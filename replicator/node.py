@@ -1,0 +1,183 @@
+"""A storage node: the pairvol plugin running inside nbdkit as a long-lived service.
+
+One nbdkit process per node serves every volume in the node's directory over NBD (TCP
+``ADDR:10809`` and ``DIR/nbd.sock``, both inherited by socket activation, see
+:mod:`replicator.node_process`) and, in the same process, runs the control API on
+``DIR/control.sock``.  Because one process owns each volume's data, the write path of a pair
+(next) needs no IPC.  The node writes its structured event log to ``DIR/events.jsonl``.
+
+:class:`Service` is what the plugin talks to: the exporter alone (``volume=`` / ``dir=``), or the
+exporter plus a :class:`Node` when ``node=NAME`` is configured.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicator.control import ControlServer
+from replicator.errors import NotFound, UsageError
+from replicator.events import EventLog
+from replicator.export import Exporter, ExportHandle
+from replicator.export_info import VolInfo
+from replicator.wire import check_node_name
+
+CONTROL_SOCKET = "control.sock"
+NBD_SOCKET = "nbd.sock"
+EVENTS = "events.jsonl"
+PIDFILE = "node.pid"
+LOG = "node.log"
+NBD_PORT = 10809
+PEER_PORT = 10810
+
+NODE_KEYS = frozenset({"node", "listen", "nbd-port", "peer-port", "secret-file"})
+
+
+def _log_stderr(message: str) -> None:
+    print(f"pairvol: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class NodeConfig:
+    name: str = ""
+    listen: str = ""
+    nbd_port: int = NBD_PORT
+    peer_port: int = PEER_PORT
+    secret_file: str | None = None
+
+    def set(self, key: str, value: str) -> None:
+        if key == "node":
+            self.name = check_node_name(value)
+        elif key == "listen":
+            self.listen = value
+        elif key in ("nbd-port", "peer-port"):
+            try:
+                port = int(value)
+            except ValueError:
+                port = -1
+            if not 0 < port < 65536:
+                raise UsageError(f"{key}={value!r} is not a TCP port")
+            setattr(self, key.replace("-", "_"), port)
+        elif key == "secret-file":
+            self.secret_file = os.path.abspath(value)
+        else:
+            raise UsageError(f"unknown node parameter {key!r}")
+
+
+def read_secret(path: str) -> bytes:
+    """The shared peer secret: the file's bytes, trailing newline stripped; never empty."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().rstrip(b"\r\n")
+    except FileNotFoundError as e:
+        raise NotFound(f"secret file {path} does not exist") from e
+    except OSError as e:
+        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from e
+    if not secret:
+        raise UsageError(f"secret file {path} is empty")
+    return secret
+
+
+@dataclass
+class Node:
+    config: NodeConfig
+    directory: str
+    exporter: Exporter
+    shutdown: Callable[[], None]
+    log: Callable[[str], None] = _log_stderr
+    started: float = field(default_factory=time.time)
+    events: EventLog = field(init=False)
+    control: ControlServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventLog(os.path.join(self.directory, EVENTS))
+        self.control = ControlServer(
+            os.path.join(self.directory, CONTROL_SOCKET),
+            {"node.status": self.status, "node.stop": self.stop_request},
+            self.log,
+        )
+
+    def start(self) -> None:
+        self.control.start()
+        self.events.emit("node.started", node=self.config.name, pid=os.getpid())
+
+    def stop(self) -> None:
+        self.control.stop()
+        self.events.emit("node.stopped", node=self.config.name)
+
+    def status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        volumes = []
+        for v in self.exporter.volumes():
+            info = VolInfo.from_header(v.header).to_json()
+            volumes.append({**info, "path": v.path})
+        listen = self.config.listen
+        port = "" if self.config.nbd_port == NBD_PORT else f":{self.config.nbd_port}"
+        return {
+            "name": self.config.name,
+            "dir": self.directory,
+            "pid": os.getpid(),
+            "started": self.started,
+            "listen": listen,
+            "nbd_uri": f"nbd://{listen}{port}/" if listen else None,
+            "nbd_port": self.config.nbd_port,
+            "nbd_socket": os.path.join(self.directory, NBD_SOCKET),
+            "peer_port": self.config.peer_port,
+            "authenticated_peers": self.config.secret_file is not None,
+            "volumes": volumes,
+            "pairs": [],
+        }
+
+    def stop_request(self, _args: dict[str, Any]) -> dict[str, Any]:
+        # Answer first, then ask nbdkit to shut down (its cleanup stops this node).
+        threading.Timer(0.05, self.shutdown).start()
+        return {"stopping": self.config.name}
+
+
+class Service:
+    """Everything the plugin delegates to: the exporter, and the node when configured."""
+
+    def __init__(self, log: Callable[[str], None] = _log_stderr) -> None:
+        self.exporter = Exporter()
+        self.node_config = NodeConfig()
+        self.node: Node | None = None
+        self._log = log
+
+    def config(self, key: str, value: str) -> None:
+        if key in NODE_KEYS:
+            self.node_config.set(key, value)
+        else:
+            self.exporter.config(key, value)
+
+    def config_complete(self) -> None:
+        self.exporter.config_complete()
+        if self.node_config.name and self.exporter.directory is None:
+            raise UsageError("node=NAME needs dir=DIR (a node serves a directory of volumes)")
+        if self.node_config.secret_file is not None:
+            read_secret(self.node_config.secret_file)
+
+    def after_fork(self, shutdown: Callable[[], None]) -> None:
+        """Start the node's threads (nbdkit forks before this when daemonizing)."""
+        if not self.node_config.name or self.node is not None:
+            return
+        assert self.exporter.directory is not None
+        self.node = Node(self.node_config, self.exporter.directory, self.exporter, shutdown)
+        self.node.start()
+
+    def cleanup(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return self.exporter.list_exports()
+
+    def default_export(self) -> str:
+        return self.exporter.default_export()
+
+    def open(self, export_name: str, readonly: bool) -> ExportHandle:
+        return self.exporter.open(export_name, readonly)

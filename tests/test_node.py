@@ -1,0 +1,144 @@
+"""Storage nodes: one nbdkit process serving TCP and a unix socket, with a control API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_programs
+
+from pairvol.cli import main
+from replicator import control, node_process
+from replicator.events import read_events, wait_event
+from replicator.volume import Volume
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path) -> Iterator[Path]:
+    require_programs("nbdkit", "nbdinfo")
+    d = tmp_path / "node"
+    d.mkdir()
+    Volume.create(str(d / "vol1.img"), 8 << 20, name="vol1").close()
+    yield d
+    if node_process.running_pid(str(d)) is not None:
+        node_process.stop(str(d))  # fails the test if the node ignores SIGTERM
+
+
+def nbd_size(uri: str) -> int:
+    r = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def test_start_status_serve_stop(node_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    code, out, err = run(
+        capsys, "node", "start", "--name", "n1", "--dir", str(node_dir),
+        "--listen", "127.0.0.1", "--port", str(port), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    pid = json.loads(out)["pid"]
+    assert node_process.running_pid(str(node_dir)) == pid
+
+    code, out, _ = run(capsys, "node", "status", "--dir", str(node_dir), "--json")
+    status = json.loads(out)
+    assert code == 0 and status["name"] == "n1" and status["pid"] == pid
+    assert [v["name"] for v in status["volumes"]] == ["vol1"]
+    assert status["nbd_uri"] == f"nbd://127.0.0.1:{port}/"
+
+    # One process, two listeners: TCP and the unix socket in the node directory.
+    assert nbd_size(f"nbd://127.0.0.1:{port}/vol1") == 8 << 20
+    assert nbd_size(f"nbd+unix:///vol1?socket={node_dir}/nbd.sock") == 8 << 20
+    mode = stat.S_IMODE(os.stat(node_dir / "control.sock").st_mode)
+    assert mode == 0o600
+
+    code, _, err = run(
+        capsys, "node", "start", "--name", "n1", "--dir", str(node_dir), "--listen", "127.0.0.1",
+        "--port", str(free_port()),
+    )  # fmt: skip
+    assert code == 5 and "already serving" in err
+
+    code, _, _ = run(capsys, "node", "stop", "--dir", str(node_dir))
+    assert code == 0 and node_process.running_pid(str(node_dir)) is None
+    assert not (node_dir / "control.sock").exists()
+    events = [e["event"] for e in read_events(str(node_dir / "events.jsonl"))]
+    assert events == ["node.started", "node.stopped"]
+    code, _, err = run(capsys, "node", "stop", "--dir", str(node_dir))
+    assert code == 5 and "no node is running" in err
+
+
+def test_restart_after_kill_9(node_dir: Path) -> None:
+    port = free_port()
+    pid = node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=port)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while node_process.running_pid(str(node_dir)) == pid:  # dead once gone or a zombie
+        assert time.monotonic() < deadline, "SIGKILLed node still running"
+        time.sleep(0.01)
+    # The pidfile, sockets and listeners it left behind do not stop a new start.
+    pid2 = node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=port)
+    assert pid2 != pid
+    assert nbd_size(f"nbd://127.0.0.1:{port}/vol1") == 8 << 20
+    started = [e for e in read_events(str(node_dir / "events.jsonl")) if e["pid"] == pid2]
+    assert len(started) == 1
+
+
+def test_control_api_stop_and_unknown_ops(node_dir: Path) -> None:
+    node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=free_port())
+    sock = str(node_dir / "control.sock")
+    with pytest.raises(Exception, match="unknown control operation"):
+        control.call(sock, "no.such.op")
+    assert control.call(sock, "node.stop") == {"stopping": "n1"}
+    wait_event(str(node_dir / "events.jsonl"), "node.stopped", timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["--listen", "not-an-ip"], 2, "not an IP address"),
+        (["--listen", "127.0.0.1", "--port", "0"], 2, "not a TCP port"),
+        (["--listen", "127.0.0.1", "--secret-file", "/nonexistent"], 3, "does not exist"),
+        (["--listen", "127.0.0.1", "--name", "bad name"], 2, "node name"),
+        (["--listen", "192.0.2.1"], 2, "cannot listen"),
+    ],
+)
+def test_bad_start_input(
+    node_dir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, message: str
+) -> None:
+    base = ["node", "start", "--dir", str(node_dir), "--port", str(free_port())]
+    if "--name" not in argv:
+        base += ["--name", "n1"]
+    got, _, err = run(capsys, *base, *argv)
+    assert got == code and message in err, err
+    assert node_process.running_pid(str(node_dir)) is None
+
+
+def test_missing_dir_and_no_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    got, _, err = run(
+        capsys, "node", "start", "--name", "n", "--dir", str(tmp_path / "nope"),
+        "--listen", "127.0.0.1",
+    )  # fmt: skip
+    assert got == 3 and "not a directory" in err
+    got, _, err = run(capsys, "node", "status", "--dir", str(tmp_path))
+    assert got == 20 and "no node is running" in err
