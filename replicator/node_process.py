@@ -52,12 +52,11 @@ def running_pid(directory: str) -> int | None:
         return None
     except PermissionError:
         return pid
-    try:  # a zombie or a recycled pid is not our node
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
+    try:  # a recycled pid is not our node (an exiting one has an empty command line)
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except FileNotFoundError:
         return None
-    if b"nbdkit" not in cmdline or stat.rsplit(")", 1)[1].split()[0] == "Z":
+    if comm != "nbdkit" or not _alive(pid):
         return None
     return pid
 
@@ -123,8 +122,8 @@ def _spawn_detached(cmd: list[str], log_path: str, listeners: tuple[socket.socke
                 time.sleep(0.001)
             os.write(write_end, str(os.getpid()).encode())
             # Park everything above the target range first, so no dup2 clobbers a source.
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (null_fd, log_fd)]
-            socks = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 100) for sock in listeners]
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in (null_fd, log_fd)]
+            socks = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for sock in listeners]
             os.dup2(high[0], 0)
             os.dup2(high[1], 1)
             os.dup2(high[1], 2)
@@ -205,11 +204,19 @@ def start(
 
 
 def _alive(pid: int) -> bool:
+    """Whether any thread of ``pid`` still runs.
+
+    A SIGKILLed multi-threaded process shows its leader as a zombie while the other threads
+    are still exiting, and those still hold its files and listening sockets; nothing is gone
+    until every thread is.  PID 1 here may never reap the zombie, so a lone zombie counts as
+    dead.
+    """
     try:
+        tasks = os.listdir(f"/proc/{pid}/task")
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return len(tasks) > 1 or stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _tail(log_path: str, since: int) -> str:
