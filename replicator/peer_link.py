@@ -1,0 +1,848 @@
+"""Replication links over TCP: the thin I/O adapter around :mod:`replicator.wire` and
+:mod:`replicator.peer_auth`.
+
+Theory of operation
+-------------------
+A node runs one :class:`PeerServer` on its peer port and one :class:`PeerClient` per peer it
+sends requests to.  Requests travel client -> server only; a node that must ask its peer
+something uses its own client, so each TCP connection carries one direction of requests and
+the two request-id spaces of docs/protocol.md never mix.
+
+Every connection starts with the handshake (the client is the initiator, the server the
+acceptor), with the decoder held at :data:`~replicator.wire.HANDSHAKE_MAX_PAYLOAD` and the
+whole exchange bounded in time.  Then:
+
+* **Server.**  One reader thread per connection decodes frames and hands each request to a
+  small per-connection worker pool (grown on demand up to ``workers`` threads).  At most
+  ``workers`` requests of a connection are in flight; beyond that the reader stops reading, so
+  TCP pushes back on the peer.  Responses echo the request id and go out in completion order.
+  A bad frame, a response-type message or a Goodbye ends the connection: nothing read after
+  it reaches the handler.
+* **Client.**  Connects lazily, in the first caller's thread.  Any number of threads may call
+  :meth:`PeerClient.request` at once: each registers a waiter under a fresh request id, sends
+  its frame under the connection's send lock (``sendmsg`` straight from the message's buffers)
+  and sleeps on its own event; one reader thread wakes the waiter its response names.  When
+  the connection breaks, every waiter fails at once with :class:`~replicator.errors.PeerLost`
+  and the next request reconnects.  A request that gets no answer in time raises
+  :class:`~replicator.errors.Timeout` and breaks the connection too: a sync link that stops
+  answering is lost, and a half-dead connection must not linger.
+
+Blocking and bounds.  Receives block without a timeout (TCP keepalive finds a dead peer; our
+own close wakes them with ``shutdown``).  Sends block at most ``SO_SNDTIMEO``: the request's
+remaining time on the client, ``send_timeout`` on the server.  A 64 MiB frame holds its
+connection's send lock for as long as the kernel takes to accept it, and no longer.  Every
+thread is a daemon, and ``stop``/``close`` join them with a bound.  The socket's file
+descriptor is closed only under the send lock, so no thread can send on a reused descriptor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import itertools
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Final
+
+from replicator import wire
+from replicator.errors import (
+    Closed,
+    ConnectionFailed,
+    PairvolError,
+    PeerLost,
+    ProtocolError,
+    Timeout,
+    UsageError,
+)
+from replicator.peer_auth import Handshake
+
+Handler = Callable[[str, wire.Message], wire.Message]
+
+#: Messages a client may send as requests (docs/protocol.md, "Requests and responses").
+REQUESTS: Final = (
+    wire.Ping,
+    wire.PairCreate,
+    wire.PairState,
+    wire.BitmapRequest,
+    wire.Write,
+    wire.Zero,
+    wire.Flush,
+    wire.Chunk,
+    wire.ChunkRequest,
+)
+#: Messages that belong to the handshake and are never valid afterwards.
+_SESSION: Final = (wire.Hello, wire.Auth, wire.AuthResult)
+
+HANDSHAKE_TIMEOUT: Final = 10.0
+SEND_TIMEOUT: Final = 60.0
+JOIN_TIMEOUT: Final = 5.0
+WORKERS: Final = 8
+MAX_CONNECTIONS: Final = 64
+#: Keepalive: probe after 10 s idle, every 5 s, give up after 3 misses (about 25 s).
+_KEEPALIVE: Final = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+_TIMEVAL: Final = struct.Struct("@ll")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class PeerRefused(PairvolError):
+    """The peer answered a request with an Error: ``code`` is its errno, ``message`` its text."""
+
+    exit_code = 5
+
+    def __init__(self, code: int, message: str, *, peer: str | None = None) -> None:
+        name = _errno.errorcode.get(code, f"errno {code}")
+        text = message or os.strerror(code)
+        super().__init__(f"peer {peer!r} refused: {text} [{name}]" if peer else f"{text} [{name}]")
+        self.code = code
+        self.errno = code
+        self.message = message
+        self.peer = peer
+
+
+def errno_of(e: BaseException) -> int:
+    """The errno to send for ``e`` in a wire Error: a PairvolError's own (IllegalState EBUSY,
+    NotFound ENOENT, UsageError EINVAL, PvidMismatch EACCES, VolumeError its OS errno, ...),
+    an OSError's, else EIO.  Never 0."""
+    code = getattr(e, "errno", None) if isinstance(e, PairvolError | OSError) else None
+    if type(code) is int and 0 < code < 1 << 32:
+        return code
+    return _errno.EIO
+
+
+def error_from_wire(code: int, message: str) -> PeerRefused:
+    """The exception a wire ``Error(code, message)`` answer raises."""
+    return PeerRefused(code, message)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+def _check_secret(secret: bytes, allow_no_secret: bool) -> None:
+    if not isinstance(secret, bytes):
+        raise UsageError("the peer secret must be bytes")
+    if not secret and not allow_no_secret:
+        raise UsageError("no peer secret configured; replication links need a shared secret")
+
+
+# --------------------------------------------------------------------------------------------
+# One connection: socket, decoder, send lock
+
+
+class _Eof(Exception):
+    """The peer closed its end."""
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE:
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+class _Link:
+    """A connected socket with its frame decoder; sends are serialized, receives belong to one
+    thread at a time (the handshake's, then the reader's)."""
+
+    def __init__(self, sock: socket.socket, where: str) -> None:
+        self.sock = sock
+        self.where = where
+        self.decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD)
+        self.send_lock = threading.Lock()
+        self._fd_closed = False
+        self.refusal_sent = False
+
+    def send(self, msg: wire.Message, request_id: int = 0, deadline: float | None = None) -> None:
+        """Send one frame; OSError if the socket fails, TimeoutError past ``deadline`` (or
+        when the kernel's SO_SNDTIMEO runs out)."""
+        parts = wire.encode_parts(msg, request_id)
+        if deadline is None:
+            self.send_lock.acquire()
+        elif not self.send_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise TimeoutError("waited too long for the connection's send lock")
+        try:
+            if self._fd_closed:
+                raise OSError(_errno.EBADF, "connection closed")
+            if deadline is not None:
+                self.set_send_timeout(deadline - time.monotonic())
+            self._send_parts(parts, deadline)
+        finally:
+            self.send_lock.release()
+
+    def _send_parts(self, parts: list[wire.Blob], deadline: float | None) -> None:
+        views = [memoryview(p) for p in parts]
+        while views:
+            try:
+                n = self.sock.sendmsg(views, (), socket.MSG_NOSIGNAL)
+            except BlockingIOError:  # SO_SNDTIMEO ran out with nothing sent
+                raise TimeoutError("the peer stopped reading") from None
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views:
+                views[0] = views[0][n:]
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("the peer stopped reading")
+                    self.set_send_timeout(left)
+
+    def set_send_timeout(self, seconds: float) -> None:
+        usec = max(int(seconds * 1e6), 1)  # 0 would mean "forever"
+        tv = _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+    def receive(self) -> wire.Frame:
+        """The next frame (blocking); ProtocolError, OSError, TimeoutError, or _Eof."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                return frame
+            with self.decoder.get_buffer() as buf:
+                n = self.sock.recv_into(buf)
+            if n == 0:
+                if self.decoder.mid_frame:
+                    raise _Eof("the peer closed the connection in the middle of a frame")
+                raise _Eof("the peer closed the connection")
+            self.decoder.buffer_updated(n)
+
+    def handshake(self, hs: Handshake, deadline: float) -> None:
+        """Run ``hs`` to completion (ProtocolError, TimeoutError, OSError or _Eof if not); then
+        lift the payload limit and make the socket blocking."""
+        for m in hs.start():
+            self.send(m, 0, deadline)
+        while not hs.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the handshake timed out")
+            self.sock.settimeout(left)
+            try:
+                frame = self.receive()
+            except _Eof as e:
+                raise _Eof(f"{e} during the handshake") from None
+            replies = hs.receive(frame.message)
+            for m in replies:
+                self.send(m, 0, deadline)
+            if hs.failed:  # we refused the peer's proof, and the replies told it so
+                assert hs.error is not None
+                self.refusal_sent = True
+                raise hs.error
+        # The limit applies from the frame after the handshake's last (the decoder looks at
+        # most one frame ahead, so frames already read are parsed under the new limit).
+        self.decoder.max_payload = wire.MAX_PAYLOAD
+        self.sock.settimeout(None)
+
+    def shutdown(self) -> None:
+        """Wake every thread blocked on the socket; the fd stays open until :meth:`close`."""
+        with contextlib.suppress(OSError):  # not connected any more: nothing to wake
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.shutdown()
+        with self.send_lock:
+            self._fd_closed = True
+            self.sock.close()
+
+    def try_send(self, msg: wire.Message, timeout: float = 1.0, *, request_id: int = 0) -> None:
+        """Best effort (a parting Error or refusal); failures are ignored."""
+        with contextlib.suppress(OSError, TimeoutError):
+            self.send(msg, request_id, time.monotonic() + timeout)
+
+
+def _join(threads: list[threading.Thread], deadline: float) -> None:
+    me = threading.current_thread()
+    for t in threads:
+        if t is not me and t.ident is not None:
+            t.join(max(deadline - time.monotonic(), 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+
+
+class PeerServer:
+    """Accepts peer connections on a listening TCP socket, authenticates them and answers
+    their requests with ``handler(peer_name, request)``.
+
+    ``workers``: requests of one connection handled at once (each may hold a 64 MiB frame);
+    ``max_connections``: connections at once, authenticated or not (more are closed at once).
+    """
+
+    def __init__(
+        self,
+        node_name: str,
+        sock: socket.socket,
+        secret: bytes,
+        handler: Handler,
+        log: Callable[[str], None],
+        *,
+        allow_no_secret: bool = False,
+        workers: int = WORKERS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        wire.check_node_name(node_name)
+        _check_secret(secret, allow_no_secret)
+        if workers < 1 or max_connections < 1:
+            raise UsageError("workers and max_connections must be at least 1")
+        self.node_name = node_name
+        self.handler = handler
+        self.log = log
+        self.allow_no_secret = allow_no_secret
+        self.workers = workers
+        self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
+        self.max_connections = max_connections
+        self._secret = secret
+        self._sock = sock
+        self._address: tuple[str, int] = sock.getsockname()[:2]
+        self._lock = threading.Lock()
+        self._conns: set[_ServerConn] = set()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._address
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise UsageError("peer server already started")
+        self._thread = threading.Thread(target=self._accept_loop, name="peer-accept", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """Close the listener and every connection (waiting requests of clients fail at once),
+        then join the threads, waiting at most ``timeout`` for handlers that are still busy."""
+        deadline = time.monotonic() + timeout
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+        if self._thread is not None:
+            _join([self._thread], deadline)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.abort()
+        for c in conns:
+            _join(c.threads(), deadline)
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                sock, addr = self._sock.accept()
+            except OSError as e:
+                if self._closing.is_set():
+                    return
+                # EMFILE and friends: say so and back off instead of spinning.
+                self.log(f"peer link: accept failed: {_why(e)}")
+                self._closing.wait(0.5)
+                continue
+            where = f"{addr[0]}:{addr[1]}"
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+                if not full and not self._closing.is_set():
+                    conn = _ServerConn(self, sock, where)
+                    self._conns.add(conn)
+            if full or self._closing.is_set():
+                if full:
+                    self.log(f"peer link from {where}: refused, {self.max_connections} open")
+                sock.close()
+                continue
+            conn.start()
+
+    def _forget(self, conn: _ServerConn) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+
+class _ServerConn:
+    """One accepted connection: a reader thread and a small pool of worker threads."""
+
+    def __init__(self, server: PeerServer, sock: socket.socket, where: str) -> None:
+        self.server = server
+        self.link = _Link(sock, where)
+        self.where = where
+        self.peer: str | None = None
+        self._queue: queue.SimpleQueue[wire.Frame | None] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+        self._workers: list[threading.Thread] = []
+        self._reader = threading.Thread(target=self._run, name=f"peer-in {where}", daemon=True)
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def threads(self) -> list[threading.Thread]:
+        with self._cond:
+            return [self._reader, *self._workers]
+
+    def abort(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.link.shutdown()
+
+    def _who(self) -> str:
+        return f"peer {self.peer!r} ({self.where})" if self.peer else f"peer link from {self.where}"
+
+    # -- reader ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        server = self.server
+        try:
+            if not self._handshake():
+                return
+            self._serve()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+                workers = len(self._workers)
+            for _ in range(workers):
+                self._queue.put(None)
+            self.link.close()
+            server._forget(self)
+
+    def _handshake(self) -> bool:
+        server = self.server
+        _tune(self.link.sock)
+        hs = Handshake(
+            "acceptor",
+            server._secret,
+            server.node_name,
+            allow_no_secret=server.allow_no_secret,
+        )
+        try:
+            self.link.handshake(hs, time.monotonic() + server.handshake_timeout)
+        except ProtocolError as e:
+            if not self._closed:
+                server.log(f"{self._who()}: handshake failed: {e}")
+                if not self.link.refusal_sent:  # else AuthResult(ok=False) already said why
+                    self.link.try_send(wire.Error(_errno.EPROTO, wire.clip_text(str(e))))
+            return False
+        except (OSError, TimeoutError, _Eof) as e:
+            if not self._closed:
+                server.log(f"{self._who()}: handshake failed: {_why(e)}")
+            return False
+        self.peer = hs.peer_name
+        self.link.set_send_timeout(server.send_timeout)
+        note = " (NOT authenticated: no secret on either side)" if hs.unauthenticated else ""
+        server.log(f"peer {self.peer!r} connected from {self.where}{note}")
+        return True
+
+    def _serve(self) -> None:
+        server = self.server
+        while True:
+            try:
+                frame = self.link.receive()
+            except ProtocolError as e:
+                if not self._closed:
+                    server.log(f"{self._who()}: closing the connection: {e}")
+                    self.link.try_send(wire.Error(_errno.EPROTO, wire.clip_text(str(e))))
+                return
+            except _Eof as e:
+                if not self._closed:
+                    server.log(f"{self._who()}: {e}")
+                return
+            except OSError as e:
+                if not self._closed:
+                    server.log(f"{self._who()}: connection failed: {_why(e)}")
+                return
+            msg = frame.message
+            if isinstance(msg, wire.Goodbye):
+                server.log(f"{self._who()} said goodbye: {msg.reason or 'no reason given'}")
+                return
+            if not isinstance(msg, REQUESTS):
+                why = f"unexpected {type(msg).__name__} (not a request)"
+                server.log(f"{self._who()}: closing the connection: {why}")
+                self.link.try_send(wire.Error(_errno.EPROTO, why))
+                return
+            if not self._dispatch(frame):
+                return
+
+    def _dispatch(self, frame: wire.Frame) -> bool:
+        """Queue ``frame`` for a worker, waiting while ``workers`` requests are in flight."""
+        with self._cond:
+            while self._inflight >= self.server.workers and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._inflight += 1
+            if self._inflight > len(self._workers):
+                n = len(self._workers)
+                t = threading.Thread(
+                    target=self._work, name=f"peer-work {self.where} #{n}", daemon=True
+                )
+                self._workers.append(t)
+                t.start()
+        self._queue.put(frame)
+        return True
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (frame := self._queue.get()) is not None:
+            try:
+                if not self._closed:
+                    self._handle(frame)
+            finally:
+                with self._cond:
+                    self._inflight -= 1
+                    self._cond.notify_all()
+
+    def _handle(self, frame: wire.Frame) -> None:
+        server = self.server
+        msg, rid = frame.message, frame.request_id
+        assert self.peer is not None
+        name = type(msg).__name__
+        response: wire.Message
+        try:
+            response = server.handler(self.peer, msg)
+            if type(response) not in wire.CODECS:
+                raise TypeError(f"handler returned {type(response).__name__}, not a message")
+        except PairvolError as e:
+            response = wire.Error(errno_of(e), wire.clip_text(str(e)))
+        except Exception as e:  # a bug: answer, keep serving, leave a trace in the log
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            at = f"{os.path.basename(where.filename)}:{where.lineno}"
+            server.log(f"{self._who()}: {name} #{rid} failed: {type(e).__name__}: {e} ({at})")
+            text = f"internal error: {type(e).__name__}: {e}"
+            response = wire.Error(_errno.EIO, wire.clip_text(text))
+        if rid == 0:
+            if isinstance(response, wire.Error):
+                server.log(f"{self._who()}: {name} notification failed: {response.message}")
+            return
+        if self._closed:
+            return
+        try:
+            self.link.send(response, rid)
+        except ProtocolError as e:  # the handler built something that does not encode
+            server.log(f"{self._who()}: {name} #{rid}: cannot send the response: {e}")
+            text = wire.clip_text(f"internal error: {e}")
+            self.link.try_send(wire.Error(_errno.EIO, text), request_id=rid)
+        except (OSError, TimeoutError) as e:
+            if not self._closed:
+                server.log(f"{self._who()}: sending the response failed: {_why(e)}")
+            self.abort()
+
+
+# --------------------------------------------------------------------------------------------
+# Client
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "response")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.response: wire.Message | None = None
+        self.error: PairvolError | None = None
+
+
+class _ClientConn:
+    """One established outbound connection: pending requests and the reader thread."""
+
+    def __init__(self, client: PeerClient, link: _Link, peer: str) -> None:
+        self.client = client
+        self.link = link
+        self.peer = peer
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Waiter] = {}
+        self._ids = itertools.count(1)
+        self.reason: str | None = None  # why it ended; None while it is up
+        self._by_us = False
+        self.reader = threading.Thread(
+            target=self._read, name=f"peer-out {peer} {link.where}", daemon=True
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.reason is None
+
+    def _gone(self, reason: str, by_us: bool) -> PairvolError:
+        if by_us:
+            return Closed(f"connection to peer {self.peer!r} closed: {reason}")
+        return PeerLost(f"lost the connection to peer {self.peer!r} ({self.link.where}): {reason}")
+
+    def call(self, msg: wire.Message, deadline: float, timeout: float) -> wire.Message:
+        waiter = _Waiter()
+        name = type(msg).__name__
+        with self._lock:
+            if self.reason is not None:
+                raise self._gone(self.reason, self._by_us)
+            rid = next(self._ids)
+            self._pending[rid] = waiter
+        try:
+            self.link.send(msg, rid, deadline)
+        except ProtocolError:  # our own message does not encode: nothing was sent
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise
+        except TimeoutError:
+            self.fail(f"sending {name} #{rid} took longer than {timeout:g}s")
+            raise Timeout(f"peer {self.peer!r} did not take {name} within {timeout:g}s") from None
+        except OSError as e:
+            self.fail(f"send failed: {_why(e)}")  # fails our waiter too: raised below
+        if not waiter.done.wait(max(deadline - time.monotonic(), 0.0)):
+            with self._lock:
+                late = self._pending.pop(rid, None) is None
+            if not late:
+                self.fail(f"no answer to {name} #{rid} within {timeout:g}s")
+                raise Timeout(f"peer {self.peer!r} did not answer {name} within {timeout:g}s")
+            waiter.done.wait()  # answered or failed just now
+        if waiter.error is not None:
+            raise waiter.error
+        response = waiter.response
+        assert response is not None
+        if isinstance(response, wire.Error):
+            raise PeerRefused(response.code, response.message, peer=self.peer)
+        return response
+
+    def notify(self, msg: wire.Message, deadline: float) -> None:
+        if self.reason is not None:
+            raise self._gone(self.reason, self._by_us)
+        try:
+            self.link.send(msg, 0, deadline)
+        except TimeoutError:
+            self.fail("sending a notification timed out")
+            raise Timeout(f"peer {self.peer!r} did not take {type(msg).__name__}") from None
+        except OSError as e:
+            self.fail(f"send failed: {_why(e)}")
+            raise self._gone(f"send failed: {_why(e)}", False) from None
+
+    def fail(self, reason: str, *, by_us: bool = False) -> None:
+        """End the connection (once): every waiter fails, the reader wakes and closes the fd,
+        and, unless we closed it, the client hears of the loss."""
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            self._by_us = by_us
+            waiters = list(self._pending.values())
+            self._pending.clear()
+        self.link.shutdown()
+        for w in waiters:
+            w.error = self._gone(reason, by_us)
+            w.done.set()
+        if not by_us:
+            self.client._lost(self, reason)
+
+    def _read(self) -> None:
+        try:
+            reason = self._read_loop()
+        except ProtocolError as e:
+            reason = f"protocol error: {e}"
+        except _Eof as e:
+            reason = str(e)
+        except OSError as e:
+            reason = f"connection failed: {_why(e)}"
+        self.fail(reason)
+        self.link.close()
+
+    def _read_loop(self) -> str:
+        while True:
+            frame = self.link.receive()
+            msg, rid = frame.message, frame.request_id
+            if isinstance(msg, wire.Goodbye):
+                return f"the peer said goodbye: {msg.reason or 'no reason given'}"
+            if isinstance(msg, wire.Error) and rid == 0:
+                code = _errno.errorcode.get(msg.code, str(msg.code))
+                return f"the peer reported {code}: {msg.message}"
+            if isinstance(msg, _SESSION) or rid == 0:
+                raise ProtocolError(f"unexpected {type(msg).__name__} with request id {rid}")
+            with self._lock:
+                waiter = self._pending.pop(rid, None)
+            if waiter is None:
+                raise ProtocolError(f"{type(msg).__name__} answers unknown request id {rid}")
+            waiter.response = msg
+            waiter.done.set()
+
+
+class PeerClient:
+    """One outbound replication connection to a peer, shared by any number of threads.
+
+    Connected lazily by the first request and again by the first request after a failure;
+    there is no background reconnect.  :meth:`close` is final: later requests raise
+    :class:`~replicator.errors.Closed`.  ``on_disconnect(reason)`` is called once each time an
+    established connection is lost (not when we close it), from the thread that noticed.
+    """
+
+    def __init__(
+        self,
+        node_name: str,
+        host: str,
+        port: int,
+        secret: bytes,
+        log: Callable[[str], None],
+        *,
+        expect_peer: str | None = None,
+        connect_timeout: float = 5.0,
+        allow_no_secret: bool = False,
+    ) -> None:
+        wire.check_node_name(node_name)
+        if expect_peer is not None:
+            wire.check_node_name(expect_peer)
+        _check_secret(secret, allow_no_secret)
+        self.node_name = node_name
+        self.host = host
+        self.port = port
+        self.log = log
+        self.expect_peer = expect_peer
+        self.connect_timeout = connect_timeout
+        self.allow_no_secret = allow_no_secret
+        self.on_disconnect: Callable[[str], None] | None = None
+        self._secret = secret
+        self._lock = threading.Lock()  # _conn, _closed, _attempts, _failure, _peer_name
+        self._connect_lock = threading.Lock()  # one connection attempt at a time
+        self._conn: _ClientConn | None = None
+        self._closed = False
+        self._attempts = 0
+        self._failure: str | None = None  # why the last attempt failed
+        self._peer_name: str | None = None
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def peer_name(self) -> str | None:
+        """The peer's authenticated node name (from the latest handshake; None before one)."""
+        return self._peer_name
+
+    def connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and conn.alive
+
+    def request(self, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
+        """Send a request and return its response.  Raises ConnectionFailed (cannot connect or
+        authenticate), PeerLost (the connection broke meanwhile), Timeout (no answer within
+        ``timeout`` seconds, including connecting; the connection is dropped), PeerRefused (the
+        peer answered with an Error) or Closed (after :meth:`close`)."""
+        self._check_request(msg)
+        deadline = time.monotonic() + timeout
+        return self._connection(deadline).call(msg, deadline, timeout)
+
+    def notify(self, msg: wire.Message, timeout: float = 30.0) -> None:
+        """Send a request as a notification (request id 0): no answer, no confirmation."""
+        self._check_request(msg)
+        deadline = time.monotonic() + timeout
+        self._connection(deadline).notify(msg, deadline)
+
+    def disconnect(self, reason: str = "disconnected by us") -> None:
+        """Drop the current connection (waiters get Closed); the next request reconnects."""
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            conn.fail(reason, by_us=True)
+            _join([conn.reader], time.monotonic() + JOIN_TIMEOUT)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        with self._connect_lock:  # let a connection attempt in progress finish
+            pass
+        self.disconnect("the client was closed")
+
+    # -- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_request(msg: wire.Message) -> None:
+        if not isinstance(msg, REQUESTS):
+            raise ProtocolError(f"{type(msg).__name__} is not a request", remote=False)
+
+    def _connection(self, deadline: float) -> _ClientConn:
+        with self._lock:
+            if self._closed:
+                raise Closed(f"the client for peer {self.where} is closed")
+            if self._conn is not None and self._conn.alive:
+                return self._conn
+            seen = self._attempts
+        if not self._connect_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise Timeout(f"still connecting to peer {self.where}")
+        try:
+            with self._lock:
+                if self._closed:
+                    raise Closed(f"the client for peer {self.where} is closed")
+                if self._conn is not None and self._conn.alive:
+                    return self._conn
+                if self._attempts != seen and self._failure is not None:
+                    raise ConnectionFailed(self._failure)  # the attempt we waited for failed
+                self._attempts += 1
+            try:
+                conn = self._connect()
+            except ConnectionFailed as e:
+                with self._lock:
+                    self._failure = str(e)
+                raise
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._conn = conn
+                    self._peer_name = conn.peer
+                    self._failure = None
+            if closed:
+                conn.link.close()
+                raise Closed(f"the client for peer {self.where} is closed")
+            conn.reader.start()
+            return conn
+        finally:
+            self._connect_lock.release()
+
+    def _connect(self) -> _ClientConn:
+        label = f"peer {self.expect_peer!r} at {self.where}" if self.expect_peer else self.where
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except OSError as e:
+            raise ConnectionFailed(f"cannot connect to {label}: {_why(e)}") from None
+        link = _Link(sock, self.where)
+        hs = Handshake(
+            "initiator",
+            self._secret,
+            self.node_name,
+            expect_peer=self.expect_peer,
+            allow_no_secret=self.allow_no_secret,
+        )
+        try:
+            _tune(sock)
+            link.handshake(hs, deadline)
+        except ProtocolError as e:
+            link.try_send(wire.Goodbye(wire.clip_text(f"handshake failed: {e}")), 0.2)
+            link.close()
+            raise ConnectionFailed(f"cannot connect to {label}: {e}") from None
+        except (OSError, TimeoutError, _Eof) as e:
+            link.close()
+            raise ConnectionFailed(f"cannot connect to {label}: {_why(e)}") from None
+        peer = hs.peer_name
+        assert peer is not None
+        note = " (NOT authenticated: no secret on either side)" if hs.unauthenticated else ""
+        self.log(f"connected to peer {peer!r} at {self.where}{note}")
+        return _ClientConn(self, link, peer)
+
+    def _lost(self, conn: _ClientConn, reason: str) -> None:
+        self.log(f"lost the connection to peer {conn.peer!r} at {self.where}: {reason}")
+        callback = self.on_disconnect
+        if callback is None:
+            return
+        try:
+            callback(reason)
+        except Exception as e:  # the callback's bug must not kill our reader
+            self.log(f"on_disconnect callback failed: {type(e).__name__}: {e}")
