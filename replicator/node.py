@@ -13,6 +13,7 @@ exporter plus a :class:`Node` when ``node=NAME`` is configured.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -21,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from replicator.control import ControlServer
-from replicator.errors import NotFound, UsageError
+from replicator.errors import IllegalState, NotFound, UsageError
 from replicator.events import EventLog
 from replicator.export import Exporter, ExportHandle
 from replicator.export_info import VolInfo
+from replicator.pairs import PairManager
+from replicator.peer_link import PeerServer
 from replicator.wire import check_node_name
 
 CONTROL_SOCKET = "control.sock"
@@ -69,6 +72,20 @@ class NodeConfig:
             raise UsageError(f"unknown node parameter {key!r}")
 
 
+def _listen_peer(address: str, port: int) -> socket.socket:
+    """The replication listener (peers connect here; see replicator.peer_link)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+    except OSError as e:
+        sock.close()
+        raise IllegalState(f"cannot listen for peers on {address}:{port}: {e.strerror}") from e
+    sock.listen(64)
+    return sock
+
+
 def read_secret(path: str) -> bytes:
     """The shared peer secret: the file's bytes, trailing newline stripped; never empty."""
     try:
@@ -96,18 +113,50 @@ class Node:
 
     def __post_init__(self) -> None:
         self.events = EventLog(os.path.join(self.directory, EVENTS))
+        secret = read_secret(self.config.secret_file) if self.config.secret_file else b""
+        self.secret = secret
+        self.pairs = PairManager(
+            self.config.name,
+            self.directory,
+            self.config.listen,
+            self.config.peer_port,
+            secret,
+            self.events,
+            self.log,
+        )
+        self.peer_server: PeerServer | None = None
         self.control = ControlServer(
             os.path.join(self.directory, CONTROL_SOCKET),
-            {"node.status": self.status, "node.stop": self.stop_request},
+            {
+                "node.status": self.status,
+                "node.stop": self.stop_request,
+                **self.pairs.handlers(),
+            },
             self.log,
         )
 
     def start(self) -> None:
+        if self.config.listen:
+            sock = _listen_peer(self.config.listen, self.config.peer_port)
+            self.peer_server = PeerServer(
+                self.config.name,
+                sock,
+                self.secret,
+                self.pairs.handle_peer,
+                self.log,
+                allow_no_secret=not self.secret,
+            )
+        self.pairs.start()
+        if self.peer_server is not None:
+            self.peer_server.start()
         self.control.start()
         self.events.emit("node.started", node=self.config.name, pid=os.getpid())
 
     def stop(self) -> None:
         self.control.stop()
+        if self.peer_server is not None:
+            self.peer_server.stop()
+        self.pairs.stop()
         self.events.emit("node.stopped", node=self.config.name)
 
     def status(self, _args: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +178,7 @@ class Node:
             "peer_port": self.config.peer_port,
             "authenticated_peers": self.config.secret_file is not None,
             "volumes": volumes,
-            "pairs": [],
+            "pairs": self.pairs.op_display({})["pairs"],
         }
 
     def stop_request(self, _args: dict[str, Any]) -> dict[str, Any]:
@@ -180,4 +229,7 @@ class Service:
         return self.exporter.default_export()
 
     def open(self, export_name: str, readonly: bool) -> ExportHandle:
-        return self.exporter.open(export_name, readonly)
+        handle = self.exporter.open(export_name, readonly)
+        if self.node is None:
+            return handle
+        return self.node.pairs.wrap(handle)

@@ -63,6 +63,7 @@ MAC_SIZE: Final = 32
 NODE_NAME_MAX: Final = 255
 PAIR_ID_MAX: Final = 2 * NAME_MAX + 1
 TEXT_MAX: Final = 1024
+PEER_ADDRESS_MAX: Final = 300
 #: Bitmap slices start and end on page boundaries of the serialized map (replicator.bitmap).
 BITMAP_PAGE: Final = 4096
 
@@ -326,10 +327,14 @@ class PairCreate:
     fence: str
     pvid: int
     epoch: int
+    #: ``ADDR:PORT`` where the primary takes replication connections, for the secondary's own
+    #: requests (heartbeats, state changes it starts); empty: the connection's source address.
+    primary_peer: str = ""
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
         _volume(self, "volume")
+        _utf8(self, "primary_peer", PEER_ADDRESS_MAX)
         _uint(self, "data_size", 63, low=1)
         _chunk_size(self, "chunk_size")
         _one_of(self, "mode", MODES)
@@ -725,6 +730,7 @@ CODECS: Final[dict[type, Codec]] = {
         Codec(0x10, PairCreate, (
             _pair_id(), _Str("volume", NAME_MAX), _u64("data_size"), _u32("chunk_size"),
             _choice("mode", MODES), _choice("fence", FENCES), _u64("pvid"), _u64("epoch"),
+            _Str("primary_peer", PEER_ADDRESS_MAX),
         )),
         Codec(0x11, PairState, (
             _pair_id(), _choice("state", STATES), _choice("role", ROLES, first=1),

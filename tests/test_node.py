@@ -55,7 +55,7 @@ def test_start_status_serve_stop(node_dir: Path, capsys: pytest.CaptureFixture[s
     port = free_port()
     code, out, err = run(
         capsys, "node", "start", "--name", "n1", "--dir", str(node_dir),
-        "--listen", "127.0.0.1", "--port", str(port), "--json",
+        "--listen", "127.0.0.1", "--port", str(port), "--peer-port", str(free_port()), "--json",
     )  # fmt: skip
     assert code == 0, err
     pid = json.loads(out)["pid"]
@@ -89,15 +89,15 @@ def test_start_status_serve_stop(node_dir: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_restart_after_kill_9(node_dir: Path) -> None:
-    port = free_port()
-    pid = node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=port)
+    port, peer = free_port(), free_port()
+    pid = node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=port, peer_port=peer)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while node_process.running_pid(str(node_dir)) == pid:  # dead once gone or a zombie
         assert time.monotonic() < deadline, "SIGKILLed node still running"
         time.sleep(0.01)
     # The pidfile, sockets and listeners it left behind do not stop a new start.
-    pid2 = node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=port)
+    pid2 = node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=port, peer_port=peer)
     assert pid2 != pid
     assert nbd_size(f"nbd://127.0.0.1:{port}/vol1") == 8 << 20
     started = [e for e in read_events(str(node_dir / "events.jsonl")) if e["pid"] == pid2]
@@ -105,7 +105,9 @@ def test_restart_after_kill_9(node_dir: Path) -> None:
 
 
 def test_control_api_stop_and_unknown_ops(node_dir: Path) -> None:
-    node_process.start("n1", str(node_dir), "127.0.0.1", nbd_port=free_port())
+    node_process.start(
+        "n1", str(node_dir), "127.0.0.1", nbd_port=free_port(), peer_port=free_port()
+    )
     sock = str(node_dir / "control.sock")
     with pytest.raises(Exception, match="unknown control operation"):
         control.call(sock, "no.such.op")
@@ -127,6 +129,7 @@ def test_bad_start_input(
     node_dir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, message: str
 ) -> None:
     base = ["node", "start", "--dir", str(node_dir), "--port", str(free_port())]
+    base += ["--peer-port", str(free_port())]
     if "--name" not in argv:
         base += ["--name", "n1"]
     got, _, err = run(capsys, *base, *argv)

@@ -1,0 +1,404 @@
+"""``pairvol pair``: HORCM-style pair commands (paircreate, pairsplit, pairresync, ...).
+
+The CLI talks to nodes through their control sockets.  Which node:
+
+* ``pair create`` goes to the primary's node.  ``NODE`` in ``NODE:VOLUME`` is a node name
+  (looked up in the labs on this machine, or the node in ``--node``/$PAIRVOL_NODE_DIR), or
+  ``ADDR[:PORT]`` (the node's replication address; the command must then run against the
+  primary's own node).
+* the other commands go to ``--node``/$PAIRVOL_NODE_DIR; split and resync are carried out by
+  the primary, so when this node holds the secondary and the primary's node is known (a lab),
+  the command is forwarded there.
+* ``pair display`` without a node shows every lab node on this machine, one row per pair with
+  both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pairvol.cli.common import print_json, print_table
+from pairvol.cli.node import NODE_DIR_ENV
+from replicator import control
+from replicator.errors import (
+    ConnectionFailed,
+    NotFound,
+    Timeout,
+    UsageError,
+)
+from replicator.header import check_name
+from replicator.node import CONTROL_SOCKET, PEER_PORT
+from replicator.pair_state import DEFAULT_CHUNK, Fence, Mode, State
+from replicator.pairs import parse_peer_address, split_pair_id
+from replicator.sizes import format_size, parse_size
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str  # "" when given as an address
+    host: str
+    peer_port: int
+    control: str | None  # control socket, when the node is on this machine
+
+
+def _local_control(explicit: str | None) -> str | None:
+    chosen = explicit or os.environ.get(NODE_DIR_ENV)
+    return os.path.join(os.path.abspath(chosen), CONTROL_SOCKET) if chosen else None
+
+
+def _require_control(explicit: str | None) -> str:
+    path = _local_control(explicit)
+    if path is None:
+        raise UsageError(f"which node? give --node DIR or set {NODE_DIR_ENV}")
+    return path
+
+
+def _lab_hosts() -> list[Any]:
+    try:
+        from pairvol import lab
+    except ImportError:  # pragma: no cover - the lab module ships with pairvol
+        return []
+    hosts = []
+    for name in lab.names():
+        try:
+            hosts.extend(lab.load(name).hosts)
+        except (NotFound, UsageError):
+            continue
+    return hosts
+
+
+def _lab_node(name: str) -> NodeSpec | None:
+    try:
+        from pairvol import lab
+    except ImportError:  # pragma: no cover
+        return None
+    h = lab.resolve_node(name)
+    if h is None:
+        return None
+    return NodeSpec(h.host, h.address, h.peer_port, h.control)
+
+
+def resolve_node(text: str, local: str | None) -> NodeSpec:
+    """``NODE`` or ``ADDR[:PORT]`` as a NodeSpec."""
+    found = _lab_node(text) if not _is_address(text) else None
+    if found is not None:
+        return found
+    if local is not None and not _is_address(text):
+        try:
+            status = control.call(local, "node.status", timeout=10)
+        except ConnectionFailed:
+            status = None
+        if status is not None and status["name"] == text:
+            return NodeSpec(text, status["listen"], status["peer_port"], local)
+    if _is_address(text):
+        host, port = parse_peer_address(text, PEER_PORT)
+        return NodeSpec("", host, port, None)
+    raise NotFound(f"unknown node {text!r}: not a lab node here, not --node, not an address")
+
+
+def _is_address(text: str) -> bool:
+    host = text.rpartition(":")[0] if text.count(":") == 1 else text
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def parse_side(text: str, what: str) -> tuple[str, str]:
+    node, sep, volume = text.rpartition(":")
+    if not sep or not node or not volume:
+        raise UsageError(f"{what} {text!r} is not NODE:VOLUME")
+    check_name(volume, what="volume name")
+    return node, volume
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("pair", help="create and manage replicated volume pairs")
+    ps = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def node_opt(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--node", help=f"node directory to talk to (default ${NODE_DIR_ENV})")
+
+    c = ps.add_parser("create", help="pair two volumes and start the initial copy")
+    c.add_argument("target", metavar="GROUP/PAIR")
+    c.add_argument("--primary", required=True, metavar="NODE:VOLUME")
+    c.add_argument("--secondary", required=True, metavar="NODE:VOLUME")
+    c.add_argument("--mode", choices=[m.value for m in Mode], default="sync")
+    c.add_argument("--fence", choices=[f.value for f in Fence], default="never")
+    c.add_argument("--chunk", default=format_size(DEFAULT_CHUNK), help="copy/bitmap granularity")
+    c.add_argument("--auto-resync", action="store_true", help="resync when the link returns")
+    node_opt(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_create)
+
+    for name, helptext in (
+        ("split", "suspend replication; the secondary gets a new PVID and is usable"),
+        ("resync", "copy the differences and return to PAIR"),
+        ("delete", "dissolve the pair (both sides back to SMPL)"),
+    ):
+        q = ps.add_parser(name, help=helptext)
+        q.add_argument("target", metavar="GROUP[/PAIR]")
+        if name == "resync":
+            q.add_argument("--swap", action="store_true", help="reverse the direction first")
+        node_opt(q)
+        q.add_argument("--json", action="store_true")
+        q.set_defaults(func=cmd_simple, op=f"pair.{name}")
+
+    t = ps.add_parser("takeover", help="make the secondary usable (run on its node)")
+    t.add_argument("target", metavar="GROUP[/PAIR]")
+    t.add_argument("--force", action="store_true", help="even if the copy is incomplete")
+    node_opt(t)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_simple, op="pair.takeover")
+
+    w = ps.add_parser("wait", help="wait until a pair reaches a state")
+    w.add_argument("target", metavar="GROUP/PAIR")
+    w.add_argument("--state", required=True, choices=[s.value for s in State])
+    w.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    w.add_argument("--progress", action="store_true", help="print copy progress on stderr")
+    node_opt(w)
+    w.set_defaults(func=cmd_wait)
+
+    d = ps.add_parser("display", help="pairdisplay: the state of pairs")
+    d.add_argument("target", nargs="?", metavar="GROUP[/PAIR]")
+    node_opt(d)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_display)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    group, pair = split_pair_id(args.target)
+    if pair is None:
+        raise UsageError(f"{args.target!r}: pair create needs GROUP/PAIR")
+    chunk = parse_size(args.chunk)
+    if chunk < 4096 or chunk > 16 << 20 or chunk & (chunk - 1):
+        raise UsageError(f"--chunk {args.chunk}: a power of two from 4K to 16M")
+    if args.mode == "async" and args.fence == "data":
+        raise UsageError("--fence data needs --mode sync (an async secondary always lags)")
+    local = _local_control(args.node)
+    pnode, pvol = parse_side(args.primary, "--primary")
+    snode, svol = parse_side(args.secondary, "--secondary")
+    primary = resolve_node(pnode, local)
+    secondary = resolve_node(snode, local)
+    if (primary.host, primary.peer_port) == (secondary.host, secondary.peer_port):
+        raise UsageError(
+            "--primary and --secondary are on the same node: local pairs are not supported yet"
+        )
+    where = primary.control or local
+    if where is None:
+        raise UsageError(
+            f"cannot reach the primary's node {pnode}: run this with --node DIR of that node"
+        )
+    status = control.call(where, "node.status", timeout=10)
+    if (primary.name and status["name"] != primary.name) or (
+        not primary.name and status["listen"] != primary.host
+    ):
+        raise UsageError(f"the node at {where} is {status['name']}, not the primary {pnode}")
+    result = control.call(
+        where,
+        "pair.create",
+        {
+            "group": group,
+            "pair": pair,
+            "volume": pvol,
+            "peer_node": secondary.name,
+            "peer_host": secondary.host,
+            "peer_port": secondary.peer_port,
+            "peer_volume": svol,
+            "mode": args.mode,
+            "fence": args.fence,
+            "chunk": chunk,
+            "auto_resync": args.auto_resync,
+        },
+        timeout=120,
+    )
+    if args.json:
+        print_json(result)
+    else:
+        print(
+            f"pair {group}/{pair}: {pnode}:{pvol} -> {snode}:{svol} {args.mode} "
+            f"fence={args.fence}: {result['state']} (PVID {result['pvid']})"
+        )
+    return 0
+
+
+def _forward_target(local: str, op: str, target: str, swap: bool) -> str:
+    """Split and resync run on the primary: forward from the secondary's node if we can."""
+    if op not in ("pair.split", "pair.resync") or swap:
+        return local
+    try:
+        shown = control.call(local, "pair.display", {"target": target}, timeout=10)
+    except NotFound:
+        return local
+    pairs = shown["pairs"]
+    if pairs and all(p["role"] == "secondary" for p in pairs):
+        peers = {p["peer_node"] for p in pairs}
+        if len(peers) == 1:
+            spec = _lab_node(peers.pop())
+            if spec is not None and spec.control:
+                return spec.control
+    return local
+
+
+def cmd_simple(args: argparse.Namespace) -> int:
+    split_pair_id(args.target)
+    local = _require_control(args.node)
+    swap = bool(getattr(args, "swap", False))
+    where = _forward_target(local, args.op, args.target, swap)
+    payload: dict[str, Any] = {"target": args.target}
+    if args.op == "pair.resync":
+        payload["swap"] = swap
+    if args.op == "pair.takeover":
+        payload["force"] = args.force
+    result = control.call(where, args.op, payload, timeout=120)
+    if args.json:
+        print_json(result)
+    else:
+        for p in result["pairs"]:
+            print(f"pair {p['id']}: {p['role']} {p['state']} (PVID {p['pvid']})")
+    return 0
+
+
+def _one(where: str, target: str) -> dict[str, Any]:
+    pairs = control.call(where, "pair.display", {"target": target}, timeout=10)["pairs"]
+    if len(pairs) != 1:
+        raise UsageError(f"{target!r}: name one pair (GROUP/PAIR)")
+    result: dict[str, Any] = pairs[0]
+    return result
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    _group, pair = split_pair_id(args.target)
+    if pair is None:
+        raise UsageError(f"{args.target!r}: pair wait needs GROUP/PAIR")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    where = _require_control(args.node)
+    deadline = time.monotonic() + args.timeout
+    started = time.monotonic()
+    last = ""
+    while True:
+        p = _one(where, args.target)
+        if args.progress and p["state"] == "COPY":
+            pct = p.get("copy_percent") or 0.0
+            elapsed = time.monotonic() - started
+            eta = f"{elapsed * (100 - pct) / pct:.0f}s" if pct > 0 else "?"
+            line = f"{args.target}: COPY {pct:5.1f}% ETA {eta}"
+            if line != last:
+                print(line, file=sys.stderr, flush=True)
+                last = line
+        if p["state"] == args.state:
+            print(f"pair {args.target}: {p['state']}")
+            return 0
+        if time.monotonic() > deadline:
+            raise Timeout(
+                f"pair {args.target} is {p['state']} after {args.timeout:g}s, not {args.state}"
+            )
+        time.sleep(0.1)
+
+
+def _collect(controls: list[str], target: str | None) -> list[dict[str, Any]]:
+    sides: list[dict[str, Any]] = []
+    for where in controls:
+        try:
+            shown = control.call(where, "pair.display", {"target": target} if target else {}, 10)
+        except (ConnectionFailed, Timeout, NotFound):
+            continue
+        sides.extend(shown["pairs"])
+    return sides
+
+
+def merge_sides(sides: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per pair from the sides' views: the primary's view wins for the pair state."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for s in sides:
+        row = by_id.setdefault(s["id"], {"group": s["group"], "pair": s["pair"]})
+        row[s["role"]] = s
+    rows = []
+    for pid in sorted(by_id):
+        row = by_id[pid]
+        p, s = row.get("primary"), row.get("secondary")
+        lead: dict[str, Any] = p or s or {}
+        copy = lead["copy_percent"]
+        rows.append(
+            {
+                "id": pid,
+                "group": row["group"],
+                "pair": row["pair"],
+                "primary": f"{p['node']}:{p['volume']}" if p else lead["peer"],
+                "secondary": f"{s['node']}:{s['volume']}" if s else "?",
+                "mode": lead["mode"],
+                "fence": lead["fence"],
+                "state": p["state"] if p else lead["state"],
+                "secondary_state": s["state"] if s else "?",
+                "copy_percent": copy,
+                "dirty_primary": p["dirty_bytes"] if p else None,
+                "dirty_secondary": s["dirty_bytes"] if s else None,
+                "pvid_primary": p["pvid"] if p else None,
+                "pvid_secondary": s["pvid"] if s else None,
+                "last_copy_bytes": (p or lead)["last_copy_bytes"],
+                "link": lead["link"],
+                "sides": {k: v for k, v in (("primary", p), ("secondary", s)) if v},
+            }
+        )
+    return rows
+
+
+def _state_cell(r: dict[str, Any]) -> str:
+    """The primary's state; the secondary's after a slash where it differs."""
+    other = r["secondary_state"]
+    return str(r["state"]) if other in ("?", r["state"]) else f"{r['state']}/{other}"
+
+
+def cmd_display(args: argparse.Namespace) -> int:
+    if args.target:
+        split_pair_id(args.target)
+    local = _local_control(args.node)
+    controls = [local] if local else [h.control for h in _lab_hosts()]
+    sides = _collect(controls, args.target)
+    if local:
+        # Add the peers' views where the lab tells us how to reach them.
+        for peer in sorted({s["peer_node"] for s in sides if s["peer_node"]}):
+            spec = _lab_node(peer)
+            if spec is not None and spec.control and spec.control != local:
+                sides.extend(_collect([spec.control], args.target))
+    rows = merge_sides(sides)
+    if args.target and not rows:
+        raise NotFound(f"no pair {args.target} on the nodes asked")
+    if args.json:
+        print_json({"pairs": rows})
+        return 0
+    if not rows:
+        print("no pairs")
+        return 0
+
+    def num(v: object) -> str:
+        return "-" if v is None else format_size(int(v)) if isinstance(v, int) else str(v)
+
+    table = [
+        {
+            "group": r["group"],
+            "pair": r["pair"],
+            "primary": r["primary"],
+            "secondary": r["secondary"],
+            "mode": r["mode"],
+            "fence": r["fence"],
+            "state": r["state"]
+            + ("" if r["secondary_state"] in ("?", r["state"]) else f"/{r['secondary_state']}"),
+            "copy%": "-" if r["copy_percent"] is None else f"{r['copy_percent']:.0f}",
+            "dirty-p": num(r["dirty_primary"]),
+            "dirty-s": num(r["dirty_secondary"]),
+            "pvid-p": r["pvid_primary"] or "-",
+            "pvid-s": r["pvid_secondary"] or "-",
+        }
+        for r in rows
+    ]
+    print_table(table, list(table[0]))
+    return 0

@@ -1,0 +1,1370 @@
+"""The pair runtime: the adapter around :class:`~replicator.pair_state.PairMachine` in a node.
+
+Theory of operation
+-------------------
+A storage node owns every volume in its directory, so one :class:`PairManager` in the node's
+process holds one :class:`Side` per pair whose local half lives here.  A side is the pure
+state machine plus what it needs to act: the volume (opened read-write), its persistent
+difference and copy bitmaps (:class:`~replicator.bitmap_store.BitmapStore`), the activity log,
+a client to the peer node, and the copy engine.  Nothing here decides *what* may happen; the
+machine does (``docs/state-machines.md``).  This module carries out its actions.
+
+Persistence.  Each side's record lives in ``DIR/.pairvol/pairs/GROUP.PAIR.json`` (atomic
+replace), next to the volume name and peer address.  The machine asks for ``PersistState``
+before anything that depends on it reaches disk or the peer.
+
+Write path (client I/O, :class:`PairedHandle`).  Client requests pass an I/O gate (shared;
+commands that need a quiescent point such as split, resync and delete close it) and ask the
+machine for a :class:`~replicator.pair_state.WriteDecision`:
+
+* ``MIRROR`` (sync, COPY or PAIR): mark the write's extents in the *activity log* (a persisted
+  coarse bitmap; a new extent costs one ``fdatasync``), lock the chunks it touches, write
+  locally, send it to the secondary and wait for the acknowledgement, then answer the client.
+  A failure to reach the secondary suspends the pair (PSUE): with ``fence=never`` the chunks
+  go into the difference bitmap and the client gets success; with ``fence=data`` the client
+  gets EIO.  The chunk locks make a client write and the copy of the same chunk strictly
+  ordered, so the copy can never carry older data over a newer write.
+* ``LOCAL_RECORD`` (split, suspended, taken over): set the chunks' bits in the difference
+  bitmap and make them durable *before* the write is issued, then write locally.
+* ``REFUSE_*``: EPERM (hidden secondary) or EIO (fenced, stale) with one log line.
+
+Activity log.  After a crash of the primary, a write may be on the primary and not on the
+secondary although no difference bit says so.  The activity log (bitmap slot
+:data:`AL_SLOT`, :data:`AL_EXTENT` per bit) covers every extent with writes in flight; extents
+idle for :data:`AL_IDLE` seconds are cleared.  A side that starts with a non-empty log folds it
+into its difference bitmap and, if it was replicating, suspends (PSUE) so that a resync (or
+``--auto-resync``) copies exactly those extents.
+
+Two-sided commands.  A command changes both sides.  The rule: the side that is or becomes the
+*secondary* moves first, then the primary moves, fetches bitmaps and starts copying.  So a
+resync first hides the secondary (its difference bitmap is then frozen), a split stops writes
+at the primary (gate closed) while the secondary is told, and a swap demotes the old primary
+before the new one copies.  Sides tell each other their state with ``PairState`` requests; the
+receiver maps the announced state onto its own event (:meth:`Side.on_peer_state`).
+
+Link.  A failed request, or the machine's heartbeat timeout, is ``LinkLost``.  While a side's
+link is down the node's ticker pings the peer every second; a Pong is ``LinkRestored``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicator import pair_state as ps
+from replicator import wire
+from replicator.atomic_file import write_atomic
+from replicator.bitmap import Bitmap
+from replicator.bitmap_store import BitmapStore
+from replicator.errors import (
+    AlreadyExists,
+    ConnectionFailed,
+    IllegalState,
+    NotFound,
+    PairvolError,
+    Timeout,
+    UsageError,
+    VolumeError,
+)
+from replicator.events import EventLog
+from replicator.export import ExportHandle
+from replicator.header import Role, check_name
+from replicator.peer_link import PeerClient, PeerRefused
+from replicator.pvid import format_pvid
+from replicator.volume import Volume
+
+PAIRS_DIR = os.path.join(".pairvol", "pairs")
+DOC_FORMAT = "pairvol.pair"
+AL_SLOT = 2
+AL_EXTENT = 4 << 20
+AL_IDLE = 5.0
+COPY_IO = 1 << 20  # largest single copy request
+COPY_WORKERS = 4
+PROGRESS_EVERY = 0.5
+REQUEST_TIMEOUT = 15.0
+PING_TIMEOUT = 2.0
+STRIPES = 1024
+
+Log = Callable[[str], None]
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def pair_id(group: str, pair: str) -> str:
+    return f"{group}/{pair}"
+
+
+def split_pair_id(text: str) -> tuple[str, str | None]:
+    """``GROUP`` or ``GROUP/PAIR``, names checked."""
+    group, _, pair = text.partition("/")
+    check_name(group, what="group name")
+    if pair:
+        check_name(pair, what="pair name")
+        return group, pair
+    if text.endswith("/"):
+        raise UsageError(f"{text!r}: the pair name after '/' is empty")
+    return group, None
+
+
+def parse_peer_address(text: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 < number < 65536:
+        raise UsageError(f"{text!r}: {port!r} is not a TCP port")
+    return host.strip("[]"), number
+
+
+class Gate:
+    """A writer-preferring readers-writer lock: client I/O shares it, commands close it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def closed(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class ChunkLocks:
+    """Striped locks over chunk numbers; a range takes its stripes in ascending order."""
+
+    def __init__(self) -> None:
+        self._locks = [threading.Lock() for _ in range(STRIPES)]
+
+    @contextlib.contextmanager
+    def hold(self, first: int, last: int) -> Iterator[None]:
+        count = last - first + 1
+        stripes = (
+            range(STRIPES)
+            if count >= STRIPES
+            else sorted({c % STRIPES for c in range(first, last + 1)})
+        )
+        taken = []
+        try:
+            for s in stripes:
+                self._locks[s].acquire()
+                taken.append(s)
+            yield
+        finally:
+            for s in reversed(taken):
+                self._locks[s].release()
+
+
+def _segments(fd: int, pos: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, length, is_data) runs of the file between pos and end (SEEK_DATA/SEEK_HOLE)."""
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = end
+        if data > pos:
+            stop = min(data, end)
+            yield pos, stop - pos, False
+            pos = stop
+        else:
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            yield pos, hole - pos, True
+            pos = hole
+
+
+@dataclass
+class PeerRef:
+    node: str  # the peer's node name ("" until the handshake tells us)
+    host: str
+    port: int
+    volume: str
+
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def label(self) -> str:
+        return f"{self.node or '?'}@{self.address()}"
+
+
+@dataclass
+class SideDoc:
+    """What ``DIR/.pairvol/pairs/GROUP.PAIR.json`` holds."""
+
+    record: ps.PairRecord
+    volume: str
+    peer: PeerRef
+    last_copy_bytes: int = 0
+    last_copy_seconds: float = 0.0
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": DOC_FORMAT,
+                "version": 1,
+                "record": json.loads(self.record.to_json()),
+                "volume": self.volume,
+                "peer": {
+                    "node": self.peer.node,
+                    "host": self.peer.host,
+                    "port": self.peer.port,
+                    "volume": self.peer.volume,
+                },
+                "last_copy_bytes": self.last_copy_bytes,
+                "last_copy_seconds": self.last_copy_seconds,
+                "created": self.created,
+            },
+            indent=1,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SideDoc:
+        from replicator.errors import HeaderCorrupt
+
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != DOC_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            record = ps.PairRecord.from_json(json.dumps(doc["record"]))
+            peer = doc["peer"]
+            return cls(
+                record,
+                str(doc["volume"]),
+                PeerRef(
+                    str(peer["node"]), str(peer["host"]), int(peer["port"]), str(peer["volume"])
+                ),
+                int(doc["last_copy_bytes"]),
+                float(doc["last_copy_seconds"]),
+                float(doc["created"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HeaderCorrupt(f"pair file is damaged: {e}") from e
+
+
+class CopyEngine:
+    """Pushes the set chunks of a side's copy bitmap to the secondary, pipelined."""
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"copy {side.id}", daemon=True)
+        self.sent_bytes = 0
+        self.started = _now()
+        self.total = 0
+        self.copied = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+
+    def _runs(self) -> Iterator[tuple[int, int]]:
+        """(first chunk, count) pieces of at most COPY_IO bytes, from the copy bitmap."""
+        side = self.side
+        per = max(1, COPY_IO // side.chunk_size)
+        with side.bitmap_lock:
+            runs = list(side.copy_map.runs())
+        for first, count in runs:
+            while count > 0:
+                n = min(count, per)
+                yield first, n
+                first += n
+                count -= n
+
+    def _copy_run(self, first: int, count: int) -> int:
+        side = self.side
+        cs = side.chunk_size
+        start = first * cs
+        end = min((first + count) * cs, side.data_size)
+        sent = 0
+        with side.chunk_locks.hold(first, first + count - 1):
+            fd, base = side.volume.fd, side.data_offset
+            for pos, length, is_data in list(_segments(fd, base + start, base + end)):
+                offset = pos - base
+                if is_data:
+                    data = os.pread(fd, length, pos)
+                    if len(data) != length:
+                        raise VolumeError(f"short read at {offset} during copy", errno.EIO)
+                    side.request(wire.Write(side.id, offset, data))
+                    sent += length
+                else:
+                    side.request(wire.Zero(side.id, offset, length, may_trim=True))
+            with side.bitmap_lock:
+                side.copy_map.clear_range(first, count)
+        return sent
+
+    def _run(self) -> None:
+        side = self.side
+        try:
+            with side.bitmap_lock:
+                self.total = side.copy_map.count()
+            copied_before = 0
+            last_report = _now()
+            with ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix=f"copy {side.id}") as pool:
+                pending: list[tuple[Future[int], int]] = []
+                for first, count in self._runs():
+                    if self.stop_flag.is_set():
+                        break
+                    pending.append((pool.submit(self._copy_run, first, count), count))
+                    while len(pending) >= COPY_WORKERS * 2 or (pending and pending[0][0].done()):
+                        fut, n = pending.pop(0)
+                        self.sent_bytes += fut.result()
+                        self.copied += n
+                    if _now() - last_report > PROGRESS_EVERY:
+                        last_report = _now()
+                        side.copy_progress(self.copied, self.total, self.sent_bytes, self.started)
+                for fut, n in pending:
+                    self.sent_bytes += fut.result()
+                    self.copied += n
+            del copied_before
+            if self.stop_flag.is_set():
+                side.flush_copy_map()
+                return
+            side.request(wire.Flush(side.id))
+            side.copy_finished(self.copied, self.total, self.sent_bytes, self.started)
+        except (PairvolError, OSError) as e:
+            with contextlib.suppress(PairvolError, OSError):
+                side.flush_copy_map()
+            if not self.stop_flag.is_set():
+                side.link_failed(f"copy failed: {e}")
+        except Exception as e:  # pragma: no cover - a bug; never leave the pair hanging
+            side.log(f"pair {side.id}: copy engine crashed: {e!r}")
+            side.link_failed(f"copy engine crashed: {e!r}")
+
+
+class Side:
+    """The local half of one pair."""
+
+    def __init__(self, manager: PairManager, doc: SideDoc, *, link_up: bool) -> None:
+        self.manager = manager
+        self.doc = doc
+        self.id = doc.record.name
+        self.log = manager.log
+        self.machine = ps.PairMachine(
+            doc.record,
+            _now(),
+            heartbeat_interval=manager.heartbeat_interval,
+            heartbeat_timeout=manager.heartbeat_timeout,
+            link_up=link_up,
+        )
+        self.state_lock = threading.RLock()
+        self.bitmap_lock = threading.Lock()
+        self.gate = Gate()
+        self.chunk_locks = ChunkLocks()
+        self.volume = Volume.open(manager.volume_path(doc.volume), writable=True)
+        h = self.volume.header
+        self.data_size = h.data_size
+        self.data_offset = h.data_offset
+        self.chunk_size = doc.record.chunk_size
+        self.store = BitmapStore(self.volume.fd, h)
+        r = doc.record
+        self.diff_map = self.store.load(r.diff_slot, self.chunk_size)
+        self.copy_map = self.store.load(r.copy_slot, self.chunk_size)
+        self.al = self.store.load(AL_SLOT, AL_EXTENT)
+        self.al_inflight: dict[int, int] = {}
+        self.al_used: dict[int, float] = {}
+        self.al_lock = threading.Lock()
+        self.engine: CopyEngine | None = None
+        self.peer_pvid: int | None = None
+        self.fetched: Bitmap | None = None
+        self.client: PeerClient | None = None
+        self.progress_bytes = 0
+        self.copy_started: float | None = None
+        self.last_ping = 0.0
+        self.deleted = False
+        self.copy_kind: ps.CopyKind | None = None
+
+    # -- small helpers ------------------------------------------------------------------------
+
+    @property
+    def record(self) -> ps.PairRecord:
+        return self.machine.record
+
+    @property
+    def events(self) -> EventLog:
+        return self.manager.events
+
+    def peer_client(self) -> PeerClient:
+        if self.client is None:
+            p = self.doc.peer
+            self.client = self.manager.client_for(p.host, p.port)
+        return self.client
+
+    def request(self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT) -> wire.Message:
+        reply = self.peer_client().request(msg, timeout=timeout)
+        if isinstance(reply, wire.Ack) and reply.status:
+            raise PeerRefused(reply.status, reply.message)
+        if isinstance(reply, wire.Error):
+            raise PeerRefused(reply.code, reply.message)
+        return reply
+
+    def save(self) -> None:
+        self.doc.record = self.machine.record
+        write_atomic(self.manager.doc_path(self.id), self.doc.to_json().encode())
+
+    def flush_copy_map(self) -> None:
+        with self.bitmap_lock:
+            self.store.flush(self.record.copy_slot, self.copy_map)
+
+    def my_state(self) -> wire.PairState:
+        r = self.record
+        return wire.PairState(self.id, str(r.state), r.role.label, self.volume.header.pvid, r.epoch)
+
+    # -- firing events and carrying out actions ------------------------------------------------
+
+    def fire(self, event: ps.Event, *, tell_peer: bool = True) -> None:
+        """Feed one event; carry out its actions.  Peer notifications go out after the state
+        lock is released (the peer may call back); ``tell_peer=False`` when the caller has
+        already told the peer."""
+        with self.state_lock:
+            actions = self.machine.handle(event, _now())
+            later = self._carry_out(actions)
+        self._after(later, tell_peer)
+
+    def _after(self, later: list[ps.Action], tell_peer: bool) -> None:
+        for a in later:
+            if isinstance(a, ps.SendPairState):
+                if tell_peer:
+                    self.notify_peer()
+            elif isinstance(a, ps.StartCopy):
+                self._start_engine()
+
+    def notify_peer(self) -> None:
+        """Tell the peer our state (best effort: a failure is a lost link)."""
+        try:
+            self.request(self.my_state(), timeout=REQUEST_TIMEOUT)
+        except (ConnectionFailed, Timeout) as e:
+            self.link_failed(f"cannot tell the peer our state: {e}")
+        except PeerRefused as e:
+            self.log(f"pair {self.id}: the peer refused our state: {e}")
+
+    def _carry_out(self, actions: list[ps.Action]) -> list[ps.Action]:
+        later: list[ps.Action] = []
+        for a in actions:
+            if isinstance(a, ps.PersistState):
+                self.doc.record = a.record
+                if not self.deleted:
+                    write_atomic(self.manager.doc_path(self.id), self.doc.to_json().encode())
+            elif isinstance(a, ps.SendPairState):
+                later.append(a)
+            elif isinstance(a, ps.StartCopy):
+                self._prepare_copy(a)
+                later.append(a)
+            elif isinstance(a, ps.StopCopy):
+                if self.engine is not None:
+                    self.engine.stop()
+            elif isinstance(a, ps.FetchPeerBitmap):
+                self._fetch_bitmap(a.which)
+            elif isinstance(a, ps.AssignNewPvid):
+                h = self.volume.set_pvid(None)
+                self.log(f"pair {self.id}: volume {self.doc.volume} has new PVID {h.pvid_hex}")
+            elif isinstance(a, ps.AdoptPrimaryPvid):
+                if self.peer_pvid is not None and self.peer_pvid != self.volume.header.pvid:
+                    self.volume.set_pvid(self.peer_pvid)
+            elif isinstance(a, ps.SwapRoles):
+                self.volume.update_info(role=a.role)
+            elif isinstance(a, ps.SetHidden):
+                what = "hidden from clients" if a.hidden else "visible to clients"
+                self.log(f"pair {self.id}: volume {self.doc.volume} is {what}")
+            elif isinstance(a, ps.EmitEvent):
+                self.events.emit(a.name, **a.as_dict())
+                if a.name == "pair.writes":
+                    self.log(f"pair {self.id}: {a.as_dict().get('why')}")
+            elif isinstance(a, ps.DropBitmaps):
+                with self.bitmap_lock:
+                    for slot in (self.record.diff_slot, self.record.copy_slot, AL_SLOT):
+                        self.store.clear(slot)
+                self.diff_map = Bitmap(self.data_size, self.chunk_size)
+                self.copy_map = Bitmap(self.data_size, self.chunk_size)
+            elif isinstance(a, ps.SendPing | ps.SendPong):
+                pass  # heartbeats are sent by the manager's ticker
+            elif isinstance(a, ps.StartDrain | ps.FoldJournal | ps.DropJournal):
+                pass  # async journals: not in sync mode
+        return later
+
+    def _fetch_bitmap(self, which: ps.BitmapRef) -> None:
+        kind = "pending" if which is ps.BitmapRef.PEER_PENDING else "diff"
+        reply = self.request(wire.BitmapRequest(self.id, kind))
+        if not isinstance(reply, wire.Bitmap) or not reply.last or reply.offset:
+            raise IllegalState(f"pair {self.id}: the peer answered a bitmap request oddly")
+        if (reply.data_size, reply.chunk_size) != (self.data_size, self.chunk_size):
+            raise IllegalState(f"pair {self.id}: the peer's bitmap has another geometry")
+        self.fetched = Bitmap.from_bytes(self.data_size, self.chunk_size, bytes(reply.bits))
+
+    def _prepare_copy(self, a: ps.StartCopy) -> None:
+        r = self.record
+        with self.bitmap_lock:
+            if a.kind is ps.CopyKind.FULL:
+                self.copy_map.set_range(0, self.copy_map.nchunks)
+            elif a.kind is ps.CopyKind.DIFFERENTIAL:
+                self.copy_map |= self.diff_map
+                if ps.BitmapRef.PEER_DIFF in a.bitmaps and self.fetched is not None:
+                    self.copy_map |= self.fetched
+                self.fetched = None
+            elif a.kind is ps.CopyKind.PULL:
+                self.log(f"pair {self.id}: pulling from the old primary is not supported yet")
+                return
+            # Copy bitmap durable first, then the difference bitmap may forget.
+            self.store.save_all(r.copy_slot, self.copy_map)
+            self.copy_map.take_dirty_pages()
+            if a.kind is ps.CopyKind.DIFFERENTIAL:
+                self.diff_map = Bitmap(self.data_size, self.chunk_size)
+                self.store.clear(r.diff_slot)
+        self.copy_kind = a.kind
+
+    def _start_engine(self) -> None:
+        if self.record.role is not Role.PRIMARY or self.record.state is not ps.State.COPY:
+            return
+        if self.engine is not None and self.engine.thread.is_alive():
+            self.engine.stop()
+            self.engine.thread.join(timeout=REQUEST_TIMEOUT + 5)
+        self.engine = CopyEngine(self)
+        self.copy_started = time.time()
+        self.engine.start()
+
+    # -- engine callbacks ----------------------------------------------------------------------
+
+    def copy_progress(self, copied: int, total: int, sent: int, started: float) -> None:
+        self.progress_bytes = sent
+        self.flush_copy_map()
+        with contextlib.suppress(IllegalState):
+            self.fire(ps.CopyProgress(copied, total))
+
+    def copy_finished(self, copied: int, total: int, sent: int, started: float) -> None:
+        self.flush_copy_map()
+        self.doc.last_copy_bytes = sent
+        self.doc.last_copy_seconds = round(_now() - started, 3)
+        self.progress_bytes = sent
+        self.events.emit(
+            "pair.copy.done",
+            pair=self.id,
+            chunks=total,
+            bytes_sent=sent,
+            seconds=self.doc.last_copy_seconds,
+        )
+        with contextlib.suppress(IllegalState):
+            self.fire(ps.CopyProgress(copied, total))
+            self.fire(ps.CopyDone())
+
+    def link_failed(self, reason: str) -> None:
+        if self.deleted:
+            return
+        self.log(f"pair {self.id}: link to {self.doc.peer.label()} lost: {reason}")
+        with contextlib.suppress(IllegalState):
+            self.fire(ps.LinkLost(reason[: wire.TEXT_MAX]), tell_peer=False)
+
+    # -- the peer's messages -------------------------------------------------------------------
+
+    def on_peer_state(self, msg: wire.PairState) -> wire.PairState:
+        """Map the state the peer announces onto our own event (see the module docstring)."""
+        if not self.machine.link_up:  # we just heard from the peer
+            with contextlib.suppress(IllegalState):
+                self.fire(ps.LinkRestored(), tell_peer=False)
+        r = self.record
+        st, role = ps.State(msg.state), msg.role
+        self.peer_pvid = msg.pvid
+        event: ps.Event | None = None
+        if st is ps.State.SMPL:
+            event = ps.Delete()
+        elif st is ps.State.SSWS and r.role is Role.PRIMARY and msg.epoch > r.epoch:
+            event = ps.PeerTookOver(msg.epoch)
+        elif role == "primary" and r.role is Role.SECONDARY:
+            if st is ps.State.PSUS and r.state in (ps.State.PAIR, ps.State.COPY):
+                event = ps.Split() if r.state is ps.State.PAIR else None
+            elif st is ps.State.COPY and r.state in (ps.State.PSUS, ps.State.PSUE):
+                event = ps.Resync()
+            elif st is ps.State.PAIR and r.state is ps.State.COPY:
+                event = ps.CopyDone()
+        elif role == "primary" and r.role is Role.PRIMARY and st is ps.State.COPY:
+            # The peer announces it is becoming the primary by a swap: we become secondary.
+            event = ps.Resync(swap=True, peer_epoch=msg.epoch - 1)
+        elif role == "secondary" and r.role is Role.SECONDARY and st is ps.State.COPY:
+            # The peer demoted itself by a swap: we become primary and copy to it.
+            event = ps.Resync(swap=True, peer_epoch=msg.epoch - 1)
+        if event is not None:
+            self.fire(event, tell_peer=False)
+            if isinstance(event, ps.Delete):
+                self.manager.forget(self)
+            elif isinstance(event, ps.CopyDone):
+                with self.bitmap_lock:  # consistent again: nothing of ours differs any more
+                    self.diff_map = Bitmap(self.data_size, self.chunk_size)
+                    self.store.clear(self.record.diff_slot)
+        return self.my_state()
+
+    def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> None:
+        r = self.record
+        if r.role is not Role.SECONDARY or r.state not in ps.REPLICATING | {ps.State.PSUE}:
+            raise IllegalState(f"pair {self.id}: not a replicating secondary here ({r.state})")
+        fd, base = self.volume.fd, self.data_offset
+        if isinstance(msg, wire.Flush):
+            os.fdatasync(fd)
+            return
+        if (
+            msg.offset + (len(msg.data) if isinstance(msg, wire.Write) else msg.length)
+            > self.data_size
+        ):
+            raise UsageError(f"pair {self.id}: write past the end of {self.doc.volume}")
+        if isinstance(msg, wire.Write):
+            data = msg.data
+            done = os.pwritev(fd, [data], base + msg.offset, os.RWF_DSYNC if msg.fua else 0)
+            if done != len(data):
+                raise VolumeError(f"short write on {self.doc.volume}", errno.ENOSPC)
+        else:
+            from replicator import falloc
+
+            punched = False
+            if msg.may_trim:
+                try:
+                    falloc.punch_hole(fd, base + msg.offset, msg.length)
+                    punched = True
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+            if not punched:
+                falloc.zero_range(fd, base + msg.offset, msg.length)
+            if msg.fua:
+                os.fdatasync(fd)
+
+    def bitmap_for_peer(self, which: str) -> wire.Bitmap:
+        with self.bitmap_lock:
+            bm = self.copy_map if which == "pending" else self.diff_map
+            bits = bm.to_bytes()
+        return wire.Bitmap(self.id, which, self.chunk_size, self.data_size, 0, bits)
+
+    # -- the client write path -----------------------------------------------------------------
+
+    def _mark_diff(self, offset: int, length: int) -> None:
+        with self.bitmap_lock:
+            if self.diff_map.mark(offset, length):
+                self.store.flush(self.record.diff_slot, self.diff_map)
+
+    def _al_enter(self, offset: int, length: int) -> range:
+        extents = range(offset // AL_EXTENT, (offset + max(length, 1) - 1) // AL_EXTENT + 1)
+        with self.al_lock:
+            fresh = False
+            for e in extents:
+                self.al_inflight[e] = self.al_inflight.get(e, 0) + 1
+                if self.al.set_chunk(e):
+                    fresh = True
+            if fresh:
+                self.store.flush(AL_SLOT, self.al)
+        return extents
+
+    def _al_leave(self, extents: range) -> None:
+        now = _now()
+        with self.al_lock:
+            for e in extents:
+                self.al_inflight[e] -= 1
+                self.al_used[e] = now
+
+    def al_expire(self, idle: float = AL_IDLE) -> None:
+        now = _now()
+        with self.al_lock:
+            gone = [
+                e
+                for e, used in self.al_used.items()
+                if not self.al_inflight.get(e) and now - used >= idle
+            ]
+            for e in gone:
+                self.al.clear_chunk(e)
+                del self.al_used[e]
+                self.al_inflight.pop(e, None)
+            if gone:
+                self.store.flush(AL_SLOT, self.al)
+
+    def fold_activity_log(self) -> bool:
+        """At start-up: extents in the log may differ between the sides.  True if any."""
+        if not self.al.count():
+            return False
+        per = AL_EXTENT // self.chunk_size
+        with self.bitmap_lock:
+            for e in self.al.iter_set():
+                first = e * per
+                count = min(per, self.diff_map.nchunks - first)
+                if count > 0:
+                    self.diff_map.set_range(first, count)
+            self.store.flush(self.record.diff_slot, self.diff_map)
+            self.al = Bitmap(self.data_size, AL_EXTENT)
+            self.store.clear(AL_SLOT)
+        return True
+
+    def client_write(
+        self,
+        offset: int,
+        length: int,
+        local: Callable[[], None],
+        remote: Callable[[], wire.Message],
+    ) -> None:
+        """One client write (pwrite, zero, trim): the policy, then the local and remote parts."""
+        with self.gate.shared():
+            decision = self.machine.write_decision()
+            if decision is ps.WriteDecision.LOCAL:
+                local()
+                return
+            if decision is ps.WriteDecision.LOCAL_RECORD:
+                self._mark_diff(offset, length)
+                local()
+                return
+            if decision is not ps.WriteDecision.MIRROR:
+                self.manager.log_refusal(self, decision)
+                raise VolumeError(f"pair {self.id}: {ps._WRITE_WHY[decision]}", decision.errno)
+            cs = self.chunk_size
+            extents = self._al_enter(offset, length)
+            try:
+                with self.chunk_locks.hold(offset // cs, (offset + max(length, 1) - 1) // cs):
+                    local()
+                    try:
+                        self.request(remote())
+                        return
+                    except (ConnectionFailed, Timeout, PeerRefused) as e:
+                        failure = e
+                # The secondary did not take the write: suspend, then apply the fence policy.
+                self._mark_diff(offset, length)
+                self.link_failed(f"write to the secondary failed: {failure}")
+                if self.record.fence is ps.Fence.DATA:
+                    self.log(
+                        f"pair {self.id}: fence=data: write at {offset} refused with EIO, "
+                        "the secondary cannot be updated"
+                    )
+                    raise VolumeError(
+                        f"pair {self.id}: fence=data and the secondary cannot be updated",
+                        errno.EIO,
+                    )
+            finally:
+                self._al_leave(extents)
+
+    def client_flush(self, local: Callable[[], None]) -> None:
+        with self.gate.shared():
+            local()
+            if self.machine.write_decision() is ps.WriteDecision.MIRROR:
+                try:
+                    self.request(wire.Flush(self.id))
+                except (ConnectionFailed, Timeout, PeerRefused) as e:
+                    self.link_failed(f"flush on the secondary failed: {e}")
+                    if self.record.fence is ps.Fence.DATA:
+                        raise VolumeError(
+                            f"pair {self.id}: fence=data and the secondary cannot be flushed",
+                            errno.EIO,
+                        ) from e
+
+    def readable(self) -> bool:
+        return self.machine.read_decision() is not ps.ReadDecision.REFUSE_HIDDEN
+
+    # -- display -------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        r = self.record
+        h = self.volume.header
+        with self.bitmap_lock:
+            dirty = self.diff_map.dirty_bytes()
+            pending = self.copy_map.count()
+        total = r.total_chunks
+        percent: float | None
+        if r.state is ps.State.COPY and total:
+            percent = round(100.0 * r.copied_chunks / total, 1)
+        elif r.state is ps.State.COPY:
+            percent = 0.0
+        else:
+            percent = 100.0 if r.state in (ps.State.PAIR,) else None
+        engine = self.engine
+        return {
+            "group": r.group,
+            "pair": r.pair,
+            "id": self.id,
+            "node": self.manager.node_name,
+            "role": r.role.label,
+            "volume": self.doc.volume,
+            "pvid": h.pvid_hex,
+            "peer": self.doc.peer.label(),
+            "peer_node": self.doc.peer.node,
+            "peer_volume": self.doc.peer.volume,
+            "mode": str(r.mode),
+            "fence": str(r.fence),
+            "auto_resync": r.auto_resync,
+            "state": str(r.state),
+            "cause": str(r.cause),
+            "epoch": r.epoch,
+            "link": "up" if self.machine.link_up else "down",
+            "hidden": self.machine.hidden,
+            "writes": str(self.machine.write_decision()),
+            "chunk_size": self.chunk_size,
+            "data_size": self.data_size,
+            "copy_percent": percent,
+            "copied_chunks": r.copied_chunks,
+            "total_chunks": total,
+            "pending_chunks": pending,
+            "dirty_bytes": dirty,
+            "copy_bytes_sent": engine.sent_bytes if engine else 0,
+            "last_copy_bytes": self.doc.last_copy_bytes,
+            "last_copy_seconds": self.doc.last_copy_seconds,
+            "svol_consistent": r.svol_consistent,
+        }
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine.thread.join(timeout=5)
+        with contextlib.suppress(PairvolError, OSError):
+            self.flush_copy_map()
+        with contextlib.suppress(PairvolError, OSError):
+            self.al_expire(idle=0.0)
+        self.volume.close()
+
+
+class PairedHandle(ExportHandle):
+    """A client connection to a volume that belongs to a pair: every write goes through the
+    side's policy.  Reads are local unless the volume is hidden."""
+
+    __slots__ = ("side",)
+
+    def __init__(self, volume: Volume, readonly: bool, side: Side) -> None:
+        super().__init__(volume, readonly)
+        self.side = side
+
+    def _refuse_hidden(self) -> None:
+        if not self.side.readable():
+            raise VolumeError(
+                f"volume {self.side.doc.volume} is the hidden secondary of pair {self.side.id}",
+                errno.EPERM,
+            )
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        self._refuse_hidden()
+        super().pread(buf, offset)
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        count = len(buf)
+        if offset < 0 or offset + count > self.size:
+            raise self._outside(count, offset)
+        side = self.side
+        self.side.client_write(
+            offset,
+            count,
+            lambda: ExportHandle.pwrite(self, buf, offset, fua),
+            lambda: wire.Write(side.id, offset, bytes(buf), fua),
+        )
+
+    def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
+        self._check(count, offset)
+        side = self.side
+        self.side.client_write(
+            offset,
+            count,
+            lambda: ExportHandle.zero(self, count, offset, may_trim, fua),
+            lambda: wire.Zero(side.id, offset, count, fua, may_trim),
+        )
+
+    def trim(self, count: int, offset: int, fua: bool) -> None:
+        self._check(count, offset)
+        side = self.side
+
+        def local() -> None:
+            # Mirror a trim as a zero that may punch holes, so both sides read the same.
+            ExportHandle.zero(self, count, offset, True, fua)
+
+        self.side.client_write(
+            offset, count, local, lambda: wire.Zero(side.id, offset, count, fua, True)
+        )
+
+    def flush(self) -> None:
+        self.side.client_flush(lambda: ExportHandle.flush(self))
+
+
+class PairManager:
+    """Every side on this node, the peer clients, and the ticker (heartbeats, link retries)."""
+
+    def __init__(
+        self,
+        node_name: str,
+        directory: str,
+        listen: str,
+        peer_port: int,
+        secret: bytes,
+        events: EventLog,
+        log: Log,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+    ) -> None:
+        self.node_name = node_name
+        self.directory = directory
+        self.listen = listen
+        self.peer_port = peer_port
+        self.secret = secret
+        self.events = events
+        self.log = log
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.sides: dict[str, Side] = {}
+        self.lock = threading.RLock()
+        self.clients: dict[tuple[str, int], PeerClient] = {}
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="pair ticker", daemon=True)
+        self._refusals: dict[tuple[str, str], float] = {}
+        os.makedirs(os.path.join(directory, PAIRS_DIR), exist_ok=True)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def doc_path(self, pid: str) -> str:
+        return os.path.join(self.directory, PAIRS_DIR, pid.replace("/", ".") + ".json")
+
+    def volume_path(self, name: str) -> str:
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            with contextlib.suppress(PairvolError, OSError), Volume.open(entry.path) as v:
+                if v.header.name == name:
+                    return entry.path
+        raise NotFound(f"node {self.node_name} has no volume named {name!r}")
+
+    def client_for(self, host: str, port: int) -> PeerClient:
+        with self.lock:
+            c = self.clients.get((host, port))
+            if c is None:
+                c = PeerClient(
+                    self.node_name,
+                    host,
+                    port,
+                    self.secret,
+                    self.log,
+                    allow_no_secret=not self.secret,
+                )
+                self.clients[host, port] = c
+            return c
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        pairs_dir = os.path.join(self.directory, PAIRS_DIR)
+        for name in sorted(os.listdir(pairs_dir)):
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(pairs_dir, name)
+            try:
+                with open(path) as f:
+                    doc = SideDoc.from_json(f.read())
+                side = Side(self, doc, link_up=False)
+            except (PairvolError, OSError) as e:
+                self.log(f"pair file {path}: not loaded: {e}")
+                continue
+            self.sides[side.id] = side
+            if side.fold_activity_log() and side.record.state in ps.REPLICATING:
+                side.link_failed("restarted with writes in flight (activity log not empty)")
+            self.events.emit("pair.loaded", pair=side.id, state=str(side.record.state))
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join(timeout=5)
+        for side in list(self.sides.values()):
+            side.close()
+        for c in list(self.clients.values()):
+            c.close()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for side in list(self.sides.values()):
+                try:
+                    self._tick(side)
+                except Exception as e:  # keep ticking for the other pairs
+                    self.log(f"pair {side.id}: ticker: {e!r}")
+
+    def _tick(self, side: Side) -> None:
+        now = _now()
+        with side.state_lock:
+            actions = side.machine.handle_timer(now)
+            later = side._carry_out([a for a in actions if not isinstance(a, ps.SendPing)])
+        side._after(later, tell_peer=False)
+        want_ping = any(isinstance(a, ps.SendPing) for a in actions)
+        if side.record.state is ps.State.SMPL:
+            return
+        if side.machine.link_up:
+            if want_ping:
+                self._ping(side)
+        elif now - side.last_ping >= 1.0:
+            side.last_ping = now
+            self._ping(side)
+        side.al_expire()
+
+    def _ping(self, side: Side) -> None:
+        try:
+            reply = side.request(wire.Ping(time.monotonic_ns()), timeout=PING_TIMEOUT)
+        except (ConnectionFailed, Timeout, PeerRefused) as e:
+            if side.machine.link_up:
+                side.link_failed(f"heartbeat failed: {e}")
+            return
+        if side.doc.peer.node == "" and side.client is not None and side.client.peer_name:
+            side.doc.peer.node = side.client.peer_name
+            side.save()
+        if not isinstance(reply, wire.Pong):
+            return
+        if side.machine.link_up:
+            with side.state_lock:
+                side.machine.handle(ps.Pong(), _now())
+            return
+        self.log(f"pair {side.id}: link to {side.doc.peer.label()} is back")
+        try:
+            side.fire(ps.LinkRestored(), tell_peer=False)
+        except IllegalState as e:
+            self.log(f"pair {side.id}: {e}")
+
+    def log_refusal(self, side: Side, decision: ps.WriteDecision) -> None:
+        """One log line per pair and decision per ten seconds, not one per request."""
+        key = (side.id, str(decision))
+        now = _now()
+        if now - self._refusals.get(key, -1e9) >= 10:
+            self._refusals[key] = now
+            self.log(f"pair {side.id}: client write refused: {ps._WRITE_WHY[decision]}")
+
+    def forget(self, side: Side) -> None:
+        side.deleted = True
+        with self.lock:
+            self.sides.pop(side.id, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.doc_path(side.id))
+        side.close()
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def side(self, pid: str) -> Side:
+        s = self.sides.get(pid)
+        if s is None:
+            raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
+        return s
+
+    def side_for_path(self, path: str) -> Side | None:
+        real = os.path.realpath(path)
+        for s in list(self.sides.values()):
+            if os.path.realpath(s.volume.path) == real:
+                return s
+        return None
+
+    def select(self, target: str) -> list[Side]:
+        group, pair = split_pair_id(target)
+        if pair is not None:
+            return [self.side(pair_id(group, pair))]
+        found = [s for s in self.sides.values() if s.record.group == group]
+        if not found:
+            raise NotFound(f"group {group} has no pairs on node {self.node_name}")
+        return sorted(found, key=lambda s: s.id)
+
+    def wrap(self, handle: ExportHandle) -> ExportHandle:
+        side = self.side_for_path(handle.volume.path)
+        if side is None:
+            return handle
+        if not side.readable():
+            handle.close()
+            raise IllegalState(
+                f"volume {side.doc.volume} is the hidden secondary of pair {side.id} "
+                f"({side.record.state}); clients may not use it until split or takeover"
+            )
+        return PairedHandle(handle.volume, handle.readonly, side)
+
+    # -- control operations (the CLI) -------------------------------------------------------------
+
+    def op_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        group, pair = str(args["group"]), str(args["pair"])
+        check_name(group, what="group name")
+        check_name(pair, what="pair name")
+        pid = pair_id(group, pair)
+        mode = ps.Mode(str(args.get("mode", "sync")))
+        fence = ps.Fence(str(args.get("fence", "never")))
+        if mode is ps.Mode.ASYNC:
+            raise UsageError("--mode async is not available yet (sync only)")
+        chunk = int(args.get("chunk", ps.DEFAULT_CHUNK))
+        volume = str(args["volume"])
+        peer = PeerRef(
+            str(args.get("peer_node", "")),
+            str(args["peer_host"]),
+            int(args["peer_port"]),
+            str(args["peer_volume"]),
+        )
+        if peer.host == self.listen and peer.port == self.peer_port:
+            raise UsageError("both volumes are on this node: local pairs are not supported yet")
+        with self.lock:
+            if pid in self.sides:
+                raise AlreadyExists(f"pair {pid} already exists on node {self.node_name}")
+            path = self.volume_path(volume)
+            if self.side_for_path(path) is not None:
+                raise IllegalState(f"volume {volume} already belongs to a pair")
+            record = ps.PairRecord(
+                group,
+                pair,
+                Role.PRIMARY,
+                mode,
+                fence,
+                peer.label(),
+                chunk_size=chunk,
+                auto_resync=bool(args.get("auto_resync", False)),
+            )
+            doc = SideDoc(record, volume, peer)
+            side = Side(self, doc, link_up=True)
+            try:
+                for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
+                    side.store.clear(slot)
+                side.diff_map = Bitmap(side.data_size, chunk)
+                side.copy_map = Bitmap(side.data_size, chunk)
+                side.al = Bitmap(side.data_size, AL_EXTENT)
+                h = side.volume.header
+                create = wire.PairCreate(
+                    pid,
+                    peer.volume,
+                    h.data_size,
+                    chunk,
+                    str(mode),
+                    str(fence),
+                    h.pvid,
+                    0,
+                    f"{self.listen}:{self.peer_port}",
+                )
+                try:
+                    side.request(create)
+                except PeerRefused as e:
+                    raise IllegalState(f"the secondary refused the pair: {e.message}") from e
+                if side.client is not None and side.client.peer_name:
+                    peer.node = side.client.peer_name
+                self.sides[pid] = side
+            except BaseException:
+                side.volume.close()
+                raise
+        try:
+            side.fire(ps.Create(), tell_peer=False)
+        except BaseException:
+            self.forget(side)
+            raise
+        return side.describe()
+
+    def on_pair_create(self, peer_name: str, msg: wire.PairCreate) -> wire.Ack:
+        pid = msg.pair_id
+        group, _, pair = pid.partition("/")
+        with self.lock:
+            if pid in self.sides:
+                raise AlreadyExists(f"pair {pid} already exists on node {self.node_name}")
+            path = self.volume_path(msg.volume)
+            if self.side_for_path(path) is not None:
+                raise IllegalState(
+                    f"volume {msg.volume} on {self.node_name} already belongs to a pair"
+                )
+            with Volume.open(path) as v:
+                if v.header.data_size != msg.data_size:
+                    raise UsageError(
+                        f"volume sizes differ: the primary has {msg.data_size} bytes, "
+                        f"{msg.volume} on {self.node_name} has {v.header.data_size}"
+                    )
+            host, port = parse_peer_address(msg.primary_peer, self.peer_port)
+            peer = PeerRef(peer_name, host, port, "")
+            record = ps.PairRecord(
+                group,
+                pair,
+                Role.SECONDARY,
+                ps.Mode(msg.mode),
+                ps.Fence(msg.fence),
+                peer.label(),
+                chunk_size=msg.chunk_size,
+            )
+            side = Side(self, SideDoc(record, msg.volume, peer), link_up=True)
+            try:
+                for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
+                    side.store.clear(slot)
+                side.diff_map = Bitmap(side.data_size, msg.chunk_size)
+                side.copy_map = Bitmap(side.data_size, msg.chunk_size)
+                side.peer_pvid = msg.pvid
+                self.sides[pid] = side
+                side.fire(ps.Create(), tell_peer=False)
+            except BaseException:
+                self.sides.pop(pid, None)
+                side.volume.close()
+                raise
+        return wire.Ack()
+
+    def _query_peer(self, side: Side) -> wire.PairState:
+        reply = side.request(side.my_state())
+        if not isinstance(reply, wire.PairState):
+            raise IllegalState(f"pair {side.id}: the peer answered a state query oddly")
+        side.peer_pvid = reply.pvid
+        return reply
+
+    def _dry_run(self, side: Side, event: ps.Event, link_up: bool | None = None) -> ps.PairRecord:
+        trial = ps.PairMachine(
+            side.record,
+            _now(),
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            link_up=side.machine.link_up if link_up is None else link_up,
+        )
+        trial.handle(event, _now())
+        return trial.record
+
+    def _announce(self, side: Side, state: ps.State, role: Role, epoch: int) -> None:
+        msg = wire.PairState(side.id, str(state), role.label, side.volume.header.pvid, epoch)
+        try:
+            side.request(msg)
+        except PeerRefused as e:
+            raise IllegalState(f"pair {side.id}: the peer refused: {e.message}") from e
+
+    def op_split(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.select(str(args["target"]))
+        for s in sides:
+            if s.record.role is not Role.PRIMARY:
+                raise IllegalState(
+                    f"pair {s.id}: run split on the primary's node ({s.doc.peer.label()})"
+                )
+            self._dry_run(s, ps.Split())
+        # One point in time for the whole group: close every gate, then split each pair.
+        with contextlib.ExitStack() as stack:
+            for s in sides:
+                stack.enter_context(s.gate.closed())
+            for s in sides:
+                if s.machine.link_up and s.record.state is ps.State.PAIR:
+                    try:
+                        self._announce(s, ps.State.PSUS, Role.PRIMARY, s.record.epoch)
+                    except (ConnectionFailed, Timeout) as e:
+                        s.link_failed(str(e))
+                        raise
+                s.fire(ps.Split(), tell_peer=False)
+        return {"pairs": [s.describe() for s in sides]}
+
+    def op_resync(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.select(str(args["target"]))
+        swap = bool(args.get("swap", False))
+        for s in sides:
+            if not s.machine.link_up:
+                self._ping(s)
+            if not swap and s.record.role is not Role.PRIMARY:
+                raise IllegalState(
+                    f"pair {s.id}: run resync on the primary's node ({s.doc.peer.label()}), "
+                    "or resync --swap here to make this side the primary"
+                )
+        for s in sides:
+            with s.gate.closed():
+                peer = self._query_peer(s)
+                event = ps.Resync(swap=swap, peer_epoch=peer.epoch)
+                after = self._dry_run(s, event)
+                if after.role is Role.PRIMARY:
+                    # The peer (the secondary afterwards) moves first; then we copy to it.
+                    self._announce(s, ps.State.COPY, Role.PRIMARY, after.epoch)
+                    s.fire(event, tell_peer=False)
+                else:
+                    # A swap that demotes us: we move first, then the peer copies to us.
+                    s.fire(event, tell_peer=False)
+                    self._announce(s, ps.State.COPY, Role.SECONDARY, after.epoch)
+        return {"pairs": [s.describe() for s in sides]}
+
+    def op_takeover(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.select(str(args["target"]))
+        force = bool(args.get("force", False))
+        for s in sides:
+            s.fire(ps.Takeover(force=force), tell_peer=False)
+            if s.machine.link_up:
+                try:
+                    self._announce(s, ps.State.SSWS, Role.SECONDARY, s.record.epoch)
+                except (ConnectionFailed, Timeout, IllegalState) as e:
+                    self.log(f"pair {s.id}: could not tell the old primary: {e}")
+        return {"pairs": [s.describe() for s in sides]}
+
+    def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.select(str(args["target"]))
+        out = []
+        for s in sides:
+            with s.gate.closed():
+                self._dry_run(s, ps.Delete())
+                if s.machine.link_up:
+                    try:
+                        self._announce(s, ps.State.SMPL, s.record.role, s.record.epoch)
+                    except (ConnectionFailed, Timeout, IllegalState) as e:
+                        self.log(f"pair {s.id}: could not tell the peer about the delete: {e}")
+                s.fire(ps.Delete(), tell_peer=False)
+                out.append(s.describe())
+                self.forget(s)
+        return {"pairs": out}
+
+    def op_display(self, args: dict[str, Any]) -> dict[str, Any]:
+        target = args.get("target")
+        sides = (
+            self.select(str(target)) if target else sorted(self.sides.values(), key=lambda s: s.id)
+        )
+        return {"node": self.node_name, "pairs": [s.describe() for s in sides]}
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {
+            "pair.create": self.op_create,
+            "pair.split": self.op_split,
+            "pair.resync": self.op_resync,
+            "pair.takeover": self.op_takeover,
+            "pair.delete": self.op_delete,
+            "pair.display": self.op_display,
+        }
+
+    # -- the peer protocol (server side) ----------------------------------------------------------
+
+    def handle_peer(self, peer_name: str, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Ping):
+            now = _now()
+            for s in list(self.sides.values()):
+                if s.doc.peer.node == peer_name and s.machine.link_up:
+                    with s.state_lock:
+                        s.machine.handle(ps.Ping(), now)
+            return wire.Pong(msg.now_ns)
+        if isinstance(msg, wire.PairCreate):
+            return self.on_pair_create(peer_name, msg)
+        pid = getattr(msg, "pair_id", None)
+        if pid is None:
+            raise UsageError(f"unexpected {type(msg).__name__} request")
+        side = self.side(pid)
+        if isinstance(msg, wire.PairState):
+            return side.on_peer_state(msg)
+        if isinstance(msg, wire.BitmapRequest):
+            return side.bitmap_for_peer(msg.which)
+        if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
+            side.apply_write(msg)
+            return wire.Ack()
+        raise UsageError(f"unexpected {type(msg).__name__} request")
+
+
+def describe_pvid(pvid: int) -> str:
+    return format_pvid(pvid)
