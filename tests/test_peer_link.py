@@ -1,0 +1,666 @@
+"""Replication links over real sockets on 127.0.0.1: requests, concurrency, bulk frames,
+authentication failures, bad peers, timeouts, loss and reconnection."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import crc32c
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replicator import wire
+from replicator.errors import (
+    Closed,
+    ConnectionFailed,
+    IllegalState,
+    NotFound,
+    PeerLost,
+    ProtocolError,
+    PvidMismatch,
+    Timeout,
+    UsageError,
+    VolumeError,
+)
+from replicator.peer_auth import Handshake
+from replicator.peer_link import (
+    Handler,
+    PeerClient,
+    PeerRefused,
+    PeerServer,
+    errno_of,
+    error_from_wire,
+)
+
+SECRET = b"s3cret-shared-by-a-and-b-0123456"
+PAIR = "g/p"
+BIG = wire.MAX_DATA  # 64 MiB
+WAIT = 10.0  # bound on anything that should happen "promptly"
+
+
+class Log:
+    """A log sink that tests can wait on (no sleeping)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, line: str) -> None:
+        with self._cond:
+            self.lines.append(line)
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = WAIT) -> str:
+        def find() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._cond:
+            assert self._cond.wait_for(lambda: find() is not None, timeout), (text, self.lines)
+            line = find()
+        assert line is not None
+        return line
+
+
+class Recorder:
+    """The test handler: answers each request type with a message that identifies it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, wire.Message]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, peer: str, msg: wire.Message) -> wire.Message:
+        with self.lock:
+            self.calls.append((peer, msg))
+        return answer(msg)
+
+
+def answer(msg: wire.Message) -> wire.Message:
+    if isinstance(msg, wire.Ping):
+        return wire.Pong(msg.now_ns)
+    if isinstance(msg, wire.PairState):
+        return wire.PairState(msg.pair_id, "PAIR", "secondary", msg.pvid, msg.epoch)
+    if isinstance(msg, wire.BitmapRequest):
+        bits = b"\xff\x03" + bytes(wire.BITMAP_PAGE - 2)
+        return wire.Bitmap(msg.pair_id, msg.which, 65536, 10 * 65536, 0, bits)
+    if isinstance(msg, wire.ChunkRequest):
+        size = BIG if msg.index == 7 else 4096
+        return wire.Chunk(msg.pair_id, msg.index, bytes([msg.index % 256]) * size)
+    if isinstance(msg, wire.Chunk):
+        return wire.Ack(0, f"{msg.index}:{len(msg.data)}:{crc32c.crc32c(msg.data):08x}")
+    if isinstance(msg, wire.Write):
+        return wire.Ack(0, f"write {msg.offset} {bytes(msg.data[:8]).hex()}")
+    if isinstance(msg, wire.Zero):
+        return wire.Error(errno.ENOSPC, "no space left for zeros")
+    return wire.Ack()
+
+
+MakeServer = Callable[..., tuple[PeerServer, Log]]
+MakeClient = Callable[..., tuple[PeerClient, Log]]
+
+
+@pytest.fixture
+def make_server() -> Iterator[MakeServer]:
+    servers: list[PeerServer] = []
+
+    def make(
+        handler: Handler | None = None,
+        *,
+        name: str = "b",
+        secret: bytes = SECRET,
+        port: int = 0,
+        **kw: object,
+    ) -> tuple[PeerServer, Log]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(16)
+        log = Log()
+        server = PeerServer(name, sock, secret, handler or Recorder(), log, **kw)  # type: ignore[arg-type]
+        server.start()
+        servers.append(server)
+        return server, log
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def make_client() -> Iterator[MakeClient]:
+    clients: list[PeerClient] = []
+
+    def make(
+        server: PeerServer, *, name: str = "a", secret: bytes = SECRET, **kw: object
+    ) -> tuple[PeerClient, Log]:
+        log = Log()
+        host, port = server.address
+        client = PeerClient(name, host, port, secret, log, **kw)  # type: ignore[arg-type]
+        clients.append(client)
+        return client, log
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+def raw_connect(server: PeerServer, *, secret: bytes = SECRET) -> socket.socket:
+    """A bare socket that did the handshake by hand (to send what PeerClient never would)."""
+    sock = socket.create_connection(server.address, timeout=WAIT)
+    hs = Handshake("initiator", secret, "raw")
+    decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD)
+    sock.sendall(b"".join(wire.encode(m) for m in hs.start()))
+    while not hs.done:
+        data = sock.recv(65536)
+        assert data, "server closed during the handshake"
+        decoder.feed(data)
+        while not hs.done and (m := decoder.next_message()) is not None:
+            sock.sendall(b"".join(wire.encode(r) for r in hs.receive(m)))
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> list[wire.Message]:
+    """Everything the server sends until it closes (bounded by the socket timeout)."""
+    decoder = wire.FrameDecoder()
+    while data := sock.recv(65536):
+        decoder.feed(data)
+    out = []
+    while (m := decoder.next_message()) is not None:
+        out.append(m)
+    sock.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Requests and responses
+
+
+def test_every_response_type_round_trips(make_server: MakeServer, make_client: MakeClient) -> None:
+    server, _ = make_server()
+    client, log = make_client(server, expect_peer="b")
+    assert not client.connected() and client.peer_name is None
+
+    assert client.request(wire.Ping(12345)) == wire.Pong(12345)
+    assert client.connected() and client.peer_name == "b"
+    assert "connected to peer 'b'" in log.lines[0]
+
+    state = client.request(wire.PairState(PAIR, "COPY", "primary", 9, 3))
+    assert state == wire.PairState(PAIR, "PAIR", "secondary", 9, 3)
+
+    bitmap = client.request(wire.BitmapRequest(PAIR, "pending"))
+    assert isinstance(bitmap, wire.Bitmap) and bitmap.last and bitmap.which == "pending"
+    assert bytes(bitmap.bits[:3]) == b"\xff\x03\x00"
+
+    chunk = client.request(wire.ChunkRequest(PAIR, 3))
+    assert isinstance(chunk, wire.Chunk) and bytes(chunk.data) == b"\x03" * 4096
+
+    ack = client.request(wire.Write(PAIR, 8192, b"\x01\x02" * 100, fua=True))
+    assert ack == wire.Ack(0, "write 8192 0102010201020102")
+    assert client.request(wire.Flush(PAIR)) == wire.Ack()
+
+    with pytest.raises(PeerRefused) as info:  # the handler answered an Error itself
+        client.request(wire.Zero(PAIR, 0, 4096))
+    assert info.value.code == errno.ENOSPC and info.value.message == "no space left for zeros"
+    assert client.connected()  # a refusal is an answer, not a failure
+
+
+def test_requests_carry_the_authenticated_peer_name(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec)
+    client, _ = make_client(server, name="node-a")
+    client.request(wire.Flush(PAIR))
+    assert rec.calls == [("node-a", wire.Flush(PAIR))]
+    slog.wait_for("peer 'node-a' connected from 127.0.0.1:")
+
+
+def test_fifty_concurrent_requests_from_eight_threads(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server()
+    client, _ = make_client(server)
+
+    def one(i: int) -> tuple[int, wire.Message]:
+        data = i.to_bytes(8, "big") * 64
+        return i, client.request(wire.Write(PAIR, i * 4096, data), timeout=WAIT)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(50)))
+    for i, response in results:
+        assert response == wire.Ack(0, f"write {i * 4096} {i.to_bytes(8, 'big').hex()}")
+
+
+def test_64_mib_chunk_both_ways(make_server: MakeServer, make_client: MakeClient) -> None:
+    server, _ = make_server()
+    client, _ = make_client(server)
+    data = memoryview(bytearray(b"0123456789abcdef" * (BIG // 16)))
+    ack = client.request(wire.Chunk(PAIR, 5, data), timeout=WAIT * 3)
+    assert ack == wire.Ack(0, f"5:{BIG}:{crc32c.crc32c(data):08x}")
+    chunk = client.request(wire.ChunkRequest(PAIR, 7), timeout=WAIT * 3)
+    assert isinstance(chunk, wire.Chunk) and len(chunk.data) == BIG
+    assert bytes(chunk.data[:1]) == b"\x07" and bytes(chunk.data).count(7) == BIG
+
+
+def test_small_requests_proceed_while_a_big_frame_is_in_flight(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server()
+    client, _ = make_client(server)
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(client.request, wire.ChunkRequest(PAIR, 7), WAIT * 3)
+        pings = [client.request(wire.Ping(i), WAIT) for i in range(20)]
+        assert pings == [wire.Pong(i) for i in range(20)]
+        assert len(big.result(WAIT * 3).data) == BIG  # type: ignore[union-attr]
+
+
+def test_request_rejects_non_requests_without_connecting(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server()
+    client, _ = make_client(server)
+    for msg in (wire.Ack(), wire.Goodbye(), wire.Error(errno.EIO), wire.Pong(1)):
+        with pytest.raises(ProtocolError) as info:
+            client.request(msg)
+        assert info.value.remote is False
+    assert not client.connected()
+
+
+def test_notification_reaches_handler_and_gets_no_answer(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    seen = threading.Event()
+    rec = Recorder()
+
+    def handler(peer: str, msg: wire.Message) -> wire.Message:
+        response = rec(peer, msg)
+        seen.set()
+        return response
+
+    server, _ = make_server(handler)
+    client, _ = make_client(server)
+    client.notify(wire.PairState(PAIR, "PSUE", "primary", 1, 2))
+    assert seen.wait(WAIT)
+    assert client.request(wire.Ping(1)) == wire.Pong(1)  # the link is still in step
+    assert rec.calls[0][1] == wire.PairState(PAIR, "PSUE", "primary", 1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Handler errors
+
+
+def test_handler_pairvol_error_becomes_peer_refused(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    def handler(peer: str, msg: wire.Message) -> wire.Message:
+        raise IllegalState(f"pair {PAIR} is in PSUS; {peer} may not write")
+
+    server, slog = make_server(handler)
+    client, _ = make_client(server)
+    with pytest.raises(PeerRefused) as info:
+        client.request(wire.Write(PAIR, 0, b"x"))
+    e = info.value
+    assert e.code == errno.EBUSY and e.errno == errno.EBUSY and e.exit_code == 5
+    assert e.message == "pair g/p is in PSUS; a may not write" and e.peer == "b"
+    assert str(e) == "peer 'b' refused: pair g/p is in PSUS; a may not write [EBUSY]"
+    assert not any("failed" in line for line in slog.lines)  # refusals are not logged
+
+
+def test_handler_bug_answers_eio_and_server_keeps_serving(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    def handler(peer: str, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Flush):
+            raise RuntimeError("boom")
+        return answer(msg)
+
+    server, slog = make_server(handler)
+    client, _ = make_client(server)
+    with pytest.raises(PeerRefused) as info:
+        client.request(wire.Flush(PAIR))
+    assert info.value.code == errno.EIO
+    assert info.value.message == "internal error: RuntimeError: boom"
+    line = slog.wait_for("RuntimeError: boom")
+    assert "Flush #1 failed" in line and "test_peer_link.py:" in line
+    assert client.request(wire.Ping(5)) == wire.Pong(5)
+
+
+def test_handler_returning_a_non_message_is_an_internal_error(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, slog = make_server(lambda peer, msg: "not a message")
+    client, _ = make_client(server)
+    with pytest.raises(PeerRefused) as info:
+        client.request(wire.Ping(1))
+    assert info.value.code == errno.EIO and "handler returned str" in info.value.message
+    slog.wait_for("handler returned str")
+
+
+def test_errno_mapping() -> None:
+    assert errno_of(IllegalState("x")) == errno.EBUSY
+    assert errno_of(NotFound("x")) == errno.ENOENT
+    assert errno_of(UsageError("x")) == errno.EINVAL
+    assert errno_of(PvidMismatch("w", "1", "2")) == errno.EACCES
+    assert errno_of(VolumeError("x", errno.ENOSPC)) == errno.ENOSPC
+    assert errno_of(VolumeError("x")) == errno.EIO
+    assert errno_of(ProtocolError("x")) == errno.EPROTO
+    assert errno_of(OSError(errno.EROFS, "ro")) == errno.EROFS
+    assert errno_of(RuntimeError("x")) == errno.EIO
+    assert errno_of(OSError("no errno")) == errno.EIO
+    e = error_from_wire(errno.ENOENT, "no pair g/p")
+    assert isinstance(e, PeerRefused) and e.code == errno.ENOENT and e.message == "no pair g/p"
+    assert str(e) == "no pair g/p [ENOENT]"
+    assert errno_of(e) == errno.ENOENT
+
+
+# --------------------------------------------------------------------------------------------
+# Authentication
+
+
+def test_wrong_secret(make_server: MakeServer, make_client: MakeClient) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec)
+    client, _ = make_client(server, secret=b"not-the-secret")
+    with pytest.raises(ConnectionFailed) as info:
+        client.request(wire.Ping(1))
+    assert not isinstance(info.value, PeerLost)
+    assert "peer 'b' refused our authentication" in str(info.value)
+    assert "wrong secret" in str(info.value)
+    line = slog.wait_for("handshake failed")
+    assert "127.0.0.1:" in line and "peer 'a' failed authentication (wrong secret)" in line
+    assert rec.calls == [] and not client.connected()
+
+
+@pytest.mark.parametrize(
+    ("server_secret", "client_secret", "lacking"),
+    [(b"", SECRET, "'b' has no secret configured, 'a' has one"), (SECRET, b"", "'a' has no")],
+)
+def test_secret_on_one_side_only(
+    make_server: MakeServer,
+    make_client: MakeClient,
+    server_secret: bytes,
+    client_secret: bytes,
+    lacking: str,
+) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec, secret=server_secret, allow_no_secret=True)
+    client, _ = make_client(server, secret=client_secret, allow_no_secret=True)
+    with pytest.raises(ConnectionFailed) as info:
+        client.request(wire.Ping(1))
+    assert lacking in str(info.value)
+    assert lacking in slog.wait_for("handshake failed")
+    assert rec.calls == []
+
+
+def test_no_secret_on_either_side_works_with_a_warning(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, slog = make_server(secret=b"", allow_no_secret=True)
+    client, clog = make_client(server, secret=b"", allow_no_secret=True)
+    assert client.request(wire.Ping(1)) == wire.Pong(1)
+    assert "NOT authenticated" in clog.wait_for("connected to peer 'b'")
+    assert "NOT authenticated" in slog.wait_for("peer 'a' connected")
+
+
+def test_empty_secret_needs_allow_no_secret() -> None:
+    sock = socket.socket()
+    try:
+        with pytest.raises(UsageError, match="no peer secret"):
+            PeerServer("b", sock, b"", Recorder(), Log())
+    finally:
+        sock.close()
+    with pytest.raises(UsageError, match="no peer secret"):
+        PeerClient("a", "127.0.0.1", 1, b"", Log())
+
+
+def test_expect_peer_mismatch(make_server: MakeServer, make_client: MakeClient) -> None:
+    server, slog = make_server(name="c")
+    client, _ = make_client(server, expect_peer="b")
+    with pytest.raises(ConnectionFailed, match="expected peer 'b' but 'c' answered"):
+        client.request(wire.Ping(1))
+    slog.wait_for("handshake failed")
+
+
+def test_nothing_listening(make_server: MakeServer, make_client: MakeClient) -> None:
+    server, _ = make_server()
+    server.stop()
+    client, _ = make_client(server, expect_peer="b")
+    with pytest.raises(ConnectionFailed, match=r"cannot connect to peer 'b' at 127\.0\.0\.1:"):
+        client.request(wire.Ping(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad peers: the server logs, closes, and applies nothing after the bad bytes
+
+
+def test_garbage_before_the_handshake(make_server: MakeServer) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec)
+    sock = socket.create_connection(server.address, timeout=WAIT)
+    sock.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(20))
+    read_until_closed(sock)
+    assert "bad frame magic" in slog.wait_for("handshake failed")
+    assert rec.calls == []
+
+
+def test_garbage_after_the_handshake(make_server: MakeServer) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec)
+    sock = raw_connect(server)
+    slog.wait_for("peer 'raw' connected")
+    sock.sendall(b"\x00garbage" * 8)
+    replies = read_until_closed(sock)
+    assert "bad frame magic" in slog.wait_for("closing the connection")
+    assert rec.calls == []
+    assert [type(m) for m in replies] == [wire.Error]  # told why, then closed
+
+
+def test_corrupted_crc_closes_and_nothing_after_it_applies(make_server: MakeServer) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec)
+    sock = raw_connect(server)
+    bad = bytearray(wire.encode(wire.Write(PAIR, 0, b"data" * 10), 2))
+    bad[-1] ^= 0x01
+    after = wire.encode(wire.Flush(PAIR), 3)
+    sock.sendall(wire.encode(wire.Ping(7), 1) + bytes(bad) + after)
+    read_until_closed(sock)
+    assert "payload CRC32C mismatch" in slog.wait_for("closing the connection")
+    assert [m for _, m in rec.calls] in ([], [wire.Ping(7)])  # the frame before may apply
+
+
+def test_response_type_at_the_server_closes(make_server: MakeServer) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec)
+    sock = raw_connect(server)
+    sock.sendall(wire.encode(wire.Ack(), 5) + wire.encode(wire.Flush(PAIR), 6))
+    read_until_closed(sock)
+    assert "unexpected Ack (not a request)" in slog.wait_for("closing the connection")
+    assert rec.calls == []
+
+
+def test_big_frame_before_authentication_is_refused(make_server: MakeServer) -> None:
+    server, slog = make_server()
+    sock = socket.create_connection(server.address, timeout=WAIT)
+    sock.sendall(wire.encode(wire.Write(PAIR, 0, bytes(8192)), 1))
+    read_until_closed(sock)
+    assert "over the 4096-byte limit" in slog.wait_for("handshake failed")
+
+
+def test_goodbye_closes_quietly(make_server: MakeServer) -> None:
+    server, slog = make_server()
+    sock = raw_connect(server)
+    sock.sendall(wire.encode(wire.Goodbye("maintenance")))
+    assert read_until_closed(sock) == []
+    slog.wait_for("peer 'raw' (127.0.0.1:")
+    assert "said goodbye: maintenance" in slog.wait_for("goodbye")
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(junk=st.binary(min_size=1, max_size=200))
+def test_any_junk_after_the_handshake_never_reaches_the_handler(
+    make_server: MakeServer, junk: bytes
+) -> None:
+    rec = Recorder()
+    server, _ = make_server(rec)
+    sock = raw_connect(server)
+    sock.sendall(junk)
+    sock.shutdown(socket.SHUT_WR)  # a junk prefix of a frame ends in truncation
+    read_until_closed(sock)
+    assert rec.calls == []
+    server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, timeouts, reconnection
+
+
+class Gate:
+    """A handler that blocks until released and counts who is waiting."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self._cond = threading.Condition()
+        self.entered = 0
+
+    def __call__(self, peer: str, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Flush):
+            with self._cond:
+                self.entered += 1
+                self._cond.notify_all()
+            self.release.wait(WAIT * 2)
+        return answer(msg)
+
+    def wait_entered(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.entered >= n, WAIT)
+
+
+def test_server_stop_fails_every_waiting_request_promptly(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    gate = Gate()
+    server, _ = make_server(gate)
+    client, clog = make_client(server)
+    lost: list[str] = []
+    client.on_disconnect = lost.append
+    client.request(wire.Ping(1))
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client.request, wire.Flush(PAIR), 60.0) for _ in range(3)]
+        gate.wait_entered(3)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        try:
+            for f in futures:
+                assert isinstance(f.exception(WAIT), PeerLost)
+        finally:
+            gate.release.set()
+            stopper.join(WAIT)
+    assert not stopper.is_alive()
+    assert len(lost) == 1 and "closed the connection" in lost[0]
+    assert "lost the connection to peer 'b'" in clog.wait_for("lost")
+    assert not client.connected()
+    with pytest.raises(ConnectionFailed):
+        client.request(wire.Ping(2))
+    assert len(lost) == 1  # a failed connection attempt is not a lost connection
+
+
+def test_client_reconnects_after_the_server_restarts(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server()
+    port = server.address[1]
+    client, _ = make_client(server)
+    lost = threading.Event()
+    reasons: list[str] = []
+
+    def on_disconnect(reason: str) -> None:
+        reasons.append(reason)
+        lost.set()
+
+    client.on_disconnect = on_disconnect
+    assert client.request(wire.Ping(1)) == wire.Pong(1)
+    server.stop()
+    assert lost.wait(WAIT)
+    assert not client.connected()
+    make_server(port=port)
+    assert client.request(wire.Ping(2)) == wire.Pong(2)
+    assert client.connected() and client.peer_name == "b" and len(reasons) == 1
+
+
+def test_timeout_breaks_the_link_and_the_next_request_reconnects(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    gate = Gate()
+    server, slog = make_server(gate)
+    client, _ = make_client(server)
+    lost: list[str] = []
+    client.on_disconnect = lost.append
+    try:
+        with pytest.raises(Timeout, match=r"did not answer Flush within 0\.5s"):
+            client.request(wire.Flush(PAIR), timeout=0.5)
+        assert not client.connected()
+        assert len(lost) == 1 and "no answer to Flush #1 within 0.5s" in lost[0]
+    finally:
+        gate.release.set()
+    assert client.request(wire.Ping(3)) == wire.Pong(3)
+    assert len(lost) == 1
+    assert len([line for line in slog.lines if "connected from" in line]) == 2
+
+
+def test_close_fails_waiters_with_closed_and_is_final(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    gate = Gate()
+    server, _ = make_server(gate)
+    client, _ = make_client(server)
+    lost: list[str] = []
+    client.on_disconnect = lost.append
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            f = pool.submit(client.request, wire.Flush(PAIR), 60.0)
+            gate.wait_entered(1)
+            client.close()
+            assert isinstance(f.exception(WAIT), Closed)
+    finally:
+        gate.release.set()
+    with pytest.raises(Closed):
+        client.request(wire.Ping(1))
+    assert lost == []  # we closed it: not a loss
+
+
+def test_disconnect_then_request_reconnects(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server()
+    client, _ = make_client(server)
+    assert client.request(wire.Ping(1)) == wire.Pong(1)
+    client.disconnect()
+    assert not client.connected()
+    assert client.request(wire.Ping(2)) == wire.Pong(2)
+
+
+def test_stop_with_an_idle_and_a_half_open_connection(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server(handshake_timeout=30.0)
+    client, _ = make_client(server)
+    lost = threading.Event()
+    client.on_disconnect = lambda reason: lost.set()
+    client.request(wire.Ping(1))
+    stranger = socket.create_connection(server.address, timeout=WAIT)  # never says hello
+    try:
+        assert stranger.recv(65536)  # the server's Hello: it is mid-handshake with us
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < WAIT
+        assert read_until_closed(stranger) == []
+        assert lost.wait(WAIT)
+    finally:
+        stranger.close()
