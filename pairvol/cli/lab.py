@@ -1,0 +1,176 @@
+"""``pairvol lab``: multi-host labs in network namespaces (design: :mod:`pairvol.lab`).
+
+pairvol lab up NAME --hosts a,b[,c...] [--json]
+pairvol lab down NAME
+pairvol lab status NAME [--json]
+pairvol lab list [--json]
+pairvol lab exec NAME HOST -- CMD...
+pairvol lab cut NAME A B
+pairvol lab heal NAME A B
+pairvol lab kill NAME HOST
+pairvol lab start NAME HOST
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pairvol import lab as labs
+from pairvol.cli.common import print_json, print_table
+from replicator.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("lab", help="multi-host labs: hosts in network namespaces, a node on each")
+    ls = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    u = ls.add_parser("up", help="create the namespaces and links, start a node on each host")
+    u.add_argument("name")
+    u.add_argument("--hosts", required=True, metavar="a,b[,c...]", help="host names")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(func=cmd_up)
+
+    d = ls.add_parser("down", help="stop the nodes, delete the namespaces and the lab's state")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_down)
+
+    st = ls.add_parser("status", help="hosts, addresses, nodes and cuts of a lab")
+    st.add_argument("name")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    li = ls.add_parser("list", help="the labs in the registry")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_list)
+
+    x = ls.add_parser("exec", help="run a command on a host (its namespace, dir, environment)")
+    x.add_argument("name")
+    x.add_argument("host")
+    x.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    x.set_defaults(func=cmd_exec)
+
+    for action, helptext, func in (
+        ("cut", "break connectivity between two hosts (both ways)", cmd_cut),
+        ("heal", "restore connectivity between two hosts", cmd_heal),
+    ):
+        c = ls.add_parser(action, help=helptext)
+        c.add_argument("name")
+        c.add_argument("a", metavar="A")
+        c.add_argument("b", metavar="B")
+        c.set_defaults(func=func)
+
+    k = ls.add_parser("kill", help="SIGKILL every process of a host")
+    k.add_argument("name")
+    k.add_argument("host")
+    k.set_defaults(func=cmd_kill)
+
+    s = ls.add_parser("start", help="start a host's node again (after kill)")
+    s.add_argument("name")
+    s.add_argument("host")
+    s.set_defaults(func=cmd_start)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    lab = labs.up(args.name, labs.parse_hosts(args.hosts))
+    if args.json:
+        print_json(lab.to_json())
+        return 0
+    print(f"lab {lab.name} up: subnet {lab.subnet}, bridge in namespace {lab.bridge_netns}")
+    print_table(
+        [{"host": h.host, "address": h.address, "nbd": h.nbd_uri, "dir": h.dir} for h in lab.hosts],
+        ["host", "address", "nbd", "dir"],
+    )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    done = labs.down(args.name)
+    if not done:
+        print(f"lab {args.name}: nothing to do (no such lab in {labs.lab_root()})")
+    for line in done:
+        print(f"lab {args.name}: {line}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = labs.status(args.name)
+    if args.json:
+        print_json(doc)
+        return 0
+    print(f"lab {doc['name']} ({doc['state']}): subnet {doc['subnet']}, dir {doc['dir']}")
+    rows = [
+        {
+            "host": h["host"],
+            "address": h["address"],
+            "nbd": h["nbd_uri"],
+            "node": f"pid {h['node_pid']}" if h["node_pid"] else "down",
+            "netns": h["netns"] if h["netns_exists"] else f"{h['netns']} (missing)",
+        }
+        for h in doc["hosts"]
+    ]
+    print_table(rows, ["host", "address", "nbd", "node", "netns"])
+    cuts = ", ".join(f"{a}-{b}" for a, b in doc["cuts"]) or "none"
+    print(f"cuts: {cuts}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = []
+    for name in labs.names():
+        lab = labs.load(name)
+        rows.append(
+            {
+                "name": lab.name,
+                "state": lab.state,
+                "subnet": lab.subnet,
+                "hosts": ",".join(h.host for h in lab.hosts),
+            }
+        )
+    if args.json:
+        print_json({"root": labs.lab_root(), "labs": rows})
+    elif rows:
+        print_table(rows, ["name", "state", "subnet", "hosts"])
+    else:
+        print(f"no labs in {labs.lab_root()}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError("lab exec: no command given (pairvol lab exec NAME HOST -- CMD...)")
+    sys.stdout.flush()
+    return labs.exec_in(args.name, args.host, command)
+
+
+def cmd_cut(args: argparse.Namespace) -> int:
+    if labs.cut(args.name, args.a, args.b):
+        print(f"lab {args.name}: cut {args.a} <-> {args.b}")
+    else:
+        print(f"lab {args.name}: {args.a} <-> {args.b} was already cut")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    if labs.heal(args.name, args.a, args.b):
+        print(f"lab {args.name}: healed {args.a} <-> {args.b}")
+    else:
+        print(f"lab {args.name}: {args.a} <-> {args.b} was not cut")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    pids = labs.kill_host(args.name, args.host)
+    shown = " ".join(str(p) for p in pids) or "none were running"
+    print(f"lab {args.name}: killed every process of {args.host} ({shown})")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    pid = labs.start_node(args.name, args.host)
+    print(f"lab {args.name}: node {args.host} started (pid {pid})")
+    return 0

@@ -1,0 +1,662 @@
+"""Multi-host labs on one machine: hosts in network namespaces, a storage node on each.
+
+Usage::
+
+    pairvol lab up NAME --hosts a,b[,c...] [--json]   # namespaces, links, one node per host
+    pairvol lab status NAME [--json]                  # hosts, addresses, nodes, cuts
+    pairvol lab list [--json]
+    pairvol lab exec NAME HOST -- CMD...              # run CMD "on" HOST, pass its status
+    pairvol lab cut NAME A B / pairvol lab heal NAME A B
+    pairvol lab kill NAME HOST                        # SIGKILL every process of HOST
+    pairvol lab start NAME HOST                       # restart HOST's node after a kill
+    pairvol lab down NAME                             # remove everything (idempotent)
+
+Design:
+
+- **Namespaces.**  Host ``HOST`` of lab ``NAME`` is the network namespace ``NAME-HOST``.  The
+  bridge lives in its own namespace ``NAME-br`` (device ``br0``), not in the root namespace:
+  the machine's own interfaces, routes and firewall never see a lab, interface names only
+  have to be unique inside a lab (``eth0`` in each host, ``vHOST`` on the bridge side, so
+  host names are at most 14 characters), and deleting the namespaces removes every veth and
+  the bridge.  ``up`` refuses if any of these namespaces already exists.
+- **Addresses.**  Each lab gets its own /24 out of 198.18.0.0/15: subnet index K (1..511,
+  the lowest one no other lab in the registry uses) gives ``198.(18+K//256).(K%256).0/24``,
+  and the I-th host (from 0, in ``--hosts`` order) gets ``.I+1``.  Labs are isolated from
+  each other and from the root namespace anyway; distinct subnets keep addresses unambiguous
+  in logs and URIs.  Loopback is up in every host.
+- **Nodes.**  On each host, inside its namespace: ``pairvol node start --name HOST --dir
+  HOSTDIR --listen ADDR --secret-file SECRET``; NBD on ``ADDR:10809``, peers on
+  ``ADDR:10810``, the control socket is ``HOSTDIR/control.sock``.  ``HOSTDIR`` is
+  ``LABROOT/NAME/HOST``; the node serves the volumes found in that directory.  One shared
+  peer secret per lab, ``LABROOT/NAME/secret`` (mode 0600).
+- **Registry.**  ``LABROOT`` is ``$PAIRVOL_LAB_ROOT`` or ``/var/lib/pairvol/labs``.  Each
+  lab is described by ``LABROOT/NAME/lab.json``, replaced atomically (:mod:`replicator.
+  atomic_file`) under ``LABROOT/.lock``.  It is written *before* anything is created
+  (``"state": "building"``), so ``down`` can always find what a crashed ``up`` left behind.
+- **up on an existing name** is refused (AlreadyExists, exit 4) even when the lab looks
+  identical: an admin who re-runs ``up`` more likely forgot the lab than wants its state
+  (cuts, killed nodes) silently kept.  A failed ``up`` removes what it built.
+- **cut A B** adds ``blackhole`` routes (``ip route replace blackhole B/32`` in A's
+  namespace and the reverse in B's), so nothing passes either way, established TCP
+  connections included; other pairs are unaffected.  Locally sent packets to a cut peer are
+  discarded (``connect`` fails at once with EINVAL; an established connection just stops
+  getting acknowledgements).  ``heal`` deletes the routes.  Cuts are recorded in the registry;
+  cutting a cut pair or healing a healthy one is a no-op.
+- **kill HOST** SIGKILLs every process in the namespace (``ip netns pids``) and waits until
+  each is gone; **start HOST** starts its node again.
+- **exec** runs in the host's namespace with cwd ``HOSTDIR`` and ``PAIRVOL_NODE_DIR``,
+  ``PAIRVOL_LAB``, ``PAIRVOL_LAB_ROOT``, ``PAIRVOL_HOST_CACHE=HOSTDIR/host-cache.json`` set
+  and the project's ``.venv/bin`` first on ``PATH``.
+- **down** stops each node (SIGTERM, then SIGKILL of whatever is left in the namespace),
+  deletes the namespaces and removes ``LABROOT/NAME``; on an unknown or half-built lab it
+  does what is left to do and exits 0.
+
+Python API (used by the pair CLI): :func:`load`, :func:`names`, :func:`resolve_node`,
+:class:`Lab`, :class:`LabHost`; the operations :func:`up`, :func:`down`, :func:`cut`,
+:func:`heal`, :func:`kill_host`, :func:`start_node`, :func:`exec_in`, :func:`status`.
+Latency for benchmarks: :mod:`pairvol.latency_proxy`, run inside a host with ``lab exec``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replicator import node_process
+from replicator.atomic_file import write_atomic
+from replicator.errors import (
+    AlreadyExists,
+    ExternalCommandFailed,
+    HeaderCorrupt,
+    IllegalState,
+    NotFound,
+    PairvolError,
+    Timeout,
+    UsageError,
+)
+from replicator.node import CONTROL_SOCKET, NBD_PORT, PEER_PORT
+
+LAB_ROOT_ENV = "PAIRVOL_LAB_ROOT"
+LAB_ENV = "PAIRVOL_LAB"
+DEFAULT_LAB_ROOT = "/var/lib/pairvol/labs"
+REGISTRY = "lab.json"
+SECRET = "secret"
+LOCK = ".lock"
+VERSION = 1
+
+BRIDGE_NETNS_SUFFIX = "br"
+BRIDGE_DEVICE = "br0"
+HOST_DEVICE = "eth0"
+NETWORK = ipaddress.IPv4Network("198.18.0.0/15")
+SUBNETS = 512  # /24s in the /15; index 0 is left unused
+MAX_HOSTS = 200
+
+LAB_NAME_MAX = 24
+HOST_NAME_MAX = 14  # the bridge-side veth is "v" + HOST, and interface names are <= 15 bytes
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+
+IP_TIMEOUT = 30.0
+NODE_START_TIMEOUT = 60.0
+KILL_TIMEOUT = 15.0
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- names, addresses
+
+
+def check_lab_name(name: str) -> str:
+    if not (0 < len(name) <= LAB_NAME_MAX and _NAME.fullmatch(name)):
+        raise UsageError(
+            f"lab name {name!r} is not valid: 1 to {LAB_NAME_MAX} characters of a-z, 0-9 and "
+            "'-', not starting or ending with '-'"
+        )
+    return name
+
+
+def check_host_name(name: str) -> str:
+    if not (0 < len(name) <= HOST_NAME_MAX and _NAME.fullmatch(name)):
+        raise UsageError(
+            f"host name {name!r} is not valid: 1 to {HOST_NAME_MAX} characters of a-z, 0-9 and "
+            "'-', not starting or ending with '-'"
+        )
+    if name == BRIDGE_NETNS_SUFFIX:
+        raise UsageError(f"host name {name!r} is reserved (the lab's bridge namespace)")
+    return name
+
+
+def parse_hosts(text: str) -> list[str]:
+    """``a,b,c`` → ``["a", "b", "c"]``: valid, distinct, 1 to MAX_HOSTS names."""
+    hosts = [h.strip() for h in text.split(",")]
+    for h in hosts:
+        check_host_name(h)
+    dupes = sorted({h for h in hosts if hosts.count(h) > 1})
+    if dupes:
+        raise UsageError(f"host {dupes[0]!r} is listed twice")
+    if len(hosts) > MAX_HOSTS:
+        raise UsageError(f"{len(hosts)} hosts is too many (at most {MAX_HOSTS})")
+    return hosts
+
+
+def subnet(index: int) -> ipaddress.IPv4Network:
+    """The /24 of subnet index ``index`` (1..511) inside 198.18.0.0/15."""
+    if not 0 < index < SUBNETS:
+        raise UsageError(f"subnet index {index} is outside 1..{SUBNETS - 1}")
+    return ipaddress.IPv4Network((int(NETWORK.network_address) + index * 256, 24))
+
+
+def host_address(index: int, position: int) -> str:
+    return str(subnet(index).network_address + 1 + position)
+
+
+def free_subnet(used: set[int]) -> int:
+    for k in range(1, SUBNETS):
+        if k not in used:
+            return k
+    raise IllegalState(f"all {SUBNETS - 1} lab subnets of {NETWORK} are in use")
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class LabHost:
+    lab: str
+    host: str
+    netns: str
+    address: str
+    dir: str
+    nbd_uri: str
+    peer_port: int
+    control: str
+
+
+@dataclass
+class Lab:
+    name: str
+    dir: str
+    subnet_index: int
+    secret_file: str
+    hosts: list[LabHost]
+    state: str = "building"  # "building" until every node has started, then "up"
+    cuts: list[tuple[str, str]] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+    @property
+    def subnet(self) -> str:
+        return str(subnet(self.subnet_index))
+
+    @property
+    def bridge_netns(self) -> str:
+        return f"{self.name}-{BRIDGE_NETNS_SUFFIX}"
+
+    def host(self, host: str) -> LabHost:
+        for h in self.hosts:
+            if h.host == host:
+                return h
+        known = ", ".join(h.host for h in self.hosts)
+        raise NotFound(f"lab {self.name} has no host {host!r} (hosts: {known})")
+
+    def is_cut(self, a: str, b: str) -> bool:
+        return _pair(a, b) in self.cuts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "name": self.name,
+            "dir": self.dir,
+            "state": self.state,
+            "subnet": self.subnet,
+            "subnet_index": self.subnet_index,
+            "bridge": {"netns": self.bridge_netns, "device": BRIDGE_DEVICE},
+            "secret_file": self.secret_file,
+            "hosts": [asdict(h) for h in self.hosts],
+            "cuts": [list(c) for c in self.cuts],
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Lab:
+        """Parse a registry document; anything malformed raises ValueError saying what."""
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        if doc.get("version") != VERSION:
+            raise ValueError(f"version {doc.get('version')!r} is not {VERSION}")
+        try:
+            hosts = [LabHost(**h) for h in doc["hosts"]]
+            cuts = [_pair(str(a), str(b)) for a, b in doc["cuts"]]
+            return cls(
+                name=str(doc["name"]),
+                dir=str(doc["dir"]),
+                subnet_index=int(doc["subnet_index"]),
+                secret_file=str(doc["secret_file"]),
+                hosts=hosts,
+                state=str(doc["state"]),
+                cuts=cuts,
+                created=float(doc["created"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed lab description: {e!r}") from e
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
+
+
+def lab_root() -> str:
+    return os.path.abspath(os.environ.get(LAB_ROOT_ENV) or DEFAULT_LAB_ROOT)
+
+
+def _registry_path(name: str) -> str:
+    return os.path.join(lab_root(), name, REGISTRY)
+
+
+def names() -> list[str]:
+    """The labs in the registry, sorted."""
+    root = lab_root()
+    try:
+        entries = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    return [n for n in entries if os.path.isfile(os.path.join(root, n, REGISTRY))]
+
+
+def load(name: str) -> Lab:
+    """The lab called ``name`` (NotFound if there is none; HeaderCorrupt if unreadable)."""
+    check_lab_name(name)
+    path = _registry_path(name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        known = ", ".join(names()) or "none"
+        raise NotFound(f"no lab named {name!r} in {lab_root()} (labs: {known})") from None
+    except (OSError, ValueError) as e:
+        raise HeaderCorrupt(f"lab description {path} is unreadable: {e}") from e
+    try:
+        return Lab.from_json(doc)
+    except ValueError as e:
+        raise HeaderCorrupt(f"lab description {path}: {e}") from e
+
+
+def _save(lab: Lab) -> None:
+    data = json.dumps(lab.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+    write_atomic(os.path.join(lab.dir, REGISTRY), data)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Serialise registry changes (name claims, subnet choice, cut records) across processes."""
+    root = lab_root()
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def resolve_node(node: str, lab: str | None = None) -> LabHost | None:
+    """The lab host whose node is called ``node``.
+
+    Looks in ``lab`` if given, else in ``$PAIRVOL_LAB`` if set, else in every lab (UsageError
+    if several labs have such a host).  None if no lab has it.
+    """
+    chosen = lab or os.environ.get(LAB_ENV) or None
+    candidates = [chosen] if chosen else names()
+    found: list[LabHost] = []
+    for name in candidates:
+        with contextlib.suppress(NotFound):
+            found.extend(h for h in load(name).hosts if h.host == node)
+        if chosen is not None and not found:
+            load(chosen)  # an explicit lab that does not exist is an error, not "no host"
+    if len(found) > 1:
+        labs = ", ".join(h.lab for h in found)
+        raise UsageError(f"node {node!r} is in several labs ({labs}); choose one with ${LAB_ENV}")
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _run(cmd: Sequence[str], timeout: float = IP_TIMEOUT) -> str:
+    try:
+        r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as e:
+        raise ExternalCommandFailed(f"{cmd[0]} is not installed (run tools/setup)") from e
+    except subprocess.TimeoutExpired as e:
+        raise Timeout(f"{' '.join(cmd)} did not finish within {timeout:.0f}s") from e
+    if r.returncode != 0:
+        msg = (r.stderr.strip() or r.stdout.strip() or f"status {r.returncode}").splitlines()
+        raise ExternalCommandFailed(f"{' '.join(cmd)}: {msg[-1]}")
+    return r.stdout
+
+
+def _ip(*args: str) -> str:
+    return _run(["ip", *args])
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise IllegalState("labs need root (network namespaces)")
+
+
+def netns_exists(netns: str) -> bool:
+    return os.path.exists(os.path.join("/run/netns", netns))
+
+
+def netns_pids(netns: str) -> list[int]:
+    if not netns_exists(netns):
+        return []
+    return sorted(int(p) for p in _ip("netns", "pids", netns).split())
+
+
+def _alive(pid: int) -> bool:
+    """Whether any thread of ``pid`` runs (a lone zombie is dead: PID 1 may never reap it)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return len(tasks) > 1 or stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _kill_netns(netns: str, timeout: float = KILL_TIMEOUT) -> list[int]:
+    """SIGKILL every process in ``netns`` until none is left; return the pids killed."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [p for p in netns_pids(netns) if _alive(p)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if pid not in killed:
+                killed.append(pid)
+        if not any(_alive(p) for p in killed) and not pids:
+            return killed
+        if time.monotonic() > deadline:
+            left = [p for p in killed if _alive(p)]
+            raise Timeout(f"processes {left} in {netns} survived SIGKILL for {timeout:.0f}s")
+        time.sleep(0.02)
+
+
+def bin_dir() -> str:
+    """Where ``pairvol`` lives: the project's .venv/bin, else next to this interpreter."""
+    venv = PROJECT / ".venv" / "bin"
+    return str(venv) if (venv / "pairvol").exists() else os.path.dirname(sys.executable)
+
+
+def host_env(lab: Lab, host: LabHost) -> dict[str, str]:
+    """The environment of a command run "on" ``host`` (see ``lab exec``)."""
+    path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    return dict(
+        os.environ,
+        PATH=f"{bin_dir()}:{path}",
+        PAIRVOL_NODE_DIR=host.dir,
+        PAIRVOL_LAB=lab.name,
+        PAIRVOL_LAB_ROOT=lab_root(),
+        PAIRVOL_HOST_CACHE=os.path.join(host.dir, "host-cache.json"),
+    )
+
+
+def _node_start_cmd(lab: Lab, host: LabHost) -> list[str]:
+    return [
+        "ip", "netns", "exec", host.netns,
+        sys.executable, "-m", "pairvol", "node", "start", "--name", host.host,
+        "--dir", host.dir, "--listen", host.address, "--secret-file", lab.secret_file,
+    ]  # fmt: skip
+
+
+def _start_nodes(lab: Lab, hosts: list[LabHost]) -> None:
+    """Start the nodes of ``hosts`` in parallel; each returns once its node is ready."""
+    procs = [
+        (
+            h,
+            subprocess.Popen(
+                _node_start_cmd(lab, h),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=host_env(lab, h),
+            ),
+        )
+        for h in hosts
+    ]
+    failures: list[str] = []
+    deadline = time.monotonic() + NODE_START_TIMEOUT
+    for h, p in procs:
+        try:
+            _, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            failures.append(f"{h.host}: node start timed out")
+            continue
+        if p.returncode != 0:
+            lines = err.strip().splitlines() or [f"status {p.returncode}"]
+            failures.append(f"{h.host}: {lines[-1].removeprefix('pairvol: error: ')}")
+    if failures:
+        raise ExternalCommandFailed(f"lab {lab.name}: node start failed: {'; '.join(failures)}")
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def up(name: str, hosts: Sequence[str]) -> Lab:
+    """Build lab ``name`` with ``hosts`` and start a node on each; AlreadyExists if it exists."""
+    check_lab_name(name)
+    hosts = parse_hosts(",".join(hosts))
+    _require_root()
+    if shutil.which("ip") is None:
+        raise ExternalCommandFailed("ip (iproute2) is not installed (run tools/setup)")
+    root = lab_root()
+    with _locked():
+        lab_dir = os.path.join(root, name)
+        if os.path.exists(lab_dir):
+            if not os.path.exists(os.path.join(lab_dir, REGISTRY)):
+                raise AlreadyExists(f"{lab_dir} exists but describes no lab; remove it first")
+            raise AlreadyExists(
+                f"lab {name} already exists (pairvol lab status {name}; pairvol lab down {name})"
+            )
+        wanted = [f"{name}-{BRIDGE_NETNS_SUFFIX}"] + [f"{name}-{h}" for h in hosts]
+        taken = [ns for ns in wanted if netns_exists(ns)]
+        if taken:
+            raise AlreadyExists(
+                f"network namespace {taken[0]} already exists (another lab, or a leftover: "
+                f"ip netns del {taken[0]})"
+            )
+        used = set()
+        for other in names():
+            with contextlib.suppress(PairvolError):
+                used.add(load(other).subnet_index)
+        index = free_subnet(used)
+        os.makedirs(lab_dir, mode=0o755)
+        secret_file = os.path.join(lab_dir, SECRET)
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        lab_hosts = []
+        for i, h in enumerate(hosts):
+            address = host_address(index, i)
+            hdir = os.path.join(lab_dir, h)
+            lab_hosts.append(
+                LabHost(
+                    lab=name,
+                    host=h,
+                    netns=f"{name}-{h}",
+                    address=address,
+                    dir=hdir,
+                    nbd_uri=f"nbd://{address}/",
+                    peer_port=PEER_PORT,
+                    control=os.path.join(hdir, CONTROL_SOCKET),
+                )
+            )
+        lab = Lab(name, lab_dir, index, secret_file, lab_hosts)
+        _save(lab)  # first, so that `down` finds whatever a crash leaves behind
+    try:
+        _build_network(lab)
+        for lh in lab.hosts:
+            os.makedirs(lh.dir, mode=0o755, exist_ok=True)
+        _start_nodes(lab, lab.hosts)
+        lab.state = "up"
+        with _locked():
+            _save(lab)
+    except BaseException:
+        with contextlib.suppress(PairvolError):
+            down(name)
+        raise
+    return lab
+
+
+def _build_network(lab: Lab) -> None:
+    br = lab.bridge_netns
+    _ip("netns", "add", br)
+    _ip("-n", br, "link", "set", "lo", "up")
+    _ip("-n", br, "link", "add", BRIDGE_DEVICE, "type", "bridge")
+    _ip("-n", br, "link", "set", BRIDGE_DEVICE, "up")
+    prefix = subnet(lab.subnet_index).prefixlen
+    for h in lab.hosts:
+        _ip("netns", "add", h.netns)
+        _ip("-n", h.netns, "link", "set", "lo", "up")
+        port = f"v{h.host}"
+        _ip("-n", br, "link", "add", port, "type", "veth", "peer", "name", HOST_DEVICE,
+            "netns", h.netns)  # fmt: skip
+        _ip("-n", br, "link", "set", port, "master", BRIDGE_DEVICE, "up")
+        _ip("-n", h.netns, "addr", "add", f"{h.address}/{prefix}", "dev", HOST_DEVICE)
+        _ip("-n", h.netns, "link", "set", HOST_DEVICE, "up")
+
+
+def down(name: str) -> list[str]:
+    """Tear lab ``name`` down; return what was done (empty: there was nothing to do)."""
+    check_lab_name(name)
+    _require_root()
+    try:
+        lab: Lab | None = load(name)
+    except NotFound:
+        lab = None
+    done: list[str] = []
+    if lab is None:
+        return done
+    for h in lab.hosts:
+        if node_process.running_pid(h.dir) is not None:
+            try:
+                pid = node_process.stop(h.dir, timeout=10.0)
+                done.append(f"stopped node {h.host} (pid {pid})")
+            except PairvolError:
+                pass  # SIGKILLed below with everything else in the namespace
+        killed = _kill_netns(h.netns)
+        if killed:
+            done.append(f"killed {len(killed)} process(es) on {h.host}")
+    for ns in [h.netns for h in lab.hosts] + [lab.bridge_netns]:
+        if netns_exists(ns):
+            _ip("netns", "del", ns)
+            done.append(f"deleted namespace {ns}")
+    if os.path.isdir(lab.dir):
+        shutil.rmtree(lab.dir)
+        done.append(f"removed {lab.dir}")
+    return done
+
+
+def start_node(name: str, host: str) -> int:
+    """Start ``host``'s node again (after ``kill_host``); return its pid."""
+    _require_root()
+    lab = load(name)
+    h = lab.host(host)
+    if not netns_exists(h.netns):
+        raise IllegalState(f"host {host} of lab {name} has no namespace {h.netns} (lab down?)")
+    pid = node_process.running_pid(h.dir)
+    if pid is not None:
+        raise IllegalState(f"the node of {host} in lab {name} is already running (pid {pid})")
+    _start_nodes(lab, [h])
+    started = node_process.running_pid(h.dir)
+    if started is None:
+        raise ExternalCommandFailed(f"the node of {host} in lab {name} exited after start")
+    return started
+
+
+def kill_host(name: str, host: str) -> list[int]:
+    """SIGKILL every process of ``host`` and wait until all are gone; return their pids."""
+    _require_root()
+    h = load(name).host(host)
+    return _kill_netns(h.netns)
+
+
+def _check_pair(lab: Lab, a: str, b: str) -> tuple[LabHost, LabHost]:
+    ha, hb = lab.host(a), lab.host(b)
+    if a == b:
+        raise UsageError(f"cannot cut or heal host {a} from itself")
+    return ha, hb
+
+
+def cut(name: str, a: str, b: str) -> bool:
+    """Break connectivity between hosts ``a`` and ``b``; False if it was already cut."""
+    _require_root()
+    with _locked():
+        lab = load(name)
+        ha, hb = _check_pair(lab, a, b)
+        if lab.is_cut(a, b):
+            return False
+        for src, dst in ((ha, hb), (hb, ha)):
+            _ip("-n", src.netns, "route", "replace", "blackhole", f"{dst.address}/32")
+        lab.cuts.append(_pair(a, b))
+        _save(lab)
+    return True
+
+
+def heal(name: str, a: str, b: str) -> bool:
+    """Restore connectivity between ``a`` and ``b``; False if it was not cut."""
+    _require_root()
+    with _locked():
+        lab = load(name)
+        ha, hb = _check_pair(lab, a, b)
+        if not lab.is_cut(a, b):
+            return False
+        for src, dst in ((ha, hb), (hb, ha)):
+            routes = _ip("-n", src.netns, "route", "show", "type", "blackhole", f"{dst.address}/32")
+            if routes.strip():
+                _ip("-n", src.netns, "route", "del", "blackhole", f"{dst.address}/32")
+        lab.cuts.remove(_pair(a, b))
+        _save(lab)
+    return True
+
+
+def exec_in(name: str, host: str, argv: Sequence[str]) -> int:
+    """Run ``argv`` on ``host`` (see the module docstring); return its exit status."""
+    if not argv:
+        raise UsageError("no command given (pairvol lab exec NAME HOST -- CMD...)")
+    _require_root()
+    lab = load(name)
+    h = lab.host(host)
+    if not netns_exists(h.netns):
+        raise IllegalState(f"host {host} of lab {name} has no namespace {h.netns}")
+    env = host_env(lab, h)
+    if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
+        raise NotFound(f"command {argv[0]!r} not found on {host} (PATH={env['PATH']})")
+    r = subprocess.run(["ip", "netns", "exec", h.netns, *argv], cwd=h.dir, env=env, check=False)
+    return r.returncode if r.returncode >= 0 else 128 - r.returncode
+
+
+def status(name: str) -> dict[str, Any]:
+    """The lab description plus what is running now."""
+    lab = load(name)
+    doc = lab.to_json()
+    for entry, h in zip(doc["hosts"], lab.hosts, strict=True):
+        entry["netns_exists"] = netns_exists(h.netns)
+        entry["node_pid"] = node_process.running_pid(h.dir)
+        entry["nbd_port"] = NBD_PORT
+    return doc
