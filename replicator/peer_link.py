@@ -163,6 +163,9 @@ class _Link:
         self.decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD)
         self.send_lock = threading.Lock()
         self._fd_closed = False
+        self._sndtimeo: float | None = None  # what SO_SNDTIMEO is set to
+        #: The SO_SNDTIMEO of sends without a deadline (None: block until sent or broken).
+        self.send_timeout: float | None = None
         self.refusal_sent = False
 
     def send(self, msg: wire.Message, request_id: int = 0, deadline: float | None = None) -> None:
@@ -177,7 +180,9 @@ class _Link:
             if self._fd_closed:
                 raise OSError(_errno.EBADF, "connection closed")
             if deadline is not None:
-                self.set_send_timeout(deadline - time.monotonic())
+                self._set_send_timeout(deadline - time.monotonic())
+            elif self._sndtimeo != self.send_timeout:
+                self._set_send_timeout(self.send_timeout)
             self._send_parts(parts, deadline)
         finally:
             self.send_lock.release()
@@ -198,12 +203,14 @@ class _Link:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TimeoutError("the peer stopped reading")
-                    self.set_send_timeout(left)
+                    self._set_send_timeout(left)
 
-    def set_send_timeout(self, seconds: float) -> None:
-        usec = max(int(seconds * 1e6), 1)  # 0 would mean "forever"
+    def _set_send_timeout(self, seconds: float | None) -> None:
+        # Only a blocking socket (after the handshake) obeys it; 0 means "forever".
+        usec = 0 if seconds is None else max(int(seconds * 1e6), 1)
         tv = _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self._sndtimeo = seconds
 
     def receive(self) -> wire.Frame:
         """The next frame (blocking); ProtocolError, OSError, TimeoutError, or _Eof."""
@@ -322,6 +329,7 @@ class PeerServer:
     def start(self) -> None:
         if self._thread is not None:
             raise UsageError("peer server already started")
+        self._sock.settimeout(None)  # accept() blocks until a peer comes or stop() wakes it
         self._thread = threading.Thread(target=self._accept_loop, name="peer-accept", daemon=True)
         self._thread.start()
 
@@ -442,7 +450,7 @@ class _ServerConn:
                 server.log(f"{self._who()}: handshake failed: {_why(e)}")
             return False
         self.peer = hs.peer_name
-        self.link.set_send_timeout(server.send_timeout)
+        self.link.send_timeout = server.send_timeout
         note = " (NOT authenticated: no secret on either side)" if hs.unauthenticated else ""
         server.log(f"peer {self.peer!r} connected from {self.where}{note}")
         return True
@@ -755,10 +763,10 @@ class PeerClient:
             _join([conn.reader], time.monotonic() + JOIN_TIMEOUT)
 
     def close(self) -> None:
+        """Final: the connection closes, waiters and later requests get Closed (an attempt to
+        connect that is under way closes its connection when it completes)."""
         with self._lock:
             self._closed = True
-        with self._connect_lock:  # let a connection attempt in progress finish
-            pass
         self.disconnect("the client was closed")
 
     # -- internals -------------------------------------------------------------------------
@@ -787,7 +795,7 @@ class PeerClient:
                     raise ConnectionFailed(self._failure)  # the attempt we waited for failed
                 self._attempts += 1
             try:
-                conn = self._connect()
+                conn = self._connect(deadline)
             except ConnectionFailed as e:
                 with self._lock:
                     self._failure = str(e)
@@ -806,11 +814,13 @@ class PeerClient:
         finally:
             self._connect_lock.release()
 
-    def _connect(self) -> _ClientConn:
+    def _connect(self, request_deadline: float) -> _ClientConn:
         label = f"peer {self.expect_peer!r} at {self.where}" if self.expect_peer else self.where
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = min(time.monotonic() + self.connect_timeout, request_deadline)
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            sock = socket.create_connection(
+                (self.host, self.port), timeout=max(deadline - time.monotonic(), 0.001)
+            )
         except OSError as e:
             raise ConnectionFailed(f"cannot connect to {label}: {_why(e)}") from None
         link = _Link(sock, self.where)

@@ -44,6 +44,17 @@ BIG = wire.MAX_DATA  # 64 MiB
 WAIT = 10.0  # bound on anything that should happen "promptly"
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_threads() -> Iterator[None]:
+    """Every link thread ends once its server is stopped and its client closed."""
+    yield
+    deadline = time.monotonic() + WAIT
+    for t in threading.enumerate():
+        if t.name.startswith("peer-"):
+            t.join(max(deadline - time.monotonic(), 0.0))
+    assert [t.name for t in threading.enumerate() if t.name.startswith("peer-")] == []
+
+
 class Log:
     """A log sink that tests can wait on (no sleeping)."""
 
@@ -664,3 +675,46 @@ def test_stop_with_an_idle_and_a_half_open_connection(
         assert lost.wait(WAIT)
     finally:
         stranger.close()
+
+
+def raw_accept(listener: socket.socket) -> socket.socket:
+    """Accept one connection and do the acceptor's handshake by hand."""
+    sock, _ = listener.accept()
+    sock.settimeout(WAIT)
+    hs = Handshake("acceptor", SECRET, "b")
+    decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD)
+    sock.sendall(b"".join(wire.encode(m) for m in hs.start()))
+    while not hs.done:
+        data = sock.recv(65536)
+        assert data, "client closed during the handshake"
+        decoder.feed(data)
+        while not hs.done and (m := decoder.next_message()) is not None:
+            sock.sendall(b"".join(wire.encode(r) for r in hs.receive(m)))
+    return sock
+
+
+def test_peer_that_stops_reading_times_out_a_big_send() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = PeerClient("a", "127.0.0.1", listener.getsockname()[1], SECRET, Log())
+    lost: list[str] = []
+    client.on_disconnect = lost.append
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            accepted = pool.submit(raw_accept, listener)
+            big = wire.Chunk(PAIR, 0, bytes(BIG))
+            with pytest.raises(Timeout):  # the peer never reads: the kernel buffers fill up
+                client.request(big, timeout=0.5)
+            peer = accepted.result(WAIT)
+        assert len(lost) == 1 and "took longer than 0.5s" in lost[0]
+        peer.close()
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_server_send_timeout_drops_a_peer_that_stops_reading(make_server: MakeServer) -> None:
+    server, slog = make_server(send_timeout=0.5)
+    sock = raw_connect(server)
+    sock.sendall(wire.encode(wire.ChunkRequest(PAIR, 7), 1))  # 64 MiB answer, never read
+    slog.wait_for("sending the response failed")
+    sock.close()
