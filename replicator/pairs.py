@@ -238,6 +238,7 @@ class SideDoc:
     last_copy_bytes: int = 0
     last_copy_seconds: float = 0.0
     created: float = field(default_factory=time.time)
+    max_rate: int = 0  # copy bandwidth limit in bytes per second; 0: none
 
     def to_json(self) -> str:
         return json.dumps(
@@ -255,6 +256,7 @@ class SideDoc:
                 "last_copy_bytes": self.last_copy_bytes,
                 "last_copy_seconds": self.last_copy_seconds,
                 "created": self.created,
+                "max_rate": self.max_rate,
             },
             indent=1,
             sort_keys=True,
@@ -279,6 +281,7 @@ class SideDoc:
                 int(doc["last_copy_bytes"]),
                 float(doc["last_copy_seconds"]),
                 float(doc["created"]),
+                int(doc.get("max_rate", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e
@@ -337,18 +340,28 @@ class CopyEngine:
                 side.copy_map.clear_range(first, count)
         return sent
 
+    def _throttle(self, submitted: int) -> None:
+        """Hold the copy to ``max_rate`` bytes per second (counted over the chunks covered)."""
+        rate = self.side.doc.max_rate
+        if rate > 0:
+            ahead = submitted / rate - (_now() - self.started)
+            if ahead > 0:
+                self.stop_flag.wait(ahead)
+
     def _run(self) -> None:
         side = self.side
         try:
             with side.bitmap_lock:
                 self.total = side.copy_map.count()
-            copied_before = 0
-            last_report = _now()
+                last_report = _now()
             with ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix=f"copy {side.id}") as pool:
                 pending: list[tuple[Future[int], int]] = []
+                submitted = 0
                 for first, count in self._runs():
                     if self.stop_flag.is_set():
                         break
+                    self._throttle(submitted)
+                    submitted += count * side.chunk_size
                     pending.append((pool.submit(self._copy_run, first, count), count))
                     while len(pending) >= COPY_WORKERS * 2 or (pending and pending[0][0].done()):
                         fut, n = pending.pop(0)
@@ -360,7 +373,6 @@ class CopyEngine:
                 for fut, n in pending:
                     self.sent_bytes += fut.result()
                     self.copied += n
-            del copied_before
             if self.stop_flag.is_set():
                 side.flush_copy_map()
                 return
@@ -1142,7 +1154,7 @@ class PairManager:
                 chunk_size=chunk,
                 auto_resync=bool(args.get("auto_resync", False)),
             )
-            doc = SideDoc(record, volume, peer)
+            doc = SideDoc(record, volume, peer, max_rate=int(args.get("max_rate", 0)))
             side = Side(self, doc, link_up=True)
             try:
                 for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
@@ -1272,6 +1284,10 @@ class PairManager:
     def op_resync(self, args: dict[str, Any]) -> dict[str, Any]:
         sides = self.select(str(args["target"]))
         swap = bool(args.get("swap", False))
+        if args.get("max_rate") is not None:
+            for s in sides:
+                s.doc.max_rate = int(args["max_rate"])
+                s.save()
         for s in sides:
             if not s.machine.link_up:
                 self._ping(s)

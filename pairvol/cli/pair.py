@@ -134,6 +134,7 @@ def register(sub: Any) -> None:
     c.add_argument("--fence", choices=[f.value for f in Fence], default="never")
     c.add_argument("--chunk", default=format_size(DEFAULT_CHUNK), help="copy/bitmap granularity")
     c.add_argument("--auto-resync", action="store_true", help="resync when the link returns")
+    c.add_argument("--max-rate", help="copy bandwidth limit per pair, e.g. 50M (bytes/s)")
     node_opt(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_create)
@@ -147,6 +148,7 @@ def register(sub: Any) -> None:
         q.add_argument("target", metavar="GROUP[/PAIR]")
         if name == "resync":
             q.add_argument("--swap", action="store_true", help="reverse the direction first")
+            q.add_argument("--max-rate", help="copy bandwidth limit per pair (bytes/s; 0: none)")
         node_opt(q)
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=cmd_simple, op=f"pair.{name}")
@@ -216,6 +218,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             "fence": args.fence,
             "chunk": chunk,
             "auto_resync": args.auto_resync,
+            "max_rate": _rate(args.max_rate),
         },
         timeout=120,
     )
@@ -227,6 +230,12 @@ def cmd_create(args: argparse.Namespace) -> int:
             f"fence={args.fence}: {result['state']} (PVID {result['pvid']})"
         )
     return 0
+
+
+def _rate(text: str | None) -> int:
+    if text is None or text == "0":
+        return 0
+    return parse_size(text)
 
 
 def _forward_target(local: str, op: str, target: str, swap: bool) -> str:
@@ -255,6 +264,8 @@ def cmd_simple(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"target": args.target}
     if args.op == "pair.resync":
         payload["swap"] = swap
+        if args.max_rate is not None:
+            payload["max_rate"] = _rate(args.max_rate)
     if args.op == "pair.takeover":
         payload["force"] = args.force
     result = control.call(where, args.op, payload, timeout=120)
@@ -324,8 +335,9 @@ def merge_sides(sides: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for pid in sorted(by_id):
         row = by_id[pid]
-        p, s = row.get("primary"), row.get("secondary")
-        lead: dict[str, Any] = p or s or {}
+        p: dict[str, Any] | None = row.get("primary")
+        sec: dict[str, Any] | None = row.get("secondary")
+        lead: dict[str, Any] = p or sec or {}
         copy = lead["copy_percent"]
         rows.append(
             {
@@ -333,19 +345,19 @@ def merge_sides(sides: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "group": row["group"],
                 "pair": row["pair"],
                 "primary": f"{p['node']}:{p['volume']}" if p else lead["peer"],
-                "secondary": f"{s['node']}:{s['volume']}" if s else "?",
+                "secondary": f"{sec['node']}:{sec['volume']}" if sec else "?",
                 "mode": lead["mode"],
                 "fence": lead["fence"],
                 "state": p["state"] if p else lead["state"],
-                "secondary_state": s["state"] if s else "?",
+                "secondary_state": sec["state"] if sec else "?",
                 "copy_percent": copy,
                 "dirty_primary": p["dirty_bytes"] if p else None,
-                "dirty_secondary": s["dirty_bytes"] if s else None,
+                "dirty_secondary": sec["dirty_bytes"] if sec else None,
                 "pvid_primary": p["pvid"] if p else None,
-                "pvid_secondary": s["pvid"] if s else None,
+                "pvid_secondary": sec["pvid"] if sec else None,
                 "last_copy_bytes": (p or lead)["last_copy_bytes"],
                 "link": lead["link"],
-                "sides": {k: v for k, v in (("primary", p), ("secondary", s)) if v},
+                "sides": {k: v for k, v in (("primary", p), ("secondary", sec)) if v},
             }
         )
     return rows
