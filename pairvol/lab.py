@@ -70,10 +70,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from replicator import node_process
@@ -647,8 +649,29 @@ def exec_in(name: str, host: str, argv: Sequence[str]) -> int:
     env = host_env(lab, h)
     if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
         raise NotFound(f"command {argv[0]!r} not found on {host} (PATH={env['PATH']})")
-    r = subprocess.run(["ip", "netns", "exec", h.netns, *argv], cwd=h.dir, env=env, check=False)
-    return r.returncode if r.returncode >= 0 else 128 - r.returncode
+    child = subprocess.Popen(["ip", "netns", "exec", h.netns, *argv], cwd=h.dir, env=env)
+    with _forwarding_signals(child):
+        code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+@contextlib.contextmanager
+def _forwarding_signals(child: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Pass SIGTERM and SIGHUP on to ``child`` (``kill`` of ``lab exec`` reaches the command)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def status(name: str) -> dict[str, Any]:
