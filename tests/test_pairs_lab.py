@@ -1,0 +1,381 @@
+"""Sync pairs between real nodes in a two-host lab (network namespaces, real nbdkit processes).
+
+Clients reach a node's volumes through its unix socket (``HOSTDIR/nbd.sock``), which works from
+the test's own namespace.  Contents are compared on the image files themselves, so a hidden
+secondary can be checked without asking its node.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import VENV_BIN, require_programs, require_root
+
+from pairvol import lab as labmod
+from replicator.volume import Volume
+
+nbd = pytest.importorskip("nbd")
+
+CHUNK = 64 * 1024
+SIZE = 32 << 20
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class LabEnv:
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        self.lab = labmod.load(name)
+
+    def host(self, name: str) -> labmod.LabHost:
+        return self.lab.host(name)
+
+    def env(self, host: str | None) -> dict[str, str]:
+        env = dict(os.environ, PAIRVOL_LAB_ROOT=str(self.root), PAIRVOL_LAB=self.name)
+        env.pop("PAIRVOL_NODE_DIR", None)
+        if host is not None:
+            env["PAIRVOL_NODE_DIR"] = self.host(host).dir
+        return env
+
+    def pv(self, host: str | None, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [str(VENV_BIN / "pairvol"), *args],
+            env=self.env(host),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if ok:
+            assert r.returncode == 0, f"pairvol {' '.join(args)}: {r.stderr}"
+        return r
+
+    def volume(self, host: str, name: str, size: int = SIZE) -> str:
+        path = os.path.join(self.host(host).dir, name)
+        self.pv(None, "volume", "create", path, "--size", str(size), "--name", name)
+        return path
+
+    def connect(self, host: str, volume: str) -> Any:
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///{volume}?socket={self.host(host).dir}/nbd.sock")
+        return h
+
+    def write(self, host: str, volume: str, offset: int, data: bytes) -> None:
+        h = self.connect(host, volume)
+        try:
+            h.pwrite(data, offset)
+            h.flush()
+        finally:
+            h.shutdown()
+
+    def side(self, host: str, target: str) -> dict[str, Any]:
+        out = self.pv(host, "pair", "display", target, "--json").stdout
+        rows = json.loads(out)["pairs"]
+        assert len(rows) == 1
+        row: dict[str, Any] = rows[0]
+        return row
+
+    def wait(self, host: str, target: str, state: str, timeout: float = 30) -> None:
+        self.pv(host, "pair", "wait", target, "--state", state, "--timeout", str(timeout))
+
+
+def digest(path: str) -> str:
+    """SHA-256 of a volume's data area, read from the image file."""
+    with Volume.open(path) as v:
+        base, size = v.header.data_offset, v.header.data_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(base)
+        left = size
+        while left:
+            block = f.read(min(left, 1 << 20))
+            assert block, "image shorter than its header says"
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def pvid(path: str) -> str:
+    with Volume.open(path) as v:
+        return v.header.pvid_hex
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    require_root()
+    require_programs("ip", "nbdkit")
+    root = tmp_path_factory.mktemp("labs")
+    name = f"tp{os.getpid() % 100000}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
+        mp.delenv("PAIRVOL_LAB", raising=False)
+        try:
+            labmod.up(name, ["a", "b"])
+            yield LabEnv(name, root)
+        finally:
+            labmod.down(name)
+
+
+def fill(env: LabEnv, host: str, volume: str, size: int, seed: int) -> None:
+    """Allocated, recognisable data over the first ``size`` bytes."""
+    rng = random.Random(seed)
+    h = env.connect(host, volume)
+    try:
+        for off in range(0, size, 1 << 20):
+            h.pwrite(rng.randbytes(1 << 20), off)
+        h.flush()
+    finally:
+        h.shutdown()
+
+
+def test_create_mirror_split_identical(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v1"), env.volume("b", "v1")
+    fill(env, "a", "v1", 4 << 20, seed=1)
+    env.write("a", "v1", 20 << 20, b"\x5a" * CHUNK)  # a lone chunk amid holes
+    env.pv("a", "pair", "create", "g1/p1", "--primary", "a:v1", "--secondary", "b:v1")
+    env.wait("a", "g1/p1", "PAIR")
+    row = env.side("a", "g1/p1")
+    # The initial copy sent the allocated data only, not the 32 MiB of the volume.
+    assert row["last_copy_bytes"] == (4 << 20) + CHUNK
+    assert row["pvid_primary"] == row["pvid_secondary"] == pvid(pa) == pvid(pb)
+
+    # The secondary is hidden: a client cannot open it.
+    with pytest.raises(nbd.Error):
+        env.connect("b", "v1")
+    # Mirrored writes, then a split: identical data, a new PVID on the secondary.
+    env.write("a", "v1", 5 << 20, os.urandom(3 * CHUNK))
+    env.write("a", "v1", SIZE - CHUNK, os.urandom(CHUNK))
+    assert digest(pa) == digest(pb)
+    env.pv("a", "pair", "split", "g1")
+    row = env.side("a", "g1/p1")
+    assert row["state"] == row["secondary_state"] == "PSUS"
+    assert digest(pa) == digest(pb)
+    assert pvid(pb) != pvid(pa)
+    env.write("b", "v1", 0, b"now writable")  # the split secondary takes writes
+
+    env.pv("a", "pair", "delete", "g1/p1")
+    assert env.pv("a", "pair", "display", "--json").stdout.count('"id"') == 0
+
+
+def test_resync_copies_only_the_dirty_chunks(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v2"), env.volume("b", "v2")
+    fill(env, "a", "v2", 8 << 20, seed=2)
+    env.pv("a", "pair", "create", "g2/p1", "--primary", "a:v2", "--secondary", "b:v2")
+    env.wait("a", "g2/p1", "PAIR")
+    env.pv("a", "pair", "split", "g2/p1")
+    for off in (0, 3 * CHUNK, 40 * CHUNK):  # three chunks on the primary
+        env.write("a", "v2", off, os.urandom(CHUNK))
+    for off in (3 * CHUNK, 70 * CHUNK + 100):  # one shared, one straddling two chunks
+        env.write("b", "v2", off, os.urandom(CHUNK))
+    row = env.side("a", "g2/p1")
+    assert row["dirty_primary"] == 3 * CHUNK and row["dirty_secondary"] == 3 * CHUNK
+    assert digest(pa) != digest(pb)
+
+    env.pv("b", "pair", "resync", "g2")  # forwarded from the secondary's node to the primary
+    env.wait("a", "g2/p1", "PAIR")
+    row = env.side("a", "g2/p1")
+    assert row["last_copy_bytes"] == 5 * CHUNK  # the union: chunks 0, 3, 40, 70, 71
+    assert row["dirty_primary"] == 0 and row["dirty_secondary"] == 0
+    assert digest(pa) == digest(pb)
+    assert pvid(pa) == pvid(pb)
+    env.pv("a", "pair", "delete", "g2")
+
+
+def _writer(env: LabEnv, host: str, volume: str, stop: threading.Event, log: list[int]) -> None:
+    """Rewrite random chunks with a stamp until told to stop; log each acknowledged one."""
+    h = env.connect(host, volume)
+    rng = random.Random(7)
+    n = 0
+    try:
+        while not stop.is_set():
+            n += 1
+            chunk = rng.randrange(SIZE // CHUNK)
+            h.pwrite(
+                n.to_bytes(8, "little") * (4096 // 8), chunk * CHUNK + 4096 * rng.randrange(16)
+            )
+            log.append(chunk)
+    finally:
+        h.shutdown()
+
+
+def test_writes_racing_the_initial_copy_and_a_resync_are_kept(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v3"), env.volume("b", "v3")
+    fill(env, "a", "v3", SIZE, seed=3)
+    # A throttled copy (8 MiB/s over 32 MiB) keeps COPY open while the writer runs.
+    env.pv("a", "pair", "create", "g3/p1", "--primary", "a:v3", "--secondary", "b:v3",
+           "--max-rate", "8M")  # fmt: skip
+    stop, log = threading.Event(), []
+    t = threading.Thread(target=_writer, args=(env, "a", "v3", stop, log))
+    t.start()
+    try:
+        seen_copy = env.side("a", "g3/p1")["state"] == "COPY"
+        env.wait("a", "g3/p1", "PAIR", timeout=60)
+    finally:
+        stop.set()
+        t.join(30)
+    assert seen_copy and len(log) > 100
+    env.pv("a", "pair", "split", "g3")
+    assert digest(pa) == digest(pb)
+
+    # The same during a differential resync of everything the primary rewrote meanwhile.
+    fill(env, "a", "v3", SIZE, seed=4)
+    env.pv("a", "pair", "resync", "g3", "--max-rate", "8M")
+    stop, log = threading.Event(), []
+    t = threading.Thread(target=_writer, args=(env, "a", "v3", stop, log))
+    t.start()
+    try:
+        seen_copy = env.side("a", "g3/p1")["state"] == "COPY"
+        env.wait("a", "g3/p1", "PAIR", timeout=60)
+    finally:
+        stop.set()
+        t.join(30)
+    assert seen_copy and len(log) > 100
+    env.pv("a", "pair", "split", "g3")
+    assert digest(pa) == digest(pb)
+    env.pv("a", "pair", "delete", "g3")
+
+
+def test_fence_data_refuses_and_fence_never_records(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v4"), env.volume("b", "v4")
+    env.volume("a", "v5")
+    env.volume("b", "v5")
+    env.pv("a", "pair", "create", "g4/strict", "--primary", "a:v4", "--secondary", "b:v4",
+           "--fence", "data")  # fmt: skip
+    env.pv("a", "pair", "create", "g4/loose", "--primary", "a:v5", "--secondary", "b:v5")
+    env.wait("a", "g4/strict", "PAIR")
+    env.wait("a", "g4/loose", "PAIR")
+    labmod.cut(env.name, "a", "b")
+    try:
+        with pytest.raises(nbd.Error) as e:
+            env.write("a", "v4", 0, b"x" * 4096)
+        assert e.value.errnum == errno.EIO
+        env.write("a", "v5", 0, b"y" * 4096)  # fence=never: accepted and recorded
+        strict, loose = env.side("a", "g4/strict"), env.side("a", "g4/loose")
+        assert strict["state"] == loose["state"] == "PSUE"
+        assert loose["dirty_primary"] == CHUNK
+        with pytest.raises(nbd.Error):  # and every later write while suspended
+            env.write("a", "v4", 8192, b"z" * 4096)
+    finally:
+        labmod.heal(env.name, "a", "b")
+    for p in ("strict", "loose"):
+        env.pv("a", "pair", "resync", f"g4/{p}")
+        env.wait("a", f"g4/{p}", "PAIR")
+    env.pv("a", "pair", "split", "g4")
+    assert digest(pa) == digest(pb)
+    assert digest(os.path.join(env.host("a").dir, "v5")) == digest(
+        os.path.join(env.host("b").dir, "v5")
+    )
+    env.pv("a", "pair", "delete", "g4")
+
+
+def test_node_kill_9_keeps_pair_state_and_bitmaps(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v6"), env.volume("b", "v6")
+    fill(env, "a", "v6", 2 << 20, seed=6)
+    env.pv("a", "pair", "create", "g6/p1", "--primary", "a:v6", "--secondary", "b:v6")
+    env.wait("a", "g6/p1", "PAIR")
+    env.pv("a", "pair", "split", "g6")
+    env.write("a", "v6", 0, os.urandom(2 * CHUNK))
+    env.write("b", "v6", 10 * CHUNK, os.urandom(CHUNK))
+    before = env.side("a", "g6/p1")
+    labmod.kill_host(env.name, "a")
+    labmod.kill_host(env.name, "b")
+    labmod.start_node(env.name, "a")
+    labmod.start_node(env.name, "b")
+    after = env.side("a", "g6/p1")
+    for key in ("state", "secondary_state", "dirty_primary", "dirty_secondary", "pvid_primary"):
+        assert after[key] == before[key], key
+    env.pv("a", "pair", "resync", "g6")
+    env.wait("a", "g6/p1", "PAIR")
+    assert env.side("a", "g6/p1")["last_copy_bytes"] == 3 * CHUNK
+    env.pv("a", "pair", "split", "g6")
+    assert digest(pa) == digest(pb)
+    env.pv("a", "pair", "delete", "g6")
+
+
+def test_sync_writes_survive_primary_kill_and_takeover(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v7"), env.volume("b", "v7")
+    env.pv("a", "pair", "create", "g7/p1", "--primary", "a:v7", "--secondary", "b:v7")
+    env.wait("a", "g7/p1", "PAIR")
+    acked: dict[int, int] = {}  # block -> last acknowledged stamp
+    failed = threading.Event()
+
+    def writer() -> None:
+        h = env.connect("a", "v7")
+        stamp = 0
+        try:
+            while True:
+                stamp += 1
+                block = stamp % (SIZE // 4096)
+                h.pwrite(stamp.to_bytes(8, "little") * 512, block * 4096)
+                acked[block] = stamp
+        except nbd.Error:
+            failed.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(1.0)
+    labmod.kill_host(env.name, "a")  # the primary host dies mid-run
+    t.join(30)
+    assert failed.is_set() and len(acked) > 50
+    env.pv("b", "pair", "takeover", "g7/p1")
+    assert env.side("b", "g7/p1")["secondary_state"] == "SSWS"
+    h = env.connect("b", "v7")  # usable now, under the application's PVID
+    try:
+        for block, stamp in acked.items():
+            got = int.from_bytes(h.pread(8, block * 4096), "little")
+            assert got >= stamp, f"block {block}: acknowledged stamp {stamp}, found {got}"
+    finally:
+        h.shutdown()
+    assert pvid(pb) == pvid(pa)
+
+    # The old primary comes back stale; resync --swap makes it the new secondary.
+    labmod.start_node(env.name, "a")
+    env.write("b", "v7", 0, b"after takeover".ljust(4096, b"."))
+    env.pv("b", "pair", "resync", "--swap", "g7/p1")
+    env.wait("b", "g7/p1", "PAIR")
+    row = env.side("b", "g7/p1")
+    assert row["primary"] == "b:v7" and row["secondary"] == "a:v7"
+    env.pv("b", "pair", "split", "g7")
+    assert digest(pa) == digest(pb)
+    env.pv("b", "pair", "delete", "g7")
+
+
+def test_bad_pair_commands_change_nothing(env: LabEnv) -> None:
+    env.volume("a", "v8")
+    env.volume("b", "v8", size=SIZE * 2)
+    pairs_dirs = [Path(env.host(h).dir, ".pairvol", "pairs") for h in ("a", "b")]
+
+    def files() -> list[str]:
+        return sorted(str(p) for d in pairs_dirs if d.exists() for p in d.iterdir())
+
+    start = files()
+    cases = [
+        (["pair", "create", "g8/p", "--primary", "a:v8", "--secondary", "b:v8"], 5, "sizes differ"),
+        (["pair", "create", "g8", "--primary", "a:v8", "--secondary", "b:v8"], 2, "GROUP/PAIR"),
+        (["pair", "create", "g8/p", "--primary", "zz:v8", "--secondary", "b:v8"], 3, "unknown"),
+        (["pair", "create", "g8/p", "--primary", "a:nope", "--secondary", "b:v8"], 3, "no volume"),
+        (["pair", "create", "g8/p", "--primary", "a:v8", "--secondary", "b:v8", "--chunk", "3K"],
+         2, "power of two"),
+        (["pair", "create", "g8/p", "--primary", "a:v8", "--secondary", "a:v8"], 2, "same node"),
+        (["pair", "split", "nosuch"], 3, "no pairs"),
+        (["pair", "resync", "g8/x"], 3, "does not exist"),
+        (["pair", "takeover", "bad name"], 2, "name"),
+        (["pair", "wait", "g8/x", "--state", "PAIR", "--timeout", "1"], 3, "does not exist"),
+    ]  # fmt: skip
+    for args, code, text in cases:
+        r = env.pv("a", *args, ok=False)
+        assert r.returncode == code, (args, r.stderr)
+        assert text in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert files() == start
