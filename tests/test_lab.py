@@ -384,6 +384,35 @@ def test_bad_inputs_change_nothing(
     assert sorted(_netns_of(lab_name)) == sorted(f"{lab_name}-{h}" for h in ("a", "b", "br"))
 
 
+@pytest.mark.privileged
+def test_two_labs_coexist_isolated(
+    request: pytest.FixtureRequest,
+    make_lab: Callable[..., dict[str, object]],
+    lab_name: str,
+    pairvol_bin: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_lab("a", "b")
+    second = f"{lab_name}z"
+
+    def remove_second() -> None:
+        labs.down(second)
+        assert _netns_of(second) == []
+
+    request.addfinalizer(remove_second)
+    code, out, err = run(capsys, "lab", "up", second, "--hosts", "a,c", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    first = labs.load(lab_name)
+    assert doc["subnet"] != first.subnet
+    assert [h["host"] for h in doc["hosts"]] == ["a", "c"]
+    code, out, _ = run(capsys, "lab", "list")
+    assert lab_name in out and second in out
+    # Each lab is its own network: a host of one lab does not reach the other lab.
+    assert reachable(pairvol_bin, second, "c", doc["hosts"][0]["address"])
+    assert not reachable(pairvol_bin, second, "c", first.host("b").address)
+
+
 def test_registry_and_resolve_node(lab_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Python API over registry files alone (no namespaces needed)."""
 
