@@ -46,10 +46,23 @@ Design:
   each is gone; **start HOST** starts its node again.
 - **exec** runs in the host's namespace with cwd ``HOSTDIR`` and ``PAIRVOL_NODE_DIR``,
   ``PAIRVOL_LAB``, ``PAIRVOL_LAB_ROOT``, ``PAIRVOL_HOST_CACHE=HOSTDIR/host-cache.json`` set
-  and the project's ``.venv/bin`` first on ``PATH``.
+  and the project's ``.venv/bin`` first on ``PATH``.  Its exit status is the command's
+  (128+N if signal N killed it); a command not on ``PATH`` is NotFound (exit 3).  SIGTERM
+  and SIGHUP sent to ``lab exec`` are passed on to the command.
 - **down** stops each node (SIGTERM, then SIGKILL of whatever is left in the namespace),
   deletes the namespaces and removes ``LABROOT/NAME``; on an unknown or half-built lab it
   does what is left to do and exits 0.
+
+``lab.json`` (also what ``up --json`` prints; ``status --json`` adds ``netns_exists``,
+``node_pid`` and ``nbd_port`` to each host)::
+
+    {"version": 1, "name": "lab1", "state": "building" | "up", "dir": "LABROOT/lab1",
+     "subnet": "198.18.1.0/24", "subnet_index": 1, "secret_file": "LABROOT/lab1/secret",
+     "bridge": {"netns": "lab1-br", "device": "br0"}, "created": 1700000000.0,
+     "cuts": [["a", "b"]],
+     "hosts": [{"lab": "lab1", "host": "a", "netns": "lab1-a", "address": "198.18.1.1",
+                "dir": "LABROOT/lab1/a", "nbd_uri": "nbd://198.18.1.1/", "peer_port": 10810,
+                "control": "LABROOT/lab1/a/control.sock"}, ...]}
 
 Python API (used by the pair CLI): :func:`load`, :func:`names`, :func:`resolve_node`,
 :class:`Lab`, :class:`LabHost`; the operations :func:`up`, :func:`down`, :func:`cut`,
