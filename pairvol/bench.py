@@ -160,14 +160,22 @@ class ServerProcess:
         deadline = time.monotonic() + READY_TIMEOUT
         while not self._accepts():
             if self.proc.poll() is not None:
+                # The log may live in a temporary work directory that is about to go: quote it.
                 raise ExternalCommandFailed(
-                    f"{self.argv[0]} exited with status {self.proc.returncode} at start-up; "
-                    f"see {self.log}"
+                    f"{self.argv[0]} exited with status {self.proc.returncode} at start-up: "
+                    + (self.log_tail() or f"(nothing in {self.log})")
                 )
             if time.monotonic() > deadline:
                 self.stop()
                 raise Timeout(f"{self.argv[0]} did not listen on {self.sock} in time")
             time.sleep(0.01)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def _accepts(self) -> bool:
         # The socket file appears at bind(), a moment before listen(): connect to be sure.

@@ -207,3 +207,10 @@ def cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_a_server_that_fails_at_start_up_is_reported_with_its_log(tmp_path: Path) -> None:
+    argv = ["sh", "-c", "echo 'nbdkit: error: cannot open file' >&2; exit 1"]
+    srv = bench.ServerProcess(argv, tmp_path / "s.sock", tmp_path / "s.log")
+    with pytest.raises(ExternalCommandFailed, match="status 1 at start-up: nbdkit: error: cannot"):
+        srv.start()
