@@ -404,6 +404,7 @@ class Side:
             link_up=link_up,
         )
         self.state_lock = threading.RLock()
+        self.restore_lock = threading.Lock()
         self.bitmap_lock = threading.Lock()
         self.gate = Gate()
         self.chunk_locks = ChunkLocks()
@@ -614,8 +615,7 @@ class Side:
     def on_peer_state(self, msg: wire.PairState) -> wire.PairState:
         """Map the state the peer announces onto our own event (see the module docstring)."""
         if not self.machine.link_up:  # we just heard from the peer
-            with contextlib.suppress(IllegalState):
-                self.fire(ps.LinkRestored(), tell_peer=False)
+            self.manager.restore_link(self, notify=False)
         r = self.record
         st, role = ps.State(msg.state), msg.role
         self.peer_pvid = msg.pvid
@@ -629,8 +629,14 @@ class Side:
                 event = ps.Split() if r.state is ps.State.PAIR else None
             elif st is ps.State.COPY and r.state in (ps.State.PSUS, ps.State.PSUE):
                 event = ps.Resync()
+            elif st is ps.State.COPY and r.state is ps.State.PAIR:
+                # The primary suspended and is resyncing before we noticed the link go.
+                self.fire(ps.LinkLost("the primary restarted the copy"), tell_peer=False)
+                event = ps.Resync()
             elif st is ps.State.PAIR and r.state is ps.State.COPY:
                 event = ps.CopyDone()
+            elif st is ps.State.PSUE and r.state in ps.REPLICATING:
+                event = ps.PeerError("the primary suspended the pair")
         elif role == "primary" and r.role is Role.PRIMARY and st is ps.State.COPY:
             # The peer announces it is becoming the primary by a swap: we become secondary.
             event = ps.Resync(swap=True, peer_epoch=msg.epoch - 1)
@@ -1059,11 +1065,30 @@ class PairManager:
             with side.state_lock:
                 side.machine.handle(ps.Pong(), _now())
             return
-        self.log(f"pair {side.id}: link to {side.doc.peer.label()} is back")
-        try:
-            side.fire(ps.LinkRestored(), tell_peer=False)
-        except IllegalState as e:
-            self.log(f"pair {side.id}: {e}")
+        self.restore_link(side, notify=True)
+
+    def restore_link(self, side: Side, *, notify: bool) -> None:
+        """The peer answered while our link was down: LinkRestored, and the state exchange."""
+        with side.restore_lock:
+            if side.machine.link_up:
+                return
+            self.log(f"pair {side.id}: link to {side.doc.peer.label()} is back")
+            r = side.record
+            try:
+                if r.role is Role.PRIMARY and r.auto_resync and r.cause is ps.Cause.LINK:
+                    # An automatic resync is a resync: the secondary moves first.
+                    with side.gate.closed():
+                        self._announce(side, ps.State.COPY, Role.PRIMARY, r.epoch)
+                        side.fire(ps.LinkRestored(), tell_peer=False)
+                    return
+                side.fire(ps.LinkRestored(), tell_peer=False)
+            except (IllegalState, ConnectionFailed, Timeout) as e:
+                self.log(f"pair {side.id}: {e}")
+                return
+        # State exchange on reconnect: the peer learns where we are (a resumed copy) and
+        # moves along (docs/protocol.md, "Pair control").
+        if notify:
+            side.notify_peer()
 
     def log_refusal(self, side: Side, decision: ps.WriteDecision) -> None:
         """One log line per pair and decision per ten seconds, not one per request."""

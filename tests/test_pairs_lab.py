@@ -379,3 +379,65 @@ def test_bad_pair_commands_change_nothing(env: LabEnv) -> None:
         assert r.returncode == code, (args, r.stderr)
         assert text in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
     assert files() == start
+
+
+def test_auto_resync_after_heal(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v9"), env.volume("b", "v9")
+    env.pv("a", "pair", "create", "g9/p1", "--primary", "a:v9", "--secondary", "b:v9",
+           "--auto-resync")  # fmt: skip
+    env.wait("a", "g9/p1", "PAIR")
+    labmod.cut(env.name, "a", "b")
+    try:
+        env.write("a", "v9", 0, os.urandom(CHUNK))
+        env.wait("a", "g9/p1", "PSUE")
+    finally:
+        labmod.heal(env.name, "a", "b")
+    env.wait("a", "g9/p1", "PAIR")  # no resync command: the link's return starts it
+    row = env.side("a", "g9/p1")
+    assert row["secondary_state"] == "PAIR" and row["last_copy_bytes"] == CHUNK
+    env.pv("a", "pair", "split", "g9")
+    assert digest(pa) == digest(pb)
+    env.pv("a", "pair", "delete", "g9")
+
+
+def test_initial_copy_resumes_after_primary_kill_9(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v10"), env.volume("b", "v10")
+    fill(env, "a", "v10", 16 << 20, seed=10)
+    env.pv("a", "pair", "create", "g10/p1", "--primary", "a:v10", "--secondary", "b:v10",
+           "--max-rate", "8M")  # fmt: skip
+    time.sleep(0.7)
+    labmod.kill_host(env.name, "a")
+    labmod.start_node(env.name, "a")
+    row = env.side("a", "g10/p1")
+    assert row["state"] == "COPY" and 0 < row["sides"]["primary"]["pending_chunks"] < SIZE // CHUNK
+    env.wait("a", "g10/p1", "PAIR")
+    env.pv("a", "pair", "split", "g10")
+    assert digest(pa) == digest(pb)
+    env.pv("a", "pair", "delete", "g10")
+
+
+def test_peer_with_wrong_secret_is_refused(env: LabEnv, tmp_path: Path) -> None:
+    a = env.host("a")
+    script = tmp_path / "intruder.py"
+    script.write_text(
+        "import sys\n"
+        "from replicator import wire\n"
+        "from replicator.errors import ConnectionFailed\n"
+        "from replicator.peer_link import PeerClient\n"
+        f"c = PeerClient('mallory', {a.address!r}, {a.peer_port}, b'not the secret', print)\n"
+        "try:\n"
+        "    c.request(wire.PairCreate('evil/p', 'v1', 1 << 20, 65536, 'sync', 'never', 1, 0))\n"
+        "except ConnectionFailed as e:\n"
+        "    print('refused:', e)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    r = subprocess.run(
+        ["ip", "netns", "exec", env.host("b").netns, str(VENV_BIN / "python"), str(script)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "refused" in r.stdout and "secret" in r.stdout
+    log = Path(a.dir, "node.log").read_text()
+    assert "mallory" in log and "wrong secret" in log
+    assert "evil/p" not in env.pv("a", "pair", "display", "--json").stdout
