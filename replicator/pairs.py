@@ -59,6 +59,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
+
 from replicator import pair_state as ps
 from replicator import wire
 from replicator.atomic_file import write_atomic
@@ -92,6 +94,7 @@ PROGRESS_EVERY = 0.5
 REQUEST_TIMEOUT = 15.0
 PING_TIMEOUT = 2.0
 STRIPES = 1024
+VERIFY_BATCH = 256
 
 Log = Callable[[str], None]
 
@@ -687,6 +690,68 @@ class Side:
             if msg.fua:
                 os.fdatasync(fd)
 
+    def digests(self, first: int, count: int) -> bytes:
+        """XXH3-64 of chunks ``first .. first+count-1`` (the last chunk may be short)."""
+        cs = self.chunk_size
+        if count < 1 or first + count > self.diff_map.nchunks:
+            raise UsageError(f"pair {self.id}: chunks {first}+{count} are outside the volume")
+        out = bytearray()
+        fd, base = self.volume.fd, self.data_offset
+        for c in range(first, first + count):
+            length = min(cs, self.data_size - c * cs)
+            data = os.pread(fd, length, base + c * cs)
+            if len(data) != length:
+                raise VolumeError(f"short read of chunk {c} of {self.doc.volume}", errno.EIO)
+            out += xxhash.xxh3_64_digest(data)[::-1]  # little-endian
+        return bytes(out)
+
+    def verify(self, repair: bool, batch: int = VERIFY_BATCH) -> dict[str, Any]:
+        """Compare every chunk with the peer by digest (only digests cross the wire)."""
+        r = self.record
+        if r.role is not Role.PRIMARY:
+            raise IllegalState(f"pair {self.id}: run verify on the primary's node")
+        if r.state not in (ps.State.PAIR, ps.State.PSUS):
+            raise IllegalState(f"pair {self.id}: verify needs PAIR or PSUS, not {r.state}")
+        total = self.diff_map.nchunks
+        mismatches: list[int] = []
+        started = _now()
+        for first in range(0, total, batch):
+            count = min(batch, total - first)
+            # Hold the chunks so no mirrored write lands between the two digests.
+            with self.chunk_locks.hold(first, first + count - 1):
+                mine = self.digests(first, count)
+                reply = self.request(wire.DigestRequest(self.id, first, count))
+            if not isinstance(reply, wire.Digests) or reply.first != first:
+                raise IllegalState(f"pair {self.id}: the peer answered a digest request oddly")
+            theirs = bytes(reply.digests)
+            if len(theirs) != len(mine):
+                raise IllegalState(f"pair {self.id}: the peer sent {len(theirs)} digest bytes")
+            for i in range(count):
+                if mine[8 * i : 8 * i + 8] != theirs[8 * i : 8 * i + 8]:
+                    mismatches.append(first + i)
+        if repair and mismatches:
+            with self.bitmap_lock:
+                for c in mismatches:
+                    self.diff_map.set_chunk(c)
+                self.store.flush(r.diff_slot, self.diff_map)
+        result = {
+            "pair": self.id,
+            "state": str(r.state),
+            "chunks": total,
+            "chunk_size": self.chunk_size,
+            "bytes_compared": self.data_size,
+            "mismatch_count": len(mismatches),
+            "mismatches": mismatches[:1000],
+            "repaired": bool(repair and mismatches),
+            "seconds": round(_now() - started, 3),
+        }
+        self.events.emit(
+            "pair.verify", pair=self.id, mismatches=len(mismatches), repaired=result["repaired"]
+        )
+        if mismatches:
+            self.log(f"pair {self.id}: verify found {len(mismatches)} differing chunks")
+        return result
+
     def bitmap_for_peer(self, which: str) -> wire.Bitmap:
         with self.bitmap_lock:
             bm = self.copy_map if which == "pending" else self.diff_map
@@ -903,7 +968,7 @@ class PairedHandle(ExportHandle):
             offset,
             count,
             lambda: ExportHandle.pwrite(self, buf, offset, fua),
-            lambda: wire.Write(side.id, offset, bytes(buf), fua),
+            lambda: wire.Write(side.id, offset, buf, fua),
         )
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
@@ -1364,6 +1429,11 @@ class PairManager:
                 self.forget(s)
         return {"pairs": out}
 
+    def op_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.select(str(args["target"]))
+        repair = bool(args.get("repair", False))
+        return {"pairs": [s.verify(repair) for s in sides]}
+
     def op_display(self, args: dict[str, Any]) -> dict[str, Any]:
         target = args.get("target")
         sides = (
@@ -1379,6 +1449,7 @@ class PairManager:
             "pair.takeover": self.op_takeover,
             "pair.delete": self.op_delete,
             "pair.display": self.op_display,
+            "pair.verify": self.op_verify,
         }
 
     # -- the peer protocol (server side) ----------------------------------------------------------
@@ -1401,6 +1472,8 @@ class PairManager:
             return side.on_peer_state(msg)
         if isinstance(msg, wire.BitmapRequest):
             return side.bitmap_for_peer(msg.which)
+        if isinstance(msg, wire.DigestRequest):
+            return wire.Digests(pid, msg.first, side.digests(msg.first, msg.count))
         if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
             side.apply_write(msg)
             return wire.Ack()

@@ -75,6 +75,7 @@ REQUESTS: Final = (
     wire.Flush,
     wire.Chunk,
     wire.ChunkRequest,
+    wire.DigestRequest,
 )
 #: Messages that belong to the handshake and are never valid afterwards.
 _SESSION: Final = (wire.Hello, wire.Auth, wire.AuthResult)

@@ -498,6 +498,44 @@ class ChunkRequest:
         _uint(self, "index", 64)
 
 
+#: Most chunk digests one DigestRequest may ask for.
+MAX_DIGESTS: Final = 65536
+DIGEST_SIZE: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRequest:
+    """Online verify: ask for the digests of ``count`` chunks from chunk ``first``;
+    answered by a Digests."""
+
+    pair_id: str
+    first: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _pair(self, "pair_id")
+        _uint(self, "first", 64)
+        _uint(self, "count", 32, low=1)
+        if self.count > MAX_DIGESTS:
+            raise _bad(self, "count", f"{self.count} is more than {MAX_DIGESTS} chunks")
+
+
+@dataclass(frozen=True, slots=True)
+class Digests:
+    """XXH3-64 digests (8 bytes, little-endian, each) of consecutive chunks from ``first``."""
+
+    pair_id: str
+    first: int
+    digests: Blob = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _pair(self, "pair_id")
+        _uint(self, "first", 64)
+        n = _blob(self, "digests", low=DIGEST_SIZE, high=MAX_DIGESTS * DIGEST_SIZE)
+        if n % DIGEST_SIZE:
+            raise _bad(self, "digests", f"{n} bytes is not a whole number of digests")
+
+
 Message: TypeAlias = (
     Hello
     | Auth
@@ -516,6 +554,8 @@ Message: TypeAlias = (
     | Flush
     | Chunk
     | ChunkRequest
+    | DigestRequest
+    | Digests
 )
 
 
@@ -741,6 +781,8 @@ CODECS: Final[dict[type, Codec]] = {
             _pair_id(), _choice("which", BITMAP_KINDS), _u32("chunk_size"), _u64("data_size"),
             _u64("offset"), _Bulk("bits"),
         )),
+        Codec(0x14, DigestRequest, (_pair_id(), _u64("first"), _u32("count"))),
+        Codec(0x15, Digests, (_pair_id(), _u64("first"), _Bulk("digests"))),
         Codec(0x20, Write, (
             _pair_id(), _u64("offset"), _u64("seq"), _Bool("fua"), _Bulk("data"),
         )),

@@ -441,3 +441,34 @@ def test_peer_with_wrong_secret_is_refused(env: LabEnv, tmp_path: Path) -> None:
     log = Path(a.dir, "node.log").read_text()
     assert "mallory" in log and "wrong secret" in log
     assert "evil/p" not in env.pv("a", "pair", "display", "--json").stdout
+
+
+def test_verify_finds_corruption_and_repair_plus_resync_fixes_it(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "v11"), env.volume("b", "v11")
+    fill(env, "a", "v11", 4 << 20, seed=11)
+    env.pv("a", "pair", "create", "g11/p1", "--primary", "a:v11", "--secondary", "b:v11")
+    env.wait("a", "g11/p1", "PAIR")
+    r = env.pv("a", "pair", "verify", "g11", "--json")
+    assert json.loads(r.stdout)["pairs"][0]["mismatch_count"] == 0
+    # Corrupt the secondary behind its node's back, straight in the image file.
+    with Volume.open(pb) as v:
+        base = v.header.data_offset
+    with open(pb, "r+b") as f:
+        f.seek(base + 37 * CHUNK + 1000)
+        f.write(b"\xff" * 10)
+        f.flush()
+        os.fsync(f.fileno())
+    r = env.pv("a", "pair", "verify", "g11", ok=False)
+    assert r.returncode == 1 and "1 differ (37)" in r.stdout
+    r = env.pv("a", "pair", "verify", "g11/p1", "--repair", "--json", ok=False)
+    result = json.loads(r.stdout)["pairs"][0]
+    assert r.returncode == 1 and result["mismatches"] == [37] and result["repaired"]
+    env.pv("a", "pair", "split", "g11")
+    assert env.side("a", "g11/p1")["dirty_primary"] == CHUNK
+    env.pv("a", "pair", "resync", "g11")
+    env.wait("a", "g11/p1", "PAIR")
+    assert env.side("a", "g11/p1")["last_copy_bytes"] == CHUNK
+    assert env.pv("a", "pair", "verify", "g11").returncode == 0
+    env.pv("a", "pair", "split", "g11")
+    assert digest(pa) == digest(pb)
+    env.pv("a", "pair", "delete", "g11")

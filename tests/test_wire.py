@@ -148,6 +148,13 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     Flush: st.builds(Flush, pair_ids),
     Chunk: st.builds(Chunk, pair_ids, U64, blobs()),
     ChunkRequest: st.builds(ChunkRequest, pair_ids, U64),
+    wire.DigestRequest: st.builds(wire.DigestRequest, pair_ids, U64, st.integers(1, 65536)),
+    wire.Digests: st.builds(
+        wire.Digests,
+        pair_ids,
+        U64,
+        st.integers(1, 64).flatmap(lambda n: st.binary(min_size=8 * n, max_size=8 * n)),
+    ),
 }
 messages = st.one_of(*STRATEGIES.values())
 frames = st.tuples(messages, U64)
@@ -210,7 +217,7 @@ def test_encode_parts_passes_bulk_data_by_reference(frame: tuple[Message, int]) 
     msg, rid = frame
     parts = encode_parts(msg, rid)
     assert b"".join(parts) == encode(msg, rid)
-    bulk = getattr(msg, "data", getattr(msg, "bits", None))
+    bulk = getattr(msg, "data", getattr(msg, "bits", getattr(msg, "digests", None)))
     if bulk is not None:
         assert parts[-1] is bulk
     else:

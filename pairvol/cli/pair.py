@@ -160,6 +160,13 @@ def register(sub: Any) -> None:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_simple, op="pair.takeover")
 
+    v = ps.add_parser("verify", help="compare both sides chunk by chunk (digests only)")
+    v.add_argument("target", metavar="GROUP[/PAIR]")
+    v.add_argument("--repair", action="store_true", help="mark differing chunks for resync")
+    node_opt(v)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
     w = ps.add_parser("wait", help="wait until a pair reaches a state")
     w.add_argument("target", metavar="GROUP/PAIR")
     w.add_argument("--state", required=True, choices=[s.value for s in State])
@@ -275,6 +282,30 @@ def cmd_simple(args: argparse.Namespace) -> int:
         for p in result["pairs"]:
             print(f"pair {p['id']}: {p['role']} {p['state']} (PVID {p['pvid']})")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when both sides are identical, 1 when chunks differ (like cmp)."""
+    split_pair_id(args.target)
+    local = _require_control(args.node)
+    where = _forward_target(local, "pair.split", args.target, False)
+    result = control.call(where, "pair.verify", {"target": args.target, "repair": args.repair},
+                          timeout=3600)  # fmt: skip
+    if args.json:
+        print_json(result)
+    differ = 0
+    for p in result["pairs"]:
+        differ += p["mismatch_count"]
+        if not args.json:
+            shown = ", ".join(str(c) for c in p["mismatches"][:20])
+            more = " ..." if p["mismatch_count"] > 20 else ""
+            note = "; marked for the next resync" if p["repaired"] else ""
+            print(
+                f"pair {p['pair']}: {p['chunks']} chunks of {format_size(p['chunk_size'])} "
+                f"compared, {p['mismatch_count']} differ"
+                + (f" ({shown}{more}){note}" if p["mismatch_count"] else "")
+            )
+    return 1 if differ else 0
 
 
 def _one(where: str, target: str) -> dict[str, Any]:
