@@ -76,6 +76,7 @@ REQUESTS: Final = (
     wire.Chunk,
     wire.ChunkRequest,
     wire.DigestRequest,
+    wire.JournalStatus,
 )
 #: Messages that belong to the handshake and are never valid afterwards.
 _SESSION: Final = (wire.Hello, wire.Auth, wire.AuthResult)

@@ -536,6 +536,40 @@ class Digests:
             raise _bad(self, "digests", f"{n} bytes is not a whole number of digests")
 
 
+@dataclass(frozen=True, slots=True)
+class JournalStatus:
+    """Async primary → secondary, with each heartbeat: the newest sequence number of the
+    group's journal and when it was written (for the secondary's RPO report after a takeover).
+    Answered by a JournalAck."""
+
+    pair_id: str
+    newest: int
+    newest_ns: int
+
+    def __post_init__(self) -> None:
+        _pair(self, "pair_id")
+        _uint(self, "newest", 64)
+        _uint(self, "newest_ns", 64)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalAck:
+    """The answer to an async Write or Zero (``seq`` ≠ 0) and to a JournalStatus: the newest
+    sequence number the secondary holds durably (``received``) and the newest it has applied
+    to its volumes (``applied``), for the whole consistency group of ``pair_id``."""
+
+    pair_id: str
+    received: int
+    applied: int
+
+    def __post_init__(self) -> None:
+        _pair(self, "pair_id")
+        _uint(self, "received", 64)
+        _uint(self, "applied", 64)
+        if self.applied > self.received:
+            raise _bad(self, "applied", f"{self.applied} is past received {self.received}")
+
+
 Message: TypeAlias = (
     Hello
     | Auth
@@ -556,6 +590,8 @@ Message: TypeAlias = (
     | ChunkRequest
     | DigestRequest
     | Digests
+    | JournalStatus
+    | JournalAck
 )
 
 
@@ -783,6 +819,8 @@ CODECS: Final[dict[type, Codec]] = {
         )),
         Codec(0x14, DigestRequest, (_pair_id(), _u64("first"), _u32("count"))),
         Codec(0x15, Digests, (_pair_id(), _u64("first"), _Bulk("digests"))),
+        Codec(0x16, JournalStatus, (_pair_id(), _u64("newest"), _u64("newest_ns"))),
+        Codec(0x17, JournalAck, (_pair_id(), _u64("received"), _u64("applied"))),
         Codec(0x20, Write, (
             _pair_id(), _u64("offset"), _u64("seq"), _Bool("fua"), _Bulk("data"),
         )),
