@@ -8,7 +8,6 @@ secondary can be checked without asking its node.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -17,127 +16,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import VENV_BIN, require_programs, require_root
+from conftest import VENV_BIN
+from labenv import CHUNK, SIZE, LabEnv, digest, fill, lab_env, nbd, pvid
 
 from pairvol import lab as labmod
 from replicator.volume import Volume
 
-nbd = pytest.importorskip("nbd")
-
-CHUNK = 64 * 1024
-SIZE = 32 << 20
-
 pytestmark = pytest.mark.timeout(180)
-
-
-class LabEnv:
-    def __init__(self, name: str, root: Path) -> None:
-        self.name = name
-        self.root = root
-        self.lab = labmod.load(name)
-
-    def host(self, name: str) -> labmod.LabHost:
-        return self.lab.host(name)
-
-    def env(self, host: str | None) -> dict[str, str]:
-        env = dict(os.environ, PAIRVOL_LAB_ROOT=str(self.root), PAIRVOL_LAB=self.name)
-        env.pop("PAIRVOL_NODE_DIR", None)
-        if host is not None:
-            env["PAIRVOL_NODE_DIR"] = self.host(host).dir
-        return env
-
-    def pv(self, host: str | None, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run(
-            [str(VENV_BIN / "pairvol"), *args],
-            env=self.env(host),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if ok:
-            assert r.returncode == 0, f"pairvol {' '.join(args)}: {r.stderr}"
-        return r
-
-    def volume(self, host: str, name: str, size: int = SIZE) -> str:
-        path = os.path.join(self.host(host).dir, name)
-        self.pv(None, "volume", "create", path, "--size", str(size), "--name", name)
-        return path
-
-    def connect(self, host: str, volume: str) -> Any:
-        h = nbd.NBD()
-        h.connect_uri(f"nbd+unix:///{volume}?socket={self.host(host).dir}/nbd.sock")
-        return h
-
-    def write(self, host: str, volume: str, offset: int, data: bytes) -> None:
-        h = self.connect(host, volume)
-        try:
-            h.pwrite(data, offset)
-            h.flush()
-        finally:
-            h.shutdown()
-
-    def side(self, host: str, target: str) -> dict[str, Any]:
-        out = self.pv(host, "pair", "display", target, "--json").stdout
-        rows = json.loads(out)["pairs"]
-        assert len(rows) == 1
-        row: dict[str, Any] = rows[0]
-        return row
-
-    def wait(self, host: str, target: str, state: str, timeout: float = 30) -> None:
-        self.pv(host, "pair", "wait", target, "--state", state, "--timeout", str(timeout))
-
-
-def digest(path: str) -> str:
-    """SHA-256 of a volume's data area, read from the image file."""
-    with Volume.open(path) as v:
-        base, size = v.header.data_offset, v.header.data_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(base)
-        left = size
-        while left:
-            block = f.read(min(left, 1 << 20))
-            assert block, "image shorter than its header says"
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
-def pvid(path: str) -> str:
-    with Volume.open(path) as v:
-        return v.header.pvid_hex
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
-    require_root()
-    require_programs("ip", "nbdkit")
-    root = tmp_path_factory.mktemp("labs")
-    name = f"tp{os.getpid() % 100000}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
-        mp.delenv("PAIRVOL_LAB", raising=False)
-        try:
-            labmod.up(name, ["a", "b"])
-            yield LabEnv(name, root)
-        finally:
-            labmod.down(name)
-
-
-def fill(env: LabEnv, host: str, volume: str, size: int, seed: int) -> None:
-    """Allocated, recognisable data over the first ``size`` bytes."""
-    rng = random.Random(seed)
-    h = env.connect(host, volume)
-    try:
-        for off in range(0, size, 1 << 20):
-            h.pwrite(rng.randbytes(1 << 20), off)
-        h.flush()
-    finally:
-        h.shutdown()
+    yield from lab_env(tmp_path_factory, "tp")
 
 
 def test_create_mirror_split_identical(env: LabEnv) -> None:
@@ -216,7 +108,7 @@ def test_writes_racing_the_initial_copy_and_a_resync_are_kept(env: LabEnv) -> No
     # A throttled copy (8 MiB/s over 32 MiB) keeps COPY open while the writer runs.
     env.pv("a", "pair", "create", "g3/p1", "--primary", "a:v3", "--secondary", "b:v3",
            "--max-rate", "8M")  # fmt: skip
-    stop, log = threading.Event(), []
+    stop, log = threading.Event(), list[int]()
     t = threading.Thread(target=_writer, args=(env, "a", "v3", stop, log))
     t.start()
     try:
@@ -232,7 +124,7 @@ def test_writes_racing_the_initial_copy_and_a_resync_are_kept(env: LabEnv) -> No
     # The same during a differential resync of everything the primary rewrote meanwhile.
     fill(env, "a", "v3", SIZE, seed=4)
     env.pv("a", "pair", "resync", "g3", "--max-rate", "8M")
-    stop, log = threading.Event(), []
+    stop, log = threading.Event(), list[int]()
     t = threading.Thread(target=_writer, args=(env, "a", "v3", stop, log))
     t.start()
     try:
