@@ -1,0 +1,919 @@
+"""The write-ahead journal of async replication: one file per consistency group per node.
+
+docs/format.md ("Journal file") documents every byte; this docstring says why it is safe.
+
+Theory of operation.  The file is two 4 KiB header slots followed by a *ring* of ``capacity``
+bytes.  Entries are records (a 64-byte header, the data, zero padding to 512 bytes) appended at
+the ring's *head*; the oldest retained record is at the *tail*.  Positions are *virtual*: they
+only grow, and ``pos % capacity`` is the place in the ring, so ``head - tail`` is the space in
+use.  A record never straddles the end of the ring: when one does not fit, a 512-byte *wrap
+marker* carrying the next seq is written where it would have gone, and the record goes to
+ring offset 0.
+
+On the primary, ``append`` gives each client write the group's next sequence number; on the
+secondary the shipped entries are appended with the primary's numbers (``seq=``, exactly
+``last_seq + 1``).  ``append`` returns only once an ``fdatasync`` covering the record AND every
+record reserved before it has completed, so an acknowledged entry never depends on one that
+could still be torn.  Concurrent appenders are group-committed: whichever waiter finds no flush
+in progress does one ``fdatasync`` for everything written so far, and the others wait for it.
+
+Recovery (:meth:`Journal.open`) reads the header (the valid slot with the highest generation;
+the other one is rewritten), then follows the chain from the tail: each record must have a
+valid CRC32C, this journal's id, exactly the next seq, and an *epoch* no older than the
+record before it.  The first record that fails ends the journal.  Three kinds of leftovers
+sit after the end, and each is rejected:
+
+* a torn append (never acknowledged, because its fdatasync had not returned): bad CRC;
+* a record from an earlier lap of the ring: valid CRC, but its seq is too small;
+* a record that was complete but sat *after* a torn one when the process died (concurrent
+  appenders finish their pwrites out of order): valid CRC and possibly the right seq once the
+  journal has grown back to it, but written in an older epoch.  Every ``open`` bumps the epoch
+  in the header, durably, before the first append; records carry the epoch they were written
+  in, and epochs never decrease along the chain.  Without this, an unacknowledged write
+  discarded by one recovery could come back after the next crash.
+
+``release`` writes the new tail into the header (slot A, sync, slot B, sync) BEFORE the freed
+space can be handed to an append: if records could overwrite the space while the durable tail
+still pointed into it, recovery would start from the old tail, meet a newer record with the
+wrong seq and lose the whole journal.
+
+An I/O error in append (pwrite or fdatasync) breaks the journal: a reserved seq that never
+reached the disk would be a hole in front of every later record, so every later call raises
+:class:`~replicator.errors.VolumeError` until the file is reopened, and recovery decides.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import crc32c
+
+from replicator.atomic_file import fsync_dir
+from replicator.errors import (
+    AlreadyExists,
+    Closed,
+    HeaderCorrupt,
+    IllegalState,
+    NotFound,
+    UsageError,
+    VolumeError,
+)
+from replicator.header import check_name
+
+MAGIC = b"PVJRNL\x00\x00"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+SLOT_SIZE = 4096
+SLOT_OFFSETS = (0, SLOT_SIZE)
+RING_OFFSET = 2 * SLOT_SIZE
+MIN_CAPACITY = 1 << 20
+CAPACITY_ALIGN = 4096
+#: Every record starts on a multiple of this in the ring and is zero-padded to it.
+RECORD_ALIGN = 512
+
+# magic, major, minor, header_len, generation, journal_id, capacity, ring_offset,
+# record_align, epoch, tail_pos, tail_seq, applied_seq, created_ns, group, reserved
+_HDR = struct.Struct("<8sHHIQQQQIIQQQq64s100s")
+_CRC = struct.Struct("<I")
+HEADER_LEN = _HDR.size + _CRC.size
+assert HEADER_LEN == 256
+
+REC_MAGIC = b"PVJE"
+# magic, kind, flags, header_len, seq, journal_id, offset, length, stamp_ns, stream, epoch,
+# data_len (then the CRC32C of data || these 60 bytes)
+_REC = struct.Struct("<4sBBHQQQQqIII")
+REC_HEADER_LEN = _REC.size + _CRC.size
+assert REC_HEADER_LEN == 64
+
+FLAG_FUA = 0x01
+_KIND_WRAP = 0xFF
+_U32 = 1 << 32
+_U64 = 1 << 64
+
+
+class EntryKind(enum.IntEnum):
+    WRITE = 1
+    ZERO = 2  # zero the range; the volume must not punch holes (may_trim false)
+    TRIM = 3  # zero the range; holes may be punched
+
+
+class JournalFull(IllegalState):
+    """The entry does not fit in the journal's free space (SPEC section 2, "Journal overflow").
+    Raised at once, never after waiting; the journal is unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    stream: int
+    kind: EntryKind
+    offset: int
+    length: int
+    data: bytes  # empty for ZERO/TRIM, and for WRITE in drop_all's result
+    fua: bool = False
+    stamp_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.seq < _U64:
+            raise UsageError(f"journal seq {self.seq} is out of range")
+        if not 0 <= self.stream < _U32:
+            raise UsageError(f"journal stream {self.stream} is not a u32")
+        if not 0 <= self.offset < _U64 or not 0 <= self.length < _U64:
+            raise UsageError(f"journal range ({self.offset}, {self.length}) is out of range")
+
+
+# -- codecs (pure, no I/O) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JournalHeader:
+    journal_id: int
+    capacity: int
+    group: str
+    created_ns: int
+    generation: int = 1
+    epoch: int = 1
+    tail_pos: int = 0  # virtual position of the oldest retained record (or of the head)
+    tail_seq: int = 1  # seq expected at tail_pos: last released seq + 1
+    applied_seq: int = 0
+
+
+def encode_header(h: JournalHeader) -> bytes:
+    """One slot: the 256-byte header, zero-padded to SLOT_SIZE."""
+    body = _HDR.pack(
+        MAGIC,
+        FORMAT_MAJOR,
+        FORMAT_MINOR,
+        HEADER_LEN,
+        h.generation,
+        h.journal_id,
+        h.capacity,
+        RING_OFFSET,
+        RECORD_ALIGN,
+        h.epoch,
+        h.tail_pos,
+        h.tail_seq,
+        h.applied_seq,
+        h.created_ns,
+        h.group.encode(),
+        b"",
+    )
+    return (body + _CRC.pack(crc32c.crc32c(body))).ljust(SLOT_SIZE, b"\x00")
+
+
+def decode_header(slot: bytes) -> JournalHeader:
+    """Decode one slot or raise :class:`HeaderCorrupt` saying why."""
+    if len(slot) < HEADER_LEN:
+        raise HeaderCorrupt(f"journal header slot is truncated ({len(slot)} bytes)")
+    if slot[:8] != MAGIC:
+        if not slot[:HEADER_LEN].strip(b"\x00"):
+            raise HeaderCorrupt("journal header slot is blank (all zero)")
+        raise HeaderCorrupt("bad magic: not a pairvol journal header")
+    (
+        _magic,
+        major,
+        _minor,
+        header_len,
+        generation,
+        journal_id,
+        capacity,
+        ring_offset,
+        record_align,
+        epoch,
+        tail_pos,
+        tail_seq,
+        applied_seq,
+        created_ns,
+        group_raw,
+        _reserved,
+    ) = _HDR.unpack_from(slot)
+    if major != FORMAT_MAJOR:
+        raise HeaderCorrupt(f"unsupported journal format version {major} (this is {FORMAT_MAJOR})")
+    if header_len != HEADER_LEN:
+        raise HeaderCorrupt(f"journal header length {header_len} is not {HEADER_LEN}")
+    (stored,) = _CRC.unpack_from(slot, _HDR.size)
+    actual = crc32c.crc32c(slot[: _HDR.size])
+    if stored != actual:
+        raise HeaderCorrupt(f"bad CRC32C (stored {stored:08x}, computed {actual:08x})")
+    if ring_offset != RING_OFFSET or record_align != RECORD_ALIGN:
+        raise HeaderCorrupt(f"unsupported ring layout ({ring_offset}, {record_align})")
+    if capacity < MIN_CAPACITY or capacity % CAPACITY_ALIGN:
+        raise HeaderCorrupt(f"journal capacity {capacity} is invalid")
+    if tail_pos % RECORD_ALIGN or tail_seq < 1 or applied_seq >= _U64 or generation < 1:
+        raise HeaderCorrupt("journal header positions are invalid")
+    text, _, rest = group_raw.partition(b"\x00")
+    if rest.strip(b"\x00"):
+        raise HeaderCorrupt("journal group field has bytes after its terminator")
+    try:
+        group = text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeaderCorrupt("journal group field is not UTF-8") from e
+    return JournalHeader(
+        journal_id=journal_id,
+        capacity=capacity,
+        group=group,
+        created_ns=created_ns,
+        generation=generation,
+        epoch=epoch,
+        tail_pos=tail_pos,
+        tail_seq=tail_seq,
+        applied_seq=applied_seq,
+    )
+
+
+def choose_header(slot_a: bytes, slot_b: bytes) -> tuple[JournalHeader, list[str]]:
+    """The valid slot with the highest generation, and a note per slot that is not equal to
+    it (damaged or stale).  Both slots invalid is :class:`HeaderCorrupt`."""
+    decoded: list[JournalHeader | None] = []
+    reasons: list[str] = []
+    for raw in (slot_a, slot_b):
+        try:
+            decoded.append(decode_header(raw))
+            reasons.append("")
+        except HeaderCorrupt as e:
+            decoded.append(None)
+            reasons.append(str(e))
+    valid = [h for h in decoded if h is not None]
+    if not valid:
+        raise HeaderCorrupt(
+            f"no valid journal header slot (slot A: {reasons[0]}; slot B: {reasons[1]})"
+        )
+    best = max(valid, key=lambda h: h.generation)
+    notes = []
+    for name, h, why in zip("AB", decoded, reasons, strict=True):
+        if h is None:
+            notes.append(f"slot {name} damaged: {why}")
+        elif h != best:
+            notes.append(f"slot {name} stale (generation {h.generation} < {best.generation})")
+    return best, notes
+
+
+def record_size(data_len: int) -> int:
+    """Bytes a record with ``data_len`` bytes of data occupies in the ring."""
+    return -(-(REC_HEADER_LEN + data_len) // RECORD_ALIGN) * RECORD_ALIGN
+
+
+def encode_record(
+    *,
+    journal_id: int,
+    epoch: int,
+    seq: int,
+    kind: int,
+    stream: int = 0,
+    offset: int = 0,
+    length: int = 0,
+    data: bytes | memoryview = b"",
+    fua: bool = False,
+    stamp_ns: int = 0,
+    data_crc: int | None = None,
+) -> bytes:
+    """A whole record, padded.  ``data_crc`` (``crc32c(data)``) may be precomputed."""
+    if data_crc is None:
+        data_crc = crc32c.crc32c(data)
+    head = _REC.pack(
+        REC_MAGIC,
+        kind,
+        FLAG_FUA if fua else 0,
+        REC_HEADER_LEN,
+        seq,
+        journal_id,
+        offset,
+        length,
+        stamp_ns,
+        stream,
+        epoch,
+        len(data),
+    )
+    crc = crc32c.crc32c(head, data_crc)
+    pad = record_size(len(data)) - REC_HEADER_LEN - len(data)
+    return b"".join((head, _CRC.pack(crc), data, bytes(pad)))
+
+
+class _RecHead(NamedTuple):
+    kind: int
+    fua: bool
+    seq: int
+    journal_id: int
+    offset: int
+    length: int
+    stamp_ns: int
+    stream: int
+    epoch: int
+    data_len: int
+    crc: int
+    raw: bytes
+
+
+def _parse_record_head(raw: bytes) -> _RecHead | None:
+    if len(raw) < REC_HEADER_LEN or raw[:4] != REC_MAGIC:
+        return None
+    (_m, kind, flags, hlen, seq, jid, offset, length, stamp, stream, epoch, dlen) = (
+        _REC.unpack_from(raw)
+    )
+    if hlen != REC_HEADER_LEN:
+        return None
+    (crc,) = _CRC.unpack_from(raw, _REC.size)
+    return _RecHead(
+        kind,
+        bool(flags & FLAG_FUA),
+        seq,
+        jid,
+        offset,
+        length,
+        stamp,
+        stream,
+        epoch,
+        dlen,
+        crc,
+        raw[: _REC.size],
+    )
+
+
+# -- the journal ----------------------------------------------------------------------------
+
+
+class _Slot(NamedTuple):
+    """One retained (or reserved) record in the in-memory index."""
+
+    start: int  # virtual position where its space starts (its wrap marker, if any)
+    pos: int  # virtual position of the record itself
+    end: int  # virtual position just past it
+    stream: int
+    kind: EntryKind
+    offset: int
+    length: int
+    fua: bool
+    stamp_ns: int
+
+
+def _io_error(e: OSError, doing: str) -> VolumeError:
+    return VolumeError(f"journal {doing}: {e.strerror}", e.errno or errno.EIO)
+
+
+class Journal:
+    """One group's journal file, open read-write.  Thread-safe."""
+
+    def __init__(self, path: str, fd: int, header: JournalHeader) -> None:
+        self.path = path
+        self.fd = fd
+        self.group = header.group
+        self.capacity = header.capacity
+        self.journal_id = header.journal_id
+        self._hdr = header
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._meta_lock = threading.Lock()  # serializes header rewrites
+        self._index: dict[int, _Slot] = {}
+        self._tail = header.tail_pos
+        self._first_seq = header.tail_seq
+        self._head = header.tail_pos
+        self._next_seq = header.tail_seq
+        self._durable = header.tail_seq - 1
+        self._applied = header.applied_seq
+        self._inflight: set[int] = set()
+        self._flushing = False
+        self._failed: VolumeError | None = None
+        self._closed = False
+        #: fdatasync calls made for appends (group commit shares them); header syncs excluded.
+        self.data_syncs = 0
+        self.appends = 0
+        #: what open() found wrong with the header slots (and repaired)
+        self.repaired: list[str] = []
+
+    # -- creating and opening ---------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, capacity: int, group: str, *, first_seq: int = 1) -> Journal:
+        """Create a new journal file (sparse) and open it.  ``first_seq`` is the seq the first
+        append will get (a receive journal that starts after an existing prefix)."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise UsageError(f"journal capacity {capacity!r} is not an integer")
+        if capacity < MIN_CAPACITY or capacity % CAPACITY_ALIGN:
+            raise UsageError(
+                f"journal capacity {capacity} must be at least {MIN_CAPACITY} bytes "
+                f"and a multiple of {CAPACITY_ALIGN}"
+            )
+        if not 1 <= first_seq < _U64 // 2:
+            raise UsageError(f"first seq {first_seq} is out of range")
+        check_name(group, what="group name")
+        if os.path.lexists(path):
+            raise AlreadyExists(f"journal {path} already exists")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise NotFound(f"directory {directory} does not exist")
+        header = JournalHeader(
+            journal_id=secrets.randbits(64),
+            capacity=capacity,
+            group=group,
+            created_ns=time.time_ns(),
+            epoch=1,
+            tail_pos=0,
+            tail_seq=first_seq,
+        )
+        # Build under a temporary name and link() it in: a crash leaves no journal or a
+        # complete one, and link() refuses to replace a file that appeared meanwhile.
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.creating-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise _io_error(e, f"create {tmp}") from e
+        try:
+            os.ftruncate(fd, RING_OFFSET + capacity)
+            slot = encode_header(header)
+            for off in SLOT_OFFSETS:
+                _pwrite_all(fd, slot, off)
+            os.fsync(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError as e:
+                raise AlreadyExists(f"journal {path} already exists") from e
+        except OSError as e:
+            raise _io_error(e, f"create {path}") from e
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+        fsync_dir(directory)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str) -> Journal:
+        """Open and recover: choose the header, bump the epoch (durably, repairing a bad
+        slot), rebuild the index by following the chain from the tail."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise NotFound(f"journal {path} does not exist") from e
+        except IsADirectoryError as e:
+            raise UsageError(f"journal path {path} is a directory") from e
+        except OSError as e:
+            raise _io_error(e, f"open {path}") from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise IllegalState(f"journal {path} is open elsewhere") from e
+            slots = [os.pread(fd, SLOT_SIZE, off) for off in SLOT_OFFSETS]
+            header, notes = choose_header(slots[0], slots[1])
+            size = os.fstat(fd).st_size
+            if size < RING_OFFSET + header.capacity:
+                raise HeaderCorrupt(
+                    f"journal {path} is {size} bytes; its header needs "
+                    f"{RING_OFFSET + header.capacity}"
+                )
+            j = cls(path, fd, header)
+            j._recover()
+            # One sync makes what recovery saw durable (page cache left by a killed process),
+            # then the new epoch goes to both slots before anything can be appended.
+            os.fdatasync(fd)
+            j._hdr = replace(header, epoch=header.epoch + 1)
+            j._write_header()
+            j.repaired = notes
+            return j
+        except OSError as e:
+            os.close(fd)
+            raise _io_error(e, f"open {path}") from e
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _recover(self) -> None:
+        h = self._hdr
+        cap = self.capacity
+        pos = h.tail_pos
+        seq = h.tail_seq
+        prev_epoch = 0
+        while True:
+            start = pos
+            found = self._read_valid(pos, seq, prev_epoch)
+            if found is None:
+                break
+            rh, _ = found
+            if rh.kind == _KIND_WRAP:
+                pos += cap - pos % cap
+                prev_epoch = rh.epoch
+                found = self._read_valid(pos, seq, prev_epoch)
+                if found is None:
+                    break
+                rh, _ = found
+            end = pos + record_size(rh.data_len)
+            if end - h.tail_pos > cap:  # cannot happen with a consistent header; stay bounded
+                break
+            self._index[seq] = _Slot(
+                start,
+                pos,
+                end,
+                rh.stream,
+                EntryKind(rh.kind),
+                rh.offset,
+                rh.length,
+                rh.fua,
+                rh.stamp_ns,
+            )
+            prev_epoch = rh.epoch
+            pos = end
+            seq += 1
+        self._head = max(self._index[seq - 1].end, h.tail_pos) if self._index else h.tail_pos
+        self._next_seq = seq
+        self._durable = seq - 1
+
+    def _read_valid(self, pos: int, seq: int, min_epoch: int) -> tuple[_RecHead, bytes] | None:
+        """The record at virtual ``pos`` if it is the valid continuation of the chain."""
+        cap = self.capacity
+        ring = pos % cap
+        raw = os.pread(self.fd, REC_HEADER_LEN, RING_OFFSET + ring)
+        rh = _parse_record_head(raw)
+        if rh is None or rh.seq != seq or rh.journal_id != self.journal_id:
+            return None
+        if not min_epoch <= rh.epoch <= self._hdr.epoch:
+            return None
+        if rh.kind == _KIND_WRAP:
+            if rh.data_len or ring == 0:
+                return None
+        elif rh.kind in (EntryKind.ZERO, EntryKind.TRIM):
+            if rh.data_len:
+                return None
+        elif rh.kind != EntryKind.WRITE or rh.data_len != rh.length:
+            return None
+        if ring + record_size(rh.data_len) > cap:
+            return None
+        data = os.pread(self.fd, rh.data_len, RING_OFFSET + ring + REC_HEADER_LEN)
+        if len(data) != rh.data_len:
+            return None
+        if crc32c.crc32c(rh.raw, crc32c.crc32c(data)) != rh.crc:
+            return None
+        return rh, data
+
+    # -- header -----------------------------------------------------------------------------
+
+    def _write_header(self) -> None:
+        """Slot A, sync, slot B, sync (caller holds _meta_lock or is single-threaded)."""
+        slot = encode_header(self._hdr)
+        try:
+            for off in SLOT_OFFSETS:
+                _pwrite_all(self.fd, slot, off)
+                os.fdatasync(self.fd)
+        except OSError as e:
+            raise _io_error(e, "header write") from e
+
+    def _commit_header(self, new: JournalHeader) -> None:
+        """Make ``new`` (generation bumped here) the durable header."""
+        self._hdr = replace(new, generation=self._hdr.generation + 1)
+        self._write_header()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    @property
+    def max_entry_bytes(self) -> int:
+        """The largest data an entry can carry: its record must fit in half the ring, so an
+        empty journal accepts it wherever the head happens to be."""
+        return (self.capacity // 2) // RECORD_ALIGN * RECORD_ALIGN - REC_HEADER_LEN
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed(f"journal {self.path} is closed")
+        if self._failed is not None:
+            raise VolumeError(
+                f"journal {self.path} is broken by an earlier I/O error ({self._failed}); "
+                "reopen it",
+                self._failed.errno,
+            )
+
+    def append(
+        self,
+        stream: int,
+        kind: EntryKind,
+        offset: int,
+        data: bytes | memoryview = b"",
+        *,
+        length: int | None = None,
+        fua: bool = False,
+        stamp_ns: int | None = None,
+        seq: int | None = None,
+    ) -> int:
+        """Append one entry; return its seq once it (and every earlier entry) is durable.
+
+        ``seq=None`` takes the next seq; an explicit ``seq`` must be exactly the next one.
+        :class:`JournalFull` if it does not fit (raised at once; nothing changed)."""
+        kind = EntryKind(kind)
+        if kind is EntryKind.WRITE:
+            if length is not None and length != len(data):
+                raise UsageError(f"WRITE length {length} is not len(data) {len(data)}")
+            length = len(data)
+        else:
+            if len(data):
+                raise UsageError(f"{kind.name} entries carry no data")
+            if length is None:
+                raise UsageError(f"{kind.name} entries need a length")
+        if not 0 <= stream < _U32:
+            raise UsageError(f"stream {stream} is not a u32")
+        if not 0 <= offset < _U64 or not 0 <= length < _U64 - offset:
+            raise UsageError(f"range ({offset}, {length}) is out of range")
+        if stamp_ns is None:
+            stamp_ns = time.time_ns()
+        dlen = len(data)
+        size = record_size(dlen)
+        data_crc = crc32c.crc32c(data)  # outside the lock: the data is the big part
+        cap = self.capacity
+        with self._lock:
+            self._check_open()
+            if seq is not None and seq != self._next_seq:
+                raise IllegalState(
+                    f"journal {self.group}: seq {seq} is not the next one ({self._next_seq})"
+                )
+            if dlen > self.max_entry_bytes:
+                raise JournalFull(
+                    f"journal {self.group}: an entry of {dlen} bytes exceeds the largest this "
+                    f"journal holds ({self.max_entry_bytes})"
+                )
+            start = self._head
+            ring = start % cap
+            pos = start if ring + size <= cap else start + (cap - ring)
+            end = pos + size
+            if end - self._tail > cap:
+                raise JournalFull(
+                    f"journal {self.group} is full: {size} bytes needed, "
+                    f"{cap - (self._head - self._tail)} of {cap} free"
+                )
+            my_seq = self._next_seq
+            self._next_seq += 1
+            self._head = end
+            self._inflight.add(my_seq)
+            self._index[my_seq] = _Slot(
+                start, pos, end, stream, kind, offset, length, fua, stamp_ns
+            )
+            epoch = self._hdr.epoch
+        jid = self.journal_id
+        try:
+            if pos != start:
+                marker = encode_record(journal_id=jid, epoch=epoch, seq=my_seq, kind=_KIND_WRAP)
+                _pwrite_all(self.fd, marker, RING_OFFSET + ring)
+            rec = encode_record(
+                journal_id=jid,
+                epoch=epoch,
+                seq=my_seq,
+                kind=kind,
+                stream=stream,
+                offset=offset,
+                length=length,
+                data=data,
+                fua=fua,
+                stamp_ns=stamp_ns,
+                data_crc=data_crc,
+            )
+            _pwrite_all(self.fd, rec, RING_OFFSET + pos % cap)
+        except OSError as e:
+            err = _io_error(e, f"write of seq {my_seq}")
+            with self._cond:
+                # The seq stays in flight for ever: nothing after it may become durable.
+                self._failed = err
+                self._cond.notify_all()
+            raise err from e
+        with self._cond:
+            self._inflight.discard(my_seq)
+            self._cond.notify_all()
+            self._wait_durable(my_seq)
+            self.appends += 1
+        return my_seq
+
+    def _written_upto(self) -> int:
+        return min(self._inflight) - 1 if self._inflight else self._next_seq - 1
+
+    def _wait_durable(self, seq: int) -> None:
+        """With _cond held: become the flusher or wait for one, until ``seq`` is durable."""
+        while self._durable < seq:
+            if self._failed is not None:
+                self._check_open()
+            target = self._written_upto()
+            if not self._flushing and target > self._durable:
+                self._flushing = True
+                self._cond.release()
+                try:
+                    os.fdatasync(self.fd)
+                except OSError as e:
+                    err = _io_error(e, "fdatasync")
+                    self._cond.acquire()
+                    self._failed = err
+                    self._flushing = False
+                    self._cond.notify_all()
+                    raise err from e
+                self._cond.acquire()
+                self.data_syncs += 1
+                self._durable = max(self._durable, target)
+                self._flushing = False
+                self._cond.notify_all()
+            else:
+                self._cond.wait()
+
+    def release(self, upto_seq: int) -> None:
+        """Drop the entries <= ``upto_seq``; the new tail is durable before their space is
+        free.  Releasing what is already released is a no-op."""
+        with self._meta_lock:
+            self._release(upto_seq)
+
+    def _release(self, upto_seq: int) -> None:
+        with self._lock:
+            self._check_open()
+            if upto_seq > self._durable:
+                raise IllegalState(
+                    f"journal {self.group}: cannot release up to {upto_seq}; "
+                    f"the newest durable entry is {self._durable}"
+                )
+            if upto_seq < self._first_seq:
+                return
+            nxt = self._index.get(upto_seq + 1)
+            tail = nxt.start if nxt is not None else self._head
+        self._commit_header(replace(self._hdr, tail_pos=tail, tail_seq=upto_seq + 1))
+        with self._lock:
+            for s in range(self._first_seq, upto_seq + 1):
+                del self._index[s]
+            self._first_seq = upto_seq + 1
+            self._tail = tail
+
+    def set_applied(self, seq: int) -> None:
+        """Durably record that the entries <= ``seq`` are applied (never decreases)."""
+        with self._meta_lock:
+            with self._lock:
+                self._check_open()
+                if seq > self._durable:
+                    raise IllegalState(
+                        f"journal {self.group}: applied seq {seq} is past the newest entry "
+                        f"{self._durable}"
+                    )
+                if seq < self._applied:
+                    raise IllegalState(
+                        f"journal {self.group}: applied seq {seq} is behind {self._applied}"
+                    )
+                if seq == self._applied:
+                    return
+            self._commit_header(replace(self._hdr, applied_seq=seq))
+            with self._lock:
+                self._applied = seq
+
+    def drop_all(self) -> list[Entry]:
+        """Release every durable entry and return them (WRITE entries without their data: the
+        caller folds stream/offset/length into its bitmap).  Durable before it returns."""
+        with self._meta_lock:
+            with self._lock:
+                self._check_open()
+                dropped = [
+                    self._entry(s, self._index[s], b"")
+                    for s in range(self._first_seq, self._durable + 1)
+                ]
+                upto = self._durable
+            if dropped:
+                self._release(upto)
+        return dropped
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _entry(seq: int, slot: _Slot, data: bytes) -> Entry:
+        return Entry(
+            seq, slot.stream, slot.kind, slot.offset, slot.length, data, slot.fua, slot.stamp_ns
+        )
+
+    def entries(self, from_seq: int, max_bytes: int | None = None) -> Iterator[Entry]:
+        """The retained entries from ``from_seq`` up to the newest durable one at the time of
+        the call, in order.  :class:`NotFound` if ``from_seq`` is already released.  With
+        ``max_bytes``, stops before the data would exceed it (but yields at least one)."""
+        with self._lock:
+            self._check_open()
+            if from_seq < self._first_seq:
+                raise NotFound(
+                    f"journal {self.group}: seq {from_seq} is released "
+                    f"(oldest retained is {self._first_seq})"
+                )
+            last = self._durable
+        return self._iter(from_seq, last, max_bytes)
+
+    def _iter(self, first: int, last: int, max_bytes: int | None) -> Iterator[Entry]:
+        total = 0
+        for seq in range(first, last + 1):
+            with self._lock:
+                self._check_open()
+                slot = self._index.get(seq)
+            if slot is None:
+                raise NotFound(f"journal {self.group}: seq {seq} was released while reading")
+            if slot.kind is EntryKind.WRITE:
+                if max_bytes is not None and seq > first and total + slot.length > max_bytes:
+                    return
+                total += slot.length
+                data = self._read_data(seq, slot)
+            else:
+                data = b""
+            yield self._entry(seq, slot, data)
+
+    def _read_data(self, seq: int, slot: _Slot) -> bytes:
+        ring = slot.pos % self.capacity
+        n = REC_HEADER_LEN + slot.length
+        try:
+            raw = os.pread(self.fd, n, RING_OFFSET + ring)
+        except OSError as e:
+            raise _io_error(e, f"read of seq {seq}") from e
+        rh = _parse_record_head(raw)
+        data = raw[REC_HEADER_LEN:]
+        if (
+            rh is not None
+            and rh.seq == seq
+            and len(data) == slot.length
+            and crc32c.crc32c(rh.raw, crc32c.crc32c(data)) == rh.crc
+        ):
+            return data
+        with self._lock:
+            if seq < self._first_seq:
+                raise NotFound(f"journal {self.group}: seq {seq} was released while reading")
+        raise VolumeError(f"journal {self.group}: record of seq {seq} is damaged on disk")
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        return self._first_seq
+
+    @property
+    def last_seq(self) -> int:
+        """The newest durable seq (0 if nothing was ever appended); survives release."""
+        return self._durable
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next append gets (an explicit ``seq=`` must equal it)."""
+        return self._next_seq
+
+    @property
+    def applied_seq(self) -> int:
+        return self._applied
+
+    @property
+    def epoch(self) -> int:
+        return self._hdr.epoch
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._head - self._tail
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity - self.used_bytes
+
+    @property
+    def count(self) -> int:
+        """Retained durable entries."""
+        return self._durable - self._first_seq + 1
+
+    def usage(self) -> float:
+        return self.used_bytes / self.capacity
+
+    @property
+    def oldest_stamp_ns(self) -> int | None:
+        with self._lock:
+            s = self._index.get(self._first_seq)
+            return s.stamp_ns if s is not None and self._first_seq <= self._durable else None
+
+    @property
+    def newest_stamp_ns(self) -> int | None:
+        with self._lock:
+            if self._durable < self._first_seq:
+                return None
+            return self._index[self._durable].stamp_ns
+
+    def close(self) -> None:
+        """Wait for appends in progress, then close.  Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            # Every reserved entry must finish (its appender flushes it) before the fd goes.
+            while self._durable < self._next_seq - 1 and self._failed is None:
+                self._cond.wait()
+            while self._flushing:
+                self._cond.wait()
+            self._cond.notify_all()
+            os.close(self.fd)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwrite returned {n}")
+        view = view[n:]
+        offset += n
