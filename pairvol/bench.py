@@ -540,6 +540,8 @@ def _first_line(argv: Sequence[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except OSError as e:
         return f"unavailable ({e.strerror})"
+    if done.returncode != 0:  # e.g. git outside a checkout: not a version string
+        return f"unknown (exit status {done.returncode})"
     text = (done.stdout or done.stderr).strip()
     return text.splitlines()[0] if text else "unknown"
 

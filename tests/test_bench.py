@@ -214,3 +214,10 @@ def test_a_server_that_fails_at_start_up_is_reported_with_its_log(tmp_path: Path
     srv = bench.ServerProcess(argv, tmp_path / "s.sock", tmp_path / "s.log")
     with pytest.raises(ExternalCommandFailed, match="status 1 at start-up: nbdkit: error: cannot"):
         srv.start()
+
+
+def test_machine_info_never_records_an_error_message_as_a_version(tmp_path: Path) -> None:
+    assert bench._first_line(["sh", "-c", "echo fatal: not a git repository >&2; exit 128"]) == (
+        "unknown (exit status 128)"
+    )
+    assert bench._first_line(["sh", "-c", "echo 'fio-3.33'; echo more"]) == "fio-3.33"
