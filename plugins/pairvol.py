@@ -165,9 +165,22 @@ def is_rotational(h):
     return False
 
 
+# The hot path (docs/benchmarks.md, "Inlining"): a plain volume's reads and writes go straight
+# to the syscall; anything unusual (bounds, short transfers, a paired volume) takes the checked
+# method, which raises the precise error.
+_preadv, _pwritev, _DSYNC = os.preadv, os.pwritev, os.RWF_DSYNC
+
+
 def pread(h, buf, offset, flags):
     try:
-        h.pread(buf, offset)
+        n = len(buf)
+        if not (
+            h.plain
+            and offset >= 0
+            and offset + n <= h.size
+            and _preadv(h.fd, (buf,), h.base + offset) == n
+        ):
+            h.pread(buf, offset)
     except BaseException as e:
         _failed(e)
         raise
@@ -175,7 +188,15 @@ def pread(h, buf, offset, flags):
 
 def pwrite(h, buf, offset, flags):
     try:
-        h.pwrite(buf, offset, flags & _FUA != 0)
+        n = len(buf)
+        fua = flags & _FUA != 0
+        if not (
+            h.plain
+            and offset >= 0
+            and offset + n <= h.size
+            and _pwritev(h.fd, (buf,), h.base + offset, _DSYNC if fua else 0) == n
+        ):
+            h.pwrite(buf, offset, fua)
     except BaseException as e:
         _failed(e)
         raise

@@ -143,6 +143,8 @@ class ExportHandle:
     """One connection's open volume.  Methods raise OSError or PairvolError with an errno."""
 
     __slots__ = ("base", "fd", "header", "readonly", "size", "volume")
+    #: The plugin may bypass pread/pwrite for plain volumes (see plugins/pairvol.py).
+    plain = True
 
     def __init__(self, volume: Volume, readonly: bool) -> None:
         self.volume = volume

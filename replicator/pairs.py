@@ -943,6 +943,7 @@ class PairedHandle(ExportHandle):
     side's policy.  Reads are local unless the volume is hidden."""
 
     __slots__ = ("side",)
+    plain = False
 
     def __init__(self, volume: Volume, readonly: bool, side: Side) -> None:
         super().__init__(volume, readonly)
