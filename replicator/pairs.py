@@ -61,8 +61,8 @@ from typing import Any
 
 import xxhash
 
+from replicator import falloc, wire
 from replicator import pair_state as ps
-from replicator import wire
 from replicator.atomic_file import write_atomic
 from replicator.bitmap import Bitmap
 from replicator.bitmap_store import BitmapStore
@@ -78,7 +78,15 @@ from replicator.errors import (
 )
 from replicator.events import EventLog
 from replicator.export import ExportHandle
+from replicator.groups import (
+    DEFAULT_HIGH_WATERMARK,
+    DEFAULT_JOURNAL_SIZE,
+    GroupPrimary,
+    GroupSecondary,
+    journal_path,
+)
 from replicator.header import Role, check_name
+from replicator.journal import EntryKind
 from replicator.peer_link import PeerClient, PeerRefused
 from replicator.pvid import format_pvid
 from replicator.volume import Volume
@@ -242,6 +250,9 @@ class SideDoc:
     last_copy_seconds: float = 0.0
     created: float = field(default_factory=time.time)
     max_rate: int = 0  # copy bandwidth limit in bytes per second; 0: none
+    stream: int = 0  # this pair's stream number in its group's journal (async)
+    journal_size: int = 0  # async primary: the group journal's capacity when created
+    high_watermark: float = 0.8
 
     def to_json(self) -> str:
         return json.dumps(
@@ -260,6 +271,9 @@ class SideDoc:
                 "last_copy_seconds": self.last_copy_seconds,
                 "created": self.created,
                 "max_rate": self.max_rate,
+                "stream": self.stream,
+                "journal_size": self.journal_size,
+                "high_watermark": self.high_watermark,
             },
             indent=1,
             sort_keys=True,
@@ -285,6 +299,9 @@ class SideDoc:
                 float(doc["last_copy_seconds"]),
                 float(doc["created"]),
                 int(doc.get("max_rate", 0)),
+                int(doc.get("stream", 0)),
+                int(doc.get("journal_size", 0)),
+                float(doc.get("high_watermark", 0.8)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e
@@ -433,6 +450,7 @@ class Side:
         self.last_ping = 0.0
         self.deleted = False
         self.copy_kind: ps.CopyKind | None = None
+        self.drain_cut: int | None = None
 
     # -- small helpers ------------------------------------------------------------------------
 
@@ -488,6 +506,8 @@ class Side:
                     self.notify_peer()
             elif isinstance(a, ps.StartCopy):
                 self._start_engine()
+            elif isinstance(a, ps.StartDrain):
+                self.drain_cut = self.manager.primary_group(self).start_drain()
 
     def notify_peer(self) -> None:
         """Tell the peer our state (best effort: a failure is a lost link)."""
@@ -538,8 +558,12 @@ class Side:
                 self.copy_map = Bitmap(self.data_size, self.chunk_size)
             elif isinstance(a, ps.SendPing | ps.SendPong):
                 pass  # heartbeats are sent by the manager's ticker
-            elif isinstance(a, ps.StartDrain | ps.FoldJournal | ps.DropJournal):
-                pass  # async journals: not in sync mode
+            elif isinstance(a, ps.StartDrain):
+                later.append(a)
+            elif isinstance(a, ps.FoldJournal):
+                self.manager.primary_group(self).fold()
+            elif isinstance(a, ps.DropJournal):
+                self.manager.drop_journal(self)
         return later
 
     def _fetch_bitmap(self, which: ps.BitmapRef) -> None:
@@ -602,6 +626,12 @@ class Side:
             bytes_sent=sent,
             seconds=self.doc.last_copy_seconds,
         )
+        if self.is_async:
+            # The secondary is consistent once it has applied what was journaled meanwhile.
+            group = self.manager.primary_group(self)
+            if not group.wait_applied(group.journal.last_seq, REQUEST_TIMEOUT * 4):
+                self.link_failed("the secondary did not apply the journal after the copy")
+                return
         with contextlib.suppress(IllegalState):
             self.fire(ps.CopyProgress(copied, total))
             self.fire(ps.CopyDone())
@@ -638,6 +668,11 @@ class Side:
                 event = ps.Resync()
             elif st is ps.State.PAIR and r.state is ps.State.COPY:
                 event = ps.CopyDone()
+            elif st is ps.State.PAIR and r.state is ps.State.PSUE:
+                # The primary never suspended (it restarted, or the link blipped) and kept
+                # replicating: nothing is missing here, so rejoin without a copy.
+                self.fire(ps.Resync(), tell_peer=False)
+                event = ps.CopyDone()
             elif st is ps.State.PSUE and r.state in ps.REPLICATING:
                 event = ps.PeerError("the primary suspended the pair")
         elif role == "primary" and r.role is Role.PRIMARY and st is ps.State.COPY:
@@ -656,39 +691,80 @@ class Side:
                     self.store.clear(self.record.diff_slot)
         return self.my_state()
 
-    def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> None:
+    def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
         r = self.record
         if r.role is not Role.SECONDARY or r.state not in ps.REPLICATING | {ps.State.PSUE}:
             raise IllegalState(f"pair {self.id}: not a replicating secondary here ({r.state})")
-        fd, base = self.volume.fd, self.data_offset
         if isinstance(msg, wire.Flush):
-            os.fdatasync(fd)
-            return
-        if (
-            msg.offset + (len(msg.data) if isinstance(msg, wire.Write) else msg.length)
-            > self.data_size
-        ):
+            os.fdatasync(self.volume.fd)
+            return wire.Ack()
+        length = len(msg.data) if isinstance(msg, wire.Write) else msg.length
+        if msg.offset + length > self.data_size:
             raise UsageError(f"pair {self.id}: write past the end of {self.doc.volume}")
+        if msg.seq:
+            group = self.manager.secondary_group(self)
+            return group.receive(self, msg)
         if isinstance(msg, wire.Write):
-            data = msg.data
-            done = os.pwritev(fd, [data], base + msg.offset, os.RWF_DSYNC if msg.fua else 0)
+            self.apply_entry(EntryKind.WRITE, msg.offset, length, msg.data, msg.fua)
+        else:
+            kind = EntryKind.TRIM if msg.may_trim else EntryKind.ZERO
+            self.apply_entry(kind, msg.offset, length, b"", msg.fua)
+        return wire.Ack()
+
+    def apply_entry(
+        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+    ) -> None:
+        """Write one change to the local volume (shipped, copied, or redone from a journal)."""
+        fd, base = self.volume.fd, self.data_offset
+        if kind is EntryKind.WRITE:
+            done = os.pwritev(fd, [data], base + offset, os.RWF_DSYNC if fua else 0)
             if done != len(data):
                 raise VolumeError(f"short write on {self.doc.volume}", errno.ENOSPC)
-        else:
-            from replicator import falloc
+            return
+        punched = False
+        if kind is EntryKind.TRIM:
+            try:
+                falloc.punch_hole(fd, base + offset, length)
+                punched = True
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+        if not punched:
+            falloc.zero_range(fd, base + offset, length)
+        if fua:
+            os.fdatasync(fd)
 
-            punched = False
-            if msg.may_trim:
-                try:
-                    falloc.punch_hole(fd, base + msg.offset, msg.length)
-                    punched = True
-                except OSError as e:
-                    if e.errno != errno.EOPNOTSUPP:
-                        raise
-            if not punched:
-                falloc.zero_range(fd, base + msg.offset, msg.length)
-            if msg.fua:
-                os.fdatasync(fd)
+    # -- async groups ---------------------------------------------------------------------------
+
+    @property
+    def is_async(self) -> bool:
+        return self.record.mode is ps.Mode.ASYNC
+
+    @property
+    def stream(self) -> int:
+        return self.doc.stream
+
+    def ships(self) -> bool:
+        r = self.record
+        return (
+            r.role is Role.PRIMARY
+            and r.state in ps.REPLICATING
+            and self.machine.link_up
+            and not self.deleted
+        )
+
+    def journal_level(self, high: bool) -> None:
+        state = self.record.state
+        if (high and state is ps.State.PAIR) or (not high and state is ps.State.PFUL):
+            with contextlib.suppress(IllegalState):
+                self.fire(ps.JournalHigh() if high else ps.JournalLow())
+
+    def journal_full(self) -> None:
+        with contextlib.suppress(IllegalState):
+            self.fire(ps.JournalFull())
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        self._mark_diff(offset, length)
 
     def digests(self, first: int, count: int) -> bytes:
         """XXH3-64 of chunks ``first .. first+count-1`` (the last chunk may be short)."""
@@ -832,6 +908,9 @@ class Side:
                 self._mark_diff(offset, length)
                 local()
                 return
+            if decision is ps.WriteDecision.JOURNAL:
+                self._journal_write(offset, length, local, remote)
+                return
             if decision is not ps.WriteDecision.MIRROR:
                 self.manager.log_refusal(self, decision)
                 raise VolumeError(f"pair {self.id}: {ps._WRITE_WHY[decision]}", decision.errno)
@@ -859,6 +938,29 @@ class Side:
                     )
             finally:
                 self._al_leave(extents)
+
+    def _journal_write(
+        self,
+        offset: int,
+        length: int,
+        local: Callable[[], None],
+        remote: Callable[[], wire.Message],
+    ) -> None:
+        """Async: journal first (durable, sequenced), then the volume.  The chunk locks order
+        the write against a running copy of the same chunks."""
+        msg = remote()
+        assert isinstance(msg, wire.Write | wire.Zero)
+        cs = self.chunk_size
+        group = self.manager.primary_group(self)
+        with self.chunk_locks.hold(offset // cs, (offset + max(length, 1) - 1) // cs):
+            seq = group.record(self, msg)
+            if seq is None:
+                self._mark_diff(offset, length)  # journal full: the group is in PFUS now
+            try:
+                local()
+            finally:
+                if seq is not None:
+                    group.written_locally(seq)
 
     def client_flush(self, local: Callable[[], None]) -> None:
         with self.gate.shared():
@@ -925,7 +1027,18 @@ class Side:
             "last_copy_bytes": self.doc.last_copy_bytes,
             "last_copy_seconds": self.doc.last_copy_seconds,
             "svol_consistent": r.svol_consistent,
+            "journal": self._journal_info(),
         }
+
+    def _journal_info(self) -> dict[str, Any] | None:
+        if not self.is_async:
+            return None
+        group = self.record.group
+        if self.record.role is Role.PRIMARY and group in self.manager.primaries:
+            return self.manager.primaries[group].describe()
+        if self.record.role is Role.SECONDARY and group in self.manager.secondaries:
+            return self.manager.secondaries[group].describe()
+        return None
 
     def close(self) -> None:
         if self.engine is not None:
@@ -1024,6 +1137,8 @@ class PairManager:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.sides: dict[str, Side] = {}
+        self.primaries: dict[str, GroupPrimary] = {}
+        self.secondaries: dict[str, GroupSecondary] = {}
         self.lock = threading.RLock()
         self.clients: dict[tuple[str, int], PeerClient] = {}
         self._stop = threading.Event()
@@ -1076,15 +1191,34 @@ class PairManager:
                 self.log(f"pair file {path}: not loaded: {e}")
                 continue
             self.sides[side.id] = side
-            if side.fold_activity_log() and side.record.state in ps.REPLICATING:
+            if side.is_async:
+                self._load_async(side)
+            elif side.fold_activity_log() and side.record.state in ps.REPLICATING:
                 side.link_failed("restarted with writes in flight (activity log not empty)")
             self.events.emit("pair.loaded", pair=side.id, state=str(side.record.state))
+        for name, g in self.primaries.items():
+            drained = any(s.record.draining for s in g.sides.values())
+            if not drained:
+                n = g.redo()
+                if n:
+                    self.log(f"group {name}: redid {n} journal entries after a restart")
+            g.start()
         self._ticker.start()
+
+    def _load_async(self, side: Side) -> None:
+        if side.record.role is Role.PRIMARY and side.record.state is not ps.State.SMPL:
+            self.primary_group(side)
+        elif side.record.role is Role.SECONDARY:
+            self.secondary_group(side)
 
     def stop(self) -> None:
         self._stop.set()
         if self._ticker.is_alive():
             self._ticker.join(timeout=5)
+        for gp in list(self.primaries.values()):
+            gp.stop()
+        for gs in list(self.secondaries.values()):
+            gs.stop()
         for side in list(self.sides.values()):
             side.close()
         for c in list(self.clients.values()):
@@ -1172,6 +1306,45 @@ class PairManager:
             os.unlink(self.doc_path(side.id))
         side.close()
 
+    # -- async groups ---------------------------------------------------------------------------
+
+    def primary_group(self, side: Side) -> GroupPrimary:
+        name = side.record.group
+        with self.lock:
+            g = self.primaries.get(name)
+            if g is None:
+                size = side.doc.journal_size or DEFAULT_JOURNAL_SIZE
+                path = journal_path(self.directory, name, receive=False)
+                g = GroupPrimary(name, path, size, side.doc.high_watermark, self.log)
+                self.primaries[name] = g
+            g.add(side.stream, side)
+            return g
+
+    def secondary_group(self, side: Side) -> GroupSecondary:
+        name = side.record.group
+        with self.lock:
+            g = self.secondaries.get(name)
+            if g is None:
+                path = journal_path(self.directory, name, receive=True)
+                g = GroupSecondary(name, path, DEFAULT_JOURNAL_SIZE, self.log)
+                self.secondaries[name] = g
+                g.start()
+            g.add(side)
+            return g
+
+    def drop_journal(self, side: Side) -> None:
+        """On delete: the group's journal goes when its last pair does."""
+        name = side.record.group
+        others = [s for s in self.sides.values() if s is not side and s.record.group == name]
+        if others:
+            return
+        for groups, receive in ((self.primaries, False), (self.secondaries, True)):
+            g = groups.pop(name, None)
+            if g is not None:
+                g.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(journal_path(self.directory, name, receive))
+
     # -- lookups --------------------------------------------------------------------------------
 
     def side(self, pid: str) -> Side:
@@ -1217,9 +1390,13 @@ class PairManager:
         pid = pair_id(group, pair)
         mode = ps.Mode(str(args.get("mode", "sync")))
         fence = ps.Fence(str(args.get("fence", "never")))
-        if mode is ps.Mode.ASYNC:
-            raise UsageError("--mode async is not available yet (sync only)")
+        if mode is ps.Mode.ASYNC and fence is ps.Fence.DATA:
+            raise UsageError("--fence data needs --mode sync (an async secondary always lags)")
         chunk = int(args.get("chunk", ps.DEFAULT_CHUNK))
+        journal_size = int(args.get("journal_size") or DEFAULT_JOURNAL_SIZE)
+        high = float(args.get("high_watermark") or DEFAULT_HIGH_WATERMARK)
+        if not 0 < high <= 1:
+            raise UsageError(f"--high-watermark {high * 100:g}% is not between 1 and 100")
         volume = str(args["volume"])
         peer = PeerRef(
             str(args.get("peer_node", "")),
@@ -1235,6 +1412,19 @@ class PairManager:
             path = self.volume_path(volume)
             if self.side_for_path(path) is not None:
                 raise IllegalState(f"volume {volume} already belongs to a pair")
+            members = [x for x in self.sides.values() if x.record.group == group]
+            stream = 1 + max((x.stream for x in members), default=0)
+            for x in members:
+                if x.record.mode is not mode or x.record.role is not Role.PRIMARY:
+                    raise IllegalState(
+                        f"group {group} holds {x.record.mode} pairs with this node as "
+                        f"{x.record.role.label}: a group has one mode and one direction"
+                    )
+                if (x.doc.peer.host, x.doc.peer.port) != (peer.host, peer.port):
+                    raise IllegalState(
+                        f"group {group} replicates to {x.doc.peer.label()}: every pair of a "
+                        "group has the same two nodes"
+                    )
             record = ps.PairRecord(
                 group,
                 pair,
@@ -1245,7 +1435,15 @@ class PairManager:
                 chunk_size=chunk,
                 auto_resync=bool(args.get("auto_resync", False)),
             )
-            doc = SideDoc(record, volume, peer, max_rate=int(args.get("max_rate", 0)))
+            doc = SideDoc(
+                record,
+                volume,
+                peer,
+                max_rate=int(args.get("max_rate", 0)),
+                stream=stream,
+                journal_size=journal_size,
+                high_watermark=high,
+            )
             side = Side(self, doc, link_up=True)
             try:
                 for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
@@ -1272,6 +1470,8 @@ class PairManager:
                 if side.client is not None and side.client.peer_name:
                     peer.node = side.client.peer_name
                 self.sides[pid] = side
+                if mode is ps.Mode.ASYNC:
+                    self.primary_group(side).start()
             except BaseException:
                 side.volume.close()
                 raise
@@ -1310,7 +1510,10 @@ class PairManager:
                 peer.label(),
                 chunk_size=msg.chunk_size,
             )
-            side = Side(self, SideDoc(record, msg.volume, peer), link_up=True)
+            members = [x for x in self.sides.values() if x.record.group == group]
+            stream = 1 + max((x.stream for x in members), default=0)
+            doc = SideDoc(record, msg.volume, peer, stream=stream)
+            side = Side(self, doc, link_up=True)
             try:
                 for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
                     side.store.clear(slot)
@@ -1318,6 +1521,8 @@ class PairManager:
                 side.copy_map = Bitmap(side.data_size, msg.chunk_size)
                 side.peer_pvid = msg.pvid
                 self.sides[pid] = side
+                if record.mode is ps.Mode.ASYNC:
+                    self.secondary_group(side)
                 side.fire(ps.Create(), tell_peer=False)
             except BaseException:
                 self.sides.pop(pid, None)
@@ -1363,6 +1568,9 @@ class PairManager:
             for s in sides:
                 stack.enter_context(s.gate.closed())
             for s in sides:
+                if s.is_async and s.record.state in (ps.State.PAIR, ps.State.PFUL):
+                    s.fire(ps.Split(), tell_peer=False)  # cuts the journal: a drain starts
+                    continue
                 if s.machine.link_up and s.record.state is ps.State.PAIR:
                     try:
                         self._announce(s, ps.State.PSUS, Role.PRIMARY, s.record.epoch)
@@ -1370,6 +1578,24 @@ class PairManager:
                         s.link_failed(str(e))
                         raise
                 s.fire(ps.Split(), tell_peer=False)
+        # Async: once the secondary has applied everything up to the cut, finish the split.
+        timeout = float(args.get("timeout", 120))
+        for s in sides:
+            if not s.record.draining or s.drain_cut is None:
+                continue
+            group = self.primary_group(s)
+            if not group.wait_applied(s.drain_cut, timeout):
+                raise Timeout(
+                    f"pair {s.id}: the secondary did not apply up to sequence {s.drain_cut} "
+                    f"within {timeout:.0f}s; the split is still draining"
+                )
+            self._announce(s, ps.State.PSUS, Role.PRIMARY, s.record.epoch)
+            s.fire(ps.Drained(), tell_peer=False)
+            s.drain_cut = None
+        for name in {s.record.group for s in sides if s.is_async}:
+            g = self.primaries.get(name)
+            if g is not None:
+                g.cut = None
         return {"pairs": [s.describe() for s in sides]}
 
     def op_resync(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -1405,14 +1631,49 @@ class PairManager:
     def op_takeover(self, args: dict[str, Any]) -> dict[str, Any]:
         sides = self.select(str(args["target"]))
         force = bool(args.get("force", False))
+        reports: dict[str, dict[str, Any]] = {}
         for s in sides:
+            if s.is_async and s.record.role is Role.SECONDARY:
+                # Apply everything received first: the image is then the newest consistent
+                # prefix this side has; report what never arrived.
+                g = self.secondary_group(s)
+                g.drain()
+                reports[s.id] = self._rpo_report(g)
             s.fire(ps.Takeover(force=force), tell_peer=False)
             if s.machine.link_up:
                 try:
                     self._announce(s, ps.State.SSWS, Role.SECONDARY, s.record.epoch)
                 except (ConnectionFailed, Timeout, IllegalState) as e:
                     self.log(f"pair {s.id}: could not tell the old primary: {e}")
-        return {"pairs": [s.describe() for s in sides]}
+        out = []
+        for s in sides:
+            d = s.describe()
+            if s.id in reports:
+                d["not_received"] = reports[s.id]
+                self.events.emit(
+                    "pair.takeover.rpo",
+                    pair=s.id,
+                    **{k: v for k, v in reports[s.id].items() if v is not None},
+                )
+            out.append(d)
+        return {"pairs": out}
+
+    @staticmethod
+    def _rpo_report(g: GroupSecondary) -> dict[str, Any]:
+        """What an async takeover loses: the sequence range the primary had and we did not."""
+        newest = max(g.primary_newest, g.received)
+        missing = newest - g.received
+        age = None
+        if missing and g.primary_newest_ns:
+            age = round(time.time() - g.primary_newest_ns / 1e9, 3)
+        return {
+            "applied_seq": g.applied,
+            "primary_newest_seq": newest,
+            "missing_entries": missing,
+            "missing_range": [g.received + 1, newest] if missing else None,
+            "newest_missing_age_s": age,
+            "primary_last_heard_s": round(time.time() - g.heard_at, 3) if g.heard_at else None,
+        }
 
     def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
         sides = self.select(str(args["target"]))
@@ -1476,8 +1737,9 @@ class PairManager:
         if isinstance(msg, wire.DigestRequest):
             return wire.Digests(pid, msg.first, side.digests(msg.first, msg.count))
         if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
-            side.apply_write(msg)
-            return wire.Ack()
+            return side.apply_write(msg)
+        if isinstance(msg, wire.JournalStatus):
+            return self.secondary_group(side).note_status(msg)
         raise UsageError(f"unexpected {type(msg).__name__} request")
 
 

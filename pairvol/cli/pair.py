@@ -135,6 +135,10 @@ def register(sub: Any) -> None:
     c.add_argument("--chunk", default=format_size(DEFAULT_CHUNK), help="copy/bitmap granularity")
     c.add_argument("--auto-resync", action="store_true", help="resync when the link returns")
     c.add_argument("--max-rate", help="copy bandwidth limit per pair, e.g. 50M (bytes/s)")
+    c.add_argument("--journal-size", help="async: the group journal's size (default 256M)")
+    c.add_argument(
+        "--high-watermark", type=float, help="async: PFUL above this journal use, in %% (80)"
+    )
     node_opt(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_create)
@@ -191,6 +195,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UsageError(f"--chunk {args.chunk}: a power of two from 4K to 16M")
     if args.mode == "async" and args.fence == "data":
         raise UsageError("--fence data needs --mode sync (an async secondary always lags)")
+    if args.mode == "sync" and (args.journal_size or args.high_watermark):
+        raise UsageError("--journal-size and --high-watermark are for --mode async")
+    if args.journal_size and parse_size(args.journal_size) < 1 << 20:
+        raise UsageError(f"--journal-size {args.journal_size}: at least 1M")
+    if args.high_watermark is not None and not 0 < args.high_watermark <= 100:
+        raise UsageError(f"--high-watermark {args.high_watermark:g}: between 0 and 100")
     local = _local_control(args.node)
     pnode, pvol = parse_side(args.primary, "--primary")
     snode, svol = parse_side(args.secondary, "--secondary")
@@ -226,6 +236,8 @@ def cmd_create(args: argparse.Namespace) -> int:
             "chunk": chunk,
             "auto_resync": args.auto_resync,
             "max_rate": _rate(args.max_rate),
+            "journal_size": parse_size(args.journal_size) if args.journal_size else None,
+            "high_watermark": args.high_watermark / 100 if args.high_watermark else None,
         },
         timeout=120,
     )
@@ -281,7 +293,22 @@ def cmd_simple(args: argparse.Namespace) -> int:
     else:
         for p in result["pairs"]:
             print(f"pair {p['id']}: {p['role']} {p['state']} (PVID {p['pvid']})")
+            lost = p.get("not_received")
+            if lost:
+                print(_rpo_line(lost))
     return 0
+
+
+def _rpo_line(lost: dict[str, Any]) -> str:
+    if not lost["missing_entries"]:
+        return f"  nothing lost: applied through sequence {lost['applied_seq']}"
+    first, last = lost["missing_range"]
+    age = lost.get("newest_missing_age_s")
+    when = f", the newest written {age:.1f}s ago" if age is not None else ""
+    return (
+        f"  not received: sequences {first}..{last} ({lost['missing_entries']} writes{when}); "
+        f"applied through {lost['applied_seq']}"
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -388,6 +415,8 @@ def merge_sides(sides: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "pvid_secondary": sec["pvid"] if sec else None,
                 "last_copy_bytes": (p or lead)["last_copy_bytes"],
                 "link": lead["link"],
+                "journal": (p or lead).get("journal"),
+                "secondary_journal": sec.get("journal") if sec else None,
                 "sides": {k: v for k, v in (("primary", p), ("secondary", sec)) if v},
             }
         )
@@ -444,4 +473,20 @@ def cmd_display(args: argparse.Namespace) -> int:
         for r in rows
     ]
     print_table(table, list(table[0]))
+    groups: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        j = r.get("journal")
+        if j and "newest_seq" in j:
+            groups[r["group"]] = {
+                "group": r["group"],
+                "journal": f"{format_size(j['journal_used'])}/{format_size(j['journal_bytes'])}",
+                "use%": f"{j['journal_percent']:.0f}",
+                "newest-p": j["newest_seq"],
+                "applied-s": j["secondary_applied"],
+                "lag": j["lag_entries"],
+                "lag-s": f"{j['lag_seconds']:.1f}",
+            }
+    if groups:
+        print()
+        print_table(list(groups.values()), list(next(iter(groups.values()))))
     return 0

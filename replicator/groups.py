@@ -1,0 +1,473 @@
+"""Asynchronous consistency groups: the journal on each side, shipping and applying.
+
+Theory of operation
+-------------------
+An async consistency group has one sequence space: the primary node's group journal
+(:class:`~replicator.journal.Journal`).  A client write to any volume of the group is appended
+to the journal (sequence number assigned, made durable, group-committed), then written to the
+local volume, then acknowledged.  The journal entry comes first so that, after a crash, the
+node *redoes* the unreleased entries onto its volumes (idempotent, in order) and the journal
+and the volumes agree again.
+
+The shipper (one thread per group on the primary) reads entries in sequence order and sends
+them as Write/Zero requests carrying ``seq``, a few in flight.  The secondary appends each to
+its *receive journal* with the same sequence number, strictly in order (an early arrival waits
+for its predecessor), and answers with a JournalAck: received and applied.  Its applier thread
+writes entries to the volumes in order, makes them durable, then records the applied mark and
+releases them.  A secondary that restarts replays its receive journal from the applied mark,
+so its volumes are always a write-order-consistent prefix of the primary's: never a mixture,
+never a hole.  The primary releases entries once the secondary has *applied* them.
+
+Overflow.  At the high watermark the group's pairs report PFUL; when an append does not fit,
+the group goes to PFUS: the retained entries are folded into the pairs' difference bitmaps
+(:meth:`GroupPrimary.fold`) and later writes are recorded there until a resync.  A client
+write never waits for journal space.
+
+Split.  A split cuts the journal at its newest sequence number (client I/O of the group held
+for that instant), records later writes in the bitmaps, ships up to the cut and, once the
+secondary has applied it, finishes: every secondary volume holds the same point in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from replicator import wire
+from replicator.errors import ConnectionFailed, IllegalState, NotFound, PairvolError, Timeout
+from replicator.journal import EntryKind, Journal, JournalFull
+
+if TYPE_CHECKING:
+    from replicator.pairs import Side
+
+JOURNALS_DIR = os.path.join(".pairvol", "journals")
+DEFAULT_JOURNAL_SIZE = 256 << 20
+DEFAULT_HIGH_WATERMARK = 0.8
+SHIP_WINDOW = 4  # requests in flight; below the peer server's workers per connection
+SHIP_BATCH_BYTES = 8 << 20
+APPLY_BATCH = 256
+ORDER_WAIT = 10.0  # how long an early entry waits for its predecessor on the secondary
+
+Log = Callable[[str], None]
+
+
+def journal_path(directory: str, group: str, receive: bool) -> str:
+    return os.path.join(directory, JOURNALS_DIR, f"{group}.{'rjournal' if receive else 'journal'}")
+
+
+def _kind_of(msg: wire.Write | wire.Zero) -> tuple[EntryKind, int, bytes | memoryview]:
+    if isinstance(msg, wire.Write):
+        return EntryKind.WRITE, len(msg.data), msg.data
+    return (EntryKind.TRIM if msg.may_trim else EntryKind.ZERO), msg.length, b""
+
+
+def open_journal(path: str, group: str, capacity: int) -> Journal:
+    if os.path.exists(path):
+        return Journal.open(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return Journal.create(path, capacity, group)
+
+
+class GroupPrimary:
+    """The primary side of one async group on this node."""
+
+    def __init__(
+        self, name: str, path: str, capacity: int, high_watermark: float, log: Log
+    ) -> None:
+        self.name = name
+        self.log = log
+        self.journal = open_journal(path, name, capacity)
+        self.high_watermark = high_watermark
+        self.sides: dict[int, Side] = {}  # stream -> side
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.received = 0  # newest seq the secondary holds durably
+        self.applied = self.journal.first_seq - 1  # newest seq the secondary applied
+        self.shipped = self.applied  # newest seq sent
+        # Entries are shipped only once written to the local volume too: an entry shipped
+        # and applied before its local write, then lost in a crash, would leave the
+        # secondary ahead of the primary forever (released entries are not redone).
+        self.written = self.journal.last_seq  # every entry <= this is on the local volume
+        self._done: set[int] = set()
+        self.cut: int | None = None
+        self.full = False
+        self.peer_ok = True
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._ship_loop, name=f"ship {name}", daemon=True)
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def add(self, stream: int, side: Side) -> None:
+        self.sides[stream] = side
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.journal.close()
+
+    def redo(self) -> int:
+        """After a restart: write every retained entry to its volume again, in order."""
+        n = 0
+        for entry in self.journal.entries(self.journal.first_seq):
+            side = self.sides.get(entry.stream)
+            if side is not None:
+                side.apply_entry(entry.kind, entry.offset, entry.length, entry.data, False)
+                n += 1
+        for side in self.sides.values():
+            os.fdatasync(side.volume.fd)
+        return n
+
+    # -- the write path -----------------------------------------------------------------------
+
+    def record(self, side: Side, msg: wire.Write | wire.Zero) -> int | None:
+        """Append a client write; its seq once durable, or None when the journal is full (the
+        caller then records the write in its bitmap; the group has gone to PFUS)."""
+        kind, length, data = _kind_of(msg)
+        try:
+            seq = self.journal.append(
+                side.stream, kind, msg.offset, data, length=length, fua=msg.fua
+            )
+        except JournalFull:
+            self._overflow()
+            return None
+        self._watermark()
+        return seq
+
+    def written_locally(self, seq: int) -> None:
+        """The client write of entry ``seq`` is on the local volume: it may ship."""
+        with self.lock:
+            if seq > self.written:
+                self._done.add(seq)
+            while self.written + 1 in self._done:
+                self.written += 1
+                self._done.discard(self.written)
+        self._wake.set()
+
+    def _watermark(self) -> None:
+        high = self.journal.usage() >= self.high_watermark
+        for side in list(self.sides.values()):
+            side.journal_level(high)
+
+    def _overflow(self) -> None:
+        with self.lock:
+            if self.full:
+                return
+            self.full = True
+        self.log(f"group {self.name}: journal full ({self.journal.capacity} bytes): PFUS")
+        for side in list(self.sides.values()):
+            side.journal_full()
+
+    def fold(self) -> int:
+        """Fold every retained entry into its pair's difference bitmap, then drop them."""
+        with self.lock:
+            entries = self.journal.drop_all()
+            self.applied = self.shipped = self.received = self.journal.last_seq
+            self.written = max(self.written, self.journal.last_seq)
+            self._done = {q for q in self._done if q > self.written}
+            self.full = False
+        for entry in entries:
+            side = self.sides.get(entry.stream)
+            if side is not None:
+                side.mark_dirty(entry.offset, max(entry.length, 1))
+        if entries:
+            self.log(f"group {self.name}: folded {len(entries)} journal entries into bitmaps")
+        return len(entries)
+
+    def drop(self) -> None:
+        with self.lock:
+            self.journal.drop_all()
+            self.applied = self.shipped = self.received = self.journal.last_seq
+            self.written = max(self.written, self.journal.last_seq)
+
+    # -- split --------------------------------------------------------------------------------
+
+    def start_drain(self) -> int:
+        with self.lock:
+            if self.cut is None:
+                self.cut = self.journal.last_seq
+        for side in self.sides.values():
+            os.fdatasync(side.volume.fd)
+        self._wake.set()
+        return self.cut
+
+    def wait_applied(self, seq: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.applied < seq:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._wake.set()
+                self.cond.wait(min(left, 0.5))
+        return True
+
+    # -- shipping ------------------------------------------------------------------------------
+
+    def on_ack(self, ack: wire.JournalAck) -> None:
+        released = False
+        with self.cond:
+            self.received = max(self.received, ack.received)
+            if ack.applied > self.applied:
+                self.applied = ack.applied
+                with contextlib.suppress(PairvolError, OSError):
+                    self.journal.release(min(ack.applied, self.journal.last_seq))
+                    released = True
+                self.cond.notify_all()
+        if released:
+            self._watermark()  # below the high watermark again: PFUL -> PAIR
+
+    def _shipping_side(self) -> Side | None:
+        for side in self.sides.values():
+            if side.ships():
+                return side
+        return None
+
+    def _ship_loop(self) -> None:
+        with ThreadPoolExecutor(SHIP_WINDOW, thread_name_prefix=f"ship {self.name}") as pool:
+            while not self._stop.is_set():
+                self._wake.wait(0.2)
+                self._wake.clear()
+                side = self._shipping_side()
+                if side is None:
+                    continue
+                try:
+                    self.status(side)  # learn what the secondary already holds
+                    self._ship_some(pool)
+                except (ConnectionFailed, Timeout, PairvolError, OSError) as e:
+                    self.shipped = self.applied
+                    for s in list(self.sides.values()):
+                        if s.ships():
+                            s.link_failed(f"shipping the journal failed: {e}")
+
+    def status(self, side: Side) -> None:
+        """Tell the secondary our newest sequence number; learn its marks."""
+        newest = self.journal.last_seq
+        stamp = self.journal.newest_stamp_ns or 0
+        reply = side.request(wire.JournalStatus(side.id, newest, stamp))
+        if isinstance(reply, wire.JournalAck):
+            self.on_ack(reply)
+
+    def _ship_some(self, pool: ThreadPoolExecutor) -> None:
+        # From what the secondary holds durably on: it never needs an entry twice.
+        start = max(self.shipped, self.applied, self.received) + 1
+        upto = min(self.written, self.journal.last_seq)
+        if start > upto or start < self.journal.first_seq:
+            return
+        pending: list[Future[wire.Message]] = []
+        try:
+            batch = list(self.journal.entries(start, max_bytes=SHIP_BATCH_BYTES))
+        except NotFound:
+            return  # released meanwhile (the secondary applied it): the next round moves on
+        for entry in batch:
+            if entry.seq > upto:
+                break
+            side = self.sides.get(entry.stream)
+            if side is None:
+                continue
+            msg: wire.Message
+            if entry.kind is EntryKind.WRITE:
+                msg = wire.Write(side.id, entry.offset, entry.data, entry.fua, entry.seq)
+            else:
+                trim = entry.kind is EntryKind.TRIM
+                msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
+            pending.append(pool.submit(side.request, msg))
+            self.shipped = entry.seq
+            while len(pending) >= SHIP_WINDOW:
+                self._collect(pending.pop(0))
+        for fut in pending:
+            self._collect(fut)
+        if self.shipped < upto:
+            self._wake.set()
+
+    def _collect(self, fut: Future[wire.Message]) -> None:
+        reply = fut.result()
+        if isinstance(reply, wire.JournalAck):
+            self.on_ack(reply)
+
+    # -- display -------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        j = self.journal
+        oldest = j.oldest_stamp_ns
+        lag_s = round(max(0.0, time.time() - oldest / 1e9), 3) if oldest else 0.0
+        return {
+            "group": self.name,
+            "journal_bytes": j.capacity,
+            "journal_used": j.used_bytes,
+            "journal_percent": round(100.0 * j.usage(), 1),
+            "high_watermark_percent": round(100.0 * self.high_watermark, 1),
+            "newest_seq": j.last_seq,
+            "secondary_received": self.received,
+            "secondary_applied": self.applied,
+            "lag_entries": max(0, j.last_seq - self.applied),
+            "lag_seconds": lag_s,
+            "draining_to": self.cut,
+        }
+
+
+class GroupSecondary:
+    """The secondary side of one async group: the receive journal and its applier."""
+
+    def __init__(self, name: str, path: str, capacity: int, log: Log) -> None:
+        self.name = name
+        self.log = log
+        self.journal = open_journal(path, name, capacity)
+        self.sides: dict[str, Side] = {}  # pair id -> side
+        self.cond = threading.Condition()
+        self.primary_newest = 0
+        self.primary_newest_ns = 0
+        self.heard_at = 0.0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._apply_loop, name=f"apply {name}", daemon=True)
+
+    @property
+    def received(self) -> int:
+        return self.journal.last_seq
+
+    @property
+    def applied(self) -> int:
+        return self.journal.applied_seq
+
+    def add(self, side: Side) -> None:
+        self.sides[side.id] = side
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.journal.close()
+
+    def ack(self, pair_id: str) -> wire.JournalAck:
+        return wire.JournalAck(pair_id, self.received, self.applied)
+
+    def receive(self, side: Side, msg: wire.Write | wire.Zero) -> wire.JournalAck:
+        """Append a shipped entry in sequence order (duplicates are acknowledged again)."""
+        if msg.seq > self.journal.last_seq + 1 and self._resyncing():
+            # The primary folded entries we never got into its bitmaps and is copying those
+            # chunks instead (resync): they will never come.  Continue from this entry on.
+            self.drain()
+            with self.cond:
+                if msg.seq > self.journal.last_seq + 1:
+                    self._rebase(msg.seq)
+        deadline = time.monotonic() + ORDER_WAIT
+        with self.cond:
+            while msg.seq > self.journal.last_seq + 1:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    expected = self.journal.last_seq + 1
+                    raise IllegalState(
+                        f"group {self.name}: entry {msg.seq} arrived but {expected} never did"
+                    )
+                self.cond.wait(left)
+            if msg.seq == self.journal.last_seq + 1:
+                kind, length, data = _kind_of(msg)
+                self.journal.append(
+                    side.stream, kind, msg.offset, data, length=length, fua=msg.fua, seq=msg.seq
+                )
+                self.cond.notify_all()
+        self._wake.set()
+        return self.ack(msg.pair_id)
+
+    def _resyncing(self) -> bool:
+        from replicator.pair_state import State
+
+        return bool(self.sides) and all(
+            side.record.state is State.COPY for side in self.sides.values()
+        )
+
+    def _rebase(self, next_seq: int) -> None:
+        """Start the receive journal over so that its next entry is ``next_seq``."""
+        path, capacity = self.journal.path, self.journal.capacity
+        self.log(
+            f"group {self.name}: sequences {self.journal.last_seq + 1}..{next_seq - 1} were "
+            "folded into bitmaps by the primary; the receive journal continues at "
+            f"{next_seq}"
+        )
+        self.journal.close()
+        os.unlink(path)
+        self.journal = Journal.create(path, capacity, self.name, first_seq=next_seq)
+        if next_seq > 1:
+            self.journal.set_applied(next_seq - 1)
+
+    def note_status(self, msg: wire.JournalStatus) -> wire.JournalAck:
+        self.primary_newest = max(self.primary_newest, msg.newest)
+        self.primary_newest_ns = msg.newest_ns or self.primary_newest_ns
+        self.heard_at = time.time()
+        return self.ack(msg.pair_id)
+
+    def _apply_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            try:
+                self.apply_pending()
+            except (PairvolError, OSError) as e:
+                self.log(f"group {self.name}: applying the journal failed: {e}")
+                time.sleep(1)
+
+    def apply_pending(self) -> int:
+        """Apply every received entry not applied yet, in order; returns how many."""
+        by_stream = {s.stream: s for s in self.sides.values()}
+        done = 0
+        while True:
+            start = self.journal.applied_seq + 1
+            if start > self.journal.last_seq:
+                return done
+            last = start - 1
+            touched: set[int] = set()
+            for entry in self.journal.entries(start):
+                side = by_stream.get(entry.stream)
+                if side is None:
+                    raise NotFound(f"group {self.name}: entry {entry.seq} is for unknown stream")
+                side.apply_entry(entry.kind, entry.offset, entry.length, entry.data, False)
+                touched.add(entry.stream)
+                last = entry.seq
+                if last - start + 1 >= APPLY_BATCH:
+                    break
+            for stream in touched:
+                os.fdatasync(by_stream[stream].volume.fd)
+            self.journal.set_applied(last)
+            self.journal.release(last)
+            done += last - start + 1
+            with self.cond:
+                self.cond.notify_all()
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Apply everything received (before a takeover or a split on this side)."""
+        deadline = time.monotonic() + timeout
+        while self.applied < self.received:
+            self._wake.set()
+            if time.monotonic() > deadline:
+                raise Timeout(f"group {self.name}: the journal did not drain in {timeout:.0f}s")
+            time.sleep(0.02)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "group": self.name,
+            "received_seq": self.received,
+            "applied_seq": self.applied,
+            "journal_bytes": self.journal.capacity,
+            "journal_used": self.journal.used_bytes,
+            "primary_newest_seq": self.primary_newest,
+            "primary_newest_age_s": round(time.time() - self.primary_newest_ns / 1e9, 3)
+            if self.primary_newest_ns
+            else None,
+        }
