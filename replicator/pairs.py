@@ -795,6 +795,12 @@ class Side:
             count = min(batch, total - first)
             # Hold the chunks so no mirrored write lands between the two digests.
             with self.chunk_locks.hold(first, first + count - 1):
+                if self.is_async and r.state is ps.State.PAIR:
+                    # No entry for these chunks can be journaled while we hold them: once the
+                    # secondary has applied what the journal holds now, it has them all.
+                    group = self.manager.primary_group(self)
+                    if not group.wait_applied(group.journal.last_seq, REQUEST_TIMEOUT * 4):
+                        raise Timeout(f"pair {self.id}: the secondary lags too far to verify")
                 mine = self.digests(first, count)
                 reply = self.request(wire.DigestRequest(self.id, first, count))
             if not isinstance(reply, wire.Digests) or reply.first != first:

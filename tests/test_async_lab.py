@@ -238,3 +238,28 @@ def test_resync_throttle_is_honoured(env: LabEnv) -> None:
     assert row["last_copy_bytes"] == VSIZE
     assert rate <= 8 * 2**20 * 1.10, f"{rate / 2**20:.1f} MiB/s against a limit of 8 MiB/s"
     delete_everywhere(env, "th")
+
+
+def test_verify_an_async_pair_under_load(env: LabEnv) -> None:
+    make_group(env, "vf", ["vv"])
+    w = StampWriter(env, "a", ["vv"], 3)
+    w.start()
+    try:
+        r = env.pv("a", "pair", "verify", "vf", "--json")  # lagging by design, yet identical
+        assert json.loads(r.stdout)["pairs"][0]["mismatch_count"] == 0
+    finally:
+        w.stop.set()
+        w.join(30)
+    path = os.path.join(env.host("b").dir, "vv")
+    with Volume.open(path) as v:
+        base = v.header.data_offset
+    with open(path, "r+b") as f:  # corrupt the secondary's image behind its node's back
+        f.seek(base + 200 * CHUNK)
+        f.write(b"\x01" * 512)
+    r = env.pv("a", "pair", "verify", "vf", "--repair", "--json", ok=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["pairs"][0]["mismatches"] == [200]
+    env.pv("a", "pair", "split", "vf")
+    env.pv("a", "pair", "resync", "vf")
+    env.wait("a", "vf/vv", "PAIR")
+    assert env.pv("a", "pair", "verify", "vf").returncode == 0
+    delete_everywhere(env, "vf")
