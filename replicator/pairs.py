@@ -318,6 +318,8 @@ class CopyEngine:
         self.started = _now()
         self.total = 0
         self.copied = 0
+        self.budget = 0
+        self.budget_lock = threading.Lock()
 
     def start(self) -> None:
         self.thread.start()
@@ -344,6 +346,10 @@ class CopyEngine:
         start = first * cs
         end = min((first + count) * cs, side.data_size)
         sent = 0
+        if side.doc.max_rate > 0:  # wait for the bandwidth budget before holding any chunk
+            fd, base = side.volume.fd, side.data_offset
+            data_bytes = sum(n for _, n, d in _segments(fd, base + start, base + end) if d)
+            self._throttle(data_bytes)
         with side.chunk_locks.hold(first, first + count - 1):
             fd, base = side.volume.fd, side.data_offset
             for pos, length, is_data in list(_segments(fd, base + start, base + end)):
@@ -360,13 +366,17 @@ class CopyEngine:
                 side.copy_map.clear_range(first, count)
         return sent
 
-    def _throttle(self, submitted: int) -> None:
-        """Hold the copy to ``max_rate`` bytes per second (counted over the chunks covered)."""
+    def _throttle(self, nbytes: int) -> None:
+        """Hold the copy to ``max_rate`` bytes of data per second (holes travel as Zero
+        requests and cost nothing).  Called by each worker before it sends data."""
         rate = self.side.doc.max_rate
-        if rate > 0:
-            ahead = submitted / rate - (_now() - self.started)
-            if ahead > 0:
-                self.stop_flag.wait(ahead)
+        if rate <= 0:
+            return
+        with self.budget_lock:
+            self.budget += nbytes
+            ahead = self.budget / rate - (_now() - self.started)
+        if ahead > 0:
+            self.stop_flag.wait(ahead)
 
     def _run(self) -> None:
         side = self.side
@@ -376,12 +386,9 @@ class CopyEngine:
                 last_report = _now()
             with ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix=f"copy {side.id}") as pool:
                 pending: list[tuple[Future[int], int]] = []
-                submitted = 0
                 for first, count in self._runs():
                     if self.stop_flag.is_set():
                         break
-                    self._throttle(submitted)
-                    submitted += count * side.chunk_size
                     pending.append((pool.submit(self._copy_run, first, count), count))
                     while len(pending) >= COPY_WORKERS * 2 or (pending and pending[0][0].done()):
                         fut, n = pending.pop(0)
@@ -1002,6 +1009,12 @@ class Side:
         else:
             percent = 100.0 if r.state in (ps.State.PAIR,) else None
         engine = self.engine
+        rate = eta = None
+        if engine is not None and engine.thread.is_alive() and r.state is ps.State.COPY:
+            elapsed = max(_now() - engine.started, 1e-3)
+            rate = round(engine.sent_bytes / elapsed)
+            if engine.copied:
+                eta = round(pending / (engine.copied / elapsed), 1)
         return {
             "group": r.group,
             "pair": r.pair,
@@ -1030,6 +1043,8 @@ class Side:
             "pending_chunks": pending,
             "dirty_bytes": dirty,
             "copy_bytes_sent": engine.sent_bytes if engine else 0,
+            "copy_rate_bytes_s": rate,
+            "eta_seconds": eta,
             "last_copy_bytes": self.doc.last_copy_bytes,
             "last_copy_seconds": self.doc.last_copy_seconds,
             "svol_consistent": r.svol_consistent,

@@ -352,17 +352,22 @@ def cmd_wait(args: argparse.Namespace) -> int:
     where = _require_control(args.node)
     deadline = time.monotonic() + args.timeout
     started = time.monotonic()
-    last = ""
+    last, last_at = "", 0.0
     while True:
         p = _one(where, args.target)
         if args.progress and p["state"] == "COPY":
             pct = p.get("copy_percent") or 0.0
-            elapsed = time.monotonic() - started
-            eta = f"{elapsed * (100 - pct) / pct:.0f}s" if pct > 0 else "?"
-            line = f"{args.target}: COPY {pct:5.1f}% ETA {eta}"
-            if line != last:
+            side = p
+            eta_s = side.get("eta_seconds")
+            if eta_s is None and pct > 0:
+                eta_s = (time.monotonic() - started) * (100 - pct) / pct
+            eta = "?" if eta_s is None else f"{eta_s:.0f}s"
+            rate = side.get("copy_rate_bytes_s")
+            speed = f" {format_size(int(rate))}/s" if rate else ""
+            line = f"{args.target}: COPY {pct:5.1f}%{speed} ETA {eta}"
+            if line != last and time.monotonic() - last_at >= 1.0:
                 print(line, file=sys.stderr, flush=True)
-                last = line
+                last, last_at = line, time.monotonic()
         if p["state"] == args.state:
             print(f"pair {args.target}: {p['state']}")
             return 0
@@ -414,6 +419,8 @@ def merge_sides(sides: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "pvid_primary": p["pvid"] if p else None,
                 "pvid_secondary": sec["pvid"] if sec else None,
                 "last_copy_bytes": (p or lead)["last_copy_bytes"],
+                "copy_rate_bytes_s": (p or lead).get("copy_rate_bytes_s"),
+                "eta_seconds": (p or lead).get("eta_seconds"),
                 "link": lead["link"],
                 "journal": (p or lead).get("journal"),
                 "secondary_journal": sec.get("journal") if sec else None,
