@@ -29,8 +29,10 @@ sit after the end, and each is rejected:
   appenders finish their pwrites out of order): valid CRC and possibly the right seq once the
   journal has grown back to it, but written in an older epoch.  Every ``open`` bumps the epoch
   in the header, durably, before the first append; records carry the epoch they were written
-  in, and epochs never decrease along the chain.  Without this, an unacknowledged write
-  discarded by one recovery could come back after the next crash.
+  in, and epochs never decrease along the chain, starting from the header's *tail epoch* (the
+  epoch of the record at the tail, or the current one when the tail is the head).  Without
+  this, an unacknowledged write discarded by one recovery could come back after the next crash
+  once the journal has grown back over its seq.
 
 ``release`` writes the new tail into the header (slot A, sync, slot B, sync) BEFORE the freed
 space can be handed to an append: if records could overwrite the space while the durable tail
@@ -82,8 +84,8 @@ CAPACITY_ALIGN = 4096
 RECORD_ALIGN = 512
 
 # magic, major, minor, header_len, generation, journal_id, capacity, ring_offset,
-# record_align, epoch, tail_pos, tail_seq, applied_seq, created_ns, group, reserved
-_HDR = struct.Struct("<8sHHIQQQQIIQQQq64s100s")
+# record_align, epoch, tail_pos, tail_seq, applied_seq, created_ns, tail_epoch, group, reserved
+_HDR = struct.Struct("<8sHHIQQQQIIQQQqI64s96s")
 _CRC = struct.Struct("<I")
 HEADER_LEN = _HDR.size + _CRC.size
 assert HEADER_LEN == 256
@@ -146,6 +148,7 @@ class JournalHeader:
     tail_pos: int = 0  # virtual position of the oldest retained record (or of the head)
     tail_seq: int = 1  # seq expected at tail_pos: last released seq + 1
     applied_seq: int = 0
+    tail_epoch: int = 0  # the record at tail_pos was written in this epoch or a later one
 
 
 def encode_header(h: JournalHeader) -> bytes:
@@ -165,6 +168,7 @@ def encode_header(h: JournalHeader) -> bytes:
         h.tail_seq,
         h.applied_seq,
         h.created_ns,
+        h.tail_epoch,
         h.group.encode(),
         b"",
     )
@@ -194,6 +198,7 @@ def decode_header(slot: bytes) -> JournalHeader:
         tail_seq,
         applied_seq,
         created_ns,
+        tail_epoch,
         group_raw,
         _reserved,
     ) = _HDR.unpack_from(slot)
@@ -228,6 +233,7 @@ def decode_header(slot: bytes) -> JournalHeader:
         tail_pos=tail_pos,
         tail_seq=tail_seq,
         applied_seq=applied_seq,
+        tail_epoch=tail_epoch,
     )
 
 
@@ -271,13 +277,16 @@ def encode_record(
     kind: int,
     stream: int = 0,
     offset: int = 0,
-    length: int = 0,
+    length: int | None = None,
     data: bytes | memoryview = b"",
     fua: bool = False,
     stamp_ns: int = 0,
     data_crc: int | None = None,
 ) -> bytes:
-    """A whole record, padded.  ``data_crc`` (``crc32c(data)``) may be precomputed."""
+    """A whole record, padded.  ``length`` defaults to ``len(data)``; ``data_crc``
+    (``crc32c(data)``) may be precomputed."""
+    if length is None:
+        length = len(data)
     if data_crc is None:
         data_crc = crc32c.crc32c(data)
     head = _REC.pack(
@@ -354,6 +363,7 @@ class _Slot(NamedTuple):
     length: int
     fua: bool
     stamp_ns: int
+    epoch: int
 
 
 def _io_error(e: OSError, doing: str) -> VolumeError:
@@ -475,8 +485,9 @@ class Journal:
             # One sync makes what recovery saw durable (page cache left by a killed process),
             # then the new epoch goes to both slots before anything can be appended.
             os.fdatasync(fd)
-            j._hdr = replace(header, epoch=header.epoch + 1)
-            j._write_header()
+            epoch = header.epoch + 1
+            tail_epoch = j._index[j._first_seq].epoch if j._index else epoch
+            j._commit_header(replace(header, epoch=epoch, tail_epoch=tail_epoch))
             j.repaired = notes
             return j
         except OSError as e:
@@ -491,7 +502,7 @@ class Journal:
         cap = self.capacity
         pos = h.tail_pos
         seq = h.tail_seq
-        prev_epoch = 0
+        prev_epoch = h.tail_epoch
         while True:
             start = pos
             found = self._read_valid(pos, seq, prev_epoch)
@@ -518,6 +529,7 @@ class Journal:
                 rh.length,
                 rh.fua,
                 rh.stamp_ns,
+                rh.epoch,
             )
             prev_epoch = rh.epoch
             pos = end
@@ -604,7 +616,10 @@ class Journal:
 
         ``seq=None`` takes the next seq; an explicit ``seq`` must be exactly the next one.
         :class:`JournalFull` if it does not fit (raised at once; nothing changed)."""
-        kind = EntryKind(kind)
+        try:
+            kind = EntryKind(kind)
+        except ValueError as e:
+            raise UsageError(f"journal entry kind {kind!r} is unknown") from e
         if kind is EntryKind.WRITE:
             if length is not None and length != len(data):
                 raise UsageError(f"WRITE length {length} is not len(data) {len(data)}")
@@ -648,10 +663,10 @@ class Journal:
             self._next_seq += 1
             self._head = end
             self._inflight.add(my_seq)
-            self._index[my_seq] = _Slot(
-                start, pos, end, stream, kind, offset, length, fua, stamp_ns
-            )
             epoch = self._hdr.epoch
+            self._index[my_seq] = _Slot(
+                start, pos, end, stream, kind, offset, length, fua, stamp_ns, epoch
+            )
         jid = self.journal_id
         try:
             if pos != start:
@@ -732,7 +747,12 @@ class Journal:
                 return
             nxt = self._index.get(upto_seq + 1)
             tail = nxt.start if nxt is not None else self._head
-        self._commit_header(replace(self._hdr, tail_pos=tail, tail_seq=upto_seq + 1))
+            # A record found at the new tail later must be the one the index holds, or one
+            # appended from now on: never one a recovery discarded (module docstring).
+            tail_epoch = nxt.epoch if nxt is not None else self._hdr.epoch
+        self._commit_header(
+            replace(self._hdr, tail_pos=tail, tail_seq=upto_seq + 1, tail_epoch=tail_epoch)
+        )
         with self._lock:
             for s in range(self._first_seq, upto_seq + 1):
                 del self._index[s]
