@@ -831,7 +831,9 @@ def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
                 if s >= j.first_seq:
                     assert got[s] == digest, f"seq {s} has other data (child seed {seed})"
             assert sum(1 for s in acked if s >= j.first_seq) > 0
+            head = j._head
     assert total > 100
+    assert head > 2 * 2 * MIB  # the ring went round more than once
 
 
 if __name__ == "__main__":
