@@ -87,7 +87,7 @@ from replicator.groups import (
 )
 from replicator.header import Role, check_name
 from replicator.journal import EntryKind
-from replicator.peer_link import PeerClient, PeerRefused
+from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.pvid import format_pvid
 from replicator.volume import Volume
 
@@ -456,6 +456,8 @@ class Side:
         self.copy_started: float | None = None
         self.last_ping = 0.0
         self.deleted = False
+        # A local pair (both volumes on this node): the other side, reached in-process.
+        self.partner: Side | None = None
         self.copy_kind: ps.CopyKind | None = None
         self.drain_cut: int | None = None
 
@@ -464,6 +466,16 @@ class Side:
     @property
     def record(self) -> ps.PairRecord:
         return self.machine.record
+
+    @property
+    def local(self) -> bool:
+        return self.manager.is_self(self.doc.peer.host, self.doc.peer.port)
+
+    @property
+    def key(self) -> str:
+        """Where the manager files this side: the pair id, plus the volume for a local pair
+        (whose two sides share the id)."""
+        return f"{self.id}@{self.doc.volume}" if self.local else self.id
 
     @property
     def events(self) -> EventLog:
@@ -476,6 +488,8 @@ class Side:
         return self.client
 
     def request(self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT) -> wire.Message:
+        if self.partner is not None:
+            return self.manager.deliver_local(self.partner, msg)
         reply = self.peer_client().request(msg, timeout=timeout)
         if isinstance(reply, wire.Ack) and reply.status:
             raise PeerRefused(reply.status, reply.message)
@@ -485,7 +499,7 @@ class Side:
 
     def save(self) -> None:
         self.doc.record = self.machine.record
-        write_atomic(self.manager.doc_path(self.id), self.doc.to_json().encode())
+        write_atomic(self.manager.doc_path(self.key), self.doc.to_json().encode())
 
     def flush_copy_map(self) -> None:
         with self.bitmap_lock:
@@ -531,7 +545,7 @@ class Side:
             if isinstance(a, ps.PersistState):
                 self.doc.record = a.record
                 if not self.deleted:
-                    write_atomic(self.manager.doc_path(self.id), self.doc.to_json().encode())
+                    write_atomic(self.manager.doc_path(self.key), self.doc.to_json().encode())
             elif isinstance(a, ps.SendPairState):
                 later.append(a)
             elif isinstance(a, ps.StartCopy):
@@ -1169,8 +1183,19 @@ class PairManager:
 
     # -- files ----------------------------------------------------------------------------------
 
-    def doc_path(self, pid: str) -> str:
-        return os.path.join(self.directory, PAIRS_DIR, pid.replace("/", ".") + ".json")
+    def doc_path(self, key: str) -> str:
+        return os.path.join(self.directory, PAIRS_DIR, key.replace("/", ".") + ".json")
+
+    def is_self(self, host: str, port: int) -> bool:
+        return host == self.listen and port == self.peer_port
+
+    def deliver_local(self, side: Side, msg: wire.Message) -> wire.Message:
+        """A local pair's request, handed to the other side in-process; errors look exactly
+        as they would from a remote peer."""
+        try:
+            return self._dispatch(side, "", msg)
+        except PairvolError as e:
+            raise PeerRefused(errno_of(e), str(e)) from e
 
     def volume_path(self, name: str) -> str:
         for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
@@ -1207,11 +1232,14 @@ class PairManager:
             try:
                 with open(path) as f:
                     doc = SideDoc.from_json(f.read())
-                side = Side(self, doc, link_up=False)
+                local = self.is_self(doc.peer.host, doc.peer.port)
+                side = Side(self, doc, link_up=local)
             except (PairvolError, OSError) as e:
                 self.log(f"pair file {path}: not loaded: {e}")
                 continue
-            self.sides[side.id] = side
+            self.sides[side.key] = side
+            if local:
+                self._link_partner(side)
             if side.is_async:
                 self._load_async(side)
             elif side.fold_activity_log() and side.record.state in ps.REPLICATING:
@@ -1225,6 +1253,11 @@ class PairManager:
                     self.log(f"group {name}: redid {n} journal entries after a restart")
             g.start()
         self._ticker.start()
+
+    def _link_partner(self, side: Side) -> None:
+        for other in self.sides.values():
+            if other is not side and other.id == side.id and other.local:
+                side.partner, other.partner = other, side
 
     def _load_async(self, side: Side) -> None:
         if side.record.role is Role.PRIMARY and side.record.state is not ps.State.SMPL:
@@ -1322,9 +1355,9 @@ class PairManager:
     def forget(self, side: Side) -> None:
         side.deleted = True
         with self.lock:
-            self.sides.pop(side.id, None)
+            self.sides.pop(side.key, None)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.doc_path(side.id))
+            os.unlink(self.doc_path(side.key))
         side.close()
 
     # -- async groups ---------------------------------------------------------------------------
@@ -1369,10 +1402,14 @@ class PairManager:
     # -- lookups --------------------------------------------------------------------------------
 
     def side(self, pid: str) -> Side:
+        """The side of a remote pair (peer requests name pairs by id)."""
         s = self.sides.get(pid)
         if s is None:
             raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
         return s
+
+    def has_pair(self, pid: str) -> bool:
+        return any(s.id == pid for s in self.sides.values())
 
     def side_for_path(self, path: str) -> Side | None:
         real = os.path.realpath(path)
@@ -1381,14 +1418,22 @@ class PairManager:
                 return s
         return None
 
-    def select(self, target: str) -> list[Side]:
+    def select(self, target: str, role: Role | None = None) -> list[Side]:
+        """The sides ``GROUP[/PAIR]`` names.  ``role``: of a local pair, only the side in
+        that role (a command acts once per pair, from the side that carries it out)."""
         group, pair = split_pair_id(target)
         if pair is not None:
-            return [self.side(pair_id(group, pair))]
-        found = [s for s in self.sides.values() if s.record.group == group]
-        if not found:
-            raise NotFound(f"group {group} has no pairs on node {self.node_name}")
-        return sorted(found, key=lambda s: s.id)
+            pid = pair_id(group, pair)
+            found = [s for s in self.sides.values() if s.id == pid]
+            if not found:
+                raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
+        else:
+            found = [s for s in self.sides.values() if s.record.group == group]
+            if not found:
+                raise NotFound(f"group {group} has no pairs on node {self.node_name}")
+        if role is not None:
+            found = [s for s in found if s.partner is None or s.record.role is role]
+        return sorted(found, key=lambda s: (s.id, s.record.role))
 
     def wrap(self, handle: ExportHandle) -> ExportHandle:
         side = self.side_for_path(handle.volume.path)
@@ -1425,10 +1470,13 @@ class PairManager:
             int(args["peer_port"]),
             str(args["peer_volume"]),
         )
-        if peer.host == self.listen and peer.port == self.peer_port:
-            raise UsageError("both volumes are on this node: local pairs are not supported yet")
+        local = self.is_self(peer.host, peer.port)
+        if local:
+            peer.node = self.node_name
+            if peer.volume == volume:
+                raise UsageError(f"--primary and --secondary are the same volume ({volume})")
         with self.lock:
-            if pid in self.sides:
+            if self.has_pair(pid):
                 raise AlreadyExists(f"pair {pid} already exists on node {self.node_name}")
             path = self.volume_path(volume)
             if self.side_for_path(path) is not None:
@@ -1436,6 +1484,8 @@ class PairManager:
             members = [x for x in self.sides.values() if x.record.group == group]
             stream = 1 + max((x.stream for x in members), default=0)
             for x in members:
+                if x.partner is not None and x.record.role is Role.SECONDARY:
+                    continue  # the other half of one of this group's local pairs
                 if x.record.mode is not mode or x.record.role is not Role.PRIMARY:
                     raise IllegalState(
                         f"group {group} holds {x.record.mode} pairs with this node as "
@@ -1484,13 +1534,17 @@ class PairManager:
                     0,
                     f"{self.listen}:{self.peer_port}",
                 )
-                try:
-                    side.request(create)
-                except PeerRefused as e:
-                    raise IllegalState(f"the secondary refused the pair: {e.message}") from e
-                if side.client is not None and side.client.peer_name:
-                    peer.node = side.client.peer_name
-                self.sides[pid] = side
+                if local:
+                    secondary = self.on_pair_create(self.node_name, create)
+                    side.partner, secondary.partner = secondary, side
+                else:
+                    try:
+                        side.request(create)
+                    except PeerRefused as e:
+                        raise IllegalState(f"the secondary refused the pair: {e.message}") from e
+                    if side.client is not None and side.client.peer_name:
+                        peer.node = side.client.peer_name
+                self.sides[side.key] = side
                 if mode is ps.Mode.ASYNC:
                     self.primary_group(side).start()
             except BaseException:
@@ -1503,11 +1557,11 @@ class PairManager:
             raise
         return side.describe()
 
-    def on_pair_create(self, peer_name: str, msg: wire.PairCreate) -> wire.Ack:
+    def on_pair_create(self, peer_name: str, msg: wire.PairCreate) -> Side:
         pid = msg.pair_id
         group, _, pair = pid.partition("/")
         with self.lock:
-            if pid in self.sides:
+            if self.has_pair(pid):
                 raise AlreadyExists(f"pair {pid} already exists on node {self.node_name}")
             path = self.volume_path(msg.volume)
             if self.side_for_path(path) is not None:
@@ -1541,15 +1595,15 @@ class PairManager:
                 side.diff_map = Bitmap(side.data_size, msg.chunk_size)
                 side.copy_map = Bitmap(side.data_size, msg.chunk_size)
                 side.peer_pvid = msg.pvid
-                self.sides[pid] = side
+                self.sides[side.key] = side
                 if record.mode is ps.Mode.ASYNC:
                     self.secondary_group(side)
                 side.fire(ps.Create(), tell_peer=False)
             except BaseException:
-                self.sides.pop(pid, None)
+                self.sides.pop(side.key, None)
                 side.volume.close()
                 raise
-        return wire.Ack()
+        return side
 
     def _query_peer(self, side: Side) -> wire.PairState:
         reply = side.request(side.my_state())
@@ -1577,7 +1631,7 @@ class PairManager:
             raise IllegalState(f"pair {side.id}: the peer refused: {e.message}") from e
 
     def op_split(self, args: dict[str, Any]) -> dict[str, Any]:
-        sides = self.select(str(args["target"]))
+        sides = self.select(str(args["target"]), Role.PRIMARY)
         for s in sides:
             if s.record.role is not Role.PRIMARY:
                 raise IllegalState(
@@ -1599,6 +1653,7 @@ class PairManager:
                         s.link_failed(str(e))
                         raise
                 s.fire(ps.Split(), tell_peer=False)
+                s.al_expire(idle=0.0)  # nothing in flight (gate closed): the log can empty
         # Async: once the secondary has applied everything up to the cut, finish the split.
         timeout = float(args.get("timeout", 120))
         for s in sides:
@@ -1620,8 +1675,9 @@ class PairManager:
         return {"pairs": [s.describe() for s in sides]}
 
     def op_resync(self, args: dict[str, Any]) -> dict[str, Any]:
-        sides = self.select(str(args["target"]))
         swap = bool(args.get("swap", False))
+        # A local pair's swap is carried out by the side that becomes the primary.
+        sides = self.select(str(args["target"]), Role.SECONDARY if swap else Role.PRIMARY)
         if args.get("max_rate") is not None:
             for s in sides:
                 s.doc.max_rate = int(args["max_rate"])
@@ -1650,7 +1706,7 @@ class PairManager:
         return {"pairs": [s.describe() for s in sides]}
 
     def op_takeover(self, args: dict[str, Any]) -> dict[str, Any]:
-        sides = self.select(str(args["target"]))
+        sides = self.select(str(args["target"]), Role.SECONDARY)
         force = bool(args.get("force", False))
         reports: dict[str, dict[str, Any]] = {}
         for s in sides:
@@ -1697,7 +1753,7 @@ class PairManager:
         }
 
     def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        sides = self.select(str(args["target"]))
+        sides = self.select(str(args["target"]), Role.PRIMARY)
         out = []
         for s in sides:
             with s.gate.closed():
@@ -1713,7 +1769,7 @@ class PairManager:
         return {"pairs": out}
 
     def op_verify(self, args: dict[str, Any]) -> dict[str, Any]:
-        sides = self.select(str(args["target"]))
+        sides = self.select(str(args["target"]), Role.PRIMARY)
         repair = bool(args.get("repair", False))
         return {"pairs": [s.verify(repair) for s in sides]}
 
@@ -1746,11 +1802,21 @@ class PairManager:
                         s.machine.handle(ps.Ping(), now)
             return wire.Pong(msg.now_ns)
         if isinstance(msg, wire.PairCreate):
-            return self.on_pair_create(peer_name, msg)
+            self.on_pair_create(peer_name, msg)
+            return wire.Ack()
         pid = getattr(msg, "pair_id", None)
         if pid is None:
             raise UsageError(f"unexpected {type(msg).__name__} request")
-        side = self.side(pid)
+        return self._dispatch(self.side(pid), peer_name, msg)
+
+    def _dispatch(self, side: Side, peer_name: str, msg: wire.Message) -> wire.Message:
+        """A request for one side (from its remote peer, or from its local partner)."""
+        pid = side.id
+        if isinstance(msg, wire.Ping):
+            if side.machine.link_up:
+                with side.state_lock:
+                    side.machine.handle(ps.Ping(), _now())
+            return wire.Pong(msg.now_ns)
         if isinstance(msg, wire.PairState):
             return side.on_peer_state(msg)
         if isinstance(msg, wire.BitmapRequest):

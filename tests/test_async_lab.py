@@ -263,3 +263,20 @@ def test_verify_an_async_pair_under_load(env: LabEnv) -> None:
     env.wait("a", "vf/vv", "PAIR")
     assert env.pv("a", "pair", "verify", "vf").returncode == 0
     delete_everywhere(env, "vf")
+
+
+def test_local_async_pair(env: LabEnv) -> None:
+    env.volume("a", "la1", size=VSIZE)
+    env.volume("a", "la2", size=VSIZE)
+    env.pv("a", "pair", "create", "lg/p", "--primary", "a:la1", "--secondary", "a:la2",
+           "--mode", "async")  # fmt: skip
+    env.wait("a", "lg/p", "PAIR")
+    w = StampWriter(env, "a", ["la1"], 4)
+    w.start()
+    time.sleep(0.5)
+    env.pv("a", "pair", "split", "lg")
+    w.stop.set()
+    w.join(30)
+    images = {"la1": stamps_on_image(os.path.join(env.host("a").dir, "la2"))}
+    assert 0 < assert_prefix(w.log, images) <= len(w.log)
+    delete_everywhere(env, "lg")

@@ -260,7 +260,7 @@ def test_bad_pair_commands_change_nothing(env: LabEnv) -> None:
         (["pair", "create", "g8/p", "--primary", "a:nope", "--secondary", "b:v8"], 3, "no volume"),
         (["pair", "create", "g8/p", "--primary", "a:v8", "--secondary", "b:v8", "--chunk", "3K"],
          2, "power of two"),
-        (["pair", "create", "g8/p", "--primary", "a:v8", "--secondary", "a:v8"], 2, "same node"),
+        (["pair", "create", "g8/p", "--primary", "a:v8", "--secondary", "a:v8"], 2, "same volume"),
         (["pair", "split", "nosuch"], 3, "no pairs"),
         (["pair", "resync", "g8/x"], 3, "does not exist"),
         (["pair", "takeover", "bad name"], 2, "name"),
@@ -364,3 +364,41 @@ def test_verify_finds_corruption_and_repair_plus_resync_fixes_it(env: LabEnv) ->
     env.pv("a", "pair", "split", "g11")
     assert digest(pa) == digest(pb)
     env.pv("a", "pair", "delete", "g11")
+
+
+def test_local_pair_within_one_node(env: LabEnv) -> None:
+    p1, p2 = env.volume("a", "l1"), env.volume("a", "l2")
+    fill(env, "a", "l1", 2 << 20, seed=13)
+    env.pv("a", "pair", "create", "gl/p", "--primary", "a:l1", "--secondary", "a:l2")
+    env.wait("a", "gl/p", "PAIR")
+    row = env.side("a", "gl/p")
+    assert (row["primary"], row["secondary"]) == ("a:l1", "a:l2")
+    assert row["secondary_state"] == "PAIR" and row["pvid_primary"] == row["pvid_secondary"]
+    with pytest.raises(nbd.Error):  # hidden, as on another node
+        env.connect("a", "l2")
+    env.write("a", "l1", 0, os.urandom(CHUNK))  # mirrored in-process
+    assert digest(p1) == digest(p2)
+
+    env.pv("a", "pair", "split", "gl")
+    env.write("a", "l1", 5 * CHUNK, os.urandom(CHUNK))
+    env.write("a", "l2", 9 * CHUNK, os.urandom(CHUNK))
+    labmod.kill_host(env.name, "a")  # both halves restart together
+    labmod.start_node(env.name, "a")
+    row = env.side("a", "gl/p")
+    assert row["state"] == row["secondary_state"] == "PSUS"
+    assert row["dirty_primary"] == row["dirty_secondary"] == CHUNK
+    env.pv("a", "pair", "resync", "gl")
+    env.wait("a", "gl/p", "PAIR")
+    assert env.side("a", "gl/p")["last_copy_bytes"] == 2 * CHUNK
+    assert digest(p1) == digest(p2)
+
+    env.pv("a", "pair", "takeover", "gl/p")  # the secondary half, on the same node
+    env.write("a", "l2", 0, os.urandom(CHUNK))
+    env.pv("a", "pair", "resync", "--swap", "gl/p")
+    env.wait("a", "gl/p", "PAIR")
+    row = env.side("a", "gl/p")
+    assert (row["primary"], row["secondary"]) == ("a:l2", "a:l1")
+    assert digest(p1) == digest(p2)
+    env.pv("a", "pair", "delete", "gl")
+    assert '"id"' not in env.pv("a", "pair", "display", "--json").stdout
+    env.write("a", "l1", 0, b"both usable again")

@@ -206,10 +206,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     snode, svol = parse_side(args.secondary, "--secondary")
     primary = resolve_node(pnode, local)
     secondary = resolve_node(snode, local)
-    if (primary.host, primary.peer_port) == (secondary.host, secondary.peer_port):
-        raise UsageError(
-            "--primary and --secondary are on the same node: local pairs are not supported yet"
-        )
+    if (primary.host, primary.peer_port) == (secondary.host, secondary.peer_port) and pvol == svol:
+        raise UsageError(f"--primary and --secondary are the same volume ({pnode}:{pvol})")
     where = primary.control or local
     if where is None:
         raise UsageError(
@@ -337,8 +335,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _one(where: str, target: str) -> dict[str, Any]:
     pairs = control.call(where, "pair.display", {"target": target}, timeout=10)["pairs"]
-    if len(pairs) != 1:
+    if len({p["id"] for p in pairs}) != 1:
         raise UsageError(f"{target!r}: name one pair (GROUP/PAIR)")
+    # A local pair shows both of its sides here: the primary's view is the pair's.
+    pairs.sort(key=lambda p: p["role"] != "primary")
     result: dict[str, Any] = pairs[0]
     return result
 
