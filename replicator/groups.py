@@ -250,6 +250,7 @@ class GroupPrimary:
                     for s in list(self.sides.values()):
                         if s.ships():
                             s.link_failed(f"shipping the journal failed: {e}")
+                    self._stop.wait(0.5)  # retry, not spin, while the link is down
 
     def status(self, side: Side) -> None:
         """Tell the secondary our newest sequence number; learn its marks."""

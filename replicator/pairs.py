@@ -101,6 +101,7 @@ COPY_WORKERS = 4
 PROGRESS_EVERY = 0.5
 REQUEST_TIMEOUT = 15.0
 PING_TIMEOUT = 2.0
+ASYNC_LINK_TIMEOUT = 30.0  # an async pair's heartbeat timeout: the journal absorbs outages
 STRIPES = 1024
 VERIFY_BATCH = 256
 
@@ -427,7 +428,11 @@ class Side:
             doc.record,
             _now(),
             heartbeat_interval=manager.heartbeat_interval,
-            heartbeat_timeout=manager.heartbeat_timeout,
+            heartbeat_timeout=(
+                manager.async_link_timeout
+                if doc.record.mode is ps.Mode.ASYNC
+                else manager.heartbeat_timeout
+            ),
             link_up=link_up,
         )
         self.state_lock = threading.RLock()
@@ -458,6 +463,7 @@ class Side:
         self.deleted = False
         # A local pair (both volumes on this node): the other side, reached in-process.
         self.partner: Side | None = None
+        self.link_trouble_logged = -1e9
         self.copy_kind: ps.CopyKind | None = None
         self.drain_cut: int | None = None
 
@@ -660,6 +666,18 @@ class Side:
     def link_failed(self, reason: str) -> None:
         if self.deleted:
             return
+        if self.is_async and self.record.state in (ps.State.PAIR, ps.State.PFUL):
+            # An async pair rides out link trouble on its journal (PFUL, then PFUS when it
+            # fills); its heartbeat timeout, not one failed request, declares the link lost.
+            now = _now()
+            if now - self.link_trouble_logged >= 10:
+                self.link_trouble_logged = now
+                self.log(
+                    f"pair {self.id}: cannot reach {self.doc.peer.label()} ({reason}); "
+                    "writes are journaled, PSUE if the peer is not back within "
+                    f"{self.manager.async_link_timeout:g}s"
+                )
+            return
         self.log(f"pair {self.id}: link to {self.doc.peer.label()} lost: {reason}")
         with contextlib.suppress(IllegalState):
             self.fire(ps.LinkLost(reason[: wire.TEXT_MAX]), tell_peer=False)
@@ -686,6 +704,7 @@ class Side:
             elif st is ps.State.COPY and r.state is ps.State.PAIR:
                 # The primary suspended and is resyncing before we noticed the link go.
                 self.fire(ps.LinkLost("the primary restarted the copy"), tell_peer=False)
+                self.fire(ps.LinkRestored(), tell_peer=False)  # it is talking to us now
                 event = ps.Resync()
             elif st is ps.State.PAIR and r.state is ps.State.COPY:
                 event = ps.CopyDone()
@@ -1161,6 +1180,7 @@ class PairManager:
         *,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 5.0,
+        async_link_timeout: float = ASYNC_LINK_TIMEOUT,
     ) -> None:
         self.node_name = node_name
         self.directory = directory
@@ -1171,6 +1191,7 @@ class PairManager:
         self.log = log
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.async_link_timeout = async_link_timeout
         self.sides: dict[str, Side] = {}
         self.primaries: dict[str, GroupPrimary] = {}
         self.secondaries: dict[str, GroupSecondary] = {}
