@@ -67,10 +67,16 @@ def _kind_of(msg: wire.Write | wire.Zero) -> tuple[EntryKind, int, bytes | memor
 
 
 def open_journal(path: str, group: str, capacity: int) -> Journal:
+    """A group journal in write-back mode: an append returns once written (a crash of the
+    node loses nothing acknowledged); a client flush or FUA write syncs it (docs/decisions.md,
+    "Journal durability")."""
     if os.path.exists(path):
-        return Journal.open(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return Journal.create(path, capacity, group)
+        j = Journal.open(path)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        j = Journal.create(path, capacity, group)
+    j.sync_appends = False
+    return j
 
 
 class GroupPrimary:
@@ -139,6 +145,8 @@ class GroupPrimary:
             seq = self.journal.append(
                 side.stream, kind, msg.offset, data, length=length, fua=msg.fua
             )
+            if msg.fua:
+                self.journal.sync()
         except JournalFull:
             self._overflow()
             return None
@@ -405,6 +413,7 @@ class GroupSecondary:
         self.journal.close()
         os.unlink(path)
         self.journal = Journal.create(path, capacity, self.name, first_seq=next_seq)
+        self.journal.sync_appends = False
         if next_seq > 1:
             self.journal.set_applied(next_seq - 1)
 

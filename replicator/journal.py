@@ -389,11 +389,18 @@ class Journal:
         self._head = header.tail_pos
         self._next_seq = header.tail_seq
         self._durable = header.tail_seq - 1
+        self._synced = header.tail_seq - 1
         self._applied = header.applied_seq
         self._inflight: set[int] = set()
         self._flushing = False
         self._failed: VolumeError | None = None
         self._closed = False
+        #: False: append returns once the entry and every earlier one are *written* (in the
+        #: page cache: they survive a crash of the process, kill -9 included), and
+        #: :meth:`sync` makes them durable against power loss, which is the contract of a
+        #: block device's write cache (data is durable after a flush).  True: every append
+        #: waits for an fdatasync (group-committed).
+        self.sync_appends = True
         #: fdatasync calls made for appends (group commit shares them); header syncs excluded.
         self.data_syncs = 0
         self.appends = 0
@@ -703,8 +710,49 @@ class Journal:
     def _written_upto(self) -> int:
         return min(self._inflight) - 1 if self._inflight else self._next_seq - 1
 
+    def sync(self) -> None:
+        """Make every entry appended so far durable (one fdatasync, shared)."""
+        with self._cond:
+            self._check_open()
+            target = self._written_upto()
+            self._synced_wait(target)
+
+    def _synced_wait(self, seq: int) -> None:
+        """With _cond held: an fdatasync covering ``seq`` has completed."""
+        while self._synced < seq:
+            if self._failed is not None:
+                self._check_open()
+            if not self._flushing:
+                target = self._written_upto()
+                self._flushing = True
+                self._cond.release()
+                try:
+                    os.fdatasync(self.fd)
+                except OSError as e:
+                    err = _io_error(e, "fdatasync")
+                    self._cond.acquire()
+                    self._failed = err
+                    self._flushing = False
+                    self._cond.notify_all()
+                    raise err from e
+                self._cond.acquire()
+                self.data_syncs += 1
+                self._synced = max(self._synced, target)
+                self._durable = max(self._durable, target)
+                self._flushing = False
+                self._cond.notify_all()
+            else:
+                self._cond.wait()
+
     def _wait_durable(self, seq: int) -> None:
         """With _cond held: become the flusher or wait for one, until ``seq`` is durable."""
+        if not self.sync_appends:
+            while self._written_upto() < seq:  # never ahead of an earlier, torn, record
+                if self._failed is not None:
+                    self._check_open()
+                self._cond.wait()
+            self._durable = max(self._durable, self._written_upto())
+            return
         while self._durable < seq:
             if self._failed is not None:
                 self._check_open()
@@ -724,6 +772,7 @@ class Journal:
                 self._cond.acquire()
                 self.data_syncs += 1
                 self._durable = max(self._durable, target)
+                self._synced = max(self._synced, target)
                 self._flushing = False
                 self._cond.notify_all()
             else:

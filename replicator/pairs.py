@@ -1011,6 +1011,10 @@ class Side:
     def client_flush(self, local: Callable[[], None]) -> None:
         with self.gate.shared():
             local()
+            if self.is_async and self.record.role is Role.PRIMARY:
+                group = self.manager.primaries.get(self.record.group)
+                if group is not None:
+                    group.journal.sync()  # what the client wrote is now power-safe here
             if self.machine.write_decision() is ps.WriteDecision.MIRROR:
                 try:
                     self.request(wire.Flush(self.id))
