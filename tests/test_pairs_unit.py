@@ -11,7 +11,7 @@ import pytest
 
 from pairvol.cli.pair import merge_sides, parse_side
 from replicator import pair_state as ps
-from replicator.errors import HeaderCorrupt, UsageError
+from replicator.errors import HeaderCorrupt, NotFound, UsageError
 from replicator.header import Role
 from replicator.pairs import (
     ChunkLocks,
@@ -163,3 +163,29 @@ def test_merge_sides_one_row_per_pair() -> None:
     assert row["last_copy_bytes"] == 7 and row["state"] == "PSUS"
     only = merge_sides([_side("secondary", "SSWS", 0)])[0]
     assert only["state"] == "SSWS" and only["dirty_primary"] is None
+
+
+def test_node_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pairvol.cli.pair import read_nodes, resolve_node
+
+    table = tmp_path / "nodes"
+    table.write_text(
+        "# name  address[:peerport]  [dir]\n"
+        "east 198.18.0.1 /var/lib/pairvol/east\n"
+        "west 198.18.0.2:11000   # no local directory\n\n"
+    )
+    nodes = read_nodes(str(table))
+    assert nodes["east"].host == "198.18.0.1" and nodes["east"].peer_port == 10810
+    assert nodes["east"].control == "/var/lib/pairvol/east/control.sock"
+    assert (nodes["west"].peer_port, nodes["west"].control) == (11000, None)
+    monkeypatch.setenv("PAIRVOL_NODES", str(table))
+    monkeypatch.setenv("PAIRVOL_LAB_ROOT", str(tmp_path / "no-labs"))
+    assert resolve_node("west", None).host == "198.18.0.2"
+    with pytest.raises(NotFound, match="unknown node 'north'"):
+        resolve_node("north", None)
+    for bad in ("east\n", "east not-an-ip\n", "a 1.2.3.4\na 1.2.3.5\n", "a 1.2.3.4:0\n"):
+        table.write_text(bad)
+        with pytest.raises(UsageError):
+            read_nodes(str(table))
+    with pytest.raises(NotFound, match="does not exist"):
+        read_nodes(str(tmp_path / "missing"))

@@ -84,11 +84,49 @@ def _lab_node(name: str) -> NodeSpec | None:
     return NodeSpec(h.host, h.address, h.peer_port, h.control)
 
 
+NODES_ENV = "PAIRVOL_NODES"
+NODES_FILE = "/etc/pairvol/nodes"
+
+
+def read_nodes(path: str | None = None) -> dict[str, NodeSpec]:
+    """The node table (like horcm.conf's HORCM_INST): one ``NAME ADDR[:PEERPORT] [DIR]`` per
+    line, ``#`` comments.  ``DIR`` names the node's directory when it runs on this machine.
+    The file is ``$PAIRVOL_NODES`` or /etc/pairvol/nodes; a missing default file is empty."""
+    explicit = path or os.environ.get(NODES_ENV)
+    path = explicit or NODES_FILE
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError as e:
+        if explicit:
+            raise NotFound(f"node table {path} does not exist") from e
+        return {}
+    except OSError as e:
+        raise UsageError(f"cannot read node table {path}: {e.strerror}") from e
+    nodes: dict[str, NodeSpec] = {}
+    for number, raw in enumerate(lines, start=1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) not in (2, 3) or not _is_address(words[1]):
+            raise UsageError(f"{path}:{number}: expected NAME ADDR[:PEERPORT] [DIR], got {raw!r}")
+        host, port = parse_peer_address(words[1], PEER_PORT)
+        control_path = os.path.join(words[2], CONTROL_SOCKET) if len(words) == 3 else None
+        if words[0] in nodes:
+            raise UsageError(f"{path}:{number}: node {words[0]!r} is listed twice")
+        nodes[words[0]] = NodeSpec(words[0], host, port, control_path)
+    return nodes
+
+
 def resolve_node(text: str, local: str | None) -> NodeSpec:
-    """``NODE`` or ``ADDR[:PORT]`` as a NodeSpec."""
+    """``NODE`` (a lab host, the node table, the local node) or ``ADDR[:PORT]``."""
     found = _lab_node(text) if not _is_address(text) else None
     if found is not None:
         return found
+    if not _is_address(text):
+        listed = read_nodes().get(text)
+        if listed is not None:
+            return listed
     if local is not None and not _is_address(text):
         try:
             status = control.call(local, "node.status", timeout=10)
@@ -99,7 +137,10 @@ def resolve_node(text: str, local: str | None) -> NodeSpec:
     if _is_address(text):
         host, port = parse_peer_address(text, PEER_PORT)
         return NodeSpec("", host, port, None)
-    raise NotFound(f"unknown node {text!r}: not a lab node here, not --node, not an address")
+    raise NotFound(
+        f"unknown node {text!r}: not a lab host here, not in the node table "
+        f"(${NODES_ENV} or {NODES_FILE}), not the --node, not an address"
+    )
 
 
 def _is_address(text: str) -> bool:
