@@ -85,7 +85,7 @@ from replicator.groups import (
     GroupSecondary,
     journal_path,
 )
-from replicator.header import Role, check_name
+from replicator.header import PAIR_MAX, Role, check_name
 from replicator.journal import EntryKind
 from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.pvid import format_pvid
@@ -552,6 +552,7 @@ class Side:
                 self.doc.record = a.record
                 if not self.deleted:
                     write_atomic(self.manager.doc_path(self.key), self.doc.to_json().encode())
+                self._label_volume(a.record)
             elif isinstance(a, ps.SendPairState):
                 later.append(a)
             elif isinstance(a, ps.StartCopy):
@@ -592,6 +593,14 @@ class Side:
             elif isinstance(a, ps.DropJournal):
                 self.manager.drop_journal(self)
         return later
+
+    def _label_volume(self, r: ps.PairRecord) -> None:
+        """Keep the VOL information's role and pair id true (``volume info`` shows them)."""
+        role, pair = (Role.SIMPLEX, "") if r.state is ps.State.SMPL else (r.role, r.name)
+        pair = pair.encode()[:PAIR_MAX].decode(errors="ignore")  # the header holds 63 bytes
+        h = self.volume.header
+        if (h.role, h.pair) != (role, pair):
+            self.volume.update_info(role=role, pair=pair)
 
     def _fetch_bitmap(self, which: ps.BitmapRef) -> None:
         kind = "pending" if which is ps.BitmapRef.PEER_PENDING else "diff"

@@ -42,6 +42,9 @@ def test_create_mirror_split_identical(env: LabEnv) -> None:
     # The initial copy sent the allocated data only, not the 32 MiB of the volume.
     assert row["last_copy_bytes"] == (4 << 20) + CHUNK
     assert row["pvid_primary"] == row["pvid_secondary"] == pvid(pa) == pvid(pb)
+    for path, role in ((pa, "primary"), (pb, "secondary")):
+        with Volume.open(path) as v:  # the VOL information says what the volume is now
+            assert (v.header.role.label, v.header.pair) == (role, "g1/p1")
 
     # The secondary is hidden: a client cannot open it.
     with pytest.raises(nbd.Error):
@@ -59,6 +62,9 @@ def test_create_mirror_split_identical(env: LabEnv) -> None:
 
     env.pv("a", "pair", "delete", "g1/p1")
     assert env.pv("a", "pair", "display", "--json").stdout.count('"id"') == 0
+    for path in (pa, pb):
+        with Volume.open(path) as v:
+            assert (v.header.role.label, v.header.pair) == ("simplex", "")
 
 
 def test_resync_copies_only_the_dirty_chunks(env: LabEnv) -> None:
