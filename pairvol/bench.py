@@ -9,10 +9,20 @@ runs first; noise from other processes then spreads evenly over both.  The summa
 median over rounds per (workload, target), and the ratio of each target's median to the
 baseline's.
 
-The pure parts (parsing fio's JSON, medians and ratios, the table) are separate functions so
-that they can be tested without running anything.  More targets (a replicated pair in sync or
-async mode between two lab hosts) are more :class:`Target` subclasses: anything that can
-``prepare`` its data and ``serve`` an NBD URI.
+The pure parts (parsing fio's JSON, medians and ratios, percentiles, the tables) are separate
+functions so that they can be tested without running anything.
+
+Suites.  ``base`` (the default) is the above: pairvol against nbdkit's file plugin.  ``sync``
+and ``async`` (``replicated`` is both, ``all`` is everything) build a two-host lab
+(:mod:`pairvol.lab`, hosts ``a`` and ``b``) and compare, on the write workloads, a volume of a
+sync or async pair (primary on a, secondary on b) with an unpaired volume served by the same
+node process on a (``unrepl``, the baseline): the only difference is replication.  Before each
+measurement every pair is in PAIR with an empty journal; afterwards an async pair is drained
+(and resynced if its journal overflowed, which the sample's ``notes`` record), so no
+measurement pays for another's replication.  ``sync`` also times a full differential resync
+against ``nbdcopy`` copying the same bytes from a to b over the same veth path, alternating;
+``async`` also samples the journal lag while fio writes at half the async maximum.  The lab is
+always torn down, on errors and Ctrl-C too.
 
 Run it as ``tools/bench`` or ``pairvol bench``; ``--help`` lists the options.
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import random
@@ -34,21 +45,30 @@ import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from replicator import server
-from replicator.errors import ExternalCommandFailed, Timeout, UsageError
+from pairvol import lab as labmod
+from replicator import control, node_process, server
+from replicator.errors import (
+    ExternalCommandFailed,
+    IllegalState,
+    NotFound,
+    Timeout,
+    UsageError,
+)
+from replicator.sizes import format_size
 from replicator.volume import Volume
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: "suite" and "replicated"; "baseline" is null without the base suite
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 FILL_CHUNK = 1 << 20
 FILL_SEED = 20240601
+_T = TypeVar("_T")
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -230,10 +250,13 @@ def fill_region(path: Path, offset: int, size: int, seed: int = FILL_SEED) -> No
 
 @dataclass
 class Endpoint:
-    """A running server: its NBD URI, and how busy it has been (None when unknown)."""
+    """A running server: its NBD URI, and how busy it has been (None when unknown).
+
+    ``notes`` is filled by the target when the measurement ends (e.g. the pair's state)."""
 
     uri: str
     cpu_seconds: Callable[[], float | None] = lambda: None
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -247,9 +270,12 @@ def process_cpu_seconds(pid: int) -> float | None:
 
 
 class Target(ABC):
-    """Something that serves ``size`` bytes of pre-filled data as an NBD export."""
+    """Something that serves ``size`` bytes of pre-filled data as an NBD export.
+
+    ``goals`` overrides a workload's goal ratio for this target (workload name -> ratio)."""
 
     name: str
+    goals: dict[str, float] = {}  # noqa: RUF012 (never mutated; subclasses assign their own)
 
     @abstractmethod
     def prepare(self, workdir: Path, size: int) -> None:
@@ -371,6 +397,10 @@ class BenchConfig:
     workdir: Path | None = None
     fio: str = "fio"
     numjobs: int = 1  # fio's nbd engine opens one NBD connection per job
+    suite: str = "base"
+    journal_size: int = 512 << 20  # the async group's journal
+    lag_runtime: float = 20.0  # seconds of rate-limited writing per lag measurement
+    lag_interval: float = 0.25  # seconds between journal lag samples
 
     def fio_args(self) -> list[str]:
         args = ["--ioengine=nbd", f"--numjobs={self.numjobs}", "--time_based"]
@@ -380,7 +410,7 @@ class BenchConfig:
         return args
 
 
-QUICK = {"size": 64 << 20, "rounds": 1, "runtime": 1.0, "ramp_time": 0.0}
+QUICK = {"size": 64 << 20, "rounds": 1, "runtime": 1.0, "ramp_time": 0.0, "lag_runtime": 3.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,10 +420,11 @@ class Sample:
     target: str
     result: Measurement
     server_cores: float | None = None  # server CPU seconds per second of the fio run
+    notes: dict[str, Any] | None = None  # the target's own observations (pair state, ...)
 
 
-def run_fio(cfg: BenchConfig, workload: Workload, uri: str, out: Path) -> Measurement:
-    argv = [
+def fio_argv(cfg: BenchConfig, workload: Workload, uri: str, out: Path) -> list[str]:
+    return [
         cfg.fio,
         f"--name={workload.name}",
         *cfg.fio_args(),
@@ -402,6 +433,10 @@ def run_fio(cfg: BenchConfig, workload: Workload, uri: str, out: Path) -> Measur
         "--output-format=json",
         f"--output={out}",
     ]
+
+
+def run_fio(cfg: BenchConfig, workload: Workload, uri: str, out: Path) -> Measurement:
+    argv = fio_argv(cfg, workload, uri, out)
     limit = cfg.runtime + cfg.ramp_time + 120
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=False)
@@ -413,32 +448,40 @@ def run_fio(cfg: BenchConfig, workload: Workload, uri: str, out: Path) -> Measur
     return parse_fio_json(out.read_text(), workload.direction)
 
 
-def order_for_round(targets: Sequence[Target], rnd: int) -> list[Target]:
+def order_for_round(targets: Sequence[_T], rnd: int) -> list[_T]:
     """A B on even rounds, B A on odd ones."""
     return list(targets) if rnd % 2 == 0 else list(reversed(targets))
+
+
+@contextlib.contextmanager
+def work_directory(cfg: BenchConfig) -> Iterator[Path]:
+    """``cfg.workdir``, or a temporary directory removed afterwards."""
+    if cfg.workdir is not None:
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        yield cfg.workdir
+        return
+    with tempfile.TemporaryDirectory(prefix="pairvol-bench-") as d:
+        yield Path(d)
 
 
 def measure(
     cfg: BenchConfig,
     targets: Sequence[Target],
     progress: Callable[[str], None] = lambda _msg: None,
+    workdir: Path | None = None,
+    workloads: Sequence[Workload] | None = None,
 ) -> list[Sample]:
-    """Prepare every target, then run all rounds.  The work directory is removed afterwards
-    unless the caller named it."""
+    """Prepare every target, then run all rounds of ``workloads`` (default ``cfg.workloads``).
+    Without ``workdir``, the work directory is ``cfg``'s (see :func:`work_directory`)."""
     with contextlib.ExitStack() as stack:
-        if cfg.workdir is None:
-            workdir = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="pairvol-bench-"))
-            )
-        else:
-            workdir = cfg.workdir
-            workdir.mkdir(parents=True, exist_ok=True)
+        if workdir is None:
+            workdir = stack.enter_context(work_directory(cfg))
         for t in targets:
             progress(f"preparing {t.name} ({cfg.size >> 20} MiB)")
             t.prepare(workdir, cfg.size)
         samples = []
         for rnd in range(cfg.rounds):
-            for w in cfg.workloads:
+            for w in cfg.workloads if workloads is None else workloads:
                 for t in order_for_round(targets, rnd):
                     with t.serve() as ep:
                         cpu0, t0 = ep.cpu_seconds(), time.monotonic()
@@ -447,11 +490,12 @@ def measure(
                     cores = None
                     if cpu0 is not None and cpu1 is not None:
                         cores = round((cpu1 - cpu0) / (t1 - t0), 3)
-                    samples.append(Sample(rnd, w.name, t.name, m, cores))
+                    samples.append(Sample(rnd, w.name, t.name, m, cores, ep.notes or None))
                     progress(
                         f"round {rnd + 1}/{cfg.rounds} {w.name:<13} {t.name:<10} "
                         f"{m.iops:>10.0f} IOPS {m.mib_s:>8.1f} MiB/s"
                         + (f"  server {cores:.2f} cores" if cores is not None else "")
+                        + "".join(f" {k}={v}" for k, v in ep.notes.items() if k in _SHOWN)
                     )
         return samples
 
@@ -470,12 +514,17 @@ class Row:
     mib_s: dict[str, float]
     ratio: dict[str, float]  # target -> median(target) / median(baseline), on ``metric``
     round_ratios: dict[str, list[float]]  # the same ratio per round, to show the spread
+    goals: dict[str, float] = field(default_factory=dict)  # per-target goals, where not ``goal``
 
 
 def summarize(
-    samples: Sequence[Sample], workloads: Sequence[Workload], targets: Sequence[str]
+    samples: Sequence[Sample],
+    workloads: Sequence[Workload],
+    targets: Sequence[str],
+    goals: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[Row]:
-    """Medians per (workload, target); ratios of each target to the last one (the baseline)."""
+    """Medians per (workload, target); ratios of each target to the last one (the baseline).
+    ``goals`` (target -> workload -> ratio) overrides the workloads' own goals."""
     baseline = targets[-1]
     rows = []
     for w in workloads:
@@ -497,7 +546,8 @@ def summarize(
                 for s in by_target[t]
                 if base_by_round.get(s.round)
             ]
-        rows.append(Row(w.name, w.metric, w.goal, iops, mib_s, ratio, round_ratios))
+        own = {t: g[w.name] for t, g in (goals or {}).items() if w.name in g and t in ratio}
+        rows.append(Row(w.name, w.metric, w.goal, iops, mib_s, ratio, round_ratios, own))
     return rows
 
 
@@ -515,10 +565,19 @@ def format_table(rows: Sequence[Row], targets: Sequence[str]) -> str:
         for t in targets:
             cells += [f"{r.iops[t]:.0f}", f"{r.mib_s[t]:.1f}"]
         for t in targets[:-1]:
-            mark = "ok" if r.ratio[t] >= r.goal else "below"
+            mark = "ok" if r.ratio[t] >= r.goals.get(t, r.goal) else "below"
             cells.append(f"{r.ratio[t]:.2f} ({mark})")
-        cells.append(f">= {r.goal:.1f}")
+        if r.goals:
+            cells.append(">= " + " / ".join(f"{r.goals.get(t, r.goal):g}" for t in targets[:-1]))
+        else:
+            cells.append(f">= {r.goal:.1f}")
         lines.append(cells)
+    return aligned(lines)
+
+
+def aligned(lines: Sequence[Sequence[str]]) -> str:
+    """A header line, a rule, then rows: first column left-aligned, the others right."""
+    header = lines[0]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
@@ -530,6 +589,588 @@ def format_table(rows: Sequence[Row], targets: Sequence[str]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+# -- replicated suites: a two-host lab -------------------------------------------------------
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "base": ("base",),
+    "sync": ("sync",),
+    "async": ("async",),
+    "replicated": ("sync", "async"),
+    "all": ("base", "sync", "async"),
+}
+REPLICATED_WORKLOADS = ("randwrite-4k", "write-1m")
+MODE_GOALS: dict[str, dict[str, float]] = {
+    "sync": {"randwrite-4k": 0.5, "write-1m": 0.8},
+    "async": {"randwrite-4k": 0.85, "write-1m": 0.85},
+}
+RESYNC_GOAL = 0.8
+SETTLE_TIMEOUT = 300.0
+COPY_FLOOR_RATE = 5 << 20  # bytes/s: a copy slower than this is a failure, not a result
+UNREPLICATED = "unrepl"
+NBDCOPY_DST = "copydst"
+_SHOWN = ("cores_a", "cores_b", "state_end", "resynced")
+
+
+def suite_parts(suite: str) -> tuple[str, ...]:
+    """What a suite runs: ``base`` and/or the pair modes ``sync``, ``async``."""
+    try:
+        return SUITES[suite]
+    except KeyError:
+        raise UsageError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}") from None
+
+
+def replicated_workloads(workloads: Sequence[Workload]) -> tuple[Workload, ...]:
+    """The write workloads, the only ones replication changes."""
+    return tuple(w for w in workloads if w.name in REPLICATED_WORKLOADS)
+
+
+def copy_timeout(size: int) -> float:
+    return 60.0 + size / COPY_FLOOR_RATE
+
+
+def _run_bounded(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    """Run ``argv``; its stdout, or one error line (with the end of its stderr)."""
+    try:
+        done = subprocess.run(
+            list(argv), env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        raise Timeout(f"{' '.join(argv)}: no result after {timeout:.0f}s") from e
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise ExternalCommandFailed(f"{' '.join(argv)}: exit status {done.returncode}: {tail}")
+    return done.stdout
+
+
+class BenchLab:
+    """Lab ``name`` with hosts a and b under ``root``: built on enter, always torn down on exit
+    (the lab's own registry lives in ``root``, so ``down`` can only remove this lab)."""
+
+    def __init__(
+        self, root: Path, name: str | None = None, progress: Callable[[str], None] = print
+    ) -> None:
+        self.root = root
+        self.name = name or f"pvb{os.getpid() % 100000}"
+        self.progress = progress
+        self._saved_root: str | None = None
+        self._info: labmod.Lab | None = None
+
+    def __enter__(self) -> BenchLab:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._saved_root = os.environ.get(labmod.LAB_ROOT_ENV)
+        os.environ[labmod.LAB_ROOT_ENV] = str(self.root)  # pairvol.lab reads it on every call
+        try:
+            self.progress(f"lab {self.name}: up, hosts a and b")
+            labmod.up(self.name, ["a", "b"])
+            self._info = labmod.load(self.name)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if labmod.down(self.name):
+                self.progress(f"lab {self.name}: down")
+        finally:
+            if self._saved_root is None:
+                os.environ.pop(labmod.LAB_ROOT_ENV, None)
+            else:
+                os.environ[labmod.LAB_ROOT_ENV] = self._saved_root
+
+    def host(self, host: str) -> labmod.LabHost:
+        if self._info is None:
+            raise IllegalState(f"lab {self.name} is not up")
+        return self._info.host(host)
+
+    def dir(self, host: str) -> Path:
+        return Path(self.host(host).dir)
+
+    def socket_uri(self, host: str, volume: str) -> str:
+        return f"nbd+unix:///{volume}?socket={self.dir(host) / 'nbd.sock'}"
+
+    def pairvol(self, *args: str, timeout: float = 120.0) -> str:
+        """``pairvol ARGS`` as the lab's host a runs it (its node, the lab's names)."""
+        env = dict(os.environ, PAIRVOL_LAB=self.name, PAIRVOL_NODE_DIR=self.host("a").dir)
+        env[labmod.LAB_ROOT_ENV] = str(self.root)
+        return _run_bounded([sys.executable, "-m", "pairvol", *args], timeout, env)
+
+    def create_volume(self, host: str, name: str, size: int) -> tuple[Path, int]:
+        """A new volume in ``host``'s node directory; its path and data offset."""
+        path = self.dir(host) / name
+        with Volume.create(str(path), size, name=name) as vol:
+            return path, vol.header.data_offset
+
+    def side(self, pair: str) -> dict[str, Any]:
+        """The primary's view of ``pair``, straight from node a's control socket (fast enough
+        to sample several times a second, unlike a ``pairvol pair display`` process)."""
+        shown = control.call(self.host("a").control, "pair.display", {"target": pair}, 10)
+        for s in shown["pairs"]:
+            if s["role"] == "primary":
+                found: dict[str, Any] = s
+                return found
+        raise NotFound(f"node a has no primary side of {pair}")
+
+    def node_cpu(self, host: str) -> float | None:
+        pid = node_process.running_pid(self.host(host).dir)
+        return None if pid is None else process_cpu_seconds(pid)
+
+    def cpu_seconds(self) -> float | None:
+        """Both nodes together: a replicated write costs CPU on each."""
+        a, b = self.node_cpu("a"), self.node_cpu("b")
+        return None if a is None or b is None else a + b
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "hosts": {
+                h: {"address": self.host(h).address, "netns": self.host(h).netns} for h in "ab"
+            },
+        }
+
+
+@contextlib.contextmanager
+def node_cores(lab: BenchLab, notes: dict[str, Any]) -> Iterator[None]:
+    """Record each node's CPU cores (CPU seconds per second) over the block in ``notes``."""
+    a0, b0, t0 = lab.node_cpu("a"), lab.node_cpu("b"), time.monotonic()
+    yield
+    a1, b1, dt_s = lab.node_cpu("a"), lab.node_cpu("b"), time.monotonic() - t0
+    if None not in (a0, a1, b0, b1) and dt_s > 0:
+        notes["cores_a"] = round((a1 - a0) / dt_s, 3)  # type: ignore[operator]
+        notes["cores_b"] = round((b1 - b0) / dt_s, 3)  # type: ignore[operator]
+
+
+class LabTarget(Target):
+    """Volume ``name`` on lab host a, served by a's node process.  With ``mode``, it is the
+    primary of pair ``name/p`` (group ``name``) whose secondary is volume ``name`` on host b."""
+
+    def __init__(
+        self, lab: BenchLab, name: str, mode: str | None = None, *, journal_size: int = 512 << 20
+    ) -> None:
+        if mode not in (None, "sync", "async"):
+            raise UsageError(f"unknown pair mode {mode!r}")
+        self.lab = lab
+        self.name = name
+        self.mode = mode
+        self.journal_size = journal_size
+        self.goals = dict(MODE_GOALS[mode]) if mode else {}
+        self.size = 0
+
+    @property
+    def group(self) -> str:
+        return self.name
+
+    @property
+    def pair(self) -> str:
+        return f"{self.name}/p"
+
+    @property
+    def uri(self) -> str:
+        return self.lab.socket_uri("a", self.name)
+
+    def prepare(self, workdir: Path, size: int) -> None:
+        self.size = size
+        path, data_offset = self.lab.create_volume("a", self.name, size)
+        fill_region(path, data_offset, size)
+        if self.mode is None:
+            return
+        self.lab.create_volume("b", self.name, size)
+        create = ["pair", "create", self.pair, "--primary", f"a:{self.name}"]
+        create += ["--secondary", f"b:{self.name}", "--mode", self.mode]
+        if self.mode == "async":
+            create += ["--journal-size", str(self.journal_size)]
+        self.lab.pairvol(*create)
+        self.wait_state("PAIR", copy_timeout(size))
+
+    def wait_state(self, state: str, timeout: float) -> None:
+        wait = ["pair", "wait", self.pair, "--state", state, "--timeout", f"{timeout:.0f}"]
+        self.lab.pairvol(*wait, timeout=timeout + 30)
+
+    def resync(self) -> None:
+        self.lab.pairvol("pair", "resync", self.group)
+        self.wait_state("PAIR", copy_timeout(self.size))
+
+    def settle(self) -> dict[str, Any]:
+        """Bring the pair to PAIR with nothing left to ship: wait for the journal to drain,
+        resync if it left PAIR (an async journal overflow: PFUS)."""
+        notes: dict[str, Any] = {}
+        t0 = time.monotonic()
+        while True:
+            side = self.lab.side(self.pair)
+            state = str(side["state"])
+            journal = side.get("journal") or {}
+            if state == "PAIR" and int(journal.get("lag_entries", 0)) == 0:
+                break
+            if state in ("PSUS", "PSUE", "PFUS"):
+                self.lab.progress(f"{self.pair} is {state}: resync")
+                notes["resynced"] = state
+                self.resync()
+                continue
+            if time.monotonic() - t0 > SETTLE_TIMEOUT:
+                raise Timeout(f"{self.pair} still {state}, lag {journal.get('lag_entries')}")
+            time.sleep(0.05)
+        notes["settle_s"] = round(time.monotonic() - t0, 2)
+        return notes
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[Endpoint]:
+        if self.mode is not None:
+            self.settle()
+        ep = Endpoint(self.uri, self.lab.cpu_seconds)
+        with node_cores(self.lab, ep.notes):
+            yield ep
+        if self.mode is not None:
+            ep.notes["state_end"] = self.lab.side(self.pair)["state"]
+            ep.notes.update(self.settle())
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "served_by": "lab host a's node", "uri": self.uri}
+        if self.mode is not None:
+            d.update(pair=self.pair, mode=self.mode, secondary=f"b:{self.name}")
+            if self.mode == "async":
+                d["journal_size"] = self.journal_size
+        return d
+
+
+# -- resync against nbdcopy ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CopySample:
+    round: int
+    method: str  # "resync" or "nbdcopy"
+    bytes: int
+    seconds: float
+    cores_a: float | None = None
+    cores_b: float | None = None
+
+    @property
+    def mib_s(self) -> float:
+        return self.bytes / self.seconds / (1 << 20) if self.seconds > 0 else 0.0
+
+
+COPY_METHODS = ("resync", "nbdcopy")
+
+
+def summarize_copies(samples: Sequence[CopySample], goal: float = RESYNC_GOAL) -> dict[str, Any]:
+    """Median MiB/s per method, resync/nbdcopy of the medians, and the same ratio per round."""
+    by = {m: [s for s in samples if s.method == m] for m in COPY_METHODS}
+    if not all(by.values()):
+        return {}
+    med = {m: statistics.median(s.mib_s for s in v) for m, v in by.items()}
+    base = {s.round: s.mib_s for s in by["nbdcopy"]}
+    return {
+        "metric": "mib_s",
+        "goal": goal,
+        "mib_s": med,
+        "bytes": {m: int(statistics.median(s.bytes for s in v)) for m, v in by.items()},
+        "seconds": {m: statistics.median(s.seconds for s in v) for m, v in by.items()},
+        "ratio": med["resync"] / med["nbdcopy"] if med["nbdcopy"] > 0 else 0.0,
+        "round_ratios": [
+            round(s.mib_s / base[s.round], 4) for s in by["resync"] if base.get(s.round)
+        ],
+    }
+
+
+def nbdcopy_argv(lab: BenchLab, src: str, dst: str) -> list[str]:
+    """nbdcopy on host a: from a's node (Unix socket) to b's node over TCP, the veth path the
+    replication takes."""
+    dst_uri = f"nbd://{lab.host('b').address}/{dst}"
+    return [
+        "ip",
+        "netns",
+        "exec",
+        lab.host("a").netns,
+        "nbdcopy",
+        lab.socket_uri("a", src),
+        dst_uri,
+    ]
+
+
+def rewrite(cfg: BenchConfig, uri: str, size: int, out: Path) -> None:
+    """Write every byte of the first ``size`` through NBD (so the difference bitmap sees it)."""
+    argv = [cfg.fio, "--name=dirty", "--ioengine=nbd", f"--uri={uri}", "--rw=write"]
+    argv += ["--bs=1M", "--iodepth=4", f"--size={size}", "--output-format=json", f"--output={out}"]
+    _run_bounded(argv, copy_timeout(size))
+
+
+def timed_resync(cfg: BenchConfig, t: LabTarget, rnd: int, workdir: Path) -> CopySample:
+    """Split, rewrite everything on the primary, resync: the node's own copy time."""
+    t.settle()
+    t.lab.pairvol("pair", "split", t.group)
+    t.wait_state("PSUS", 60)
+    rewrite(cfg, t.uri, t.size, workdir / "fio-dirty.json")
+    notes: dict[str, Any] = {}
+    with node_cores(t.lab, notes):
+        t.resync()
+    side = t.lab.side(t.pair)
+    return CopySample(
+        rnd,
+        "resync",
+        int(side["last_copy_bytes"]),
+        float(side["last_copy_seconds"]),
+        notes.get("cores_a"),
+        notes.get("cores_b"),
+    )
+
+
+def timed_nbdcopy(lab: BenchLab, src: str, size: int, rnd: int) -> CopySample:
+    notes: dict[str, Any] = {}
+    with node_cores(lab, notes):
+        t0 = time.monotonic()
+        _run_bounded(nbdcopy_argv(lab, src, NBDCOPY_DST), copy_timeout(size))
+        seconds = time.monotonic() - t0
+    return CopySample(rnd, "nbdcopy", size, seconds, notes.get("cores_a"), notes.get("cores_b"))
+
+
+def measure_copies(
+    cfg: BenchConfig,
+    pair: LabTarget,
+    source: LabTarget,
+    workdir: Path,
+    progress: Callable[[str], None],
+) -> list[CopySample]:
+    """Alternating rounds of a full differential resync of ``pair`` and an nbdcopy of as many
+    bytes (``source``, unpaired on a, to a fresh volume on b)."""
+    pair.lab.create_volume("b", NBDCOPY_DST, source.size)
+    samples = []
+    for rnd in range(cfg.rounds):
+        for method in order_for_round(COPY_METHODS, rnd):
+            if method == "resync":
+                s = timed_resync(cfg, pair, rnd, workdir)
+            else:
+                s = timed_nbdcopy(pair.lab, source.name, source.size, rnd)
+            samples.append(s)
+            progress(
+                f"round {rnd + 1}/{cfg.rounds} copy {method:<8} {s.bytes >> 20} MiB in "
+                f"{s.seconds:.2f} s = {s.mib_s:.1f} MiB/s  cores a {s.cores_a} b {s.cores_b}"
+            )
+    return samples
+
+
+# -- async lag at a fixed write rate ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LagSample:
+    t: float  # seconds since fio started
+    lag_seconds: float
+    lag_entries: int
+    journal_percent: float
+    state: str
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0..100) of a non-empty sequence."""
+    if not values:
+        raise ValueError("percentile of no values")
+    xs = sorted(values)
+    return xs[max(0, math.ceil(p / 100 * len(xs)) - 1)]
+
+
+def summarize_lag(samples: Sequence[LagSample], skip_s: float) -> dict[str, Any]:
+    """p50/p99/max of the journal lag after the first ``skip_s`` seconds (the ramp)."""
+    steady = [s for s in samples if s.t >= skip_s]
+    if not steady:
+        return {"samples": 0}
+    lags = [s.lag_seconds for s in steady]
+    return {
+        "samples": len(steady),
+        "p50_s": percentile(lags, 50),
+        "p99_s": percentile(lags, 99),
+        "max_s": max(lags),
+        "p50_entries": percentile([s.lag_entries for s in steady], 50),
+        "max_entries": max(s.lag_entries for s in steady),
+        "max_journal_percent": max(s.journal_percent for s in steady),
+        "states": sorted({s.state for s in steady}),
+    }
+
+
+def lag_sample(side: dict[str, Any], t: float) -> LagSample:
+    j = side.get("journal") or {}
+    return LagSample(
+        round(t, 3),
+        float(j.get("lag_seconds", 0.0)),
+        int(j.get("lag_entries", 0)),
+        float(j.get("journal_percent", 0.0)),
+        str(side["state"]),
+    )
+
+
+def measure_lag(
+    cfg: BenchConfig,
+    t: LabTarget,
+    workload: Workload,
+    rate: float,
+    workdir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """fio ``workload`` capped at ``rate`` (IOPS or MiB/s, the workload's metric) for
+    ``cfg.lag_runtime`` seconds while sampling the primary's journal lag."""
+    if workload.metric == "iops":
+        cap = f"--rate_iops={max(1, int(rate))}"
+    else:
+        cap = f"--rate={max(1, int(rate * (1 << 20)))}"
+    out = workdir / f"fio-lag-{workload.name}.json"
+    argv = [cfg.fio, f"--name=lag-{workload.name}", "--ioengine=nbd", "--numjobs=1"]
+    argv += ["--time_based", f"--runtime={cfg.lag_runtime:g}", *workload.fio_args(), cap]
+    argv += [f"--uri={t.uri}", "--output-format=json", f"--output={out}"]
+    t.settle()
+    samples: list[LagSample] = []
+    notes: dict[str, Any] = {}
+    with open(workdir / "fio-lag.log", "ab") as log, node_cores(t.lab, notes):
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            deadline = t0 + cfg.lag_runtime + 60
+            tick = t0
+            while proc.poll() is None:
+                samples.append(lag_sample(t.lab.side(t.pair), time.monotonic() - t0))
+                tick += cfg.lag_interval
+                time.sleep(max(0.0, tick - time.monotonic()))
+                if time.monotonic() > deadline:
+                    raise Timeout(f"fio ran for more than {deadline - t0:.0f}s: {' '.join(argv)}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise ExternalCommandFailed(f"fio exited with {proc.returncode} (see {log.name})")
+    achieved = parse_fio_json(out.read_text(), workload.direction)
+    notes["state_end"] = t.lab.side(t.pair)["state"]
+    notes.update(t.settle())
+    skip = min(2.0, cfg.lag_runtime / 4)
+    result = {
+        "workload": workload.name,
+        "metric": workload.metric,
+        "rate": round(rate, 1),
+        "achieved": round(achieved.metric(workload.metric), 1),
+        "runtime_s": cfg.lag_runtime,
+        "interval_s": cfg.lag_interval,
+        "skip_s": skip,
+        **summarize_lag(samples, skip),
+        "notes": notes,
+        "trace": [[s.t, s.lag_seconds, s.lag_entries] for s in samples],
+    }
+    progress(
+        f"lag {workload.name} at {rate:.0f} {workload.metric}: "
+        f"p50 {result.get('p50_s')} s p99 {result.get('p99_s')} s, states {result.get('states')}"
+    )
+    return result
+
+
+# -- a replicated suite ----------------------------------------------------------------------
+
+
+def check_replicated_prerequisites(modes: Sequence[str]) -> None:
+    if os.geteuid() != 0:
+        suite = "/".join(modes)
+        raise IllegalState(f"the {suite} suite builds a lab (network namespaces): run it as root")
+    for prog in ("ip", "nbdcopy") if "sync" in modes else ("ip",):
+        if shutil.which(prog) is None:
+            raise ExternalCommandFailed(f"{prog} not found (run tools/setup)")
+
+
+def sample_json(s: Sample) -> dict[str, Any]:
+    d = {
+        "round": s.round,
+        "workload": s.workload,
+        "target": s.target,
+        "server_cores": s.server_cores,
+        **asdict(s.result),
+    }
+    if s.notes:
+        d["notes"] = s.notes
+    return d
+
+
+def run_replicated(
+    cfg: BenchConfig, modes: Sequence[str], workdir: Path, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Build a lab, measure the pair modes against the unpaired volume, tear the lab down."""
+    workloads = replicated_workloads(cfg.workloads)
+    if not workloads:
+        raise UsageError(f"the replicated suites run only {', '.join(REPLICATED_WORKLOADS)}")
+    with BenchLab(workdir / "labs", progress=progress) as lab:
+        unrepl = LabTarget(lab, UNREPLICATED)
+        paired = [LabTarget(lab, m, m, journal_size=cfg.journal_size) for m in modes]
+        targets: list[Target] = [*paired, unrepl]
+        names = [t.name for t in targets]
+        samples = measure(cfg, targets, progress, workdir=workdir, workloads=workloads)
+        rows = summarize(samples, workloads, names, {t.name: t.goals for t in paired})
+        out: dict[str, Any] = {
+            "lab": lab.describe(),
+            "baseline": UNREPLICATED,
+            "targets": [t.describe() for t in targets],
+            "workloads": [asdict(w) for w in workloads],
+            "goals": {t.name: t.goals for t in paired},
+            "samples": [sample_json(s) for s in samples],
+            "summary": [asdict(r) for r in rows],
+            "resync": None,
+            "lag": None,
+        }
+        by_mode = {t.mode: t for t in paired}
+        if "sync" in by_mode:
+            copies = measure_copies(cfg, by_mode["sync"], unrepl, workdir, progress)
+            out["resync"] = {
+                "how": "split, rewrite the whole volume on the primary, resync, wait PAIR; the "
+                "node's last_copy_bytes/last_copy_seconds, against nbdcopy of the same size "
+                "from a's node (Unix socket) to b's node (TCP), run on host a",
+                "nbdcopy_command": nbdcopy_argv(lab, UNREPLICATED, NBDCOPY_DST),
+                "samples": [{**asdict(s), "mib_s": s.mib_s} for s in copies],
+                "summary": summarize_copies(copies),
+            }
+        if "async" in by_mode:
+            lag = []
+            for row, w in zip(rows, workloads, strict=True):
+                best = row.iops["async"] if w.metric == "iops" else row.mib_s["async"]
+                lag.append(measure_lag(cfg, by_mode["async"], w, best / 2, workdir, progress))
+            out["lag"] = lag
+        return out
+
+
+def format_copy_table(summary: dict[str, Any]) -> str:
+    mib = summary["mib_s"]
+    mark = "ok" if summary["ratio"] >= summary["goal"] else "below"
+    return aligned(
+        [
+            ["copy", "bytes", "resync MiB/s", "nbdcopy MiB/s", "resync/nbdcopy", "goal"],
+            [
+                "full resync",
+                format_size(summary["bytes"]["resync"]),
+                f"{mib['resync']:.1f}",
+                f"{mib['nbdcopy']:.1f}",
+                f"{summary['ratio']:.2f} ({mark})",
+                f">= {summary['goal']:g}",
+            ],
+        ]
+    )
+
+
+def format_lag_table(lag: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        ["async lag at", "rate", "achieved", "p50 s", "p99 s", "max s", "journal max%", "states"]
+    ]
+    for r in lag:
+        unit = "IOPS" if r["metric"] == "iops" else "MiB/s"
+        lines.append(
+            [
+                r["workload"],
+                f"{r['rate']:.0f} {unit}",
+                f"{r['achieved']:.0f} {unit}",
+                f"{r.get('p50_s', 0):.3f}",
+                f"{r.get('p99_s', 0):.3f}",
+                f"{r.get('max_s', 0):.3f}",
+                f"{r.get('max_journal_percent', 0):.1f}",
+                ",".join(r.get("states", [])),
+            ]
+        )
+    return aligned(lines)
 
 
 # -- machine description ---------------------------------------------------------------------
@@ -582,9 +1223,9 @@ def machine_info(fio: str = "fio") -> dict[str, Any]:
 # -- the whole run ---------------------------------------------------------------------------
 
 
-def default_json_path(now: dt.datetime | None = None) -> Path:
+def default_json_path(now: dt.datetime | None = None, suite: str = "base") -> Path:
     stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return Path("bench-results") / f"baseline-{stamp}.json"
+    return Path("bench-results") / f"{'baseline' if suite == 'base' else suite}-{stamp}.json"
 
 
 def report(
@@ -594,12 +1235,15 @@ def report(
     machine: dict[str, Any],
     started: dt.datetime,
     duration: float,
+    replicated: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document (schema version ``SCHEMA_VERSION``)."""
+    """The JSON document (schema version ``SCHEMA_VERSION``).  The top level is the base
+    suite (empty without it); ``replicated`` is the sync/async suites' part, or null."""
     names = [t.name for t in targets]
-    rows = summarize(samples, cfg.workloads, names)
+    rows = summarize(samples, cfg.workloads, names) if names else []
     return {
         "schema": SCHEMA_VERSION,
+        "suite": cfg.suite,
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(duration, 1),
         "machine": machine,
@@ -611,21 +1255,16 @@ def report(
             "numjobs": cfg.numjobs,
             "fio_common_args": cfg.fio_args(),
             "order": "targets alternate A B / B A per round; a fresh server per measurement",
+            "journal_size": cfg.journal_size,
+            "lag_runtime_s": cfg.lag_runtime,
+            "lag_interval_s": cfg.lag_interval,
         },
-        "baseline": names[-1],
+        "baseline": names[-1] if names else None,
         "targets": [t.describe() for t in targets],
-        "workloads": [asdict(w) for w in cfg.workloads],
-        "samples": [
-            {
-                "round": s.round,
-                "workload": s.workload,
-                "target": s.target,
-                "server_cores": s.server_cores,
-                **asdict(s.result),
-            }
-            for s in samples
-        ],
+        "workloads": [asdict(w) for w in cfg.workloads] if names else [],
+        "samples": [sample_json(s) for s in samples],
         "summary": [asdict(r) for r in rows],
+        "replicated": replicated,
     }
 
 
@@ -634,25 +1273,44 @@ def run(
     targets: Sequence[Target] | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
-    """Measure and return the report (see :func:`report`)."""
+    """Measure the suite ``cfg.suite`` and return the report (see :func:`report`).
+    ``targets`` replaces the base suite's default targets."""
+    parts = suite_parts(cfg.suite)
+    modes = [m for m in parts if m != "base"]
+    if modes:  # before the base suite spends minutes
+        check_replicated_prerequisites(modes)
     if shutil.which(cfg.fio) is None:
         raise ExternalCommandFailed(f"{cfg.fio} not found (run tools/setup)")
     if shutil.which("nbdkit") is None:
         raise ExternalCommandFailed("nbdkit not found (run tools/setup)")
+    if "base" not in parts:
+        targets = []
     targets = list(targets) if targets is not None else default_targets()
     started = dt.datetime.now().astimezone()
     t0 = time.monotonic()
     machine = machine_info(cfg.fio)
-    samples = measure(cfg, targets, progress)
+    with work_directory(cfg) as workdir:
+        samples = measure(cfg, targets, progress, workdir=workdir) if targets else []
+        replicated = run_replicated(cfg, modes, workdir, progress) if modes else None
     machine["loadavg_end"] = list(os.getloadavg())
-    return report(cfg, targets, samples, machine, started, time.monotonic() - t0)
+    return report(cfg, targets, samples, machine, started, time.monotonic() - t0, replicated)
 
 
 def table_of(doc: dict[str, Any]) -> str:
-    """The table for a report produced by :func:`run` (or read back from its JSON)."""
-    names = [t["name"] for t in doc["targets"]]
-    rows = [Row(**r) for r in doc["summary"]]
-    return format_table(rows, names)
+    """The tables for a report produced by :func:`run` (or read back from its JSON)."""
+    tables = []
+    if doc["summary"]:
+        names = [t["name"] for t in doc["targets"]]
+        tables.append(format_table([Row(**r) for r in doc["summary"]], names))
+    rep = doc.get("replicated")
+    if rep:
+        names = [t["name"] for t in rep["targets"]]
+        tables.append(format_table([Row(**r) for r in rep["summary"]], names))
+        if rep["resync"] and rep["resync"]["summary"]:
+            tables.append(format_copy_table(rep["resync"]["summary"]))
+        if rep["lag"]:
+            tables.append(format_lag_table(rep["lag"]))
+    return "\n\n".join(tables)
 
 
 def write_json(doc: dict[str, Any], path: Path) -> None:
