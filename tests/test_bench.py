@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_programs
+from conftest import require_programs, require_root
 
 from pairvol import bench
 from pairvol.cli import build_parser, main
@@ -171,6 +171,8 @@ def test_default_json_path_is_timestamped() -> None:
 
     p = bench.default_json_path(dt.datetime(2024, 5, 6, 7, 8, 9))
     assert p == Path("bench-results/baseline-20240506-070809.json")
+    p = bench.default_json_path(dt.datetime(2024, 5, 6, 7, 8, 9), suite="sync")
+    assert p == Path("bench-results/sync-20240506-070809.json")
 
 
 @pytest.mark.slow
@@ -221,3 +223,219 @@ def test_machine_info_never_records_an_error_message_as_a_version(tmp_path: Path
         "unknown (exit status 128)"
     )
     assert bench._first_line(["sh", "-c", "echo 'fio-3.33'; echo more"]) == "fio-3.33"
+
+
+# -- the replicated suites -------------------------------------------------------------------
+
+
+def test_suites_name_what_they_run() -> None:
+    assert bench.suite_parts("base") == ("base",)
+    assert bench.suite_parts("replicated") == ("sync", "async")
+    assert bench.suite_parts("all") == ("base", "sync", "async")
+    with pytest.raises(UsageError):
+        bench.suite_parts("nope")
+    assert [w.name for w in bench.replicated_workloads(bench.WORKLOADS)] == [
+        "randwrite-4k",
+        "write-1m",
+    ]
+
+
+def test_cli_suite_options() -> None:
+    d = parse()
+    assert (d.suite, d.lag_runtime, d.journal_size) == ("base", 20.0, 512 << 20)
+    q = parse("--suite", "async", "--quick", "--journal-size", "64M")
+    assert (q.suite, q.lag_runtime, q.journal_size, q.size) == ("async", 3.0, 64 << 20, 64 << 20)
+    assert parse("--suite", "sync", "--lag-runtime", "7").lag_runtime == 7.0
+    for argv in (
+        ["--suite", "sync", "--workloads", "randread-4k,read-1m"],  # nothing replication changes
+        ["--suite", "async", "--lag-runtime", "0"],
+        ["--suite", "async", "--journal-size", "4K"],
+    ):
+        with pytest.raises(UsageError):
+            parse(*argv)
+
+
+def test_summarize_applies_per_target_goals_and_the_table_shows_them() -> None:
+    w = bench.WORKLOADS[1]  # randwrite-4k, goal 0.5
+    samples = [
+        sample(0, w.name, "sync", 30, 0.1),
+        sample(0, w.name, "async", 90, 0.3),
+        sample(0, w.name, "unrepl", 100, 0.4),
+    ]
+    goals = {"sync": {"randwrite-4k": 0.5}, "async": {"randwrite-4k": 0.85}}
+    (row,) = bench.summarize(samples, [w], ["sync", "async", "unrepl"], goals)
+    assert row.goals == {"sync": 0.5, "async": 0.85}
+    assert row.ratio == {"sync": pytest.approx(0.3), "async": pytest.approx(0.9)}
+    lines = bench.format_table([row], ["sync", "async", "unrepl"]).splitlines()
+    assert lines[2].split()[-8:] == ["0.30", "(below)", "0.90", "(ok)", ">=", "0.5", "/", "0.85"]
+    # A report read back from JSON (Row(**...)) of schema 1, without goals, still tabulates.
+    plain = {k: v for k, v in asdict_row(row).items() if k != "goals"}
+    assert bench.Row(**plain).goals == {}
+
+
+def asdict_row(row: bench.Row) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(row)
+
+
+def test_left_pair_counts_rounds_that_stopped_replicating() -> None:
+    def noted(target: str, workload: str, state: str | None) -> bench.Sample:
+        s = sample(0, workload, target, 1, 1)
+        return bench.Sample(
+            0, workload, target, s.result, None, None if state is None else {"state_end": state}
+        )
+
+    samples = [
+        noted("async", "write-1m", "PFUS"),
+        noted("async", "write-1m", "PFUS"),
+        noted("async", "randwrite-4k", "PFUL"),
+        noted("sync", "write-1m", "PAIR"),
+        noted("sync", "randwrite-4k", "PSUE"),
+        noted("unrepl", "write-1m", None),
+    ]
+    assert bench.left_pair(samples) == {"async": {"write-1m": 2}, "sync": {"randwrite-4k": 1}}
+
+
+def test_percentile_is_nearest_rank() -> None:
+    xs = [float(x) for x in range(1, 101)]
+    assert bench.percentile(xs, 50) == 50.0
+    assert bench.percentile(xs, 99) == 99.0
+    assert bench.percentile(xs, 100) == 100.0
+    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert bench.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        bench.percentile([], 50)
+
+
+def test_summarize_lag_skips_the_ramp() -> None:
+    samples = [bench.LagSample(0.1, 9.0, 900, 50.0, "PFUL")] + [
+        bench.LagSample(1.0 + i / 4, 0.01 * (i + 1), i, 1.0 + i, "PAIR") for i in range(100)
+    ]
+    lag = bench.summarize_lag(samples, skip_s=0.5)
+    assert lag["samples"] == 100
+    assert lag["p50_s"] == pytest.approx(0.50)
+    assert lag["p99_s"] == pytest.approx(0.99)
+    assert lag["max_s"] == pytest.approx(1.0)
+    assert (lag["max_entries"], lag["max_journal_percent"], lag["states"]) == (99, 100.0, ["PAIR"])
+    assert bench.summarize_lag(samples[:1], skip_s=0.5) == {"samples": 0}
+
+
+def test_lag_sample_reads_the_primarys_journal() -> None:
+    side = {
+        "state": "PAIR",
+        "journal": {"lag_seconds": 0.25, "lag_entries": 3, "journal_percent": 1.5},
+    }
+    assert bench.lag_sample(side, 1.23456) == bench.LagSample(1.235, 0.25, 3, 1.5, "PAIR")
+    assert bench.lag_sample({"state": "PAIR", "journal": None}, 0) == bench.LagSample(
+        0, 0.0, 0, 0.0, "PAIR"
+    )
+
+
+def test_summarize_copies_medians_and_round_ratios() -> None:
+    mib = 1 << 20
+    samples = [
+        bench.CopySample(0, "resync", 100 * mib, 1.0),
+        bench.CopySample(0, "nbdcopy", 100 * mib, 0.5),
+        bench.CopySample(1, "nbdcopy", 100 * mib, 1.0),
+        bench.CopySample(1, "resync", 100 * mib, 2.0),
+        bench.CopySample(2, "resync", 100 * mib, 0.5),
+        bench.CopySample(2, "nbdcopy", 100 * mib, 0.25),
+    ]
+    c = bench.summarize_copies(samples)
+    assert c["mib_s"] == {"resync": 100.0, "nbdcopy": 200.0}
+    assert c["ratio"] == 0.5 and c["goal"] == bench.RESYNC_GOAL
+    assert c["round_ratios"] == [0.5, 0.5, 0.5]
+    assert c["bytes"] == {"resync": 100 * mib, "nbdcopy": 100 * mib}
+    assert bench.summarize_copies(samples[:1]) == {}
+    table = bench.format_copy_table(c).splitlines()
+    assert table[2].split() == [
+        "full",
+        "resync",
+        "100M",
+        "100.0",
+        "200.0",
+        "0.50",
+        "(below)",
+        ">=",
+        "0.8",
+    ]
+
+
+def test_table_of_a_replicated_only_report() -> None:
+    row = bench.Row(
+        "write-1m",
+        "mib_s",
+        0.9,
+        {"sync": 1, "unrepl": 9},
+        {"sync": 100.0, "unrepl": 1000.0},
+        {"sync": 0.1},
+        {"sync": [0.1]},
+        {"sync": 0.8},
+    )
+    lag = {
+        "workload": "write-1m",
+        "metric": "mib_s",
+        "rate": 50.0,
+        "achieved": 49.9,
+        "p50_s": 0.01,
+        "p99_s": 0.02,
+        "max_s": 0.03,
+        "max_journal_percent": 1.0,
+        "states": ["PAIR"],
+    }
+    copies = bench.summarize_copies(
+        [bench.CopySample(0, "resync", 1 << 20, 1.0), bench.CopySample(0, "nbdcopy", 1 << 20, 1.0)]
+    )
+    doc = {
+        "summary": [],
+        "targets": [],
+        "replicated": {
+            "targets": [{"name": "sync"}, {"name": "unrepl"}],
+            "summary": [asdict_row(row)],
+            "resync": {"summary": copies},
+            "lag": [lag],
+        },
+    }  # fmt: skip
+    doc["config"] = {"rounds": 3}
+    doc["replicated"]["left_pair"] = {"async": {"write-1m": 2}}  # type: ignore[index]
+    doc["replicated"]["lag"][0]["sustained"] = {"rate": 100.0}  # type: ignore[index]
+    text = bench.table_of(doc)
+    assert "sync/unrepl" in text and "0.10 (below)" in text and ">= 0.8" in text
+    assert "note: async write-1m: the pair left PAIR (journal overflow) in 2 of 3" in text
+    assert "100 MiB/s" in text  # the end-to-end rate the lag run's rate is half of
+    assert "1.00 (ok)" in text  # resync/nbdcopy
+    assert "50 MiB/s" in text and "0.020" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_quick_replicated_run_end_to_end(tmp_path: Path) -> None:
+    """One quick sync+async run in a real lab: structure only, never speeds."""
+    require_root()
+    require_programs("nbdkit", "fio", "ip", "nbdcopy")
+    out = tmp_path / "result.json"
+    argv = ["bench", "--suite", "replicated", "--quick", "--size", "16M", "--lag-runtime", "1"]
+    code = main([*argv, "--json-out", str(out), "--dir", str(tmp_path / "work")])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert (doc["suite"], doc["baseline"], doc["summary"]) == ("replicated", None, [])
+    rep = doc["replicated"]
+    assert rep["baseline"] == "unrepl"
+    assert [t["name"] for t in rep["targets"]] == ["sync", "async", "unrepl"]
+    assert [r["workload"] for r in rep["summary"]] == ["randwrite-4k", "write-1m"]
+    for row in rep["summary"]:
+        assert set(row["ratio"]) == {"sync", "async"} and set(row["goals"]) == {"sync", "async"}
+    assert len(rep["samples"]) == 2 * 3
+    for s in rep["samples"]:
+        if s["target"] != "unrepl":
+            assert s["notes"]["state_end"] in ("PAIR", "PFUL", "PFUS"), s
+    assert {s["method"] for s in rep["resync"]["samples"]} == {"resync", "nbdcopy"}
+    assert rep["resync"]["summary"]["ratio"] > 0
+    assert [x["workload"] for x in rep["lag"]] == ["randwrite-4k", "write-1m"]
+    assert all("p99_s" in x or x["samples"] == 0 for x in rep["lag"])
+    # The lab is gone: no namespace, no node process, no registry left behind.
+    lab = rep["lab"]["name"]
+    assert not [ns for ns in Path("/run/netns").glob(f"{lab}-*")]
+    assert not [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path) in cmdline(p)]
+    assert not (tmp_path / "work" / "labs" / lab).exists()
