@@ -607,10 +607,11 @@ MODE_GOALS: dict[str, dict[str, float]] = {
 }
 RESYNC_GOAL = 0.8
 SETTLE_TIMEOUT = 300.0
+STALL_TIMEOUT = 20.0  # a journal that ships nothing for this long is stuck
 COPY_FLOOR_RATE = 5 << 20  # bytes/s: a copy slower than this is a failure, not a result
 UNREPLICATED = "unrepl"
 NBDCOPY_DST = "copydst"
-_SHOWN = ("cores_a", "cores_b", "state_end", "resynced")
+_SHOWN = ("cores_a", "cores_b", "state_end", "resynced", "recreated")
 
 
 def suite_parts(suite: str) -> tuple[str, ...]:
@@ -780,12 +781,22 @@ class LabTarget(Target):
         if self.mode is None:
             return
         self.lab.create_volume("b", self.name, size)
+        self.create()
+
+    def create(self) -> None:
         create = ["pair", "create", self.pair, "--primary", f"a:{self.name}"]
-        create += ["--secondary", f"b:{self.name}", "--mode", self.mode]
+        create += ["--secondary", f"b:{self.name}", "--mode", str(self.mode)]
         if self.mode == "async":
             create += ["--journal-size", str(self.journal_size)]
         self.lab.pairvol(*create)
-        self.wait_state("PAIR", copy_timeout(size))
+        self.wait_state("PAIR", copy_timeout(self.size))
+
+    def recreate(self) -> None:
+        """Delete the pair and create it again (a full initial copy).  After an async journal
+        overflow a resync reaches PAIR but leaves the journal shipping stuck (a bug outside
+        the harness, docs/benchmarks.md), so the harness starts the pair afresh."""
+        self.lab.pairvol("pair", "delete", self.group)
+        self.create()
 
     def wait_state(self, state: str, timeout: float) -> None:
         wait = ["pair", "wait", self.pair, "--state", state, "--timeout", f"{timeout:.0f}"]
@@ -799,19 +810,28 @@ class LabTarget(Target):
         """Bring the pair to PAIR with nothing left to ship: wait for the journal to drain,
         resync if it left PAIR (an async journal overflow: PFUS)."""
         notes: dict[str, Any] = {}
-        t0 = time.monotonic()
+        t0 = progress_at = time.monotonic()
+        applied = None
         while True:
             side = self.lab.side(self.pair)
             state = str(side["state"])
             journal = side.get("journal") or {}
             if state == "PAIR" and int(journal.get("lag_entries", 0)) == 0:
                 break
-            if state in ("PSUS", "PSUE", "PFUS"):
+            if journal.get("secondary_applied") != applied:
+                applied, progress_at = journal.get("secondary_applied"), time.monotonic()
+            stalled = time.monotonic() - progress_at > STALL_TIMEOUT
+            if state == "PSUS":
                 self.lab.progress(f"{self.pair} is {state}: resync")
                 notes["resynced"] = state
                 self.resync()
-                continue
-            if time.monotonic() - t0 > SETTLE_TIMEOUT:
+            elif state in ("PSUE", "PFUS") or stalled:
+                why = f"{state}, journal stalled at {applied}" if stalled else state
+                self.lab.progress(f"{self.pair} is {why}: delete and create it again")
+                notes["recreated"] = why
+                self.recreate()
+                progress_at = time.monotonic()
+            elif time.monotonic() - t0 > SETTLE_TIMEOUT:
                 raise Timeout(f"{self.pair} still {state}, lag {journal.get('lag_entries')}")
             time.sleep(0.05)
         notes["settle_s"] = round(time.monotonic() - t0, 2)
