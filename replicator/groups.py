@@ -388,9 +388,19 @@ class GroupSecondary:
                 self.cond.wait(left)
             if msg.seq == self.journal.last_seq + 1:
                 kind, length, data = _kind_of(msg)
-                self.journal.append(
-                    side.stream, kind, msg.offset, data, length=length, fua=msg.fua, seq=msg.seq
-                )
+                while True:
+                    try:
+                        self.journal.append(
+                            side.stream, kind, msg.offset, data, length=length, fua=msg.fua,
+                            seq=msg.seq,
+                        )  # fmt: skip
+                        break
+                    except JournalFull:
+                        # The applier frees space as it goes: wait for it, do not refuse.
+                        if time.monotonic() > deadline + ORDER_WAIT:
+                            raise
+                        self._wake.set()
+                        self.cond.wait(0.2)
                 self.cond.notify_all()
         self._wake.set()
         return self.ack(msg.pair_id)
