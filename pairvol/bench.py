@@ -957,7 +957,9 @@ def measure_copies(
 ) -> list[CopySample]:
     """Alternating rounds of a full differential resync of ``pair`` and an nbdcopy of as many
     bytes (``source``, unpaired on a, to a fresh volume on b)."""
-    pair.lab.create_volume("b", NBDCOPY_DST, source.size)
+    # Filled like every volume: a first copy into a sparse file would also pay for allocation.
+    path, data_offset = pair.lab.create_volume("b", NBDCOPY_DST, source.size)
+    fill_region(path, data_offset, source.size)
     samples = []
     for rnd in range(cfg.rounds):
         for method in order_for_round(COPY_METHODS, rnd):
@@ -979,10 +981,12 @@ def measure_copies(
 @dataclass(frozen=True, slots=True)
 class LagSample:
     t: float  # seconds since fio started
-    lag_seconds: float
+    lag_seconds: float  # 0 when nothing is unapplied (see lag_sample)
     lag_entries: int
     journal_percent: float
     state: str
+    newest_seq: int = 0  # the primary's newest journal entry
+    applied_seq: int = 0  # the newest the secondary has applied
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -999,8 +1003,13 @@ def summarize_lag(samples: Sequence[LagSample], skip_s: float) -> dict[str, Any]
     if not steady:
         return {"samples": 0}
     lags = [s.lag_seconds for s in steady]
+    first, last = steady[0], steady[-1]
+    span = last.t - first.t
     return {
         "samples": len(steady),
+        # entries per second into the journal and applied by the secondary, over the window
+        "journaled_per_s": round((last.newest_seq - first.newest_seq) / span, 1) if span else None,
+        "applied_per_s": round((last.applied_seq - first.applied_seq) / span, 1) if span else None,
         "p50_s": percentile(lags, 50),
         "p99_s": percentile(lags, 99),
         "max_s": max(lags),
@@ -1012,13 +1021,19 @@ def summarize_lag(samples: Sequence[LagSample], skip_s: float) -> dict[str, Any]
 
 
 def lag_sample(side: dict[str, Any], t: float) -> LagSample:
+    """One reading of the primary's journal.  The node's ``lag_seconds`` is the age of the
+    oldest entry still *retained*, which stays and grows after everything was applied (until
+    the space is reused); with no entry outstanding the lag is 0."""
     j = side.get("journal") or {}
+    entries = int(j.get("lag_entries", 0))
     return LagSample(
         round(t, 3),
-        float(j.get("lag_seconds", 0.0)),
-        int(j.get("lag_entries", 0)),
+        float(j.get("lag_seconds", 0.0)) if entries else 0.0,
+        entries,
         float(j.get("journal_percent", 0.0)),
         str(side["state"]),
+        int(j.get("newest_seq", 0)),
+        int(j.get("secondary_applied", 0)),
     )
 
 
@@ -1111,7 +1126,10 @@ def measure_lag(
         "skip_s": skip,
         **summarize_lag(samples, skip),
         "notes": notes,
-        "trace": [[s.t, s.lag_seconds, s.lag_entries] for s in samples],
+        "trace_columns": ["t", "lag_seconds", "lag_entries", "newest_seq", "applied_seq"],
+        "trace": [
+            [s.t, s.lag_seconds, s.lag_entries, s.newest_seq, s.applied_seq] for s in samples
+        ],
     }
     progress(
         f"lag {workload.name} at {rate:.0f} {workload.metric}: "
@@ -1242,7 +1260,7 @@ def format_copy_table(summary: dict[str, Any]) -> str:
 
 def format_lag_table(lag: Sequence[dict[str, Any]]) -> str:
     lines = [["async lag at", "end to end", "rate", "achieved", "p50 s", "p99 s", "max s"]]
-    lines[0] += ["journal max%", "states"]
+    lines[0] += ["entries in/s", "applied/s", "journal max%", "states"]
     for r in lag:
         unit = "IOPS" if r["metric"] == "iops" else "MiB/s"
         lines.append(
@@ -1254,6 +1272,8 @@ def format_lag_table(lag: Sequence[dict[str, Any]]) -> str:
                 f"{r.get('p50_s', 0):.3f}",
                 f"{r.get('p99_s', 0):.3f}",
                 f"{r.get('max_s', 0):.3f}",
+                f"{r.get('journaled_per_s') or 0:.0f}",
+                f"{r.get('applied_per_s') or 0:.0f}",
                 f"{r.get('max_journal_percent', 0):.1f}",
                 ",".join(r.get("states", [])),
             ]

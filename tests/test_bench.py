@@ -310,10 +310,12 @@ def test_percentile_is_nearest_rank() -> None:
 
 def test_summarize_lag_skips_the_ramp() -> None:
     samples = [bench.LagSample(0.1, 9.0, 900, 50.0, "PFUL")] + [
-        bench.LagSample(1.0 + i / 4, 0.01 * (i + 1), i, 1.0 + i, "PAIR") for i in range(100)
+        bench.LagSample(1.0 + i / 4, 0.01 * (i + 1), i, 1.0 + i, "PAIR", 30 * i, 20 * i)
+        for i in range(100)
     ]
     lag = bench.summarize_lag(samples, skip_s=0.5)
     assert lag["samples"] == 100
+    assert (lag["journaled_per_s"], lag["applied_per_s"]) == (120.0, 80.0)
     assert lag["p50_s"] == pytest.approx(0.50)
     assert lag["p99_s"] == pytest.approx(0.99)
     assert lag["max_s"] == pytest.approx(1.0)
@@ -322,11 +324,12 @@ def test_summarize_lag_skips_the_ramp() -> None:
 
 
 def test_lag_sample_reads_the_primarys_journal() -> None:
-    side = {
-        "state": "PAIR",
-        "journal": {"lag_seconds": 0.25, "lag_entries": 3, "journal_percent": 1.5},
-    }
-    assert bench.lag_sample(side, 1.23456) == bench.LagSample(1.235, 0.25, 3, 1.5, "PAIR")
+    j = {"lag_seconds": 0.25, "lag_entries": 3, "journal_percent": 1.5, "newest_seq": 9}
+    side = {"state": "PAIR", "journal": {**j, "secondary_applied": 6}}
+    assert bench.lag_sample(side, 1.23456) == bench.LagSample(1.235, 0.25, 3, 1.5, "PAIR", 9, 6)
+    # Everything applied: the node's age of the oldest retained entry is not a lag.
+    idle = {"state": "PAIR", "journal": {**j, "lag_seconds": 9.3, "lag_entries": 0}}
+    assert bench.lag_sample(idle, 0).lag_seconds == 0.0
     assert bench.lag_sample({"state": "PAIR", "journal": None}, 0) == bench.LagSample(
         0, 0.0, 0, 0.0, "PAIR"
     )
