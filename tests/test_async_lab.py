@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from labenv import CHUNK, LabEnv, digest, fill, lab_env, nbd
@@ -184,19 +185,23 @@ def test_overflow_pful_pfus_then_resync(env: LabEnv) -> None:
     delete_everywhere(env, "of")
 
 
-def test_overflow_without_a_cut_reports_pful_and_pfus(env: LabEnv) -> None:
-    """Writes faster than a tiny journal drains: PFUL, then PFUS; writes never fail."""
+def test_overflow_without_a_cut_reports_pful(env: LabEnv) -> None:
+    """Writes faster than a tiny journal drains: PFUL (and PFUS if it fills); writes never
+    fail, and the pair ends identical."""
     make_group(env, "fu", ["fv"], "--journal-size", "1M", "--high-watermark", "10")
-    seen = set()
     h = env.connect("a", "fv")
     try:
         for i in range(256):
             h.pwrite(os.urandom(CHUNK), (i * CHUNK) % VSIZE)
-            if i % 4 == 0:
-                seen.add(env.side("a", "fu/fv")["state"])
     finally:
         h.shutdown()
-    assert seen & {"PFUL", "PFUS"}, seen
+    events = Path(env.host("a").dir, "events.jsonl").read_text().splitlines()
+    states = {
+        e["state"]
+        for e in map(json.loads, events)
+        if e.get("event") == "pair.state" and e.get("group") == "fu"
+    }
+    assert "PFUL" in states, states
     if env.side("a", "fu/fv")["state"] == "PFUS":
         env.pv("a", "pair", "resync", "fu")
     env.wait("a", "fu/fv", "PAIR", timeout=60)
