@@ -748,7 +748,8 @@ def node_cores(lab: BenchLab, notes: dict[str, Any]) -> Iterator[None]:
 
 class LabTarget(Target):
     """Volume ``name`` on lab host a, served by a's node process.  With ``mode``, it is the
-    primary of pair ``name/p`` (group ``name``) whose secondary is volume ``name`` on host b."""
+    primary of pair ``name/p`` (group ``name``; ``nameN`` once created again N times) whose
+    secondary is volume ``name`` on host b."""
 
     def __init__(
         self, lab: BenchLab, name: str, mode: str | None = None, *, journal_size: int = 512 << 20
@@ -761,14 +762,15 @@ class LabTarget(Target):
         self.journal_size = journal_size
         self.goals = dict(MODE_GOALS[mode]) if mode else {}
         self.size = 0
+        self.generation = 0  # how many times the pair was created again
 
     @property
     def group(self) -> str:
-        return self.name
+        return self.name if self.generation == 0 else f"{self.name}{self.generation}"
 
     @property
     def pair(self) -> str:
-        return f"{self.name}/p"
+        return f"{self.group}/p"
 
     @property
     def uri(self) -> str:
@@ -792,10 +794,12 @@ class LabTarget(Target):
         self.wait_state("PAIR", copy_timeout(self.size))
 
     def recreate(self) -> None:
-        """Delete the pair and create it again (a full initial copy).  After an async journal
-        overflow a resync reaches PAIR but leaves the journal shipping stuck (a bug outside
-        the harness, docs/benchmarks.md), so the harness starts the pair afresh."""
+        """Delete the pair and create it again (a full initial copy) under a new group name.
+        After an async journal overflow a resync reaches PAIR but leaves the journal shipping
+        stuck, and a group created again under the same name ships nothing until its seq
+        passes the secondary's old one (bugs outside the harness, docs/benchmarks.md)."""
         self.lab.pairvol("pair", "delete", self.group)
+        self.generation += 1
         self.create()
 
     def wait_state(self, state: str, timeout: float) -> None:
@@ -1017,6 +1021,8 @@ def summarize_lag(samples: Sequence[LagSample], skip_s: float) -> dict[str, Any]
         "max_entries": max(s.lag_entries for s in steady),
         "max_journal_percent": max(s.journal_percent for s in steady),
         "states": sorted({s.state for s in steady}),
+        # the secondary "applied" more than was ever journaled: the numbers are not a lag
+        "inconsistent": any(s.applied_seq > s.newest_seq for s in samples),
     }
 
 
