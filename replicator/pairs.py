@@ -1388,6 +1388,10 @@ class PairManager:
 
     def forget(self, side: Side) -> None:
         side.deleted = True
+        if side.is_async:
+            # The group's journals go with its last pair: a group created again under the
+            # same name must start a new sequence space on both sides.
+            self.drop_journal(side)
         with self.lock:
             self.sides.pop(side.key, None)
         with contextlib.suppress(FileNotFoundError):
@@ -1430,8 +1434,8 @@ class PairManager:
             g = groups.pop(name, None)
             if g is not None:
                 g.stop()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(journal_path(self.directory, name, receive))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(journal_path(self.directory, name, receive))
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -1621,6 +1625,13 @@ class PairManager:
             )
             members = [x for x in self.sides.values() if x.record.group == group]
             stream = 1 + max((x.stream for x in members), default=0)
+            if not any(x.record.role is Role.SECONDARY for x in members):
+                # A new group here: no receive journal of an earlier group of that name.
+                stale = self.secondaries.pop(group, None)
+                if stale is not None:
+                    stale.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(journal_path(self.directory, group, receive=True))
             doc = SideDoc(record, msg.volume, peer, stream=stream)
             side = Side(self, doc, link_up=True)
             try:

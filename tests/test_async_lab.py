@@ -285,3 +285,24 @@ def test_local_async_pair(env: LabEnv) -> None:
     images = {"la1": stamps_on_image(os.path.join(env.host("a").dir, "la2"))}
     assert 0 < assert_prefix(w.log, images) <= len(w.log)
     delete_everywhere(env, "lg")
+
+
+def test_a_group_created_again_starts_a_new_sequence_space(env: LabEnv) -> None:
+    make_group(env, "rg", ["rv"])
+    env.write("a", "rv", 0, os.urandom(CHUNK))
+    env.wait("a", "rg/rv", "PAIR")
+    delete_everywhere(env, "rg")
+    assert not os.path.exists(os.path.join(env.host("b").dir, ".pairvol/journals/rg.rjournal"))
+    env.pv("a", "pair", "create", "rg/rv", "--primary", "a:rv", "--secondary", "b:rv",
+           "--mode", "async")  # fmt: skip
+    env.wait("a", "rg/rv", "PAIR")
+    env.write("a", "rv", CHUNK, os.urandom(CHUNK))  # sequence 1 of the new group
+    deadline = time.monotonic() + 30
+    while group(env, "a", "rg")["lag_entries"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    env.pv("a", "pair", "split", "rg")
+    assert digest(os.path.join(env.host("a").dir, "rv")) == digest(
+        os.path.join(env.host("b").dir, "rv")
+    )
+    delete_everywhere(env, "rg")
