@@ -264,7 +264,8 @@ class GroupPrimary:
         """Tell the secondary our newest sequence number; learn its marks."""
         newest = self.journal.last_seq
         stamp = self.journal.newest_stamp_ns or 0
-        reply = side.request(wire.JournalStatus(side.id, newest, stamp))
+        base = self.journal.first_seq  # everything older was applied there, or folded
+        reply = side.request(wire.JournalStatus(side.id, newest, stamp, base))
         if isinstance(reply, wire.JournalAck):
             self.on_ack(reply)
 
@@ -310,7 +311,8 @@ class GroupPrimary:
     def describe(self) -> dict[str, Any]:
         j = self.journal
         oldest = j.oldest_stamp_ns
-        lag_s = round(max(0.0, time.time() - oldest / 1e9), 3) if oldest else 0.0
+        outstanding = j.last_seq > self.applied
+        lag_s = round(max(0.0, time.time() - oldest / 1e9), 3) if oldest and outstanding else 0.0
         return {
             "group": self.name,
             "journal_bytes": j.capacity,
@@ -369,13 +371,6 @@ class GroupSecondary:
 
     def receive(self, side: Side, msg: wire.Write | wire.Zero) -> wire.JournalAck:
         """Append a shipped entry in sequence order (duplicates are acknowledged again)."""
-        if msg.seq > self.journal.last_seq + 1 and self._resyncing():
-            # The primary folded entries we never got into its bitmaps and is copying those
-            # chunks instead (resync): they will never come.  Continue from this entry on.
-            self.drain()
-            with self.cond:
-                if msg.seq > self.journal.last_seq + 1:
-                    self._rebase(msg.seq)
         deadline = time.monotonic() + ORDER_WAIT
         with self.cond:
             while msg.seq > self.journal.last_seq + 1:
@@ -405,13 +400,6 @@ class GroupSecondary:
         self._wake.set()
         return self.ack(msg.pair_id)
 
-    def _resyncing(self) -> bool:
-        from replicator.pair_state import State
-
-        return bool(self.sides) and all(
-            side.record.state is State.COPY for side in self.sides.values()
-        )
-
     def _rebase(self, next_seq: int) -> None:
         """Start the receive journal over so that its next entry is ``next_seq``."""
         path, capacity = self.journal.path, self.journal.capacity
@@ -428,6 +416,13 @@ class GroupSecondary:
             self.journal.set_applied(next_seq - 1)
 
     def note_status(self, msg: wire.JournalStatus) -> wire.JournalAck:
+        if msg.base > self.journal.last_seq + 1:
+            # The primary folded entries we never got into its bitmaps (a resync copies those
+            # chunks instead): they will never come.  Continue from its base.
+            self.drain()
+            with self.cond:
+                if msg.base > self.journal.last_seq + 1:
+                    self._rebase(msg.base)
         self.primary_newest = max(self.primary_newest, msg.newest)
         self.primary_newest_ns = msg.newest_ns or self.primary_newest_ns
         self.heard_at = time.time()

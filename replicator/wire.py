@@ -545,11 +545,16 @@ class JournalStatus:
     pair_id: str
     newest: int
     newest_ns: int
+    #: The oldest sequence number the primary still holds or will ship.  Entries below it
+    #: were folded into bitmaps (overflow, suspension): the secondary's receive journal
+    #: continues from here.
+    base: int = 0
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
         _uint(self, "newest", 64)
         _uint(self, "newest_ns", 64)
+        _uint(self, "base", 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -819,7 +824,7 @@ CODECS: Final[dict[type, Codec]] = {
         )),
         Codec(0x14, DigestRequest, (_pair_id(), _u64("first"), _u32("count"))),
         Codec(0x15, Digests, (_pair_id(), _u64("first"), _Bulk("digests"))),
-        Codec(0x16, JournalStatus, (_pair_id(), _u64("newest"), _u64("newest_ns"))),
+        Codec(0x16, JournalStatus, (_pair_id(), _u64("newest"), _u64("newest_ns"), _u64("base"))),
         Codec(0x17, JournalAck, (_pair_id(), _u64("received"), _u64("applied"))),
         Codec(0x20, Write, (
             _pair_id(), _u64("offset"), _u64("seq"), _Bool("fua"), _Bulk("data"),

@@ -178,6 +178,12 @@ def test_overflow_pful_pfus_then_resync(env: LabEnv) -> None:
     assert {"PFUL", "PFUS"} <= states, states  # high watermark, then full: no write blocked
     env.pv("a", "pair", "resync", "of")
     env.wait("a", "of/ov", "PAIR", timeout=60)
+    # Journaling resumes after the folded sequence numbers, and those entries ship.
+    env.write("a", "ov", 3 * CHUNK, os.urandom(CHUNK))
+    deadline = time.monotonic() + 30
+    while group(env, "a", "of")["lag_entries"]:
+        assert time.monotonic() < deadline, group(env, "a", "of")
+        time.sleep(0.1)
     env.pv("a", "pair", "split", "of")
     assert digest(os.path.join(env.host("a").dir, "ov")) == digest(
         os.path.join(env.host("b").dir, "ov")
