@@ -248,6 +248,16 @@ def test_resync_throttle_is_honoured(env: LabEnv) -> None:
     rate = row["last_copy_bytes"] / row["last_copy_seconds"]
     assert row["last_copy_bytes"] == VSIZE
     assert rate <= 8 * 2**20 * 1.10, f"{rate / 2**20:.1f} MiB/s against a limit of 8 MiB/s"
+    # A resync of known size (8 MiB rewritten after a split) at a new limit.
+    env.pv("a", "pair", "split", "th")
+    fill(env, "a", "tv", 8 << 20, seed=13)
+    env.pv("a", "pair", "resync", "th", "--max-rate", "4M")
+    env.wait("a", "th/tv", "PAIR", timeout=60)
+    row = env.side("a", "th/tv")["sides"]["primary"]
+    rate = row["last_copy_bytes"] / row["last_copy_seconds"]
+    assert row["last_copy_bytes"] == 8 << 20
+    assert rate <= 4 * 2**20 * 1.10, f"{rate / 2**20:.1f} MiB/s against a limit of 4 MiB/s"
+    assert rate >= 4 * 2**20 * 0.80, f"{rate / 2**20:.1f} MiB/s: far below the 4 MiB/s limit"
     delete_everywhere(env, "th")
 
 
