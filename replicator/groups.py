@@ -79,15 +79,36 @@ def open_journal(path: str, group: str, capacity: int) -> Journal:
     return j
 
 
-class GroupPrimary:
+class _GroupWorker:
+    """A group side's journal and its one background thread (shipper or applier)."""
+
+    def __init__(self, name: str, journal: Journal, target: Callable[[], None], what: str):
+        self.name = name
+        self.journal = journal
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=target, name=f"{what} {name}", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.journal.close()
+
+
+class GroupPrimary(_GroupWorker):
     """The primary side of one async group on this node."""
 
     def __init__(
         self, name: str, path: str, capacity: int, high_watermark: float, log: Log
     ) -> None:
-        self.name = name
+        super().__init__(name, open_journal(path, name, capacity), self._ship_loop, "ship")
         self.log = log
-        self.journal = open_journal(path, name, capacity)
         self.high_watermark = high_watermark
         self.sides: dict[int, Side] = {}  # stream -> side
         self.lock = threading.Lock()
@@ -102,26 +123,11 @@ class GroupPrimary:
         self._done: set[int] = set()
         self.cut: int | None = None
         self.full = False
-        self.peer_ok = True
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._ship_loop, name=f"ship {name}", daemon=True)
 
     # -- membership ---------------------------------------------------------------------------
 
     def add(self, stream: int, side: Side) -> None:
         self.sides[stream] = side
-
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        self.journal.close()
 
     def redo(self) -> int:
         """After a restart: write every retained entry to its volume again, in order."""
@@ -328,21 +334,17 @@ class GroupPrimary:
         }
 
 
-class GroupSecondary:
+class GroupSecondary(_GroupWorker):
     """The secondary side of one async group: the receive journal and its applier."""
 
     def __init__(self, name: str, path: str, capacity: int, log: Log) -> None:
-        self.name = name
+        super().__init__(name, open_journal(path, name, capacity), self._apply_loop, "apply")
         self.log = log
-        self.journal = open_journal(path, name, capacity)
         self.sides: dict[str, Side] = {}  # pair id -> side
         self.cond = threading.Condition()
         self.primary_newest = 0
         self.primary_newest_ns = 0
         self.heard_at = 0.0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._apply_loop, name=f"apply {name}", daemon=True)
 
     @property
     def received(self) -> int:
@@ -354,17 +356,6 @@ class GroupSecondary:
 
     def add(self, side: Side) -> None:
         self.sides[side.id] = side
-
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        self.journal.close()
 
     def ack(self, pair_id: str) -> wire.JournalAck:
         return wire.JournalAck(pair_id, self.received, self.applied)

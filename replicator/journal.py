@@ -717,30 +717,35 @@ class Journal:
             target = self._written_upto()
             self._synced_wait(target)
 
+    def _flush(self) -> None:
+        """With _cond held and no flush running: one fdatasync covering every record written
+        so far, the lock released meanwhile (group commit: the others wait on _cond)."""
+        target = self._written_upto()
+        self._flushing = True
+        self._cond.release()
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            err = _io_error(e, "fdatasync")
+            self._cond.acquire()
+            self._failed = err
+            self._flushing = False
+            self._cond.notify_all()
+            raise err from e
+        self._cond.acquire()
+        self.data_syncs += 1
+        self._durable = max(self._durable, target)
+        self._synced = max(self._synced, target)
+        self._flushing = False
+        self._cond.notify_all()
+
     def _synced_wait(self, seq: int) -> None:
         """With _cond held: an fdatasync covering ``seq`` has completed."""
         while self._synced < seq:
             if self._failed is not None:
                 self._check_open()
             if not self._flushing:
-                target = self._written_upto()
-                self._flushing = True
-                self._cond.release()
-                try:
-                    os.fdatasync(self.fd)
-                except OSError as e:
-                    err = _io_error(e, "fdatasync")
-                    self._cond.acquire()
-                    self._failed = err
-                    self._flushing = False
-                    self._cond.notify_all()
-                    raise err from e
-                self._cond.acquire()
-                self.data_syncs += 1
-                self._synced = max(self._synced, target)
-                self._durable = max(self._durable, target)
-                self._flushing = False
-                self._cond.notify_all()
+                self._flush()
             else:
                 self._cond.wait()
 
@@ -756,25 +761,8 @@ class Journal:
         while self._durable < seq:
             if self._failed is not None:
                 self._check_open()
-            target = self._written_upto()
-            if not self._flushing and target > self._durable:
-                self._flushing = True
-                self._cond.release()
-                try:
-                    os.fdatasync(self.fd)
-                except OSError as e:
-                    err = _io_error(e, "fdatasync")
-                    self._cond.acquire()
-                    self._failed = err
-                    self._flushing = False
-                    self._cond.notify_all()
-                    raise err from e
-                self._cond.acquire()
-                self.data_syncs += 1
-                self._durable = max(self._durable, target)
-                self._synced = max(self._synced, target)
-                self._flushing = False
-                self._cond.notify_all()
+            if not self._flushing and self._written_upto() > self._durable:
+                self._flush()
             else:
                 self._cond.wait()
 

@@ -108,38 +108,36 @@ def _writer(env: LabEnv, host: str, volume: str, stop: threading.Event, log: lis
         h.shutdown()
 
 
+def _write_until_paired(env: LabEnv, volume: str, target: str) -> tuple[bool, int]:
+    """Run the writer on host a while the pair copies; (was it seen in COPY, writes done)."""
+    stop, log = threading.Event(), list[int]()
+    t = threading.Thread(target=_writer, args=(env, "a", volume, stop, log))
+    t.start()
+    try:
+        seen_copy = env.side("a", target)["state"] == "COPY"
+        env.wait("a", target, "PAIR", timeout=60)
+    finally:
+        stop.set()
+        t.join(30)
+    return seen_copy, len(log)
+
+
 def test_writes_racing_the_initial_copy_and_a_resync_are_kept(env: LabEnv) -> None:
     pa, pb = env.volume("a", "v3"), env.volume("b", "v3")
     fill(env, "a", "v3", SIZE, seed=3)
     # A throttled copy (8 MiB/s over 32 MiB) keeps COPY open while the writer runs.
     env.pv("a", "pair", "create", "g3/p1", "--primary", "a:v3", "--secondary", "b:v3",
            "--max-rate", "8M")  # fmt: skip
-    stop, log = threading.Event(), list[int]()
-    t = threading.Thread(target=_writer, args=(env, "a", "v3", stop, log))
-    t.start()
-    try:
-        seen_copy = env.side("a", "g3/p1")["state"] == "COPY"
-        env.wait("a", "g3/p1", "PAIR", timeout=60)
-    finally:
-        stop.set()
-        t.join(30)
-    assert seen_copy and len(log) > 100
+    seen_copy, writes = _write_until_paired(env, "v3", "g3/p1")
+    assert seen_copy and writes > 100
     env.pv("a", "pair", "split", "g3")
     assert digest(pa) == digest(pb)
 
     # The same during a differential resync of everything the primary rewrote meanwhile.
     fill(env, "a", "v3", SIZE, seed=4)
     env.pv("a", "pair", "resync", "g3", "--max-rate", "8M")
-    stop, log = threading.Event(), list[int]()
-    t = threading.Thread(target=_writer, args=(env, "a", "v3", stop, log))
-    t.start()
-    try:
-        seen_copy = env.side("a", "g3/p1")["state"] == "COPY"
-        env.wait("a", "g3/p1", "PAIR", timeout=60)
-    finally:
-        stop.set()
-        t.join(30)
-    assert seen_copy and len(log) > 100
+    seen_copy, writes = _write_until_paired(env, "v3", "g3/p1")
+    assert seen_copy and writes > 100
     env.pv("a", "pair", "split", "g3")
     assert digest(pa) == digest(pb)
     env.pv("a", "pair", "delete", "g3")
