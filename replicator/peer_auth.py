@@ -16,8 +16,18 @@ adapter bounds the handshake's duration and keeps its decoder at
     initiator checks mac_a, then AuthResult: done
                             <----   AuthResult(ok=False, reason)       (wrong mac_i: both close)
 
-    mac_x = HMAC-SHA256(SHA-256(secret), b"pairvol-auth-v1" || role_x || own nonce
+    mac_x = HMAC-SHA256(SHA-256(key), b"pairvol-auth-v1" || role_x || own nonce
                         || peer nonce || u8 len || own name || u8 len || peer name)
+
+Keys.  Each side picks the key by the name in the *peer's* Hello, from its
+:class:`PeerSecrets`: a keyring holds one key per peer (the two ends of a link hold the same
+key, a key no other node knows), so the name a handshake reports in :attr:`Handshake.peer_name`
+is proven by the key bound to that name, and a node cannot pose as another.  An acceptor that
+has no key for the announced name refuses at once with ``AuthResult(ok=False)``; an initiator
+that has none for the acceptor's name fails.  A single shared secret
+(:meth:`PeerSecrets.shared_secret`, or plain ``bytes``) is the same key for every name:
+weaker, since every holder can pose as every node.  :func:`parse_secrets` reads the secret
+file's format.
 
 ``role_x`` is ``b"I"`` or ``b"A"``: a MAC sent by one role never verifies as the other's, so a
 peer cannot reflect our own proof back at us.  The fresh nonces of both sides make a recorded
@@ -36,7 +46,8 @@ an acceptor that gets a wrong MAC returns ``[AuthResult(ok=False)]`` and is then
 :attr:`~Handshake.failed`, with the error in :attr:`~Handshake.error`; the caller sends the
 reply and closes the connection.  Any later call raises.
 
-No secret.  A node configured without a secret (``secret=b""``, only with
+No secret.  A node configured without a secret (``secret=b""`` or an empty
+:class:`PeerSecrets`, only with
 ``allow_no_secret=True``) runs the same exchange with an empty HMAC key, so it succeeds only
 against a peer that has no secret either; both sides flag it in Hello (``FEATURE_NO_SECRET``),
 so a one-sided configuration gets a clear message, and :attr:`Handshake.unauthenticated` tells
@@ -49,6 +60,7 @@ import enum
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
 from typing import Final, Literal
 
 from replicator.errors import ProtocolError, UsageError
@@ -72,15 +84,119 @@ _ROLE_BYTE: Final[dict[str, bytes]] = {"initiator": b"I", "acceptor": b"A"}
 _OTHER: Final[dict[str, HandshakeRole]] = {"initiator": "acceptor", "acceptor": "initiator"}
 
 
+class PeerSecrets:
+    """The keys of a node's peer links: a keyring (one key per peer name), one shared secret
+    for every peer, or nothing (no authentication).  Immutable; its repr shows no key."""
+
+    __slots__ = ("_keys", "_shared")
+
+    def __init__(self, keys: Mapping[str, bytes] | None = None, *, shared: bytes = b"") -> None:
+        keys = dict(keys or {})
+        if keys and shared:
+            raise UsageError("peer secrets are a keyring or one shared secret, not both")
+        for name, key in keys.items():
+            check_node_name(name)
+            if not isinstance(key, bytes) or not key:
+                raise UsageError(f"the key for peer {name!r} must be non-empty bytes")
+        if not isinstance(shared, bytes):
+            raise UsageError("the peer secret must be bytes")
+        self._keys: Final = keys
+        self._shared: Final = shared
+
+    @classmethod
+    def shared_secret(cls, secret: bytes) -> PeerSecrets:
+        """One secret for every peer (``b""``: none at all)."""
+        return cls(shared=secret)
+
+    @property
+    def shared(self) -> bool:
+        """One secret for every peer name: any holder can pose as any node."""
+        return bool(self._shared)
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The peer names of a keyring, sorted (empty for a shared secret or none)."""
+        return tuple(sorted(self._keys))
+
+    def for_peer(self, name: str) -> bytes | None:
+        """The key for the link to ``name``; None if a keyring has none for it (``b""`` when
+        no secret is configured at all)."""
+        if self._keys:
+            return self._keys.get(name)
+        return self._shared
+
+    def __bool__(self) -> bool:
+        """Whether any secret is configured."""
+        return bool(self._keys or self._shared)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PeerSecrets):
+            return NotImplemented
+        return self._keys == other._keys and self._shared == other._shared
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        if self._keys:
+            return f"PeerSecrets(keyring for {', '.join(self.peers)})"
+        return "PeerSecrets(shared secret)" if self._shared else "PeerSecrets(none)"
+
+
+def as_peer_secrets(secret: bytes | PeerSecrets) -> PeerSecrets:
+    """``secret`` as :class:`PeerSecrets`: plain bytes are a shared secret."""
+    if isinstance(secret, PeerSecrets):
+        return secret
+    if isinstance(secret, bytes):
+        return PeerSecrets.shared_secret(secret)
+    raise UsageError("the peer secret must be bytes or PeerSecrets")
+
+
+def parse_secrets(data: bytes, source: str = "secret file") -> PeerSecrets:
+    """Parse a secret file (docs/protocol.md, "Secrets").
+
+    Lines ``PEERNAME SECRET`` make a keyring, one line per peer; blank lines and lines whose
+    first non-blank character is ``#`` are ignored; a file whose only such line is one bare
+    word is a shared secret.  Neither names nor secrets contain whitespace.  Any other
+    content raises one :class:`~replicator.errors.UsageError` naming ``source`` and the line.
+    """
+    entries: list[tuple[int, list[bytes]]] = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.rstrip(b"\r").strip()
+        if line and not line.startswith(b"#"):
+            entries.append((number, line.split()))
+    if not entries:
+        raise UsageError(f"{source} is empty (no secret in it)")
+    if len(entries) == 1 and len(entries[0][1]) == 1:
+        return PeerSecrets.shared_secret(entries[0][1][0])
+    keys: dict[str, bytes] = {}
+    seen: dict[str, int] = {}
+    for number, fields in entries:
+        where = f"{source} line {number}"
+        if len(fields) != 2:
+            what = "a bare secret is allowed only alone" if len(fields) == 1 else "too many fields"
+            raise UsageError(f"{where}: expected 'PEERNAME SECRET' ({what})")
+        try:
+            name = check_node_name(fields[0].decode("utf-8"))
+        except (UnicodeDecodeError, UsageError) as e:
+            why = "is not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
+            raise UsageError(f"{where}: bad peer name: {why}") from None
+        if name in seen:
+            raise UsageError(f"{where}: peer {name!r} already has a key (line {seen[name]})")
+        seen[name] = number
+        keys[name] = fields[1]
+    return PeerSecrets(keys)
+
+
 def compute_mac(
-    secret: bytes,
+    key: bytes,
     role: HandshakeRole,
     own_nonce: bytes,
     peer_nonce: bytes,
     own_name: str,
     peer_name: str,
 ) -> bytes:
-    """The Auth MAC that the side playing ``role`` sends (docs/protocol.md)."""
+    """The Auth MAC that the side playing ``role`` sends (docs/protocol.md), with the link's
+    ``key`` (the shared secret, or the keyring's key for the pair of names)."""
     own, peer = own_name.encode(), peer_name.encode()
     text = b"".join(
         (
@@ -96,8 +212,8 @@ def compute_mac(
     )
     # HMAC pads short keys with zero bytes, so b"k" and b"k\0" would be the same key; hashing
     # the secret first gives every secret a key of the same length.
-    key = hashlib.sha256(secret).digest()
-    return hmac.new(key, text, hashlib.sha256).digest()
+    hashed = hashlib.sha256(key).digest()
+    return hmac.new(hashed, text, hashlib.sha256).digest()
 
 
 class Step(enum.Enum):
@@ -125,7 +241,7 @@ class Handshake:
     def __init__(
         self,
         role: HandshakeRole,
-        secret: bytes,
+        secret: bytes | PeerSecrets,
         node_name: str,
         *,
         nonce: bytes | None = None,
@@ -135,23 +251,23 @@ class Handshake:
     ) -> None:
         if role not in _ROLE_BYTE:
             raise UsageError(f"handshake role {role!r} is not initiator or acceptor")
-        if not isinstance(secret, bytes):
-            raise UsageError("the peer secret must be bytes")
-        if not secret and not allow_no_secret:
+        keys = as_peer_secrets(secret)
+        if not keys and not allow_no_secret:
             raise UsageError("no peer secret configured; replication links need a shared secret")
         check_node_name(node_name)
         if expect_peer is not None:
             check_node_name(expect_peer)
         if nonce is None:
             nonce = secrets.token_bytes(NONCE_SIZE)
-        if secret:
+        if keys:
             features &= ~FEATURE_NO_SECRET
         else:
             features |= FEATURE_NO_SECRET
         self.role: HandshakeRole = role
         self.node_name = node_name
         self.expect_peer = expect_peer
-        self._secret = secret
+        self._secrets = keys
+        self._key = b""  # the link's key, chosen by the peer's name when its Hello arrives
         self._hello = Hello(PROTO_VERSION, node_name, nonce, features)  # checks nonce, features
         self._peer: Hello | None = None
         self._step = Step.START
@@ -175,11 +291,17 @@ class Handshake:
     @property
     def unauthenticated(self) -> bool:
         """Authentication is disabled (no secret on either side): log a warning."""
-        return not self._secret
+        return not self._secrets
+
+    @property
+    def shared_secret(self) -> bool:
+        """This side uses one secret for every peer, so the name is not bound to a key."""
+        return self._secrets.shared
 
     @property
     def peer_name(self) -> str | None:
-        """The authenticated peer's node name; None until :attr:`done`."""
+        """The authenticated peer's node name, proven by the key bound to it; None until
+        :attr:`done`."""
         return self._peer.node_name if self.done and self._peer else None
 
     @property
@@ -237,6 +359,14 @@ class Handshake:
             return self._fail(f"peer claims our own node name {name!r}")
         if hello.nonce == self._hello.nonce:
             return self._fail(f"peer {name!r} sent back our own nonce (reflection)")
+        key = self._secrets.for_peer(name)
+        if key is None:
+            why = f"unknown peer {name!r}: {self.node_name!r} has no secret for it"
+            if self.role == "acceptor":
+                self._fail(why, raise_=False)
+                return [AuthResult(ok=False, reason=f"authentication failed: {why}")]
+            return self._fail(why)
+        self._key = key
         self._peer = hello
         self._step = Step.AUTH
         if self.role == "initiator":
@@ -271,15 +401,15 @@ class Handshake:
 
     def _mac(self, role: HandshakeRole, sender: Hello, receiver: Hello) -> bytes:
         return compute_mac(
-            self._secret, role, sender.nonce, receiver.nonce, sender.node_name, receiver.node_name
+            self._key, role, sender.nonce, receiver.nonce, sender.node_name, receiver.node_name
         )
 
     def _secret_problem(self) -> str:
         assert self._peer is not None
         peer_has_none = bool(self._peer.features & FEATURE_NO_SECRET)
-        if peer_has_none and self._secret:
+        if peer_has_none and self._secrets:
             return f"{self._peer.node_name!r} has no secret configured, {self.node_name!r} has one"
-        if not peer_has_none and not self._secret:
+        if not peer_has_none and not self._secrets:
             return f"{self.node_name!r} has no secret configured, {self._peer.node_name!r} has one"
         return "wrong secret"
 

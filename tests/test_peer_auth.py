@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from replicator import wire
 from replicator.errors import ProtocolError, UsageError
-from replicator.peer_auth import ACCEPTS, Handshake, Step, compute_mac
+from replicator.peer_auth import (
+    ACCEPTS,
+    Handshake,
+    PeerSecrets,
+    Step,
+    as_peer_secrets,
+    compute_mac,
+    parse_secrets,
+)
 from replicator.wire import (
     FEATURE_NO_SECRET,
     Ack,
@@ -327,3 +335,162 @@ def test_mac_known_answer() -> None:
 
 
 KNOWN_MAC = "a3e89ac8e0594d54e75ae71c86b278ecc5d0d421bf92186fcd15c58e311d744f"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-link keys: a keyring binds each peer name to a key only that pair of nodes holds
+
+K_AB, K_AC, K_BC = b"key-of-a-and-b", b"key-of-a-and-c", b"key-of-b-and-c"
+KEYRINGS = {
+    "a": PeerSecrets({"b": K_AB, "c": K_AC}),
+    "b": PeerSecrets({"a": K_AB, "c": K_BC}),
+    "c": PeerSecrets({"a": K_AC, "b": K_BC}),
+}
+
+
+def handshake_as(claimed: str, keys: PeerSecrets, acceptor: str) -> tuple[Handshake, Handshake]:
+    """An initiator announcing ``claimed`` with ``keys``, to ``acceptor`` with its keyring."""
+    a = Handshake("initiator", keys, claimed, nonce=NA)
+    b = Handshake("acceptor", KEYRINGS[acceptor], acceptor, nonce=NB)
+    return a, b
+
+
+def test_every_pair_of_nodes_authenticates_with_its_own_key() -> None:
+    for me in "abc":
+        for peer in "abc":
+            if me != peer:
+                a, b = handshake_as(me, KEYRINGS[me], peer)
+                assert run(a, b) == (None, None)
+                assert (a.peer_name, b.peer_name) == (peer, me)
+                assert not a.shared_secret and not b.shared_secret
+
+
+def test_a_node_with_its_own_keys_cannot_pose_as_another() -> None:
+    """Issue 7: c holds keys for a and for b, but not the a-b key, so it cannot be 'a' to b."""
+    a, b = handshake_as("a", KEYRINGS["c"], "b")
+    ea, eb = run(a, b)
+    assert eb is not None and str(eb) == "peer 'a' failed authentication (wrong secret)"
+    assert ea is not None and "refused our authentication" in str(ea)
+    assert a.peer_name is None and b.peer_name is None and not b.done
+
+
+def test_the_other_links_key_proves_nothing_either() -> None:
+    """c uses the b-c key (which b has) while claiming 'a': b checks against the a-b key."""
+    a, b = handshake_as("a", PeerSecrets.shared_secret(K_BC), "b")
+    _, eb = run(a, b)
+    assert eb is not None and "failed authentication (wrong secret)" in str(eb)
+    assert not b.done and b.peer_name is None
+
+
+def test_with_a_shared_secret_any_holder_can_pose_as_any_node() -> None:
+    """Documented as weaker: one secret for all is not bound to a name."""
+    a = Handshake("initiator", SECRET, "a", nonce=NA)  # really node c, claiming to be a
+    b = Handshake("acceptor", SECRET, "b", nonce=NB)
+    assert run(a, b) == (None, None)
+    assert b.peer_name == "a" and b.shared_secret
+
+
+def test_acceptor_refuses_an_unknown_peer_name_before_any_mac() -> None:
+    a, b = handshake_as("mallory", PeerSecrets.shared_secret(K_AB), "b")
+    b.start()
+    a.start()
+    reason = "authentication failed: unknown peer 'mallory': 'b' has no secret for it"
+    assert b.receive(Hello(1, "mallory", NA)) == [AuthResult(ok=False, reason=reason)]
+    assert b.failed and b.error is not None
+    assert str(b.error) == "unknown peer 'mallory': 'b' has no secret for it"
+    a2, b2 = handshake_as("mallory", PeerSecrets.shared_secret(K_AB), "b")
+    ea, _ = run(a2, b2)
+    assert ea is not None and str(ea) == f"peer 'b' refused our authentication: {reason}"
+
+
+def test_initiator_refuses_an_acceptor_it_has_no_key_for() -> None:
+    a = Handshake("initiator", KEYRINGS["a"], "a", nonce=NA)
+    b = Handshake("acceptor", SECRET, "mallory", nonce=NB)
+    ea, eb = run(a, b)
+    assert ea is not None and str(ea) == "unknown peer 'mallory': 'a' has no secret for it"
+    assert eb is None and not b.done  # it waits for an Auth that never comes (the adapter closes)
+
+
+def test_keyring_and_shared_secret_interoperate_when_the_keys_match() -> None:
+    a = Handshake("initiator", PeerSecrets({"b": SECRET}), "a", nonce=NA)
+    b = Handshake("acceptor", SECRET, "b", nonce=NB)
+    assert run(a, b) == (None, None)
+
+
+def test_keyring_on_one_side_no_secret_on_the_other_fails_clearly() -> None:
+    a = Handshake("initiator", b"", "a", nonce=NA, allow_no_secret=True)
+    b = Handshake("acceptor", KEYRINGS["b"], "b", nonce=NB)
+    _, eb = run(a, b)
+    assert eb is not None and "'a' has no secret configured, 'b' has one" in str(eb)
+
+
+def test_peer_secrets_value_semantics() -> None:
+    ring = PeerSecrets({"b": K_AB})
+    assert ring.for_peer("b") == K_AB and ring.for_peer("c") is None
+    assert ring.peers == ("b",) and not ring.shared and ring
+    shared = as_peer_secrets(SECRET)
+    assert shared == PeerSecrets.shared_secret(SECRET) and shared.shared
+    assert shared.for_peer("anyone") == SECRET and shared.peers == ()
+    none = as_peer_secrets(b"")
+    assert not none and none.for_peer("b") == b"" and not none.shared
+    assert as_peer_secrets(ring) is ring
+    for text in (repr(ring), repr(shared), str(ring)):
+        assert "key-of" not in text and "s3cret" not in text
+    with pytest.raises(UsageError):
+        PeerSecrets({"b": K_AB}, shared=SECRET)
+    with pytest.raises(UsageError):
+        PeerSecrets({"b c": K_AB})
+    with pytest.raises(UsageError):
+        PeerSecrets({"b": b""})
+    with pytest.raises(UsageError):
+        as_peer_secrets("text")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="no peer secret configured"):
+        Handshake("acceptor", PeerSecrets(), "b")
+
+
+# --------------------------------------------------------------------------------------------
+# The secret file: a keyring, or one bare shared secret
+
+
+def test_parse_a_bare_secret_is_shared() -> None:
+    assert parse_secrets(b"s3cret\n") == PeerSecrets.shared_secret(b"s3cret")
+    assert parse_secrets(b"# lab secret\n\n  s3cret  \r\n\n") == PeerSecrets.shared_secret(
+        b"s3cret"
+    )
+
+
+def test_parse_a_keyring() -> None:
+    text = b"# keys of node a\nb  K1\r\n\n   # c is far away\nc\tK2\n"
+    keys = parse_secrets(text)
+    assert keys == PeerSecrets({"b": b"K1", "c": b"K2"})
+    assert parse_secrets(b"b K1") == PeerSecrets({"b": b"K1"})  # one line with a name
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"", "f is empty"),
+        (b"\n# only a comment\n  \n", "f is empty"),
+        (b"b K1\nK2\n", "f line 2: expected 'PEERNAME SECRET' (a bare secret is allowed only"),
+        (b"s1\ns2\n", "f line 1: expected 'PEERNAME SECRET' (a bare secret"),
+        (b"b K1 extra\n", "f line 1: expected 'PEERNAME SECRET' (too many fields)"),
+        (b"b K1\n\nb K2\n", "f line 3: peer 'b' already has a key (line 1)"),
+        (b"\xff K1\n", "f line 1: bad peer name: is not UTF-8"),
+        (b"b\x7f K1\nc K2\n", "f line 1: bad peer name: node name"),
+    ],
+)
+def test_parse_errors_name_the_line(text: bytes, message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_secrets(text, "f")
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=12)
+words = st.binary(min_size=1, max_size=40).filter(lambda b: b.split() == [b])
+
+
+@given(st.dictionaries(names.filter(lambda n: not n.startswith("#")), words, min_size=1))
+def test_a_written_keyring_parses_back(ring: dict[str, bytes]) -> None:
+    text = b"".join(name.encode() + b" " + key + b"\n" for name, key in ring.items())
+    assert parse_secrets(b"# header\n" + text) == PeerSecrets(ring)
