@@ -10,8 +10,18 @@ the two request-id spaces of docs/protocol.md never mix.
 
 Every connection starts with the handshake (the client is the initiator, the server the
 acceptor), with the decoder held at :data:`~replicator.wire.HANDSHAKE_MAX_PAYLOAD` and the
-whole exchange bounded in time.  Then:
+whole exchange under one deadline, counted from the connect or the accept (every receive
+waits only for what is left of it, so a peer trickling a byte at a time cannot stretch it).
+Then:
 
+* **Server limits.**  Connections still in the handshake (strangers, until proven) and
+  authenticated ones are counted apart: at most ``max_pending`` of the first, where a
+  newcomer beyond the cap evicts the oldest pending handshake of the address that holds the
+  most (a flood from one address evicts its own), and at most ``max_connections`` of the
+  second, checked when a handshake succeeds (a peer over the cap is told so with an Error
+  before the acceptor proves itself).  Strangers can therefore delay a real peer's handshake
+  but never take its place.  Everything a stranger can make the server log (failed
+  handshakes, evictions, refusals, failed accepts) goes through a :class:`LogLimiter`.
 * **Server.**  One reader thread per connection decodes frames and hands each request to a
   small per-connection worker pool (grown on demand up to ``workers`` threads).  At most
   ``workers`` requests of a connection are in flight; beyond that the reader stops reading, so
@@ -47,6 +57,7 @@ import struct
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
@@ -60,7 +71,7 @@ from replicator.errors import (
     Timeout,
     UsageError,
 )
-from replicator.peer_auth import Handshake
+from replicator.peer_auth import Handshake, PeerSecrets, as_peer_secrets
 
 Handler = Callable[[str, wire.Message], wire.Message]
 
@@ -81,11 +92,19 @@ REQUESTS: Final = (
 #: Messages that belong to the handshake and are never valid afterwards.
 _SESSION: Final = (wire.Hello, wire.Auth, wire.AuthResult)
 
+#: The handshake's deadline, from the accept (server) or the connect (client's default is
+#: its own ``connect_timeout``).
 HANDSHAKE_TIMEOUT: Final = 10.0
 SEND_TIMEOUT: Final = 60.0
 JOIN_TIMEOUT: Final = 5.0
 WORKERS: Final = 8
+#: Authenticated connections a server keeps at once (a node has one per peer).
 MAX_CONNECTIONS: Final = 64
+#: Connections in the handshake at once; a newcomer beyond that evicts one.
+MAX_PENDING: Final = 16
+#: Lines of each kind a stranger can provoke: at most LOG_BURST every LOG_INTERVAL seconds.
+LOG_INTERVAL: Final = 10.0
+LOG_BURST: Final = 3
 #: Keepalive: probe after 10 s idle, every 5 s, give up after 3 misses (about 25 s).
 _KEEPALIVE: Final = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
 _TIMEVAL: Final = struct.Struct("@ll")
@@ -131,11 +150,43 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _check_secret(secret: bytes, allow_no_secret: bool) -> None:
-    if not isinstance(secret, bytes):
-        raise UsageError("the peer secret must be bytes")
-    if not secret and not allow_no_secret:
+def _check_secret(secret: bytes | PeerSecrets, allow_no_secret: bool) -> PeerSecrets:
+    keys = as_peer_secrets(secret)
+    if not keys and not allow_no_secret:
         raise UsageError("no peer secret configured; replication links need a shared secret")
+    return keys
+
+
+class LogLimiter:
+    """At most ``burst`` log lines of one kind in each ``interval`` seconds.  Pure: ``now``
+    comes in, so a scripted clock tests it.
+
+    :meth:`admit` says whether to write a line now and, if so, how many lines of its kind were
+    suppressed since the last one written (the line should say so); :meth:`flush` returns the
+    counts not reported yet.
+    """
+
+    def __init__(self, interval: float = LOG_INTERVAL, burst: int = LOG_BURST) -> None:
+        if interval < 0 or burst < 1:
+            raise UsageError("a log limit needs interval >= 0 and burst >= 1")
+        self.interval = interval
+        self.burst = burst
+        self._windows: dict[str, tuple[float, int]] = {}  # kind: (window start, lines written)
+        self._suppressed: dict[str, int] = {}
+
+    def admit(self, kind: str, now: float) -> tuple[bool, int]:
+        window = self._windows.get(kind)
+        start, written = (now, 0) if window is None or now - window[0] >= self.interval else window
+        if written >= self.burst:
+            self._windows[kind] = (start, written)
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return False, 0
+        self._windows[kind] = (start, written + 1)
+        return True, self._suppressed.pop(kind, 0)
+
+    def flush(self) -> dict[str, int]:
+        out, self._suppressed = self._suppressed, {}
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +195,10 @@ def _check_secret(secret: bytes, allow_no_secret: bool) -> None:
 
 class _Eof(Exception):
     """The peer closed its end."""
+
+
+class _Busy(Exception):
+    """The server refused an authenticated peer: too many connections."""
 
 
 def _tune(sock: socket.socket) -> None:
@@ -214,12 +269,18 @@ class _Link:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sndtimeo = seconds
 
-    def receive(self) -> wire.Frame:
-        """The next frame (blocking); ProtocolError, OSError, TimeoutError, or _Eof."""
+    def receive(self, deadline: float | None = None) -> wire.Frame:
+        """The next frame (blocking, or until ``deadline``: each receive waits only for what
+        is left of it); ProtocolError, OSError, TimeoutError, or _Eof."""
         while True:
             frame = self.decoder.next_frame()
             if frame is not None:
                 return frame
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the deadline passed")
+                self.sock.settimeout(left)
             with self.decoder.get_buffer() as buf:
                 n = self.sock.recv_into(buf)
             if n == 0:
@@ -228,21 +289,26 @@ class _Link:
                 raise _Eof("the peer closed the connection")
             self.decoder.buffer_updated(n)
 
-    def handshake(self, hs: Handshake, deadline: float) -> None:
-        """Run ``hs`` to completion (ProtocolError, TimeoutError, OSError or _Eof if not); then
-        lift the payload limit and make the socket blocking."""
+    def handshake(
+        self, hs: Handshake, deadline: float, admit: Callable[[], str | None] | None = None
+    ) -> None:
+        """Run ``hs`` to completion by ``deadline`` (ProtocolError, TimeoutError, OSError or
+        _Eof if not); then lift the payload limit and make the socket blocking.  ``admit``
+        runs once the peer is proven, before our last replies go out: a reason it returns is
+        sent as Error(EBUSY) instead, and raised as _Busy."""
         for m in hs.start():
             self.send(m, 0, deadline)
         while not hs.done:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the handshake timed out")
-            self.sock.settimeout(left)
             try:
-                frame = self.receive()
+                frame = self.receive(deadline)
             except _Eof as e:
                 raise _Eof(f"{e} during the handshake") from None
             replies = hs.receive(frame.message)
+            if hs.done and admit is not None and (refusal := admit()) is not None:
+                self.refusal_sent = True
+                with contextlib.suppress(OSError, TimeoutError):
+                    self.send(wire.Error(_errno.EBUSY, wire.clip_text(refusal)), 0, deadline)
+                raise _Busy(refusal)
             for m in replies:
                 self.send(m, 0, deadline)
             if hs.failed:  # we refused the peer's proof, and the replies told it so
@@ -284,17 +350,22 @@ def _join(threads: list[threading.Thread], deadline: float) -> None:
 
 class PeerServer:
     """Accepts peer connections on a listening TCP socket, authenticates them and answers
-    their requests with ``handler(peer_name, request)``.
+    their requests with ``handler(peer_name, request)``; ``peer_name`` is the name the
+    handshake proved (with a keyring, by that name's own key).
 
+    ``secret``: :class:`~replicator.peer_auth.PeerSecrets`, or bytes for a shared secret;
     ``workers``: requests of one connection handled at once (each may hold a 64 MiB frame);
-    ``max_connections``: connections at once, authenticated or not (more are closed at once).
+    ``handshake_timeout``: each handshake's deadline, from the accept;
+    ``max_pending``: connections in the handshake at once (a newcomer evicts one);
+    ``max_connections``: authenticated connections at once (a peer beyond that is refused);
+    ``log_interval``, ``log_burst``: the limit on lines strangers can make us log.
     """
 
     def __init__(
         self,
         node_name: str,
         sock: socket.socket,
-        secret: bytes,
+        secret: bytes | PeerSecrets,
         handler: Handler,
         log: Callable[[str], None],
         *,
@@ -303,11 +374,16 @@ class PeerServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        max_pending: int = MAX_PENDING,
+        log_interval: float = LOG_INTERVAL,
+        log_burst: int = LOG_BURST,
     ) -> None:
         wire.check_node_name(node_name)
-        _check_secret(secret, allow_no_secret)
-        if workers < 1 or max_connections < 1:
-            raise UsageError("workers and max_connections must be at least 1")
+        secrets = _check_secret(secret, allow_no_secret)
+        if workers < 1 or max_connections < 1 or max_pending < 1:
+            raise UsageError("workers, max_connections and max_pending must be at least 1")
+        if not handshake_timeout > 0:
+            raise UsageError("the handshake timeout must be positive")
         self.node_name = node_name
         self.handler = handler
         self.log = log
@@ -316,11 +392,16 @@ class PeerServer:
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
         self.max_connections = max_connections
-        self._secret = secret
+        self.max_pending = max_pending
+        self._secrets = secrets
         self._sock = sock
         self._address: tuple[str, int] = sock.getsockname()[:2]
         self._lock = threading.Lock()
-        self._conns: set[_ServerConn] = set()
+        self._conns: set[_ServerConn] = set()  # every connection, to stop them
+        self._pending: dict[_ServerConn, None] = {}  # in the handshake, oldest first
+        self._active: set[_ServerConn] = set()  # authenticated
+        self._limiter = LogLimiter(log_interval, log_burst)
+        self._log_lock = threading.Lock()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -351,6 +432,23 @@ class PeerServer:
             c.abort()
         for c in conns:
             _join(c.threads(), deadline)
+        with self._log_lock:
+            unreported = self._limiter.flush()
+        for kind, n in sorted(unreported.items()):
+            self.log(f"peer link: {n} more {kind!r} lines were suppressed")
+
+    def connection_counts(self) -> tuple[int, int]:
+        """(connections in the handshake, authenticated connections) right now."""
+        with self._lock:
+            return len(self._pending), len(self._active)
+
+    def _note(self, kind: str, line: str) -> None:
+        """Log a line a stranger can provoke, within the rate limit."""
+        with self._log_lock:
+            write, suppressed = self._limiter.admit(kind, time.monotonic())
+        if write:
+            more = f" ({suppressed} more like it suppressed before this)" if suppressed else ""
+            self.log(line + more)
 
     def _accept_loop(self) -> None:
         while not self._closing.is_set():
@@ -360,34 +458,67 @@ class PeerServer:
                 if self._closing.is_set():
                     return
                 # EMFILE and friends: say so and back off instead of spinning.
-                self.log(f"peer link: accept failed: {_why(e)}")
+                self._note("accept", f"peer link: accept failed: {_why(e)}")
                 self._closing.wait(0.5)
                 continue
             where = f"{addr[0]}:{addr[1]}"
+            deadline = time.monotonic() + self.handshake_timeout
+            victim: _ServerConn | None = None
             with self._lock:
-                full = len(self._conns) >= self.max_connections
-                if not full and not self._closing.is_set():
-                    conn = _ServerConn(self, sock, where)
+                closing = self._closing.is_set()
+                if not closing:
+                    if len(self._pending) >= self.max_pending:
+                        victim = self._victim()
+                        del self._pending[victim]
+                    conn = _ServerConn(self, sock, where, addr[0], deadline)
                     self._conns.add(conn)
-            if full or self._closing.is_set():
-                if full:
-                    self.log(f"peer link from {where}: refused, {self.max_connections} open")
+                    self._pending[conn] = None
+            if closing:
                 sock.close()
                 continue
+            if victim is not None:
+                victim.abort()
+                self._note(
+                    "evicted",
+                    f"peer link from {victim.where}: dropped, still unauthenticated when "
+                    f"{self.max_pending} handshakes were pending",
+                )
             conn.start()
+
+    def _victim(self) -> _ServerConn:
+        """The pending handshake a newcomer evicts: the oldest of the address that holds the
+        most, so that a flood from one address evicts its own connections first."""
+        counts = Counter(c.address for c in self._pending)
+        most = max(counts.values())
+        return next(c for c in self._pending if counts[c.address] == most)
+
+    def _admit(self, conn: _ServerConn) -> str | None:
+        """``conn`` authenticated: None if it may stay, else why not."""
+        with self._lock:
+            self._pending.pop(conn, None)
+            if len(self._active) >= self.max_connections:
+                return f"too many peer connections ({self.max_connections} authenticated open)"
+            self._active.add(conn)
+            return None
 
     def _forget(self, conn: _ServerConn) -> None:
         with self._lock:
             self._conns.discard(conn)
+            self._pending.pop(conn, None)
+            self._active.discard(conn)
 
 
 class _ServerConn:
     """One accepted connection: a reader thread and a small pool of worker threads."""
 
-    def __init__(self, server: PeerServer, sock: socket.socket, where: str) -> None:
+    def __init__(
+        self, server: PeerServer, sock: socket.socket, where: str, address: str, deadline: float
+    ) -> None:
         self.server = server
         self.link = _Link(sock, where)
         self.where = where
+        self.address = address  # the peer's IP address
+        self.deadline = deadline  # the handshake's
         self.peer: str | None = None
         self._queue: queue.SimpleQueue[wire.Frame | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
@@ -432,24 +563,33 @@ class _ServerConn:
 
     def _handshake(self) -> bool:
         server = self.server
-        _tune(self.link.sock)
         hs = Handshake(
             "acceptor",
-            server._secret,
+            server._secrets,
             server.node_name,
             allow_no_secret=server.allow_no_secret,
         )
         try:
-            self.link.handshake(hs, time.monotonic() + server.handshake_timeout)
+            _tune(self.link.sock)
+            self.link.handshake(hs, self.deadline, admit=lambda: server._admit(self))
+        except _Busy as e:
+            if not self._closed:
+                server._note("busy", f"peer {hs.peer_name!r} ({self.where}): refused: {e}")
+            return False
         except ProtocolError as e:
             if not self._closed:
-                server.log(f"{self._who()}: handshake failed: {e}")
+                server._note("handshake", f"{self._who()}: handshake failed: {e}")
                 if not self.link.refusal_sent:  # else AuthResult(ok=False) already said why
                     self.link.try_send(wire.Error(_errno.EPROTO, wire.clip_text(str(e))))
             return False
-        except (OSError, TimeoutError, _Eof) as e:
+        except TimeoutError:
             if not self._closed:
-                server.log(f"{self._who()}: handshake failed: {_why(e)}")
+                why = f"not done within {server.handshake_timeout:g}s of the accept"
+                server._note("handshake", f"{self._who()}: handshake failed: {why}")
+            return False
+        except (OSError, _Eof) as e:
+            if not self._closed:
+                server._note("handshake", f"{self._who()}: handshake failed: {_why(e)}")
             return False
         self.peer = hs.peer_name
         self.link.send_timeout = server.send_timeout
@@ -692,6 +832,10 @@ class PeerClient:
     there is no background reconnect.  :meth:`close` is final: later requests raise
     :class:`~replicator.errors.Closed`.  ``on_disconnect(reason)`` is called once each time an
     established connection is lost (not when we close it), from the thread that noticed.
+
+    ``secret``: :class:`~replicator.peer_auth.PeerSecrets`, or bytes for a shared secret.
+    ``expect_peer``: the only peer name to accept; with a keyring, the handshake then proves
+    that the peer holds that name's key, so :attr:`peer_name` is never another node's.
     """
 
     def __init__(
@@ -699,7 +843,7 @@ class PeerClient:
         node_name: str,
         host: str,
         port: int,
-        secret: bytes,
+        secret: bytes | PeerSecrets,
         log: Callable[[str], None],
         *,
         expect_peer: str | None = None,
@@ -709,7 +853,7 @@ class PeerClient:
         wire.check_node_name(node_name)
         if expect_peer is not None:
             wire.check_node_name(expect_peer)
-        _check_secret(secret, allow_no_secret)
+        keys = _check_secret(secret, allow_no_secret)
         self.node_name = node_name
         self.host = host
         self.port = port
@@ -718,7 +862,7 @@ class PeerClient:
         self.connect_timeout = connect_timeout
         self.allow_no_secret = allow_no_secret
         self.on_disconnect: Callable[[str], None] | None = None
-        self._secret = secret
+        self._secrets = keys
         self._lock = threading.Lock()  # _conn, _closed, _attempts, _failure, _peer_name
         self._connect_lock = threading.Lock()  # one connection attempt at a time
         self._conn: _ClientConn | None = None
@@ -828,7 +972,7 @@ class PeerClient:
         link = _Link(sock, self.where)
         hs = Handshake(
             "initiator",
-            self._secret,
+            self._secrets,
             self.node_name,
             expect_peer=self.expect_peer,
             allow_no_secret=self.allow_no_secret,

@@ -28,9 +28,10 @@ from replicator.errors import (
     UsageError,
     VolumeError,
 )
-from replicator.peer_auth import Handshake
+from replicator.peer_auth import Handshake, PeerSecrets
 from replicator.peer_link import (
     Handler,
+    LogLimiter,
     PeerClient,
     PeerRefused,
     PeerServer,
@@ -123,7 +124,7 @@ def make_server() -> Iterator[MakeServer]:
         handler: Handler | None = None,
         *,
         name: str = "b",
-        secret: bytes = SECRET,
+        secret: bytes | PeerSecrets = SECRET,
         port: int = 0,
         **kw: object,
     ) -> tuple[PeerServer, Log]:
@@ -147,7 +148,7 @@ def make_client() -> Iterator[MakeClient]:
     clients: list[PeerClient] = []
 
     def make(
-        server: PeerServer, *, name: str = "a", secret: bytes = SECRET, **kw: object
+        server: PeerServer, *, name: str = "a", secret: bytes | PeerSecrets = SECRET, **kw: object
     ) -> tuple[PeerClient, Log]:
         log = Log()
         host, port = server.address
@@ -718,3 +719,235 @@ def test_server_send_timeout_drops_a_peer_that_stops_reading(make_server: MakeSe
     sock.sendall(wire.encode(wire.ChunkRequest(PAIR, 7), 1))  # 64 MiB answer, never read
     slog.wait_for("sending the response failed")
     sock.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Peer identity: per-link keys (issue 7)
+
+KEYRINGS = {
+    "a": PeerSecrets({"b": b"key-a-b", "c": b"key-a-c"}),
+    "b": PeerSecrets({"a": b"key-a-b", "c": b"key-b-c"}),
+    "c": PeerSecrets({"a": b"key-a-c", "b": b"key-b-c"}),
+}
+
+
+def test_a_node_cannot_pose_as_another_with_its_own_keys(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec, secret=KEYRINGS["b"])
+    impostor, _ = make_client(server, name="a", secret=KEYRINGS["c"])
+    with pytest.raises(ConnectionFailed, match="wrong secret"):
+        impostor.request(wire.Ping(1))
+    assert "peer 'a' failed authentication (wrong secret)" in slog.wait_for("handshake failed")
+    assert rec.calls == [] and impostor.peer_name is None
+    # Under its own name, with the same keys, c gets in, and the handler sees "c".
+    honest, _ = make_client(server, name="c", secret=KEYRINGS["c"])
+    assert honest.request(wire.Ping(2)) == wire.Pong(2)
+    real_a, _ = make_client(server, name="a", secret=KEYRINGS["a"])
+    assert real_a.request(wire.Ping(3)) == wire.Pong(3)
+    assert [peer for peer, _ in rec.calls] == ["c", "a"]
+    assert honest.peer_name == real_a.peer_name == "b"
+
+
+def test_an_unknown_peer_name_is_refused_with_a_reason(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, slog = make_server(secret=KEYRINGS["b"])
+    client, _ = make_client(server, name="mallory", secret=b"key-a-b")
+    with pytest.raises(ConnectionFailed) as info:
+        client.request(wire.Ping(1))
+    assert "unknown peer 'mallory': 'b' has no secret for it" in str(info.value)
+    line = slog.wait_for("handshake failed")
+    assert line.endswith("handshake failed: unknown peer 'mallory': 'b' has no secret for it")
+
+
+def test_a_client_refuses_a_server_it_has_no_key_for(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server(name="mallory", secret=b"key-a-b")
+    client, _ = make_client(server, secret=KEYRINGS["a"])
+    with pytest.raises(ConnectionFailed, match="unknown peer 'mallory': 'a' has no secret"):
+        client.request(wire.Ping(1))
+
+
+def test_expect_peer_with_a_keyring_proves_the_name(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server(secret=KEYRINGS["b"])
+    client, _ = make_client(server, secret=KEYRINGS["a"], expect_peer="b")
+    assert client.request(wire.Ping(1)) == wire.Pong(1) and client.peer_name == "b"
+    # c pretending to be b to a: a uses its a-b key, which c does not have.
+    fake_b, _ = make_server(name="b", secret=KEYRINGS["c"])
+    client2, _ = make_client(fake_b, secret=KEYRINGS["a"], expect_peer="b")
+    with pytest.raises(ConnectionFailed):
+        client2.request(wire.Ping(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Denial of service: handshake deadline, separate limits, rate-limited logs (issue 7)
+
+
+def idle_stranger(server: PeerServer, source: str = "127.0.0.1") -> socket.socket:
+    """A connection that never says hello, once the server has started its handshake."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.bind((source, 0))
+    sock.connect(server.address)
+    assert sock.recv(65536)  # the server's Hello: it counts us as pending now
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` within WAIT (it sends nothing more before)."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_trickling_client_is_cut_at_the_handshake_deadline(make_server: MakeServer) -> None:
+    """The deadline counts from the accept; bytes that keep arriving do not extend it."""
+    server, slog = make_server(handshake_timeout=0.5)
+    hello = wire.encode(wire.Hello(1, "slow", bytes(32), 0))
+    sock = socket.create_connection(server.address, timeout=WAIT)
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def trickle() -> None:  # one byte every 0.1 s: the whole Hello would take 7 s
+        for i in range(len(hello) - 1):
+            if stop.wait(0.1):
+                return
+            try:
+                sock.send(hello[i : i + 1])
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle, name="trickler", daemon=True)
+    t.start()
+    try:
+        assert sock.recv(65536)  # the server's Hello
+        assert closed_by_server(sock)
+        assert time.monotonic() - started < 0.5 + 3.0, "the deadline was stretched"
+        assert "not done within 0.5s of the accept" in slog.wait_for("handshake failed")
+    finally:
+        stop.set()
+        t.join(WAIT)
+        sock.close()
+
+
+def test_a_real_peer_gets_in_while_strangers_fill_the_pending_cap(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    rec = Recorder()
+    server, slog = make_server(rec, max_pending=4, handshake_timeout=60.0)
+    strangers = [idle_stranger(server) for _ in range(4)]
+    try:
+        assert server.connection_counts() == (4, 0)
+        client, _ = make_client(server)
+        assert client.request(wire.Ping(1)) == wire.Pong(1)
+        assert rec.calls == [("a", wire.Ping(1))]
+        assert closed_by_server(strangers[0])  # the oldest made room
+        assert "dropped, still unauthenticated" in slog.wait_for("127.0.0.1")
+        assert server.connection_counts() == (3, 1)
+    finally:
+        for s in strangers:
+            s.close()
+
+
+def test_a_flood_from_one_address_evicts_its_own_first(make_server: MakeServer) -> None:
+    server, _ = make_server(max_pending=4, handshake_timeout=60.0)
+    other = idle_stranger(server, "127.0.0.1")  # the oldest, but alone at its address
+    flood = [idle_stranger(server, "127.0.0.2") for _ in range(3)]
+    try:
+        flood.append(idle_stranger(server, "127.0.0.2"))
+        assert closed_by_server(flood[0])
+        other.settimeout(0.3)
+        assert not closed_by_server(other)
+        assert server.connection_counts() == (4, 0)
+    finally:
+        for s in [other, *flood]:
+            s.close()
+
+
+def test_authenticated_connections_do_not_count_as_pending(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, _ = make_server(max_pending=1)
+    clients = [make_client(server, name=f"n{i}")[0] for i in range(3)]
+    for i, c in enumerate(clients):
+        assert c.request(wire.Ping(i)) == wire.Pong(i)
+    assert server.connection_counts() == (0, 3)
+    stranger = idle_stranger(server)
+    try:
+        assert all(c.request(wire.Ping(9)) == wire.Pong(9) for c in clients)
+        assert server.connection_counts() == (1, 3)
+    finally:
+        stranger.close()
+
+
+def test_authenticated_cap_refuses_with_a_reason(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    server, slog = make_server(max_connections=1)
+    first, _ = make_client(server)
+    assert first.request(wire.Ping(1)) == wire.Pong(1)
+    second, _ = make_client(server, name="c")
+    with pytest.raises(ConnectionFailed, match="too many peer connections"):
+        second.request(wire.Ping(2))
+    assert "peer 'c'" in slog.wait_for("refused: too many peer connections")
+    first.close()
+    deadline = time.monotonic() + WAIT
+    while server.connection_counts() != (0, 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert second.request(wire.Ping(3)) == wire.Pong(3)
+
+
+def test_a_flood_of_failed_handshakes_logs_a_bounded_number_of_lines(
+    make_server: MakeServer,
+) -> None:
+    server, slog = make_server(log_burst=3, log_interval=3600.0)
+    for _ in range(40):
+        sock = socket.create_connection(server.address, timeout=WAIT)
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(20))
+        read_until_closed(sock)  # answered and closed: each failure is done
+    for _ in range(20):
+        idle_stranger(server).close()
+    deadline = time.monotonic() + WAIT
+    while server.connection_counts() != (0, 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    server.stop()
+    assert len([line for line in slog.lines if "handshake failed" in line]) == 3
+    assert slog.wait_for("lines were suppressed") == (
+        "peer link: 57 more 'handshake' lines were suppressed"
+    )
+
+
+def test_a_flood_of_evictions_logs_a_bounded_number_of_lines(make_server: MakeServer) -> None:
+    server, slog = make_server(max_pending=2, handshake_timeout=60.0, log_burst=2)
+    strangers = [idle_stranger(server) for _ in range(30)]
+    try:
+        assert all(closed_by_server(s) for s in strangers[:28])
+        assert len([line for line in slog.lines if "dropped" in line]) == 2
+    finally:
+        for s in strangers:
+            s.close()
+
+
+def test_log_limiter_with_a_scripted_clock() -> None:
+    lim = LogLimiter(interval=10.0, burst=2)
+    assert lim.admit("x", 0.0) == (True, 0)
+    assert lim.admit("x", 1.0) == (True, 0)
+    assert lim.admit("x", 2.0) == (False, 0)
+    assert lim.admit("y", 2.0) == (True, 0)  # kinds are counted apart
+    assert lim.admit("x", 9.9) == (False, 0)
+    assert lim.admit("x", 10.0) == (True, 2)  # a new window: says what it held back
+    assert lim.admit("x", 11.0) == (True, 0)
+    assert lim.admit("x", 12.0) == (False, 0)
+    assert lim.flush() == {"x": 1} and lim.flush() == {}
+    with pytest.raises(UsageError):
+        LogLimiter(burst=0)
