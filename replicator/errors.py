@@ -6,11 +6,30 @@ it to; that mapping lives here and nowhere else (see README, "Exit codes").
 
 As in trio, "we closed it" (:class:`Closed`) and "it broke under us" (:class:`PeerLost`) are
 different errors.
+
+Every class is in a registry under its ``kind`` (the class name unless the class sets
+``kind``), wherever it is defined: subclassing :class:`PairvolError` is the one line that
+registers it.  :func:`to_wire` and :func:`from_wire` carry an error across the node's control
+socket by kind, so the CLI rebuilds the same class and exits with the same code as if the
+error had been raised in its own process.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+from typing import Any, ClassVar
+
+_REGISTRY: dict[str, type[PairvolError]] = {}
+
+
+def _register(cls: type[PairvolError]) -> None:
+    old = _REGISTRY.get(cls.kind)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(
+            f"error kind {cls.kind!r} is taken by {old.__module__}.{old.__qualname__}; "
+            f"give {cls.__module__}.{cls.__qualname__} its own kind"
+        )
+    _REGISTRY[cls.kind] = cls  # the same class again (a module reloaded) replaces itself
 
 
 class PairvolError(Exception):
@@ -18,6 +37,14 @@ class PairvolError(Exception):
 
     exit_code: int = 1
     errno: int = _errno.EIO
+    #: The stable name of the class on the control socket; never reuse one for another class.
+    kind: ClassVar[str] = "PairvolError"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__:
+            cls.kind = cls.__name__
+        _register(cls)
 
 
 class UsageError(PairvolError):
@@ -83,6 +110,7 @@ class ProtocolError(PairvolError):
 
     exit_code = 8
     errno = _errno.EPROTO
+    remote: bool = True
 
     def __init__(self, message: str, *, remote: bool = True) -> None:
         super().__init__(message)
@@ -116,6 +144,8 @@ class Closed(PairvolError):
 
 
 class Timeout(PairvolError):
+    """No answer in time."""
+
     exit_code = 21
     errno = _errno.ETIMEDOUT
 
@@ -135,3 +165,50 @@ EXIT_CODES: dict[str, int] = {
     "connection": ConnectionFailed.exit_code,
     "timeout": Timeout.exit_code,
 }
+
+
+_register(PairvolError)
+
+
+def error_class(kind: str) -> type[PairvolError] | None:
+    """The registered class called ``kind``, or None."""
+    return _REGISTRY.get(kind)
+
+
+def to_wire(e: PairvolError) -> dict[str, Any]:
+    """``e`` as the control socket carries it: ``{"kind", "bases", "message", "errno"}``.
+
+    ``bases`` are the kinds of its ancestors, nearest first, so that a peer that does not
+    know ``kind`` (an older CLI, or a class its process never imported) still rebuilds the
+    nearest class it knows and exits with that class's code."""
+    bases = [
+        c.kind for c in type(e).__mro__[1:] if isinstance(c, type) and issubclass(c, PairvolError)
+    ]
+    return {"kind": type(e).kind, "bases": bases, "message": str(e), "errno": e.errno}
+
+
+def from_wire(doc: Any) -> PairvolError:
+    """The error an error object from :func:`to_wire` describes, of the same class when this
+    process knows it, else of its nearest known base, else :class:`PairvolError`.
+
+    The error is rebuilt from its message and errno alone: ``__init__`` is not called (its
+    arguments are not on the wire), so class-specific attributes keep their class defaults.
+    Raises ValueError if ``doc`` is not such an object."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
+        raise ValueError(f"not an error object: {doc!r}")
+    message = doc.get("message", "")
+    bases = doc.get("bases", [])
+    if not isinstance(message, str) or not isinstance(bases, list):
+        raise ValueError(f"not an error object: {doc!r}")
+    cls: type[PairvolError] = PairvolError
+    for kind in [doc["kind"], *bases]:
+        found = _REGISTRY.get(kind) if isinstance(kind, str) else None
+        if found is not None:
+            cls = found
+            break
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    code = doc.get("errno")
+    if type(code) is int and 0 < code < 1 << 31:
+        err.errno = code
+    return err
