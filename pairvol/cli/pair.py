@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -127,16 +128,20 @@ def resolve_node(text: str, local: str | None) -> NodeSpec:
         listed = read_nodes().get(text)
         if listed is not None:
             return listed
+    unreachable: ConnectionFailed | None = None
     if local is not None and not _is_address(text):
         try:
             status = control.call(local, "node.status", timeout=10)
-        except ConnectionFailed:
-            status = None
+        except ConnectionFailed as e:
+            status, unreachable = None, e
         if status is not None and status["name"] == text:
             return NodeSpec(text, status["listen"], status["peer_port"], local)
     if _is_address(text):
         host, port = parse_peer_address(text, PEER_PORT)
         return NodeSpec("", host, port, None)
+    if unreachable is not None:
+        # It may well be the --node's name: say that the node is down, not that it is unknown.
+        raise ConnectionFailed(f"cannot tell which node {text!r} is: {unreachable}")
     raise NotFound(
         f"unknown node {text!r}: not a lab host here, not in the node table "
         f"(${NODES_ENV} or {NODES_FILE}), not the --node, not an address"
@@ -178,7 +183,9 @@ def register(sub: Any) -> None:
     c.add_argument("--max-rate", help="copy bandwidth limit per pair, e.g. 50M (bytes/s)")
     c.add_argument("--journal-size", help="async: the group journal's size (default 256M)")
     c.add_argument(
-        "--high-watermark", type=float, help="async: PFUL above this journal use, in %% (80)"
+        "--high-watermark",
+        metavar="PERCENT",
+        help="async: PFUL above this journal use, more than 0 and at most 100 (default 80)",
     )
     node_opt(c)
     c.add_argument("--json", action="store_true")
@@ -236,12 +243,11 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UsageError(f"--chunk {args.chunk}: a power of two from 4K to 16M")
     if args.mode == "async" and args.fence == "data":
         raise UsageError("--fence data needs --mode sync (an async secondary always lags)")
-    if args.mode == "sync" and (args.journal_size or args.high_watermark):
+    if args.mode == "sync" and (args.journal_size is not None or args.high_watermark is not None):
         raise UsageError("--journal-size and --high-watermark are for --mode async")
     if args.journal_size and parse_size(args.journal_size) < 1 << 20:
         raise UsageError(f"--journal-size {args.journal_size}: at least 1M")
-    if args.high_watermark is not None and not 0 < args.high_watermark <= 100:
-        raise UsageError(f"--high-watermark {args.high_watermark:g}: between 0 and 100")
+    high = None if args.high_watermark is None else parse_percent(args.high_watermark)
     local = _local_control(args.node)
     pnode, pvol = parse_side(args.primary, "--primary")
     snode, svol = parse_side(args.secondary, "--secondary")
@@ -276,7 +282,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             "auto_resync": args.auto_resync,
             "max_rate": _rate(args.max_rate),
             "journal_size": parse_size(args.journal_size) if args.journal_size else None,
-            "high_watermark": args.high_watermark / 100 if args.high_watermark else None,
+            "high_watermark": None if high is None else high / 100,  # the node takes 0 < x <= 1
         },
         timeout=120,
     )
@@ -288,6 +294,20 @@ def cmd_create(args: argparse.Namespace) -> int:
             f"fence={args.fence}: {result['state']} (PVID {result['pvid']})"
         )
     return 0
+
+
+_PERCENT_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", re.ASCII)
+
+
+def parse_percent(text: str, what: str = "--high-watermark") -> float:
+    """A percentage more than 0 and at most 100, in ASCII digits (``80``, ``62.5``)."""
+    raw = text.strip(" ")
+    if not _PERCENT_RE.fullmatch(raw):
+        raise UsageError(f"{what} {text!r} is not a number; give a percentage like 80")
+    value = float(raw)
+    if not 0 < value <= 100:
+        raise UsageError(f"{what} {text}: the percentage must be more than 0 and at most 100")
+    return value
 
 
 def _rate(text: str | None) -> int:
@@ -419,15 +439,27 @@ def cmd_wait(args: argparse.Namespace) -> int:
         time.sleep(0.1)
 
 
-def _collect(controls: list[str], target: str | None) -> list[dict[str, Any]]:
+def _collect(
+    controls: list[str], target: str | None, *, required: bool
+) -> tuple[list[dict[str, Any]], list[ConnectionFailed | Timeout]]:
+    """Every side the nodes at ``controls`` show, and the nodes that did not answer.
+
+    A node that does not answer is an error when ``required`` (the node the user named);
+    otherwise (a peer, one lab host among several) it is returned for the caller to judge."""
     sides: list[dict[str, Any]] = []
+    down: list[ConnectionFailed | Timeout] = []
     for where in controls:
         try:
             shown = control.call(where, "pair.display", {"target": target} if target else {}, 10)
-        except (ConnectionFailed, Timeout, NotFound):
+        except NotFound:
+            continue
+        except (ConnectionFailed, Timeout) as e:
+            if required:
+                raise
+            down.append(e)
             continue
         sides.extend(shown["pairs"])
-    return sides
+    return sides, down
 
 
 def merge_sides(sides: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -481,14 +513,23 @@ def cmd_display(args: argparse.Namespace) -> int:
     if args.target:
         split_pair_id(args.target)
     local = _local_control(args.node)
-    controls = [local] if local else [h.control for h in _lab_hosts()]
-    sides = _collect(controls, args.target)
     if local:
-        # Add the peers' views where the lab tells us how to reach them.
+        sides, _ = _collect([local], args.target, required=True)
+        # Add the peers' views where the lab tells us how to reach them; a peer that is down
+        # leaves its half of the row unknown ("?"), as pairdisplay shows it.
         for peer in sorted({s["peer_node"] for s in sides if s["peer_node"]}):
             spec = _lab_node(peer)
             if spec is not None and spec.control and spec.control != local:
-                sides.extend(_collect([spec.control], args.target))
+                sides.extend(_collect([spec.control], args.target, required=False)[0])
+    else:
+        controls = [h.control for h in _lab_hosts()]
+        if not controls:
+            raise UsageError(
+                f"which node? give --node DIR or set {NODE_DIR_ENV} (no lab is up on this machine)"
+            )
+        sides, down = _collect(controls, args.target, required=False)
+        if len(down) == len(controls):
+            raise ConnectionFailed(f"no lab node answered: {down[0]}")
     rows = merge_sides(sides)
     if args.target and not rows:
         raise NotFound(f"no pair {args.target} on the nodes asked")
