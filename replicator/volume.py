@@ -10,10 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, TypeVar
 
 from replicator import header as hdr
 from replicator.atomic_file import fsync_dir
@@ -29,6 +31,28 @@ from replicator.errors import (
 from replicator.pvid import new_pvid
 
 DEFAULT_BLOCK_SIZE = 4096
+_T = TypeVar("_T", str, int)
+
+
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISCHR, "a character device"),
+)
+
+
+def _require_regular(path: str, stat_fn: Callable[[_T], os.stat_result], target: _T) -> None:
+    """UsageError unless ``target`` (a path, or an fd for fstat) is a regular file."""
+    try:
+        mode = stat_fn(target).st_mode
+    except OSError as e:
+        raise _os_error(e, path, "open") from e
+    if stat.S_ISREG(mode):
+        return
+    kind = next((what for test, what in _FILE_TYPES if test(mode)), "an unknown kind of file")
+    raise UsageError(f"{path} is not a regular file ({kind}), so not a volume image")
 
 
 def _os_error(e: OSError, path: str, doing: str) -> PairvolError:
@@ -69,14 +93,40 @@ class HeaderReport:
             return f"repaired (slot {slots} rewritten from the good slot)"
         return self.choice.describe()
 
+    def note(self, unrepaired: str = "not repaired") -> str | None:
+        """One line for a log when a slot was bad: which, why, which generation was kept, and
+        what became of it (``unrepaired`` says why it was left alone).  None when all is well."""
+        choice = self.choice
+        if choice.healthy:
+            return None
+        kept = next((i for i, s in enumerate(choice.slots) if s.status == "ok"), 0)
+        bad = "; ".join(
+            f"slot {'AB'[i]} {choice.slots[i].status} ({choice.slots[i].reason})"
+            for i in choice.bad_slots
+        )
+        if self.repaired:
+            done = f"slot {', '.join('AB'[i] for i in self.repaired)} rewritten from it"
+        else:
+            done = unrepaired
+        return (
+            f"header {bad}: kept slot {'AB'[kept]} (generation {choice.header.generation}); {done}"
+        )
+
 
 def looks_like_volume(path: str) -> bool:
-    """Cheap test used when scanning a directory: does the file start with the header magic?"""
+    """Cheap test used when scanning a directory: is it a regular file that starts with the
+    header magic?  (Never opens a FIFO or device, which could block or have side effects.)"""
     try:
-        with open(path, "rb") as f:
-            a = f.read(len(hdr.MAGIC))
-            f.seek(hdr.SLOT_OFFSETS[1])
-            b = f.read(len(hdr.MAGIC))
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            a = os.pread(fd, len(hdr.MAGIC), hdr.SLOT_OFFSETS[0])
+            b = os.pread(fd, len(hdr.MAGIC), hdr.SLOT_OFFSETS[1])
+        finally:
+            os.close(fd)
     except OSError:
         return False
     return hdr.MAGIC in (a, b)
@@ -90,6 +140,9 @@ class Volume:
         self.fd = fd
         self.report = report
         self.writable = writable
+        #: Set by :meth:`open` and :meth:`reread` when a header slot was damaged or stale: one
+        #: line for the log (which slot, why, the generation kept, repaired or not).
+        self.repair_note: str | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -148,18 +201,26 @@ class Volume:
 
     @classmethod
     def open(cls, path: str, *, writable: bool = False, repair: bool | None = None) -> Self:
-        """Open and validate a volume.  A damaged or stale slot is repaired when writable
-        (or when ``repair`` is explicitly True) and reported either way."""
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        """Open and validate a volume.
+
+        Only a regular file is opened: a FIFO, socket, directory or device is refused before
+        anything could block on it.  A damaged or stale slot is rewritten from the good one
+        only when the volume is opened writable (``repair=False`` keeps it as it is), and
+        either way :attr:`repair_note` says what was found, so the caller can log it."""
+        do_repair = writable if repair is None else repair
+        if do_repair and not writable:
+            raise IllegalState(f"{path}: a header repair needs the volume opened writable")
+        _require_regular(path, os.stat, path)
+        # O_NONBLOCK: if the path was swapped for a FIFO since the stat, open must not wait
+        # for a writer; fstat below refuses it.  It means nothing for a regular file.
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, flags | os.O_NONBLOCK)
         except OSError as e:
             raise _os_error(e, path, "open") from e
         try:
-            if os.path.isdir(path):
-                raise UsageError(f"{path} is a directory, not a volume image")
-            if not os.path.isfile(path):
-                raise UsageError(f"{path} is not a regular file")
+            _require_regular(path, os.fstat, fd)
+            os.set_blocking(fd, True)
             choice = cls._read_choice(fd, path)
             vol = cls(path, fd, HeaderReport(choice), writable)
             size = os.fstat(fd).st_size
@@ -168,8 +229,12 @@ class Volume:
                     f"{path}: image is {size} bytes but the header needs "
                     f"{choice.header.image_size}; the file was truncated"
                 )
-            if (writable if repair is None else repair) and not choice.healthy:
+            if do_repair and not choice.healthy:
                 vol._repair()
+            why = (
+                "not repaired (opened read-only)" if not writable else "not repaired (asked not to)"
+            )
+            vol.repair_note = vol.report.note(why)
         except BaseException:
             os.close(fd)
             raise
@@ -207,6 +272,7 @@ class Volume:
     def reread(self) -> hdr.Header:
         """Read the header from disk again (another process may have changed it)."""
         self.report = HeaderReport(self._read_choice(self.fd, self.path))
+        self.repair_note = self.report.note("not repaired (found by a re-read)")
         return self.header
 
     def _require_writable(self) -> None:
