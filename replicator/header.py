@@ -68,10 +68,13 @@ def layout_for(data_size: int) -> tuple[int, int, int]:
 
 
 def check_name(name: str, *, what: str = "volume name") -> str:
-    """Names are export names too: printable, no '/', '@' or whitespace, at most 63 bytes."""
+    """Names are export names and file names too: printable, no '/', '@' or whitespace, not
+    ``.`` or ``..`` (a path, not a name), at most 63 bytes."""
     raw = name.encode("utf-8", "surrogatepass")
     if not name:
         raise UsageError(f"{what} is empty")
+    if name in (".", ".."):
+        raise UsageError(f"{what} {name!r} is not allowed: '.' and '..' name directories")
     if len(raw) > NAME_MAX:
         raise UsageError(f"{what} {name!r} is longer than {NAME_MAX} bytes")
     bad = [c for c in name if c in "/@\\" or c.isspace() or not c.isprintable()]

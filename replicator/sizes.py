@@ -7,7 +7,12 @@ import re
 from replicator.errors import UsageError
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGTP]?)(?:I?B)?", re.IGNORECASE)
+# ASCII only: a Unicode \d takes Arabic-Indic or fullwidth digits (and int() converts them),
+# and a Unicode IGNORECASE lets the Kelvin sign U+212A pass for K.
+_SIZE_RE = re.compile(
+    r"(?P<num>[0-9]+(?:\.[0-9]+)?)[ \t]*(?P<unit>[KMGTP]?)(?:I?B)?", re.IGNORECASE | re.ASCII
+)
+_BLANKS = " \t\n\r"
 
 #: Largest size accepted anywhere (1 PiB); a filesystem may refuse less, with its own error.
 MAX_SIZE = 1 << 50
@@ -17,9 +22,10 @@ def parse_size(text: str, *, what: str = "size") -> int:
     """Parse a positive byte count with an optional binary unit (K=1024).
 
     Accepts ``4096``, ``64M``, ``64MiB``, ``10g``, ``1.5G``; refuses zero, negatives, fractions of
-    a byte, and anything else, with a one-line :class:`UsageError` naming ``what``.
+    a byte, digits other than ASCII 0-9, and anything else, with a one-line
+    :class:`UsageError` naming ``what``.
     """
-    raw = text.strip()
+    raw = text.strip(_BLANKS)
     m = _SIZE_RE.fullmatch(raw)
     if m is None:
         if raw.startswith("-"):

@@ -18,7 +18,7 @@ names = st.text(
     alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters="-_."),
     min_size=1,
     max_size=20,
-)
+).filter(lambda s: s not in (".", ".."))
 
 
 @st.composite
@@ -158,10 +158,27 @@ def test_layout_aligns_data_to_a_mebibyte_and_reserves_bitmaps() -> None:
         assert meta_size >= hdr.BITMAP_SLOTS * ((size // hdr.MIN_CHUNK + 7) // 8)
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "a@b", "has space", "x" * 64, "tab\there"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "a/b", "a@b", "has space", "x" * 64, "tab\there", "a\0b", "\0", "/", "..\\x", "\ud800"],
+)
 def test_bad_names_are_refused(bad: str) -> None:
     with pytest.raises(UsageError):
         hdr.check_name(bad)
+
+
+@pytest.mark.parametrize("bad", [".", ".."])
+def test_dot_and_dot_dot_are_not_names(bad: str) -> None:
+    """They would be the directory itself, or its parent, once the name becomes a file name."""
+    with pytest.raises(UsageError, match=r"'\.' and '\.\.' name directories"):
+        hdr.check_name(bad)
+    with pytest.raises(UsageError):
+        make(name=bad)
+
+
+@pytest.mark.parametrize("good", ["v1", "a.b", "...", ".hidden", "x..", "-v", "data_1-2", "é"])
+def test_names_that_stay_valid(good: str) -> None:
+    assert hdr.check_name(good) == good
 
 
 def test_size_must_be_a_multiple_of_block_size() -> None:

@@ -48,6 +48,28 @@ def test_parse_size_refuses(text: str, why: str) -> None:
         parse_size(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0666\u0664M",  # Arabic-Indic 64
+        "\u06f4\u06f0\u06f9\u06f6",  # Extended Arabic-Indic 4096
+        "\uff16\uff14M",  # fullwidth 64
+        "\u0968K",  # Devanagari 2
+        "\U0001d7d2K",  # mathematical bold 4
+        "1\u0665",  # mixed ASCII and Arabic-Indic
+        "1.\u0665G",  # a non-ASCII fraction
+        "\u00b2",  # superscript two
+        "4\u00b2K",
+        "\u2074M",  # superscript four
+        "\u2464M",  # circled five
+        "4\u212a",  # KELVIN SIGN, which a Unicode IGNORECASE takes for K
+    ],
+)
+def test_parse_size_takes_only_ascii_digits_and_units(text: str) -> None:
+    with pytest.raises(UsageError, match="not a size"):
+        parse_size(text)
+
+
 @given(st.integers(1, MAX_SIZE))
 def test_format_then_parse_exact_sizes(n: int) -> None:
     text = format_size(n)

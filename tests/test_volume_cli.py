@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -77,6 +79,12 @@ def test_check_reports_and_repairs_a_damaged_slot(
         (["volume", "create", "{new}", "--size", "0"], 2, "zero"),
         (["volume", "create", "{new}", "--size=-64M"], 2, "negative"),
         (["volume", "create", "{new}", "--size", "lots"], 2, "not a size"),
+        (["volume", "create", "{new}", "--size", "\u0666\u0664M"], 2, "not a size"),  # Arabic 64
+        (["volume", "create", "{new}", "--size", "\uff16\uff14M"], 2, "not a size"),  # fullwidth
+        (["volume", "create", "{new}", "--size", "1M", "--block-size", "\u0664K"], 2, "not a"),
+        (["volume", "create", "{new}", "--size", "1M", "--name", "."], 2, "not allowed"),
+        (["volume", "create", "{new}", "--size", "1M", "--name", ".."], 2, "not allowed"),
+        (["volume", "create", "{dir}/...img", "--size", "1M"], 2, "'..' is not allowed"),
         (["volume", "create", "{new}", "--size", "1000"], 2, "multiple of the block size"),
         (["volume", "create", "{new}", "--size", "1M", "--pvid", "xyz"], 2, "malformed"),
         (["volume", "create", "{new}", "--size", "1M", "--pvid", "0" * 16], 2, "reserved"),
@@ -87,7 +95,13 @@ def test_check_reports_and_repairs_a_damaged_slot(
         (["volume", "create", "{new}"], 2, "--size"),
         (["volume", "info", "{dir}/missing.img"], 3, "no such file"),
         (["volume", "info", "{junk}"], 6, "no valid header slot"),
-        (["volume", "info", "{dir}"], 2, "directory"),
+        (["volume", "info", "{dir}"], 2, "is not a regular file (a directory)"),
+        (["volume", "info", "{fifo}"], 2, "is not a regular file (a FIFO)"),
+        (["volume", "check", "{fifo}"], 2, "is not a regular file (a FIFO)"),
+        (["volume", "check", "{fifo}", "--no-repair"], 2, "is not a regular file (a FIFO)"),
+        (["volume", "set-pvid", "{fifo}", "--new"], 2, "is not a regular file (a FIFO)"),
+        (["volume", "info", "{sock}"], 2, "is not a regular file (a socket)"),
+        (["volume", "info", "/dev/null"], 2, "is not a regular file (a character device)"),
         (["volume", "set-pvid", "{old}", "nothex"], 2, "malformed"),
         (["volume", "set-pvid", "{old}"], 2, "exactly one of"),
         (
@@ -114,12 +128,17 @@ def test_bad_input_gives_one_line_error_and_changes_nothing(
     )
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a volume" * 1000)
+    os.mkfifo(tmp_path / "fifo")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(tmp_path / "sock"))
     before = {f.name: digest(f) for f in tmp_path.iterdir() if f.is_file()}
     subst = {
         "new": str(tmp_path / "new.img"),
         "old": str(old),
         "dir": str(tmp_path),
         "junk": str(junk),
+        "fifo": str(tmp_path / "fifo"),
+        "sock": str(tmp_path / "sock"),
     }
     got, _out, err = run(capsys, *[a.format(**subst) for a in argv])
     assert got == code, err
@@ -136,3 +155,16 @@ def test_console_script_exit_codes(tmp_path: Path, pairvol_bin: str) -> None:
     assert r.returncode == 3 and r.stderr.startswith("pairvol: error:")
     r = subprocess.run([pairvol_bin, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "volume" in r.stdout
+
+
+def test_volume_info_on_a_fifo_answers_at_once(tmp_path: Path, pairvol_bin: str) -> None:
+    fifo = tmp_path / "v.img"
+    os.mkfifo(fifo)
+    r = subprocess.run(
+        [pairvol_bin, "volume", "info", str(fifo)], capture_output=True, text=True, timeout=20
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert (
+        r.stderr
+        == f"pairvol: error: {fifo} is not a regular file (a FIFO), so not a volume image\n"
+    )
