@@ -27,6 +27,7 @@ from replicator.events import EventLog
 from replicator.export import Exporter, ExportHandle
 from replicator.export_info import VolInfo
 from replicator.pairs import PairManager
+from replicator.peer_auth import PeerSecrets, parse_secrets
 from replicator.peer_link import PeerServer
 from replicator.wire import check_node_name
 
@@ -86,18 +87,17 @@ def _listen_peer(address: str, port: int) -> socket.socket:
     return sock
 
 
-def read_secret(path: str) -> bytes:
-    """The shared peer secret: the file's bytes, trailing newline stripped; never empty."""
+def read_secret(path: str) -> PeerSecrets:
+    """The peer keys in the secret file ``path`` (docs/protocol.md, "Secrets"): a keyring of
+    ``PEERNAME SECRET`` lines, or one bare secret shared by every node; never empty."""
     try:
         with open(path, "rb") as f:
-            secret = f.read().rstrip(b"\r\n")
+            data = f.read()
     except FileNotFoundError as e:
         raise NotFound(f"secret file {path} does not exist") from e
     except OSError as e:
         raise UsageError(f"cannot read secret file {path}: {e.strerror}") from e
-    if not secret:
-        raise UsageError(f"secret file {path} is empty")
-    return secret
+    return parse_secrets(data, f"secret file {path}")
 
 
 @dataclass
@@ -113,14 +113,20 @@ class Node:
 
     def __post_init__(self) -> None:
         self.events = EventLog(os.path.join(self.directory, EVENTS))
-        secret = read_secret(self.config.secret_file) if self.config.secret_file else b""
+        path = self.config.secret_file
+        secret = read_secret(path) if path else PeerSecrets()
+        if secret.shared:
+            self.log(
+                f"secret file {path} holds one secret shared by every node: any node that has "
+                "it can pose as any other (a keyring of PEERNAME SECRET lines cannot)"
+            )
         self.secret = secret
         self.pairs = PairManager(
             self.config.name,
             self.directory,
             self.config.listen,
             self.config.peer_port,
-            secret,
+            secret,  # type: ignore[arg-type]  # until PairManager's annotation says PeerSecrets
             self.events,
             self.log,
         )
@@ -177,9 +183,16 @@ class Node:
             "nbd_socket": os.path.join(self.directory, NBD_SOCKET),
             "peer_port": self.config.peer_port,
             "authenticated_peers": self.config.secret_file is not None,
+            "peer_secret": self._secret_kind(),
+            "peer_keyring": list(self.secret.peers),
             "volumes": volumes,
             "pairs": self.pairs.op_display({})["pairs"],
         }
+
+    def _secret_kind(self) -> str:
+        if self.secret.peers:
+            return "keyring"
+        return "shared" if self.secret.shared else "none"
 
     def stop_request(self, _args: dict[str, Any]) -> dict[str, Any]:
         # Answer first, then ask nbdkit to shut down (its cleanup stops this node).

@@ -36,7 +36,7 @@ from replicator.node import (
     PIDFILE,
     read_secret,
 )
-from replicator.server import plugin_command
+from replicator.server import NBD_MAX_CONNECTIONS, check_max_connections, plugin_command
 from replicator.wire import check_node_name
 
 
@@ -89,14 +89,24 @@ def _listen_unix(path: str) -> socket.socket:
 
 
 def node_command(
-    name: str, directory: str, listen: str, nbd_port: int, peer_port: int, secret: str | None
+    name: str,
+    directory: str,
+    listen: str,
+    nbd_port: int,
+    peer_port: int,
+    secret: str | None,
+    max_connections: int = NBD_MAX_CONNECTIONS,
 ) -> list[str]:
+    """nbdkit's argv for a node; at most ``max_connections`` NBD clients at once (0: no
+    limit), over TCP and the unix socket together, the ones beyond refused at connect."""
     params = [f"dir={directory}", f"node={name}", f"listen={listen}", f"peer-port={peer_port}"]
     params.append(f"nbd-port={nbd_port}")
     if secret:
         params.append(f"secret-file={secret}")
     return plugin_command(
-        *params, extra=("--foreground", "--pidfile", os.path.join(directory, PIDFILE))
+        *params,
+        extra=("--foreground", "--pidfile", os.path.join(directory, PIDFILE)),
+        max_connections=max_connections,
     )
 
 
@@ -152,10 +162,13 @@ def start(
     nbd_port: int = NBD_PORT,
     peer_port: int = PEER_PORT,
     secret_file: str | None = None,
+    max_connections: int = NBD_MAX_CONNECTIONS,
     timeout: float = 30.0,
 ) -> int:
-    """Start a node in the background; return its pid once its control socket answers."""
+    """Start a node in the background; return its pid once its control socket answers.
+    ``max_connections``: NBD clients served at once (0: no limit)."""
     check_node_name(name)
+    check_max_connections(max_connections)
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise NotFound(f"--dir {directory} is not a directory")
@@ -175,7 +188,7 @@ def start(
     )
     tcp = _listen_tcp(listen, nbd_port)
     unix = _listen_unix(os.path.join(directory, NBD_SOCKET))
-    cmd = node_command(name, directory, listen, nbd_port, peer_port, secret_file)
+    cmd = node_command(name, directory, listen, nbd_port, peer_port, secret_file, max_connections)
 
     log_path = os.path.join(directory, LOG)
     launched = _spawn_detached(cmd, log_path, (tcp, unix))

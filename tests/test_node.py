@@ -11,14 +11,20 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import require_programs
+from conftest import require, require_programs
 
 from pairvol.cli import main
 from replicator import control, node_process
 from replicator.events import read_events, wait_event
 from replicator.volume import Volume
+
+try:
+    import nbd
+except ImportError:  # pragma: no cover - tools/setup installs python3-libnbd
+    nbd = None
 
 
 def free_port() -> int:
@@ -123,6 +129,7 @@ def test_control_api_stop_and_unknown_ops(node_dir: Path) -> None:
         (["--listen", "127.0.0.1", "--secret-file", "/nonexistent"], 3, "does not exist"),
         (["--listen", "127.0.0.1", "--name", "bad name"], 2, "node name"),
         (["--listen", "192.0.2.1"], 2, "cannot listen"),
+        (["--listen", "127.0.0.1", "--max-connections", "-1"], 2, "max connections -1"),
     ],
 )
 def test_bad_start_input(
@@ -145,3 +152,78 @@ def test_missing_dir_and_no_node(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert got == 3 and "not a directory" in err
     got, _, err = run(capsys, "node", "status", "--dir", str(tmp_path))
     assert got == 20 and "no node is running" in err
+
+
+def nbd_open(uri: str) -> Any:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def nbd_close(h: Any) -> None:
+    """Hang up now (libnbd 1.14's Python handle has no close(); __del__ is nbd_close)."""
+    if h.aio_is_ready():
+        h.shutdown()
+    h.__del__()
+    del h._o
+
+
+def test_max_connections_bounds_nbd_clients(node_dir: Path) -> None:
+    """Issue 7: N clients are served, client N+1 is refused at connect (TCP and the unix
+    socket count together), and a slot that frees up serves the next client."""
+    require(nbd is not None, "needs the libnbd Python module (python3-libnbd)")
+    port = free_port()
+    node_process.start(
+        "n1", str(node_dir), "127.0.0.1", nbd_port=port, peer_port=free_port(),
+        max_connections=2,
+    )  # fmt: skip
+    tcp = f"nbd://127.0.0.1:{port}/vol1"
+    handles = [nbd_open(tcp), nbd_open(f"nbd+unix:///vol1?socket={node_dir}/nbd.sock")]
+    try:
+        for i, h in enumerate(handles):
+            h.pwrite(bytes([i + 1]) * 4096, 4096 * i)
+            assert h.pread(4096, 4096 * i) == bytes([i + 1]) * 4096
+        with pytest.raises(nbd.Error, match="disconnected"):
+            nbd_open(tcp)
+        assert "too many clients connected" in (node_dir / "node.log").read_text()
+        nbd_close(handles.pop(0))
+        deadline = time.monotonic() + 10
+        while True:  # the server notices the hang-up on its own thread
+            try:
+                handles.append(nbd_open(tcp))
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline, "the freed slot was never reused"
+                time.sleep(0.05)
+        assert handles[-1].pread(4096, 0) == bytes([1]) * 4096
+    finally:
+        for h in handles:
+            nbd_close(h)  # a node with clients still connected may not stop on SIGTERM
+
+
+def test_secret_file_keyring_or_shared(
+    node_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.keys"
+    bad.write_text("# keys of n1\nb K1\nc K2 extra\n")
+    base = ["node", "start", "--name", "n1", "--dir", str(node_dir), "--listen", "127.0.0.1"]
+    base += ["--port", str(free_port()), "--peer-port", str(free_port())]
+    code, _, err = run(capsys, *base, "--secret-file", str(bad))
+    assert code == 2 and f"secret file {bad} line 3: expected 'PEERNAME SECRET'" in err, err
+
+    ring = tmp_path / "n1.keys"
+    ring.write_text("# keys of n1\nc K-n1-c\nb K-n1-b\n")
+    code, _, err = run(capsys, *base, "--secret-file", str(ring))
+    assert code == 0, err
+    status = control.call(str(node_dir / "control.sock"), "node.status")
+    assert status["peer_secret"] == "keyring" and status["peer_keyring"] == ["b", "c"]
+    assert "K-n1" not in json.dumps(status)
+    node_process.stop(str(node_dir))
+
+    shared = tmp_path / "shared"
+    shared.write_text("one-secret-for-all\n")
+    code, _, err = run(capsys, *base, "--secret-file", str(shared))
+    assert code == 0, err
+    status = control.call(str(node_dir / "control.sock"), "node.status")
+    assert status["peer_secret"] == "shared" and status["peer_keyring"] == []
+    assert "any node that has it can pose as any other" in (node_dir / "node.log").read_text()

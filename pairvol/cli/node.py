@@ -10,6 +10,7 @@ from pairvol.cli.common import print_json, print_table
 from replicator import control, node_process
 from replicator.errors import UsageError
 from replicator.node import CONTROL_SOCKET, NBD_PORT, PEER_PORT
+from replicator.server import NBD_MAX_CONNECTIONS
 
 NODE_DIR_ENV = "PAIRVOL_NODE_DIR"
 
@@ -32,7 +33,18 @@ def register(sub: Any) -> None:
     s.add_argument("--listen", required=True, help="IP address for NBD and peers")
     s.add_argument("--port", type=int, default=NBD_PORT, help=f"NBD port (default {NBD_PORT})")
     s.add_argument("--peer-port", type=int, default=PEER_PORT, help="replication port")
-    s.add_argument("--secret-file", help="shared secret that peers must prove they know")
+    s.add_argument(
+        "--secret-file",
+        help="peer keys: lines 'PEERNAME SECRET' (one key per link), or one shared secret",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=NBD_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"NBD clients served at once, more are refused (default {NBD_MAX_CONNECTIONS}; "
+        "0: no limit)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_start)
 
@@ -57,6 +69,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         nbd_port=args.port,
         peer_port=args.peer_port,
         secret_file=args.secret_file,
+        max_connections=args.max_connections,
     )
     if args.json:
         print_json({"name": args.name, "pid": pid, "dir": os.path.abspath(args.dir)})
