@@ -25,10 +25,18 @@ Design:
   each other and from the root namespace anyway; distinct subnets keep addresses unambiguous
   in logs and URIs.  Loopback is up in every host.
 - **Nodes.**  On each host, inside its namespace: ``pairvol node start --name HOST --dir
-  HOSTDIR --listen ADDR --secret-file SECRET``; NBD on ``ADDR:10809``, peers on
-  ``ADDR:10810``, the control socket is ``HOSTDIR/control.sock``.  ``HOSTDIR`` is
-  ``LABROOT/NAME/HOST``; the node serves the volumes found in that directory.  One shared
-  peer secret per lab, ``LABROOT/NAME/secret`` (mode 0600).
+  HOSTDIR --listen ADDR --secret-file LABROOT/NAME/HOST.keys``; NBD on ``ADDR:10809``, peers
+  on ``ADDR:10810``, the control socket is ``HOSTDIR/control.sock``.  ``HOSTDIR`` is
+  ``LABROOT/NAME/HOST``; the node serves the volumes found in that directory.
+- **Peer keys.**  One key per link, so that no host can pose as another (docs/protocol.md,
+  "Secrets").  ``LABROOT/NAME/secret`` (mode 0600) is the lab's master secret; the key of
+  the link between hosts X and Y is ``HMAC-SHA256(master, "pairvol-lab-link-v1" 0 X 0 Y)``
+  in hex, X < Y (:func:`link_key`).  Each host's keyring ``LABROOT/NAME/HOST.keys`` (mode
+  0600; host names have no dot, so it never collides with a host directory) holds a line
+  ``PEER KEY`` for every other host, and nothing it could use to pose as another host.  A
+  lone host's keyring names only itself, so that it is not empty (no node accepts its own
+  name from a peer).  A registry written before keyrings has no per-host ``secret_file``;
+  its nodes keep using the shared ``secret``.
 - **Registry.**  ``LABROOT`` is ``$PAIRVOL_LAB_ROOT`` or ``/var/lib/pairvol/labs``.  Each
   lab is described by ``LABROOT/NAME/lab.json``, replaced atomically (:mod:`replicator.
   atomic_file`) under ``LABROOT/.lock``.  It is written *before* anything is created
@@ -62,7 +70,8 @@ Design:
      "cuts": [["a", "b"]],
      "hosts": [{"lab": "lab1", "host": "a", "netns": "lab1-a", "address": "198.18.1.1",
                 "dir": "LABROOT/lab1/a", "nbd_uri": "nbd://198.18.1.1/", "peer_port": 10810,
-                "control": "LABROOT/lab1/a/control.sock"}, ...]}
+                "control": "LABROOT/lab1/a/control.sock",
+                "secret_file": "LABROOT/lab1/a.keys"}, ...]}
 
 Python API (used by the pair CLI): :func:`load`, :func:`names`, :func:`resolve_node`,
 :class:`Lab`, :class:`LabHost`; the operations :func:`up`, :func:`down`, :func:`cut`,
@@ -74,6 +83,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -110,6 +121,8 @@ LAB_ENV = "PAIRVOL_LAB"
 DEFAULT_LAB_ROOT = "/var/lib/pairvol/labs"
 REGISTRY = "lab.json"
 SECRET = "secret"
+KEYRING_SUFFIX = ".keys"
+LINK_KEY_CONTEXT = b"pairvol-lab-link-v1"
 LOCK = ".lock"
 VERSION = 1
 
@@ -198,6 +211,7 @@ class LabHost:
     nbd_uri: str
     peer_port: int
     control: str
+    secret_file: str = ""  # the host's keyring ("": a registry from before keyrings)
 
 
 @dataclass
@@ -430,11 +444,34 @@ def host_env(lab: Lab, host: LabHost) -> dict[str, str]:
 
 
 def _node_start_cmd(lab: Lab, host: LabHost) -> list[str]:
+    secret_file = host.secret_file or lab.secret_file
     return [
         "ip", "netns", "exec", host.netns,
         sys.executable, "-m", "pairvol", "node", "start", "--name", host.host,
-        "--dir", host.dir, "--listen", host.address, "--secret-file", lab.secret_file,
+        "--dir", host.dir, "--listen", host.address, "--secret-file", secret_file,
     ]  # fmt: skip
+
+
+def link_key(master: bytes, a: str, b: str) -> str:
+    """The key of the link between hosts ``a`` and ``b``: the same whichever side asks,
+    different for every pair of hosts, and not computable without the lab's master secret."""
+    x, y = _pair(a, b)
+    text = b"\0".join((LINK_KEY_CONTEXT, x.encode(), y.encode()))
+    return hmac.new(master, text, hashlib.sha256).hexdigest()
+
+
+def keyring_text(master: bytes, host: str, hosts: Sequence[str]) -> str:
+    """The secret file of ``host``: one ``PEER KEY`` line per other host of ``hosts``."""
+    peers = [h for h in hosts if h != host] or [host]  # a lone host: see the module docstring
+    lines = [f"# pairvol lab keyring of host {host}: PEERNAME SECRET, one key per link"]
+    lines += [f"{peer} {link_key(master, host, peer)}" for peer in peers]
+    return "\n".join(lines) + "\n"
+
+
+def _write_private(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _start_nodes(lab: Lab, hosts: list[LabHost]) -> None:
@@ -502,13 +539,14 @@ def up(name: str, hosts: Sequence[str]) -> Lab:
         index = free_subnet(used)
         os.makedirs(lab_dir, mode=0o755)
         secret_file = os.path.join(lab_dir, SECRET)
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
+        master = secrets.token_hex(32)
+        _write_private(secret_file, master + "\n")
         lab_hosts = []
         for i, h in enumerate(hosts):
             address = host_address(index, i)
             hdir = os.path.join(lab_dir, h)
+            keyring = os.path.join(lab_dir, h + KEYRING_SUFFIX)
+            _write_private(keyring, keyring_text(master.encode(), h, hosts))
             lab_hosts.append(
                 LabHost(
                     lab=name,
@@ -519,6 +557,7 @@ def up(name: str, hosts: Sequence[str]) -> Lab:
                     nbd_uri=f"nbd://{address}/",
                     peer_port=PEER_PORT,
                     control=os.path.join(hdir, CONTROL_SOCKET),
+                    secret_file=keyring,
                 )
             )
         lab = Lab(name, lab_dir, index, secret_file, lab_hosts)

@@ -26,7 +26,16 @@ from conftest import require_programs, require_root
 from pairvol import lab as labs
 from pairvol.cli import main
 from pairvol.latency_proxy import parse_endpoint, start_proxy
-from replicator.errors import ExternalCommandFailed, HeaderCorrupt, NotFound, UsageError
+from replicator.errors import (
+    ExternalCommandFailed,
+    HeaderCorrupt,
+    NotFound,
+    ProtocolError,
+    UsageError,
+)
+from replicator.node import read_secret
+from replicator.peer_auth import Handshake, PeerSecrets, parse_secrets
+from replicator.wire import Message
 
 NBD_GREETING = b"NBDMAGIC"
 
@@ -138,6 +147,11 @@ def test_up_status_exec_nbd(
     for h in (a, b):
         assert h.address.startswith(("198.18.", "198.19."))
     assert stat.S_IMODE(os.stat(lab.secret_file).st_mode) == 0o600
+    for h, peer in ((a, "b"), (b, "a")):  # per-link keyrings, private too
+        assert h.secret_file == str(lab_root / lab_name / f"{h.host}.keys")
+        assert stat.S_IMODE(os.stat(h.secret_file).st_mode) == 0o600
+        assert read_secret(h.secret_file).peers == (peer,)
+    assert read_secret(a.secret_file).for_peer("b") == read_secret(b.secret_file).for_peer("a")
 
     code, out, _ = run(capsys, "lab", "status", lab_name, "--json")
     doc = json.loads(out)
@@ -413,6 +427,42 @@ def test_two_labs_coexist_isolated(
     assert not reachable(pairvol_bin, second, "c", first.host("b").address)
 
 
+def _pump(a: Handshake, b: Handshake) -> None:
+    """Run initiator ``a`` against acceptor ``b`` in memory until neither has more to say."""
+    inbox: list[list[Message]] = [b.start(), a.start()]  # what a, and b, have yet to read
+    sides = (a, b)
+    while any(inbox):
+        for i in (0, 1):
+            while inbox[i] and not sides[i].failed:
+                with contextlib.suppress(ProtocolError):  # failed: it reads no more
+                    inbox[1 - i] += sides[i].receive(inbox[i].pop(0))
+            if sides[i].failed:
+                inbox[i].clear()
+
+
+def test_link_keys_are_per_pair_so_no_host_can_pose_as_another() -> None:
+    master = b"0123456789abcdef" * 4
+    hosts = ["a", "b", "c"]
+    rings = {h: parse_secrets(labs.keyring_text(master, h, hosts).encode()) for h in hosts}
+    assert {h: r.peers for h, r in rings.items()} == {"a": ("b", "c"), "b": ("a", "c"),
+                                                      "c": ("a", "b")}  # fmt: skip
+    keys = {(x, y): rings[x].for_peer(y) for x in hosts for y in hosts if x != y}
+    assert all(keys[x, y] == keys[y, x] for x, y in keys)  # both ends hold the link's key
+    assert len({keys[x, y] for x, y in keys}) == 3  # and every link has its own
+    assert labs.link_key(master, "a", "b") != labs.link_key(b"other" * 8, "a", "b")
+    # c, with every key it has, claiming to be a, against b: refused.
+    for key in (rings["c"], PeerSecrets.shared_secret(keys["c", "b"] or b"")):
+        impostor = Handshake("initiator", key, "a")
+        b = Handshake("acceptor", rings["b"], "b")
+        _pump(impostor, b)
+        assert b.failed and not b.done and "wrong secret" in str(b.error)
+    honest, b = Handshake("initiator", rings["c"], "c"), Handshake("acceptor", rings["b"], "b")
+    _pump(honest, b)
+    assert b.done and b.peer_name == "c"
+    # A lone host still gets a keyring that parses (naming only itself).
+    assert parse_secrets(labs.keyring_text(master, "a", ["a"]).encode()).peers == ("a",)
+
+
 def test_registry_and_resolve_node(lab_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Python API over registry files alone (no namespaces needed)."""
 
@@ -556,3 +606,36 @@ def test_proxy_bad_input() -> None:
          "127.0.0.1:1", "--delay-ms", "1"], capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not ADDR:PORT" in r.stderr
+
+
+@pytest.mark.privileged
+def test_a_host_cannot_pose_as_another_to_a_node(
+    make_lab: Callable[..., dict[str, object]], lab_name: str, pairvol_bin: str
+) -> None:
+    """Issue 7 on real nodes: c, with its own keyring, cannot pass for a at b; as c it can."""
+    make_lab("a", "b", "c")
+    lab = labs.load(lab_name)
+    b, c = lab.host("b"), lab.host("c")
+    script = (
+        "import sys\n"
+        "from replicator import wire\n"
+        "from replicator.errors import ConnectionFailed\n"
+        "from replicator.node import read_secret\n"
+        "from replicator.peer_link import PeerClient\n"
+        "keys = read_secret(sys.argv[3])\n"
+        "c = PeerClient(sys.argv[4], sys.argv[1], int(sys.argv[2]), keys, lambda m: None)\n"
+        "try:\n"
+        "    print('answer:', c.request(wire.Ping(7), timeout=10))\n"
+        "except ConnectionFailed as e:\n"
+        "    print('refused:', e)\n"
+        "c.close()\n"
+    )
+    args = (b.address, str(b.peer_port), c.secret_file)
+    r = lab_exec(pairvol_bin, lab_name, "c", sys.executable, "-c", script, *args, "a")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("refused:") and "wrong secret" in r.stdout, r.stdout
+    r = lab_exec(pairvol_bin, lab_name, "c", sys.executable, "-c", script, *args, "c")
+    assert r.returncode == 0 and r.stdout.startswith("answer: Pong"), r.stdout + r.stderr
+    log = Path(b.dir, "node.log").read_text()
+    assert "peer 'a' failed authentication (wrong secret)" in log
+    assert "peer 'c' connected" in log
