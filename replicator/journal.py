@@ -20,7 +20,7 @@ in progress does one ``fdatasync`` for everything written so far, and the others
 Recovery (:meth:`Journal.open`) reads the header (the valid slot with the highest generation;
 the other one is rewritten), then follows the chain from the tail: each record must have a
 valid CRC32C, this journal's id, exactly the next seq, and an *epoch* no older than the
-record before it.  The first record that fails ends the journal.  Three kinds of leftovers
+record before it.  The first record that fails ends the chain.  Three kinds of leftovers
 sit after the end, and each is rejected:
 
 * a torn append (never acknowledged, because its fdatasync had not returned): bad CRC;
@@ -33,6 +33,19 @@ sit after the end, and each is rejected:
   epoch of the record at the tail, or the current one when the tail is the head).  Without
   this, an unacknowledged write discarded by one recovery could come back after the next crash
   once the journal has grown back over its seq.
+
+Torn tail or corruption.  A damaged record followed by the journal's later records is not the
+end of the journal: it is corruption (:class:`JournalCorrupt`), and open refuses to go on.
+Telling the two apart needs proof that the damaged record was once complete, because a
+torn append can legitimately sit before complete, unacknowledged records (the third case
+above).  Every record carries that proof for the records before it: ``written_seq`` (every
+seq up to it had been completely written when this record was reserved) and ``synced_seq``
+(covered by a completed fdatasync); the header carries ``synced_seq`` too.  So recovery scans
+the rest of the ring for later records of the same chain (this journal's id, seq >= the bad
+one, epoch within the chain's range) and calls it corruption only when one exists AND the bad
+seq is vouched for: by the header, by a later record's ``synced_seq``, or by a later record's
+``written_seq`` when that record was written in the header's epoch during this same boot (the
+page cache could not have lost a completed write).  docs/format.md states the rule exactly.
 
 ``release`` writes the new tail into the header (slot A, sync, slot B, sync) BEFORE the freed
 space can be handed to an append: if records could overwrite the space while the durable tail
@@ -54,7 +67,8 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -73,7 +87,7 @@ from replicator.errors import (
 from replicator.header import check_name
 
 MAGIC = b"PVJRNL\x00\x00"
-FORMAT_MAJOR = 1
+FORMAT_MAJOR = 2  # 2: records have their own header CRC and the vouch marks
 FORMAT_MINOR = 0
 SLOT_SIZE = 4096
 SLOT_OFFSETS = (0, SLOT_SIZE)
@@ -84,18 +98,20 @@ CAPACITY_ALIGN = 4096
 RECORD_ALIGN = 512
 
 # magic, major, minor, header_len, generation, journal_id, capacity, ring_offset,
-# record_align, epoch, tail_pos, tail_seq, applied_seq, created_ns, tail_epoch, group, reserved
-_HDR = struct.Struct("<8sHHIQQQQIIQQQqI64s96s")
+# record_align, epoch, tail_pos, tail_seq, applied_seq, created_ns, tail_epoch, group,
+# synced_seq, boot_id, reserved
+_HDR = struct.Struct("<8sHHIQQQQIIQQQqI64sQ16s72s")
 _CRC = struct.Struct("<I")
 HEADER_LEN = _HDR.size + _CRC.size
 assert HEADER_LEN == 256
 
 REC_MAGIC = b"PVJE"
 # magic, kind, flags, header_len, seq, journal_id, offset, length, stamp_ns, stream, epoch,
-# data_len (then the CRC32C of data || these 60 bytes)
-_REC = struct.Struct("<4sBBHQQQQqIII")
+# data_len, data_crc, written_seq, synced_seq, reserved (then the CRC32C of these 92 bytes)
+_REC = struct.Struct("<4sBBHQQQQqIIIIQQ12s")
 REC_HEADER_LEN = _REC.size + _CRC.size
-assert REC_HEADER_LEN == 64
+assert REC_HEADER_LEN == 96
+_EMPTY_CRC = crc32c.crc32c(b"")
 
 FLAG_FUA = 0x01
 _KIND_WRAP = 0xFF
@@ -112,6 +128,23 @@ class EntryKind(enum.IntEnum):
 class JournalFull(IllegalState):
     """The entry does not fit in the journal's free space (SPEC section 2, "Journal overflow").
     Raised at once, never after waiting; the journal is unchanged."""
+
+
+class JournalCorrupt(HeaderCorrupt):
+    """A damaged record is followed by later records of the journal that vouch for it: not a
+    torn tail, so entries that were acknowledged are unreadable.  ``salvage`` says what could
+    still be located; the file is left as it was (:meth:`Journal.reset` continues)."""
+
+    def __init__(self, salvage: JournalSalvage) -> None:
+        s = salvage
+        unknown = ", extent unknown" if s.extent_unknown else ""
+        super().__init__(
+            f"journal {s.path} is corrupt: the record of seq {s.first_bad_seq} at byte "
+            f"{s.first_bad_offset} is damaged and {s.following} valid later record(s) follow "
+            f"({len(s.damaged)} damaged region(s){unknown}, {len(s.entries)} entries located)"
+        )
+        self.path = s.path
+        self.salvage = s
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +182,8 @@ class JournalHeader:
     tail_seq: int = 1  # seq expected at tail_pos: last released seq + 1
     applied_seq: int = 0
     tail_epoch: int = 0  # the record at tail_pos was written in this epoch or a later one
+    synced_seq: int = 0  # every record up to this seq was durable when this header was written
+    boot_id: bytes = bytes(16)  # the kernel's boot id when this epoch was opened (0: unknown)
 
 
 def encode_header(h: JournalHeader) -> bytes:
@@ -170,6 +205,8 @@ def encode_header(h: JournalHeader) -> bytes:
         h.created_ns,
         h.tail_epoch,
         h.group.encode(),
+        h.synced_seq,
+        h.boot_id,
         b"",
     )
     return (body + _CRC.pack(crc32c.crc32c(body))).ljust(SLOT_SIZE, b"\x00")
@@ -200,6 +237,8 @@ def decode_header(slot: bytes) -> JournalHeader:
         created_ns,
         tail_epoch,
         group_raw,
+        synced_seq,
+        boot_id,
         _reserved,
     ) = _HDR.unpack_from(slot)
     if major != FORMAT_MAJOR:
@@ -234,6 +273,8 @@ def decode_header(slot: bytes) -> JournalHeader:
         tail_seq=tail_seq,
         applied_seq=applied_seq,
         tail_epoch=tail_epoch,
+        synced_seq=synced_seq,
+        boot_id=boot_id,
     )
 
 
@@ -282,9 +323,12 @@ def encode_record(
     fua: bool = False,
     stamp_ns: int = 0,
     data_crc: int | None = None,
+    written_seq: int = 0,
+    synced_seq: int = 0,
 ) -> bytes:
     """A whole record, padded.  ``length`` defaults to ``len(data)``; ``data_crc``
-    (``crc32c(data)``) may be precomputed."""
+    (``crc32c(data)``) may be precomputed.  ``written_seq`` and ``synced_seq`` vouch for the
+    records before this one (module docstring); 0 vouches for nothing."""
     if length is None:
         length = len(data)
     if data_crc is None:
@@ -302,13 +346,23 @@ def encode_record(
         stream,
         epoch,
         len(data),
+        data_crc,
+        written_seq,
+        synced_seq,
+        b"",
     )
-    crc = crc32c.crc32c(head, data_crc)
     pad = record_size(len(data)) - REC_HEADER_LEN - len(data)
-    return b"".join((head, _CRC.pack(crc), data, bytes(pad)))
+    return b"".join((head, _CRC.pack(crc32c.crc32c(head)), data, bytes(pad)))
 
 
-class _RecHead(NamedTuple):
+class BadRecord(HeaderCorrupt):
+    """The bytes are not a valid record header (the one error :func:`decode_record_head`
+    raises); recovery takes it as damage or as the end of the chain, never lets it out."""
+
+
+class RecordHead(NamedTuple):
+    """A decoded record header, its own CRC checked (the data's CRC is ``data_crc``)."""
+
     kind: int
     fua: bool
     seq: int
@@ -319,20 +373,62 @@ class _RecHead(NamedTuple):
     stream: int
     epoch: int
     data_len: int
-    crc: int
-    raw: bytes
+    data_crc: int
+    written_seq: int
+    synced_seq: int
+
+    @property
+    def size(self) -> int:
+        return record_size(self.data_len)
+
+    @property
+    def is_wrap(self) -> bool:
+        return self.kind == _KIND_WRAP
 
 
-def _parse_record_head(raw: bytes) -> _RecHead | None:
-    if len(raw) < REC_HEADER_LEN or raw[:4] != REC_MAGIC:
-        return None
-    (_m, kind, flags, hlen, seq, jid, offset, length, stamp, stream, epoch, dlen) = (
-        _REC.unpack_from(raw)
-    )
+def decode_record_head(raw: bytes) -> RecordHead:
+    """Decode the header at the start of ``raw`` or raise :class:`BadRecord` saying why."""
+    if len(raw) < REC_HEADER_LEN:
+        raise BadRecord(f"record header is truncated ({len(raw)} bytes)")
+    if raw[:4] != REC_MAGIC:
+        raise BadRecord("bad record magic")
+    (
+        _m,
+        kind,
+        flags,
+        hlen,
+        seq,
+        jid,
+        offset,
+        length,
+        stamp,
+        stream,
+        epoch,
+        dlen,
+        dcrc,
+        ws,
+        ss,
+        _r,
+    ) = _REC.unpack_from(raw)
     if hlen != REC_HEADER_LEN:
-        return None
-    (crc,) = _CRC.unpack_from(raw, _REC.size)
-    return _RecHead(
+        raise BadRecord(f"record header length {hlen} is not {REC_HEADER_LEN}")
+    (stored,) = _CRC.unpack_from(raw, _REC.size)
+    if crc32c.crc32c(raw[: _REC.size]) != stored:
+        raise BadRecord("bad record header CRC32C")
+    if kind == _KIND_WRAP:
+        if dlen or length or dcrc != _EMPTY_CRC:
+            raise BadRecord("a wrap marker carries no data")
+    elif kind in (EntryKind.ZERO, EntryKind.TRIM):
+        if dlen or dcrc != _EMPTY_CRC:
+            raise BadRecord(f"a {EntryKind(kind).name} record carries no data")
+    elif kind != EntryKind.WRITE:
+        raise BadRecord(f"unknown record kind {kind}")
+    elif dlen != length:
+        raise BadRecord(f"WRITE record data length {dlen} is not its length {length}")
+    # A record vouches only for records before it, and nothing is synced before it is written.
+    if not 1 <= seq < _U64 or not ss <= ws < seq or offset + length >= _U64:
+        raise BadRecord("record seq, marks or range are invalid")
+    return RecordHead(
         kind,
         bool(flags & FLAG_FUA),
         seq,
@@ -343,8 +439,262 @@ def _parse_record_head(raw: bytes) -> _RecHead | None:
         stream,
         epoch,
         dlen,
-        crc,
-        raw[: _REC.size],
+        dcrc,
+        ws,
+        ss,
+    )
+
+
+# -- recovery (no I/O of its own: it reads the ring through a callback) --------------------
+
+#: ``read(ring_offset, n)``: ``n`` bytes of the ring from ``ring_offset`` (never past its end)
+RingRead = Callable[[int, int], bytes]
+_SCAN_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class DamagedRegion:
+    """A stretch of the ring where records that may have been acknowledged are unreadable."""
+
+    first_seq: int  # the seqs it may hold: first_seq..last_seq (never empty)
+    last_seq: int
+    ring_offset: int  # where it starts, in bytes from the start of the ring
+    nbytes: int  # how far it extends (it may wrap past the ring's end; 0: no bytes at all)
+    #: The damaged record's own header, when that header is intact (it has its own CRC) and
+    #: only the data is bad: its stream, kind, offset and length (``data`` empty).  None: the
+    #: extent of whatever the region held is unknown.
+    extent: Entry | None = None
+
+    @property
+    def extent_known(self) -> bool:
+        return self.extent is not None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSalvage:
+    """What could still be read from a corrupt journal (see :class:`JournalCorrupt`)."""
+
+    path: str
+    group: str
+    journal_id: int
+    first_seq: int  # the header's tail seq: everything before it was released
+    applied_seq: int  # the header's applied mark (receive journals)
+    first_bad_seq: int  # the seq the chain expected where it broke
+    first_bad_offset: int  # byte offset in the file where it broke
+    vouched_seq: int  # every seq up to this one is known to have been complete on disk
+    max_seq: int  # the highest seq any record of this journal in the file, or its header, names
+    entries: tuple[Entry, ...]  # every entry located in the retained range (no data), seq order
+    damaged: tuple[DamagedRegion, ...]
+
+    @property
+    def following(self) -> int:
+        """Valid records located after the break."""
+        return sum(1 for e in self.entries if e.seq >= self.first_bad_seq)
+
+    @property
+    def extent_unknown(self) -> bool:
+        """Some damaged region may have held writes anywhere: fold whole volumes."""
+        return any(not d.extent_known for d in self.damaged)
+
+    @property
+    def next_seq(self) -> int:
+        """The smallest seq :meth:`Journal.reset` accepts for the next entry."""
+        return self.max_seq + 1
+
+
+class _Probe(NamedTuple):
+    pos: int  # virtual position of the record
+    head: RecordHead
+    intact: bool  # the data's CRC matches too
+
+    @property
+    def end(self) -> int:
+        return self.pos + self.head.size
+
+
+class _Ring:
+    """Reads records out of the ring of one journal (``read`` is the only I/O)."""
+
+    def __init__(self, read: RingRead, capacity: int, journal_id: int) -> None:
+        self.read = read
+        self.capacity = capacity
+        self.journal_id = journal_id
+        self._chunk_pos = -1  # virtual position of the cached chunk (scan only)
+        self._chunk = b""
+
+    def head_at(self, pos: int) -> RecordHead | None:
+        """The valid header of this journal at virtual ``pos`` whose record fits the ring."""
+        ring = pos % self.capacity
+        try:
+            rh = decode_record_head(self.read(ring, REC_HEADER_LEN))
+        except BadRecord:
+            return None
+        if rh.journal_id != self.journal_id or ring + rh.size > self.capacity:
+            return None
+        if rh.is_wrap and ring == 0:
+            return None
+        return rh
+
+    def intact(self, pos: int, rh: RecordHead) -> bool:
+        if not rh.data_len:
+            return True  # the header CRC covers data_crc, which decode checked is empty
+        data = self.read(pos % self.capacity + REC_HEADER_LEN, rh.data_len)
+        return len(data) == rh.data_len and crc32c.crc32c(data) == rh.data_crc
+
+    def next_magic(self, pos: int, limit: int) -> int | None:
+        """The first aligned virtual position in [pos, limit) holding a record magic."""
+        cap = self.capacity
+        while pos < limit:
+            if not self._chunk_pos <= pos < self._chunk_pos + len(self._chunk):
+                ring = pos % cap
+                self._chunk = self.read(ring, min(_SCAN_CHUNK, cap - ring))
+                self._chunk_pos = pos
+            base = self._chunk_pos
+            i = self._chunk.find(REC_MAGIC, pos - base)
+            while i != -1 and (base + i) % RECORD_ALIGN:
+                i = self._chunk.find(REC_MAGIC, i + 1)
+            if i != -1:
+                return base + i if base + i < limit else None
+            pos = base + len(self._chunk)
+        return None
+
+
+class Recovery(NamedTuple):
+    """What :func:`recover` found: the chain, and a salvage when the journal is corrupt."""
+
+    chain: list[tuple[int, _Probe]]  # (start of its space, record) for tail_seq, tail_seq+1...
+    head: int  # virtual position just past the chain
+    salvage: JournalSalvage | None
+
+
+def recover(read: RingRead, h: JournalHeader, *, same_boot: bool, path: str = "") -> Recovery:
+    """Follow the chain from the tail (docs/format.md, "Recovery"), then scan the rest of the
+    ring to tell a torn tail from corruption.  ``same_boot``: the machine has not rebooted
+    since the header's epoch was opened (its page cache is the one that epoch wrote to)."""
+    cap = h.capacity
+    ring = _Ring(read, cap, h.journal_id)
+    limit = h.tail_pos + cap  # the retained range cannot reach past this
+    chain: list[tuple[int, _Probe]] = []
+
+    def valid(pos: int, seq: int, min_epoch: int) -> _Probe | None:
+        rh = ring.head_at(pos)
+        if rh is None or rh.seq != seq or not min_epoch <= rh.epoch <= h.epoch:
+            return None
+        return _Probe(pos, rh, True) if ring.intact(pos, rh) else None
+
+    pos, seq, epoch = h.tail_pos, h.tail_seq, h.tail_epoch
+    while True:
+        start = pos
+        found = valid(pos, seq, epoch)
+        if found is None:
+            break
+        if found.head.is_wrap:
+            pos += cap - pos % cap
+            epoch = found.head.epoch
+            found = valid(pos, seq, epoch)
+            if found is None or found.head.is_wrap:
+                break
+        if found.end > limit:  # cannot happen with a consistent header; stay bounded
+            break
+        chain.append((start, found))
+        epoch = found.head.epoch
+        pos = found.end
+        seq += 1
+    head = chain[-1][1].end if chain else h.tail_pos
+
+    # The chain broke at ``pos`` expecting ``seq``.  Scan the rest of the window for records
+    # of the same chain: this journal's id, a seq from the break on, an epoch the chain could
+    # still have (not older than the last good record's, not newer than the header's).
+    bad_seq, bad_pos, min_epoch = seq, pos, epoch
+    vouched = h.synced_seq
+    later = False
+    lineage: list[_Probe] = []  # the later records, greedily chained in seq order
+    want, want_epoch = bad_seq, min_epoch
+    q: int | None = bad_pos
+    while q is not None and q < limit:
+        q = ring.next_magic(q, limit)
+        if q is None:
+            break
+        rh = ring.head_at(q)
+        if rh is None:
+            q += RECORD_ALIGN
+            continue
+        if rh.seq < bad_seq or not min_epoch <= rh.epoch <= h.epoch or q + rh.size > limit:
+            q += RECORD_ALIGN
+            continue
+        later = later or rh.seq > bad_seq
+        vouched = max(vouched, rh.synced_seq)
+        if same_boot and rh.epoch == h.epoch:
+            vouched = max(vouched, rh.written_seq)
+        if rh.seq < want or rh.epoch < want_epoch:
+            q += RECORD_ALIGN
+            continue
+        found = _Probe(q, rh, ring.intact(q, rh))
+        lineage.append(found)
+        want, want_epoch = (rh.seq if rh.is_wrap else rh.seq + 1), rh.epoch
+        # Nothing newer starts inside a record whose header is intact (its bytes are there).
+        q = q + cap - q % cap if rh.is_wrap else found.end
+    # The record the chain broke on is not a later one, unless only its wrap marker was bad.
+    later = later or any(p.intact and not p.head.is_wrap and p.pos != bad_pos for p in lineage)
+    if not (later and bad_seq <= vouched):
+        return Recovery(chain, head, None)  # a torn tail: the chain is the journal
+
+    entries = [_entry_of(p.head) for _, p in chain]
+    regions: list[DamagedRegion] = []
+
+    def gap(first: int, last: int, frm: int, to: int, extent: Entry | None = None) -> None:
+        if first <= last and first <= vouched:  # beyond what is vouched for: the torn tail
+            regions.append(DamagedRegion(first, last, frm % cap, max(0, to - frm), extent))
+
+    prev_seq, prev_end = bad_seq - 1, bad_pos
+    for p in lineage:
+        s = p.head.seq
+        if p.head.is_wrap:
+            gap(prev_seq + 1, s - 1, prev_end, p.pos)
+            prev_seq, prev_end = s - 1, p.pos + cap - p.pos % cap
+            continue
+        gap(prev_seq + 1, s - 1, prev_end, p.pos)
+        if p.intact:
+            entries.append(_entry_of(p.head))
+        else:
+            gap(s, s, p.pos, p.end, _entry_of(p.head))
+        prev_seq, prev_end = s, p.end
+    gap(prev_seq + 1, vouched, prev_end, limit)
+    salvage = JournalSalvage(
+        path=path,
+        group=h.group,
+        journal_id=h.journal_id,
+        first_seq=h.tail_seq,
+        applied_seq=h.applied_seq,
+        first_bad_seq=bad_seq,
+        first_bad_offset=RING_OFFSET + bad_pos % cap,
+        vouched_seq=vouched,
+        max_seq=max(highest_seq(read, h), vouched),  # the same floor reset() computes
+        entries=tuple(entries),
+        damaged=tuple(regions),
+    )
+    return Recovery(chain, head, salvage)
+
+
+def highest_seq(read: RingRead, h: JournalHeader) -> int:
+    """The highest seq the header or any record of this journal in the ring names."""
+    ring = _Ring(read, h.capacity, h.journal_id)
+    best = max(h.tail_seq - 1, h.applied_seq, h.synced_seq)
+    q: int | None = 0
+    while q is not None:
+        q = ring.next_magic(q, h.capacity)
+        if q is None:
+            break
+        rh = ring.head_at(q)
+        if rh is not None:
+            best = max(best, rh.seq)
+        q += RECORD_ALIGN
+    return best
+
+
+def _entry_of(rh: RecordHead) -> Entry:
+    return Entry(
+        rh.seq, rh.stream, EntryKind(rh.kind), rh.offset, rh.length, b"", rh.fua, rh.stamp_ns
     )
 
 
@@ -406,6 +756,9 @@ class Journal:
         self.appends = 0
         #: what open() found wrong with the header slots (and repaired)
         self.repaired: list[str] = []
+        #: which slot to write first: the damaged or stale one, so that a torn write can
+        #: never leave only an older header behind
+        self._slot_order = (0, 1)
 
     # -- creating and opening ---------------------------------------------------------------
 
@@ -464,37 +817,36 @@ class Journal:
 
     @classmethod
     def open(cls, path: str) -> Journal:
-        """Open and recover: choose the header, bump the epoch (durably, repairing a bad
-        slot), rebuild the index by following the chain from the tail."""
+        """Open and recover: choose the header, rebuild the index by following the chain from
+        the tail, bump the epoch (durably, repairing a bad slot).
+
+        :class:`JournalCorrupt` (the file left untouched) when a damaged record is followed
+        by later records it is vouched for; :class:`HeaderCorrupt` naming the file when
+        neither header slot is valid."""
+        fd = _open_locked(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError as e:
-            raise NotFound(f"journal {path} does not exist") from e
-        except IsADirectoryError as e:
-            raise UsageError(f"journal path {path} is a directory") from e
-        except OSError as e:
-            raise _io_error(e, f"open {path}") from e
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                raise IllegalState(f"journal {path} is open elsewhere") from e
             slots = [os.pread(fd, SLOT_SIZE, off) for off in SLOT_OFFSETS]
-            header, notes = choose_header(slots[0], slots[1])
-            size = os.fstat(fd).st_size
-            if size < RING_OFFSET + header.capacity:
-                raise HeaderCorrupt(
-                    f"journal {path} is {size} bytes; its header needs "
-                    f"{RING_OFFSET + header.capacity}"
-                )
+            header, notes, order = _read_header(path, fd, slots)
             j = cls(path, fd, header)
-            j._recover()
+            j._slot_order = order
+            rec = recover(
+                lambda off, n: os.pread(fd, n, RING_OFFSET + off),
+                header,
+                same_boot=_same_boot(header),
+                path=path,
+            )
+            if rec.salvage is not None:
+                raise JournalCorrupt(rec.salvage)
+            j._load(rec)
             # One sync makes what recovery saw durable (page cache left by a killed process),
             # then the new epoch goes to both slots before anything can be appended.
             os.fdatasync(fd)
+            j._synced = j._durable
             epoch = header.epoch + 1
             tail_epoch = j._index[j._first_seq].epoch if j._index else epoch
-            j._commit_header(replace(header, epoch=epoch, tail_epoch=tail_epoch))
+            j._commit_header(
+                replace(header, epoch=epoch, tail_epoch=tail_epoch, boot_id=_boot_id())
+            )
             j.repaired = notes
             return j
         except OSError as e:
@@ -504,32 +856,67 @@ class Journal:
             os.close(fd)
             raise
 
-    def _recover(self) -> None:
+    @classmethod
+    def reset(cls, path: str, next_seq: int | None = None) -> int:
+        """Rewrite the (closed) journal at ``path`` empty, so that its next entry gets
+        ``next_seq``; return that seq.  Every entry in it is dropped: fold the salvage of
+        :class:`JournalCorrupt` first.
+
+        ``next_seq`` defaults to one past the highest seq the file names anywhere (header or
+        any record of it), and may not be lower than that: one group's sequence space never
+        goes backwards.  A caller that knows of higher seqs (a peer that received some)
+        passes a higher one.  The new header gets a new journal id and epoch, so no old
+        record can ever be read as one of the new journal's; it goes to both slots in turn
+        (damaged or stale slot first, each synced), so a crash at any point leaves either
+        the old journal or the empty one.  The applied mark becomes ``next_seq - 1``."""
+        fd = _open_locked(path)
+        try:
+            slots = [os.pread(fd, SLOT_SIZE, off) for off in SLOT_OFFSETS]
+            header, _notes, order = _read_header(path, fd, slots)
+            floor = highest_seq(lambda off, n: os.pread(fd, n, RING_OFFSET + off), header) + 1
+            if next_seq is None:
+                next_seq = floor
+            if not floor <= next_seq < _U64 // 2:
+                raise IllegalState(
+                    f"journal {path}: cannot continue at seq {next_seq}; seqs up to "
+                    f"{floor - 1} were used already"
+                )
+            jid = secrets.randbits(64)
+            while jid == header.journal_id:
+                jid = secrets.randbits(64)
+            epoch = header.epoch + 1
+            new = replace(
+                header,
+                journal_id=jid,
+                generation=header.generation + 1,
+                epoch=epoch,
+                tail_pos=0,
+                tail_seq=next_seq,
+                applied_seq=next_seq - 1,
+                tail_epoch=epoch,
+                synced_seq=next_seq - 1,
+                boot_id=_boot_id(),
+            )
+            slot = encode_header(new)
+            for i in order:
+                _pwrite_all(fd, slot, SLOT_OFFSETS[i])
+                os.fdatasync(fd)
+            return next_seq
+        except OSError as e:
+            raise _io_error(e, f"reset {path}") from e
+        finally:
+            os.close(fd)
+
+    def _load(self, rec: Recovery) -> None:
+        """Build the index from the recovered chain."""
         h = self._hdr
-        cap = self.capacity
-        pos = h.tail_pos
         seq = h.tail_seq
-        prev_epoch = h.tail_epoch
-        while True:
-            start = pos
-            found = self._read_valid(pos, seq, prev_epoch)
-            if found is None:
-                break
-            rh, _ = found
-            if rh.kind == _KIND_WRAP:
-                pos += cap - pos % cap
-                prev_epoch = rh.epoch
-                found = self._read_valid(pos, seq, prev_epoch)
-                if found is None:
-                    break
-                rh, _ = found
-            end = pos + record_size(rh.data_len)
-            if end - h.tail_pos > cap:  # cannot happen with a consistent header; stay bounded
-                break
+        for start, p in rec.chain:
+            rh = p.head
             self._index[seq] = _Slot(
                 start,
-                pos,
-                end,
+                p.pos,
+                p.end,
                 rh.stream,
                 EntryKind(rh.kind),
                 rh.offset,
@@ -538,55 +925,37 @@ class Journal:
                 rh.stamp_ns,
                 rh.epoch,
             )
-            prev_epoch = rh.epoch
-            pos = end
             seq += 1
-        self._head = max(self._index[seq - 1].end, h.tail_pos) if self._index else h.tail_pos
+        self._head = max(rec.head, h.tail_pos)
         self._next_seq = seq
         self._durable = seq - 1
-
-    def _read_valid(self, pos: int, seq: int, min_epoch: int) -> tuple[_RecHead, bytes] | None:
-        """The record at virtual ``pos`` if it is the valid continuation of the chain."""
-        cap = self.capacity
-        ring = pos % cap
-        raw = os.pread(self.fd, REC_HEADER_LEN, RING_OFFSET + ring)
-        rh = _parse_record_head(raw)
-        if rh is None or rh.seq != seq or rh.journal_id != self.journal_id:
-            return None
-        if not min_epoch <= rh.epoch <= self._hdr.epoch:
-            return None
-        if rh.kind == _KIND_WRAP:
-            if rh.data_len or ring == 0:
-                return None
-        elif rh.kind in (EntryKind.ZERO, EntryKind.TRIM):
-            if rh.data_len:
-                return None
-        elif rh.kind != EntryKind.WRITE or rh.data_len != rh.length:
-            return None
-        if ring + record_size(rh.data_len) > cap:
-            return None
-        data = os.pread(self.fd, rh.data_len, RING_OFFSET + ring + REC_HEADER_LEN)
-        if len(data) != rh.data_len:
-            return None
-        if crc32c.crc32c(rh.raw, crc32c.crc32c(data)) != rh.crc:
-            return None
-        return rh, data
 
     # -- header -----------------------------------------------------------------------------
 
     def _write_header(self) -> None:
-        """Slot A, sync, slot B, sync (caller holds _meta_lock or is single-threaded)."""
+        """One slot, sync, the other, sync (caller holds _meta_lock or is single-threaded).
+        The first sync also makes every record written before it durable: later records and
+        headers vouch for them (``synced_seq``)."""
         slot = encode_header(self._hdr)
+        with self._lock:
+            written = self._written_upto()
         try:
-            for off in SLOT_OFFSETS:
-                _pwrite_all(self.fd, slot, off)
+            for n, i in enumerate(self._slot_order):
+                _pwrite_all(self.fd, slot, SLOT_OFFSETS[i])
                 os.fdatasync(self.fd)
+                if n == 0:
+                    with self._cond:
+                        self._synced = max(self._synced, written)
+                        self._cond.notify_all()
         except OSError as e:
             raise _io_error(e, "header write") from e
+        self._slot_order = (0, 1)
 
     def _commit_header(self, new: JournalHeader) -> None:
-        """Make ``new`` (generation bumped here) the durable header."""
-        self._hdr = replace(new, generation=self._hdr.generation + 1)
+        """Make ``new`` (generation bumped here, and the synced mark) the durable header."""
+        with self._lock:
+            synced = self._synced
+        self._hdr = replace(new, generation=self._hdr.generation + 1, synced_seq=synced)
         self._write_header()
 
     # -- writing ----------------------------------------------------------------------------
@@ -666,6 +1035,8 @@ class Journal:
                     f"journal {self.group} is full: {size} bytes needed, "
                     f"{cap - (self._head - self._tail)} of {cap} free"
                 )
+            written = self._written_upto()  # vouched for by this record (module docstring)
+            synced = self._synced
             my_seq = self._next_seq
             self._next_seq += 1
             self._head = end
@@ -677,7 +1048,14 @@ class Journal:
         jid = self.journal_id
         try:
             if pos != start:
-                marker = encode_record(journal_id=jid, epoch=epoch, seq=my_seq, kind=_KIND_WRAP)
+                marker = encode_record(
+                    journal_id=jid,
+                    epoch=epoch,
+                    seq=my_seq,
+                    kind=_KIND_WRAP,
+                    written_seq=written,
+                    synced_seq=synced,
+                )
                 _pwrite_all(self.fd, marker, RING_OFFSET + ring)
             rec = encode_record(
                 journal_id=jid,
@@ -691,6 +1069,8 @@ class Journal:
                 fua=fua,
                 stamp_ns=stamp_ns,
                 data_crc=data_crc,
+                written_seq=written,
+                synced_seq=synced,
             )
             _pwrite_all(self.fd, rec, RING_OFFSET + pos % cap)
         except OSError as e:
@@ -877,13 +1257,16 @@ class Journal:
             raw = os.pread(self.fd, n, RING_OFFSET + ring)
         except OSError as e:
             raise _io_error(e, f"read of seq {seq}") from e
-        rh = _parse_record_head(raw)
         data = raw[REC_HEADER_LEN:]
+        try:
+            rh: RecordHead | None = decode_record_head(raw)
+        except BadRecord:
+            rh = None
         if (
             rh is not None
             and rh.seq == seq
             and len(data) == slot.length
-            and crc32c.crc32c(rh.raw, crc32c.crc32c(data)) == rh.crc
+            and crc32c.crc32c(data) == rh.data_crc
         ):
             return data
         with self._lock:
@@ -964,6 +1347,57 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_locked(path: str) -> int:
+    """Open a journal file read-write with its exclusive lock (released by closing)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise NotFound(f"journal {path} does not exist") from e
+    except IsADirectoryError as e:
+        raise UsageError(f"journal path {path} is a directory") from e
+    except OSError as e:
+        raise _io_error(e, f"open {path}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise IllegalState(f"journal {path} is open elsewhere") from e
+    except OSError as e:
+        os.close(fd)
+        raise _io_error(e, f"lock {path}") from e
+    return fd
+
+
+def _read_header(
+    path: str, fd: int, slots: list[bytes]
+) -> tuple[JournalHeader, list[str], tuple[int, int]]:
+    """The header, what is wrong with the slots, and the order to rewrite them in (the bad
+    slot first).  :class:`HeaderCorrupt` naming the file if no slot is valid."""
+    try:
+        header, notes = choose_header(slots[0], slots[1])
+    except HeaderCorrupt as e:
+        raise HeaderCorrupt(f"journal {path}: {e}") from e
+    size = os.fstat(fd).st_size
+    if size < RING_OFFSET + header.capacity:
+        raise HeaderCorrupt(
+            f"journal {path} is {size} bytes; its header needs {RING_OFFSET + header.capacity}"
+        )
+    return header, notes, ((1, 0) if notes and notes[0].startswith("slot B") else (0, 1))
+
+
+def _boot_id() -> bytes:
+    """This boot's id (Linux), or zeros when unknown (then no boot counts as the same)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+def _same_boot(h: JournalHeader) -> bool:
+    return h.boot_id != bytes(16) and h.boot_id == _boot_id()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -359,10 +359,11 @@ def test_header_codec_rejects_each_field() -> None:
         jr.decode_header(bytes(jr.SLOT_SIZE))
     with pytest.raises(HeaderCorrupt, match="truncated"):
         jr.decode_header(jr.encode_header(h)[:100])
-    bad = bytearray(jr.encode_header(h))
-    bad[8] = 2
-    with pytest.raises(HeaderCorrupt, match="version"):
-        jr.decode_header(bytes(bad))
+    for major in (jr.FORMAT_MAJOR - 1, jr.FORMAT_MAJOR + 1):  # format 1 had other records
+        bad = bytearray(jr.encode_header(h))
+        bad[8] = major
+        with pytest.raises(HeaderCorrupt, match="version"):
+            jr.decode_header(bytes(bad))
     with pytest.raises(HeaderCorrupt, match="capacity"):
         jr.decode_header(jr.encode_header(replace(h, capacity=MIB + 1)))
     older = jr.encode_header(h)
