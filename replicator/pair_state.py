@@ -19,12 +19,13 @@ was.  Events are of three sorts: *commands* (Create, Split, Resync, Takeover, De
 has them, and do nothing where they change nothing.
 
 Around each move the machine derives the actions that every move needs, in this order:
-``PersistState`` first whenever the record changed or the move talks to the peer (so nothing
-reaches the peer that a crash could forget); ``SetHidden(True)`` before the steps when the
-secondary becomes hidden, ``SetHidden(False)`` after them when it is revealed (hide first,
-reveal last: a client never sees the S-VOL writable under the primary's PVID);
-``SendPairState`` when state, role or epoch changed; then ``pair.state``, ``pair.link``,
-``pair.writes`` and ``pair.split.aborted`` events for the log.
+``AssignNewPvid`` (if the move has one) before anything else, so that a crash never leaves a
+volume revealed under its primary's PVID; then ``PersistState`` whenever the record changed
+or the move talks to the peer (so nothing reaches the peer that a crash could forget);
+``SetHidden(True)`` before the steps when the secondary becomes hidden, ``SetHidden(False)``
+after them when it is revealed (hide first, reveal last: a client never sees the S-VOL
+writable under the primary's PVID); ``SendPairState`` when state, role or epoch changed; then
+``pair.state``, ``pair.link``, ``pair.writes`` and ``pair.split.aborted`` events for the log.
 
 Client I/O is not an event: the adapter asks :func:`write_decision` / :func:`read_decision`
 (or the machine's methods of the same name) per request; both are table lookups.
@@ -98,6 +99,8 @@ REPLICATING: Final = frozenset({State.COPY, State.PAIR, State.PFUL})
 #: A secondary in one of these states is hidden: clients may neither read nor write it.
 HIDDEN_STATES: Final = frozenset({State.COPY, State.PAIR, State.PFUL, State.PSUE, State.PFUS})
 SUSPENDED: Final = frozenset({State.PSUE, State.PFUS})
+#: A primary in one of these states can be demoted by its peer's swap (Resync(swap)).
+SWAPPABLE_PRIMARY: Final = frozenset({State.PSUS, State.PSUE})
 
 
 def is_hidden(role: Role, state: State) -> bool:
@@ -353,14 +356,18 @@ class Drained:
 
 @dataclass(frozen=True, slots=True)
 class Resync:
-    """Back to COPY.  ``swap`` reverses the direction first; ``peer_epoch`` is the other side's
-    epoch (both sides then agree on ``max(ours, theirs) + 1``)."""
+    """Back to COPY.  ``swap`` reverses the direction first.  The side that moves first in a
+    swap gives ``peer_epoch``, the highest epoch it knows of the other side, and takes
+    ``max(ours, peer_epoch) + 1``; the side that follows gives ``epoch``, the epoch the mover
+    announced, and adopts it (so both end with the same epoch; docs/decisions.md, "Epochs")."""
 
     swap: bool = False
     peer_epoch: int = 0
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         _check_count("peer epoch", self.peer_epoch)
+        _check_count("epoch", self.epoch)
 
     @property
     def kind(self) -> Kind:
@@ -369,9 +376,15 @@ class Resync:
 
 @dataclass(frozen=True, slots=True)
 class Takeover:
-    """Make the secondary usable on its own (SSWS).  ``force`` allows an inconsistent image."""
+    """Make the secondary usable on its own (SSWS).  ``force`` allows an inconsistent image.
+    ``peer_epoch``: the highest epoch this side has seen from the old primary; the takeover's
+    epoch is ``max(ours, peer_epoch) + 1``, so it is newer than anything the peer announced."""
 
     force: bool = False
+    peer_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        _check_count("peer epoch", self.peer_epoch)
 
     @property
     def kind(self) -> Kind:
@@ -590,7 +603,21 @@ class DropBitmaps:
 
 @dataclass(frozen=True, slots=True)
 class AssignNewPvid:
-    """Give the local volume a new unique PVID (secondary on split, hidden or stale on delete)."""
+    """Give the local volume a new unique PVID (secondary on split, hidden or stale on delete).
+
+    It always comes *before* the move's PersistState: until the record says the volume may be
+    used on its own, it is hidden (or stale), so a crash between the two leaves a hidden
+    volume with a fresh PVID, never a visible one with its primary's (docs/decisions.md,
+    "Crash ordering")."""
+
+    to_peer: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardReceived:
+    """Async secondary entering a copy: every entry of this pair received but not applied is
+    superseded by the chunks the copy brings (the primary folded them into its bitmap), so it
+    is skipped, durably, before the copy can write the first chunk."""
 
     to_peer: ClassVar[bool] = False
 
@@ -652,6 +679,7 @@ Action = (
     | DropJournal
     | DropBitmaps
     | AssignNewPvid
+    | DiscardReceived
     | AdoptPrimaryPvid
     | SetHidden
     | SwapRoles
@@ -956,6 +984,11 @@ def ADOPT(c: _Ctx) -> None:
     c.out.append(AdoptPrimaryPvid())
 
 
+@_step("discard received, unapplied entries", modes=frozenset({Mode.ASYNC}))
+def DISCARD_RECEIVED(c: _Ctx) -> None:
+    c.out.append(DiscardReceived())
+
+
 @_step("new PVID")
 def NEW_PVID(c: _Ctx) -> None:
     c.out.append(AssignNewPvid())
@@ -967,10 +1000,12 @@ def NEW_PVID_IF_STALE(c: _Ctx) -> None:
         c.out.append(AssignNewPvid())
 
 
-@_step("epoch = max(ours, peer's) + 1")
+@_step("epoch = the announced one, or max(ours, peer's) + 1")
 def SWAP_EPOCH(c: _Ctx) -> None:
-    peer_epoch = c.event.peer_epoch if isinstance(c.event, Resync) else 0
-    c.changes.update(epoch=max(c.old.epoch, peer_epoch) + 1)
+    ev = c.event
+    assert isinstance(ev, Resync)
+    mover = max(c.old.epoch, ev.peer_epoch) + 1
+    c.changes.update(epoch=max(ev.epoch, c.old.epoch + 1) if ev.epoch else mover)
 
 
 @_step("become primary")
@@ -985,9 +1020,10 @@ def BECOME_SECONDARY(c: _Ctx) -> None:
     c.out.append(SwapRoles(Role.SECONDARY))
 
 
-@_step("epoch + 1, pair.takeover")
+@_step("epoch = max(ours, peer's) + 1, pair.takeover")
 def TAKE_OVER(c: _Ctx) -> None:
-    epoch = c.old.epoch + 1
+    peer_epoch = c.event.peer_epoch if isinstance(c.event, Takeover) else 0
+    epoch = max(c.old.epoch, peer_epoch) + 1
     c.changes.update(epoch=epoch)
     c.emit(
         "pair.takeover",
@@ -1132,7 +1168,7 @@ _ROWS: Final[tuple[_Row, ...]] = (
     _Row(S, (PAIR, PFUL), (K.SPLIT,), PSUS, (NEW_PVID,)),
     _Row(P, (PSUS, PFUS), (K.RESYNC,), COPY, (START_DIFF_COPY,), (LINK_UP,)),
     _Row(P, (PSUE,), (K.RESYNC,), COPY, (START_DIFF_COPY,), (LINK_UP, NOT_STALE)),
-    _Row(S, (PSUS, PSUE, PFUS), (K.RESYNC,), COPY, (ADOPT,), (LINK_UP,)),
+    _Row(S, (PSUS, PSUE, PFUS), (K.RESYNC,), COPY, (ADOPT, DISCARD_RECEIVED), (LINK_UP,)),
     _Row(P, (PSUS, PSUE), (K.RESYNC_SWAP,), COPY,
          (SWAP_EPOCH, BECOME_SECONDARY, ADOPT), (LINK_UP,)),
     _Row(S, (PSUS, PSUE), (K.RESYNC_SWAP,), COPY,
@@ -1403,12 +1439,14 @@ def _derive(
     """Wrap a move's own actions in the ones every move needs (see the module docstring)."""
     tell_peer = (old.state, old.role, old.epoch) != (new.state, new.role, new.epoch)
     hide_before, hide_after = is_hidden(old.role, old.state), is_hidden(new.role, new.state)
-    actions: list[Action] = []
+    # A new PVID goes on the volume before the record that may reveal it (AssignNewPvid).
+    early = [a for a in ctx.out if isinstance(a, AssignNewPvid)]
+    actions: list[Action] = list(early)
     if new != old or tell_peer or any(a.to_peer for a in ctx.out):
         actions.append(PersistState(new))
     if hide_after and not hide_before:
         actions.append(SetHidden(True))
-    actions += ctx.out
+    actions += [a for a in ctx.out if not isinstance(a, AssignNewPvid)]
     if hide_before and not hide_after:
         actions.append(SetHidden(False))
     if tell_peer:

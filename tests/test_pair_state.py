@@ -323,7 +323,7 @@ def test_create_copy_pair_split_resync_pair() -> None:
     pa, sa = pair.both(Split())
     assert (pair.p.state, pair.s.state) == (State.PSUS, State.PSUS)
     # The S-VOL gets its new PVID before it becomes visible.
-    assert kinds(sa)[:3] == [PersistState, AssignNewPvid, SetHidden]
+    assert kinds(sa)[:3] == [AssignNewPvid, PersistState, SetHidden]
     assert sa[2] == SetHidden(False)
     assert pair.p.write_decision() is WriteDecision.LOCAL_RECORD
     assert pair.s.write_decision() is WriteDecision.LOCAL_RECORD
@@ -819,8 +819,12 @@ class PairMachineModel(RuleBasedStateMachine):
 
     def _check_output(self, before: PairRecord, actions: list[Action]) -> None:
         after = self.m.record
+        # A new PVID goes on the volume before the record that may reveal it, never after.
+        pvids = [i for i, a in enumerate(actions) if isinstance(a, AssignNewPvid)]
+        assert pvids in ([], [0]), f"AssignNewPvid not first in {actions}"
+        rest = actions[len(pvids) :]
         if after != before:
-            assert actions[:1] == [PersistState(after)], f"{before} -> {actions}"
+            assert rest[:1] == [PersistState(after)], f"{before} -> {actions}"
         persisted = False
         for a in actions:
             if isinstance(a, PersistState):
