@@ -330,11 +330,14 @@ class PairCreate:
     #: ``ADDR:PORT`` where the primary takes replication connections, for the secondary's own
     #: requests (heartbeats, state changes it starts); empty: the connection's source address.
     primary_peer: str = ""
+    #: The P-VOL's logical block size: both volumes of a pair must have the same.
+    block_size: int = 512
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
         _volume(self, "volume")
         _utf8(self, "primary_peer", PEER_ADDRESS_MAX)
+        _uint(self, "block_size", 32, low=1)
         _uint(self, "data_size", 63, low=1)
         _chunk_size(self, "chunk_size")
         _one_of(self, "mode", MODES)
@@ -811,7 +814,7 @@ CODECS: Final[dict[type, Codec]] = {
         Codec(0x10, PairCreate, (
             _pair_id(), _Str("volume", NAME_MAX), _u64("data_size"), _u32("chunk_size"),
             _choice("mode", MODES), _choice("fence", FENCES), _u64("pvid"), _u64("epoch"),
-            _Str("primary_peer", PEER_ADDRESS_MAX),
+            _Str("primary_peer", PEER_ADDRESS_MAX), _u32("block_size"),
         )),
         Codec(0x11, PairState, (
             _pair_id(), _choice("state", STATES), _choice("role", ROLES, first=1),

@@ -51,7 +51,9 @@ U32 = st.integers(0, 2**32 - 1)
 # -- strategies -------------------------------------------------------------------------------
 
 _name_chars = st.characters(categories=("L", "N", "P", "S"), exclude_characters="/@\\")
-names = st.text(_name_chars, min_size=1, max_size=63).filter(lambda s: len(s.encode()) <= 63)
+names = st.text(_name_chars, min_size=1, max_size=63).filter(
+    lambda s: len(s.encode()) <= 63 and s not in (".", "..")
+)
 node_names = st.text(
     st.characters(categories=("L", "N", "P", "S")),
     min_size=1,
