@@ -29,6 +29,7 @@ if _ROOT not in sys.path:
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 from replicator.errors import PairvolError  # noqa: E402
+from replicator.export import INFLIGHT, get_ident  # noqa: E402
 from replicator.node import Service  # noqa: E402
 
 API_VERSION = 2
@@ -167,7 +168,8 @@ def is_rotational(h):
 
 # The hot path (docs/benchmarks.md, "Inlining"): a plain volume's reads and writes go straight
 # to the syscall; anything unusual (bounds, short transfers, a paired volume) takes the checked
-# method, which raises the precise error.
+# method, which raises the precise error.  A write publishes itself in INFLIGHT before it looks
+# at ``h.plain``: a pair created under this connection waits for it (replicator/export.py).
 _preadv, _pwritev, _DSYNC = os.preadv, os.pwritev, os.RWF_DSYNC
 
 
@@ -190,13 +192,20 @@ def pwrite(h, buf, offset, flags):
     try:
         n = len(buf)
         fua = flags & _FUA != 0
-        if not (
-            h.plain
-            and offset >= 0
-            and offset + n <= h.size
-            and _pwritev(h.fd, (buf,), h.base + offset, _DSYNC if fua else 0) == n
-        ):
-            h.pwrite(buf, offset, fua)
+        if h.plain:
+            tid = get_ident()
+            INFLIGHT[tid] = h
+            try:
+                if (
+                    h.plain
+                    and offset >= 0
+                    and offset + n <= h.size
+                    and _pwritev(h.fd, (buf,), h.base + offset, _DSYNC if fua else 0) == n
+                ):
+                    return
+            finally:
+                INFLIGHT[tid] = None
+        h.pwrite(buf, offset, fua)
     except BaseException as e:
         _failed(e)
         raise

@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from replicator import falloc
@@ -32,6 +34,27 @@ MAX_REQUEST = 0xFFFFFFFF
 
 def _warn_stderr(message: str) -> None:
     print(f"pairvol: {message}", file=sys.stderr, flush=True)
+
+
+#: Thread id -> the handle whose *plain* request (no pair policy) that thread is carrying out.
+#: The plugin's fast path publishes itself here before it looks at ``handle.plain``; a pair
+#: created under open handles flips ``plain`` and then waits, with :func:`quiesce`, until no
+#: plain request is left in flight on them (an RCU-style grace period: two dict stores per
+#: request instead of a lock; docs/decisions.md, "Open handles follow the volume's role").
+INFLIGHT: dict[int, object] = {}
+get_ident = threading.get_ident
+
+
+def quiesce(handles: Collection[object], timeout: float = 30.0) -> None:
+    """Return once no thread is inside a plain request on any of ``handles``."""
+    if not handles:
+        return
+    ids = {id(h) for h in handles}
+    deadline = time.monotonic() + timeout
+    while any(id(h) in ids for h in list(INFLIGHT.values()) if h is not None):
+        if time.monotonic() > deadline:
+            raise VolumeError(f"plain requests did not finish within {timeout:g}s", errno.EIO)
+        time.sleep(0.001)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,23 +159,25 @@ class Exporter:
         except BaseException:
             vol.close()
             raise
-        return ExportHandle(vol, readonly)
+        return ExportHandle(vol, readonly, wanted.pvid)
 
 
 class ExportHandle:
     """One connection's open volume.  Methods raise OSError or PairvolError with an errno."""
 
-    __slots__ = ("base", "fd", "header", "readonly", "size", "volume")
+    __slots__ = ("base", "fd", "header", "readonly", "size", "volume", "want_pvid")
     #: The plugin may bypass pread/pwrite for plain volumes (see plugins/pairvol.py).
     plain = True
 
-    def __init__(self, volume: Volume, readonly: bool) -> None:
+    def __init__(self, volume: Volume, readonly: bool, want_pvid: int | None = None) -> None:
         self.volume = volume
         self.header = volume.header
         self.fd = volume.fd
         self.base = self.header.data_offset
         self.size = self.header.data_size
         self.readonly = readonly
+        #: The PVID the client named (``NAME@PVID``), checked again whenever the PVID changes.
+        self.want_pvid = want_pvid
 
     def close(self) -> None:
         self.volume.close()

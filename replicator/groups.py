@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from replicator import wire
 from replicator.errors import ConnectionFailed, IllegalState, NotFound, PairvolError, Timeout
+from replicator.gate import Gate
 from replicator.journal import EntryKind, Journal, JournalFull
+from replicator.peer_link import PeerRefused
 
 if TYPE_CHECKING:
     from replicator.pairs import Side
@@ -123,6 +125,13 @@ class GroupPrimary(_GroupWorker):
         self._done: set[int] = set()
         self.cut: int | None = None
         self.full = False
+        # Held by the shipper for a whole round (status, read, send, collect): quiesce() waits
+        # for a round that read entries before a fold to finish before a resync starts.
+        self._ship_lock = threading.Lock()
+        # Appends share it, a fold closes it: a write whose pair was journaling when it asked
+        # is either in the journal before the fold (and folded into the bitmap with it) or
+        # sees the fold's state and is recorded in the bitmap, never journaled after a fold.
+        self._fold_gate = Gate()
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -144,17 +153,25 @@ class GroupPrimary(_GroupWorker):
     # -- the write path -----------------------------------------------------------------------
 
     def record(self, side: Side, msg: wire.Write | wire.Zero) -> int | None:
-        """Append a client write; its seq once durable, or None when the journal is full (the
-        caller then records the write in its bitmap; the group has gone to PFUS)."""
+        """Append a client write; its seq once durable, or None when it must be recorded in
+        the pair's bitmap instead (the journal is full and the group has gone to PFUS, or a
+        fold or a split drain happened since the write's policy was looked up)."""
         kind, length, data = _kind_of(msg)
-        try:
-            seq = self.journal.append(
-                side.stream, kind, msg.offset, data, length=length, fua=msg.fua
-            )
-            if msg.fua:
-                self.journal.sync()
-        except JournalFull:
-            self._overflow()
+        with self._fold_gate.shared():
+            if not side.journals():
+                return None
+            try:
+                seq = self.journal.append(
+                    side.stream, kind, msg.offset, data, length=length, fua=msg.fua
+                )
+                if msg.fua:
+                    self.journal.sync()
+            except JournalFull:
+                full = True
+            else:
+                full = False
+        if full:
+            self._overflow()  # outside the gate: the fold it leads to closes it
             return None
         self._watermark()
         return seq
@@ -184,8 +201,9 @@ class GroupPrimary(_GroupWorker):
             side.journal_full()
 
     def fold(self) -> int:
-        """Fold every retained entry into its pair's difference bitmap, then drop them."""
-        with self.lock:
+        """Fold every retained entry into its pair's difference bitmap, then drop them (after
+        the appends in flight: see ``_fold_gate``)."""
+        with self._fold_gate.closed(), self.lock:
             entries = self.journal.drop_all()
             self.applied = self.shipped = self.received = self.journal.last_seq
             self.written = max(self.written, self.journal.last_seq)
@@ -257,14 +275,30 @@ class GroupPrimary(_GroupWorker):
                 if side is None:
                     continue
                 try:
-                    self.status(side)  # learn what the secondary already holds
-                    self._ship_some(pool)
+                    with self._ship_lock:
+                        self.status(side)  # learn what the secondary already holds
+                        self._ship_some(pool)
+                except PeerRefused as e:
+                    # The secondary answered and refused: not link trouble to ride out, an
+                    # error that suspends the pair (and folds the journal into the bitmaps).
+                    self.shipped = self.applied
+                    for s in list(self.sides.values()):
+                        if s.ships():
+                            s.peer_failed(f"the secondary refused a journal entry: {e}")
+                    self._stop.wait(0.5)
                 except (ConnectionFailed, Timeout, PairvolError, OSError) as e:
                     self.shipped = self.applied
                     for s in list(self.sides.values()):
                         if s.ships():
                             s.link_failed(f"shipping the journal failed: {e}")
                     self._stop.wait(0.5)  # retry, not spin, while the link is down
+
+    def quiesce(self, timeout: float = 60.0) -> None:
+        """Wait until no shipping round is in flight (a round that started now finds nothing
+        old: a folded journal holds no entry from before the fold)."""
+        if not self._ship_lock.acquire(timeout=timeout):
+            raise Timeout(f"group {self.name}: the shipper did not finish its round")
+        self._ship_lock.release()
 
     def status(self, side: Side) -> None:
         """Tell the secondary our newest sequence number; learn its marks."""
@@ -345,6 +379,7 @@ class GroupSecondary(_GroupWorker):
         self.primary_newest = 0
         self.primary_newest_ns = 0
         self.heard_at = 0.0
+        self._apply_lock = threading.Lock()  # one applier at a time (thread or discard)
 
     @property
     def received(self) -> int:
@@ -431,30 +466,65 @@ class GroupSecondary(_GroupWorker):
 
     def apply_pending(self) -> int:
         """Apply every received entry not applied yet, in order; returns how many."""
-        by_stream = {s.stream: s for s in self.sides.values()}
         done = 0
         while True:
-            start = self.journal.applied_seq + 1
-            if start > self.journal.last_seq:
+            with self._apply_lock:
+                n, _ = self._apply_batch(self.journal.last_seq, None, APPLY_BATCH)
+            if not n:
                 return done
-            last = start - 1
-            touched: set[int] = set()
-            for entry in self.journal.entries(start):
+            done += n
+
+    def discard_unapplied(self, side: Side) -> int:
+        """``side`` enters a copy: skip its received, unapplied entries (the copy brings those
+        chunks; applied after it they would put older data over newer), apply the other
+        pairs' entries in order, and make the skip durable before the copy can begin."""
+        skipped = 0
+        with self._apply_lock:
+            upto = self.journal.last_seq
+            while self.journal.applied_seq < upto:
+                n, s = self._apply_batch(upto, side.stream, APPLY_BATCH)
+                skipped += s
+                if not n:
+                    break
+        if skipped:
+            self.log(
+                f"group {self.name}: pair {side.id} resyncs: {skipped} received journal "
+                "entries it had not applied are superseded by the copy and were skipped"
+            )
+        return skipped
+
+    def _apply_batch(self, upto: int, skip: int | None, limit: int) -> tuple[int, int]:
+        """With the apply lock: apply entries after the applied mark up to ``upto`` (at most
+        ``limit``), skipping stream ``skip``; then mark them applied.  (done, skipped)."""
+        start = self.journal.applied_seq + 1
+        if start > min(upto, self.journal.last_seq):
+            return 0, 0
+        by_stream = {s.stream: s for s in self.sides.values()}
+        last, skipped = start - 1, 0
+        touched: set[int] = set()
+        for entry in self.journal.entries(start):
+            if entry.seq > upto:
+                break
+            if entry.stream == skip:
+                skipped += 1
+            else:
                 side = by_stream.get(entry.stream)
                 if side is None:
                     raise NotFound(f"group {self.name}: entry {entry.seq} is for unknown stream")
                 side.apply_entry(entry.kind, entry.offset, entry.length, entry.data, False)
                 touched.add(entry.stream)
-                last = entry.seq
-                if last - start + 1 >= APPLY_BATCH:
-                    break
-            for stream in touched:
-                os.fdatasync(by_stream[stream].volume.fd)
-            self.journal.set_applied(last)
-            self.journal.release(last)
-            done += last - start + 1
-            with self.cond:
-                self.cond.notify_all()
+            last = entry.seq
+            if last - start + 1 >= limit:
+                break
+        if last < start:
+            return 0, 0
+        for stream in touched:
+            os.fdatasync(by_stream[stream].volume.fd)
+        self.journal.set_applied(last)
+        self.journal.release(last)
+        with self.cond:
+            self.cond.notify_all()
+        return last - start + 1, skipped
 
     def drain(self, timeout: float = 60.0) -> None:
         """Apply everything received (before a takeover or a split on this side)."""

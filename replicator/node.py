@@ -126,7 +126,7 @@ class Node:
             self.directory,
             self.config.listen,
             self.config.peer_port,
-            secret,  # type: ignore[arg-type]  # until PairManager's annotation says PeerSecrets
+            secret,
             self.events,
             self.log,
         )
@@ -187,6 +187,8 @@ class Node:
             "peer_keyring": list(self.secret.peers),
             "volumes": volumes,
             "pairs": self.pairs.op_display({})["pairs"],
+            # Pairs that cannot be loaded: their volumes are served to nobody.
+            "corrupt_pairs": self.pairs.op_display({})["corrupt"],
         }
 
     def _secret_kind(self) -> str:

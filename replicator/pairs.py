@@ -61,7 +61,7 @@ from typing import Any
 
 import xxhash
 
-from replicator import falloc, wire
+from replicator import falloc, faults, wire
 from replicator import pair_state as ps
 from replicator.atomic_file import write_atomic
 from replicator.bitmap import Bitmap
@@ -69,15 +69,18 @@ from replicator.bitmap_store import BitmapStore
 from replicator.errors import (
     AlreadyExists,
     ConnectionFailed,
+    HeaderCorrupt,
     IllegalState,
     NotFound,
     PairvolError,
+    ProtocolError,
     Timeout,
     UsageError,
     VolumeError,
 )
 from replicator.events import EventLog
-from replicator.export import ExportHandle
+from replicator.export import INFLIGHT, ExportHandle, get_ident, quiesce
+from replicator.gate import ChunkLocks, Gate
 from replicator.groups import (
     DEFAULT_HIGH_WATERMARK,
     DEFAULT_JOURNAL_SIZE,
@@ -87,6 +90,7 @@ from replicator.groups import (
 )
 from replicator.header import PAIR_MAX, Role, check_name
 from replicator.journal import EntryKind
+from replicator.peer_auth import PeerSecrets
 from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.pvid import format_pvid
 from replicator.volume import Volume
@@ -102,7 +106,6 @@ PROGRESS_EVERY = 0.5
 REQUEST_TIMEOUT = 15.0
 PING_TIMEOUT = 2.0
 ASYNC_LINK_TIMEOUT = 30.0  # an async pair's heartbeat timeout: the journal absorbs outages
-STRIPES = 1024
 VERIFY_BATCH = 256
 
 Log = Callable[[str], None]
@@ -139,72 +142,6 @@ def parse_peer_address(text: str, default_port: int) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise UsageError(f"{text!r}: {port!r} is not a TCP port")
     return host.strip("[]"), number
-
-
-class Gate:
-    """A writer-preferring readers-writer lock: client I/O shares it, commands close it."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def closed(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-class ChunkLocks:
-    """Striped locks over chunk numbers; a range takes its stripes in ascending order."""
-
-    def __init__(self) -> None:
-        self._locks = [threading.Lock() for _ in range(STRIPES)]
-
-    @contextlib.contextmanager
-    def hold(self, first: int, last: int) -> Iterator[None]:
-        count = last - first + 1
-        stripes = (
-            range(STRIPES)
-            if count >= STRIPES
-            else sorted({c % STRIPES for c in range(first, last + 1)})
-        )
-        taken = []
-        try:
-            for s in stripes:
-                self._locks[s].acquire()
-                taken.append(s)
-            yield
-        finally:
-            for s in reversed(taken):
-                self._locks[s].release()
 
 
 def _segments(fd: int, pos: int, end: int) -> Iterator[tuple[int, int, bool]]:
@@ -254,6 +191,10 @@ class SideDoc:
     stream: int = 0  # this pair's stream number in its group's journal (async)
     journal_size: int = 0  # async primary: the group journal's capacity when created
     high_watermark: float = 0.8
+    #: The highest epoch the peer ever announced (a takeover takes max(ours, this) + 1).
+    peer_epoch: int = 0
+    #: Secondary: the primary's PVID, which the volume carries while hidden (0: not known).
+    primary_pvid: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -275,6 +216,8 @@ class SideDoc:
                 "stream": self.stream,
                 "journal_size": self.journal_size,
                 "high_watermark": self.high_watermark,
+                "peer_epoch": self.peer_epoch,
+                "primary_pvid": self.primary_pvid,
             },
             indent=1,
             sort_keys=True,
@@ -282,8 +225,6 @@ class SideDoc:
 
     @classmethod
     def from_json(cls, text: str) -> SideDoc:
-        from replicator.errors import HeaderCorrupt
-
         try:
             doc = json.loads(text)
             if doc.get("format") != DOC_FORMAT:
@@ -303,6 +244,8 @@ class SideDoc:
                 int(doc.get("stream", 0)),
                 int(doc.get("journal_size", 0)),
                 float(doc.get("high_watermark", 0.8)),
+                int(doc.get("peer_epoch", 0)),
+                int(doc.get("primary_pvid", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e
@@ -466,6 +409,8 @@ class Side:
         self.link_trouble_logged = -1e9
         self.copy_kind: ps.CopyKind | None = None
         self.drain_cut: int | None = None
+        #: Why the volume is damaged (a truncated image): then nobody is served.
+        self.damaged: str | None = None
 
     # -- small helpers ------------------------------------------------------------------------
 
@@ -490,7 +435,7 @@ class Side:
     def peer_client(self) -> PeerClient:
         if self.client is None:
             p = self.doc.peer
-            self.client = self.manager.client_for(p.host, p.port)
+            self.client = self.manager.client_for(p.host, p.port, p.node)
         return self.client
 
     def request(self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT) -> wire.Message:
@@ -505,7 +450,33 @@ class Side:
 
     def save(self) -> None:
         self.doc.record = self.machine.record
+        if self.deleted:
+            return
         write_atomic(self.manager.doc_path(self.key), self.doc.to_json().encode())
+
+    def pvid_changed(self) -> None:
+        """Open connections check the PVID they were opened for again."""
+        self.manager.rebind(self.volume.path, self)
+
+    def check_image(self) -> bool:
+        """The image file still holds the whole data area its header describes.  A truncated
+        image is damage: the pair suspends (DiskError) and the volume is served to nobody.
+        Mirrored writes would otherwise extend the file again and hide the loss."""
+        if self.damaged is not None:
+            return False
+        size = os.fstat(self.volume.fd).st_size
+        need = self.data_offset + self.data_size
+        if size >= need:
+            return True
+        self.damaged = f"the image {self.volume.path} is {size} bytes, its header needs {need}"
+        self.log(f"pair {self.id}: {self.damaged}: suspending and serving it to nobody")
+        self.events.emit("pair.damaged", pair=self.id, reason=self.damaged)
+        self.manager.rebind(self.volume.path, self)
+        try:
+            self.fire(ps.DiskError(self.damaged[: wire.TEXT_MAX]), tell_peer=True)
+        except IllegalState as e:
+            self.log(f"pair {self.id}: {e}")
+        return False
 
     def flush_copy_map(self) -> None:
         with self.bitmap_lock:
@@ -537,13 +508,21 @@ class Side:
                 self.drain_cut = self.manager.primary_group(self).start_drain()
 
     def notify_peer(self) -> None:
-        """Tell the peer our state (best effort: a failure is a lost link)."""
+        """Tell the peer our state and take in its answer (best effort: a failure is a lost
+        link).  The answer matters: at a reconnect after a takeover, it is how the old
+        primary learns it must fence itself."""
         try:
-            self.request(self.my_state(), timeout=REQUEST_TIMEOUT)
+            reply = self.request(self.my_state(), timeout=REQUEST_TIMEOUT)
         except (ConnectionFailed, Timeout) as e:
             self.link_failed(f"cannot tell the peer our state: {e}")
+            return
         except PeerRefused as e:
             self.log(f"pair {self.id}: the peer refused our state: {e}")
+            return
+        try:
+            self.on_peer_reply(reply)
+        except IllegalState as e:
+            self.log(f"pair {self.id}: the peer's answer was refused: {e}")
 
     def _carry_out(self, actions: list[ps.Action]) -> list[ps.Action]:
         later: list[ps.Action] = []
@@ -551,6 +530,7 @@ class Side:
             if isinstance(a, ps.PersistState):
                 self.doc.record = a.record
                 if not self.deleted:
+                    faults.step(f"record {a.record.state}")
                     write_atomic(self.manager.doc_path(self.key), self.doc.to_json().encode())
                 self._label_volume(a.record)
             elif isinstance(a, ps.SendPairState):
@@ -564,12 +544,24 @@ class Side:
             elif isinstance(a, ps.FetchPeerBitmap):
                 self._fetch_bitmap(a.which)
             elif isinstance(a, ps.AssignNewPvid):
+                faults.step("new pvid")
                 h = self.volume.set_pvid(None)
                 self.log(f"pair {self.id}: volume {self.doc.volume} has new PVID {h.pvid_hex}")
+                self.pvid_changed()
             elif isinstance(a, ps.AdoptPrimaryPvid):
-                if self.peer_pvid is not None and self.peer_pvid != self.volume.header.pvid:
-                    self.volume.set_pvid(self.peer_pvid)
+                if self.peer_pvid is not None:
+                    self.doc.primary_pvid = self.peer_pvid
+                    self.save()
+                    if self.peer_pvid != self.volume.header.pvid:
+                        faults.step("adopt pvid")
+                        self.volume.set_pvid(self.peer_pvid)
+                        self.pvid_changed()
+                else:
+                    self.log(f"pair {self.id}: the primary's PVID is not known yet")
+            elif isinstance(a, ps.DiscardReceived):
+                self.manager.secondary_group(self).discard_unapplied(self)
             elif isinstance(a, ps.SwapRoles):
+                faults.step("swap role")
                 self.volume.update_info(role=a.role)
             elif isinstance(a, ps.SetHidden):
                 what = "hidden from clients" if a.hidden else "visible to clients"
@@ -579,6 +571,7 @@ class Side:
                 if a.name == "pair.writes":
                     self.log(f"pair {self.id}: {a.as_dict().get('why')}")
             elif isinstance(a, ps.DropBitmaps):
+                faults.step("drop bitmaps")
                 with self.bitmap_lock:
                     for slot in (self.record.diff_slot, self.record.copy_slot, AL_SLOT):
                         self.store.clear(slot)
@@ -600,6 +593,7 @@ class Side:
         pair = pair.encode()[:PAIR_MAX].decode(errors="ignore")  # the header holds 63 bytes
         h = self.volume.header
         if (h.role, h.pair) != (role, pair):
+            faults.step("vol info")
             self.volume.update_info(role=role, pair=pair)
 
     def _fetch_bitmap(self, which: ps.BitmapRef) -> None:
@@ -625,6 +619,7 @@ class Side:
                 self.log(f"pair {self.id}: pulling from the old primary is not supported yet")
                 return
             # Copy bitmap durable first, then the difference bitmap may forget.
+            faults.step("copy bitmap")
             self.store.save_all(r.copy_slot, self.copy_map)
             self.copy_map.take_dirty_pages()
             if a.kind is ps.CopyKind.DIFFERENTIAL:
@@ -672,6 +667,16 @@ class Side:
             self.fire(ps.CopyProgress(copied, total))
             self.fire(ps.CopyDone())
 
+    def peer_failed(self, reason: str) -> None:
+        """The peer answered but refused what it must take: suspend (PSUE, cause peer)."""
+        if self.deleted:
+            return
+        self.log(f"pair {self.id}: {reason}")
+        try:
+            self.fire(ps.PeerError(reason[: wire.TEXT_MAX]), tell_peer=False)
+        except IllegalState as e:
+            self.log(f"pair {self.id}: {e}")
+
     def link_failed(self, reason: str) -> None:
         if self.deleted:
             return
@@ -693,43 +698,92 @@ class Side:
 
     # -- the peer's messages -------------------------------------------------------------------
 
-    def on_peer_state(self, msg: wire.PairState) -> wire.PairState:
-        """Map the state the peer announces onto our own event (see the module docstring)."""
-        if not self.machine.link_up:  # we just heard from the peer
-            self.manager.restore_link(self, notify=False)
+    def learn_peer(self, msg: wire.PairState) -> None:
+        """What every PairState from the peer (request or reply) teaches us: its PVID and its
+        epoch, kept durably (a takeover must outbid the highest epoch the peer ever had).  A
+        hidden secondary always carries its primary's PVID: a crash between a PVID change
+        and the record that explains it is repaired here (docs/decisions.md, "Crash
+        ordering")."""
+        self.peer_pvid = msg.pvid
+        changed = False
+        if msg.epoch > self.doc.peer_epoch:
+            self.doc.peer_epoch = msg.epoch
+            changed = True
+        r = self.record
+        if msg.role == "primary" and r.role is Role.SECONDARY and self.doc.primary_pvid != msg.pvid:
+            self.doc.primary_pvid = msg.pvid
+            changed = True
+        if changed and not self.deleted:
+            self.save()
+        self.reconcile_pvid()
+
+    def reconcile_pvid(self) -> None:
+        """A hidden secondary whose PVID is not its primary's (a crash after a new PVID but
+        before the record) takes the primary's again; nobody can see it meanwhile."""
+        want = self.doc.primary_pvid
+        with self.state_lock:
+            if not (want and self.machine.hidden and self.record.role is Role.SECONDARY):
+                return
+            h = self.volume.header
+            if h.pvid != want:
+                faults.step("reconcile pvid")
+                self.volume.set_pvid(want)
+                self.pvid_changed()
+                self.log(
+                    f"pair {self.id}: hidden secondary {self.doc.volume} carried PVID "
+                    f"{h.pvid_hex}, not its primary's; it carries {format_pvid(want)} again"
+                )
+
+    def peer_event(self, msg: wire.PairState) -> ps.Event | None:
+        """The event the peer's announced state means for us (docs/protocol.md, "Pair
+        control").  Rule one, before any other: a primary that hears of a newer epoch from a
+        side that took over or became primary is fenced at once."""
         r = self.record
         st, role = ps.State(msg.state), msg.role
-        self.peer_pvid = msg.pvid
-        event: ps.Event | None = None
+        claims = st is ps.State.SSWS or role == "primary"
+        if r.role is Role.PRIMARY and claims and msg.epoch > r.epoch:
+            if role == "primary" and st is ps.State.COPY and r.state in ps.SWAPPABLE_PRIMARY:
+                # The peer is becoming the primary by a swap: we become its secondary.
+                return ps.Resync(swap=True, epoch=msg.epoch)
+            if r.state is ps.State.SMPL:
+                return None
+            return ps.PeerTookOver(msg.epoch)
         if st is ps.State.SMPL:
-            event = ps.Delete()
-        elif st is ps.State.SSWS and r.role is Role.PRIMARY and msg.epoch > r.epoch:
-            event = ps.PeerTookOver(msg.epoch)
-        elif role == "primary" and r.role is Role.SECONDARY:
-            if st is ps.State.PSUS and r.state in (ps.State.PAIR, ps.State.COPY):
-                event = ps.Split() if r.state is ps.State.PAIR else None
-            elif st is ps.State.COPY and r.state in (ps.State.PSUS, ps.State.PSUE):
-                event = ps.Resync()
-            elif st is ps.State.COPY and r.state is ps.State.PAIR:
+            return ps.Delete()
+        if role == "primary" and r.role is Role.SECONDARY:
+            if st is ps.State.PSUS and r.state is ps.State.PAIR:
+                return ps.Split()
+            if st is ps.State.COPY and r.state in (ps.State.PSUS, ps.State.PSUE, ps.State.PFUS):
+                return ps.Resync()
+            if st is ps.State.PAIR and r.state is ps.State.COPY:
+                return ps.CopyDone()
+            if st is ps.State.PSUE and r.state in ps.REPLICATING:
+                return ps.PeerError("the primary suspended the pair")
+        elif role == "secondary" and r.role is Role.SECONDARY and msg.epoch > r.epoch:
+            # Rule two: the peer demoted itself by a swap (a newer epoch, and both of us
+            # secondaries): finish the swap, we become primary and copy to it.
+            return ps.Resync(swap=True, epoch=msg.epoch)
+        return None
+
+    def on_peer_state(self, msg: wire.PairState) -> wire.PairState:
+        """The peer announces its state: map it onto our own event (see the module docstring)."""
+        if not self.machine.link_up:  # we just heard from the peer
+            self.manager.restore_link(self, notify=False)
+        self.learn_peer(msg)
+        r = self.record
+        st = ps.State(msg.state)
+        event = self.peer_event(msg)
+        if msg.role == "primary" and r.role is Role.SECONDARY and event is None:
+            if st is ps.State.COPY and r.state is ps.State.PAIR:
                 # The primary suspended and is resyncing before we noticed the link go.
                 self.fire(ps.LinkLost("the primary restarted the copy"), tell_peer=False)
                 self.fire(ps.LinkRestored(), tell_peer=False)  # it is talking to us now
                 event = ps.Resync()
-            elif st is ps.State.PAIR and r.state is ps.State.COPY:
-                event = ps.CopyDone()
             elif st is ps.State.PAIR and r.state is ps.State.PSUE:
                 # The primary never suspended (it restarted, or the link blipped) and kept
                 # replicating: nothing is missing here, so rejoin without a copy.
                 self.fire(ps.Resync(), tell_peer=False)
                 event = ps.CopyDone()
-            elif st is ps.State.PSUE and r.state in ps.REPLICATING:
-                event = ps.PeerError("the primary suspended the pair")
-        elif role == "primary" and r.role is Role.PRIMARY and st is ps.State.COPY:
-            # The peer announces it is becoming the primary by a swap: we become secondary.
-            event = ps.Resync(swap=True, peer_epoch=msg.epoch - 1)
-        elif role == "secondary" and r.role is Role.SECONDARY and st is ps.State.COPY:
-            # The peer demoted itself by a swap: we become primary and copy to it.
-            event = ps.Resync(swap=True, peer_epoch=msg.epoch - 1)
         if event is not None:
             self.fire(event, tell_peer=False)
             if isinstance(event, ps.Delete):
@@ -739,6 +793,26 @@ class Side:
                     self.diff_map = Bitmap(self.data_size, self.chunk_size)
                     self.store.clear(self.record.diff_slot)
         return self.my_state()
+
+    def on_peer_reply(self, reply: wire.Message) -> None:
+        """The peer's state in answer to ours: learn from it, and obey the epoch rules (one:
+        fence on a newer epoch; two: finish a swap the peer began).  The other mappings are
+        for announcements only: the peer has already acted on ours."""
+        if not isinstance(reply, wire.PairState) or reply.pair_id != self.id:
+            return
+        self.learn_peer(reply)
+        event = self.peer_event(reply)
+        if isinstance(event, ps.PeerTookOver) or (isinstance(event, ps.Resync) and event.swap):
+            self.log(
+                f"pair {self.id}: the peer is {reply.state} as {reply.role} with epoch "
+                f"{reply.epoch} > ours ({self.record.epoch}): "
+                + (
+                    "fencing this side"
+                    if isinstance(event, ps.PeerTookOver)
+                    else "finishing its swap"
+                )
+            )
+            self.fire(event)
 
     def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
         r = self.record
@@ -750,6 +824,8 @@ class Side:
         length = len(msg.data) if isinstance(msg, wire.Write) else msg.length
         if msg.offset + length > self.data_size:
             raise UsageError(f"pair {self.id}: write past the end of {self.doc.volume}")
+        if not self.check_image():
+            raise VolumeError(f"pair {self.id}: {self.damaged}", errno.EIO)
         if msg.seq:
             group = self.manager.secondary_group(self)
             return group.receive(self, msg)
@@ -801,6 +877,11 @@ class Side:
             and self.machine.link_up
             and not self.deleted
         )
+
+    def journals(self) -> bool:
+        """Client writes of this side go to the group journal now (asked again under the
+        group's fold gate, since the state may have changed since the write's decision)."""
+        return self.machine.write_decision() is ps.WriteDecision.JOURNAL
 
     def journal_level(self, high: bool) -> None:
         state = self.record.state
@@ -955,6 +1036,8 @@ class Side:
     ) -> None:
         """One client write (pwrite, zero, trim): the policy, then the local and remote parts."""
         with self.gate.shared():
+            if not self.check_image():
+                raise VolumeError(f"pair {self.id}: {self.damaged}", errno.EIO)
             decision = self.machine.write_decision()
             if decision is ps.WriteDecision.LOCAL:
                 local()
@@ -1118,64 +1201,139 @@ class Side:
         self.volume.close()
 
 
-class PairedHandle(ExportHandle):
-    """A client connection to a volume that belongs to a pair: every write goes through the
-    side's policy.  Reads are local unless the volume is hidden."""
+class BoundHandle(ExportHandle):
+    """A client connection on a storage node.  It follows its volume's *current* role: the
+    manager rebinds every open handle of a volume when a pair is created, loaded or deleted
+    under it and whenever its PVID changes (:meth:`PairManager.rebind`), so a connection
+    opened while the volume was simplex is mirrored or refused like a new one.
 
-    __slots__ = ("side",)
-    plain = False
+    ``side``: the pair side of the volume, or None (plain: the plugin may take its fast path).
+    ``refusal``: why every request is refused (the PVID the client asked for is gone, the
+    pair cannot be loaded, the image is damaged), or None."""
 
-    def __init__(self, volume: Volume, readonly: bool, side: Side) -> None:
-        super().__init__(volume, readonly)
-        self.side = side
+    __slots__ = ("on_close", "plain", "refusal", "side")
 
-    def _refuse_hidden(self) -> None:
-        if not self.side.readable():
+    def __init__(self, handle: ExportHandle) -> None:
+        super().__init__(handle.volume, handle.readonly, handle.want_pvid)
+        self.side: Side | None = None
+        self.refusal: VolumeError | None = None
+        self.plain = True
+        self.on_close: Callable[[BoundHandle], None] | None = None
+
+    def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close(self)
+        super().close()
+
+    def bind(self, side: Side | None, pvid: int, refusal: VolumeError | None) -> None:
+        if refusal is None and self.want_pvid is not None and self.want_pvid != pvid:
+            refusal = VolumeError(
+                f"volume {self.header.name} now carries PVID {format_pvid(pvid)}, not the "
+                f"{format_pvid(self.want_pvid)} this connection was opened for",
+                errno.EIO,
+            )
+        self.side, self.refusal = side, refusal
+        self.plain = side is None and refusal is None
+
+    def _policy(self) -> Side | None:
+        if self.refusal is not None:
+            raise self.refusal
+        return self.side
+
+    def _refuse_hidden(self, side: Side) -> None:
+        if not side.readable():
             raise VolumeError(
-                f"volume {self.side.doc.volume} is the hidden secondary of pair {self.side.id}",
+                f"volume {side.doc.volume} is the hidden secondary of pair {side.id}",
                 errno.EPERM,
             )
 
+    def _plain(self, run: Callable[[], None]) -> bool:
+        """Carry out ``run`` as a plain request if the handle is plain (published in
+        INFLIGHT, so a pair created meanwhile waits for it).  False: take the pair's path."""
+        tid = get_ident()
+        INFLIGHT[tid] = self
+        try:
+            if not self.plain:
+                return False
+            run()
+            return True
+        finally:
+            INFLIGHT[tid] = None
+
     def pread(self, buf: memoryview, offset: int) -> None:
-        self._refuse_hidden()
+        side = self._policy()
+        if side is not None:
+            self._refuse_hidden(side)
         super().pread(buf, offset)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         count = len(buf)
         if offset < 0 or offset + count > self.size:
             raise self._outside(count, offset)
-        side = self.side
-        self.side.client_write(
+        if self._plain(lambda: ExportHandle.pwrite(self, buf, offset, fua)):
+            return
+        side = self._policy()
+        if side is None:  # unbound between the two looks: the plain path again
+            ExportHandle.pwrite(self, buf, offset, fua)
+            return
+        pid = side.id
+        side.client_write(
             offset,
             count,
             lambda: ExportHandle.pwrite(self, buf, offset, fua),
-            lambda: wire.Write(side.id, offset, buf, fua),
+            lambda: wire.Write(pid, offset, buf, fua),
         )
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
         self._check(count, offset)
-        side = self.side
-        self.side.client_write(
+        if self._plain(lambda: ExportHandle.zero(self, count, offset, may_trim, fua)):
+            return
+        side = self._policy()
+        if side is None:
+            ExportHandle.zero(self, count, offset, may_trim, fua)
+            return
+        pid = side.id
+        side.client_write(
             offset,
             count,
             lambda: ExportHandle.zero(self, count, offset, may_trim, fua),
-            lambda: wire.Zero(side.id, offset, count, fua, may_trim),
+            lambda: wire.Zero(pid, offset, count, fua, may_trim),
         )
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
         self._check(count, offset)
-        side = self.side
+        if self._plain(lambda: ExportHandle.trim(self, count, offset, fua)):
+            return
+        side = self._policy()
+        if side is None:
+            ExportHandle.trim(self, count, offset, fua)
+            return
+        pid = side.id
 
         def local() -> None:
             # Mirror a trim as a zero that may punch holes, so both sides read the same.
             ExportHandle.zero(self, count, offset, True, fua)
 
-        self.side.client_write(
-            offset, count, local, lambda: wire.Zero(side.id, offset, count, fua, True)
-        )
+        side.client_write(offset, count, local, lambda: wire.Zero(pid, offset, count, fua, True))
 
     def flush(self) -> None:
-        self.side.client_flush(lambda: ExportHandle.flush(self))
+        side = self._policy()
+        if side is None:
+            ExportHandle.flush(self)
+            return
+        side.client_flush(lambda: ExportHandle.flush(self))
+
+    def cache(self, count: int, offset: int) -> None:
+        side = self._policy()
+        if side is not None:
+            self._refuse_hidden(side)
+        super().cache(count, offset)
+
+    def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int, int]]:
+        side = self._policy()
+        if side is not None:
+            self._refuse_hidden(side)
+        return super().extents(count, offset, req_one)
 
 
 class PairManager:
@@ -1187,7 +1345,7 @@ class PairManager:
         directory: str,
         listen: str,
         peer_port: int,
-        secret: bytes,
+        secret: PeerSecrets,
         events: EventLog,
         log: Log,
         *,
@@ -1213,12 +1371,22 @@ class PairManager:
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="pair ticker", daemon=True)
         self._refusals: dict[tuple[str, str], float] = {}
+        #: Open client connections per volume (real path), rebound when the volume's role or
+        #: PVID changes under them.
+        self.handles: dict[str, set[BoundHandle]] = {}
+        self.handles_lock = threading.Lock()
+        #: Volumes that belong to a pair which cannot be loaded (real path -> why), served to
+        #: nobody until an operator deletes the pair; and every such pair for display.
+        self.broken: dict[str, str] = {}
+        self.broken_pairs: list[dict[str, Any]] = []
         os.makedirs(os.path.join(directory, PAIRS_DIR), exist_ok=True)
 
     # -- files ----------------------------------------------------------------------------------
 
     def doc_path(self, key: str) -> str:
-        return os.path.join(self.directory, PAIRS_DIR, key.replace("/", ".") + ".json")
+        """``GROUP@PAIR[@VOLUME].json``: no group, pair or volume name may contain '@' or '/',
+        so two different pairs never share a file (``x.y/z`` and ``x/y.z`` once did)."""
+        return os.path.join(self.directory, PAIRS_DIR, key.replace("/", "@") + ".json")
 
     def is_self(self, host: str, port: int) -> bool:
         return host == self.listen and port == self.peer_port
@@ -1240,9 +1408,17 @@ class PairManager:
                     return entry.path
         raise NotFound(f"node {self.node_name} has no volume named {name!r}")
 
-    def client_for(self, host: str, port: int) -> PeerClient:
+    def client_for(self, host: str, port: int, expect: str = "") -> PeerClient:
+        """The client for the node at ``host:port``; ``expect``: the node name the pair knows
+        its peer by (a different node answering there is refused)."""
         with self.lock:
             c = self.clients.get((host, port))
+            if c is not None and expect and c.expect_peer not in (None, expect):
+                raise IllegalState(
+                    f"{host}:{port} is node {c.expect_peer!r} for other pairs, not {expect!r}"
+                )
+            if c is not None and expect and c.expect_peer is None:
+                c.expect_peer = expect  # checked at its next handshake
             if c is None:
                 c = PeerClient(
                     self.node_name,
@@ -1251,6 +1427,7 @@ class PairManager:
                     self.secret,
                     self.log,
                     allow_no_secret=not self.secret,
+                    expect_peer=expect or None,
                 )
                 self.clients[host, port] = c
             return c
@@ -1263,14 +1440,21 @@ class PairManager:
             if not name.endswith(".json"):
                 continue
             path = os.path.join(pairs_dir, name)
+            doc: SideDoc | None = None
             try:
                 with open(path) as f:
                     doc = SideDoc.from_json(f.read())
+                if doc.record.state is ps.State.SMPL:
+                    self._finish_delete(path, doc)
+                    continue
                 local = self.is_self(doc.peer.host, doc.peer.port)
                 side = Side(self, doc, link_up=local)
             except (PairvolError, OSError) as e:
-                self.log(f"pair file {path}: not loaded: {e}")
+                self._mark_broken(path, doc, e)
                 continue
+            if path != self.doc_path(side.key):  # a file named the old way (GROUP.PAIR.json)
+                write_atomic(self.doc_path(side.key), doc.to_json().encode())
+                os.unlink(path)
             self.sides[side.key] = side
             if local:
                 self._link_partner(side)
@@ -1279,6 +1463,7 @@ class PairManager:
             elif side.fold_activity_log() and side.record.state in ps.REPLICATING:
                 side.link_failed("restarted with writes in flight (activity log not empty)")
             self.events.emit("pair.loaded", pair=side.id, state=str(side.record.state))
+        self._find_orphans()
         for name, g in self.primaries.items():
             drained = any(s.record.draining for s in g.sides.values())
             if not drained:
@@ -1329,6 +1514,7 @@ class PairManager:
         want_ping = any(isinstance(a, ps.SendPing) for a in actions)
         if side.record.state is ps.State.SMPL:
             return
+        side.check_image()
         if side.machine.link_up:
             if want_ping:
                 self._ping(side)
@@ -1394,9 +1580,168 @@ class PairManager:
             self.drop_journal(side)
         with self.lock:
             self.sides.pop(side.key, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.doc_path(side.key))
+        faults.step("remove record")
+        _unlink_durably(self.doc_path(side.key))
+        path = side.volume.path
         side.close()
+        self.rebind(path, None)
+
+    # -- what cannot be loaded, and what a crash left half done -----------------------------------
+
+    def _finish_delete(self, path: str, doc: SideDoc) -> None:
+        """A record in SMPL: a delete was interrupted after its record was written.  Finish it
+        (the new PVID, if one was due, went on the volume before the record did)."""
+        vpath = self.volume_path(doc.volume)
+        with Volume.open(vpath, writable=True) as v:
+            store = BitmapStore(v.fd, v.header)
+            for slot in (doc.record.diff_slot, doc.record.copy_slot, AL_SLOT):
+                store.clear(slot)
+            if v.header.role is not Role.SIMPLEX or v.header.pair:
+                v.update_info(role=Role.SIMPLEX, pair="")
+        _unlink_durably(path)
+        self.log(f"pair {doc.record.name}: finished its delete, interrupted by a restart")
+        self.events.emit("pair.deleted", pair=doc.record.name, finished_after_restart=True)
+
+    def _mark_broken(self, path: str, doc: SideDoc | None, e: BaseException) -> None:
+        key = os.path.basename(path)[: -len(".json")]
+        parts = key.split("@")
+        pid = doc.record.name if doc is not None else "/".join(parts[:2]) if len(parts) > 1 else key
+        volume = doc.volume if doc is not None else None
+        real = None
+        if volume is not None:
+            with contextlib.suppress(PairvolError, OSError):
+                real = os.path.realpath(self.volume_path(volume))
+        reason = f"pair {pid} cannot be loaded from {path}: {e}"
+        self.log(reason)
+        self.events.emit("pair.corrupt", pair=pid, file=path, reason=str(e))
+        self.broken_pairs.append(
+            {"id": pid, "file": path, "volume": volume, "path": real, "reason": reason}
+        )
+        if real is not None:
+            self.broken[real] = reason
+
+    def _find_orphans(self) -> None:
+        """A volume whose header says it is paired, with no loaded side: its pair file is
+        missing or damaged.  Nobody may use it under an identity we cannot vouch for."""
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                with Volume.open(entry.path) as v:
+                    h = v.header
+            except (PairvolError, OSError):
+                continue
+            real = os.path.realpath(entry.path)
+            if h.role is Role.SIMPLEX or real in self.broken or self.side_for_path(real):
+                continue
+            reason = (
+                f"volume {h.name} is labelled {h.role.label} of pair {h.pair!r}, but no pair "
+                "file loads it"
+            )
+            known = [b for b in self.broken_pairs if b["id"] == h.pair and b["path"] is None]
+            if known:  # its record is there but unreadable: now we know its volume too
+                known[0].update(volume=h.name, path=real)
+                self.broken[real] = str(known[0]["reason"])
+                continue
+            self.log(reason)
+            self.events.emit("pair.corrupt", pair=h.pair, volume=h.name, reason=reason)
+            self.broken[real] = reason
+            self.broken_pairs.append(
+                {"id": h.pair, "file": None, "volume": h.name, "path": real, "reason": reason}
+            )
+
+    def release_broken(self, pid: str) -> list[dict[str, Any]]:
+        """``pair delete`` of a pair that cannot be loaded: set its damaged file aside (never
+        removed), give a volume that was a secondary a new PVID (it may carry its primary's),
+        label the volume simplex, and serve it again."""
+        out = []
+        for b in [b for b in self.broken_pairs if b["id"] == pid]:
+            if b["file"] is not None and os.path.exists(b["file"]):
+                aside = f"{b['file']}.damaged-{int(time.time())}"
+                os.replace(b["file"], aside)
+                _fsync_dir(os.path.dirname(aside))
+                b["file"] = aside
+            real = b["path"]
+            row: dict[str, Any] = {"id": pid, "role": "?", "state": "SMPL", "pvid": "?"}
+            if real is not None:
+                with Volume.open(real, writable=True) as v:
+                    row["role"] = v.header.role.label
+                    if v.header.role is Role.SECONDARY:
+                        h = v.set_pvid(None)
+                        self.log(f"volume {h.name}: new PVID {h.pvid_hex} (was a secondary)")
+                    h = v.update_info(role=Role.SIMPLEX, pair="")
+                    row["pvid"] = h.pvid_hex
+                self.broken.pop(real, None)
+                self.rebind(real, None)
+            self.broken_pairs.remove(b)
+            self.log(f"pair {pid}: released (its record was damaged; kept as {b['file']})")
+            out.append({**row, "was": "corrupt", "kept": b["file"]})
+        return out
+
+    # -- open client connections ----------------------------------------------------------------
+
+    def _refusal_for(self, real: str, side: Side | None) -> VolumeError | None:
+        if real in self.broken:
+            return VolumeError(f"{self.broken[real]}; not served", errno.EIO)
+        if side is not None and side.damaged is not None:
+            return VolumeError(f"pair {side.id}: {side.damaged}; not served", errno.EIO)
+        return None
+
+    def wrap(self, handle: ExportHandle) -> ExportHandle:
+        """A new client connection: bound to the volume's pair side (if any), registered so
+        that it follows every later change (pairvol never serves a stale binding)."""
+        real = os.path.realpath(handle.volume.path)
+        with self.lock:
+            side = self.side_for_path(real)
+            refusal = self._refusal_for(real, side)
+            if refusal is not None:
+                handle.close()
+                raise IllegalState(str(refusal))
+            if side is not None and not side.readable():
+                handle.close()
+                raise IllegalState(
+                    f"volume {side.doc.volume} is the hidden secondary of pair {side.id} "
+                    f"({side.record.state}); clients may not use it until split or takeover"
+                )
+            bound = BoundHandle(handle)
+            bound.bind(side, handle.volume.header.pvid, None)
+            with self.handles_lock:
+                self.handles.setdefault(real, set()).add(bound)
+        bound.on_close = self._closed
+        return bound
+
+    def _closed(self, handle: BoundHandle) -> None:
+        real = os.path.realpath(handle.volume.path)
+        with self.handles_lock:
+            group = self.handles.get(real)
+            if group is not None:
+                group.discard(handle)
+                if not group:
+                    del self.handles[real]
+
+    def rebind(self, path: str, side: Side | None) -> None:
+        """Every open connection of the volume at ``path`` now follows ``side`` (None: plain)
+        and its current PVID; returns once no plain request is left in flight on them."""
+        real = os.path.realpath(path)
+        with self.handles_lock:
+            handles = list(self.handles.get(real, ()))
+        if not handles:
+            return
+        refusal = self._refusal_for(real, side)
+        if side is not None and not side.deleted:
+            pvid = side.volume.header.pvid
+        else:
+            with Volume.open(real) as v:
+                pvid = v.header.pvid
+        for h in handles:
+            h.bind(side, pvid, refusal)
+        quiesce(handles)
+        self.events.emit(
+            "pair.handles.rebound",
+            path=real,
+            handles=len(handles),
+            pair=side.id if side is not None else "",
+        )
 
     # -- async groups ---------------------------------------------------------------------------
 
@@ -1473,18 +1818,6 @@ class PairManager:
             found = [s for s in found if s.partner is None or s.record.role is role]
         return sorted(found, key=lambda s: (s.id, s.record.role))
 
-    def wrap(self, handle: ExportHandle) -> ExportHandle:
-        side = self.side_for_path(handle.volume.path)
-        if side is None:
-            return handle
-        if not side.readable():
-            handle.close()
-            raise IllegalState(
-                f"volume {side.doc.volume} is the hidden secondary of pair {side.id} "
-                f"({side.record.state}); clients may not use it until split or takeover"
-            )
-        return PairedHandle(handle.volume, handle.readonly, side)
-
     # -- control operations (the CLI) -------------------------------------------------------------
 
     def op_create(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -1498,9 +1831,10 @@ class PairManager:
             raise UsageError("--fence data needs --mode sync (an async secondary always lags)")
         chunk = int(args.get("chunk", ps.DEFAULT_CHUNK))
         journal_size = int(args.get("journal_size") or DEFAULT_JOURNAL_SIZE)
-        high = float(args.get("high_watermark") or DEFAULT_HIGH_WATERMARK)
+        raw_high = args.get("high_watermark")
+        high = DEFAULT_HIGH_WATERMARK if raw_high is None else float(raw_high)
         if not 0 < high <= 1:
-            raise UsageError(f"--high-watermark {high * 100:g}% is not between 1 and 100")
+            raise UsageError(f"--high-watermark {high * 100:g}% is not more than 0 and at most 100")
         volume = str(args["volume"])
         peer = PeerRef(
             str(args.get("peer_node", "")),
@@ -1517,8 +1851,7 @@ class PairManager:
             if self.has_pair(pid):
                 raise AlreadyExists(f"pair {pid} already exists on node {self.node_name}")
             path = self.volume_path(volume)
-            if self.side_for_path(path) is not None:
-                raise IllegalState(f"volume {volume} already belongs to a pair")
+            self._check_free(path, volume)
             members = [x for x in self.sides.values() if x.record.group == group]
             stream = 1 + max((x.stream for x in members), default=0)
             for x in members:
@@ -1571,6 +1904,7 @@ class PairManager:
                     h.pvid,
                     0,
                     f"{self.listen}:{self.peer_port}",
+                    h.block_size,
                 )
                 if local:
                     secondary = self.on_pair_create(self.node_name, create)
@@ -1589,11 +1923,23 @@ class PairManager:
                 side.volume.close()
                 raise
         try:
-            side.fire(ps.Create(), tell_peer=False)
+            # Connections opened while the volume was simplex now go through the pair; the
+            # gate holds their writes until the copy's policy (mirror, journal) is in force.
+            with side.gate.closed():
+                self.rebind(side.volume.path, side)
+                side.fire(ps.Create(), tell_peer=False)
         except BaseException:
             self.forget(side)
             raise
         return side.describe()
+
+    def _check_free(self, path: str, volume: str) -> None:
+        """A volume may join a new pair only if it belongs to none, loadable or not."""
+        if self.side_for_path(path) is not None:
+            raise IllegalState(f"volume {volume} on {self.node_name} already belongs to a pair")
+        real = os.path.realpath(path)
+        if real in self.broken:
+            raise IllegalState(f"volume {volume} on {self.node_name}: {self.broken[real]}")
 
     def on_pair_create(self, peer_name: str, msg: wire.PairCreate) -> Side:
         pid = msg.pair_id
@@ -1602,15 +1948,17 @@ class PairManager:
             if self.has_pair(pid):
                 raise AlreadyExists(f"pair {pid} already exists on node {self.node_name}")
             path = self.volume_path(msg.volume)
-            if self.side_for_path(path) is not None:
-                raise IllegalState(
-                    f"volume {msg.volume} on {self.node_name} already belongs to a pair"
-                )
+            self._check_free(path, msg.volume)
             with Volume.open(path) as v:
                 if v.header.data_size != msg.data_size:
                     raise UsageError(
                         f"volume sizes differ: the primary has {msg.data_size} bytes, "
                         f"{msg.volume} on {self.node_name} has {v.header.data_size}"
+                    )
+                if v.header.block_size != msg.block_size:
+                    raise UsageError(
+                        f"block sizes differ: the primary's is {msg.block_size} bytes, "
+                        f"{msg.volume} on {self.node_name} has {v.header.block_size}"
                     )
             host, port = parse_peer_address(msg.primary_peer, self.peer_port)
             peer = PeerRef(peer_name, host, port, "")
@@ -1640,21 +1988,26 @@ class PairManager:
                 side.diff_map = Bitmap(side.data_size, msg.chunk_size)
                 side.copy_map = Bitmap(side.data_size, msg.chunk_size)
                 side.peer_pvid = msg.pvid
+                side.doc.primary_pvid = msg.pvid
                 self.sides[side.key] = side
                 if record.mode is ps.Mode.ASYNC:
                     self.secondary_group(side)
-                side.fire(ps.Create(), tell_peer=False)
+                # Connections already open on the S-VOL are refused from now on, as new ones.
+                with side.gate.closed():
+                    self.rebind(side.volume.path, side)
+                    side.fire(ps.Create(), tell_peer=False)
             except BaseException:
                 self.sides.pop(side.key, None)
                 side.volume.close()
+                self.rebind(path, None)
                 raise
         return side
 
-    def _query_peer(self, side: Side) -> wire.PairState:
-        reply = side.request(side.my_state())
-        if not isinstance(reply, wire.PairState):
-            raise IllegalState(f"pair {side.id}: the peer answered a state query oddly")
-        side.peer_pvid = reply.pvid
+    def _query_peer(self, side: Side, timeout: float = REQUEST_TIMEOUT) -> wire.PairState:
+        reply = side.request(side.my_state(), timeout=timeout)
+        if not isinstance(reply, wire.PairState) or reply.pair_id != side.id:
+            raise ProtocolError(f"pair {side.id}: the peer answered a state query oddly")
+        side.on_peer_reply(reply)
         return reply
 
     def _dry_run(self, side: Side, event: ps.Event, link_up: bool | None = None) -> ps.PairRecord:
@@ -1719,8 +2072,31 @@ class PairManager:
                 g.cut = None
         return {"pairs": [s.describe() for s in sides]}
 
+    def _overwritten(self, side: Side, role_after: Role, swap: bool) -> int:
+        """How many chunks written on the side that will be the secondary the resync is about
+        to overwrite (said, and logged, before anything is copied)."""
+        if role_after is Role.PRIMARY:
+            reply = side.request(wire.BitmapRequest(side.id, "diff"))
+            if not isinstance(reply, wire.Bitmap) or reply.pair_id != side.id:
+                raise ProtocolError(f"pair {side.id}: the peer answered a bitmap request oddly")
+            n = Bitmap.from_bytes(side.data_size, side.chunk_size, bytes(reply.bits)).count()
+            where = f"on {side.doc.peer.label()}"
+        else:
+            with side.bitmap_lock:
+                n = side.diff_map.count()
+            where = "here"
+        if n:
+            what = "resync --swap" if swap else "resync"
+            self.log(
+                f"pair {side.id}: {what} overwrites {n} chunks written {where} since the pair "
+                "was split, suspended or taken over"
+            )
+            self.events.emit("pair.resync.overwrite", pair=side.id, chunks=n, swap=swap)
+        return n
+
     def op_resync(self, args: dict[str, Any]) -> dict[str, Any]:
         swap = bool(args.get("swap", False))
+        overwritten: dict[str, int] = {}
         # A local pair's swap is carried out by the side that becomes the primary.
         sides = self.select(str(args["target"]), Role.SECONDARY if swap else Role.PRIMARY)
         if args.get("max_rate") is not None:
@@ -1737,9 +2113,14 @@ class PairManager:
                 )
         for s in sides:
             with s.gate.closed():
-                peer = self._query_peer(s)
-                event = ps.Resync(swap=swap, peer_epoch=peer.epoch)
+                self._query_peer(s)  # may fence us: then the dry run below refuses
+                event = ps.Resync(swap=swap, peer_epoch=s.doc.peer_epoch)
                 after = self._dry_run(s, event)
+                overwritten[s.id] = self._overwritten(s, after.role, swap)
+                if s.is_async and after.role is Role.PRIMARY and s.record.group in self.primaries:
+                    # Nothing shipped before the fold may reach the secondary after it has
+                    # discarded what it received: wait for the shipper's requests in flight.
+                    self.primaries[s.record.group].quiesce()
                 if after.role is Role.PRIMARY:
                     # The peer (the secondary afterwards) moves first; then we copy to it.
                     self._announce(s, ps.State.COPY, Role.PRIMARY, after.epoch)
@@ -1748,7 +2129,11 @@ class PairManager:
                     # A swap that demotes us: we move first, then the peer copies to us.
                     s.fire(event, tell_peer=False)
                     self._announce(s, ps.State.COPY, Role.SECONDARY, after.epoch)
-        return {"pairs": [s.describe() for s in sides]}
+        return {
+            "pairs": [
+                {**s.describe(), "discarding_chunks": overwritten.get(s.id, 0)} for s in sides
+            ]
+        }
 
     def op_takeover(self, args: dict[str, Any]) -> dict[str, Any]:
         sides = self.select(str(args["target"]), Role.SECONDARY)
@@ -1761,7 +2146,13 @@ class PairManager:
                 g = self.secondary_group(s)
                 g.drain()
                 reports[s.id] = self._rpo_report(g)
-            s.fire(ps.Takeover(force=force), tell_peer=False)
+            if s.machine.link_up:
+                # The old primary's epoch as it is now: the takeover's must be newer.
+                try:
+                    self._query_peer(s, timeout=PING_TIMEOUT)
+                except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
+                    self.log(f"pair {s.id}: cannot ask the old primary its epoch: {e}")
+            s.fire(ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch), tell_peer=False)
             if s.machine.link_up:
                 try:
                     self._announce(s, ps.State.SSWS, Role.SECONDARY, s.record.epoch)
@@ -1797,19 +2188,45 @@ class PairManager:
             "primary_last_heard_s": round(time.time() - g.heard_at, 3) if g.heard_at else None,
         }
 
+    def _broken_named(self, target: str) -> list[dict[str, Any]]:
+        group, pair = split_pair_id(target)
+        return [
+            b
+            for b in self.broken_pairs
+            if b["id"] == target or (pair is None and str(b["id"]).split("/")[0] == group)
+        ]
+
     def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        sides = self.select(str(args["target"]), Role.PRIMARY)
-        out = []
+        target = str(args["target"])
+        released: list[dict[str, Any]] = []
+        for pid in sorted({str(b["id"]) for b in self._broken_named(target)}):
+            released += self.release_broken(pid)
+        try:
+            sides = self.select(target, Role.PRIMARY)
+        except NotFound:
+            if released:
+                return {"pairs": released}
+            raise
+        out = released
         for s in sides:
             with s.gate.closed():
                 self._dry_run(s, ps.Delete())
+                told: str | None = "the link is down"
                 if s.machine.link_up:
                     try:
                         self._announce(s, ps.State.SMPL, s.record.role, s.record.epoch)
+                        told = None
                     except (ConnectionFailed, Timeout, IllegalState) as e:
-                        self.log(f"pair {s.id}: could not tell the peer about the delete: {e}")
+                        told = str(e)
+                if told is not None and s.partner is None:
+                    self.log(
+                        f"pair {s.id}: deleted here, but the peer was not told ({told}); "
+                        f"run pair delete {s.id} on {s.doc.peer.label()} as well"
+                    )
                 s.fire(ps.Delete(), tell_peer=False)
-                out.append(s.describe())
+                row = s.describe()
+                row["peer_not_told"] = told if s.partner is None else None
+                out.append(row)
                 self.forget(s)
         return {"pairs": out}
 
@@ -1820,10 +2237,20 @@ class PairManager:
 
     def op_display(self, args: dict[str, Any]) -> dict[str, Any]:
         target = args.get("target")
-        sides = (
-            self.select(str(target)) if target else sorted(self.sides.values(), key=lambda s: s.id)
-        )
-        return {"node": self.node_name, "pairs": [s.describe() for s in sides]}
+        corrupt = self._broken_named(str(target)) if target else list(self.broken_pairs)
+        if target and corrupt and not any(s.id == target for s in self.sides.values()):
+            raise HeaderCorrupt(corrupt[0]["reason"])
+        if target and not corrupt:
+            sides = self.select(str(target))
+        elif target:
+            sides = [s for s in self.sides.values() if s.id == target]
+        else:
+            sides = sorted(self.sides.values(), key=lambda s: s.id)
+        return {
+            "node": self.node_name,
+            "pairs": [s.describe() for s in sides],
+            "corrupt": [{k: v for k, v in b.items() if k != "path"} for b in corrupt],
+        }
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         return {
@@ -1834,7 +2261,20 @@ class PairManager:
             "pair.delete": self.op_delete,
             "pair.display": self.op_display,
             "pair.verify": self.op_verify,
+            "debug.crash-at": self.op_crash_at,
         }
+
+    def op_crash_at(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Tests: SIGKILL this node at the ``step``-th durable write from now (0: disarm);
+        the answer holds the steps taken since the last arming (replicator/faults.py)."""
+        taken = faults.trace()
+        after = int(args.get("step", 0))
+
+        def announce(label: str, n: int) -> None:
+            self.events.emit("debug.crash", step=n, label=label)
+
+        faults.arm(after, announce)
+        return {"armed": after, "steps_taken": taken}
 
     # -- the peer protocol (server side) ----------------------------------------------------------
 
@@ -1851,8 +2291,26 @@ class PairManager:
             return wire.Ack()
         pid = getattr(msg, "pair_id", None)
         if pid is None:
-            raise UsageError(f"unexpected {type(msg).__name__} request")
-        return self._dispatch(self.side(pid), peer_name, msg)
+            raise ProtocolError(f"unexpected {type(msg).__name__} request")
+        side = self.side(pid)
+        if side.doc.peer.node != peer_name or side.local:
+            # A peer is trusted only for the pairs it belongs to (docs/decisions.md, "Peer
+            # identity"): the same answer as for a pair that does not exist, and one line.
+            self.log_untrusted(peer_name, pid, type(msg).__name__, side.doc.peer.node)
+            raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
+        return self._dispatch(side, peer_name, msg)
+
+    def log_untrusted(self, peer_name: str, pid: str, what: str, member: str) -> None:
+        """One line per peer and pair per ten seconds, however many requests it sends."""
+        key = (f"untrusted {peer_name}", pid)
+        now = _now()
+        if now - self._refusals.get(key, -1e9) >= 10:
+            self._refusals[key] = now
+            self.log(
+                f"refused {what} for pair {pid} from node {peer_name!r}: the pair's peer is "
+                f"{member!r}"
+            )
+            self.events.emit("peer.refused", peer=peer_name, pair=pid, request=what)
 
     def _dispatch(self, side: Side, peer_name: str, msg: wire.Message) -> wire.Message:
         """A request for one side (from its remote peer, or from its local partner)."""
@@ -1877,3 +2335,17 @@ class PairManager:
 
 def describe_pvid(pvid: int) -> str:
     return format_pvid(pvid)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_durably(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        _fsync_dir(os.path.dirname(path))

@@ -15,6 +15,8 @@ import pytest
 from conftest import VENV_BIN, require_programs, require_root
 
 from pairvol import lab as labmod
+from replicator import control
+from replicator.events import read_events, wait_event
 from replicator.volume import Volume
 
 nbd = pytest.importorskip("nbd")
@@ -79,6 +81,37 @@ class LabEnv:
 
     def wait(self, host: str, target: str, state: str, timeout: float = 30) -> None:
         self.pv(host, "pair", "wait", target, "--state", state, "--timeout", str(timeout))
+
+    def events_path(self, host: str) -> str:
+        return os.path.join(self.host(host).dir, "events.jsonl")
+
+    def mark(self, host: str) -> int:
+        """How many events ``host`` has logged so far (wait_event(after=...) starts there)."""
+        return len(read_events(self.events_path(host)))
+
+    def wait_event(
+        self, host: str, event: str, *, after: int = 0, timeout: float = 30, **fields: Any
+    ) -> dict[str, Any]:
+        """The first ``event`` logged by ``host`` (after ``after`` lines) with ``fields``."""
+        return wait_event(
+            self.events_path(host),
+            event,
+            lambda e: all(e.get(k) == v for k, v in fields.items()),
+            after=after,
+            timeout=timeout,
+        )
+
+    def forbid(self, host: str, event: str, *, after: int = 0, **fields: Any) -> None:
+        """No ``event`` with ``fields`` was logged by ``host`` after ``after`` lines."""
+        seen = [
+            e
+            for e in read_events(self.events_path(host))[after:]
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
+        assert not seen, f"forbidden {event} on {host}: {seen[0]}"
+
+    def control(self, host: str, op: str, **args: Any) -> Any:
+        return control.call(os.path.join(self.host(host).dir, "control.sock"), op, args)
 
 
 def digest(path: str) -> str:

@@ -29,6 +29,7 @@ from pairvol.cli.node import NODE_DIR_ENV
 from replicator import control
 from replicator.errors import (
     ConnectionFailed,
+    HeaderCorrupt,
     NotFound,
     Timeout,
     UsageError,
@@ -352,6 +353,14 @@ def cmd_simple(args: argparse.Namespace) -> int:
     else:
         for p in result["pairs"]:
             print(f"pair {p['id']}: {p['role']} {p['state']} (PVID {p['pvid']})")
+            if p.get("peer_not_told"):
+                print(
+                    f"  warning: the peer was not told ({p['peer_not_told']}); run the "
+                    f"same command for {p['id']} on {p.get('peer', 'the peer')} too",
+                    file=sys.stderr,
+                )
+            if p.get("discarding_chunks"):
+                print(f"  overwrote {p['discarding_chunks']} chunks written on the other side")
             lost = p.get("not_received")
             if lost:
                 print(_rpo_line(lost))
@@ -440,12 +449,17 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def _collect(
-    controls: list[str], target: str | None, *, required: bool
+    controls: list[str],
+    target: str | None,
+    *,
+    required: bool,
+    corrupt: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[ConnectionFailed | Timeout]]:
     """Every side the nodes at ``controls`` show, and the nodes that did not answer.
 
     A node that does not answer is an error when ``required`` (the node the user named);
-    otherwise (a peer, one lab host among several) it is returned for the caller to judge."""
+    otherwise (a peer, one lab host among several) it is returned for the caller to judge.
+    Pairs a node cannot load are appended to ``corrupt`` (with the node's name)."""
     sides: list[dict[str, Any]] = []
     down: list[ConnectionFailed | Timeout] = []
     for where in controls:
@@ -459,6 +473,8 @@ def _collect(
             down.append(e)
             continue
         sides.extend(shown["pairs"])
+        if corrupt is not None:
+            corrupt.extend({**c, "node": shown.get("node")} for c in shown.get("corrupt", []))
     return sides, down
 
 
@@ -513,8 +529,9 @@ def cmd_display(args: argparse.Namespace) -> int:
     if args.target:
         split_pair_id(args.target)
     local = _local_control(args.node)
+    corrupt: list[dict[str, Any]] = []
     if local:
-        sides, _ = _collect([local], args.target, required=True)
+        sides, _ = _collect([local], args.target, required=True, corrupt=corrupt)
         # Add the peers' views where the lab tells us how to reach them; a peer that is down
         # leaves its half of the row unknown ("?"), as pairdisplay shows it.
         for peer in sorted({s["peer_node"] for s in sides if s["peer_node"]}):
@@ -527,18 +544,24 @@ def cmd_display(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"which node? give --node DIR or set {NODE_DIR_ENV} (no lab is up on this machine)"
             )
-        sides, down = _collect(controls, args.target, required=False)
+        sides, down = _collect(controls, args.target, required=False, corrupt=corrupt)
         if len(down) == len(controls):
             raise ConnectionFailed(f"no lab node answered: {down[0]}")
     rows = merge_sides(sides)
-    if args.target and not rows:
+    if args.target and not rows and not corrupt:
         raise NotFound(f"no pair {args.target} on the nodes asked")
+    # A pair its node cannot load is reported, never hidden: exit 6 (corrupt), as HORCM's
+    # pairdisplay fails on a damaged pair.
+    status = HeaderCorrupt.exit_code if corrupt else 0
     if args.json:
-        print_json({"pairs": rows})
-        return 0
+        print_json({"pairs": rows, "corrupt": corrupt})
+        return status
+    for c in corrupt:
+        print(f"pair {c['id']} on node {c['node']}: CORRUPT: {c['reason']}", file=sys.stderr)
     if not rows:
-        print("no pairs")
-        return 0
+        if not corrupt:
+            print("no pairs")
+        return status
 
     def num(v: object) -> str:
         return "-" if v is None else format_size(int(v)) if isinstance(v, int) else str(v)
@@ -578,4 +601,4 @@ def cmd_display(args: argparse.Namespace) -> int:
     if groups:
         print()
         print_table(list(groups.values()), list(next(iter(groups.values()))))
-    return 0
+    return status

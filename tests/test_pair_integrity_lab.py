@@ -1,0 +1,363 @@
+"""PAIR must mean identical: the silent-divergence, identity and peer-trust defects (issue 7),
+each reproduced in a two-host lab and shown fixed.  Every scenario ends with ``pair verify``
+(or a digest of both images) where it applies.
+
+The crash-point tests kill a node with SIGKILL at each durable step of split, resync, swap and
+delete (replicator/faults.py) and check the identity invariant after the restart: never two
+visible, writable volumes with the same PVID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from labenv import CHUNK, LabEnv, digest, fill, lab_env, nbd, pvid
+
+from pairvol import lab as labmod
+from replicator.events import read_events
+from replicator.volume import Volume
+
+pytestmark = [pytest.mark.privileged, pytest.mark.timeout(600)]
+
+SMALL = 2 << 20
+USABLE = {"LOCAL", "LOCAL_RECORD", "MIRROR", "JOURNAL"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    yield from lab_env(tmp_path_factory, "ti")
+
+
+def connect(env: LabEnv, host: str, export: str) -> Any:
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///{export}?socket={env.host(host).dir}/nbd.sock")
+    return h
+
+
+def verify(env: LabEnv, host: str, target: str) -> int:
+    r = env.pv(host, "pair", "verify", target, "--json", ok=False)
+    assert r.returncode in (0, 1), r.stderr
+    return sum(p["mismatch_count"] for p in json.loads(r.stdout)["pairs"])
+
+
+def paired(env: LabEnv, target: str, pv: str, sv: str, *extra: str) -> tuple[str, str]:
+    pa, pb = env.volume("a", pv, SMALL), env.volume("b", sv, SMALL)
+    fill(env, "a", pv, SMALL, seed=len(target))
+    env.pv("a", "pair", "create", target, "--primary", f"a:{pv}", "--secondary", f"b:{sv}",
+           *extra)  # fmt: skip
+    env.wait("a", target, "PAIR")
+    return pa, pb
+
+
+def forget(env: LabEnv, group: str) -> None:
+    for host in ("a", "b"):
+        env.pv(host, "pair", "delete", group, ok=False)
+
+
+# -- 1. connections opened before the pair existed -----------------------------------------------
+
+
+def test_connections_opened_before_create_follow_the_pair(env: LabEnv) -> None:
+    pa, pb = env.volume("a", "hv1", SMALL), env.volume("b", "hv1", SMALL)
+    before_pvid = pvid(pb)
+    ha = connect(env, "a", "hv1")
+    hb = connect(env, "b", "hv1")
+    hb_pvid = connect(env, "b", f"hv1@{before_pvid}")
+    try:
+        ha.pwrite(os.urandom(SMALL), 0)
+        env.pv("a", "pair", "create", "gh/p1", "--primary", "a:hv1", "--secondary", "b:hv1")
+        env.wait("a", "gh/p1", "PAIR")
+        # Through the connection opened while the volume was simplex: mirrored.
+        ha.pwrite(b"\x11" * 4096, 8192)
+        ha.zero(4096, 3 * CHUNK + 4096)
+        ha.flush()
+        row = env.side("a", "gh/p1")
+        assert row["state"] == "PAIR" and row["dirty_primary"] == 0
+        assert verify(env, "a", "gh/p1") == 0
+        # The secondary's old connections are refused now, exactly as a new one would be.
+        for call in (lambda: hb.pwrite(b"x" * 4096, 0), lambda: hb.pread(4096, 0)):
+            with pytest.raises(nbd.Error):
+                call()
+        with pytest.raises(nbd.Error):
+            connect(env, "b", "hv1")
+
+        env.pv("a", "pair", "split", "gh")
+        assert digest(pa) == digest(pb)
+        # After the split the S-VOL is usable again under a new PVID: a connection that named
+        # the volume follows it; one that named its old PVID is refused (wrong identity).
+        assert pvid(pb) not in (before_pvid, pvid(pa))
+        hb.pwrite(b"\x22" * 4096, 0)
+        with pytest.raises(nbd.Error):
+            hb_pvid.pread(4096, 0)
+        env.pv("a", "pair", "resync", "gh")
+        env.wait("a", "gh/p1", "PAIR")
+        with pytest.raises(nbd.Error):
+            hb.pwrite(b"y" * 4096, 0)
+        assert verify(env, "a", "gh/p1") == 0
+        env.pv("a", "pair", "delete", "gh")
+        # Simplex again: the old connections serve plainly, and nothing is mirrored any more.
+        ha.pwrite(b"\x33" * 4096, 0)
+        ha.flush()
+    finally:
+        for h in (ha, hb, hb_pvid):
+            h.shutdown()
+
+
+# -- 7. pair files ---------------------------------------------------------------------------------
+
+
+def test_pair_files_of_look_alike_names_never_collide(env: LabEnv) -> None:
+    paired(env, "x.y/z", "cv1", "cv1")
+    paired(env, "x/y.z", "cv2", "cv2")
+    for host in ("b", "a"):
+        labmod.kill_host(env.name, host)
+        labmod.start_node(env.name, host)
+    for target, vol in (("x.y/z", "cv1"), ("x/y.z", "cv2")):
+        for host in ("a", "b"):
+            (side,) = env.control(host, "pair.display", target=target)["pairs"]
+            assert side["volume"] == vol
+    env.pv("a", "pair", "delete", "x.y")
+    for host in ("a", "b"):
+        shown = env.control(host, "pair.display")["pairs"]
+        assert [s["id"] for s in shown if s["group"] in ("x", "x.y")] == ["x/y.z"]
+    assert verify(env, "a", "x/y.z") == 0
+    env.pv("a", "pair", "delete", "x")
+
+
+# -- 8. fencing at reconnect ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trial", [1, 2, 3])
+def test_old_primary_is_fenced_when_the_link_heals_after_a_takeover(
+    env: LabEnv, trial: int
+) -> None:
+    group = f"gf{trial}"
+    paired(env, f"{group}/p1", f"fv{trial}", f"fv{trial}")
+    mark_a, mark_b = env.mark("a"), env.mark("b")
+    labmod.cut(env.name, "a", "b")
+    try:
+        env.wait_event("b", "pair.link", after=mark_b, up=False, group=group, timeout=30)
+        env.pv("b", "pair", "takeover", group)
+    finally:
+        labmod.heal(env.name, "a", "b")
+    # Whichever side's heartbeat gets through first, the old primary learns of the newer
+    # epoch in the state exchange and fences itself.
+    env.wait_event("a", "pair.writes", after=mark_a, group=group, decision="REFUSE_STALE")
+    h = connect(env, "a", f"fv{trial}")
+    try:
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"z" * 4096, 0)
+    finally:
+        h.shutdown()
+    a_side = env.control("a", "pair.display", target=f"{group}/p1")["pairs"][0]
+    b_side = env.control("b", "pair.display", target=f"{group}/p1")["pairs"][0]
+    assert a_side["writes"] == "REFUSE_STALE" and a_side["epoch"] == b_side["epoch"]
+    env.pv("b", "pair", "resync", group, "--swap")
+    env.wait("b", f"{group}/p1", "PAIR")
+    assert verify(env, "b", f"{group}/p1") == 0
+    forget(env, group)
+
+
+# -- 9. epochs across an interrupted swap -------------------------------------------------------
+
+
+def test_a_takeover_after_an_interrupted_swap_fences_the_old_primary(env: LabEnv) -> None:
+    paired(env, "gs/p1", "sw1", "sw1")
+    env.pv("a", "pair", "split", "gs")
+    # resync --swap on b: a (the primary) demotes first, then b dies before its own record.
+    env.control("b", "debug.crash-at", step=1)
+    r = env.pv("b", "pair", "resync", "gs", "--swap", ok=False)
+    assert r.returncode != 0
+    labmod.start_node(env.name, "b")
+    # b finishes the swap from a's announced state, with a's epoch (agreed, not recomputed).
+    env.wait("b", "gs/p1", "PAIR", timeout=60)
+    a_side = env.control("a", "pair.display", target="gs/p1")["pairs"][0]
+    b_side = env.control("b", "pair.display", target="gs/p1")["pairs"][0]
+    assert (b_side["role"], a_side["role"]) == ("primary", "secondary")
+    assert a_side["epoch"] == b_side["epoch"]
+    # Now a takes over from b (link cut first): b must be fenced when they meet again.
+    mark_b = env.mark("b")
+    labmod.cut(env.name, "a", "b")
+    try:
+        env.wait_event("a", "pair.link", up=False, group="gs", timeout=30)
+        env.pv("a", "pair", "takeover", "gs")
+    finally:
+        labmod.heal(env.name, "a", "b")
+    env.wait_event("b", "pair.writes", after=mark_b, group="gs", decision="REFUSE_STALE")
+    env.pv("a", "pair", "resync", "gs", "--swap")
+    env.wait("a", "gs/p1", "PAIR")
+    assert verify(env, "a", "gs/p1") == 0
+    forget(env, "gs")
+
+
+# -- 4. a pair that cannot be loaded ------------------------------------------------------------
+
+
+def test_an_unloadable_pair_serves_its_volume_to_nobody(env: LabEnv) -> None:
+    pa, pb = paired(env, "gc/p1", "uv1", "uv1")
+    labmod.kill_host(env.name, "b")
+    (record,) = Path(env.host("b").dir, ".pairvol", "pairs").glob("gc@p1.json")
+    record.write_text(record.read_text().replace('"state": "PAIR"', '"state": "BOGUS"'))
+    labmod.start_node(env.name, "b")
+    # Not served: it would be a writable volume under the primary's PVID, tracked nowhere.
+    with pytest.raises(nbd.Error):
+        connect(env, "b", "uv1")
+    r = env.pv("b", "pair", "display", "gc/p1", ok=False)
+    assert r.returncode == 6 and "gc/p1" in r.stderr, r.stderr
+    r = env.pv("b", "pair", "display", "--json", ok=False)
+    assert r.returncode == 6
+    assert [c["id"] for c in json.loads(r.stdout)["corrupt"]] == ["gc/p1"]
+    status = json.loads(env.pv("b", "node", "status", "--json").stdout)
+    assert [c["id"] for c in status["corrupt_pairs"]] == ["gc/p1"]
+    # Nor can it be put into a second pair.
+    env.volume("a", "uv2", SMALL)
+    r = env.pv("a", "pair", "create", "gd/p1", "--primary", "a:uv2", "--secondary", "b:uv1",
+               ok=False)  # fmt: skip
+    assert r.returncode != 0
+    # The operator deletes it on b: the record is set aside, the volume gets a new PVID.
+    env.pv("b", "pair", "delete", "gc/p1")
+    assert pvid(pb) != pvid(pa)
+    assert list(Path(env.host("b").dir, ".pairvol", "pairs").glob("gc@p1.json.damaged-*"))
+    connect(env, "b", "uv1").shutdown()
+    env.pv("a", "pair", "delete", "gc", ok=False)
+
+
+# -- 5. a truncated image -----------------------------------------------------------------------
+
+
+def test_a_truncated_secondary_suspends_instead_of_growing_back(env: LabEnv) -> None:
+    _, pb = paired(env, "gz/p1", "zv1", "zv1")
+    with Volume.open(pb) as v:
+        cut_at = v.header.data_offset + SMALL // 2
+    mark = env.mark("b")
+    os.truncate(pb, cut_at)
+    h = connect(env, "a", "zv1")
+    try:
+        h.pwrite(b"\x44" * 4096, SMALL - 4096)  # past the cut: would re-extend the file
+        h.flush()
+    finally:
+        h.shutdown()
+    env.wait_event("b", "pair.damaged", after=mark, pair="gz/p1")
+    assert os.path.getsize(pb) == cut_at
+    assert env.side("a", "gz/p1")["state"] == "PSUE"
+    forget(env, "gz")
+
+
+# -- 6. crash points: never two visible, writable volumes with one PVID ---------------------------
+
+
+def _usable_pvids(env: LabEnv, volumes: dict[str, str]) -> list[tuple[str, str]]:
+    """(host:volume, PVID) of every volume a client could open and write now."""
+    out = []
+    for host, vol in volumes.items():
+        shown = env.control(host, "pair.display")
+        sides = {s["volume"]: s for s in shown["pairs"]}
+        if any(c.get("volume") == vol for c in shown["corrupt"]):
+            continue  # served to nobody
+        side = sides.get(vol)
+        if side is not None and (side["hidden"] or side["writes"] not in USABLE):
+            continue
+        out.append((f"{host}:{vol}", pvid(os.path.join(env.host(host).dir, vol))))
+    return out
+
+
+def _assert_identity(env: LabEnv, volumes: dict[str, str], where: str) -> None:
+    usable = _usable_pvids(env, volumes)
+    pvids = [p for _, p in usable]
+    assert len(pvids) == len(set(pvids)), f"{where}: two usable volumes share a PVID: {usable}"
+
+
+def _crash_run(env: LabEnv, op: str, victim: str, step: int) -> bool:
+    """One pair taken to the start of ``op``, ``victim`` armed to die at its ``step``-th
+    durable write, ``op`` run; the invariant checked after the restart.  False once the op
+    completed without reaching that step."""
+    group = f"k{op[:2]}{victim}{step}"
+    vol = f"{group}v"
+    paired(env, f"{group}/p1", vol, vol)
+    if op in ("resync", "swap"):
+        env.pv("a", "pair", "split", group)
+        env.write("a", vol, 0, os.urandom(CHUNK))  # something to copy back
+        env.write("b", vol, 5 * CHUNK, os.urandom(CHUNK))
+    runner = "b" if op == "swap" else "a"
+    command = {
+        "split": ["pair", "split", group],
+        "resync": ["pair", "resync", group],
+        "swap": ["pair", "resync", group, "--swap"],
+        "delete": ["pair", "delete", group],
+    }[op]
+    mark = env.mark(victim)
+    env.control(victim, "debug.crash-at", step=step)
+    env.pv(runner, *command, ok=False)
+    logged = read_events(env.events_path(victim))[mark:]
+    crashed = any(e.get("event") == "debug.crash" for e in logged)
+    if crashed:
+        labmod.kill_host(env.name, victim)  # the node is gone; sweep up anything left
+        labmod.start_node(env.name, victim)
+    else:
+        env.control(victim, "debug.crash-at", step=0)
+    volumes = {"a": vol, "b": vol}
+    _assert_identity(env, volumes, f"{op}, {victim} killed at step {step}")
+    forget(env, group)
+    _assert_identity(env, volumes, f"{op}, {victim} killed at step {step}, after delete")
+    return crashed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["split", "resync", "swap", "delete"])
+@pytest.mark.parametrize("victim", ["a", "b"])
+def test_kill_at_every_durable_step_keeps_identities_unique(
+    env: LabEnv, op: str, victim: str
+) -> None:
+    step = 1
+    while _crash_run(env, op, victim, step):
+        step += 1
+        assert step < 20, "more durable steps than expected"
+    print(f"{op} on {victim}: killed at each of {step - 1} durable steps")
+    assert step > 1, f"{op} made no durable step on {victim}: nothing was tested"
+
+
+# -- 2. resync after an async journal overflow ---------------------------------------------------
+
+
+def _overlapping_storm(env: LabEnv, vol: str, rounds: int) -> None:
+    """4 connections x 16 overlapping 8 KiB aio writes around 1 MiB, ``rounds`` times."""
+    handles = [connect(env, "a", vol) for _ in range(4)]
+    try:
+        for r in range(rounds):
+            for i, h in enumerate(handles):
+                for k in range(16):
+                    buf = nbd.Buffer.from_bytearray(bytearray(os.urandom(8192)))
+                    h.aio_pwrite(buf, (1 << 20) + ((r + i * 7 + k * 3) % 24) * 4096)
+            for h in handles:
+                while h.aio_in_flight():
+                    h.poll(1)
+        for h in handles:
+            h.flush()
+    finally:
+        for h in handles:
+            h.shutdown()
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 4])
+def test_resync_after_a_journal_overflow_leaves_the_sides_identical(
+    env: LabEnv, attempt: int
+) -> None:
+    group = f"go{attempt}"
+    vol = f"ov{attempt}"
+    env.volume("a", vol, 4 << 20)
+    env.volume("b", vol, 4 << 20)
+    env.pv("a", "pair", "create", f"{group}/p1", "--primary", f"a:{vol}", "--secondary",
+           f"b:{vol}", "--mode", "async", "--journal-size", "1M")  # fmt: skip
+    env.wait("a", f"{group}/p1", "PAIR")
+    mark = env.mark("a")
+    _overlapping_storm(env, vol, 40)
+    env.wait_event("a", "pair.state", after=mark, group=group, state="PFUS", timeout=60)
+    env.pv("a", "pair", "resync", group)
+    env.wait("a", f"{group}/p1", "PAIR", timeout=60)
+    assert verify(env, "a", f"{group}/p1") == 0
+    forget(env, group)

@@ -1,0 +1,111 @@
+"""A peer is trusted only for the pairs it belongs to (issue 7, item 10): a third node that
+authenticates with its own key can neither act on a pair of two other nodes nor pose as one
+of them.  Three real nodes in their own lab."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN
+from labenv import LabEnv, digest, fill, nbd
+
+from pairvol import lab as labmod
+
+pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
+assert nbd is not None
+SMALL = 2 << 20
+
+
+def verify(env: LabEnv, target: str) -> int:
+    r = env.pv("a", "pair", "verify", target, ok=False)
+    assert r.returncode in (0, 1), r.stderr
+    return r.returncode
+
+
+def paired(env: LabEnv, target: str, vol: str) -> tuple[str, str]:
+    pa, pb = env.volume("a", vol, SMALL), env.volume("b", vol, SMALL)
+    fill(env, "a", vol, SMALL, seed=7)
+    env.pv("a", "pair", "create", target, "--primary", f"a:{vol}", "--secondary", f"b:{vol}")
+    env.wait("a", target, "PAIR")
+    return pa, pb
+
+
+# -- 10. a peer is trusted only for its own pairs ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    """Three hosts: a and b pair up, c is a node b also talks to (it holds a key for b)."""
+    root = tmp_path_factory.mktemp("trio")
+    name = f"tr{os.getpid() % 100000}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
+        mp.delenv("PAIRVOL_LAB", raising=False)
+        try:
+            labmod.up(name, ["a", "b", "c"])
+            yield LabEnv(name, root)
+        finally:
+            labmod.down(name)
+
+
+INTRUDER = """
+import sys
+from replicator import wire
+from replicator.node import read_secret
+from replicator.peer_link import PeerClient
+from replicator.errors import PairvolError
+
+keys = read_secret(sys.argv[1])
+host, port = sys.argv[2], int(sys.argv[3])
+accepted = 0
+# c's own name, with its own key: authenticated, but c is not gt/p1's peer.
+c = PeerClient("c", host, port, keys, print)
+for msg in (
+    wire.Write("gt/p1", 0, b"\x66" * 4096),
+    wire.Zero("gt/p1", 4096, 4096),
+    wire.PairState("gt/p1", "PSUS", "primary", 1, 99),
+    wire.BitmapRequest("gt/p1", "diff"),
+):
+    try:
+        c.request(msg)
+        accepted += 1
+        print("accepted:", type(msg).__name__)
+    except PairvolError as e:
+        print("refused:", type(msg).__name__, e)
+c.close()
+# Posing as a, the pair's real peer, with c's keys: the handshake fails.
+try:
+    PeerClient("a", host, port, keys, print).request(wire.Ping(1))
+    accepted += 1
+    print("accepted: posing as a")
+except PairvolError as e:
+    print("refused: posing as a:", e)
+sys.exit(1 if accepted else 0)
+"""
+
+
+def test_a_node_is_trusted_only_for_the_pairs_it_belongs_to(trio: LabEnv, tmp_path: Path) -> None:
+    env = trio
+    _, pb = paired(env, "gt/p1", "tv1")
+    b, c = env.host("b"), env.host("c")
+    before = digest(pb)
+    script = tmp_path / "intruder.py"
+    script.write_text(INTRUDER)
+    keys = c.secret_file or env.lab.secret_file
+    r = subprocess.run(
+        ["ip", "netns", "exec", c.netns, str(VENV_BIN / "python"), str(script),
+         keys, b.address, str(b.peer_port)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert digest(pb) == before
+    row = env.side("a", "gt/p1")
+    assert (row["state"], row["secondary_state"]) == ("PAIR", "PAIR")
+    log = Path(b.dir, "node.log").read_text()
+    assert "refused Write for pair gt/p1 from node 'c'" in log
+    assert verify(env, "gt/p1") == 0
+    env.pv("a", "pair", "delete", "gt")
