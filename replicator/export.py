@@ -146,6 +146,8 @@ class Exporter:
         wanted = parse_export_name(export_name)
         chosen = self._select(wanted)
         vol = Volume.open(chosen.path, writable=not readonly)
+        if vol.repair_note is not None and not readonly:
+            self._warn(f"{chosen.path}: {vol.repair_note}")  # a repair is never silent
         try:
             # Check the header read through the descriptor we are about to serve, not the one
             # from the scan: a PVID changed in between must not slip through.
