@@ -89,7 +89,7 @@ from replicator.groups import (
     journal_path,
 )
 from replicator.header import PAIR_MAX, Role, check_name
-from replicator.journal import EntryKind
+from replicator.journal import EntryKind, Journal, JournalCorrupt
 from replicator.peer_auth import PeerSecrets
 from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.pvid import format_pvid
@@ -384,6 +384,8 @@ class Side:
         self.gate = Gate()
         self.chunk_locks = ChunkLocks()
         self.volume = Volume.open(manager.volume_path(doc.volume), writable=True)
+        if self.volume.repair_note is not None:
+            self.log(f"pair {self.id}: {self.volume.path}: {self.volume.repair_note}")
         h = self.volume.header
         self.data_size = h.data_size
         self.data_offset = h.data_offset
@@ -667,6 +669,13 @@ class Side:
             self.fire(ps.CopyProgress(copied, total))
             self.fire(ps.CopyDone())
 
+    def suspend_for_disk(self, reason: str) -> None:
+        """The pair's data on this node cannot be vouched for (a damaged journal): PSUE."""
+        try:
+            self.fire(ps.DiskError(reason[: wire.TEXT_MAX]), tell_peer=False)
+        except IllegalState as e:
+            self.log(f"pair {self.id}: {e}")
+
     def peer_failed(self, reason: str) -> None:
         """The peer answered but refused what it must take: suspend (PSUE, cause peer)."""
         if self.deleted:
@@ -827,6 +836,10 @@ class Side:
         if not self.check_image():
             raise VolumeError(f"pair {self.id}: {self.damaged}", errno.EIO)
         if msg.seq:
+            if r.state not in ps.REPLICATING:
+                # A suspended secondary takes no journal entry and acknowledges none: the
+                # primary must fold them into its bitmap, not release them.
+                raise IllegalState(f"pair {self.id}: suspended here ({r.state}); no journal")
             group = self.manager.secondary_group(self)
             return group.receive(self, msg)
         if isinstance(msg, wire.Write):
@@ -1458,11 +1471,11 @@ class PairManager:
             self.sides[side.key] = side
             if local:
                 self._link_partner(side)
-            if side.is_async:
-                self._load_async(side)
-            elif side.fold_activity_log() and side.record.state in ps.REPLICATING:
+            restarted_busy = not side.is_async and side.fold_activity_log()
+            if restarted_busy and side.record.state in ps.REPLICATING:
                 side.link_failed("restarted with writes in flight (activity log not empty)")
             self.events.emit("pair.loaded", pair=side.id, state=str(side.record.state))
+        self._open_groups()
         self._find_orphans()
         for name, g in self.primaries.items():
             drained = any(s.record.draining for s in g.sides.values())
@@ -1472,6 +1485,96 @@ class PairManager:
                     self.log(f"group {name}: redid {n} journal entries after a restart")
             g.start()
         self._ticker.start()
+
+    def _open_groups(self) -> None:
+        """The journals of the async groups loaded.  A damaged journal takes only its own
+        group's pairs out of service: a corrupt one is salvaged (its pairs suspended, every
+        chunk it may have held marked for the resync); one whose header cannot be read at all
+        makes the group's volumes unserved until an operator deletes its pairs."""
+        for side in [s for s in self.sides.values() if s.is_async]:
+            if side.key not in self.sides:
+                continue  # its group was taken offline meanwhile
+            try:
+                self._load_async(side)
+            except JournalCorrupt as e:
+                self._salvage(side, e)
+                self._load_async(side)
+            except (HeaderCorrupt, OSError) as e:
+                self._group_offline(side.record.group, side.record.role, e)
+
+    def _journal_members(self, group: str, role: Role) -> list[Side]:
+        return [s for s in self.sides.values() if s.record.group == group and s.record.role is role]
+
+    def _salvage(self, side: Side, e: JournalCorrupt) -> None:
+        """Fold what a corrupt journal still shows into its pairs' difference bitmaps (the
+        whole volume where a damaged record's extent is unknown), start the journal over
+        after the highest sequence it ever named, and suspend the group's pairs."""
+        sv = e.salvage
+        members = self._journal_members(side.record.group, side.record.role)
+        by_stream = {m.stream: m for m in members}
+        unapplied = [x for x in sv.entries if x.seq > sv.applied_seq]
+        for entry in unapplied:
+            m = by_stream.get(entry.stream)
+            if m is not None:
+                m.mark_dirty(entry.offset, max(entry.length, 1))
+        for region in sv.damaged:
+            ext = region.extent
+            targets = (
+                [by_stream[ext.stream]] if ext is not None and ext.stream in by_stream else members
+            )
+            for m in targets:
+                if ext is not None and ext.stream == m.stream:
+                    m.mark_dirty(ext.offset, max(ext.length, 1))
+                else:
+                    m.mark_dirty(0, m.data_size)
+        next_seq = Journal.reset(sv.path)
+        why = (
+            f"{e}; {len(unapplied)} located entries and {len(sv.damaged)} damaged region(s) "
+            "are marked for the next resync, the journal continues at sequence "
+            f"{next_seq}"
+        )
+        if side.record.role is Role.PRIMARY:
+            why += "; entries that were not yet on this node's volumes when it stopped are lost"
+        self.log(f"group {side.record.group}: {why}")
+        self.events.emit(
+            "group.journal.corrupt",
+            group=side.record.group,
+            path=sv.path,
+            first_bad_seq=sv.first_bad_seq,
+            located=len(unapplied),
+            damaged=len(sv.damaged),
+            extent_unknown=sv.extent_unknown,
+            next_seq=next_seq,
+        )
+        for m in members:
+            m.suspend_for_disk(
+                f"journal {sv.path} was corrupt (first bad sequence {sv.first_bad_seq})"
+            )
+
+    def _group_offline(self, group: str, role: Role, e: BaseException) -> None:
+        """A group journal that cannot be read at all: that group's volumes are served to
+        nobody, and its pairs show as corrupt; every other group goes on."""
+        members = self._journal_members(group, role)
+        for m in members:
+            self.sides.pop(m.key, None)
+            real = os.path.realpath(m.volume.path)
+            reason = f"pair {m.id}: the journal of group {group} cannot be read: {e}"
+            self.broken[real] = reason
+            self.broken_pairs.append(
+                {
+                    "id": m.id,
+                    "file": self.doc_path(m.key),
+                    "volume": m.doc.volume,
+                    "path": real,
+                    "reason": reason,
+                }
+            )
+            m.close()
+        self.primaries.pop(group, None) if role is Role.PRIMARY else self.secondaries.pop(
+            group, None
+        )
+        self.log(f"group {group} is offline: its journal cannot be read: {e}")
+        self.events.emit("group.offline", group=group, reason=str(e))
 
     def _link_partner(self, side: Side) -> None:
         for other in self.sides.values():
@@ -2329,6 +2432,9 @@ class PairManager:
         if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
             return side.apply_write(msg)
         if isinstance(msg, wire.JournalStatus):
+            r = side.record
+            if r.role is not Role.SECONDARY or r.state not in ps.REPLICATING:
+                raise IllegalState(f"pair {pid}: not a replicating secondary here ({r.state})")
             return self.secondary_group(side).note_status(msg)
         raise UsageError(f"unexpected {type(msg).__name__} request")
 

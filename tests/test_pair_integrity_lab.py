@@ -361,3 +361,74 @@ def test_resync_after_a_journal_overflow_leaves_the_sides_identical(
     env.wait("a", f"{group}/p1", "PAIR", timeout=60)
     assert verify(env, "a", f"{group}/p1") == 0
     forget(env, group)
+
+
+# -- 3. a damaged record inside the journal -------------------------------------------------------
+
+
+def test_a_damaged_journal_record_suspends_the_group_and_resync_repairs(env: LabEnv) -> None:
+    import replicator.journal_recovery as jr
+    from replicator.journal import Journal
+
+    group, vol = "gj", "jv1"
+    env.volume("a", vol, 4 << 20)
+    env.volume("b", vol, 4 << 20)
+    env.pv("a", "pair", "create", f"{group}/p1", "--primary", f"a:{vol}", "--secondary",
+           f"b:{vol}", "--mode", "async")  # fmt: skip
+    env.wait("a", f"{group}/p1", "PAIR")
+    labmod.cut(env.name, "a", "b")  # the entries stay unshipped in a's journal
+    try:
+        h = connect(env, "a", vol)
+        try:
+            for i in range(8):
+                h.pwrite(bytes([0x70 + i]) * CHUNK, i * CHUNK)
+            h.flush()
+        finally:
+            h.shutdown()
+        labmod.kill_host(env.name, "a")
+    finally:
+        labmod.heal(env.name, "a", "b")
+    path = os.path.join(env.host("a").dir, ".pairvol", "journals", f"{group}.journal")
+    with Journal.open(path) as j:
+        seqs = sorted(j._index)
+        assert len(seqs) >= 8
+        where = jr.RING_OFFSET + j._index[seqs[2]].pos % j.capacity
+    with open(path, "r+b") as f:  # one flipped byte in the third of eight entries
+        f.seek(where + 40)
+        b = f.read(1)[0]
+        f.seek(where + 40)
+        f.write(bytes([b ^ 0x5A]))
+    mark = env.mark("a")
+    labmod.start_node(env.name, "a")
+    env.wait_event("a", "group.journal.corrupt", after=mark, group=group)
+    row = env.side("a", f"{group}/p1")
+    assert row["state"] == "PSUE" and row["dirty_primary"] > 0
+    log = Path(env.host("a").dir, "node.log").read_text()
+    assert "is corrupt" in log and "redid" not in log.split("is corrupt")[-1]
+    env.pv("a", "pair", "resync", group)
+    env.wait("a", f"{group}/p1", "PAIR", timeout=60)
+    assert verify(env, "a", f"{group}/p1") == 0
+    forget(env, group)
+
+
+def test_a_group_journal_that_cannot_be_read_takes_only_its_group_offline(env: LabEnv) -> None:
+    for g in ("gk", "gl"):
+        env.volume("a", f"{g}v", SMALL)
+        env.volume("b", f"{g}v", SMALL)
+        env.pv("a", "pair", "create", f"{g}/p1", "--primary", f"a:{g}v", "--secondary",
+               f"b:{g}v", "--mode", "async")  # fmt: skip
+        env.wait("a", f"{g}/p1", "PAIR")
+    labmod.kill_host(env.name, "a")
+    path = os.path.join(env.host("a").dir, ".pairvol", "journals", "gk.journal")
+    with open(path, "r+b") as f:  # both header slots
+        f.write(bytes(8192))
+    labmod.start_node(env.name, "a")
+    r = env.pv("a", "pair", "display", "gk/p1", ok=False)
+    assert r.returncode == 6 and "journal" in r.stderr, r.stderr
+    with pytest.raises(nbd.Error):
+        connect(env, "a", "gkv")
+    env.wait("a", "gl/p1", "PAIR")  # the other group goes on
+    assert verify(env, "a", "gl/p1") == 0
+    forget(env, "gl")
+    env.pv("a", "pair", "delete", "gk")
+    env.pv("b", "pair", "delete", "gk", ok=False)
