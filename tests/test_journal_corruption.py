@@ -4,7 +4,6 @@ is a torn tail, truncated as before; reset continues the sequence space."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -544,47 +543,3 @@ def _damage_case(
     with Journal.open(p) as j2:
         got = list(j2.entries(j2.first_seq))
     assert got == (retained[:-1] if where == "last" else retained)
-
-
-# -- the record codec: any bytes decode or raise BadRecord --------------------------------------
-
-
-@given(raw=st.binary(max_size=200), magic=st.booleans())
-def test_record_decoder_raises_only_bad_record(raw: bytes, magic: bool) -> None:
-    if magic:
-        raw = jr.REC_MAGIC + raw
-    with contextlib.suppress(jr.BadRecord):
-        jr.decode_record_head(raw)
-
-
-@given(
-    seq=st.integers(1, (1 << 62)),
-    kind=st.sampled_from([1, 2, 3]),
-    stream=st.integers(0, (1 << 32) - 1),
-    offset=st.integers(0, 1 << 60),
-    data=st.binary(max_size=600),
-    fua=st.booleans(),
-    back=st.integers(1, 1 << 20),
-    flip_at=st.integers(0, jr.REC_HEADER_LEN - 1),
-)
-def test_record_header_round_trip_and_every_flip_is_caught(
-    seq: int, kind: int, stream: int, offset: int, data: bytes, fua: bool, back: int, flip_at: int
-) -> None:
-    if kind != 1:
-        data = b""
-    written = max(0, seq - back)
-    rec = jr.encode_record(
-        journal_id=42, epoch=3, seq=seq, kind=kind, stream=stream, offset=offset,
-        length=len(data) if kind == 1 else 4096, data=data, fua=fua, stamp_ns=-5,
-        written_seq=written, synced_seq=written // 2,
-    )  # fmt: skip
-    assert len(rec) == jr.record_size(len(data)) and len(rec) % jr.RECORD_ALIGN == 0
-    rh = jr.decode_record_head(rec)
-    assert (rh.seq, rh.kind, rh.stream, rh.offset, rh.fua, rh.stamp_ns, rh.epoch) == (
-        seq, kind, stream, offset, fua, -5, 3,
-    )  # fmt: skip
-    assert (rh.written_seq, rh.synced_seq, rh.journal_id) == (written, written // 2, 42)
-    bad = bytearray(rec)
-    bad[flip_at] ^= 0x01
-    with pytest.raises(jr.BadRecord):
-        jr.decode_record_head(bytes(bad))
