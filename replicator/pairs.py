@@ -823,6 +823,24 @@ class Side:
             )
             self.fire(event)
 
+    def check_journal_marks(self, *, split: bool = False) -> None:
+        """This secondary may take journal entries and acknowledge its marks: it replicates,
+        or the link only blipped (PSUE by the link; it rejoins without a copy), or, for a
+        status only, a split is being finished.  Suspended by its disk or its peer (a
+        salvaged journal), its marks are not to be trusted: an acknowledgement would let the
+        primary release entries nobody applied, so the primary is refused and folds them."""
+        r = self.record
+        ok = r.role is Role.SECONDARY and (
+            r.state in ps.REPLICATING
+            or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK)
+            or (split and r.state is ps.State.PSUS)
+        )
+        if not ok:
+            raise IllegalState(
+                f"pair {self.id}: this side takes no journal entries ({r.role.label}, "
+                f"{r.state}, cause {r.cause})"
+            )
+
     def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
         r = self.record
         if r.role is not Role.SECONDARY or r.state not in ps.REPLICATING | {ps.State.PSUE}:
@@ -836,10 +854,7 @@ class Side:
         if not self.check_image():
             raise VolumeError(f"pair {self.id}: {self.damaged}", errno.EIO)
         if msg.seq:
-            if r.state not in ps.REPLICATING:
-                # A suspended secondary takes no journal entry and acknowledges none: the
-                # primary must fold them into its bitmap, not release them.
-                raise IllegalState(f"pair {self.id}: suspended here ({r.state}); no journal")
+            self.check_journal_marks()
             group = self.manager.secondary_group(self)
             return group.receive(self, msg)
         if isinstance(msg, wire.Write):
@@ -2432,9 +2447,7 @@ class PairManager:
         if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
             return side.apply_write(msg)
         if isinstance(msg, wire.JournalStatus):
-            r = side.record
-            if r.role is not Role.SECONDARY or r.state not in ps.REPLICATING:
-                raise IllegalState(f"pair {pid}: not a replicating secondary here ({r.state})")
+            side.check_journal_marks(split=True)
             return self.secondary_group(side).note_status(msg)
         raise UsageError(f"unexpected {type(msg).__name__} request")
 
