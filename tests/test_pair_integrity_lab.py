@@ -114,9 +114,12 @@ def test_connections_opened_before_create_follow_the_pair(env: LabEnv) -> None:
 def test_pair_files_of_look_alike_names_never_collide(env: LabEnv) -> None:
     paired(env, "x.y/z", "cv1", "cv1")
     paired(env, "x/y.z", "cv2", "cv2")
+    mark = env.mark("a")
     for host in ("b", "a"):
         labmod.kill_host(env.name, host)
         labmod.start_node(env.name, host)
+    for group in ("x.y", "x"):  # both links are back before anything is asked of them
+        env.wait_event("a", "pair.link", after=mark, up=True, group=group)
     for target, vol in (("x.y/z", "cv1"), ("x/y.z", "cv2")):
         for host in ("a", "b"):
             (side,) = env.control(host, "pair.display", target=target)["pairs"]
