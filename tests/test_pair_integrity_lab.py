@@ -435,3 +435,32 @@ def test_a_group_journal_that_cannot_be_read_takes_only_its_group_offline(env: L
     forget(env, "gl")
     env.pv("a", "pair", "delete", "gk")
     env.pv("b", "pair", "delete", "gk", ok=False)
+
+
+# -- smaller ones ------------------------------------------------------------------------------
+
+
+def test_volumes_of_different_block_sizes_do_not_pair(env: LabEnv) -> None:
+    env.pv(None, "volume", "create", os.path.join(env.host("a").dir, "bs1"), "--size", "2M",
+           "--name", "bs1", "--block-size", "512")  # fmt: skip
+    env.volume("b", "bs1", SMALL)  # the default 4 KiB blocks
+    r = env.pv("a", "pair", "create", "gb/p1", "--primary", "a:bs1", "--secondary", "b:bs1",
+               ok=False)  # fmt: skip
+    assert r.returncode != 0 and "block sizes differ" in r.stderr, r.stderr
+    for host in ("a", "b"):
+        assert all(p["group"] != "gb" for p in env.control(host, "pair.display")["pairs"])
+
+
+def test_a_resync_says_how_many_chunks_it_overwrites(env: LabEnv) -> None:
+    paired(env, "gw/p1", "wv1", "wv1")
+    env.pv("a", "pair", "split", "gw")
+    for i in range(3):  # the split secondary is written: a resync will overwrite it
+        env.write("b", "wv1", (10 + i) * CHUNK, os.urandom(CHUNK))
+    mark = env.mark("a")
+    out = json.loads(env.pv("a", "pair", "resync", "gw", "--json").stdout)
+    assert out["pairs"][0]["discarding_chunks"] == 3
+    env.wait_event("a", "pair.resync.overwrite", after=mark, pair="gw/p1", chunks=3)
+    assert "overwrites 3 chunks written on" in Path(env.host("a").dir, "node.log").read_text()
+    env.wait("a", "gw/p1", "PAIR")
+    assert verify(env, "a", "gw/p1") == 0
+    forget(env, "gw")
