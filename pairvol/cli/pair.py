@@ -16,7 +16,6 @@ The CLI talks to nodes through their control sockets.  Which node:
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 import sys
@@ -36,8 +35,9 @@ from replicator.errors import (
 )
 from replicator.header import check_name
 from replicator.node import CONTROL_SOCKET, PEER_PORT
+from replicator.node_table import NODES_ENV, NODES_FILE, is_address, load_node_table, parse_address
 from replicator.pair_state import DEFAULT_CHUNK, Fence, Mode, State
-from replicator.pairs import parse_peer_address, split_pair_id
+from replicator.pairs import split_pair_id
 from replicator.sizes import format_size, parse_size
 
 
@@ -86,59 +86,39 @@ def _lab_node(name: str) -> NodeSpec | None:
     return NodeSpec(h.host, h.address, h.peer_port, h.control)
 
 
-NODES_ENV = "PAIRVOL_NODES"
-NODES_FILE = "/etc/pairvol/nodes"
-
-
 def read_nodes(path: str | None = None) -> dict[str, NodeSpec]:
-    """The node table (like horcm.conf's HORCM_INST): one ``NAME ADDR[:PEERPORT] [DIR]`` per
-    line, ``#`` comments.  ``DIR`` names the node's directory when it runs on this machine.
-    The file is ``$PAIRVOL_NODES`` or /etc/pairvol/nodes; a missing default file is empty."""
-    explicit = path or os.environ.get(NODES_ENV)
-    path = explicit or NODES_FILE
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError as e:
-        if explicit:
-            raise NotFound(f"node table {path} does not exist") from e
-        return {}
-    except OSError as e:
-        raise UsageError(f"cannot read node table {path}: {e.strerror}") from e
-    nodes: dict[str, NodeSpec] = {}
-    for number, raw in enumerate(lines, start=1):
-        words = raw.split("#", 1)[0].split()
-        if not words:
-            continue
-        if len(words) not in (2, 3) or not _is_address(words[1]):
-            raise UsageError(f"{path}:{number}: expected NAME ADDR[:PEERPORT] [DIR], got {raw!r}")
-        host, port = parse_peer_address(words[1], PEER_PORT)
-        control_path = os.path.join(words[2], CONTROL_SOCKET) if len(words) == 3 else None
-        if words[0] in nodes:
-            raise UsageError(f"{path}:{number}: node {words[0]!r} is listed twice")
-        nodes[words[0]] = NodeSpec(words[0], host, port, control_path)
-    return nodes
+    """The node table (:mod:`replicator.node_table`: ``$PAIRVOL_NODES`` or /etc/pairvol/nodes),
+    each node with its control socket when the table names its directory."""
+    return {
+        e.name: NodeSpec(
+            e.name,
+            e.host,
+            e.peer_port,
+            os.path.join(e.dir, CONTROL_SOCKET) if e.dir is not None else None,
+        )
+        for e in load_node_table(path)
+    }
 
 
 def resolve_node(text: str, local: str | None) -> NodeSpec:
     """``NODE`` (a lab host, the node table, the local node) or ``ADDR[:PORT]``."""
-    found = _lab_node(text) if not _is_address(text) else None
+    found = _lab_node(text) if not is_address(text) else None
     if found is not None:
         return found
-    if not _is_address(text):
+    if not is_address(text):
         listed = read_nodes().get(text)
         if listed is not None:
             return listed
     unreachable: ConnectionFailed | None = None
-    if local is not None and not _is_address(text):
+    if local is not None and not is_address(text):
         try:
             status = control.call(local, "node.status", timeout=10)
         except ConnectionFailed as e:
             status, unreachable = None, e
         if status is not None and status["name"] == text:
             return NodeSpec(text, status["listen"], status["peer_port"], local)
-    if _is_address(text):
-        host, port = parse_peer_address(text, PEER_PORT)
+    if is_address(text):
+        host, port = parse_address(text, PEER_PORT)
         return NodeSpec("", host, port, None)
     if unreachable is not None:
         # It may well be the --node's name: say that the node is down, not that it is unknown.
@@ -147,15 +127,6 @@ def resolve_node(text: str, local: str | None) -> NodeSpec:
         f"unknown node {text!r}: not a lab host here, not in the node table "
         f"(${NODES_ENV} or {NODES_FILE}), not the --node, not an address"
     )
-
-
-def _is_address(text: str) -> bool:
-    host = text.rpartition(":")[0] if text.count(":") == 1 else text
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def parse_side(text: str, what: str) -> tuple[str, str]:
