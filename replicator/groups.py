@@ -30,22 +30,53 @@ secondary has applied it, finishes: every secondary volume holds the same point 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from replicator import wire
 from replicator.errors import ConnectionFailed, IllegalState, NotFound, PairvolError, Timeout
 from replicator.gate import Gate
 from replicator.journal import EntryKind, Journal, JournalFull
 from replicator.peer_link import PeerRefused
+from replicator.volume import Volume
 
-if TYPE_CHECKING:
-    from replicator.pairs import Side
+
+class Side(Protocol):
+    """What a group needs of each of its pairs' sides (the member interface; the pair
+    runtime's :class:`~replicator.pair.side.Side` provides it)."""
+
+    id: str
+
+    @property
+    def stream(self) -> int: ...
+
+    @property
+    def volume(self) -> Volume: ...
+
+    def request(self, msg: wire.Message, timeout: float = ...) -> wire.Message: ...
+
+    def apply_entry(
+        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+    ) -> None: ...
+
+    def mark_dirty(self, offset: int, length: int) -> None: ...
+
+    def ships(self) -> bool: ...
+
+    def journals(self) -> bool: ...
+
+    def journal_level(self, high: bool) -> None: ...
+
+    def journal_full(self) -> None: ...
+
+    def link_failed(self, reason: str) -> None: ...
+
+    def peer_failed(self, reason: str) -> None: ...
+
 
 JOURNALS_DIR = os.path.join(".pairvol", "journals")
 DEFAULT_JOURNAL_SIZE = 256 << 20
@@ -253,9 +284,14 @@ class GroupPrimary(_GroupWorker):
             self.received = max(self.received, ack.received)
             if ack.applied > self.applied:
                 self.applied = ack.applied
-                with contextlib.suppress(PairvolError, OSError):
+                try:
                     self.journal.release(min(ack.applied, self.journal.last_seq))
                     released = True
+                except (PairvolError, OSError) as e:
+                    # The entries stay retained (the journal fills up sooner); say so.
+                    self.log(
+                        f"group {self.name}: releasing the journal up to {ack.applied} failed: {e}"
+                    )
                 self.cond.notify_all()
         if released:
             self._watermark()  # below the high watermark again: PFUL -> PAIR

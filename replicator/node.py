@@ -26,7 +26,7 @@ from replicator.errors import IllegalState, NotFound, UsageError
 from replicator.events import EventLog
 from replicator.export import Exporter, ExportHandle
 from replicator.export_info import VolInfo
-from replicator.pairs import PairManager
+from replicator.pair.manager import PairManager
 from replicator.peer_auth import PeerSecrets, parse_secrets
 from replicator.peer_link import PeerServer
 from replicator.wire import check_node_name

@@ -12,16 +12,11 @@ import pytest
 from pairvol.cli.pair import merge_sides, parse_side
 from replicator import pair_state as ps
 from replicator.errors import HeaderCorrupt, NotFound, UsageError
+from replicator.gate import ChunkLocks, Gate
 from replicator.header import Role
-from replicator.pairs import (
-    ChunkLocks,
-    Gate,
-    PeerRef,
-    SideDoc,
-    _segments,
-    parse_peer_address,
-    split_pair_id,
-)
+from replicator.pair.copy_engine import _segments
+from replicator.pair.doc import PeerRef, SideDoc
+from replicator.pair.names import parse_peer_address, split_pair_id
 
 
 def test_split_pair_id() -> None:

@@ -36,8 +36,8 @@ from replicator.errors import (
 from replicator.header import check_name
 from replicator.node import CONTROL_SOCKET, PEER_PORT
 from replicator.node_table import NODES_ENV, NODES_FILE, is_address, load_node_table, parse_address
+from replicator.pair.names import split_pair_id
 from replicator.pair_state import DEFAULT_CHUNK, Fence, Mode, State
-from replicator.pairs import split_pair_id
 from replicator.sizes import format_size, parse_size
 
 

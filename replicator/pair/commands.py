@@ -1,0 +1,299 @@
+"""The two-sided pair commands: split, resync (and swap), takeover, delete, verify, display.
+
+The rule for every command: the side that is or becomes the *secondary* moves first, then
+the primary moves, fetches bitmaps and starts copying (docs/protocol.md, "Pair control").  So
+a resync first hides the secondary (its difference bitmap is then frozen), a split stops
+writes at the primary (gate closed) while the secondary is told, and a swap demotes the old
+primary before the new one copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from replicator import faults, wire
+from replicator import pair_state as ps
+from replicator.bitmap import Bitmap
+from replicator.errors import (
+    ConnectionFailed,
+    HeaderCorrupt,
+    IllegalState,
+    NotFound,
+    ProtocolError,
+    Timeout,
+)
+from replicator.groups import GroupSecondary
+from replicator.header import Role
+from replicator.pair.display import describe
+from replicator.pair.side import REQUEST_TIMEOUT, Side
+from replicator.pair.verify import verify
+from replicator.peer_link import PeerRefused
+
+if TYPE_CHECKING:
+    from replicator.pair.manager import PairManager
+
+PING_TIMEOUT = 2.0
+
+
+class Commands:
+    """The control operations on this node's pairs (the CLI's ``pair ...``)."""
+
+    def __init__(self, manager: PairManager) -> None:
+        self.m = manager
+
+    def _query_peer(self, side: Side, timeout: float = REQUEST_TIMEOUT) -> wire.PairState:
+        reply = side.request(side.my_state(), timeout=timeout)
+        if not isinstance(reply, wire.PairState) or reply.pair_id != side.id:
+            raise ProtocolError(f"pair {side.id}: the peer answered a state query oddly")
+        side.exchange.on_peer_reply(reply)
+        return reply
+
+    def _dry_run(self, side: Side, event: ps.Event, link_up: bool | None = None) -> ps.PairRecord:
+        trial = ps.PairMachine(
+            side.record,
+            self.m.clock(),
+            heartbeat_interval=self.m.heartbeat_interval,
+            heartbeat_timeout=self.m.heartbeat_timeout,
+            link_up=side.machine.link_up if link_up is None else link_up,
+        )
+        trial.handle(event, self.m.clock())
+        return trial.record
+
+    def _announce(self, side: Side, state: ps.State, role: Role, epoch: int) -> None:
+        msg = wire.PairState(side.id, str(state), role.label, side.volume.header.pvid, epoch)
+        try:
+            side.request(msg)
+        except PeerRefused as e:
+            raise IllegalState(f"pair {side.id}: the peer refused: {e.message}") from e
+
+    def op_split(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.m.select(str(args["target"]), Role.PRIMARY)
+        for s in sides:
+            if s.record.role is not Role.PRIMARY:
+                raise IllegalState(
+                    f"pair {s.id}: run split on the primary's node ({s.doc.peer.label()})"
+                )
+            self._dry_run(s, ps.Split())
+        # One point in time for the whole group: close every gate, then split each pair.
+        with contextlib.ExitStack() as stack:
+            for s in sides:
+                stack.enter_context(s.gate.closed())
+            for s in sides:
+                if s.is_async and s.record.state in (ps.State.PAIR, ps.State.PFUL):
+                    s.fire(ps.Split(), tell_peer=False)  # cuts the journal: a drain starts
+                    continue
+                if s.machine.link_up and s.record.state is ps.State.PAIR:
+                    try:
+                        self._announce(s, ps.State.PSUS, Role.PRIMARY, s.record.epoch)
+                    except (ConnectionFailed, Timeout) as e:
+                        s.link_failed(str(e))
+                        raise
+                s.fire(ps.Split(), tell_peer=False)
+                s.al.expire_all()  # nothing in flight (gate closed): the log can empty
+        # Async: once the secondary has applied everything up to the cut, finish the split.
+        timeout = float(args.get("timeout", 120))
+        for s in sides:
+            if not s.record.draining or s.drain_cut is None:
+                continue
+            group = self.m.primary_group(s)
+            if not group.wait_applied(s.drain_cut, timeout):
+                raise Timeout(
+                    f"pair {s.id}: the secondary did not apply up to sequence {s.drain_cut} "
+                    f"within {timeout:.0f}s; the split is still draining"
+                )
+            self._announce(s, ps.State.PSUS, Role.PRIMARY, s.record.epoch)
+            s.fire(ps.Drained(), tell_peer=False)
+            s.drain_cut = None
+        for name in {s.record.group for s in sides if s.is_async}:
+            g = self.m.primaries.get(name)
+            if g is not None:
+                g.cut = None
+        return {"pairs": [describe(s) for s in sides]}
+
+    def _overwritten(self, side: Side, role_after: Role, swap: bool) -> int:
+        """How many chunks written on the side that will be the secondary the resync is about
+        to overwrite (said, and logged, before anything is copied)."""
+        if role_after is Role.PRIMARY:
+            reply = side.request(wire.BitmapRequest(side.id, "diff"))
+            if not isinstance(reply, wire.Bitmap) or reply.pair_id != side.id:
+                raise ProtocolError(f"pair {side.id}: the peer answered a bitmap request oddly")
+            n = Bitmap.from_bytes(side.data_size, side.chunk_size, bytes(reply.bits)).count()
+            where = f"on {side.doc.peer.label()}"
+        else:
+            with side.bitmap_lock:
+                n = side.diff_map.count()
+            where = "here"
+        if n:
+            what = "resync --swap" if swap else "resync"
+            self.m.log(
+                f"pair {side.id}: {what} overwrites {n} chunks written {where} since the pair "
+                "was split, suspended or taken over"
+            )
+            self.m.events.emit("pair.resync.overwrite", pair=side.id, chunks=n, swap=swap)
+        return n
+
+    def op_resync(self, args: dict[str, Any]) -> dict[str, Any]:
+        swap = bool(args.get("swap", False))
+        overwritten: dict[str, int] = {}
+        # A local pair's swap is carried out by the side that becomes the primary.
+        sides = self.m.select(str(args["target"]), Role.SECONDARY if swap else Role.PRIMARY)
+        if args.get("max_rate") is not None:
+            for s in sides:
+                s.doc.max_rate = int(args["max_rate"])
+                s.save()
+        for s in sides:
+            if not s.machine.link_up:
+                self.m._ping(s)
+            if not swap and s.record.role is not Role.PRIMARY:
+                raise IllegalState(
+                    f"pair {s.id}: run resync on the primary's node ({s.doc.peer.label()}), "
+                    "or resync --swap here to make this side the primary"
+                )
+        for s in sides:
+            with s.gate.closed():
+                self._query_peer(s)  # may fence us: then the dry run below refuses
+                event = ps.Resync(swap=swap, peer_epoch=s.doc.peer_epoch)
+                after = self._dry_run(s, event)
+                overwritten[s.id] = self._overwritten(s, after.role, swap)
+                if s.is_async and after.role is Role.PRIMARY and s.record.group in self.m.primaries:
+                    # Nothing shipped before the fold may reach the secondary after it has
+                    # discarded what it received: wait for the shipper's requests in flight.
+                    self.m.primaries[s.record.group].quiesce()
+                if after.role is Role.PRIMARY:
+                    # The peer (the secondary afterwards) moves first; then we copy to it.
+                    self._announce(s, ps.State.COPY, Role.PRIMARY, after.epoch)
+                    s.fire(event, tell_peer=False)
+                else:
+                    # A swap that demotes us: we move first, then the peer copies to us.
+                    s.fire(event, tell_peer=False)
+                    self._announce(s, ps.State.COPY, Role.SECONDARY, after.epoch)
+        return {
+            "pairs": [{**describe(s), "discarding_chunks": overwritten.get(s.id, 0)} for s in sides]
+        }
+
+    def op_takeover(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.m.select(str(args["target"]), Role.SECONDARY)
+        force = bool(args.get("force", False))
+        reports: dict[str, dict[str, Any]] = {}
+        for s in sides:
+            if s.is_async and s.record.role is Role.SECONDARY:
+                # Apply everything received first: the image is then the newest consistent
+                # prefix this side has; report what never arrived.
+                g = self.m.secondary_group(s)
+                g.drain()
+                reports[s.id] = self._rpo_report(g)
+            if s.machine.link_up:
+                # The old primary's epoch as it is now: the takeover's must be newer.
+                try:
+                    self._query_peer(s, timeout=PING_TIMEOUT)
+                except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
+                    self.m.log(f"pair {s.id}: cannot ask the old primary its epoch: {e}")
+            s.fire(ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch), tell_peer=False)
+            if s.machine.link_up:
+                try:
+                    self._announce(s, ps.State.SSWS, Role.SECONDARY, s.record.epoch)
+                except (ConnectionFailed, Timeout, IllegalState) as e:
+                    self.m.log(f"pair {s.id}: could not tell the old primary: {e}")
+        out = []
+        for s in sides:
+            d = describe(s)
+            if s.id in reports:
+                d["not_received"] = reports[s.id]
+                self.m.events.emit(
+                    "pair.takeover.rpo",
+                    pair=s.id,
+                    **{k: v for k, v in reports[s.id].items() if v is not None},
+                )
+            out.append(d)
+        return {"pairs": out}
+
+    @staticmethod
+    def _rpo_report(g: GroupSecondary) -> dict[str, Any]:
+        """What an async takeover loses: the sequence range the primary had and we did not."""
+        newest = max(g.primary_newest, g.received)
+        missing = newest - g.received
+        age = None
+        if missing and g.primary_newest_ns:
+            age = round(time.time() - g.primary_newest_ns / 1e9, 3)
+        return {
+            "applied_seq": g.applied,
+            "primary_newest_seq": newest,
+            "missing_entries": missing,
+            "missing_range": [g.received + 1, newest] if missing else None,
+            "newest_missing_age_s": age,
+            "primary_last_heard_s": round(time.time() - g.heard_at, 3) if g.heard_at else None,
+        }
+
+    def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        target = str(args["target"])
+        released: list[dict[str, Any]] = []
+        for pid in sorted({str(b["id"]) for b in self.m.quarantine._broken_named(target)}):
+            released += self.m.quarantine.release_broken(pid)
+        try:
+            sides = self.m.select(target, Role.PRIMARY)
+        except NotFound:
+            if released:
+                return {"pairs": released}
+            raise
+        out = released
+        for s in sides:
+            with s.gate.closed():
+                self._dry_run(s, ps.Delete())
+                told: str | None = "the link is down"
+                if s.machine.link_up:
+                    try:
+                        self._announce(s, ps.State.SMPL, s.record.role, s.record.epoch)
+                        told = None
+                    except (ConnectionFailed, Timeout, IllegalState) as e:
+                        told = str(e)
+                if told is not None and s.partner is None:
+                    self.m.log(
+                        f"pair {s.id}: deleted here, but the peer was not told ({told}); "
+                        f"run pair delete {s.id} on {s.doc.peer.label()} as well"
+                    )
+                s.fire(ps.Delete(), tell_peer=False)
+                row = describe(s)
+                row["peer_not_told"] = told if s.partner is None else None
+                out.append(row)
+                self.m.forget(s)
+        return {"pairs": out}
+
+    def op_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        sides = self.m.select(str(args["target"]), Role.PRIMARY)
+        repair = bool(args.get("repair", False))
+        return {"pairs": [verify(s, repair) for s in sides]}
+
+    def op_display(self, args: dict[str, Any]) -> dict[str, Any]:
+        target = args.get("target")
+        corrupt = (
+            self.m.quarantine._broken_named(str(target))
+            if target
+            else list(self.m.quarantine.broken_pairs)
+        )
+        if target and corrupt and not any(s.id == target for s in self.m.sides.values()):
+            raise HeaderCorrupt(corrupt[0]["reason"])
+        if target and not corrupt:
+            sides = self.m.select(str(target))
+        elif target:
+            sides = [s for s in self.m.sides.values() if s.id == target]
+        else:
+            sides = sorted(self.m.sides.values(), key=lambda s: s.id)
+        return {
+            "node": self.m.node_name,
+            "pairs": [describe(s) for s in sides],
+            "corrupt": [{k: v for k, v in b.items() if k != "path"} for b in corrupt],
+        }
+
+    def op_crash_at(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Tests: SIGKILL this node at the ``step``-th durable write from now (0: disarm);
+        the answer holds the steps taken since the last arming (replicator/faults.py)."""
+        taken = faults.trace()
+        after = int(args.get("step", 0))
+
+        def announce(label: str, n: int) -> None:
+            self.m.events.emit("debug.crash", step=n, label=label)
+
+        faults.arm(after, announce)
+        return {"armed": after, "steps_taken": taken}

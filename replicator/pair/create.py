@@ -1,0 +1,216 @@
+"""``pair create``: the primary's command, and the secondary's side of it (PairCreate)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING, Any
+
+from replicator import pair_state as ps
+from replicator import wire
+from replicator.bitmap import Bitmap
+from replicator.errors import AlreadyExists, IllegalState, UsageError
+from replicator.groups import DEFAULT_HIGH_WATERMARK, DEFAULT_JOURNAL_SIZE, journal_path
+from replicator.header import Role, check_name
+from replicator.pair.activity_log import AL_SLOT
+from replicator.pair.display import describe
+from replicator.pair.doc import PeerRef, SideDoc
+from replicator.pair.names import pair_id, parse_peer_address
+from replicator.pair.side import Side
+from replicator.peer_link import PeerRefused
+from replicator.volume import Volume
+
+if TYPE_CHECKING:
+    from replicator.pair.manager import PairManager
+
+
+class Creation:
+    """Creates pairs on this node (as primary, or as secondary when a peer asks)."""
+
+    def __init__(self, manager: PairManager) -> None:
+        self.m = manager
+
+    def op_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        group, pair = str(args["group"]), str(args["pair"])
+        check_name(group, what="group name")
+        check_name(pair, what="pair name")
+        pid = pair_id(group, pair)
+        mode = ps.Mode(str(args.get("mode", "sync")))
+        fence = ps.Fence(str(args.get("fence", "never")))
+        if mode is ps.Mode.ASYNC and fence is ps.Fence.DATA:
+            raise UsageError("--fence data needs --mode sync (an async secondary always lags)")
+        chunk = int(args.get("chunk", ps.DEFAULT_CHUNK))
+        journal_size = int(args.get("journal_size") or DEFAULT_JOURNAL_SIZE)
+        raw_high = args.get("high_watermark")
+        high = DEFAULT_HIGH_WATERMARK if raw_high is None else float(raw_high)
+        if not 0 < high <= 1:
+            raise UsageError(f"--high-watermark {high * 100:g}% is not more than 0 and at most 100")
+        volume = str(args["volume"])
+        peer = PeerRef(
+            str(args.get("peer_node", "")),
+            str(args["peer_host"]),
+            int(args["peer_port"]),
+            str(args["peer_volume"]),
+        )
+        local = self.m.is_self(peer.host, peer.port)
+        if local:
+            peer.node = self.m.node_name
+            if peer.volume == volume:
+                raise UsageError(f"--primary and --secondary are the same volume ({volume})")
+        with self.m.lock:
+            if self.m.has_pair(pid):
+                raise AlreadyExists(f"pair {pid} already exists on node {self.m.node_name}")
+            path = self.m.volume_path(volume)
+            self._check_free(path, volume)
+            members = [x for x in self.m.sides.values() if x.record.group == group]
+            stream = 1 + max((x.stream for x in members), default=0)
+            for x in members:
+                if x.partner is not None and x.record.role is Role.SECONDARY:
+                    continue  # the other half of one of this group's local pairs
+                if x.record.mode is not mode or x.record.role is not Role.PRIMARY:
+                    raise IllegalState(
+                        f"group {group} holds {x.record.mode} pairs with this node as "
+                        f"{x.record.role.label}: a group has one mode and one direction"
+                    )
+                if (x.doc.peer.host, x.doc.peer.port) != (peer.host, peer.port):
+                    raise IllegalState(
+                        f"group {group} replicates to {x.doc.peer.label()}: every pair of a "
+                        "group has the same two nodes"
+                    )
+            record = ps.PairRecord(
+                group,
+                pair,
+                Role.PRIMARY,
+                mode,
+                fence,
+                peer.label(),
+                chunk_size=chunk,
+                auto_resync=bool(args.get("auto_resync", False)),
+            )
+            doc = SideDoc(
+                record,
+                volume,
+                peer,
+                max_rate=int(args.get("max_rate", 0)),
+                stream=stream,
+                journal_size=journal_size,
+                high_watermark=high,
+            )
+            side = Side(self.m, doc, link_up=True)
+            try:
+                for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
+                    side.store.clear(slot)
+                side.diff_map = Bitmap(side.data_size, chunk)
+                side.copy_map = Bitmap(side.data_size, chunk)
+                side.al.clear()
+                h = side.volume.header
+                create = wire.PairCreate(
+                    pid,
+                    peer.volume,
+                    h.data_size,
+                    chunk,
+                    str(mode),
+                    str(fence),
+                    h.pvid,
+                    0,
+                    f"{self.m.listen}:{self.m.peer_port}",
+                    h.block_size,
+                )
+                if local:
+                    secondary = self.on_pair_create(self.m.node_name, create)
+                    side.partner, secondary.partner = secondary, side
+                else:
+                    try:
+                        side.request(create)
+                    except PeerRefused as e:
+                        raise IllegalState(f"the secondary refused the pair: {e.message}") from e
+                    if side.client is not None and side.client.peer_name:
+                        peer.node = side.client.peer_name
+                self.m.sides[side.key] = side
+                if mode is ps.Mode.ASYNC:
+                    self.m.primary_group(side).start()
+            except BaseException:
+                side.volume.close()
+                raise
+        try:
+            # Connections opened while the volume was simplex now go through the pair; the
+            # gate holds their writes until the copy's policy (mirror, journal) is in force.
+            with side.gate.closed():
+                self.m.rebind(side.volume.path, side)
+                side.fire(ps.Create(), tell_peer=False)
+        except BaseException:
+            self.m.forget(side)
+            raise
+        return describe(side)
+
+    def _check_free(self, path: str, volume: str) -> None:
+        """A volume may join a new pair only if it belongs to none, loadable or not."""
+        if self.m.side_for_path(path) is not None:
+            raise IllegalState(f"volume {volume} on {self.m.node_name} already belongs to a pair")
+        real = os.path.realpath(path)
+        if real in self.m.quarantine.broken:
+            raise IllegalState(
+                f"volume {volume} on {self.m.node_name}: {self.m.quarantine.broken[real]}"
+            )
+
+    def on_pair_create(self, peer_name: str, msg: wire.PairCreate) -> Side:
+        pid = msg.pair_id
+        group, _, pair = pid.partition("/")
+        with self.m.lock:
+            if self.m.has_pair(pid):
+                raise AlreadyExists(f"pair {pid} already exists on node {self.m.node_name}")
+            path = self.m.volume_path(msg.volume)
+            self._check_free(path, msg.volume)
+            with Volume.open(path) as v:
+                if v.header.data_size != msg.data_size:
+                    raise UsageError(
+                        f"volume sizes differ: the primary has {msg.data_size} bytes, "
+                        f"{msg.volume} on {self.m.node_name} has {v.header.data_size}"
+                    )
+                if v.header.block_size != msg.block_size:
+                    raise UsageError(
+                        f"block sizes differ: the primary's is {msg.block_size} bytes, "
+                        f"{msg.volume} on {self.m.node_name} has {v.header.block_size}"
+                    )
+            host, port = parse_peer_address(msg.primary_peer, self.m.peer_port)
+            peer = PeerRef(peer_name, host, port, "")
+            record = ps.PairRecord(
+                group,
+                pair,
+                Role.SECONDARY,
+                ps.Mode(msg.mode),
+                ps.Fence(msg.fence),
+                peer.label(),
+                chunk_size=msg.chunk_size,
+            )
+            members = [x for x in self.m.sides.values() if x.record.group == group]
+            stream = 1 + max((x.stream for x in members), default=0)
+            if not any(x.record.role is Role.SECONDARY for x in members):
+                # A new group here: no receive journal of an earlier group of that name.
+                stale = self.m.secondaries.pop(group, None)
+                if stale is not None:
+                    stale.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(journal_path(self.m.directory, group, receive=True))
+            doc = SideDoc(record, msg.volume, peer, stream=stream)
+            side = Side(self.m, doc, link_up=True)
+            try:
+                for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
+                    side.store.clear(slot)
+                side.diff_map = Bitmap(side.data_size, msg.chunk_size)
+                side.copy_map = Bitmap(side.data_size, msg.chunk_size)
+                side.peer_pvid = msg.pvid
+                side.doc.primary_pvid = msg.pvid
+                self.m.sides[side.key] = side
+                if record.mode is ps.Mode.ASYNC:
+                    self.m.secondary_group(side)
+                # Connections already open on the S-VOL are refused from now on, as new ones.
+                with side.gate.closed():
+                    self.m.rebind(side.volume.path, side)
+                    side.fire(ps.Create(), tell_peer=False)
+            except BaseException:
+                self.m.sides.pop(side.key, None)
+                side.volume.close()
+                self.m.rebind(path, None)
+                raise
+        return side

@@ -1,0 +1,75 @@
+"""What ``pair display`` shows of one side (a stable JSON schema: scripts read it)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from replicator import pair_state as ps
+
+if TYPE_CHECKING:
+    from replicator.pair.side import Side
+
+
+def describe(side: Side) -> dict[str, Any]:
+    r = side.record
+    h = side.volume.header
+    with side.bitmap_lock:
+        dirty = side.diff_map.dirty_bytes()
+        pending = side.copy_map.count()
+    total = r.total_chunks
+    percent: float | None
+    if r.state is ps.State.COPY and total:
+        percent = round(100.0 * r.copied_chunks / total, 1)
+    elif r.state is ps.State.COPY:
+        percent = 0.0
+    else:
+        percent = 100.0 if r.state in (ps.State.PAIR,) else None
+    engine = side.engine
+    rate = eta = None
+    if engine is not None and engine.thread.is_alive() and r.state is ps.State.COPY:
+        elapsed = max(side.clock() - engine.started, 1e-3)
+        rate = round(engine.sent_bytes / elapsed)
+        if engine.copied:
+            eta = round(pending / (engine.copied / elapsed), 1)
+    return {
+        "group": r.group,
+        "pair": r.pair,
+        "id": side.id,
+        "node": side.host.node_name,
+        "role": r.role.label,
+        "volume": side.doc.volume,
+        "pvid": h.pvid_hex,
+        "peer": side.doc.peer.label(),
+        "peer_node": side.doc.peer.node,
+        "peer_volume": side.doc.peer.volume,
+        "mode": str(r.mode),
+        "fence": str(r.fence),
+        "auto_resync": r.auto_resync,
+        "state": str(r.state),
+        "cause": str(r.cause),
+        "epoch": r.epoch,
+        "link": "up" if side.machine.link_up else "down",
+        "hidden": side.machine.hidden,
+        "writes": str(side.machine.write_decision()),
+        "chunk_size": side.chunk_size,
+        "data_size": side.data_size,
+        "copy_percent": percent,
+        "copied_chunks": r.copied_chunks,
+        "total_chunks": total,
+        "pending_chunks": pending,
+        "dirty_bytes": dirty,
+        "copy_bytes_sent": engine.sent_bytes if engine else 0,
+        "copy_rate_bytes_s": rate,
+        "eta_seconds": eta,
+        "last_copy_bytes": side.doc.last_copy_bytes,
+        "last_copy_seconds": side.doc.last_copy_seconds,
+        "svol_consistent": r.svol_consistent,
+        "journal": _journal_info(side),
+    }
+
+
+def _journal_info(side: Side) -> dict[str, Any] | None:
+    if not side.is_async:
+        return None
+    group = side.host.existing_group(side)
+    return group.describe() if group is not None else None

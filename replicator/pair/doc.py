@@ -1,0 +1,114 @@
+"""The side's persisted document: ``DIR/.pairvol/pairs/GROUP@PAIR[@VOLUME].json``.
+
+It holds the pair record (the state machine's :class:`~replicator.pair_state.PairRecord`), the
+local volume's name, the peer, and what the runtime must remember across a restart: copy
+statistics, the copy bandwidth limit, the async stream number and journal settings, the
+highest epoch the peer ever announced, and (on a secondary) the primary's PVID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from replicator import pair_state as ps
+from replicator.errors import HeaderCorrupt
+
+PAIRS_DIR = os.path.join(".pairvol", "pairs")
+DOC_FORMAT = "pairvol.pair"
+
+
+def doc_file_name(key: str) -> str:
+    """``GROUP@PAIR[@VOLUME].json``: no group, pair or volume name may contain '@' or '/', so
+    two different pairs never share a file (``x.y/z`` and ``x/y.z`` once did)."""
+    return key.replace("/", "@") + ".json"
+
+
+@dataclass
+class PeerRef:
+    node: str  # the peer's node name ("" until the handshake tells us)
+    host: str
+    port: int
+    volume: str
+
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def label(self) -> str:
+        return f"{self.node or '?'}@{self.address()}"
+
+
+@dataclass
+class SideDoc:
+    """What ``DIR/.pairvol/pairs/GROUP@PAIR.json`` holds."""
+
+    record: ps.PairRecord
+    volume: str
+    peer: PeerRef
+    last_copy_bytes: int = 0
+    last_copy_seconds: float = 0.0
+    created: float = field(default_factory=time.time)
+    max_rate: int = 0  # copy bandwidth limit in bytes per second; 0: none
+    stream: int = 0  # this pair's stream number in its group's journal (async)
+    journal_size: int = 0  # async primary: the group journal's capacity when created
+    high_watermark: float = 0.8
+    #: The highest epoch the peer ever announced (a takeover takes max(ours, this) + 1).
+    peer_epoch: int = 0
+    #: Secondary: the primary's PVID, which the volume carries while hidden (0: not known).
+    primary_pvid: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": DOC_FORMAT,
+                "version": 1,
+                "record": json.loads(self.record.to_json()),
+                "volume": self.volume,
+                "peer": {
+                    "node": self.peer.node,
+                    "host": self.peer.host,
+                    "port": self.peer.port,
+                    "volume": self.peer.volume,
+                },
+                "last_copy_bytes": self.last_copy_bytes,
+                "last_copy_seconds": self.last_copy_seconds,
+                "created": self.created,
+                "max_rate": self.max_rate,
+                "stream": self.stream,
+                "journal_size": self.journal_size,
+                "high_watermark": self.high_watermark,
+                "peer_epoch": self.peer_epoch,
+                "primary_pvid": self.primary_pvid,
+            },
+            indent=1,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SideDoc:
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != DOC_FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            record = ps.PairRecord.from_json(json.dumps(doc["record"]))
+            peer = doc["peer"]
+            return cls(
+                record,
+                str(doc["volume"]),
+                PeerRef(
+                    str(peer["node"]), str(peer["host"]), int(peer["port"]), str(peer["volume"])
+                ),
+                int(doc["last_copy_bytes"]),
+                float(doc["last_copy_seconds"]),
+                float(doc["created"]),
+                int(doc.get("max_rate", 0)),
+                int(doc.get("stream", 0)),
+                int(doc.get("journal_size", 0)),
+                float(doc.get("high_watermark", 0.8)),
+                int(doc.get("peer_epoch", 0)),
+                int(doc.get("primary_pvid", 0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HeaderCorrupt(f"pair file is damaged: {e}") from e

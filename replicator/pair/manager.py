@@ -1,0 +1,460 @@
+"""The node's pairs: every side, the peer clients, the ticker, and the peer protocol's
+server side (what a peer's request does).  Commands live in
+:mod:`~replicator.pair.commands` and :mod:`~replicator.pair.create`, client connections in
+:mod:`~replicator.pair.handles`, start-up recovery in :mod:`~replicator.pair.quarantine`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from replicator import faults, wire
+from replicator import pair_state as ps
+from replicator.atomic_file import write_atomic
+from replicator.errors import (
+    ConnectionFailed,
+    IllegalState,
+    NotFound,
+    PairvolError,
+    ProtocolError,
+    Timeout,
+)
+from replicator.events import EventLog
+from replicator.export import ExportHandle
+from replicator.groups import DEFAULT_JOURNAL_SIZE, GroupPrimary, GroupSecondary, journal_path
+from replicator.header import Role
+from replicator.pair.commands import PING_TIMEOUT, Commands
+from replicator.pair.create import Creation
+from replicator.pair.doc import PAIRS_DIR, SideDoc, doc_file_name
+from replicator.pair.handles import HandleRegistry
+from replicator.pair.names import pair_id, split_pair_id
+from replicator.pair.quarantine import Quarantine, unlink_durably
+from replicator.pair.side import Side
+from replicator.peer_auth import PeerSecrets
+from replicator.peer_link import PeerClient, PeerRefused, errno_of
+from replicator.volume import Volume
+
+ASYNC_LINK_TIMEOUT = 30.0  # an async pair's heartbeat timeout: the journal absorbs outages
+
+Log = Callable[[str], None]
+
+
+class PairManager:
+    """Every side on this node, the peer clients, and the ticker (heartbeats, link retries)."""
+
+    def __init__(
+        self,
+        node_name: str,
+        directory: str,
+        listen: str,
+        peer_port: int,
+        secret: PeerSecrets,
+        events: EventLog,
+        log: Log,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+        async_link_timeout: float = ASYNC_LINK_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node_name = node_name
+        self.directory = directory
+        self.listen = listen
+        self.peer_port = peer_port
+        self.secret = secret
+        self.events = events
+        self.log = log
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.async_link_timeout = async_link_timeout
+        #: Monotonic seconds; every timing decision of the runtime reads this clock.
+        self.clock = clock
+        self.sides: dict[str, Side] = {}
+        self.primaries: dict[str, GroupPrimary] = {}
+        self.secondaries: dict[str, GroupSecondary] = {}
+        self.lock = threading.RLock()
+        self.clients: dict[tuple[str, int], PeerClient] = {}
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="pair ticker", daemon=True)
+        self._refusals: dict[tuple[str, str], float] = {}
+        self.handle_registry = HandleRegistry(self)
+        self.quarantine = Quarantine(self)
+        self.creation = Creation(self)
+        self.commands = Commands(self)
+        os.makedirs(os.path.join(directory, PAIRS_DIR), exist_ok=True)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def doc_path(self, key: str) -> str:
+        return os.path.join(self.directory, PAIRS_DIR, doc_file_name(key))
+
+    def is_self(self, host: str, port: int) -> bool:
+        return host == self.listen and port == self.peer_port
+
+    def deliver_local(self, side: Side, msg: wire.Message) -> wire.Message:
+        """A local pair's request, handed to the other side in-process; errors look exactly
+        as they would from a remote peer."""
+        try:
+            return self._dispatch(side, "", msg)
+        except PairvolError as e:
+            raise PeerRefused(errno_of(e), str(e)) from e
+
+    def volume_path(self, name: str) -> str:
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            with contextlib.suppress(PairvolError, OSError), Volume.open(entry.path) as v:
+                if v.header.name == name:
+                    return entry.path
+        raise NotFound(f"node {self.node_name} has no volume named {name!r}")
+
+    def client_for(self, host: str, port: int, expect: str = "") -> PeerClient:
+        """The client for the node at ``host:port``; ``expect``: the node name the pair knows
+        its peer by (a different node answering there is refused)."""
+        with self.lock:
+            c = self.clients.get((host, port))
+            if c is not None and expect and c.expect_peer not in (None, expect):
+                raise IllegalState(
+                    f"{host}:{port} is node {c.expect_peer!r} for other pairs, not {expect!r}"
+                )
+            if c is not None and expect and c.expect_peer is None:
+                c.expect_peer = expect  # checked at its next handshake
+            if c is None:
+                c = PeerClient(
+                    self.node_name,
+                    host,
+                    port,
+                    self.secret,
+                    self.log,
+                    allow_no_secret=not self.secret,
+                    expect_peer=expect or None,
+                )
+                self.clients[host, port] = c
+            return c
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        pairs_dir = os.path.join(self.directory, PAIRS_DIR)
+        for name in sorted(os.listdir(pairs_dir)):
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(pairs_dir, name)
+            doc: SideDoc | None = None
+            try:
+                with open(path) as f:
+                    doc = SideDoc.from_json(f.read())
+                if doc.record.state is ps.State.SMPL:
+                    self.quarantine._finish_delete(path, doc)
+                    continue
+                local = self.is_self(doc.peer.host, doc.peer.port)
+                side = Side(self, doc, link_up=local)
+            except (PairvolError, OSError) as e:
+                self.quarantine._mark_broken(path, doc, e)
+                continue
+            if path != self.doc_path(side.key):  # a file named the old way (GROUP.PAIR.json)
+                write_atomic(self.doc_path(side.key), doc.to_json().encode())
+                os.unlink(path)
+            self.sides[side.key] = side
+            if local:
+                self._link_partner(side)
+            restarted_busy = not side.is_async and side.fold_activity_log()
+            if restarted_busy and side.record.state in ps.REPLICATING:
+                side.link_failed("restarted with writes in flight (activity log not empty)")
+            self.events.emit("pair.loaded", pair=side.id, state=str(side.record.state))
+        self.quarantine._open_groups()
+        self.quarantine._find_orphans()
+        for name, g in self.primaries.items():
+            drained = any(s.record.draining for s in self.sides.values() if s.record.group == name)
+            if not drained:
+                n = g.redo()
+                if n:
+                    self.log(f"group {name}: redid {n} journal entries after a restart")
+            g.start()
+        self._ticker.start()
+
+    def _link_partner(self, side: Side) -> None:
+        for other in self.sides.values():
+            if other is not side and other.id == side.id and other.local:
+                side.partner, other.partner = other, side
+
+    def _load_async(self, side: Side) -> None:
+        if side.record.role is Role.PRIMARY and side.record.state is not ps.State.SMPL:
+            self.primary_group(side)
+        elif side.record.role is Role.SECONDARY:
+            self.secondary_group(side)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join(timeout=5)
+        for gp in list(self.primaries.values()):
+            gp.stop()
+        for gs in list(self.secondaries.values()):
+            gs.stop()
+        for side in list(self.sides.values()):
+            side.close()
+        for c in list(self.clients.values()):
+            c.close()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for side in list(self.sides.values()):
+                try:
+                    self._tick(side)
+                except Exception as e:  # keep ticking for the other pairs
+                    self.log(f"pair {side.id}: ticker: {e!r}")
+
+    def _tick(self, side: Side) -> None:
+        now = self.clock()
+        with side.state_lock:
+            actions = side.machine.handle_timer(now)
+            later = side._carry_out([a for a in actions if not isinstance(a, ps.SendPing)])
+        side._after(later, tell_peer=False)
+        want_ping = any(isinstance(a, ps.SendPing) for a in actions)
+        if side.record.state is ps.State.SMPL:
+            return
+        side.check_image()
+        if side.machine.link_up:
+            if want_ping:
+                self._ping(side)
+        elif now - side.last_ping >= 1.0:
+            side.last_ping = now
+            self._ping(side)
+        side.al.expire()
+
+    def _ping(self, side: Side) -> None:
+        try:
+            reply = side.request(wire.Ping(time.monotonic_ns()), timeout=PING_TIMEOUT)
+        except (ConnectionFailed, Timeout, PeerRefused) as e:
+            if side.machine.link_up:
+                side.link_failed(f"heartbeat failed: {e}")
+            return
+        if side.doc.peer.node == "" and side.client is not None and side.client.peer_name:
+            side.doc.peer.node = side.client.peer_name
+            side.save()
+        if not isinstance(reply, wire.Pong):
+            return
+        if side.machine.link_up:
+            with side.state_lock:
+                side.machine.handle(ps.Pong(), self.clock())
+            return
+        self.restore_link(side, notify=True)
+
+    def restore_link(self, side: Side, *, notify: bool) -> None:
+        """The peer answered while our link was down: LinkRestored, and the state exchange."""
+        with side.restore_lock:
+            if side.machine.link_up:
+                return
+            self.log(f"pair {side.id}: link to {side.doc.peer.label()} is back")
+            r = side.record
+            try:
+                if r.role is Role.PRIMARY and r.auto_resync and r.cause is ps.Cause.LINK:
+                    # An automatic resync is a resync: the secondary moves first.
+                    with side.gate.closed():
+                        self.commands._announce(side, ps.State.COPY, Role.PRIMARY, r.epoch)
+                        side.fire(ps.LinkRestored(), tell_peer=False)
+                    return
+                side.fire(ps.LinkRestored(), tell_peer=False)
+            except (IllegalState, ConnectionFailed, Timeout) as e:
+                self.log(f"pair {side.id}: {e}")
+                return
+        # State exchange on reconnect: the peer learns where we are (a resumed copy) and
+        # moves along (docs/protocol.md, "Pair control").
+        if notify:
+            side.exchange.notify_peer()
+
+    def log_refusal(self, side: Side, decision: object) -> None:
+        """One log line per pair and decision per ten seconds, not one per request."""
+        key = (side.id, str(decision))
+        now = self.clock()
+        if now - self._refusals.get(key, -1e9) >= 10:
+            self._refusals[key] = now
+            if isinstance(decision, ps.WriteDecision):
+                why = ps._WRITE_WHY[decision]
+            else:
+                why = str(decision)
+            self.log(f"pair {side.id}: client request refused: {why}")
+
+    def forget(self, side: Side) -> None:
+        side.deleted = True
+        if side.is_async:
+            # The group's journals go with its last pair: a group created again under the
+            # same name must start a new sequence space on both sides.
+            self.drop_journal(side)
+        with self.lock:
+            self.sides.pop(side.key, None)
+        faults.step("remove record")
+        unlink_durably(self.doc_path(side.key))
+        path = side.volume.path
+        side.close()
+        self.rebind(path, None)
+
+    # -- what cannot be loaded, and what a crash left half done -----------------------------------
+
+    # -- async groups ---------------------------------------------------------------------------
+
+    def primary_group(self, side: Side) -> GroupPrimary:
+        name = side.record.group
+        with self.lock:
+            g = self.primaries.get(name)
+            if g is None:
+                size = side.doc.journal_size or DEFAULT_JOURNAL_SIZE
+                path = journal_path(self.directory, name, receive=False)
+                g = GroupPrimary(name, path, size, side.doc.high_watermark, self.log)
+                self.primaries[name] = g
+            g.add(side.stream, side)
+            return g
+
+    def secondary_group(self, side: Side) -> GroupSecondary:
+        name = side.record.group
+        with self.lock:
+            g = self.secondaries.get(name)
+            if g is None:
+                path = journal_path(self.directory, name, receive=True)
+                g = GroupSecondary(name, path, DEFAULT_JOURNAL_SIZE, self.log)
+                self.secondaries[name] = g
+                g.start()
+            g.add(side)
+            return g
+
+    def drop_journal(self, side: Side) -> None:
+        """On delete: the group's journal goes when its last pair does."""
+        name = side.record.group
+        others = [s for s in self.sides.values() if s is not side and s.record.group == name]
+        if others:
+            return
+        for groups, receive in ((self.primaries, False), (self.secondaries, True)):
+            g = groups.pop(name, None)
+            if g is not None:
+                g.stop()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(journal_path(self.directory, name, receive))
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def side(self, pid: str) -> Side:
+        """The side of a remote pair (peer requests name pairs by id)."""
+        s = self.sides.get(pid)
+        if s is None:
+            raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
+        return s
+
+    def has_pair(self, pid: str) -> bool:
+        return any(s.id == pid for s in self.sides.values())
+
+    def side_for_path(self, path: str) -> Side | None:
+        real = os.path.realpath(path)
+        for s in list(self.sides.values()):
+            if os.path.realpath(s.volume.path) == real:
+                return s
+        return None
+
+    def select(self, target: str, role: Role | None = None) -> list[Side]:
+        """The sides ``GROUP[/PAIR]`` names.  ``role``: of a local pair, only the side in
+        that role (a command acts once per pair, from the side that carries it out)."""
+        group, pair = split_pair_id(target)
+        if pair is not None:
+            pid = pair_id(group, pair)
+            found = [s for s in self.sides.values() if s.id == pid]
+            if not found:
+                raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
+        else:
+            found = [s for s in self.sides.values() if s.record.group == group]
+            if not found:
+                raise NotFound(f"group {group} has no pairs on node {self.node_name}")
+        if role is not None:
+            found = [s for s in found if s.partner is None or s.record.role is role]
+        return sorted(found, key=lambda s: (s.id, s.record.role))
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        c = self.commands
+        return {
+            "pair.create": self.creation.op_create,
+            "pair.split": c.op_split,
+            "pair.resync": c.op_resync,
+            "pair.takeover": c.op_takeover,
+            "pair.delete": c.op_delete,
+            "pair.display": c.op_display,
+            "pair.verify": c.op_verify,
+            "debug.crash-at": c.op_crash_at,
+        }
+
+    def op_display(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.commands.op_display(args)
+
+    # -- open client connections, and the groups of a side ------------------------------------
+
+    def wrap(self, handle: ExportHandle) -> ExportHandle:
+        return self.handle_registry.wrap(handle)
+
+    def rebind(self, path: str, side: Side | None) -> None:
+        self.handle_registry.rebind(path, side)
+
+    def existing_group(self, side: Side) -> GroupPrimary | GroupSecondary | None:
+        """The side's group journal, if it has one open (no journal is created)."""
+        name = side.record.group
+        if side.record.role is Role.PRIMARY:
+            return self.primaries.get(name)
+        return self.secondaries.get(name)
+
+    # -- the peer protocol (server side) ----------------------------------------------------------
+
+    def handle_peer(self, peer_name: str, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Ping):
+            now = self.clock()
+            for s in list(self.sides.values()):
+                if s.doc.peer.node == peer_name and s.machine.link_up:
+                    with s.state_lock:
+                        s.machine.handle(ps.Ping(), now)
+            return wire.Pong(msg.now_ns)
+        if isinstance(msg, wire.PairCreate):
+            self.creation.on_pair_create(peer_name, msg)
+            return wire.Ack()
+        pid = getattr(msg, "pair_id", None)
+        if pid is None:
+            raise ProtocolError(f"unexpected {type(msg).__name__} request")
+        side = self.side(pid)
+        if side.doc.peer.node != peer_name or side.local:
+            # A peer is trusted only for the pairs it belongs to (docs/decisions.md, "Peer
+            # identity"): the same answer as for a pair that does not exist, and one line.
+            self.log_untrusted(peer_name, pid, type(msg).__name__, side.doc.peer.node)
+            raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
+        return self._dispatch(side, peer_name, msg)
+
+    def log_untrusted(self, peer_name: str, pid: str, what: str, member: str) -> None:
+        """One line per peer and pair per ten seconds, however many requests it sends."""
+        key = (f"untrusted {peer_name}", pid)
+        now = self.clock()
+        if now - self._refusals.get(key, -1e9) >= 10:
+            self._refusals[key] = now
+            self.log(
+                f"refused {what} for pair {pid} from node {peer_name!r}: the pair's peer is "
+                f"{member!r}"
+            )
+            self.events.emit("peer.refused", peer=peer_name, pair=pid, request=what)
+
+    def _dispatch(self, side: Side, peer_name: str, msg: wire.Message) -> wire.Message:
+        """A request for one side (from its remote peer, or from its local partner)."""
+        pid = side.id
+        if isinstance(msg, wire.Ping):
+            if side.machine.link_up:
+                with side.state_lock:
+                    side.machine.handle(ps.Ping(), self.clock())
+            return wire.Pong(msg.now_ns)
+        if isinstance(msg, wire.PairState):
+            return side.exchange.on_peer_state(msg)
+        if isinstance(msg, wire.BitmapRequest):
+            return side.replica.bitmap_for_peer(msg.which)
+        if isinstance(msg, wire.DigestRequest):
+            return wire.Digests(pid, msg.first, side.replica.digests(msg.first, msg.count))
+        if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
+            return side.replica.apply_write(msg)
+        if isinstance(msg, wire.JournalStatus):
+            side.replica.check_journal_marks(split=True)
+            return self.secondary_group(side).note_status(msg)
+        raise ProtocolError(f"unexpected {type(msg).__name__} request")

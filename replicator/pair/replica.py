@@ -1,0 +1,115 @@
+"""What the peer sends a secondary: replicated writes, journal entries, bitmap and digest
+requests.  Everything here writes only this side's own volume."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from replicator import falloc, wire
+from replicator import pair_state as ps
+from replicator.errors import IllegalState, UsageError, VolumeError
+from replicator.header import Role
+from replicator.journal import EntryKind
+
+if TYPE_CHECKING:
+    from replicator.pair.side import Side
+
+
+class Replica:
+    """The secondary's data path of one side."""
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+
+    def check_journal_marks(self, *, split: bool = False) -> None:
+        """This secondary may take journal entries and acknowledge its marks: it replicates,
+        or the link only blipped (PSUE by the link; it rejoins without a copy), or, for a
+        status only, a split is being finished.  Suspended by its disk or its peer (a
+        salvaged journal), its marks are not to be trusted: an acknowledgement would let the
+        primary release entries nobody applied, so the primary is refused and folds them."""
+        side = self.side
+        r = side.record
+        ok = r.role is Role.SECONDARY and (
+            r.state in ps.REPLICATING
+            or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK)
+            or (split and r.state is ps.State.PSUS)
+        )
+        if not ok:
+            raise IllegalState(
+                f"pair {side.id}: this side takes no journal entries ({r.role.label}, "
+                f"{r.state}, cause {r.cause})"
+            )
+
+    def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
+        side = self.side
+        r = side.record
+        if r.role is not Role.SECONDARY or r.state not in ps.REPLICATING | {ps.State.PSUE}:
+            raise IllegalState(f"pair {side.id}: not a replicating secondary here ({r.state})")
+        if isinstance(msg, wire.Flush):
+            os.fdatasync(side.volume.fd)
+            return wire.Ack()
+        length = len(msg.data) if isinstance(msg, wire.Write) else msg.length
+        if msg.offset + length > side.data_size:
+            raise UsageError(f"pair {side.id}: write past the end of {side.doc.volume}")
+        if not side.check_image():
+            raise VolumeError(f"pair {side.id}: {side.damaged}", errno.EIO)
+        if msg.seq:
+            self.check_journal_marks()
+            return side.host.secondary_group(side).receive(side, msg)
+        if isinstance(msg, wire.Write):
+            self.apply_entry(EntryKind.WRITE, msg.offset, length, msg.data, msg.fua)
+        else:
+            kind = EntryKind.TRIM if msg.may_trim else EntryKind.ZERO
+            self.apply_entry(kind, msg.offset, length, b"", msg.fua)
+        return wire.Ack()
+
+    def apply_entry(
+        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+    ) -> None:
+        """Write one change to the local volume (shipped, copied, or redone from a journal)."""
+        side = self.side
+        fd, base = side.volume.fd, side.data_offset
+        if kind is EntryKind.WRITE:
+            done = os.pwritev(fd, [data], base + offset, os.RWF_DSYNC if fua else 0)
+            if done != len(data):
+                raise VolumeError(f"short write on {side.doc.volume}", errno.ENOSPC)
+            return
+        punched = False
+        if kind is EntryKind.TRIM:
+            try:
+                falloc.punch_hole(fd, base + offset, length)
+                punched = True
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+        if not punched:
+            falloc.zero_range(fd, base + offset, length)
+        if fua:
+            os.fdatasync(fd)
+
+    def digests(self, first: int, count: int) -> bytes:
+        """XXH3-64 of chunks ``first .. first+count-1`` (the last chunk may be short)."""
+        side = self.side
+        cs = side.chunk_size
+        if count < 1 or first + count > side.diff_map.nchunks:
+            raise UsageError(f"pair {side.id}: chunks {first}+{count} are outside the volume")
+        out = bytearray()
+        fd, base = side.volume.fd, side.data_offset
+        for c in range(first, first + count):
+            length = min(cs, side.data_size - c * cs)
+            data = os.pread(fd, length, base + c * cs)
+            if len(data) != length:
+                raise VolumeError(f"short read of chunk {c} of {side.doc.volume}", errno.EIO)
+            out += xxhash.xxh3_64_digest(data)[::-1]  # little-endian
+        return bytes(out)
+
+    def bitmap_for_peer(self, which: str) -> wire.Bitmap:
+        side = self.side
+        with side.bitmap_lock:
+            bm = side.copy_map if which == "pending" else side.diff_map
+            bits = bm.to_bytes()
+        return wire.Bitmap(side.id, which, side.chunk_size, side.data_size, 0, bits)
