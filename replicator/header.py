@@ -1,10 +1,14 @@
 """The volume header: a pure codec, no file I/O (docs/format.md documents every byte).
 
 Theory of operation.  A volume image starts with two 4 KiB header *slots* holding the same
-:class:`Header`.  Each slot has a magic, a format version, a generation counter and a CRC32C.
-An update writes slot A, syncs, then writes slot B, syncs.  A torn or interrupted update
-therefore damages at most one slot, and :func:`choose` picks the valid slot with the highest
-generation and says what is wrong with the other, so the caller can report and repair it.
+:class:`Header`.  Each slot is a two-slot record of :mod:`replicator.record_codec` (magic,
+format version, length, generation, the fixed 228-byte body, CRC32C): that module frames,
+checks and chooses; this one lays out the body and says in its own words what is wrong.
+An update writes slot A, syncs, then writes slot B, syncs, once a read-write open has
+repaired a bad slot (:attr:`Choice.write_plan` is the order that is safe without a repair
+too: the bad slot first).  A torn or interrupted update therefore damages at most one slot,
+and :func:`choose` picks the valid slot with the highest generation and says what is wrong
+with the other, so the caller can report and repair it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from uuid import UUID
 
-import crc32c
-
+from replicator import record_codec as rc
 from replicator.errors import HeaderCorrupt, UsageError
 from replicator.pvid import NO_PVID, format_pvid
 
@@ -32,12 +35,30 @@ MIN_CHUNK = 4096
 NAME_MAX = 63
 PAIR_MAX = 63
 
-# magic, major, minor, header_len, generation, pvid, prev_pvid, uuid, data_offset, data_size,
-# meta_offset, meta_size, block_size, role, flags, created_ns, name, pair, reserved
-_BODY = struct.Struct("<8sHHIQQQ16sQQQQIHHq64s64s20s")
-_CRC = struct.Struct("<I")
-HEADER_LEN = _BODY.size + _CRC.size
+# After record_codec's prefix (magic, major, minor, header_len, generation): pvid, prev_pvid,
+# uuid, data_offset, data_size, meta_offset, meta_size, block_size, role, flags, created_ns,
+# name, pair, reserved; then the CRC.
+_FIELDS = struct.Struct("<QQ16sQQQQIHHq64s64s20s")
+HEADER_LEN = rc.OVERHEAD + _FIELDS.size
 assert HEADER_LEN == 256
+_CODEC = rc.SlotCodec(
+    MAGIC,
+    FORMAT_MAJOR,
+    SLOT_SIZE,
+    minor=FORMAT_MINOR,
+    payload_size=_FIELDS.size,
+    name="volume header",
+)
+#: The wording of each damage, as the header has always said it (repair notes quote it).
+_DAMAGE_TEXTS: dict[rc.Damage, str] = {
+    rc.Damage.TRUNCATED: "slot is truncated ({found} of {expected} bytes)",
+    rc.Damage.BLANK: "slot is blank (all zero)",
+    rc.Damage.BAD_MAGIC: "bad magic: not a pairvol volume header",
+    rc.Damage.BAD_VERSION: "unsupported header format version {found} (this is {expected})",
+    rc.Damage.BAD_LENGTH: "header length {found} is not {expected}",
+    rc.Damage.BAD_CRC: "bad CRC32C (stored {found:08x}, computed {expected:08x})",
+    rc.Damage.REJECTED: "{detail}",
+}
 
 
 class Role(enum.IntEnum):
@@ -165,12 +186,7 @@ class Header:
 
 def encode(h: Header) -> bytes:
     """One slot's bytes: the 256-byte header followed by zeros up to SLOT_SIZE."""
-    body = _BODY.pack(
-        MAGIC,
-        FORMAT_MAJOR,
-        FORMAT_MINOR,
-        HEADER_LEN,
-        h.generation,
+    body = _FIELDS.pack(
         h.pvid,
         h.prev_pvid,
         h.uuid.bytes,
@@ -186,8 +202,7 @@ def encode(h: Header) -> bytes:
         h.pair.encode(),
         b"",
     )
-    crc = crc32c.crc32c(body)
-    return (body + _CRC.pack(crc)).ljust(SLOT_SIZE, b"\x00")
+    return _CODEC.encode(h.generation, body)
 
 
 def _cstr(raw: bytes, what: str) -> str:
@@ -200,21 +215,9 @@ def _cstr(raw: bytes, what: str) -> str:
         raise HeaderCorrupt(f"{what} field is not UTF-8") from e
 
 
-def decode(slot: bytes) -> Header:
-    """Decode one slot or raise :class:`HeaderCorrupt` with the specific reason."""
-    if len(slot) < HEADER_LEN:
-        raise HeaderCorrupt(f"slot is truncated ({len(slot)} of {HEADER_LEN} bytes)")
-    if slot[:8] != MAGIC:
-        if not slot[:HEADER_LEN].strip(b"\x00"):
-            raise HeaderCorrupt("slot is blank (all zero)")
-        raise HeaderCorrupt("bad magic: not a pairvol volume header")
-    fields = _BODY.unpack_from(slot)
+def _header(slot: rc.Slot[bytes]) -> Header:
+    """The header in an intact slot, or :class:`HeaderCorrupt` for a field that is wrong."""
     (
-        _magic,
-        major,
-        _minor,
-        header_len,
-        generation,
         pvid,
         prev_pvid,
         uuid_bytes,
@@ -229,15 +232,7 @@ def decode(slot: bytes) -> Header:
         name_raw,
         pair_raw,
         _reserved,
-    ) = fields
-    if major != FORMAT_MAJOR:
-        raise HeaderCorrupt(f"unsupported header format version {major} (this is {FORMAT_MAJOR})")
-    if header_len != HEADER_LEN:
-        raise HeaderCorrupt(f"header length {header_len} is not {HEADER_LEN}")
-    (stored_crc,) = _CRC.unpack_from(slot, _BODY.size)
-    actual_crc = crc32c.crc32c(slot[: _BODY.size])
-    if stored_crc != actual_crc:
-        raise HeaderCorrupt(f"bad CRC32C (stored {stored_crc:08x}, computed {actual_crc:08x})")
+    ) = _FIELDS.unpack(slot.value)
     try:
         role_v = Role(role)
     except ValueError as e:
@@ -249,7 +244,7 @@ def decode(slot: bytes) -> Header:
         data_size=data_size,
         block_size=block_size,
         created_ns=created_ns,
-        generation=generation,
+        generation=slot.generation,
         role=role_v,
         pair=_cstr(pair_raw, "pair"),
         prev_pvid=prev_pvid,
@@ -257,6 +252,24 @@ def decode(slot: bytes) -> Header:
         meta_offset=meta_offset,
         meta_size=meta_size,
     )
+
+
+def decode(slot: bytes) -> Header:
+    """Decode one slot or raise :class:`HeaderCorrupt` with the specific reason."""
+    got = _CODEC.decode(slot)
+    if isinstance(got, rc.SlotProblem):
+        raise HeaderCorrupt(got.describe(_DAMAGE_TEXTS))
+    return _header(got)
+
+
+def _decode_slot(slot: bytes) -> rc.Decoded[Header]:
+    got = _CODEC.decode(slot)
+    if isinstance(got, rc.SlotProblem):
+        return got
+    try:
+        return got.with_value(_header(got))
+    except HeaderCorrupt as e:
+        return rc.SlotProblem.rejected(str(e))
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +285,8 @@ class SlotState:
 class Choice:
     header: Header
     slots: tuple[SlotState, SlotState]
+    #: record_codec's choice, which the two states above put in the header's words
+    record: rc.Choice[Header] = field(repr=False, compare=False)
 
     @property
     def healthy(self) -> bool:
@@ -280,6 +295,12 @@ class Choice:
     @property
     def bad_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s.status != "ok"]
+
+    @property
+    def write_plan(self) -> rc.WritePlan:
+        """The order in which to write the next generation: the bad slot first, so that a
+        torn write never leaves only an older header behind."""
+        return rc.next_write(self.record)
 
     def describe(self) -> str:
         if self.healthy:
@@ -291,36 +312,23 @@ class Choice:
         return "degraded (" + "; ".join(parts) + ")"
 
 
+def _state(v: rc.Verdict, kept: int) -> SlotState:
+    if v.status is rc.Status.OK:
+        return SlotState("ok", generation=kept)
+    if v.status is rc.Status.STALE:
+        assert v.generation is not None
+        return SlotState("stale", f"{v.reason(kept)} (interrupted update)", v.generation)
+    # CONFLICT (same generation, different content) is only possible by tampering: the
+    # header calls it damage, and trusts slot A.
+    return SlotState("damaged", v.reason(kept, _DAMAGE_TEXTS))
+
+
 def choose(slot_a: bytes, slot_b: bytes) -> Choice:
     """Pick the newest valid slot; report the other as ok, stale or damaged."""
-    decoded: list[Header | None] = []
-    errors: list[str] = []
-    for raw in (slot_a, slot_b):
-        try:
-            decoded.append(decode(raw))
-            errors.append("")
-        except HeaderCorrupt as e:
-            decoded.append(None)
-            errors.append(str(e))
-    valid = [h for h in decoded if h is not None]
-    if not valid:
-        raise HeaderCorrupt(f"no valid header slot (slot A: {errors[0]}; slot B: {errors[1]})")
-    best = max(valid, key=lambda h: h.generation)
-    states = []
-    for h, err in zip(decoded, errors, strict=True):
-        if h is None:
-            states.append(SlotState("damaged", err))
-        elif h == best:
-            states.append(SlotState("ok", generation=h.generation))
-        elif h.generation < best.generation:
-            states.append(
-                SlotState(
-                    "stale",
-                    f"generation {h.generation} behind {best.generation} (interrupted update)",
-                    h.generation,
-                )
-            )
-        else:
-            # Same generation, different content: only possible by tampering; trust slot A.
-            states.append(SlotState("damaged", "differs from the other slot at equal generation"))
-    return Choice(best, (states[0], states[1]))
+    picked = rc.choose(_decode_slot(slot_a), _decode_slot(slot_b))
+    if isinstance(picked, rc.NoValidSlot):
+        raise HeaderCorrupt(f"no valid header slot ({picked.describe(_DAMAGE_TEXTS)})")
+    kept = picked.generation
+    return Choice(
+        picked.value, (_state(picked.verdicts[0], kept), _state(picked.verdicts[1], kept)), picked
+    )

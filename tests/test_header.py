@@ -184,3 +184,87 @@ def test_names_that_stay_valid(good: str) -> None:
 def test_size_must_be_a_multiple_of_block_size() -> None:
     with pytest.raises(UsageError, match="multiple of the block size"):
         make(data_size=1000)
+
+
+# The layout of docs/format.md ("Header slot"), written out here as a second, independent
+# encoder: the header's framing moved to record_codec and its bytes must not have moved.
+_DOCUMENTED = struct.Struct("<8sHHIQQQ16sQQQQIHHq64s64s20s")
+
+
+def _documented_encoding(h: hdr.Header) -> bytes:
+    body = _DOCUMENTED.pack(
+        b"PAIRVOL\0", 1, 0, 256, h.generation, h.pvid, h.prev_pvid, h.uuid.bytes,
+        h.data_offset, h.data_size, h.meta_offset, h.meta_size, h.block_size, int(h.role), 0,
+        h.created_ns, h.name.encode(), h.pair.encode(), b"",
+    )  # fmt: skip
+    return (body + struct.pack("<I", crc32c.crc32c(body))).ljust(4096, b"\0")
+
+
+@given(headers())
+def test_the_bytes_are_the_documented_ones(h: hdr.Header) -> None:
+    assert hdr.encode(h) == _documented_encoding(h)
+
+
+def _set(slot: bytes, offset: int, value: bytes) -> bytes:
+    return slot[:offset] + value + slot[offset + len(value) :]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s[:100], "slot is truncated (100 of 256 bytes)"),
+        (lambda s: bytes(256) + s[256:], "slot is blank (all zero)"),
+        (lambda s: _set(s, 0, b"X"), "bad magic: not a pairvol volume header"),
+        (lambda s: _set(s, 8, struct.pack("<H", 9)),
+         "unsupported header format version 9 (this is 1)"),
+        (lambda s: _set(s, 12, struct.pack("<I", 255)), "header length 255 is not 256"),
+        (lambda s: _set(s, 252, struct.pack("<I", 0x1234)),
+         "bad CRC32C (stored 00001234, computed "),
+        (lambda s: _resealed(s, 92, struct.pack("<H", 9)), "unknown role 9"),
+        (lambda s: _resealed(s, 16, struct.pack("<Q", 0)), "generation 0 is invalid"),
+        (lambda s: _resealed(s, 104, b"v\0x"), "name field has bytes after its terminator"),
+    ],
+)  # fmt: skip
+def test_the_reasons_are_worded_as_they_always_were(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    """Repair notes and `volume check` quote these words; record_codec must not change them."""
+    bad = mutate(hdr.encode(make()))
+    with pytest.raises(HeaderCorrupt) as e:
+        hdr.decode(bad)
+    assert str(e.value).startswith(message)
+    choice = hdr.choose(bad, hdr.encode(make()))
+    assert choice.slots[0] == hdr.SlotState("damaged", str(e.value))
+    assert choice.slots[1] == hdr.SlotState("ok", generation=1)
+
+
+def test_both_slots_bad_names_both_reasons() -> None:
+    with pytest.raises(HeaderCorrupt) as e:
+        hdr.choose(bytes(4096), b"X" * 4096)
+    assert str(e.value) == (
+        "no valid header slot (slot A: slot is blank (all zero); "
+        "slot B: bad magic: not a pairvol volume header)"
+    )
+
+
+def test_equal_generations_with_other_content_trust_slot_a() -> None:
+    a, b = make(), make(pvid=0x4242)
+    choice = hdr.choose(hdr.encode(a), hdr.encode(b))
+    assert choice.header == a
+    assert choice.slots == (
+        hdr.SlotState("ok", generation=1),
+        hdr.SlotState("damaged", "differs from the other slot at equal generation"),
+    )
+
+
+def test_stale_reason_and_write_plan() -> None:
+    old = make()
+    new = old.next(pvid=0x1234)
+    choice = hdr.choose(hdr.encode(old), hdr.encode(new))
+    assert choice.header == new
+    assert choice.slots[0] == hdr.SlotState(
+        "stale", "generation 1 behind 2 (interrupted update)", 1
+    )
+    assert choice.write_plan.order == (0, 1) and choice.write_plan.generation == 3
+    choice = hdr.choose(hdr.encode(new), hdr.encode(old))
+    assert choice.write_plan.order == (1, 0)  # the stale slot first: A still holds new
+    healthy = hdr.choose(hdr.encode(new), hdr.encode(new))
+    assert healthy.healthy and healthy.write_plan.order == (0, 1)
