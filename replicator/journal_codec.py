@@ -5,6 +5,11 @@ returns a value or raises its one error: :class:`~replicator.errors.HeaderCorrup
 header slot, :class:`BadRecord` for a record header (tests/test_journal_codec.py fuzzes both).
 Whether a valid record is the *right* one (its seq, epoch and position in the ring) is
 recovery's business (:mod:`replicator.journal_recovery`).
+
+The header slots are two-slot records of :mod:`replicator.record_codec` (docs/format.md,
+"Two-slot records"): it frames, checks and chooses them; this module lays out the header's
+fields and keeps its own wording of what is wrong.  :func:`choose_header_slots` returns the
+codec's choice, whose ``rc.next_write`` is the order to rewrite the slots in.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import NamedTuple
 
 import crc32c
 
+from replicator import record_codec as rc
 from replicator.errors import HeaderCorrupt, UsageError
 
 MAGIC = b"PVJRNL\x00\x00"
@@ -29,13 +35,31 @@ CAPACITY_ALIGN = 4096
 #: Every record starts on a multiple of this in the ring and is zero-padded to it.
 RECORD_ALIGN = 512
 
-# magic, major, minor, header_len, generation, journal_id, capacity, ring_offset,
-# record_align, epoch, tail_pos, tail_seq, applied_seq, created_ns, tail_epoch, group,
-# synced_seq, boot_id, reserved
-_HDR = struct.Struct("<8sHHIQQQQIIQQQqI64sQ16s72s")
+# After record_codec's prefix (magic, major, minor, header_len, generation): journal_id,
+# capacity, ring_offset, record_align, epoch, tail_pos, tail_seq, applied_seq, created_ns,
+# tail_epoch, group, synced_seq, boot_id, reserved; then the CRC.
+_HDR = struct.Struct("<QQQIIQQQqI64sQ16s72s")
 _CRC = struct.Struct("<I")
-HEADER_LEN = _HDR.size + _CRC.size
+HEADER_LEN = rc.OVERHEAD + _HDR.size
 assert HEADER_LEN == 256
+_HEADER_CODEC = rc.SlotCodec(
+    MAGIC,
+    FORMAT_MAJOR,
+    SLOT_SIZE,
+    minor=FORMAT_MINOR,
+    payload_size=_HDR.size,
+    name="journal header",
+)
+#: The wording of each damage, as the journal has always said it.
+_DAMAGE_TEXTS: dict[rc.Damage, str] = {
+    rc.Damage.TRUNCATED: "journal header slot is truncated ({found} bytes)",
+    rc.Damage.BLANK: "journal header slot is blank (all zero)",
+    rc.Damage.BAD_MAGIC: "bad magic: not a pairvol journal header",
+    rc.Damage.BAD_VERSION: "unsupported journal format version {found} (this is {expected})",
+    rc.Damage.BAD_LENGTH: "journal header length {found} is not {expected}",
+    rc.Damage.BAD_CRC: "bad CRC32C (stored {found:08x}, computed {expected:08x})",
+    rc.Damage.REJECTED: "{detail}",
+}
 
 REC_MAGIC = b"PVJE"
 # magic, kind, flags, header_len, seq, journal_id, offset, length, stamp_ns, stream, epoch,
@@ -96,11 +120,6 @@ class JournalHeader:
 def encode_header(h: JournalHeader) -> bytes:
     """One slot: the 256-byte header, zero-padded to SLOT_SIZE."""
     body = _HDR.pack(
-        MAGIC,
-        FORMAT_MAJOR,
-        FORMAT_MINOR,
-        HEADER_LEN,
-        h.generation,
         h.journal_id,
         h.capacity,
         RING_OFFSET,
@@ -116,23 +135,13 @@ def encode_header(h: JournalHeader) -> bytes:
         h.boot_id,
         b"",
     )
-    return (body + _CRC.pack(crc32c.crc32c(body))).ljust(SLOT_SIZE, b"\x00")
+    return _HEADER_CODEC.encode(h.generation, body)
 
 
-def decode_header(slot: bytes) -> JournalHeader:
-    """Decode one slot or raise :class:`HeaderCorrupt` saying why."""
-    if len(slot) < HEADER_LEN:
-        raise HeaderCorrupt(f"journal header slot is truncated ({len(slot)} bytes)")
-    if slot[:8] != MAGIC:
-        if not slot[:HEADER_LEN].strip(b"\x00"):
-            raise HeaderCorrupt("journal header slot is blank (all zero)")
-        raise HeaderCorrupt("bad magic: not a pairvol journal header")
+def _journal_header(slot: rc.Slot[bytes]) -> JournalHeader:
+    """The header in an intact slot, or :class:`HeaderCorrupt` for a field that is wrong."""
+    generation = slot.generation
     (
-        _magic,
-        major,
-        _minor,
-        header_len,
-        generation,
         journal_id,
         capacity,
         ring_offset,
@@ -147,15 +156,7 @@ def decode_header(slot: bytes) -> JournalHeader:
         synced_seq,
         boot_id,
         _reserved,
-    ) = _HDR.unpack_from(slot)
-    if major != FORMAT_MAJOR:
-        raise HeaderCorrupt(f"unsupported journal format version {major} (this is {FORMAT_MAJOR})")
-    if header_len != HEADER_LEN:
-        raise HeaderCorrupt(f"journal header length {header_len} is not {HEADER_LEN}")
-    (stored,) = _CRC.unpack_from(slot, _HDR.size)
-    actual = crc32c.crc32c(slot[: _HDR.size])
-    if stored != actual:
-        raise HeaderCorrupt(f"bad CRC32C (stored {stored:08x}, computed {actual:08x})")
+    ) = _HDR.unpack(slot.value)
     if ring_offset != RING_OFFSET or record_align != RECORD_ALIGN:
         raise HeaderCorrupt(f"unsupported ring layout ({ring_offset}, {record_align})")
     if capacity < MIN_CAPACITY or capacity % CAPACITY_ALIGN:
@@ -185,31 +186,51 @@ def decode_header(slot: bytes) -> JournalHeader:
     )
 
 
+def decode_header(slot: bytes) -> JournalHeader:
+    """Decode one slot or raise :class:`HeaderCorrupt` saying why."""
+    got = _HEADER_CODEC.decode(slot)
+    if isinstance(got, rc.SlotProblem):
+        raise HeaderCorrupt(got.describe(_DAMAGE_TEXTS))
+    return _journal_header(got)
+
+
+def _decode_header_slot(slot: bytes) -> rc.Decoded[JournalHeader]:
+    got = _HEADER_CODEC.decode(slot)
+    if isinstance(got, rc.SlotProblem):
+        return got
+    try:
+        return got.with_value(_journal_header(got))
+    except HeaderCorrupt as e:
+        return rc.SlotProblem.rejected(str(e))
+
+
+def choose_header_slots(slot_a: bytes, slot_b: bytes) -> rc.Choice[JournalHeader]:
+    """record_codec's choice between the two header slots (``rc.next_write`` of it is the
+    order to rewrite them in); :class:`HeaderCorrupt` when neither is valid."""
+    picked = rc.choose(_decode_header_slot(slot_a), _decode_header_slot(slot_b))
+    if isinstance(picked, rc.NoValidSlot):
+        raise HeaderCorrupt(f"no valid journal header slot ({picked.describe(_DAMAGE_TEXTS)})")
+    return picked
+
+
+def header_notes(choice: rc.Choice[JournalHeader]) -> list[str]:
+    """A note per slot that is not equal to the chosen header (damaged or stale)."""
+    best = choice.generation
+    notes = []
+    for name, v in zip("AB", choice.verdicts, strict=True):
+        if v.status is rc.Status.DAMAGED:
+            notes.append(f"slot {name} damaged: {v.reason(best, _DAMAGE_TEXTS)}")
+        elif v.status is not rc.Status.OK:
+            # STALE, and CONFLICT too (equal generation, other content), as it always was
+            notes.append(f"slot {name} stale (generation {v.generation} < {best})")
+    return notes
+
+
 def choose_header(slot_a: bytes, slot_b: bytes) -> tuple[JournalHeader, list[str]]:
     """The valid slot with the highest generation, and a note per slot that is not equal to
     it (damaged or stale).  Both slots invalid is :class:`HeaderCorrupt`."""
-    decoded: list[JournalHeader | None] = []
-    reasons: list[str] = []
-    for raw in (slot_a, slot_b):
-        try:
-            decoded.append(decode_header(raw))
-            reasons.append("")
-        except HeaderCorrupt as e:
-            decoded.append(None)
-            reasons.append(str(e))
-    valid = [h for h in decoded if h is not None]
-    if not valid:
-        raise HeaderCorrupt(
-            f"no valid journal header slot (slot A: {reasons[0]}; slot B: {reasons[1]})"
-        )
-    best = max(valid, key=lambda h: h.generation)
-    notes = []
-    for name, h, why in zip("AB", decoded, reasons, strict=True):
-        if h is None:
-            notes.append(f"slot {name} damaged: {why}")
-        elif h != best:
-            notes.append(f"slot {name} stale (generation {h.generation} < {best.generation})")
-    return best, notes
+    choice = choose_header_slots(slot_a, slot_b)
+    return choice.value, header_notes(choice)
 
 
 def record_size(data_len: int) -> int:

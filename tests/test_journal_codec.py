@@ -5,12 +5,16 @@ encoded decodes to the same thing."""
 from __future__ import annotations
 
 import contextlib
+import struct
+from dataclasses import replace
 
+import crc32c
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from replicator import journal_codec as jc
+from replicator import record_codec as rc
 from replicator.errors import HeaderCorrupt, UsageError
 
 U64 = (1 << 64) - 1
@@ -157,3 +161,80 @@ def test_check_entry_and_placement() -> None:
     assert jc.place_record(cap - 1024, 1536, cap) == cap  # next lap
     assert jc.place_record(5 * cap + 512, 512, cap) == 5 * cap + 512
     assert jc.max_entry_bytes(cap) == cap // 2 - jc.REC_HEADER_LEN
+
+
+# The layout of docs/format.md ("Journal file", "Header slot") as a second encoder: the
+# header's framing moved to record_codec and its bytes must not have moved.
+_DOCUMENTED = struct.Struct("<8sHHIQQQQIIQQQqI64sQ16s72s")
+
+
+def _documented_encoding(h: jc.JournalHeader) -> bytes:
+    body = _DOCUMENTED.pack(
+        b"PVJRNL\0\0", 2, 0, 256, h.generation, h.journal_id, h.capacity, 8192, 512, h.epoch,
+        h.tail_pos, h.tail_seq, h.applied_seq, h.created_ns, h.tail_epoch, h.group.encode(),
+        h.synced_seq, h.boot_id, b"",
+    )  # fmt: skip
+    return (body + struct.pack("<I", crc32c.crc32c(body))).ljust(4096, b"\0")
+
+
+@given(h=headers)
+def test_header_bytes_are_the_documented_ones(h: jc.JournalHeader) -> None:
+    assert jc.encode_header(h) == _documented_encoding(h)
+
+
+def _set(slot: bytes, offset: int, value: bytes, *, reseal: bool = False) -> bytes:
+    slot = slot[:offset] + value + slot[offset + len(value) :]
+    if reseal:
+        slot = slot[:252] + struct.pack("<I", crc32c.crc32c(slot[:252])) + slot[256:]
+    return slot
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s[:100], "journal header slot is truncated (100 bytes)"),
+        (lambda s: bytes(256) + s[256:], "journal header slot is blank (all zero)"),
+        (lambda s: _set(s, 0, b"X"), "bad magic: not a pairvol journal header"),
+        (lambda s: _set(s, 8, b"\x01"), "unsupported journal format version 1 (this is 2)"),
+        (lambda s: _set(s, 12, struct.pack("<I", 64)), "journal header length 64 is not 256"),
+        (lambda s: _set(s, 252, b"\0\0\0\0"), "bad CRC32C (stored 00000000, computed "),
+        (lambda s: _set(s, 40, struct.pack("<Q", 4096), reseal=True),
+         "unsupported ring layout (4096, 512)"),
+        (lambda s: _set(s, 32, struct.pack("<Q", 4096), reseal=True),
+         "journal capacity 4096 is invalid"),
+        (lambda s: _set(s, 16, struct.pack("<Q", 0), reseal=True),
+         "journal header positions are invalid"),
+        (lambda s: _set(s, 92, b"\xff", reseal=True), "journal group field is not UTF-8"),
+    ],
+)  # fmt: skip
+def test_header_reasons_are_worded_as_they_always_were(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    good = jc.encode_header(
+        jc.JournalHeader(journal_id=5, capacity=1 << 20, group="g", created_ns=1)
+    )
+    bad = mutate(good)
+    with pytest.raises(HeaderCorrupt) as e:
+        jc.decode_header(bad)
+    assert str(e.value).startswith(message)
+    for a, b, name in ((bad, good, "A"), (good, bad, "B")):
+        _h, notes = jc.choose_header(a, b)
+        assert notes == [f"slot {name} damaged: {e.value}"]
+    with pytest.raises(HeaderCorrupt) as both:
+        jc.choose_header(bad, bytes(4096))
+    assert str(both.value) == (
+        f"no valid journal header slot (slot A: {e.value}; "
+        "slot B: journal header slot is blank (all zero))"
+    )
+
+
+def test_header_slot_choice_and_write_order() -> None:
+    h = jc.JournalHeader(journal_id=5, capacity=1 << 20, group="g", created_ns=1)
+    newer = replace(h, generation=2, tail_seq=9)
+    choice = jc.choose_header_slots(jc.encode_header(newer), jc.encode_header(h))
+    assert choice.value == newer and jc.header_notes(choice) == ["slot B stale (generation 1 < 2)"]
+    assert rc.next_write(choice) == rc.WritePlan((1, 0), 3)  # the stale slot first
+    # Equal generations with other content (tampering): slot A is trusted, and the note is
+    # the journal's old one.
+    choice = jc.choose_header_slots(jc.encode_header(h), jc.encode_header(replace(h, epoch=7)))
+    assert choice.value == h and jc.header_notes(choice) == ["slot B stale (generation 1 < 1)"]
+    same = jc.choose_header_slots(jc.encode_header(h), jc.encode_header(h))
+    assert jc.header_notes(same) == [] and rc.next_write(same).order == (0, 1)
