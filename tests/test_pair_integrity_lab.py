@@ -184,10 +184,10 @@ def test_a_takeover_after_an_interrupted_swap_fences_the_old_primary(env: LabEnv
     assert (b_side["role"], a_side["role"]) == ("primary", "secondary")
     assert a_side["epoch"] == b_side["epoch"]
     # Now a takes over from b (link cut first): b must be fenced when they meet again.
-    mark_b = env.mark("b")
+    mark_a, mark_b = env.mark("a"), env.mark("b")
     labmod.cut(env.name, "a", "b")
     try:
-        env.wait_event("a", "pair.link", up=False, group="gs", timeout=30)
+        env.wait_event("a", "pair.link", after=mark_a, up=False, group="gs", timeout=30)
         env.pv("a", "pair", "takeover", "gs")
     finally:
         labmod.heal(env.name, "a", "b")

@@ -20,7 +20,6 @@ from replicator.errors import (
     IllegalState,
     NotFound,
     PairvolError,
-    ProtocolError,
     Timeout,
 )
 from replicator.events import EventLog
@@ -32,6 +31,7 @@ from replicator.pair.create import Creation
 from replicator.pair.doc import PAIRS_DIR, SideDoc, doc_file_name
 from replicator.pair.handles import HandleRegistry
 from replicator.pair.names import pair_id, split_pair_id
+from replicator.pair.peer_requests import PeerRequests
 from replicator.pair.quarantine import Quarantine, unlink_durably
 from replicator.pair.side import Side
 from replicator.peer_auth import PeerSecrets
@@ -85,6 +85,7 @@ class PairManager:
         self.quarantine = Quarantine(self)
         self.creation = Creation(self)
         self.commands = Commands(self)
+        self.peer_requests = PeerRequests(self)
         os.makedirs(os.path.join(directory, PAIRS_DIR), exist_ok=True)
 
     # -- files ----------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class PairManager:
         """A local pair's request, handed to the other side in-process; errors look exactly
         as they would from a remote peer."""
         try:
-            return self._dispatch(side, "", msg)
+            return self.peer_requests.dispatch(side, msg)
         except PairvolError as e:
             raise PeerRefused(errno_of(e), str(e)) from e
 
@@ -402,59 +403,7 @@ class PairManager:
             return self.primaries.get(name)
         return self.secondaries.get(name)
 
-    # -- the peer protocol (server side) ----------------------------------------------------------
+    # -- the peer protocol (server side): replicator/pair/peer_requests.py ----------------------
 
     def handle_peer(self, peer_name: str, msg: wire.Message) -> wire.Message:
-        if isinstance(msg, wire.Ping):
-            now = self.clock()
-            for s in list(self.sides.values()):
-                if s.doc.peer.node == peer_name and s.machine.link_up:
-                    with s.state_lock:
-                        s.machine.handle(ps.Ping(), now)
-            return wire.Pong(msg.now_ns)
-        if isinstance(msg, wire.PairCreate):
-            self.creation.on_pair_create(peer_name, msg)
-            return wire.Ack()
-        pid = getattr(msg, "pair_id", None)
-        if pid is None:
-            raise ProtocolError(f"unexpected {type(msg).__name__} request")
-        side = self.side(pid)
-        if side.doc.peer.node != peer_name or side.local:
-            # A peer is trusted only for the pairs it belongs to (docs/decisions.md, "Peer
-            # identity"): the same answer as for a pair that does not exist, and one line.
-            self.log_untrusted(peer_name, pid, type(msg).__name__, side.doc.peer.node)
-            raise NotFound(f"pair {pid} does not exist on node {self.node_name}")
-        return self._dispatch(side, peer_name, msg)
-
-    def log_untrusted(self, peer_name: str, pid: str, what: str, member: str) -> None:
-        """One line per peer and pair per ten seconds, however many requests it sends."""
-        key = (f"untrusted {peer_name}", pid)
-        now = self.clock()
-        if now - self._refusals.get(key, -1e9) >= 10:
-            self._refusals[key] = now
-            self.log(
-                f"refused {what} for pair {pid} from node {peer_name!r}: the pair's peer is "
-                f"{member!r}"
-            )
-            self.events.emit("peer.refused", peer=peer_name, pair=pid, request=what)
-
-    def _dispatch(self, side: Side, peer_name: str, msg: wire.Message) -> wire.Message:
-        """A request for one side (from its remote peer, or from its local partner)."""
-        pid = side.id
-        if isinstance(msg, wire.Ping):
-            if side.machine.link_up:
-                with side.state_lock:
-                    side.machine.handle(ps.Ping(), self.clock())
-            return wire.Pong(msg.now_ns)
-        if isinstance(msg, wire.PairState):
-            return side.exchange.on_peer_state(msg)
-        if isinstance(msg, wire.BitmapRequest):
-            return side.replica.bitmap_for_peer(msg.which)
-        if isinstance(msg, wire.DigestRequest):
-            return wire.Digests(pid, msg.first, side.replica.digests(msg.first, msg.count))
-        if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
-            return side.replica.apply_write(msg)
-        if isinstance(msg, wire.JournalStatus):
-            side.replica.check_journal_marks(split=True)
-            return self.secondary_group(side).note_status(msg)
-        raise ProtocolError(f"unexpected {type(msg).__name__} request")
+        return self.peer_requests.handle(peer_name, msg)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import assert_never
 
 from replicator import faults, wire
@@ -28,6 +27,7 @@ from replicator.header import PAIR_MAX, Role
 from replicator.journal import EntryKind
 from replicator.pair.activity_log import AL_EXTENT, AL_SLOT, ActivityLog
 from replicator.pair.client_io import ClientWrites
+from replicator.pair.copy_control import CopyControl
 from replicator.pair.copy_engine import CopyEngine
 from replicator.pair.doc import SideDoc
 from replicator.pair.exchange import StateExchange
@@ -94,6 +94,7 @@ class Side:
         self.writes = ClientWrites(self)
         self.replica = Replica(self)
         self.exchange = StateExchange(self)
+        self.copies = CopyControl(self)
 
     # -- small helpers ------------------------------------------------------------------------
 
@@ -230,7 +231,7 @@ class Side:
                 if tell_peer:
                     self.exchange.notify_peer()
             elif isinstance(a, ps.StartCopy):
-                self._start_engine()
+                self.copies.start_engine()
             elif isinstance(a, ps.StartDrain):
                 self.drain_cut = self.host.primary_group(self).start_drain()
 
@@ -249,13 +250,13 @@ class Side:
                 case ps.SendPairState() | ps.StartDrain():
                     later.append(a)
                 case ps.StartCopy():
-                    self._prepare_copy(a)
+                    self.copies.prepare(a)
                     later.append(a)
                 case ps.StopCopy():
                     if self.engine is not None:
                         self.engine.stop()
                 case ps.FetchPeerBitmap():
-                    self._fetch_bitmap(a.which)
+                    self.copies.fetch_bitmap(a.which)
                 case ps.AssignNewPvid():
                     faults.step("new pvid")
                     h = self.volume.set_pvid(None)
@@ -314,66 +315,6 @@ class Side:
         if (h.role, h.pair) != (role, pair):
             faults.step("vol info")
             self.volume.update_info(role=role, pair=pair)
-
-    def _fetch_bitmap(self, which: ps.BitmapRef) -> None:
-        kind = "pending" if which is ps.BitmapRef.PEER_PENDING else "diff"
-        reply = self.request(wire.BitmapRequest(self.id, kind))
-        if not isinstance(reply, wire.Bitmap) or not reply.last or reply.offset:
-            raise IllegalState(f"pair {self.id}: the peer answered a bitmap request oddly")
-        if (reply.data_size, reply.chunk_size) != (self.data_size, self.chunk_size):
-            raise IllegalState(f"pair {self.id}: the peer's bitmap has another geometry")
-        self.fetched = Bitmap.from_bytes(self.data_size, self.chunk_size, bytes(reply.bits))
-
-    def _prepare_copy(self, a: ps.StartCopy) -> None:
-        r = self.record
-        with self.bitmap_lock:
-            if a.kind is ps.CopyKind.FULL:
-                self.copy_map.set_range(0, self.copy_map.nchunks)
-            elif a.kind is ps.CopyKind.DIFFERENTIAL:
-                self.copy_map |= self.diff_map
-                if ps.BitmapRef.PEER_DIFF in a.bitmaps and self.fetched is not None:
-                    self.copy_map |= self.fetched
-                self.fetched = None
-            elif a.kind is ps.CopyKind.PULL:
-                self._prepare_pull()
-                return
-            # Copy bitmap durable first, then the difference bitmap may forget.
-            faults.step("copy bitmap")
-            self.store.save_all(r.copy_slot, self.copy_map)
-            self.copy_map.take_dirty_pages()
-            if a.kind is ps.CopyKind.DIFFERENTIAL:
-                self.diff_map = Bitmap(self.data_size, self.chunk_size)
-                self.store.clear(r.diff_slot)
-        self.copy_kind = a.kind
-
-    def _prepare_pull(self) -> None:
-        """A forced takeover of an incomplete copy (SPEC 4).  Pulling the missing chunks from
-        the old primary is not built yet, so they are recorded as *pending* (the peer's copy
-        bitmap, durably, in our copy slot) and every read of one fails with EIO rather than
-        return what this side never received (docs/decisions.md, "Half-built states")."""
-        pending = self.fetched
-        self.fetched = None
-        if pending is None:
-            return
-        self.copy_map |= pending
-        faults.step("copy bitmap")
-        self.store.save_all(self.record.copy_slot, self.copy_map)
-        self.copy_map.take_dirty_pages()
-        self.copy_kind = ps.CopyKind.PULL
-        self.log(
-            f"pair {self.id}: taken over with {self.copy_map.count()} chunks never copied; "
-            "reads of them fail with EIO (pulling them from the old primary is not built yet)"
-        )
-
-    def _start_engine(self) -> None:
-        if self.record.role is not Role.PRIMARY or self.record.state is not ps.State.COPY:
-            return
-        if self.engine is not None and self.engine.thread.is_alive():
-            self.engine.stop()
-            self.engine.thread.join(timeout=REQUEST_TIMEOUT + 5)
-        self.engine = CopyEngine(self)
-        self.copy_started = time.time()
-        self.engine.start()
 
     # -- engine callbacks ----------------------------------------------------------------------
 

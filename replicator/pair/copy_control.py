@@ -1,0 +1,90 @@
+"""Preparing and starting a side's copies: which chunks a copy takes (its bitmap, durable
+before the difference bitmap may forget), the peer's bitmaps it needs, and the engine."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from replicator import faults, wire
+from replicator import pair_state as ps
+from replicator.bitmap import Bitmap
+from replicator.errors import ProtocolError
+from replicator.header import Role
+from replicator.pair.copy_engine import CopyEngine
+
+if TYPE_CHECKING:
+    from replicator.pair.side import Side
+
+ENGINE_JOIN = 20.0
+
+
+class CopyControl:
+    """One side's copies."""
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+
+    def fetch_bitmap(self, which: ps.BitmapRef) -> None:
+        side = self.side
+        kind = "pending" if which is ps.BitmapRef.PEER_PENDING else "diff"
+        reply = side.request(wire.BitmapRequest(side.id, kind))
+        if not isinstance(reply, wire.Bitmap) or not reply.last or reply.offset:
+            raise ProtocolError(f"pair {side.id}: the peer answered a bitmap request oddly")
+        if (reply.data_size, reply.chunk_size) != (side.data_size, side.chunk_size):
+            raise ProtocolError(f"pair {side.id}: the peer's bitmap has another geometry")
+        side.fetched = Bitmap.from_bytes(side.data_size, side.chunk_size, bytes(reply.bits))
+
+    def prepare(self, a: ps.StartCopy) -> None:
+        side = self.side
+        r = side.record
+        with side.bitmap_lock:
+            if a.kind is ps.CopyKind.FULL:
+                side.copy_map.set_range(0, side.copy_map.nchunks)
+            elif a.kind is ps.CopyKind.DIFFERENTIAL:
+                side.copy_map |= side.diff_map
+                if ps.BitmapRef.PEER_DIFF in a.bitmaps and side.fetched is not None:
+                    side.copy_map |= side.fetched
+                side.fetched = None
+            elif a.kind is ps.CopyKind.PULL:
+                self._prepare_pull()
+                return
+            # Copy bitmap durable first, then the difference bitmap may forget.
+            faults.step("copy bitmap")
+            side.store.save_all(r.copy_slot, side.copy_map)
+            side.copy_map.take_dirty_pages()
+            if a.kind is ps.CopyKind.DIFFERENTIAL:
+                side.diff_map = Bitmap(side.data_size, side.chunk_size)
+                side.store.clear(r.diff_slot)
+        side.copy_kind = a.kind
+
+    def _prepare_pull(self) -> None:
+        """A forced takeover of an incomplete copy (SPEC 4).  Pulling the missing chunks from
+        the old primary is not built yet, so they are recorded as *pending* (the peer's copy
+        bitmap, durably, in our copy slot) and every read of one fails with EIO rather than
+        return what this side never received (docs/decisions.md, "Half-built states")."""
+        side = self.side
+        pending = side.fetched
+        side.fetched = None
+        if pending is None:
+            return
+        side.copy_map |= pending
+        faults.step("copy bitmap")
+        side.store.save_all(side.record.copy_slot, side.copy_map)
+        side.copy_map.take_dirty_pages()
+        side.copy_kind = ps.CopyKind.PULL
+        side.log(
+            f"pair {side.id}: taken over with {side.copy_map.count()} chunks never copied; "
+            "reads of them fail with EIO (pulling them from the old primary is not built yet)"
+        )
+
+    def start_engine(self) -> None:
+        side = self.side
+        if side.record.role is not Role.PRIMARY or side.record.state is not ps.State.COPY:
+            return
+        if side.engine is not None and side.engine.thread.is_alive():
+            side.engine.stop()
+            side.engine.thread.join(timeout=ENGINE_JOIN)
+        side.engine = CopyEngine(side)
+        side.copy_started = time.time()
+        side.engine.start()
