@@ -120,6 +120,10 @@ def test_pair_files_of_look_alike_names_never_collide(env: LabEnv) -> None:
         labmod.start_node(env.name, host)
     for group in ("x.y", "x"):  # both links are back before anything is asked of them
         env.wait_event("a", "pair.link", after=mark, up=True, group=group)
+    for target in ("x.y/z", "x/y.z"):  # a restart of the secondary may have suspended them
+        if env.side("a", target)["state"] == "PSUE":
+            env.pv("a", "pair", "resync", target.split("/")[0])
+        env.wait("a", target, "PAIR")
     for target, vol in (("x.y/z", "cv1"), ("x/y.z", "cv2")):
         for host in ("a", "b"):
             (side,) = env.control(host, "pair.display", target=target)["pairs"]

@@ -145,7 +145,7 @@ class Commands:
                 s.save()
         for s in sides:
             if not s.machine.link_up:
-                self.m._ping(s)
+                self.m.probe(s)
             if not swap and s.record.role is not Role.PRIMARY:
                 raise IllegalState(
                     f"pair {s.id}: run resync on the primary's node ({s.doc.peer.label()}), "

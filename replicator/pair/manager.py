@@ -26,10 +26,12 @@ from replicator.events import EventLog
 from replicator.export import ExportHandle
 from replicator.groups import DEFAULT_JOURNAL_SIZE, GroupPrimary, GroupSecondary, journal_path
 from replicator.header import Role
-from replicator.pair.commands import PING_TIMEOUT, Commands
+from replicator.liveness import earliest
+from replicator.pair.commands import Commands
 from replicator.pair.create import Creation
 from replicator.pair.doc import PAIRS_DIR, SideDoc, doc_file_name
 from replicator.pair.handles import HandleRegistry
+from replicator.pair.links import PING_TIMEOUT, PeerLinks
 from replicator.pair.names import pair_id, split_pair_id
 from replicator.pair.peer_requests import PeerRequests
 from replicator.pair.quarantine import Quarantine, unlink_durably
@@ -39,6 +41,7 @@ from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.volume import Volume
 
 ASYNC_LINK_TIMEOUT = 30.0  # an async pair's heartbeat timeout: the journal absorbs outages
+HOUSEKEEPING = 1.0  # idle activity-log extents and image sizes are looked at this often
 
 Log = Callable[[str], None]
 
@@ -79,13 +82,17 @@ class PairManager:
         self.lock = threading.RLock()
         self.clients: dict[tuple[str, int], PeerClient] = {}
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick_loop, name="pair ticker", daemon=True)
+        self._wake = threading.Event()
+        self._ticker = threading.Thread(target=self._timer_loop, name="pair timer", daemon=True)
+        self._housekeeping_at = clock() + HOUSEKEEPING
+        self._local_pings: set[Side] = set()
         self._refusals: dict[tuple[str, str], float] = {}
         self.handle_registry = HandleRegistry(self)
         self.quarantine = Quarantine(self)
         self.creation = Creation(self)
         self.commands = Commands(self)
         self.peer_requests = PeerRequests(self)
+        self.links = PeerLinks(self)
         os.makedirs(os.path.join(directory, PAIRS_DIR), exist_ok=True)
 
     # -- files ----------------------------------------------------------------------------------
@@ -202,49 +209,82 @@ class PairManager:
         for c in list(self.clients.values()):
             c.close()
 
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(0.2):
+    # -- the one timer -------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` wants to be called next: the earliest deadline of every
+        pair's machine, every peer link and the housekeeping round."""
+        deadlines = [s.machine.get_timer() for s in list(self.sides.values())]
+        deadlines += [self.links.get_timer(), self._housekeeping_at]
+        if self._local_pings:
+            deadlines.append(self.clock())
+        return earliest(deadlines)
+
+    def handle_timer(self, now: float) -> None:
+        """Everything due at ``now``: the machines' heartbeat deadlines, one Ping per link
+        (and per local pair) that is due, and the housekeeping (idle activity-log extents,
+        truncated images) once a second."""
+        for side in list(self.sides.values()):
+            try:
+                with side.state_lock:
+                    actions = side.machine.handle_timer(now)
+                    later = side._carry_out(actions)
+                side._after(later, tell_peer=False)
+            except PairvolError as e:
+                self.log(f"pair {side.id}: timer: {e}")
+        self.links.handle_timer(now)
+        local, self._local_pings = self._local_pings, set()
+        for side in local:
+            self._ping_partner(side, now)
+        if now >= self._housekeeping_at:
+            self._housekeeping_at = now + HOUSEKEEPING
             for side in list(self.sides.values()):
-                try:
-                    self._tick(side)
-                except Exception as e:  # keep ticking for the other pairs
-                    self.log(f"pair {side.id}: ticker: {e!r}")
+                if side.record.state is not ps.State.SMPL:
+                    side.check_image()
+                    side.al.expire()
 
-    def _tick(self, side: Side) -> None:
-        now = self.clock()
-        with side.state_lock:
-            actions = side.machine.handle_timer(now)
-            later = side._carry_out([a for a in actions if not isinstance(a, ps.SendPing)])
-        side._after(later, tell_peer=False)
-        want_ping = any(isinstance(a, ps.SendPing) for a in actions)
-        if side.record.state is ps.State.SMPL:
-            return
-        side.check_image()
-        if side.machine.link_up:
-            if want_ping:
-                self._ping(side)
-        elif now - side.last_ping >= 1.0:
-            side.last_ping = now
-            self._ping(side)
-        side.al.expire()
+    def ping_soon(self, side: Side) -> None:
+        """A machine asked for a heartbeat (its SendPing action): one per link per round."""
+        if side.partner is not None:
+            self._local_pings.add(side)
+        else:
+            self.links.ping_soon(side)
 
-    def _ping(self, side: Side) -> None:
+    def timer_changed(self) -> None:
+        """A state changed: the timer thread looks at :meth:`get_timer` again."""
+        self._wake.set()
+
+    def probe(self, side: Side) -> None:
+        """Ping the side's peer now (a command needs to know whether it is there)."""
+        if side.partner is None:
+            self.links.probe(side)
+
+    def _ping_partner(self, side: Side, now: float) -> None:
         try:
             reply = side.request(wire.Ping(time.monotonic_ns()), timeout=PING_TIMEOUT)
         except (ConnectionFailed, Timeout, PeerRefused) as e:
-            if side.machine.link_up:
-                side.link_failed(f"heartbeat failed: {e}")
+            side.link_failed(f"heartbeat failed: {e}")
             return
-        if side.doc.peer.node == "" and side.client is not None and side.client.peer_name:
-            side.doc.peer.node = side.client.peer_name
-            side.save()
-        if not isinstance(reply, wire.Pong):
-            return
-        if side.machine.link_up:
+        if isinstance(reply, wire.Pong) and side.machine.link_up:
             with side.state_lock:
-                side.machine.handle(ps.Pong(), self.clock())
-            return
-        self.restore_link(side, notify=True)
+                side.machine.handle(ps.Pong(), now)
+
+    def _timer_loop(self) -> None:
+        """The adapter around the one timer: wait until it is due (or something changed),
+        call handle_timer, ask again."""
+        while not self._stop.is_set():
+            due = self.get_timer()
+            # A floor of 10 ms: a deadline that handle_timer could not move (a machine whose
+            # timer keeps failing) must not spin the node.
+            delay = HOUSEKEEPING if due is None else max(0.01, due - self.clock())
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.handle_timer(self.clock())
+            except Exception as e:  # keep the node's timer alive; this is a bug to report
+                self.log(f"pair timer: {e!r}")
 
     def restore_link(self, side: Side, *, notify: bool) -> None:
         """The peer answered while our link was down: LinkRestored, and the state exchange."""

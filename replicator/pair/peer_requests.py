@@ -26,6 +26,7 @@ class PeerRequests:
     def handle(self, peer_name: str, msg: wire.Message) -> wire.Message:
         if isinstance(msg, wire.Ping):
             now = self.m.clock()
+            self.m.links.heard_from(peer_name, now)
             for s in list(self.m.sides.values()):
                 if s.doc.peer.node == peer_name and s.machine.link_up:
                     with s.state_lock:

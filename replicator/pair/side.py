@@ -82,7 +82,6 @@ class Side:
         self.client: PeerClient | None = None
         self.progress_bytes = 0
         self.copy_started: float | None = None
-        self.last_ping = 0.0
         self.deleted = False
         # A local pair (both volumes on this node): the other side, reached in-process.
         self.partner: Side | None = None
@@ -212,6 +211,7 @@ class Side:
         with self.state_lock:
             actions = self.machine.handle(event, self.clock())
             later = self._carry_out(actions)
+        self.host.timer_changed()
         self._after(later, tell_peer)
 
     def try_fire(self, event: ps.Event, *, tell_peer: bool = True) -> bool:
@@ -278,8 +278,10 @@ class Side:
                         self.log(f"pair {self.id}: {a.as_dict().get('why')}")
                 case ps.DropBitmaps():
                     self._drop_bitmaps()
-                case ps.SendPing() | ps.SendPong():
-                    pass  # heartbeats go per peer link, from the manager's liveness timer
+                case ps.SendPing():
+                    self.host.ping_soon(self)  # one Ping per peer link per timer round
+                case ps.SendPong():
+                    pass  # the Pong is the answer to the Ping being handled (peer_requests)
                 case ps.FoldJournal():
                     self.host.primary_group(self).fold()
                 case ps.DropJournal():
