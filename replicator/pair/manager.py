@@ -146,7 +146,9 @@ class PairManager:
 
     # -- life cycle -----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, timer_thread: bool = True) -> None:
+        """Load every pair and start the groups and the timer thread.  ``timer_thread=False``
+        (in-process tests with a scripted clock): the caller drives :meth:`handle_timer`."""
         pairs_dir = os.path.join(self.directory, PAIRS_DIR)
         for name in sorted(os.listdir(pairs_dir)):
             if not name.endswith(".json"):
@@ -183,7 +185,8 @@ class PairManager:
                 if n:
                     self.log(f"group {name}: redid {n} journal entries after a restart")
             g.start()
-        self._ticker.start()
+        if timer_thread:
+            self._ticker.start()
 
     def _link_partner(self, side: Side) -> None:
         for other in self.sides.values():
@@ -198,6 +201,7 @@ class PairManager:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._ticker.is_alive():
             self._ticker.join(timeout=5)
         for gp in list(self.primaries.values()):
