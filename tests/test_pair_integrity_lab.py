@@ -19,7 +19,9 @@ import pytest
 from labenv import CHUNK, LabEnv, digest, fill, lab_env, nbd, pvid
 
 from pairvol import lab as labmod
+from replicator import record_file
 from replicator.events import read_events
+from replicator.pair.doc import PAIR_RECORD
 from replicator.volume import Volume
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(600)]
@@ -208,8 +210,11 @@ def test_a_takeover_after_an_interrupted_swap_fences_the_old_primary(env: LabEnv
 def test_an_unloadable_pair_serves_its_volume_to_nobody(env: LabEnv) -> None:
     pa, pb = paired(env, "gc/p1", "uv1", "uv1")
     labmod.kill_host(env.name, "b")
-    (record,) = Path(env.host("b").dir, ".pairvol", "pairs").glob("gc@p1.json")
-    record.write_text(record.read_text().replace('"state": "PAIR"', '"state": "BOGUS"'))
+    (record,) = Path(env.host("b").dir, ".pairvol", "pairs").glob("gc@p1.pair")
+    text = record_file.read(str(record), PAIR_RECORD).payload.decode()
+    bogus = text.replace('"state": "PAIR"', '"state": "BOGUS"')
+    assert bogus != text
+    record_file.write(str(record), PAIR_RECORD, bogus.encode())  # checksummed, but invalid
     labmod.start_node(env.name, "b")
     # Not served: it would be a writable volume under the primary's PVID, tracked nowhere.
     with pytest.raises(nbd.Error):
@@ -229,7 +234,7 @@ def test_an_unloadable_pair_serves_its_volume_to_nobody(env: LabEnv) -> None:
     # The operator deletes it on b: the record is set aside, the volume gets a new PVID.
     env.pv("b", "pair", "delete", "gc/p1")
     assert pvid(pb) != pvid(pa)
-    assert list(Path(env.host("b").dir, ".pairvol", "pairs").glob("gc@p1.json.damaged-*"))
+    assert list(Path(env.host("b").dir, ".pairvol", "pairs").glob("gc@p1.pair.damaged-*"))
     connect(env, "b", "uv1").shutdown()
     env.pv("a", "pair", "delete", "gc", ok=False)
 

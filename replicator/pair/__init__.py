@@ -25,9 +25,9 @@ The modules, one room each (docs/architecture.md has the map):
 * :mod:`.doc`: the side's persisted document; :mod:`.names`: pair ids and peer addresses;
 * :mod:`.quarantine`: what cannot be loaded, and what a crash left half done.
 
-Persistence.  Each side's record lives in ``DIR/.pairvol/pairs/GROUP@PAIR.json`` (atomic
-replace).  The machine asks for ``PersistState`` before anything that depends on it reaches
-disk or the peer; a new PVID goes on the volume before the record that may reveal it.
+Persistence.  Each side's record lives in ``DIR/.pairvol/pairs/GROUP@PAIR.pair`` (a
+checksummed two-slot record).  The machine asks for ``PersistState`` before anything that
+depends on it reaches disk or the peer; a new PVID goes on the volume before the record that may reveal it.
 
 Link.  A failed request, or the machine's heartbeat timeout, is ``LinkLost``.  While a side's
 link is down the node's ticker pings the peer every second; a Pong is ``LinkRestored``, and

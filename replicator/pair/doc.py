@@ -1,9 +1,14 @@
-"""The side's persisted document: ``DIR/.pairvol/pairs/GROUP@PAIR[@VOLUME].json``.
+"""The side's persisted document: ``DIR/.pairvol/pairs/GROUP@PAIR[@VOLUME].pair``.
 
 It holds the pair record (the state machine's :class:`~replicator.pair_state.PairRecord`), the
 local volume's name, the peer, and what the runtime must remember across a restart: copy
 statistics, the copy bandwidth limit, the async stream number and journal settings, the
 highest epoch the peer ever announced, and (on a secondary) the primary's PVID.
+
+The file is a two-slot record (docs/format.md, "Two-slot records"): magic ``PVPAIR``, a
+checksum and a generation per slot, the JSON document as payload; the newest valid slot
+wins, so a write torn by a crash leaves the previous document.  A file of the old form
+(``.json``, one JSON document, no checksum) is read once and rewritten in the new form.
 """
 
 from __future__ import annotations
@@ -14,16 +19,48 @@ import time
 from dataclasses import dataclass, field
 
 from replicator import pair_state as ps
+from replicator import record_file
 from replicator.errors import HeaderCorrupt
+from replicator.record_codec import SlotCodec
 
 PAIRS_DIR = os.path.join(".pairvol", "pairs")
 DOC_FORMAT = "pairvol.pair"
+DOC_SUFFIX = ".pair"
+LEGACY_SUFFIX = ".json"
+PAIR_RECORD = SlotCodec(b"PVPAIR\0\0", 1, 8192, name="pair record")
 
 
 def doc_file_name(key: str) -> str:
-    """``GROUP@PAIR[@VOLUME].json``: no group, pair or volume name may contain '@' or '/', so
+    """``GROUP@PAIR[@VOLUME].pair``: no group, pair or volume name may contain '@' or '/', so
     two different pairs never share a file (``x.y/z`` and ``x/y.z`` once did)."""
-    return key.replace("/", "@") + ".json"
+    return key.replace("/", "@") + DOC_SUFFIX
+
+
+def is_doc_file(name: str) -> bool:
+    return not name.startswith(".") and name.endswith((DOC_SUFFIX, LEGACY_SUFFIX))
+
+
+def doc_key(name: str) -> str:
+    """The file's name without its suffix (``GROUP@PAIR[@VOLUME]``)."""
+    return name.rsplit(".", 1)[0]
+
+
+def save_doc(path: str, doc: SideDoc) -> None:
+    """Write ``doc`` durably (the next generation of its record; a new record if none)."""
+    payload = doc.to_json().encode()
+    if os.path.exists(path):
+        record_file.write(path, PAIR_RECORD, payload)
+    else:
+        record_file.create(path, PAIR_RECORD, payload)
+
+
+def load_doc(path: str) -> tuple[SideDoc, str | None]:
+    """The document at ``path`` and a note if one of its slots was damaged or stale."""
+    if path.endswith(LEGACY_SUFFIX):
+        with open(path, "rb") as f:
+            return SideDoc.from_json(f.read().decode(errors="replace")), None
+    rec = record_file.read(path, PAIR_RECORD)
+    return SideDoc.from_json(rec.payload.decode(errors="replace")), rec.note
 
 
 @dataclass
@@ -42,7 +79,7 @@ class PeerRef:
 
 @dataclass
 class SideDoc:
-    """What ``DIR/.pairvol/pairs/GROUP@PAIR.json`` holds."""
+    """What ``DIR/.pairvol/pairs/GROUP@PAIR.pair`` holds."""
 
     record: ps.PairRecord
     volume: str

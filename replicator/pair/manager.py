@@ -14,7 +14,6 @@ from typing import Any
 
 from replicator import faults, wire
 from replicator import pair_state as ps
-from replicator.atomic_file import write_atomic
 from replicator.errors import (
     ConnectionFailed,
     IllegalState,
@@ -29,7 +28,14 @@ from replicator.header import Role
 from replicator.liveness import earliest
 from replicator.pair.commands import Commands
 from replicator.pair.create import Creation
-from replicator.pair.doc import PAIRS_DIR, SideDoc, doc_file_name
+from replicator.pair.doc import (
+    PAIRS_DIR,
+    SideDoc,
+    doc_file_name,
+    is_doc_file,
+    load_doc,
+    save_doc,
+)
 from replicator.pair.handles import HandleRegistry
 from replicator.pair.links import PING_TIMEOUT, PeerLinks
 from replicator.pair.names import pair_id, split_pair_id
@@ -151,13 +157,14 @@ class PairManager:
         (in-process tests with a scripted clock): the caller drives :meth:`handle_timer`."""
         pairs_dir = os.path.join(self.directory, PAIRS_DIR)
         for name in sorted(os.listdir(pairs_dir)):
-            if not name.endswith(".json"):
+            if not is_doc_file(name):
                 continue
             path = os.path.join(pairs_dir, name)
             doc: SideDoc | None = None
             try:
-                with open(path) as f:
-                    doc = SideDoc.from_json(f.read())
+                doc, note = load_doc(path)
+                if note is not None:
+                    self.log(f"{path}: {note}")  # the next write rewrites both slots
                 if doc.record.state is ps.State.SMPL:
                     self.quarantine._finish_delete(path, doc)
                     continue
@@ -166,9 +173,9 @@ class PairManager:
             except (PairvolError, OSError) as e:
                 self.quarantine._mark_broken(path, doc, e)
                 continue
-            if path != self.doc_path(side.key):  # a file named the old way (GROUP.PAIR.json)
-                write_atomic(self.doc_path(side.key), doc.to_json().encode())
-                os.unlink(path)
+            if path != self.doc_path(side.key):  # an old name (GROUP.PAIR.json) or old form
+                save_doc(self.doc_path(side.key), doc)
+                unlink_durably(path)
             self.sides[side.key] = side
             if local:
                 self._link_partner(side)

@@ -20,7 +20,7 @@ from replicator.errors import HeaderCorrupt, PairvolError
 from replicator.header import Role
 from replicator.journal import Journal, JournalCorrupt
 from replicator.pair.activity_log import AL_SLOT
-from replicator.pair.doc import SideDoc
+from replicator.pair.doc import SideDoc, doc_key
 from replicator.pair.names import split_pair_id
 from replicator.volume import Volume
 
@@ -146,7 +146,7 @@ class Quarantine:
         self.m.events.emit("pair.deleted", pair=doc.record.name, finished_after_restart=True)
 
     def _mark_broken(self, path: str, doc: SideDoc | None, e: BaseException) -> None:
-        key = os.path.basename(path)[: -len(".json")]
+        key = doc_key(os.path.basename(path))
         parts = key.split("@")
         pid = doc.record.name if doc is not None else "/".join(parts[:2]) if len(parts) > 1 else key
         volume = doc.volume if doc is not None else None

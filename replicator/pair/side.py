@@ -17,7 +17,6 @@ from typing import assert_never
 
 from replicator import faults, wire
 from replicator import pair_state as ps
-from replicator.atomic_file import write_atomic
 from replicator.bitmap import Bitmap
 from replicator.bitmap_store import BitmapStore
 from replicator.errors import IllegalState, PairvolError
@@ -29,7 +28,7 @@ from replicator.pair.activity_log import AL_EXTENT, AL_SLOT, ActivityLog
 from replicator.pair.client_io import ClientWrites
 from replicator.pair.copy_control import CopyControl
 from replicator.pair.copy_engine import CopyEngine
-from replicator.pair.doc import SideDoc
+from replicator.pair.doc import SideDoc, save_doc
 from replicator.pair.exchange import StateExchange
 from replicator.pair.host import SideHost
 from replicator.pair.replica import Replica
@@ -147,7 +146,7 @@ class Side:
         self.doc.record = self.machine.record
         if self.deleted:
             return
-        write_atomic(self.host.doc_path(self.key), self.doc.to_json().encode())
+        save_doc(self.host.doc_path(self.key), self.doc)
 
     def pvid_changed(self) -> None:
         """Open connections check the PVID they were opened for again."""
@@ -245,7 +244,7 @@ class Side:
                     self.doc.record = a.record
                     if not self.deleted:
                         faults.step(f"record {a.record.state}")
-                        write_atomic(self.host.doc_path(self.key), self.doc.to_json().encode())
+                        save_doc(self.host.doc_path(self.key), self.doc)
                     self._label_volume(a.record)
                 case ps.SendPairState() | ps.StartDrain():
                     later.append(a)
