@@ -27,7 +27,8 @@ The modules, one room each (docs/architecture.md has the map):
 
 Persistence.  Each side's record lives in ``DIR/.pairvol/pairs/GROUP@PAIR.pair`` (a
 checksummed two-slot record).  The machine asks for ``PersistState`` before anything that
-depends on it reaches disk or the peer; a new PVID goes on the volume before the record that may reveal it.
+depends on it reaches disk or the peer; a new PVID goes on the volume before the record that
+may reveal it.
 
 Link.  A failed request, or the machine's heartbeat timeout, is ``LinkLost``.  While a side's
 link is down the node's ticker pings the peer every second; a Pong is ``LinkRestored``, and
