@@ -17,6 +17,7 @@ error had been raised in its own process.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 from typing import Any, ClassVar
 
 _REGISTRY: dict[str, type[PairvolError]] = {}
@@ -73,6 +74,28 @@ class IllegalState(PairvolError):
 
     exit_code = 5
     errno = _errno.EBUSY
+
+
+class JournalFull(IllegalState):
+    """The entry does not fit in the journal's free space (SPEC section 2, "Journal overflow").
+    Raised at once, never after waiting; the journal is unchanged."""
+
+
+class PeerRefused(PairvolError):
+    """The peer answered a request with an Error: ``code`` is its errno, ``message`` its text.
+    (The peer *answered*: the link is fine, the request was refused.  A link that broke is
+    :class:`ConnectionFailed` or :class:`PeerLost`.)"""
+
+    exit_code = 5
+
+    def __init__(self, code: int, message: str, *, peer: str | None = None) -> None:
+        name = _errno.errorcode.get(code, f"errno {code}")
+        text = message or _os.strerror(code)
+        super().__init__(f"peer {peer!r} refused: {text} [{name}]" if peer else f"{text} [{name}]")
+        self.code = code
+        self.errno = code
+        self.message = message
+        self.peer = peer
 
 
 class HeaderCorrupt(PairvolError):

@@ -82,6 +82,7 @@ from replicator.errors import (
     Closed,
     HeaderCorrupt,
     IllegalState,
+    JournalFull,
     NotFound,
     UsageError,
     VolumeError,
@@ -161,11 +162,6 @@ __all__ = [
     "encode_record",
     "record_size",
 ]
-
-
-class JournalFull(IllegalState):
-    """The entry does not fit in the journal's free space (SPEC section 2, "Journal overflow").
-    Raised at once, never after waiting; the journal is unchanged."""
 
 
 class JournalCorrupt(HeaderCorrupt):

@@ -71,6 +71,7 @@ from replicator.errors import (
     Timeout,
     UsageError,
 )
+from replicator.errors import PeerRefused as PeerRefused  # re-exported: it lives in errors
 from replicator.peer_auth import Handshake, PeerSecrets, as_peer_secrets
 
 Handler = Callable[[str, wire.Message], wire.Message]
@@ -112,21 +113,6 @@ _TIMEVAL: Final = struct.Struct("@ll")
 
 # --------------------------------------------------------------------------------------------
 # Errors
-
-
-class PeerRefused(PairvolError):
-    """The peer answered a request with an Error: ``code`` is its errno, ``message`` its text."""
-
-    exit_code = 5
-
-    def __init__(self, code: int, message: str, *, peer: str | None = None) -> None:
-        name = _errno.errorcode.get(code, f"errno {code}")
-        text = message or os.strerror(code)
-        super().__init__(f"peer {peer!r} refused: {text} [{name}]" if peer else f"{text} [{name}]")
-        self.code = code
-        self.errno = code
-        self.message = message
-        self.peer = peer
 
 
 def errno_of(e: BaseException) -> int:
