@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -473,3 +474,44 @@ def test_a_resync_says_how_many_chunks_it_overwrites(env: LabEnv) -> None:
     env.wait("a", "gw/p1", "PAIR")
     assert verify(env, "a", "gw/p1") == 0
     forget(env, "gw")
+
+
+# -- issue 8, item 8: no half-built state serves wrong data --------------------------------------
+
+
+def test_a_forced_takeover_during_copy_refuses_reads_of_chunks_never_copied(env: LabEnv) -> None:
+    pa, _ = env.volume("a", "hb1", 8 << 20), env.volume("b", "hb1", 8 << 20)
+    fill(env, "a", "hb1", 8 << 20, seed=81)
+    env.pv(
+        "a",
+        "pair",
+        "create",
+        "ghb/p1",
+        "--primary",
+        "a:hb1",
+        "--secondary",
+        "b:hb1",
+        "--max-rate",
+        "1M",
+    )  # fmt: skip  (8 MiB at 1 MiB/s: COPY for seconds)
+    mark = env.mark("b")
+    deadline = time.monotonic() + 30  # until the first megabyte or so is across (no event)
+    while env.control("a", "pair.display", target="ghb/p1")["pairs"][0]["pending_chunks"] > 100:
+        assert time.monotonic() < deadline, "the copy made no progress"
+        time.sleep(0.05)
+    env.pv("b", "pair", "takeover", "ghb", "--force")
+    env.wait_event("b", "pair.state", after=mark, group="ghb", state="SSWS")
+    h = connect(env, "b", "hb1")
+    try:
+        with pytest.raises(nbd.Error):  # the last chunk cannot have been copied yet
+            h.pread(CHUNK, (8 << 20) - CHUNK)
+        with pytest.raises(nbd.Error):  # nor written over a hole this side never received
+            h.pwrite(b"\x01" * 4096, (8 << 20) - CHUNK)
+        with open(pa, "rb") as f, Volume.open(pa) as va:  # a copied chunk reads as on a
+            f.seek(va.header.data_offset)
+            assert h.pread(4096, 0) == f.read(4096)
+    finally:
+        h.shutdown()
+    log = Path(env.host("b").dir, "node.log").read_text()
+    assert "never copied here before the forced takeover" in log
+    forget(env, "ghb")
