@@ -479,8 +479,10 @@ def test_a_resync_says_how_many_chunks_it_overwrites(env: LabEnv) -> None:
 # -- issue 8, item 8: no half-built state serves wrong data --------------------------------------
 
 
-def test_a_forced_takeover_during_copy_refuses_reads_of_chunks_never_copied(env: LabEnv) -> None:
-    pa, _ = env.volume("a", "hb1", 8 << 20), env.volume("b", "hb1", 8 << 20)
+def test_a_forced_takeover_during_copy_pulls_what_it_lacks_and_never_serves_it_before(
+    env: LabEnv,
+) -> None:
+    pa, pb = env.volume("a", "hb1", 8 << 20), env.volume("b", "hb1", 8 << 20)
     fill(env, "a", "hb1", 8 << 20, seed=81)
     env.pv(
         "a",
@@ -499,19 +501,34 @@ def test_a_forced_takeover_during_copy_refuses_reads_of_chunks_never_copied(env:
     while env.control("a", "pair.display", target="ghb/p1")["pairs"][0]["pending_chunks"] > 100:
         assert time.monotonic() < deadline, "the copy made no progress"
         time.sleep(0.05)
-    env.pv("b", "pair", "takeover", "ghb", "--force")
+    # The pull of the ~6 MiB b lacks runs at 1 MiB/s: the last chunk comes after seconds.
+    env.pv("b", "pair", "takeover", "ghb", "--force", "--max-rate", "1M")
     env.wait_event("b", "pair.state", after=mark, group="ghb", state="SSWS")
+    a_side = env.control("a", "pair.display", target="ghb/p1")["pairs"][0]
+    assert a_side["writes"] == "REFUSE_STALE"  # fenced before its pending bitmap was taken
+    last = (8 << 20) - CHUNK
     h = connect(env, "b", "hb1")
     try:
-        with pytest.raises(nbd.Error):  # the last chunk cannot have been copied yet
-            h.pread(CHUNK, (8 << 20) - CHUNK)
-        with pytest.raises(nbd.Error):  # nor written over a hole this side never received
-            h.pwrite(b"\x01" * 4096, (8 << 20) - CHUNK)
-        with open(pa, "rb") as f, Volume.open(pa) as va:  # a copied chunk reads as on a
+        with pytest.raises(nbd.Error):  # the last chunk cannot have arrived yet
+            h.pread(CHUNK, last)
+        with pytest.raises(nbd.Error):  # nor may it be written over a chunk still missing
+            h.pwrite(b"\x01" * 4096, last)
+        with Volume.open(pa) as va, open(pa, "rb") as f:  # a copied chunk reads as on a
             f.seek(va.header.data_offset)
             assert h.pread(4096, 0) == f.read(4096)
+        env.wait_event("b", "pair.pull.done", after=mark, pair="ghb/p1", timeout=60)
+        with Volume.open(pa) as va, open(pa, "rb") as f:  # pulled: the old primary's data
+            f.seek(va.header.data_offset + last)
+            assert h.pread(CHUNK, last) == f.read(CHUNK)
+        h.pwrite(b"\x02" * 4096, last)  # writable now: recorded for the swap
+        h.flush()
     finally:
         h.shutdown()
     log = Path(env.host("b").dir, "node.log").read_text()
-    assert "never copied here before the forced takeover" in log
+    assert "has not been pulled from the old primary yet" in log
+    env.pv("b", "pair", "resync", "ghb", "--swap")
+    env.wait("b", "ghb/p1", "PAIR", timeout=60)
+    assert verify(env, "b", "ghb/p1") == 0
+    env.pv("b", "pair", "split", "ghb")
+    assert digest(pa) == digest(pb)
     forget(env, "ghb")

@@ -180,6 +180,8 @@ def register(sub: Any) -> None:
     t = ps.add_parser("takeover", help="make the secondary usable (run on its node)")
     t.add_argument("target", metavar="GROUP[/PAIR]")
     t.add_argument("--force", action="store_true", help="even if the copy is incomplete")
+    t.add_argument("--max-rate", metavar="RATE", help="bandwidth limit of the pull after a "
+                   "forced takeover of an incomplete copy (bytes/s, e.g. 50M)")  # fmt: skip
     node_opt(t)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_simple, op="pair.takeover")
@@ -318,6 +320,8 @@ def cmd_simple(args: argparse.Namespace) -> int:
             payload["max_rate"] = _rate(args.max_rate)
     if args.op == "pair.takeover":
         payload["force"] = args.force
+        if args.max_rate is not None:
+            payload["max_rate"] = _rate(args.max_rate)
     result = control.call(where, args.op, payload, timeout=120)
     if args.json:
         print_json(result)

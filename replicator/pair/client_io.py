@@ -178,7 +178,7 @@ class ClientWrites:
         side.host.log_refusal(side, f"pending {what}")
         raise VolumeError(
             f"pair {side.id}: chunk {chunk} was never copied here before the forced takeover "
-            f"(pulling it from the old primary is not built yet): {what} refused",
+            f"and has not been pulled from the old primary yet: {what} refused",
             errno.EIO,
         )
 

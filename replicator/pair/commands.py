@@ -177,6 +177,10 @@ class Commands:
         sides = self.m.select(str(args["target"]), Role.SECONDARY)
         force = bool(args.get("force", False))
         reports: dict[str, dict[str, Any]] = {}
+        if args.get("max_rate") is not None:
+            for s in sides:
+                s.doc.max_rate = int(args["max_rate"])
+                s.save()
         for s in sides:
             if s.is_async and s.record.role is Role.SECONDARY:
                 # Apply everything received first: the image is then the newest consistent
@@ -190,8 +194,17 @@ class Commands:
                     self._query_peer(s, timeout=PING_TIMEOUT)
                 except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
                     self.m.log(f"pair {s.id}: cannot ask the old primary its epoch: {e}")
-            s.fire(ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch), tell_peer=False)
-            if s.machine.link_up:
+            event = ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch)
+            after = self._dry_run(s, event)
+            fenced_first = after.copy_incomplete  # a forced takeover that pulls what it lacks
+            if fenced_first:
+                # SPEC 4: the old primary is fenced *before* its pending bitmap is taken, or the
+                # chunks pulled could mix two points in time.  (The epoch is announced, then
+                # persisted: a crash between leaves the old primary fenced, this side hidden,
+                # and a new takeover outbids the announced epoch, since it asks first.)
+                self._announce(s, ps.State.SSWS, Role.SECONDARY, after.epoch)
+            s.fire(event, tell_peer=False)
+            if s.machine.link_up and not fenced_first:
                 try:
                     self._announce(s, ps.State.SSWS, Role.SECONDARY, s.record.epoch)
                 except (ConnectionFailed, Timeout, IllegalState) as e:

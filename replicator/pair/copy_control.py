@@ -12,6 +12,7 @@ from replicator.bitmap import Bitmap
 from replicator.errors import ProtocolError
 from replicator.header import Role
 from replicator.pair.copy_engine import CopyEngine
+from replicator.pair.pull import PullEngine
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
@@ -59,10 +60,10 @@ class CopyControl:
         side.copy_kind = a.kind
 
     def _prepare_pull(self) -> None:
-        """A forced takeover of an incomplete copy (SPEC 4).  Pulling the missing chunks from
-        the old primary is not built yet, so they are recorded as *pending* (the peer's copy
-        bitmap, durably, in our copy slot) and every read of one fails with EIO rather than
-        return what this side never received (docs/decisions.md, "Half-built states")."""
+        """A forced takeover of an incomplete copy (SPEC 4): the chunks never copied are
+        recorded as *pending* (the old primary's copy bitmap, durably, in our copy slot); the
+        pull (replicator/pair/pull.py) fetches them, and until one has arrived every read or
+        write of it fails with EIO rather than serve what this side never received."""
         side = self.side
         pending = side.fetched
         side.fetched = None
@@ -75,16 +76,20 @@ class CopyControl:
         side.copy_kind = ps.CopyKind.PULL
         side.log(
             f"pair {side.id}: taken over with {side.copy_map.count()} chunks never copied; "
-            "reads of them fail with EIO (pulling them from the old primary is not built yet)"
+            "they are pulled from the old primary; until then, reads of them fail with EIO"
         )
 
     def start_engine(self) -> None:
+        """The copy engine of a primary in COPY, or the pull of a side taken over before its
+        copy was complete (SSWS, ``copy_incomplete``)."""
         side = self.side
-        if side.record.role is not Role.PRIMARY or side.record.state is not ps.State.COPY:
+        r = side.record
+        pulling = r.role is Role.SECONDARY and r.state is ps.State.SSWS and r.copy_incomplete
+        if not pulling and (r.role is not Role.PRIMARY or r.state is not ps.State.COPY):
             return
         if side.engine is not None and side.engine.thread.is_alive():
             side.engine.stop()
             side.engine.thread.join(timeout=ENGINE_JOIN)
-        side.engine = CopyEngine(side)
+        side.engine = PullEngine(side) if pulling else CopyEngine(side)
         side.copy_started = time.time()
         side.engine.start()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from replicator import pair_state as ps
 from replicator import wire
 from replicator.errors import NotFound, ProtocolError
+from replicator.pair.pull import serve_chunk
 
 if TYPE_CHECKING:
     from replicator.pair.manager import PairManager
@@ -70,6 +71,8 @@ class PeerRequests:
             return side.exchange.on_peer_state(msg)
         if isinstance(msg, wire.BitmapRequest):
             return side.replica.bitmap_for_peer(msg.which)
+        if isinstance(msg, wire.ChunkRequest):
+            return serve_chunk(side, msg)
         if isinstance(msg, wire.DigestRequest):
             return wire.Digests(pid, msg.first, side.replica.digests(msg.first, msg.count))
         if isinstance(msg, wire.Write | wire.Zero | wire.Flush):

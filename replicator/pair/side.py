@@ -31,6 +31,7 @@ from replicator.pair.copy_engine import CopyEngine
 from replicator.pair.doc import SideDoc, save_doc
 from replicator.pair.exchange import StateExchange
 from replicator.pair.host import SideHost
+from replicator.pair.pull import PullEngine
 from replicator.pair.replica import Replica
 from replicator.peer_link import PeerClient, PeerRefused
 from replicator.volume import Volume
@@ -75,7 +76,7 @@ class Side:
         self.diff_map = self.store.load(r.diff_slot, self.chunk_size)
         self.copy_map = self.store.load(r.copy_slot, self.chunk_size)
         self.al = ActivityLog(self.store, self.data_size, self.clock)
-        self.engine: CopyEngine | None = None
+        self.engine: CopyEngine | PullEngine | None = None
         self.peer_pvid: int | None = None
         self.fetched: Bitmap | None = None
         self.client: PeerClient | None = None

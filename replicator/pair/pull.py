@@ -1,0 +1,134 @@
+"""The pull after a forced takeover of an incomplete copy (SPEC section 4, without the
+on-demand part yet): the taken-over side fetches, chunk by chunk, every chunk it never
+received from the old primary, whose storage node still answers.
+
+Until a chunk has arrived, a client read or write of it fails with EIO (one log line): a
+half-built image never serves wrong data (``client_io.ClientWrites.pending``).  Ordering: a
+chunk's data is written and synced before its pending bit is cleared durably, so a crash
+never leaves a cleared bit over missing data; a restart resumes from the persisted bits
+(``RESUME_PULL``).  The old primary is fenced (stale) and writes nothing, so what it sends
+is the data of the takeover's point in time.  When the last chunk is in, the side is
+consistent (``CopyDone`` in SSWS) and ``resync --swap`` can make it the primary.
+
+Not yet (the next issue): fetching a chunk on demand when a client reads it, with a queue
+jump, and merging client writes into chunks not yet pulled.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from replicator import pair_state as ps
+from replicator import wire
+from replicator.errors import PairvolError, ProtocolError, UsageError, VolumeError
+from replicator.header import Role
+
+if TYPE_CHECKING:
+    from replicator.pair.side import Side
+
+SYNC_EVERY = 64  # chunks pulled between two syncs of the data and of the pending bitmap
+
+
+def serve_chunk(side: Side, msg: wire.ChunkRequest) -> wire.Chunk:
+    """The old primary's answer to a ChunkRequest: the chunk's bytes, read from its volume."""
+    if side.record.role is not Role.PRIMARY:
+        raise ProtocolError(f"pair {side.id}: only the old primary answers chunk requests")
+    cs = side.chunk_size
+    if msg.index >= side.copy_map.nchunks:
+        raise UsageError(f"pair {side.id}: chunk {msg.index} is outside the volume")
+    length = min(cs, side.data_size - msg.index * cs)
+    data = os.pread(side.volume.fd, length, side.data_offset + msg.index * cs)
+    if len(data) != length:
+        raise VolumeError(f"short read of chunk {msg.index} of {side.doc.volume}", errno.EIO)
+    return wire.Chunk(side.id, msg.index, data)
+
+
+class PullEngine:
+    """Pulls the set chunks of a taken-over side's copy bitmap from the old primary."""
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"pull {side.id}", daemon=True)
+        self.started = side.clock()
+        self.sent_bytes = 0  # bytes received (the display's rate counts them)
+        self.copied = 0
+        self.total = 0
+        self.budget = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+
+    def _next(self) -> int | None:
+        side = self.side
+        with side.bitmap_lock:
+            return next(side.copy_map.iter_set(), None)
+
+    def _throttle(self, nbytes: int) -> None:
+        """Hold the pull to the side's ``max_rate`` bytes per second (``takeover --max-rate``)."""
+        rate = self.side.max_rate
+        if rate <= 0:
+            return
+        self.budget += nbytes
+        ahead = self.budget / rate - (self.side.clock() - self.started)
+        if ahead > 0:
+            self.stop_flag.wait(ahead)
+
+    def _pull(self, chunk: int) -> None:
+        side = self.side
+        cs = side.chunk_size
+        self._throttle(min(cs, side.data_size - chunk * cs))
+        with side.chunk_locks.hold(chunk, chunk):
+            reply = side.request(wire.ChunkRequest(side.id, chunk))
+            length = min(cs, side.data_size - chunk * cs)
+            if not isinstance(reply, wire.Chunk) or reply.index != chunk:
+                raise ProtocolError(f"pair {side.id}: the old primary answered oddly")
+            if len(reply.data) != length:
+                raise ProtocolError(f"pair {side.id}: chunk {chunk} came with the wrong size")
+            done = os.pwritev(side.volume.fd, [reply.data], side.data_offset + chunk * cs)
+            if done != length:
+                raise VolumeError(f"short write of chunk {chunk} of {side.doc.volume}", errno.EIO)
+            with side.bitmap_lock:
+                side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
+        self.sent_bytes += length
+        self.copied += 1
+
+    def _sync(self) -> None:
+        """The pulled data is durable, then the cleared bits are."""
+        os.fdatasync(self.side.volume.fd)
+        self.side.flush_copy_map()
+
+    def _run(self) -> None:
+        side = self.side
+        with side.bitmap_lock:
+            self.total = side.copy_map.count()
+        try:
+            while not self.stop_flag.is_set():
+                chunk = self._next()
+                if chunk is None:
+                    break
+                self._pull(chunk)
+                if self.copied % SYNC_EVERY == 0:
+                    self._sync()
+                    side.try_fire(ps.CopyProgress(self.copied, max(self.total, self.copied)))
+            self._sync()
+            if self.stop_flag.is_set():
+                return
+            side.events.emit("pair.pull.done", pair=side.id, chunks=self.copied)
+            side.log(f"pair {side.id}: pulled the {self.copied} chunks it lacked; consistent")
+            total = max(self.total, self.copied)
+            if side.try_fire(ps.CopyProgress(total, total)):
+                side.try_fire(ps.CopyDone())
+        except (PairvolError, OSError) as e:
+            try:
+                self._sync()
+            except (PairvolError, OSError) as sync_error:
+                side.log(f"pair {side.id}: saving the pull's progress failed too: {sync_error}")
+            if not self.stop_flag.is_set():
+                side.link_failed(f"pull failed: {e}")
