@@ -1,0 +1,940 @@
+"""The pair runtime in one process: two storage nodes, a fake link, a scripted clock.
+
+Issue 8, item 10.  Each node is a real :class:`~replicator.pair.manager.PairManager` over a
+temporary directory of real volumes, started with ``timer_thread=False``: nothing runs in
+the background but copy engines, and the test drives the one timer itself
+(``get_timer()`` / ``handle_timer(now)``) with a :class:`ScriptedClock`, as aioquic's tests do.
+
+The nodes reach each other as h11's ``ConnectionPair`` does: a :class:`FakeLink` joins them,
+and the client a manager asks for (:meth:`PairManager.client_for`) is a :class:`LinkEnd` that
+encodes each request with :mod:`replicator.wire`, hands the decoded message to the other
+manager's ``handle_peer`` in a worker thread (as the real server's worker pool does, so a
+callback into the caller's locks blocks as it would over TCP), and turns the answer back
+into what the real :class:`~replicator.peer_link.PeerClient` returns or raises
+(``PeerRefused`` for an Error frame; while cut, ``PeerLost`` then ``ConnectionFailed``, or
+``Timeout`` for a silent cut; ``PeerLost`` once after the peer restarted).
+
+Client I/O goes through the node's own path without nbdkit: an
+:class:`~replicator.export.Exporter` over the node's directory, wrapped by
+``PairManager.wrap`` (replicator/node.py, ``Service.open``).
+
+No root, no sockets, no nbdkit, no sleeping longer than a few milliseconds (always bounded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicator import pair_state as ps
+from replicator import wire
+from replicator.errors import (
+    Closed,
+    ConnectionFailed,
+    IllegalState,
+    PairvolError,
+    PeerLost,
+    Timeout,
+    VolumeError,
+)
+from replicator.events import EventLog, read_events
+from replicator.export import Exporter, ExportHandle
+from replicator.pair.manager import PairManager
+from replicator.pair.side import Side
+from replicator.peer_auth import PeerSecrets
+from replicator.peer_link import PeerClient, PeerRefused, errno_of
+from replicator.volume import Volume
+
+MiB = 1 << 20
+CHUNK = 64 * 1024
+SIZE = 4 * MiB
+PORT = 10810
+INTERVAL = 1.0  # heartbeat interval (scripted seconds)
+HB_TIMEOUT = 5.0  # heartbeat timeout (scripted seconds)
+#: A request the fake link carries gets at most this long (real seconds) before it counts as
+#: a hang (a deadlock in the runtime): the test then fails instead of waiting 15 s or forever.
+REQUEST_CAP = 5.0
+WAIT = 5.0  # how long (real seconds) a test waits for a copy or a state
+
+
+# --------------------------------------------------------------------------------------------
+# The harness
+
+
+class ScriptedClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+class FakeLink:
+    """The network between two nodes (both directions).  ``cut()`` drops it: requests in
+    either direction fail as the real client fails until ``heal()``.  A reset cut (the peer
+    is gone, the host answers): ``PeerLost`` on a connection that was up, then
+    ``ConnectionFailed`` on every reconnect attempt.  A silent cut (a partition: nothing
+    answers): ``Timeout``, as if the request's whole timeout had passed."""
+
+    def __init__(self, a: Node, b: Node) -> None:
+        self.ends = (a, b)
+        self.is_cut = False
+        self.silent = False
+        #: (sender, receiver, message type) -> how many crossed (delivered to the handler).
+        self.sent: Counter[tuple[str, str, str]] = Counter()
+        #: Handler failures that are not PairvolError (the real server answers EIO and logs
+        #: them as bugs): a test fails if any shows up.
+        self.bugs: list[str] = []
+        #: Requests that got no answer within REQUEST_CAP: a deadlock, a test failure.
+        self.hangs: list[str] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def cut(self, *, silent: bool = False) -> None:
+        self.is_cut = True
+        self.silent = silent
+
+    def heal(self) -> None:
+        self.is_cut = False
+
+    def pings(self, sender: Node, receiver: Node) -> int:
+        return self.sent[sender.name, receiver.name, "Ping"]
+
+    def count(self, sender: Node, receiver: Node) -> int:
+        return sum(
+            n for (s, r, _), n in self.sent.items() if (s, r) == (sender.name, receiver.name)
+        )
+
+    def carry(
+        self, sender: Node, receiver: Node, msg: wire.Message, timeout: float
+    ) -> wire.Message:
+        """One request, through the wire codec both ways, handled in a worker thread."""
+        request = wire.encode(msg, 1)
+        result: list[bytes] = []
+        name = type(msg).__name__
+
+        def serve() -> None:
+            received = _decode(request).message
+            response: wire.Message
+            try:
+                response = receiver.manager.handle_peer(sender.name, received)
+                if type(response) not in wire.CODECS:
+                    raise TypeError(f"handler returned {type(response).__name__}")
+            except PairvolError as e:  # what peer_link's _ServerConn._handle answers
+                response = wire.Error(errno_of(e), wire.clip_text(str(e)))
+            except Exception as e:
+                self.bugs.append(f"{receiver.name}: {name}: {type(e).__name__}: {e}")
+                response = wire.Error(errno.EIO, wire.clip_text(f"internal error: {e}"))
+            result.append(wire.encode(response, 1))
+
+        t = threading.Thread(target=serve, name=f"fake-link {sender.name}->{receiver.name}")
+        t.daemon = True
+        with self._lock:
+            self.sent[sender.name, receiver.name, name] += 1
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+        t.join(min(timeout, REQUEST_CAP))
+        if t.is_alive():
+            self.hangs.append(f"{sender.name}->{receiver.name}: {name}")
+            raise Timeout(f"peer {receiver.name!r} did not answer {name} within {timeout:g}s")
+        answer = _decode(result[0]).message
+        if isinstance(answer, wire.Error):
+            raise PeerRefused(answer.code, answer.message, peer=receiver.name)
+        return answer
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in list(self._threads):
+            t.join(max(deadline - time.monotonic(), 0.0))
+
+
+def _decode(frame: bytes) -> wire.Frame:
+    decoder = wire.FrameDecoder()
+    decoder.feed(frame)
+    out = decoder.next_frame()
+    assert out is not None and decoder.next_frame() is None
+    return out
+
+
+class LinkEnd(PeerClient):
+    """What ``client_for`` hands out: a PeerClient whose connection is the fake link.  The
+    "handshake" happens at the first request (and the first after a cut): the peer's name
+    is learnt then, and a node other than ``expect_peer`` is refused, as the real one is."""
+
+    def __init__(self, lab: Lab, node: Node, host: str, port: int, expect: str | None) -> None:
+        super().__init__(
+            node.name, host, port, PeerSecrets(), node.log, allow_no_secret=True, expect_peer=expect
+        )
+        self.lab = lab
+        self.node = node
+        self._up = False
+        self._gone = False
+        self._generation = -1  # of the peer process this end is connected to
+
+    def connected(self) -> bool:
+        return self._up
+
+    def request(self, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
+        if self._gone:
+            raise Closed(f"the client for peer {self.where} is closed")
+        self._check_request(msg)
+        peer = self.lab.node_at(self.host, self.port)
+        if peer is None:
+            raise ConnectionFailed(f"cannot connect to {self.where}: no route to host")
+        link = self.lab.link(self.node, peer)
+        if self._up and peer.generation != self._generation:
+            self._up = False
+            raise PeerLost(f"lost the connection to peer {peer.name!r}: the peer restarted")
+        if link.is_cut and link.silent:
+            self._up = False
+            name = type(msg).__name__
+            raise Timeout(f"peer {peer.name!r} did not answer {name} within {timeout:g}s")
+        if link.is_cut:
+            if self._up:
+                self._up = False
+                raise PeerLost(f"lost the connection to peer {peer.name!r}: link cut")
+            raise ConnectionFailed(f"cannot connect to {self.where}: link cut")
+        if not self._up:
+            if self.expect_peer is not None and self.expect_peer != peer.name:
+                raise ConnectionFailed(
+                    f"cannot connect to peer {self.expect_peer!r} at {self.where}: "
+                    f"the peer is {peer.name!r}"
+                )
+            self._up = True
+            self._peer_name = peer.name
+            self._generation = peer.generation
+        try:
+            return link.carry(self.node, peer, msg, timeout)
+        except Timeout:
+            self._up = False  # a request that times out drops the connection
+            raise
+
+    def notify(self, msg: wire.Message, timeout: float = 30.0) -> None:
+        raise AssertionError("the pair runtime sends no notifications")
+
+    def close(self) -> None:
+        self._gone = True
+        self._up = False
+
+
+class LabManager(PairManager):
+    """A PairManager whose peer clients are ends of the lab's fake links.  The cache and the
+    ``expect`` check are PairManager.client_for's own, with LinkEnd for PeerClient."""
+
+    lab: Lab
+    node: Node
+
+    def client_for(self, host: str, port: int, expect: str = "") -> PeerClient:
+        with self.lock:
+            c = self.clients.get((host, port))
+            if c is not None and expect and c.expect_peer not in (None, expect):
+                raise IllegalState(
+                    f"{host}:{port} is node {c.expect_peer!r} for other pairs, not {expect!r}"
+                )
+            if c is not None and expect and c.expect_peer is None:
+                c.expect_peer = expect
+            if c is None:
+                c = LinkEnd(self.lab, self.node, host, port, expect or None)
+                self.clients[host, port] = c
+            return c
+
+
+class Node:
+    """One storage node: a directory of volumes, an event log, a pair manager."""
+
+    def __init__(self, lab: Lab, name: str, listen: str, volumes: dict[str, int]) -> None:
+        self.lab = lab
+        self.name = name
+        self.listen = listen
+        self.directory = lab.tmp / name
+        self.directory.mkdir()
+        self.events_path = str(lab.tmp / f"{name}.events.jsonl")
+        self.lines: list[str] = []
+        self.paths: dict[str, str] = {}
+        for vol, size in volumes.items():
+            path = str(self.directory / f"{vol}.img")
+            Volume.create(path, size, name=vol).close()
+            self.paths[vol] = path
+        self.exporter = Exporter(warn=self.log)
+        self.exporter.config("dir", str(self.directory))
+        self.exporter.config_complete()
+        self.generation = 0
+        self.handles: list[ExportHandle] = []
+        self.started = False
+        self.manager = self._new_manager()
+
+    def _new_manager(self) -> LabManager:
+        m = LabManager(
+            self.name,
+            str(self.directory),
+            self.listen,
+            PORT,
+            PeerSecrets(),
+            EventLog(self.events_path),
+            self.log,
+            clock=self.lab.clock,
+            heartbeat_interval=INTERVAL,
+            heartbeat_timeout=HB_TIMEOUT,
+            async_link_timeout=30.0,
+        )
+        m.lab = self.lab
+        m.node = self
+        return m
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def start(self) -> None:
+        self.manager.start(timer_thread=False)
+        self.started = True
+
+    def stop(self) -> None:
+        """The node goes away: requests to it fail to connect from now on."""
+        for h in self.handles:
+            with contextlib.suppress(PairvolError, OSError):
+                h.close()
+        self.handles.clear()
+        if self.started:
+            self.started = False
+            self.manager.stop()
+
+    def restart(self) -> None:
+        """Stop the node and start a new manager over the same directory (the peers'
+        connections to it break, as a restarted process's would)."""
+        self.stop()
+        self.generation += 1
+        self.manager = self._new_manager()
+        self.start()
+
+    # -- commands, as the control socket would run them ---------------------------------------
+
+    def cmd(self, op: str, **args: Any) -> dict[str, Any]:
+        return self.manager.handlers()[op](args)
+
+    def create(self, pid: str, peer: Node, **kw: Any) -> dict[str, Any]:
+        group, pair = pid.split("/")
+        args: dict[str, Any] = {
+            "group": group,
+            "pair": pair,
+            "volume": "vol",
+            "peer_node": peer.name,
+            "peer_host": peer.listen,
+            "peer_port": PORT,
+            "peer_volume": "vol",
+            "mode": "sync",
+            "fence": "never",
+            "chunk": CHUNK,
+            "auto_resync": False,
+            "max_rate": 0,
+            "journal_size": None,
+            "high_watermark": None,
+        }
+        args.update(kw)
+        return self.cmd("pair.create", **args)
+
+    def side(self, pid: str, volume: str | None = None) -> Side:
+        return self.manager.sides[pid if volume is None else f"{pid}@{volume}"]
+
+    def show(self, pid: str, volume: str | None = None) -> dict[str, Any]:
+        rows: list[dict[str, Any]] = [
+            r
+            for r in self.cmd("pair.display")["pairs"]
+            if r["id"] == pid and (volume is None or r["volume"] == volume)
+        ]
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    def state(self, pid: str, volume: str | None = None) -> tuple[str, str]:
+        r = self.side(pid, volume).record
+        return (str(r.state), r.role.label)
+
+    def events(self, name: str, pid: str, **match: Any) -> list[dict[str, Any]]:
+        """This node's ``name`` events of pair ``pid`` (machine events name it by group and
+        pair) whose fields match."""
+        group, pair = pid.split("/")
+        match.update(group=group, pair=pair)
+        return [
+            e
+            for e in read_events(self.events_path)
+            if e["event"] == name and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    # -- client I/O, as the nbdkit plugin would do it -------------------------------------------
+
+    def open(self, vol: str = "vol") -> ExportHandle:
+        h = self.manager.wrap(self.exporter.open(vol, readonly=False))
+        self.handles.append(h)
+        return h
+
+    def image(self, vol: str = "vol") -> bytes:
+        """The volume's whole data area, read from the image file."""
+        with Volume.open(self.paths[vol]) as v:
+            h = v.header
+            fd = v.fd
+            data = b"".join(_pread_all(fd, h.data_offset, h.data_size))
+        assert len(data) == SIZE
+        return data
+
+    def pvid(self, vol: str = "vol") -> int:
+        with Volume.open(self.paths[vol]) as v:
+            return v.header.pvid
+
+
+def _pread_all(fd: int, offset: int, size: int) -> Iterator[bytes]:
+    pos = 0
+    while pos < size:
+        piece = os.pread(fd, min(MiB, size - pos), offset + pos)
+        assert piece, "short image"
+        yield piece
+        pos += len(piece)
+
+
+class Lab:
+    """Nodes, the links between them and the one scripted clock they share."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.clock = ScriptedClock()
+        self.nodes: dict[str, Node] = {}
+        self.links: dict[frozenset[str], FakeLink] = {}
+        self.timer_rounds = 0
+
+    def node(self, name: str, listen: str, volumes: dict[str, int] | None = None) -> Node:
+        n = Node(self, name, listen, volumes or {"vol": SIZE})
+        self.nodes[name] = n
+        return n
+
+    def start(self) -> None:
+        for n in self.nodes.values():
+            n.start()
+
+    def node_at(self, host: str, port: int) -> Node | None:
+        return next(
+            (n for n in self.nodes.values() if n.listen == host and port == PORT and n.started),
+            None,
+        )
+
+    def link(self, a: Node, b: Node) -> FakeLink:
+        key = frozenset((a.name, b.name))
+        if key not in self.links:
+            self.links[key] = FakeLink(a, b)
+        return self.links[key]
+
+    # -- the one timer, driven by the test ----------------------------------------------------
+
+    def tick(self, seconds: float = 0.0) -> None:
+        """Advance the clock, then run every node's timer at the new ``now`` (calling it
+        early is allowed: it does what is due and nothing else)."""
+        now = self.clock.advance(seconds)
+        for n in self.nodes.values():
+            n.manager.handle_timer(now)
+
+    def run(self, seconds: float) -> int:
+        """What the timer threads would do over ``seconds`` of scripted time: jump to the
+        earliest deadline any node asks for, run that node's timer, ask again.  Returns the
+        number of timer calls; fails on a busy loop (a deadline that does not move)."""
+        end = self.clock.now + seconds
+        calls = 0
+        stuck = 0
+        while True:
+            due = [(n.manager.get_timer(), n) for n in self.nodes.values()]
+            finite = [(t, n) for t, n in due if t is not None]
+            assert all(math.isfinite(t) for t, _ in finite)
+            if not finite:
+                break
+            t, node = min(finite, key=lambda x: x[0])
+            if t > end:
+                break
+            stuck = stuck + 1 if t <= self.clock.now else 0
+            assert stuck < 20, f"{node.name}: get_timer() stays at {t} (busy loop)"
+            self.clock.now = max(self.clock.now, t)
+            node.manager.handle_timer(self.clock.now)
+            calls += 1
+        self.clock.now = end
+        self.timer_rounds += calls
+        return calls
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            n.stop()
+        for link in self.links.values():
+            link.join(REQUEST_CAP)
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll (a millisecond apart, bounded) until ``predicate`` holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.001)
+
+
+def wait_copy(node: Node, pid: str, volume: str | None = None) -> None:
+    """The copy this node's side runs is over (the engine thread joined), and it is PAIR.
+    The engine fires CopyDone and tells the peer in its own thread, so both sides are
+    PAIR once it has ended."""
+    side = node.side(pid, volume)
+    engine = side.engine
+    assert engine is not None, f"{node.name} {pid}: no copy engine"
+    engine.thread.join(WAIT)
+    assert not engine.thread.is_alive(), f"{node.name} {pid}: copy still running"
+    assert side.record.state is ps.State.PAIR, (side.record, node.lines[-5:])
+
+
+def write(h: ExportHandle, offset: int, data: bytes) -> None:
+    h.pwrite(memoryview(bytearray(data)), offset, False)
+
+
+def read(h: ExportHandle, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    h.pread(memoryview(buf), offset)
+    return bytes(buf)
+
+
+def assert_same(a: bytes, b: bytes) -> None:
+    if a == b:
+        return
+    first = next(i for i in range(0, len(a), CHUNK) if a[i : i + CHUNK] != b[i : i + CHUNK])
+    count = sum(1 for i in range(0, len(a), CHUNK) if a[i : i + CHUNK] != b[i : i + CHUNK])
+    raise AssertionError(f"volumes differ in {count} chunks, the first is chunk {first // CHUNK}")
+
+
+def identical(x: Node, y: Node, xvol: str = "vol", yvol: str = "vol") -> None:
+    assert_same(x.image(xvol), y.image(yvol))
+
+
+def noise(n: int) -> bytes:
+    return random.randbytes(n)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    before = set(threading.enumerate())
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.stop()
+        deadline = time.monotonic() + 5
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.005)
+            left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        assert not left, f"threads left running: {[t.name for t in left]}"
+        for link in lab.links.values():
+            assert not link.bugs, link.bugs
+            assert not link.hangs, f"requests that hung (deadlock?): {link.hangs}"
+        for n in lab.nodes.values():
+            if os.environ.get("INPROC_DUMP"):
+                print(f"--- {n.name}", *n.lines, sep="\n")
+            crashes = [x for x in n.lines if "crashed" in x or "timer:" in x]
+            assert not crashes, crashes
+
+
+@pytest.fixture
+def two(lab: Lab) -> tuple[Lab, Node, Node]:
+    a = lab.node("node-a", "10.0.0.1")
+    b = lab.node("node-b", "10.0.0.2")
+    lab.start()
+    return lab, a, b
+
+
+def paired(lab: Lab, a: Node, b: Node, pid: str = "g/p1", **kw: Any) -> None:
+    a.create(pid, b, **kw)
+    wait_copy(a, pid)
+    assert b.state(pid) == ("PAIR", "secondary")
+
+
+# --------------------------------------------------------------------------------------------
+# The timer
+
+
+def test_get_timer_is_finite_and_moves_forward(two: tuple[Lab, Node, Node]) -> None:
+    lab, a, b = two
+    t0 = a.manager.get_timer()
+    assert t0 is not None and math.isfinite(t0)  # the housekeeping round, even with no pair
+    paired(lab, a, b)
+    now = lab.clock.now
+    seen: list[float] = []
+    for _ in range(30):
+        t = a.manager.get_timer()
+        assert t is not None and math.isfinite(t)
+        assert t <= max(now, lab.clock.now) + INTERVAL  # the heartbeat is never overdue
+        seen.append(t)
+        lab.clock.now = max(lab.clock.now, t)
+        a.manager.handle_timer(lab.clock.now)
+        b.manager.handle_timer(lab.clock.now)
+        after = a.manager.get_timer()
+        assert after is not None and after > lab.clock.now, "handle_timer left its deadline due"
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    assert seen[-1] - seen[0] >= 10 * INTERVAL  # moved by whole rounds, not by tiny steps
+    assert a.state("g/p1") == ("PAIR", "primary") and b.state("g/p1") == ("PAIR", "secondary")
+
+
+# --------------------------------------------------------------------------------------------
+# Create, copy, split, resync, swap
+
+
+def test_sync_pair_create_split_resync_swap(two: tuple[Lab, Node, Node]) -> None:
+    _, a, b = two
+    pid = "g/p1"
+    ha = a.open()  # opened while the volume is simplex: issue 7 item 1
+    before = {0: noise(3 * CHUNK), 2 * MiB + 512: noise(CHUNK + 4096), SIZE - CHUNK: noise(CHUNK)}
+    for off, data in before.items():
+        write(ha, off, data)
+    hb = b.open()
+    write(hb, MiB, noise(2 * CHUNK))  # the secondary's old contents are overwritten by the copy
+    hb.close()
+
+    result = a.create(pid, b)
+    assert result["state"] in ("COPY", "PAIR") and result["role"] == "primary"
+    write(ha, 3 * MiB, noise(CHUNK))  # during the copy (or just after): mirrored either way
+    wait_copy(a, pid)
+    assert b.state(pid) == ("PAIR", "secondary")
+    assert [e["state"] for e in a.events("pair.state", pid)] == ["COPY", "PAIR"]
+    assert [e["state"] for e in b.events("pair.state", pid)] == ["COPY", "PAIR"]
+    assert b.pvid() == a.pvid()  # a hidden secondary carries its primary's PVID
+    with pytest.raises(IllegalState, match="hidden secondary"):
+        b.open()
+
+    # The handle opened before the create is mirrored: acknowledged means on both sides.
+    data = noise(CHUNK // 2)
+    write(ha, MiB + 100, data)
+    assert b.image()[MiB + 100 : MiB + 100 + len(data)] == data
+    ha.zero(CHUNK, 2 * MiB, False, False)
+    ha.flush()
+    identical(a, b)
+    assert a.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+    # Split: PSUS on both sides, the secondary gets a PVID of its own.
+    a.cmd("pair.split", target="g")
+    assert a.state(pid) == ("PSUS", "primary") and b.state(pid) == ("PSUS", "secondary")
+    assert b.pvid() != a.pvid()
+    hb = b.open()
+    write(ha, 0, noise(CHUNK))  # chunk 0 on A
+    write(hb, 5 * CHUNK, noise(10))  # chunk 5 on B
+    write(hb, 40 * CHUNK, noise(2 * CHUNK))  # chunks 40, 41 on B
+    assert a.show(pid)["dirty_bytes"] == CHUNK
+    assert b.show(pid)["dirty_bytes"] == 3 * CHUNK
+    assert a.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 4
+
+    # Resync: the secondary's writes are overwritten (said before anything is copied).
+    out = a.cmd("pair.resync", target="g")
+    assert out["pairs"][0]["discarding_chunks"] == 3
+    wait_copy(a, pid)
+    assert b.state(pid) == ("PAIR", "secondary")
+    assert b.pvid() == a.pvid()
+    with pytest.raises(VolumeError) as refused:
+        write(hb, 0, b"x" * 512)  # the open S-VOL connection follows the role: hidden
+    assert refused.value.errno == errno.EPERM
+    identical(a, b)
+
+    # Swap: run on the secondary's node; the roles reverse and B copies to A.
+    a.cmd("pair.split", target="g")
+    write(hb, 7 * CHUNK, noise(CHUNK))  # B's changes since the split are the new truth
+    b.cmd("pair.resync", target="g", swap=True)
+    wait_copy(b, pid)
+    assert b.state(pid) == ("PAIR", "primary") and a.state(pid) == ("PAIR", "secondary")
+    assert a.pvid() == b.pvid()
+    identical(a, b)
+    with pytest.raises(VolumeError) as refused:
+        write(ha, 0, b"y" * 512)  # A is the hidden secondary now
+    assert refused.value.errno == errno.EPERM
+    data = noise(CHUNK)
+    write(hb, 9 * CHUNK, data)  # B's old handle (opened as a PSUS secondary) now mirrors
+    assert a.image()[9 * CHUNK : 10 * CHUNK] == data
+    identical(a, b)
+    assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Link loss
+
+
+def _heal_and_wait(lab: Lab, a: Node, b: Node, pid: str) -> int:
+    """Heal the link and run the timers until both sides have their link back; returns how
+    many Pings crossed meanwhile."""
+    link = lab.link(a, b)
+    pings = link.pings(a, b) + link.pings(b, a)
+    link.heal()
+    for _ in range(10):
+        if a.side(pid).machine.link_up and b.side(pid).machine.link_up:
+            break
+        lab.tick(INTERVAL)
+    assert a.side(pid).machine.link_up and b.side(pid).machine.link_up
+    assert a.events("pair.link", pid, up=True)
+    return link.pings(a, b) + link.pings(b, a) - pings
+
+
+@pytest.mark.parametrize("cut", ["reset", "silent"])
+def test_link_loss_by_failed_write_fence_never(two: tuple[Lab, Node, Node], cut: str) -> None:
+    lab, a, b = two
+    pid = "g/p1"
+    paired(lab, a, b)
+    ha = a.open()
+    link = lab.link(a, b)
+    link.cut(silent=cut == "silent")
+    assert a.state(pid) == ("PAIR", "primary")  # nobody noticed yet
+    acked = noise(CHUNK)
+    write(ha, 10 * CHUNK, acked)  # fence=never: the client gets success
+    assert a.state(pid) == ("PSUE", "primary")
+    assert a.side(pid).record.cause is ps.Cause.LINK
+    lost = a.events("pair.link", pid, up=False)
+    assert len(lost) == 1 and "write to the secondary failed" in lost[0]["reason"]
+    assert a.show(pid)["writes"] == "LOCAL_RECORD"
+    sent = link.count(a, b)
+    write(ha, 20 * CHUNK, noise(100))  # recorded, nothing tried on the link
+    assert link.count(a, b) == sent
+    assert a.show(pid)["dirty_bytes"] == 2 * CHUNK
+    assert b.image()[10 * CHUNK : 11 * CHUNK] != acked
+
+    assert _heal_and_wait(lab, a, b, pid) >= 1  # the Ping per link brought it back
+    assert a.state(pid) == ("PSUE", "primary")  # no auto-resync: that is the operator's call
+    a.cmd("pair.resync", target="g")
+    wait_copy(a, pid)
+    identical(a, b)
+    assert b.image()[10 * CHUNK : 11 * CHUNK] == acked
+
+
+@pytest.mark.parametrize("how", ["jump", "step"])
+def test_link_loss_by_the_heartbeat_timer(two: tuple[Lab, Node, Node], how: str) -> None:
+    """No traffic, link cut: the timer suspends both sides.  ``jump``: the clock passes the
+    heartbeat timeout in one go, the machines' deadline fires.  ``step``: one interval at a
+    time, the first failed Ping does it."""
+    lab, a, b = two
+    pid = "g/p1"
+    paired(lab, a, b)
+    lab.link(a, b).cut()
+    lab.tick(INTERVAL / 4)  # not due yet: nothing changes
+    assert a.state(pid) == ("PAIR", "primary") and b.state(pid) == ("PAIR", "secondary")
+    if how == "jump":
+        lab.tick(HB_TIMEOUT + 0.1)
+        want = "heartbeat timeout"
+    else:
+        for _ in range(int(HB_TIMEOUT)):
+            lab.tick(INTERVAL)
+            if a.state(pid)[0] == "PSUE" and b.state(pid)[0] == "PSUE":
+                break
+        want = "heartbeat failed"
+    for n, role in ((a, "primary"), (b, "secondary")):
+        assert n.state(pid) == ("PSUE", role)
+        lost = n.events("pair.link", pid, up=False)
+        assert len(lost) == 1 and want in lost[0]["reason"], lost
+    assert _heal_and_wait(lab, a, b, pid) >= 1
+    a.cmd("pair.resync", target="g")
+    wait_copy(a, pid)
+    identical(a, b)
+
+
+@pytest.mark.parametrize("cut", ["reset", "silent"])
+def test_fence_data_refuses_what_the_secondary_cannot_take(
+    two: tuple[Lab, Node, Node], cut: str
+) -> None:
+    lab, a, b = two
+    pid = "g/p1"
+    paired(lab, a, b, fence="data")
+    ha = a.open()
+    for _ in range(8):
+        off = random.randrange(0, SIZE // 512 - 64) * 512
+        write(ha, off, noise(random.randrange(1, 64) * 512))
+    acknowledged = a.image()  # every write above was acknowledged
+    lab.link(a, b).cut(silent=cut == "silent")
+    with pytest.raises(VolumeError) as failed:
+        write(ha, 30 * CHUNK, noise(4096))
+    assert failed.value.errno == errno.EIO
+    assert a.state(pid) == ("PSUE", "primary")
+    assert a.show(pid)["writes"] == "REFUSE_FENCED"
+    assert a.events("pair.writes", pid, decision="REFUSE_FENCED")
+    with pytest.raises(VolumeError) as refused:
+        write(ha, 31 * CHUNK, noise(4096))  # refused before anything is written
+    assert refused.value.errno == errno.EIO
+    with pytest.raises(VolumeError) as refused:
+        ha.zero(4096, 32 * CHUNK, False, False)
+    assert refused.value.errno == errno.EIO
+    assert a.image()[31 * CHUNK : 33 * CHUNK] == acknowledged[31 * CHUNK : 33 * CHUNK]
+
+    # Everything acknowledged is on the secondary, before any heal or resync (and the
+    # refused write, which A wrote locally before the secondary failed, is not).
+    assert_same(b.image(), acknowledged)
+    _heal_and_wait(lab, a, b, pid)
+    assert a.show(pid)["writes"] == "REFUSE_FENCED"  # until the operator resyncs
+    a.cmd("pair.resync", target="g")
+    wait_copy(a, pid)
+    identical(a, b)
+    write(ha, 31 * CHUNK, noise(4096))  # mirrored again
+    identical(a, b)
+
+
+def test_takeover_while_cut_fences_the_old_primary(two: tuple[Lab, Node, Node]) -> None:
+    """Issue 7 item 8: after a takeover on the secondary, the old primary must stop taking
+    writes as soon as it hears of the newer epoch (REFUSE_STALE, EIO)."""
+    lab, a, b = two
+    pid = "g/p1"
+    paired(lab, a, b)
+    ha = a.open()
+    write(ha, 0, noise(CHUNK))
+    lab.link(a, b).cut()
+    out = b.cmd("pair.takeover", target="g")
+    assert out["pairs"][0]["state"] == "SSWS"
+    assert b.state(pid) == ("SSWS", "secondary")
+    hb = b.open()
+    new_truth = noise(2 * CHUNK)
+    write(hb, 12 * CHUNK, new_truth)
+    write(ha, 50 * CHUNK, noise(CHUNK))  # the old primary, not yet told: PSUE, recorded
+    assert a.state(pid) == ("PSUE", "primary")
+
+    _heal_and_wait(lab, a, b, pid)
+    # The reconnect's state exchange told A of B's newer epoch: A is fenced.
+    assert a.side(pid).record.stale
+    assert a.show(pid)["writes"] == "REFUSE_STALE"
+    with pytest.raises(VolumeError) as refused:
+        write(ha, 0, noise(4096))
+    assert refused.value.errno == errno.EIO
+
+    b.cmd("pair.resync", target="g", swap=True)
+    wait_copy(b, pid)
+    assert b.state(pid) == ("PAIR", "primary") and a.state(pid) == ("PAIR", "secondary")
+    identical(a, b)
+    assert a.image()[12 * CHUNK : 14 * CHUNK] == new_truth
+    data = noise(CHUNK)
+    write(hb, 60 * CHUNK, data)
+    assert a.image()[60 * CHUNK : 61 * CHUNK] == data
+
+
+# --------------------------------------------------------------------------------------------
+# Heartbeats: one Ping per link, however many pairs
+
+
+OUT_OF_PHASE = (
+    "replicator/pair/links.py: each pair's machine asks for SendPing at its own phase and "
+    "PeerLinks.handle_timer sends a Ping for every such request, so a link carries one Ping "
+    "per pair per interval once the timer follows get_timer() (see the report of issue 8 "
+    "item 10)"
+)
+
+
+@pytest.mark.parametrize(
+    "drive",
+    ["steps", pytest.param("timer", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_PHASE))],
+)
+def test_one_ping_per_link_per_round(lab: Lab, drive: str) -> None:
+    """Issue 8 item 3.  Three pairs share the link, created at different moments (so their
+    machines' heartbeat deadlines differ); with no traffic, each node sends one Ping per
+    heartbeat interval over the link.  ``steps``: the clock moves by whole intervals;
+    ``timer``: it follows get_timer() as the timer thread does."""
+    vols = {f"vol{i}": SIZE for i in range(3)}
+    a = lab.node("node-a", "10.0.0.1", vols)
+    b = lab.node("node-b", "10.0.0.2", vols)
+    lab.start()
+    for i in range(3):
+        a.create(f"g/p{i}", b, volume=f"vol{i}", peer_volume=f"vol{i}")
+        wait_copy(a, f"g/p{i}")
+        lab.tick(0.3)  # the next pair's machine starts its heartbeat 0.3 s later
+    lab.run(2 * INTERVAL)  # settle
+    link = lab.link(a, b)
+    ab, ba = link.pings(a, b), link.pings(b, a)
+    others = link.count(a, b) + link.count(b, a) - ab - ba
+    rounds = 10
+    if drive == "steps":
+        for _ in range(rounds):
+            lab.tick(INTERVAL)
+    else:
+        lab.run(rounds * INTERVAL)
+    assert link.count(a, b) + link.count(b, a) - link.pings(a, b) - link.pings(b, a) == others
+    # One per interval and direction (each node watches the link with its own Ping).
+    assert link.pings(a, b) - ab == rounds, drive
+    assert link.pings(b, a) - ba == rounds, drive
+    for i in range(3):
+        assert a.state(f"g/p{i}") == ("PAIR", "primary")
+        assert b.state(f"g/p{i}") == ("PAIR", "secondary")
+
+
+# --------------------------------------------------------------------------------------------
+# A local pair (both volumes on one node)
+
+
+def test_local_pair_create_split_resync(lab: Lab) -> None:
+    a = lab.node("node-a", "10.0.0.1", {"vol": SIZE, "vol2": SIZE})
+    lab.start()
+    pid = "g/local"
+    h = a.open()
+    write(h, MiB, noise(3 * CHUNK))
+    a.create(pid, a, peer_node="", peer_host=a.listen, peer_volume="vol2")
+    wait_copy(a, pid, "vol")
+    assert a.state(pid, "vol") == ("PAIR", "primary")
+    assert a.state(pid, "vol2") == ("PAIR", "secondary")
+    write(h, 0, noise(CHUNK))
+    identical(a, a, "vol", "vol2")
+
+    lab.run(3 * HB_TIMEOUT)  # the halves ping each other in-process: still PAIR
+    assert a.state(pid, "vol") == ("PAIR", "primary")
+    assert a.state(pid, "vol2") == ("PAIR", "secondary")
+    assert not lab.links  # nothing went over a link
+
+    a.cmd("pair.split", target="g")
+    assert a.state(pid, "vol") == ("PSUS", "primary")
+    assert a.state(pid, "vol2") == ("PSUS", "secondary")
+    assert a.pvid("vol") != a.pvid("vol2")
+    h2 = a.open("vol2")
+    write(h, 4 * CHUNK, noise(CHUNK))
+    write(h2, 9 * CHUNK, noise(CHUNK))
+    out = a.cmd("pair.resync", target="g")
+    assert [p["discarding_chunks"] for p in out["pairs"]] == [1]
+    wait_copy(a, pid, "vol")
+    assert a.state(pid, "vol2") == ("PAIR", "secondary")
+    identical(a, a, "vol", "vol2")
+    assert a.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Stop and restart
+
+
+def test_stop_during_a_copy_then_restart_resumes_it(two: tuple[Lab, Node, Node]) -> None:
+    """Stopping a node mid-copy joins the engine at once (no thread left) and keeps the copy
+    durable; the restarted node's pair waits for its peer (link down), the timer's Ping
+    brings the link back and the copy resumes where it stopped."""
+    lab, a, b = two
+    pid = "g/p1"
+    h = a.open()
+    for off in range(0, SIZE, MiB):
+        write(h, off, noise(MiB))
+    # 4 MiB/s: the engine's first runs wait for their budget (real seconds: the throttle
+    # reads the scripted clock, which stands still), so the copy is surely under way.
+    a.create(pid, b, max_rate=4 * MiB)
+    engine = a.side(pid).engine
+    assert engine is not None and engine.thread.is_alive()
+    began = time.monotonic()
+    a.restart()
+    assert time.monotonic() - began < 2.0, "stop waited for the throttled copy"
+    assert not engine.thread.is_alive()
+    assert a.state(pid) == ("COPY", "primary")
+    assert not a.side(pid).machine.link_up  # restored from disk: waits for the peer
+    a.side(pid).doc.max_rate = 0  # the rest at full speed (the throttle cannot be scripted)
+    for _ in range(5):
+        if a.side(pid).machine.link_up:
+            break
+        lab.tick(INTERVAL)
+    assert a.side(pid).machine.link_up
+    wait_copy(a, pid)
+    assert b.state(pid) == ("PAIR", "secondary")
+    identical(a, b)
