@@ -1371,6 +1371,11 @@ class PairMachine:
             return self._heard_at + self._timeout
         return None
 
+    def pinged(self, now: float) -> None:
+        """A heartbeat went to the peer on this pair's behalf (one Ping per peer link serves
+        every pair on it): the next SendPing is due an interval from now."""
+        self._pinged_at = max(self._pinged_at, now)
+
     def handle_timer(self, now: float) -> list[Action]:
         if (self._heartbeat_active() or self._awaiting_peer()) and (
             now >= self._heard_at + self._timeout

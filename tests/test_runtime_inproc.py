@@ -824,18 +824,9 @@ def test_takeover_while_cut_fences_the_old_primary(two: tuple[Lab, Node, Node]) 
 # Heartbeats: one Ping per link, however many pairs
 
 
-OUT_OF_PHASE = (
-    "replicator/pair/links.py: each pair's machine asks for SendPing at its own phase and "
-    "PeerLinks.handle_timer sends a Ping for every such request, so a link carries one Ping "
-    "per pair per interval once the timer follows get_timer() (see the report of issue 8 "
-    "item 10)"
-)
-
-
-@pytest.mark.parametrize(
-    "drive",
-    ["steps", pytest.param("timer", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_PHASE))],
-)
+# "timer" once failed: each machine asked for a Ping at its own phase and every request was
+# sent (one Ping per pair per interval); the link's Ping now sets every machine's phase.
+@pytest.mark.parametrize("drive", ["steps", "timer"])
 def test_one_ping_per_link_per_round(lab: Lab, drive: str) -> None:
     """Issue 8 item 3.  Three pairs share the link, created at different moments (so their
     machines' heartbeat deadlines differ); with no traffic, each node sends one Ping per

@@ -111,7 +111,11 @@ class PeerLinks:
         sides = self.sides_of(key)
         if not sides:
             return
-        live.sent(self.m.clock())
+        sent_at = self.m.clock()
+        live.sent(sent_at)
+        for s in sides:  # every pair of the link is served by this one Ping: one phase
+            with s.state_lock:
+                s.machine.pinged(sent_at)
         try:
             reply = sides[0].peer_client().request(wire.Ping(time.monotonic_ns()), PING_TIMEOUT)
         except (ConnectionFailed, Timeout, PeerRefused, PairvolError) as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from replicator import pair_state as ps
@@ -58,6 +59,7 @@ class PullEngine:
         self.copied = 0
         self.total = 0
         self.budget = 0
+        self._t0 = time.monotonic()
 
     def start(self) -> None:
         self.thread.start()
@@ -76,7 +78,7 @@ class PullEngine:
         if rate <= 0:
             return
         self.budget += nbytes
-        ahead = self.budget / rate - (self.side.clock() - self.started)
+        ahead = self.budget / rate - (time.monotonic() - self._t0)  # real seconds, as waited
         if ahead > 0:
             self.stop_flag.wait(ahead)
 
