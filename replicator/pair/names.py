@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from replicator.errors import UsageError
 from replicator.header import check_name
+from replicator.node_table import parse_address
 
 
 def pair_id(group: str, pair: str) -> str:
@@ -23,13 +24,5 @@ def split_pair_id(text: str) -> tuple[str, str | None]:
 
 
 def parse_peer_address(text: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, default_port
-    try:
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not 0 < number < 65536:
-        raise UsageError(f"{text!r}: {port!r} is not a TCP port")
-    return host.strip("[]"), number
+    """``ADDR[:PORT]`` (IPv6 as ``[ADDR]:PORT``): the node table's one parser."""
+    return parse_address(text, default_port)
