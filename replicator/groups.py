@@ -38,7 +38,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from replicator import wire
-from replicator.errors import ConnectionFailed, IllegalState, NotFound, PairvolError, Timeout
+from replicator.errors import (
+    ConnectionFailed,
+    IllegalState,
+    NotFound,
+    PairvolError,
+    ProtocolError,
+    Timeout,
+)
 from replicator.gate import Gate
 from replicator.journal import EntryKind, Journal, JournalFull
 from replicator.peer_link import PeerRefused
@@ -279,6 +286,13 @@ class GroupPrimary(_GroupWorker):
     # -- shipping ------------------------------------------------------------------------------
 
     def on_ack(self, ack: wire.JournalAck) -> None:
+        if ack.incarnation and ack.incarnation != self.journal.journal_id:
+            # Marks of another sequence space (the group before a reset, or re-created):
+            # releasing on them would drop entries the secondary never applied.
+            raise ProtocolError(
+                f"group {self.name}: an acknowledgement of incarnation {ack.incarnation:016x}, "
+                f"not {self.journal.journal_id:016x}: refused"
+            )
         released = False
         with self.cond:
             self.received = max(self.received, ack.received)
@@ -314,9 +328,10 @@ class GroupPrimary(_GroupWorker):
                     with self._ship_lock:
                         self.status(side)  # learn what the secondary already holds
                         self._ship_some(pool)
-                except PeerRefused as e:
-                    # The secondary answered and refused: not link trouble to ride out, an
-                    # error that suspends the pair (and folds the journal into the bitmaps).
+                except (PeerRefused, ProtocolError) as e:
+                    # The secondary answered and refused, or answered about another sequence
+                    # space: not link trouble to ride out, an error that suspends the pair
+                    # (and folds the journal into the bitmaps).
                     self.shipped = self.applied
                     for s in list(self.sides.values()):
                         if s.ships():
@@ -341,7 +356,8 @@ class GroupPrimary(_GroupWorker):
         newest = self.journal.last_seq
         stamp = self.journal.newest_stamp_ns or 0
         base = self.journal.first_seq  # everything older was applied there, or folded
-        reply = side.request(wire.JournalStatus(side.id, newest, stamp, base))
+        inc = self.journal.journal_id
+        reply = side.request(wire.JournalStatus(side.id, newest, stamp, base, inc))
         if isinstance(reply, wire.JournalAck):
             self.on_ack(reply)
 
@@ -416,6 +432,8 @@ class GroupSecondary(_GroupWorker):
         self.primary_newest_ns = 0
         self.heard_at = 0.0
         self._apply_lock = threading.Lock()  # one applier at a time (thread or discard)
+        #: The primary's incarnation, learnt from its JournalStatus (0: not yet).
+        self.incarnation = 0
 
     @property
     def received(self) -> int:
@@ -429,7 +447,7 @@ class GroupSecondary(_GroupWorker):
         self.sides[side.id] = side
 
     def ack(self, pair_id: str) -> wire.JournalAck:
-        return wire.JournalAck(pair_id, self.received, self.applied)
+        return wire.JournalAck(pair_id, self.received, self.applied, self.incarnation)
 
     def receive(self, side: Side, msg: wire.Write | wire.Zero) -> wire.JournalAck:
         """Append a shipped entry in sequence order (duplicates are acknowledged again)."""
@@ -478,6 +496,18 @@ class GroupSecondary(_GroupWorker):
             self.journal.set_applied(next_seq - 1)
 
     def note_status(self, msg: wire.JournalStatus) -> wire.JournalAck:
+        if msg.incarnation and self.incarnation and msg.incarnation != self.incarnation:
+            # The primary's sequence space started over: what we hold of the old one is
+            # superseded (the primary folded it into its bitmaps); continue at its base.
+            with self._apply_lock, self.cond:
+                self.log(
+                    f"group {self.name}: the primary's incarnation changed "
+                    f"({self.incarnation:016x} -> {msg.incarnation:016x}); the receive "
+                    f"journal's unapplied entries are dropped, it continues at {msg.base}"
+                )
+                self._rebase(max(msg.base, 1))
+        if msg.incarnation:
+            self.incarnation = msg.incarnation
         if msg.base > self.journal.last_seq + 1:
             # The primary folded entries we never got into its bitmaps (a resync copies those
             # chunks instead): they will never come.  Continue from its base.

@@ -552,12 +552,16 @@ class JournalStatus:
     #: were folded into bitmaps (overflow, suspension): the secondary's receive journal
     #: continues from here.
     base: int = 0
+    #: The group's incarnation: the id of the primary's group journal, new whenever the
+    #: sequence space starts over (a group created again, a journal reset after corruption).
+    incarnation: int = 0
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
         _uint(self, "newest", 64)
         _uint(self, "newest_ns", 64)
         _uint(self, "base", 64)
+        _uint(self, "incarnation", 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,11 +573,14 @@ class JournalAck:
     pair_id: str
     received: int
     applied: int
+    #: The incarnation these marks belong to (0: the secondary has not learnt one yet).
+    incarnation: int = 0
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
         _uint(self, "received", 64)
         _uint(self, "applied", 64)
+        _uint(self, "incarnation", 64)
         if self.applied > self.received:
             raise _bad(self, "applied", f"{self.applied} is past received {self.received}")
 
@@ -827,8 +834,12 @@ CODECS: Final[dict[type, Codec]] = {
         )),
         Codec(0x14, DigestRequest, (_pair_id(), _u64("first"), _u32("count"))),
         Codec(0x15, Digests, (_pair_id(), _u64("first"), _Bulk("digests"))),
-        Codec(0x16, JournalStatus, (_pair_id(), _u64("newest"), _u64("newest_ns"), _u64("base"))),
-        Codec(0x17, JournalAck, (_pair_id(), _u64("received"), _u64("applied"))),
+        Codec(0x16, JournalStatus, (
+            _pair_id(), _u64("newest"), _u64("newest_ns"), _u64("base"), _u64("incarnation"),
+        )),
+        Codec(0x17, JournalAck, (
+            _pair_id(), _u64("received"), _u64("applied"), _u64("incarnation"),
+        )),
         Codec(0x20, Write, (
             _pair_id(), _u64("offset"), _u64("seq"), _Bool("fua"), _Bulk("data"),
         )),
