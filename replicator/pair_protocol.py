@@ -8,21 +8,35 @@ request) and the receiver *replies* with its own.  This module holds the two thi
 the two machines move together, as tables, with no I/O, no clock and no locks:
 
 1. :data:`PEER_RULES`: what a PairState from the peer means for our machine.  The key is
-   ``(our role, our state, peer role, peer state, epoch, via)``: ``epoch`` is the peer's epoch
-   relative to ours (:class:`EpochRelation`) and ``via`` says whether the message was an
-   announcement or a reply (:class:`Via`).  The value is the tuple of events to feed our
-   machine, in order: usually none or one, sometimes two or three (a secondary in PAIR that
-   hears its primary restarted a copy loses and regains the link before it resyncs).  Every
-   possible key is in the table; :func:`peer_events` is a lookup.  The table is expanded from
-   :data:`PEER_ROWS`, an ordered list of rules in which the first matching row decides.  As in
-   h11, the same rules hold for both sides: the table does not know which node it runs on.
+   ``(our role, our state, our cause, peer role, peer state, epoch, via)``: ``our cause`` is
+   why our side is suspended (``Cause.NONE`` outside PSUE and PFUS; it is not on the wire, but
+   a secondary suspended by its disk or its peer must not rejoin without a copy), ``epoch``
+   is the peer's epoch relative to ours (:class:`EpochRelation`) and ``via`` says whether the
+   message was an announcement or a reply (:class:`Via`).  The value is the tuple of events
+   to feed our machine, in order: usually none or one, sometimes two or three (a secondary in
+   PAIR that hears its primary restarted a copy loses and regains the link before it
+   resyncs).  Every possible key is in the table; :func:`peer_events` is a lookup.  The table
+   is expanded from :data:`PEER_ROWS`, an ordered list of rules in which the first matching
+   row decides.  As in h11, the same rules hold for both sides: the table does not know which
+   node it runs on.
 
    Rule one: a primary that hears of a newer epoch from a side that took over (SSWS) or is a
    primary fences itself (PeerTookOver), except when the peer is a primary entering COPY and
    we are in PSUS or PSUE: that is a swap, and we follow as its secondary.  Rule two: a
-   secondary that hears of a newer epoch from a secondary finishes the swap the peer began
-   and becomes the primary.  Both rules hold for announcements and replies alike; every other
-   rule is for announcements only (the peer has already acted on ours).
+   secondary that hears of a newer epoch from a secondary in COPY or PSUE (the states a side
+   that demoted itself by a swap can be in) finishes the swap the peer began and becomes the
+   primary; a newer secondary in SSWS took over, which is no swap: nothing (beside it we
+   would be a writable primary with the link up).  Both rules hold for announcements and
+   replies alike.  So do two rules about a split that only one side finished: a primary in
+   PSUE (not stale) hearing its secondary is PSUS at the same epoch finishes the split (the
+   secondary got our PSUS, we lost its answer), and a secondary in COPY hearing its primary
+   is PSUS stops waiting for a copy that will not come (PeerError: PSUE, and the next resync
+   repairs it).  Every other rule is for announcements only (the peer has already acted on
+   ours).
+
+   A secondary in PSUE hearing its primary in PAIR rejoins without a copy only when the link
+   suspended it (the primary restarted or the link blipped: nothing is missing); suspended
+   by its disk or its peer (a salvaged journal, a truncated image) it stays PSUE.
 
 2. :data:`PLANS`: for each two-sided command, the ordered steps the adapter carries out.  The
    rule: **the side that is, or becomes, the secondary moves first** (docs/protocol.md, "Pair
@@ -36,11 +50,13 @@ the two machines move together, as tables, with no I/O, no clock and no locks:
    IllegalState before anything is sent).
 
 3. Auto-resync in one place: :func:`auto_resync_due` is the decision and
-   :func:`restore_plan` the steps, for every LinkRestored.  An automatic resync is a resync: the
-   secondary moves first, so the COPY announcement goes out *before* the machine is fed
-   LinkRestored (whose AUTO_RESYNC step in pair_state then chains the Resync).  The reply to
-   that announcement goes through the reply rules first: a peer that took over in the meantime
-   fences us, and then LinkRestored does not resync towards it.
+   :func:`restore_plan` the steps, for every LinkRestored.  An automatic resync first asks the
+   peer where it is (a :class:`Query` through the reply rules): a secondary in PSUS means a
+   split happened there whose answer we lost, and the split is finished here instead (no
+   resync overwrites what was written on it since); a peer that took over fences us.  Then
+   it is a resync: the secondary moves first, so the COPY announcement goes out *before* the
+   machine is fed LinkRestored (whose AUTO_RESYNC step in pair_state then chains the
+   Resync).  The reply to that announcement goes through the reply rules too.
 
 How the adapter uses it (one side; steps, not threads)
 ------------------------------------------------------
@@ -49,17 +65,20 @@ How the adapter uses it (one side; steps, not threads)
   ..., reply=False)`` in order (drop the SendPairState they produce: our reply tells the peer);
   reply with our own state.  A refused event (IllegalState) is the peer's error answer.
 * A reply arrives (to an Exchange or a Query): learn; feed ``peer_events(..., reply=True)``;
-  carry out their SendPairState as an :class:`Exchange`.
+  carry out their SendPairState as an :class:`Exchange` (the peer learns our new state).
 * A command: ``p = plan(command, record, peer_epoch, link_up=...)``; carry out ``p.steps`` one
   by one, holding client I/O (the gate) over the steps whose ``hold_io`` is set.  A
   :class:`Query` step ends the plan: after it, call :func:`plan` again with ``queried=True``
   (the reply may have fenced us or taught us a newer epoch) and carry out that plan instead.
-* The link comes back (a Pong while down): ``restore_plan(record, notify=True)``.
+* The link comes back (a Pong while down): ``restore_plan(record, notify=True)``.  A partial
+  restore plan (an automatic resync) is carried out as a command's: its Query, then
+  ``restore_plan(..., queried=True, peer=...)``.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 from typing import Final
 
@@ -158,6 +177,7 @@ _RESYNC, _SPLIT, _DELETE = PeerEvent(Kind.RESYNC), PeerEvent(Kind.SPLIT), PeerEv
 _COPY_DONE, _RESTORED = PeerEvent(Kind.COPY_DONE), PeerEvent(Kind.LINK_RESTORED)
 _PRIMARY_SUSPENDED = PeerEvent(Kind.PEER_ERROR, "the primary suspended the pair")
 _COPY_RESTARTED = PeerEvent(Kind.LINK_LOST, "the primary restarted the copy")
+_COPY_ABANDONED = PeerEvent(Kind.PEER_ERROR, "the primary is split: the copy will not come")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +193,15 @@ class PeerRow:
     epochs: tuple[EpochRelation, ...]
     vias: tuple[Via, ...]
     events: tuple[PeerEvent, ...]
+    #: Why our side is suspended (PSUE, PFUS; NONE in every other state): not on the wire,
+    #: but it decides whether a suspended secondary may rejoin without a copy.
+    causes: tuple[Cause, ...] = tuple(Cause)
 
 
 _ANY: Final = tuple(State)
 _ALL_EPOCHS: Final = tuple(EpochRelation)
 _NEWER: Final = (EpochRelation.NEWER,)
+_SAME: Final = (EpochRelation.SAME,)
 _BOTH_VIAS: Final = tuple(Via)
 _ANN: Final = (Via.ANNOUNCEMENT,)
 _REPLY: Final = (Via.REPLY,)
@@ -192,8 +216,10 @@ SMPL, COPY, PAIR, PSUS, PSUE, PFUS, SSWS = (
     State.SSWS,
 )
 
-# The rules, in the order the hand-written Side.peer_event / on_peer_state / on_peer_reply
-# tried them; the first row that matches a key decides it.  Anything no row matches: ().
+# The rules; the first row that matches a key decides it.  Anything no row matches: ().  The
+# order is the one the hand-written Side.peer_event / on_peer_state / on_peer_reply tried
+# them in, with the rows the protocol walk added or narrowed (see the module docstring).
+_LINK, _PEER, _DISK = Cause.LINK, Cause.PEER, Cause.DISK
 # fmt: off
 PEER_ROWS: Final[tuple[PeerRow, ...]] = (
     # -- rule one: a primary hears of a newer epoch from a primary or a taken-over secondary --
@@ -212,6 +238,10 @@ PEER_ROWS: Final[tuple[PeerRow, ...]] = (
             ROLES, _ANY, ROLES, (SMPL,), _ALL_EPOCHS, _ANN, (_DELETE,)),
     PeerRow("a reply in SMPL deletes nothing (the delete is announced)",
             ROLES, _ANY, ROLES, (SMPL,), _ALL_EPOCHS, _REPLY, ()),
+    # -- the primary follows its secondary --
+    PeerRow("the secondary split and the answer was lost: finish the split here",
+            (_P,), (PSUE,), (_S,), (PSUS,), _SAME, _BOTH_VIAS, (_SPLIT,),
+            causes=(_LINK, _PEER, _DISK)),
     # -- the secondary follows its primary's announcements --
     PeerRow("the primary split",
             (_S,), (PAIR,), (_P,), (PSUS,), _ALL_EPOCHS, _ANN, (_SPLIT,)),
@@ -219,49 +249,71 @@ PEER_ROWS: Final[tuple[PeerRow, ...]] = (
             (_S,), (PSUS, PSUE, PFUS), (_P,), (COPY,), _ALL_EPOCHS, _ANN, (_RESYNC,)),
     PeerRow("the primary's copy is done",
             (_S,), (COPY,), (_P,), (PAIR,), _ALL_EPOCHS, _ANN, (_COPY_DONE,)),
+    PeerRow("the primary is split: the copy it announced will not come; suspend, the next "
+            "resync repairs it",
+            (_S,), (COPY,), (_P,), (PSUS,), _ALL_EPOCHS, _BOTH_VIAS, (_COPY_ABANDONED,)),
     PeerRow("the primary suspended the pair",
             (_S,), _REPL, (_P,), (PSUE,), _ALL_EPOCHS, _ANN, (_PRIMARY_SUSPENDED,)),
     PeerRow("the primary suspended and resyncs before we noticed the link go",
             (_S,), (PAIR,), (_P,), (COPY,), _ALL_EPOCHS, _ANN,
             (_COPY_RESTARTED, _RESTORED, _RESYNC)),
     PeerRow("the primary never suspended (a restart, a blip): rejoin without a copy",
-            (_S,), (PSUE,), (_P,), (PAIR,), _ALL_EPOCHS, _ANN, (_RESYNC, _COPY_DONE)),
+            (_S,), (PSUE,), (_P,), (PAIR,), _ALL_EPOCHS, _ANN, (_RESYNC, _COPY_DONE),
+            causes=(_LINK,)),
+    PeerRow("suspended by our disk or our peer: no rejoin without a copy, stay PSUE",
+            (_S,), (PSUE,), (_P,), (PAIR,), _ALL_EPOCHS, _ANN, (),
+            causes=(_PEER, _DISK)),
     # -- rule two: a secondary hears of a newer epoch from a secondary --
-    PeerRow("rule two: the peer demoted itself by a swap; finish it, become primary",
-            (_S,), _ANY, (_S,), _ANY, _NEWER, _BOTH_VIAS, (FOLLOW_SWAP,)),
+    PeerRow("rule two: the peer demoted itself by a swap (COPY, PSUE); finish it, become "
+            "primary",
+            (_S,), _ANY, (_S,), (COPY, PSUE), _NEWER, _BOTH_VIAS, (FOLLOW_SWAP,)),
+    PeerRow("rule two, not a swap: the peer took over; nothing (an operator's case)",
+            (_S,), _ANY, (_S,), (SSWS,), _NEWER, _BOTH_VIAS, ()),
 )
 # fmt: on
 
-PeerKey = tuple[Role, State, Role, State, EpochRelation, Via]
+PeerKey = tuple[Role, State, Cause, Role, State, EpochRelation, Via]
+
+
+def causes_of(role: Role, state: State) -> tuple[Cause, ...]:
+    """The causes a record in ``(role, state)`` can carry (pair_state's record rules)."""
+    if state is State.PFUS:
+        return (Cause.JOURNAL,)
+    if state is State.PSUE:
+        stale = (Cause.TAKEOVER,) if role is _P else ()
+        return (Cause.LINK, Cause.PEER, Cause.DISK, *stale)
+    return (Cause.NONE,)
+
+
+#: Every (role, state, cause) our side can be in: the first three fields of a PEER_RULES key.
+OUR_SIDES: Final = tuple((r, s, c) for r, s in SIDES for c in causes_of(r, s))
 
 
 def _expand_peer_rows() -> tuple[dict[PeerKey, tuple[PeerEvent, ...]], dict[PeerKey, str]]:
     table: dict[PeerKey, tuple[PeerEvent, ...]] = {}
     labels: dict[PeerKey, str] = {}
     for row in PEER_ROWS:
-        for our_role in row.ours:
-            for our_state in row.our_states:
-                for peer_role in row.peer:
-                    for peer_state in row.peer_states:
-                        for epoch in row.epochs:
-                            for via in row.vias:
-                                key = (our_role, our_state, peer_role, peer_state, epoch, via)
-                                if key not in labels:  # an earlier row decided it
-                                    table[key], labels[key] = row.events, row.label
+        keys = itertools.product(
+            row.ours, row.our_states, row.causes, row.peer, row.peer_states, row.epochs, row.vias
+        )
+        for key in keys:
+            if key not in labels:  # an earlier row decided it
+                table[key], labels[key] = row.events, row.label
     full: dict[PeerKey, tuple[PeerEvent, ...]] = {}
     full_labels: dict[PeerKey, str] = {}
-    for our_role, our_state in SIDES:
+    for our_role, our_state, cause in OUR_SIDES:
         for peer_role, peer_state in SIDES:
             for epoch in EpochRelation:
                 for via in Via:
-                    key = (our_role, our_state, peer_role, peer_state, epoch, via)
+                    key = (our_role, our_state, cause, peer_role, peer_state, epoch, via)
                     full[key] = table.get(key, ())
                     full_labels[key] = labels.get(key, "nothing")
     return full, full_labels
 
 
 _EXPANDED: Final = _expand_peer_rows()
-#: (our role, our state, peer role, peer state, epoch relation, via) → events for our machine.
+#: (our role, our state, our cause, peer role, peer state, epoch relation, via) → events
+#: for our machine.
 PEER_RULES: Final = _EXPANDED[0]
 #: The same keys → the label of the row that decided it ("nothing" where none did).
 PEER_RULE_LABELS: Final = _EXPANDED[1]
@@ -286,30 +338,44 @@ class PeerView:
             raise ProtocolError(f"the peer's epoch {self.epoch!r} is not a non-negative integer")
 
 
-def peer_events(
-    record: PairRecord, peer_state: State, peer_role: Role, peer_epoch: int, *, reply: bool
-) -> tuple[TableEvent, ...]:
-    """The events a PairState from the peer means for our machine, in order (a lookup in
-    :data:`PEER_RULES`).  A peer role or state the wire cannot carry raises ProtocolError."""
+def _peer_key(
+    record: PairRecord, peer_state: State, peer_role: Role, peer_epoch: int, reply: bool
+) -> tuple[PeerKey, PeerView]:
     view = PeerView(peer_state, peer_role, peer_epoch)
     key = (
         record.role,
         record.state,
+        record.cause,
         view.role,
         view.state,
         EpochRelation.of(record.epoch, view.epoch),
         Via.REPLY if reply else Via.ANNOUNCEMENT,
     )
+    return key, view
+
+
+def peer_events(
+    record: PairRecord, peer_state: State, peer_role: Role, peer_epoch: int, *, reply: bool
+) -> tuple[TableEvent, ...]:
+    """The events a PairState from the peer means for our machine, in order (a lookup in
+    :data:`PEER_RULES`).  A peer role or state the wire cannot carry raises ProtocolError."""
+    key, view = _peer_key(record, peer_state, peer_role, peer_epoch, reply)
     return tuple(e.make(view.epoch) for e in PEER_RULES[key])
+
+
+def peer_rule(
+    record: PairRecord, peer_state: State, peer_role: Role, peer_epoch: int, *, reply: bool
+) -> str:
+    """The label of the rule that decides :func:`peer_events` for the same arguments (for
+    the log)."""
+    return PEER_RULE_LABELS[_peer_key(record, peer_state, peer_role, peer_epoch, reply)[0]]
 
 
 def render_peer_rules() -> list[str]:
     """The rules and the expanded table, as Markdown lines for docs/state-machines.md."""
 
-    def names(items: tuple[State, ...] | tuple[Role, ...]) -> str:
-        if items == _ANY:
-            return "any"
-        if items == ROLES:
+    def names(items: tuple[State, ...] | tuple[Role, ...] | tuple[Cause, ...]) -> str:
+        if items in (_ANY, ROLES, tuple(Cause)):
             return "any"
         return ", ".join(i.label if isinstance(i, Role) else i.value for i in items)
 
@@ -319,42 +385,58 @@ def render_peer_rules() -> list[str]:
     lines = [
         "#### Rules (the first row that matches decides)",
         "",
-        "| # | rule | our role | our state | peer role | peer state | peer's epoch | via | "
-        "events |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | rule | our role | our state | our cause | peer role | peer state | "
+        "peer's epoch | via | events |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, row in enumerate(PEER_ROWS, 1):
         epochs = "any" if row.epochs == _ALL_EPOCHS else ", ".join(row.epochs)
         vias = "both" if row.vias == _BOTH_VIAS else ", ".join(row.vias)
         lines.append(
             f"| {i} | {row.label} | {names(row.ours)} | {names(row.our_states)} | "
-            f"{names(row.peer)} | {names(row.peer_states)} | {epochs} | {vias} | "
-            f"{events(row.events)} |"
+            f"{names(row.causes)} | {names(row.peer)} | {names(row.peer_states)} | {epochs} | "
+            f"{vias} | {events(row.events)} |"
         )
+    also = [
+        str(i)
+        for i, row in enumerate(PEER_ROWS, 1)
+        if Via.REPLY in row.vias and row.events and row.epochs != _NEWER
+    ]
     lines += [
+        "",
+        f"Replies take the epoch rules and rows {', '.join(also[:-1])} and {also[-1]}: a split "
+        "that only one side finished (a lost answer) is finished, whichever side speaks first.",
         "",
         "#### Every combination that does something",
         "",
         "One row per (our side, the peer's side, via); the columns are the peer's epoch "
-        "relative to ours.",
+        "relative to ours.  Our side names its cause only where the cause changes the row.",
         "",
         "| our side | peer says | via | older | same | newer |",
         "|---|---|---|---|---|---|",
     ]
     for our_role, our_state in SIDES:
+        causes = causes_of(our_role, our_state)
         for peer_role, peer_state in SIDES:
             for via in Via:
-                cells = [
-                    PEER_RULES[our_role, our_state, peer_role, peer_state, e, via]
-                    for e in EpochRelation
-                ]
-                if not any(cells):
-                    continue
-                lines.append(
-                    f"| {our_role.label} {our_state} | {peer_role.label} {peer_state} | {via} | "
-                    + " | ".join(events(c) for c in cells)
-                    + " |"
-                )
+                groups: dict[tuple[tuple[PeerEvent, ...], ...], list[Cause]] = {}
+                for cause in causes:
+                    cells = tuple(
+                        PEER_RULES[our_role, our_state, cause, peer_role, peer_state, e, via]
+                        for e in EpochRelation
+                    )
+                    groups.setdefault(cells, []).append(cause)
+                for cells, same in groups.items():
+                    if not any(cells):
+                        continue
+                    ours = f"{our_role.label} {our_state}"
+                    if len(groups) > 1:
+                        ours += f" ({', '.join(same)})"
+                    lines.append(
+                        f"| {ours} | {peer_role.label} {peer_state} | {via} | "
+                        + " | ".join(events(c) for c in cells)
+                        + " |"
+                    )
     return [*lines, ""]
 
 
@@ -603,11 +685,13 @@ PLANS: Final[dict[PlanKind, PlanTemplate]] = {
         Exchange(OnFail.LINK_LOST),
     )),
     PlanKind.AUTO_RESYNC: PlanTemplate(Mover.PEER, (
+        Query(OnFail.STAY_DOWN),
         Tell(State.COPY, Role.PRIMARY, Ref.EPOCH_NOW, OnFail.STAY_DOWN, ReplyUse.RULES,
              hold_io=_HELD),
         Move(Kind.LINK_RESTORED, _HELD),
-    ), "LinkRestored chains Resync() in the machine (pair_state's AUTO_RESYNC step); the "
-       "COPY announcement is the exchange"),
+    ), "the query's reply may finish a split that reached the secondary (it is PSUS: no "
+       "resync) or fence us; LinkRestored chains Resync() in the machine (pair_state's "
+       "AUTO_RESYNC step); the COPY announcement is the exchange"),
 }
 # fmt: on
 
@@ -786,14 +870,32 @@ def auto_resync_due(record: PairRecord, *, link_was_up: bool = False) -> bool:
     )
 
 
-def restore_plan(record: PairRecord, *, notify: bool) -> Plan:
+def split_there(peer: PeerView | None) -> bool:
+    """The peer's answer says it is a split secondary (PSUS): in use on its own since a split
+    whose answer we lost; an automatic resync would overwrite what was written there."""
+    return peer is not None and peer.role is Role.SECONDARY and peer.state is State.PSUS
+
+
+def restore_plan(
+    record: PairRecord, *, notify: bool, queried: bool = False, peer: PeerView | None = None
+) -> Plan:
     """The steps when the peer link is back and our machine still thinks it is down.
     ``notify``: our ping was answered (we tell the peer our state); False when the peer's own
-    announcement woke the link (our reply to it tells)."""
-    if auto_resync_due(record):
+    announcement woke the link (our reply to it tells).
+
+    An automatic resync first learns the peer's state: the plan comes back ``partial``, its
+    one step a Query (through the reply rules: a split secondary finishes the split here, a
+    peer that took over fences us).  Carry it out, then call again with ``queried=True``, the
+    record as it is now and ``peer``, the state the peer answered with; a peer that is a
+    split secondary is never resynced automatically."""
+    due = auto_resync_due(record) and not split_there(peer)
+    if due and not queried:
+        head = PLANS[PlanKind.AUTO_RESYNC].steps[0]
+        assert isinstance(head, Query)
+        return Plan(PlanKind.AUTO_RESYNC, Mover.PEER, (head,), partial=True)
+    kind = PlanKind.RESTORE_NOTIFY if notify else PlanKind.RESTORE
+    if due:
         kind = PlanKind.AUTO_RESYNC
-    else:
-        kind = PlanKind.RESTORE_NOTIFY if notify else PlanKind.RESTORE
     moves: dict[Kind, TableEvent] = {Kind.LINK_RESTORED: LinkRestored()}
     return _instantiate(kind, record, record, moves, True)
 
