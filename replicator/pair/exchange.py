@@ -1,20 +1,26 @@
-"""The state exchange with the peer: what each PairState (announcement or reply) means.
+"""The state exchange with the peer: what each PairState (announcement or reply) means, and
+what a side does when its link comes back.
 
-Rule one, before any other: a primary that hears of a newer epoch from a side that took over
-or became primary is fenced at once.  Rule two: a secondary that hears from a secondary with a
-newer epoch finishes the swap that side began.  Both apply to replies too; the other mappings
-(follow the primary's split, resync, copy done) apply to announcements only, since the peer
-has already acted on ours (docs/decisions.md, "PAIR means identical").
+The decisions are :mod:`replicator.pair_protocol`'s tables: ``peer_events`` says which events
+a PairState means for our machine (rule one: a primary hearing of a newer epoch from a side
+that took over or became primary is fenced at once; rule two: a secondary hearing a newer
+secondary that demoted itself by a swap finishes it; the rest follow the primary's split,
+resync and copy, and finish a split only one side finished), and ``restore_plan`` the steps
+of a link's return (an automatic resync asks the peer first).  This module is the adapter:
+it learns the peer's PVID and epoch first, fires the events in order, and carries out what
+goes with them (a Delete forgets the pair, a CopyDone clears the difference bitmap).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from typing import TYPE_CHECKING
 
-from replicator import faults, wire
+from replicator import faults, pair_protocol, wire
 from replicator import pair_state as ps
 from replicator.bitmap import Bitmap
-from replicator.errors import ConnectionFailed, IllegalState, Timeout
+from replicator.errors import ConnectionFailed, IllegalState, ProtocolError, Timeout
 from replicator.header import Role
 from replicator.peer_link import PeerRefused
 from replicator.pvid import format_pvid
@@ -23,6 +29,12 @@ if TYPE_CHECKING:
     from replicator.pair.side import Side
 
 REQUEST_TIMEOUT = 15.0
+
+
+def peer_view(msg: wire.PairState) -> pair_protocol.PeerView:
+    """What a PairState says about its sender, in the tables' terms (the wire checked it)."""
+    role = Role.PRIMARY if msg.role == Role.PRIMARY.label else Role.SECONDARY
+    return pair_protocol.PeerView(ps.State(msg.state), role, msg.epoch)
 
 
 class StateExchange:
@@ -69,88 +81,111 @@ class StateExchange:
                     f"{h.pvid_hex}, not its primary's; it carries {format_pvid(want)} again"
                 )
 
-    def peer_event(self, msg: wire.PairState) -> ps.Event | None:
-        """The event the peer's announced state means for us (docs/protocol.md, "Pair
-        control").  Rule one, before any other: a primary that hears of a newer epoch from a
-        side that took over or became primary is fenced at once."""
+    def _events(self, msg: wire.PairState, *, reply: bool) -> tuple[ps.TableEvent, ...]:
+        view = peer_view(msg)
+        return pair_protocol.peer_events(
+            self.side.record, view.state, view.role, view.epoch, reply=reply
+        )
+
+    def _fire(self, event: ps.TableEvent, *, tell_peer: bool) -> None:
+        """One event of the peer rules, and what the adapter does with it."""
         side = self.side
-        r = side.record
-        st, role = ps.State(msg.state), msg.role
-        claims = st is ps.State.SSWS or role == "primary"
-        if r.role is Role.PRIMARY and claims and msg.epoch > r.epoch:
-            if role == "primary" and st is ps.State.COPY and r.state in ps.SWAPPABLE_PRIMARY:
-                # The peer is becoming the primary by a swap: we become its secondary.
-                return ps.Resync(swap=True, epoch=msg.epoch)
-            if r.state is ps.State.SMPL:
-                return None
-            return ps.PeerTookOver(msg.epoch)
-        if st is ps.State.SMPL:
-            return ps.Delete()
-        if role == "primary" and r.role is Role.SECONDARY:
-            if st is ps.State.PSUS and r.state is ps.State.PAIR:
-                return ps.Split()
-            if st is ps.State.COPY and r.state in (ps.State.PSUS, ps.State.PSUE, ps.State.PFUS):
-                return ps.Resync()
-            if st is ps.State.PAIR and r.state is ps.State.COPY:
-                return ps.CopyDone()
-            if st is ps.State.PSUE and r.state in ps.REPLICATING:
-                return ps.PeerError("the primary suspended the pair")
-        elif role == "secondary" and r.role is Role.SECONDARY and msg.epoch > r.epoch:
-            # Rule two: the peer demoted itself by a swap (a newer epoch, and both of us
-            # secondaries): finish the swap, we become primary and copy to it.
-            return ps.Resync(swap=True, epoch=msg.epoch)
-        return None
+        side.fire(event, tell_peer=tell_peer)
+        if isinstance(event, ps.Delete):
+            side.host.forget(side)
+        elif isinstance(event, ps.CopyDone):
+            with side.bitmap_lock:  # consistent again: nothing of ours differs any more
+                side.diff_map = Bitmap(side.data_size, side.chunk_size)
+                side.store.clear(side.record.diff_slot)
 
     def on_peer_state(self, msg: wire.PairState) -> wire.PairState:
-        """The peer announces its state: map it onto our own event (see the module docstring)."""
+        """The peer announces its state: feed our machine the events the announcement rules
+        give, in order (our reply tells the peer where we are; a refused event is the peer's
+        error answer)."""
         side = self.side
         if not side.machine.link_up:  # we just heard from the peer
             side.host.restore_link(side, notify=False)
         self.learn_peer(msg)
-        r = side.record
-        st = ps.State(msg.state)
-        event = self.peer_event(msg)
-        if msg.role == "primary" and r.role is Role.SECONDARY and event is None:
-            if st is ps.State.COPY and r.state is ps.State.PAIR:
-                # The primary suspended and is resyncing before we noticed the link go.
-                side.fire(ps.LinkLost("the primary restarted the copy"), tell_peer=False)
-                side.fire(ps.LinkRestored(), tell_peer=False)  # it is talking to us now
-                event = ps.Resync()
-            elif st is ps.State.PAIR and r.state is ps.State.PSUE:
-                # The primary never suspended (it restarted, or the link blipped) and kept
-                # replicating: nothing is missing here, so rejoin without a copy.
-                side.fire(ps.Resync(), tell_peer=False)
-                event = ps.CopyDone()
-        if event is not None:
-            side.fire(event, tell_peer=False)
-            if isinstance(event, ps.Delete):
-                side.host.forget(side)
-            elif isinstance(event, ps.CopyDone):
-                with side.bitmap_lock:  # consistent again: nothing of ours differs any more
-                    side.diff_map = Bitmap(side.data_size, side.chunk_size)
-                    side.store.clear(side.record.diff_slot)
+        for event in self._events(msg, reply=False):
+            self._fire(event, tell_peer=False)
         return side.my_state()
 
     def on_peer_reply(self, reply: wire.Message) -> None:
-        """The peer's state in answer to ours: learn from it, and obey the epoch rules (one:
-        fence on a newer epoch; two: finish a swap the peer began).  The other mappings are
-        for announcements only: the peer has already acted on ours."""
+        """The peer's state in answer to ours: learn from it, and feed our machine the events
+        the reply rules give (the epoch rules, and finishing a split only one side finished);
+        the peer is told our new state.  The other rules are for announcements only: the
+        peer has already acted on ours."""
         side = self.side
         if not isinstance(reply, wire.PairState) or reply.pair_id != side.id:
             return
         self.learn_peer(reply)
-        event = self.peer_event(reply)
-        if isinstance(event, ps.PeerTookOver) or (isinstance(event, ps.Resync) and event.swap):
+        events = self._events(reply, reply=True)
+        if events:
+            view = peer_view(reply)
+            rule = pair_protocol.peer_rule(
+                side.record, view.state, view.role, view.epoch, reply=True
+            )
             side.log(
                 f"pair {side.id}: the peer is {reply.state} as {reply.role} with epoch "
-                f"{reply.epoch} > ours ({side.record.epoch}): "
-                + (
-                    "fencing this side"
-                    if isinstance(event, ps.PeerTookOver)
-                    else "finishing its swap"
-                )
+                f"{reply.epoch} (ours {side.record.epoch}): {rule}"
             )
-            side.fire(event)
+        for event in events:
+            self._fire(event, tell_peer=True)
+
+    def query(self, timeout: float = REQUEST_TIMEOUT) -> wire.PairState:
+        """Send our state and take the answer through the reply rules (a Query step)."""
+        side = self.side
+        reply = side.request(side.my_state(), timeout=timeout)
+        if not isinstance(reply, wire.PairState) or reply.pair_id != side.id:
+            raise ProtocolError(f"pair {side.id}: the peer answered a state query oddly")
+        self.on_peer_reply(reply)
+        return reply
+
+    def restore(self, *, notify: bool) -> bool:
+        """The peer answered while our link was down: carry out ``restore_plan`` (LinkRestored;
+        an automatic resync queries the peer first, then announces COPY before LinkRestored
+        chains its Resync).  The manager's restore_link runs this under the side's restore
+        lock; True: the plan ends with the state exchange, for the caller to run once the
+        lock is released."""
+        side = self.side
+        plan = pair_protocol.restore_plan(side.record, notify=notify)
+        try:
+            if plan.partial:
+                # An automatic resync: where is the peer?  A split secondary (a split whose
+                # answer we lost) is split here too, by the reply rules, and not resynced.
+                reply = self.query()
+                plan = pair_protocol.restore_plan(
+                    side.record, notify=notify, queried=True, peer=peer_view(reply)
+                )
+            for held, run in itertools.groupby(plan.steps, key=lambda step: step.hold_io):
+                with side.gate.closed() if held else contextlib.nullcontext():
+                    for step in run:
+                        self._restore_step(step)
+        except (IllegalState, ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
+            # OnFail.STAY_DOWN: the link stays down, the next Pong retries.
+            side.log(f"pair {side.id}: {e}")
+            return False
+        return any(isinstance(step, pair_protocol.Exchange) for step in plan.steps)
+
+    def _restore_step(self, step: pair_protocol.Step) -> None:
+        if isinstance(step, pair_protocol.Announce):
+            self._announce(step)
+        elif isinstance(step, pair_protocol.Fire):
+            self.side.fire(step.event, tell_peer=False)
+        elif not isinstance(step, pair_protocol.Exchange):  # the caller's, after the lock
+            raise AssertionError(f"a restore plan has no {type(step).__name__} step")
+
+    def _announce(self, step: pair_protocol.Announce) -> None:
+        side = self.side
+        msg = wire.PairState(
+            side.id, str(step.state), step.role.label, side.volume.header.pvid, step.epoch
+        )
+        try:
+            reply = side.request(msg)
+        except PeerRefused as e:
+            raise IllegalState(f"pair {side.id}: the peer refused: {e.message}") from e
+        if step.reply is pair_protocol.ReplyUse.RULES:
+            self.on_peer_reply(reply)
 
     def notify_peer(self) -> None:
         """Tell the peer our state and take in its answer (best effort: a failure is a lost

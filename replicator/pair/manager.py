@@ -298,26 +298,17 @@ class PairManager:
                 self.log(f"pair timer: {e!r}")
 
     def restore_link(self, side: Side, *, notify: bool) -> None:
-        """The peer answered while our link was down: LinkRestored, and the state exchange."""
+        """The peer answered while our link was down: the restore plan (LinkRestored; an
+        automatic resync asks the peer first; pair_protocol.restore_plan), then the state
+        exchange."""
         with side.restore_lock:
             if side.machine.link_up:
                 return
             self.log(f"pair {side.id}: link to {side.doc.peer.label()} is back")
-            r = side.record
-            try:
-                if r.role is Role.PRIMARY and r.auto_resync and r.cause is ps.Cause.LINK:
-                    # An automatic resync is a resync: the secondary moves first.
-                    with side.gate.closed():
-                        self.commands._announce(side, ps.State.COPY, Role.PRIMARY, r.epoch)
-                        side.fire(ps.LinkRestored(), tell_peer=False)
-                    return
-                side.fire(ps.LinkRestored(), tell_peer=False)
-            except (IllegalState, ConnectionFailed, Timeout) as e:
-                self.log(f"pair {side.id}: {e}")
-                return
+            exchange = side.exchange.restore(notify=notify)
         # State exchange on reconnect: the peer learns where we are (a resumed copy) and
         # moves along (docs/protocol.md, "Pair control").
-        if notify:
+        if exchange:
             side.exchange.notify_peer()
 
     def log_refusal(self, side: Side, decision: object) -> None:
