@@ -47,8 +47,14 @@ class Replica:
     def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
         side = self.side
         r = side.record
-        if r.role is not Role.SECONDARY or r.state not in ps.REPLICATING | {ps.State.PSUE}:
-            raise IllegalState(f"pair {side.id}: not a replicating secondary here ({r.state})")
+        # A secondary the link suspended still takes writes (it rejoins without a copy);
+        # suspended by its disk or its peer it does not: the primary must not believe it is
+        # in PAIR (refused, it suspends itself and its fence policy applies).
+        if r.role is not Role.SECONDARY or not (
+            r.state in ps.REPLICATING or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK)
+        ):
+            why = f"{r.state}, suspended by {r.cause}" if r.state in ps.SUSPENDED else r.state
+            raise IllegalState(f"pair {side.id}: not a replicating secondary here ({why})")
         if isinstance(msg, wire.Flush):
             os.fdatasync(side.volume.fd)
             return wire.Ack()
