@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -109,6 +110,28 @@ class LabEnv:
             if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
         ]
         assert not seen, f"forbidden {event} on {host}: {seen[0]}"
+
+    # -- the scenario's verbs, as drbd9-tests write them ---------------------------------------
+
+    def cut(self, a: str, b: str) -> None:
+        labmod.cut(self.name, a, b)
+
+    def heal(self, a: str, b: str) -> None:
+        labmod.heal(self.name, a, b)
+
+    def kill(self, host: str) -> None:
+        labmod.kill_host(self.name, host)
+
+    def start(self, host: str) -> None:
+        labmod.start_node(self.name, host)
+
+    @contextlib.contextmanager
+    def forbidden(self, host: str, event: str, **fields: Any) -> Iterator[None]:
+        """Fail if ``host`` logs ``event`` with ``fields`` while the block runs (for example
+        an unexpected ``pair.state`` PSUE)."""
+        after = self.mark(host)
+        yield
+        self.forbid(host, event, after=after, **fields)
 
     def control(self, host: str, op: str, **args: Any) -> Any:
         return control.call(os.path.join(self.host(host).dir, "control.sock"), op, args)

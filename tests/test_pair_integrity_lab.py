@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from labenv import CHUNK, LabEnv, digest, fill, lab_env, nbd, pvid
 
-from pairvol import lab as labmod
 from replicator import record_file
 from replicator.events import read_events
 from replicator.pair.doc import PAIR_RECORD
@@ -119,8 +118,8 @@ def test_pair_files_of_look_alike_names_never_collide(env: LabEnv) -> None:
     paired(env, "x/y.z", "cv2", "cv2")
     mark = env.mark("a")
     for host in ("b", "a"):
-        labmod.kill_host(env.name, host)
-        labmod.start_node(env.name, host)
+        env.kill(host)
+        env.start(host)
     for group in ("x.y", "x"):  # both links are back before anything is asked of them
         env.wait_event("a", "pair.link", after=mark, up=True, group=group)
     for target in ("x.y/z", "x/y.z"):  # a restart of the secondary may have suspended them
@@ -149,12 +148,12 @@ def test_old_primary_is_fenced_when_the_link_heals_after_a_takeover(
     group = f"gf{trial}"
     paired(env, f"{group}/p1", f"fv{trial}", f"fv{trial}")
     mark_a, mark_b = env.mark("a"), env.mark("b")
-    labmod.cut(env.name, "a", "b")
+    env.cut("a", "b")
     try:
         env.wait_event("b", "pair.link", after=mark_b, up=False, group=group, timeout=30)
         env.pv("b", "pair", "takeover", group)
     finally:
-        labmod.heal(env.name, "a", "b")
+        env.heal("a", "b")
     # Whichever side's heartbeat gets through first, the old primary learns of the newer
     # epoch in the state exchange and fences itself.
     env.wait_event("a", "pair.writes", after=mark_a, group=group, decision="REFUSE_STALE")
@@ -183,7 +182,7 @@ def test_a_takeover_after_an_interrupted_swap_fences_the_old_primary(env: LabEnv
     env.control("b", "debug.crash-at", step=1)
     r = env.pv("b", "pair", "resync", "gs", "--swap", ok=False)
     assert r.returncode != 0
-    labmod.start_node(env.name, "b")
+    env.start("b")
     # b finishes the swap from a's announced state, with a's epoch (agreed, not recomputed).
     env.wait("b", "gs/p1", "PAIR", timeout=60)
     a_side = env.control("a", "pair.display", target="gs/p1")["pairs"][0]
@@ -192,12 +191,12 @@ def test_a_takeover_after_an_interrupted_swap_fences_the_old_primary(env: LabEnv
     assert a_side["epoch"] == b_side["epoch"]
     # Now a takes over from b (link cut first): b must be fenced when they meet again.
     mark_a, mark_b = env.mark("a"), env.mark("b")
-    labmod.cut(env.name, "a", "b")
+    env.cut("a", "b")
     try:
         env.wait_event("a", "pair.link", after=mark_a, up=False, group="gs", timeout=30)
         env.pv("a", "pair", "takeover", "gs")
     finally:
-        labmod.heal(env.name, "a", "b")
+        env.heal("a", "b")
     env.wait_event("b", "pair.writes", after=mark_b, group="gs", decision="REFUSE_STALE")
     env.pv("a", "pair", "resync", "gs", "--swap")
     env.wait("a", "gs/p1", "PAIR")
@@ -210,13 +209,13 @@ def test_a_takeover_after_an_interrupted_swap_fences_the_old_primary(env: LabEnv
 
 def test_an_unloadable_pair_serves_its_volume_to_nobody(env: LabEnv) -> None:
     pa, pb = paired(env, "gc/p1", "uv1", "uv1")
-    labmod.kill_host(env.name, "b")
+    env.kill("b")
     (record,) = Path(env.host("b").dir, ".pairvol", "pairs").glob("gc@p1.pair")
     text = record_file.read(str(record), PAIR_RECORD).payload.decode()
     bogus = text.replace('"state": "PAIR"', '"state": "BOGUS"')
     assert bogus != text
     record_file.write(str(record), PAIR_RECORD, bogus.encode())  # checksummed, but invalid
-    labmod.start_node(env.name, "b")
+    env.start("b")
     # Not served: it would be a writable volume under the primary's PVID, tracked nowhere.
     with pytest.raises(nbd.Error):
         connect(env, "b", "uv1")
@@ -309,8 +308,8 @@ def _crash_run(env: LabEnv, op: str, victim: str, step: int) -> bool:
     logged = read_events(env.events_path(victim))[mark:]
     crashed = any(e.get("event") == "debug.crash" for e in logged)
     if crashed:
-        labmod.kill_host(env.name, victim)  # the node is gone; sweep up anything left
-        labmod.start_node(env.name, victim)
+        env.kill(victim)  # the node is gone; sweep up anything left
+        env.start(victim)
     else:
         env.control(victim, "debug.crash-at", step=0)
     volumes = {"a": vol, "b": vol}
@@ -389,7 +388,7 @@ def test_a_damaged_journal_record_suspends_the_group_and_resync_repairs(env: Lab
     env.pv("a", "pair", "create", f"{group}/p1", "--primary", f"a:{vol}", "--secondary",
            f"b:{vol}", "--mode", "async")  # fmt: skip
     env.wait("a", f"{group}/p1", "PAIR")
-    labmod.cut(env.name, "a", "b")  # the entries stay unshipped in a's journal
+    env.cut("a", "b")  # the entries stay unshipped in a's journal
     try:
         h = connect(env, "a", vol)
         try:
@@ -398,9 +397,9 @@ def test_a_damaged_journal_record_suspends_the_group_and_resync_repairs(env: Lab
             h.flush()
         finally:
             h.shutdown()
-        labmod.kill_host(env.name, "a")
+        env.kill("a")
     finally:
-        labmod.heal(env.name, "a", "b")
+        env.heal("a", "b")
     path = os.path.join(env.host("a").dir, ".pairvol", "journals", f"{group}.journal")
     with Journal.open(path) as j:
         seqs = sorted(j._index)
@@ -412,7 +411,7 @@ def test_a_damaged_journal_record_suspends_the_group_and_resync_repairs(env: Lab
         f.seek(where + 40)
         f.write(bytes([b ^ 0x5A]))
     mark = env.mark("a")
-    labmod.start_node(env.name, "a")
+    env.start("a")
     env.wait_event("a", "group.journal.corrupt", after=mark, group=group)
     row = env.side("a", f"{group}/p1")
     assert row["state"] == "PSUE" and row["dirty_primary"] > 0
@@ -431,11 +430,11 @@ def test_a_group_journal_that_cannot_be_read_takes_only_its_group_offline(env: L
         env.pv("a", "pair", "create", f"{g}/p1", "--primary", f"a:{g}v", "--secondary",
                f"b:{g}v", "--mode", "async")  # fmt: skip
         env.wait("a", f"{g}/p1", "PAIR")
-    labmod.kill_host(env.name, "a")
+    env.kill("a")
     path = os.path.join(env.host("a").dir, ".pairvol", "journals", "gk.journal")
     with open(path, "r+b") as f:  # both header slots
         f.write(bytes(8192))
-    labmod.start_node(env.name, "a")
+    env.start("a")
     r = env.pv("a", "pair", "display", "gk/p1", ok=False)
     assert r.returncode == 6 and "journal" in r.stderr, r.stderr
     with pytest.raises(nbd.Error):
@@ -467,11 +466,12 @@ def test_a_resync_says_how_many_chunks_it_overwrites(env: LabEnv) -> None:
     for i in range(3):  # the split secondary is written: a resync will overwrite it
         env.write("b", "wv1", (10 + i) * CHUNK, os.urandom(CHUNK))
     mark = env.mark("a")
-    out = json.loads(env.pv("a", "pair", "resync", "gw", "--json").stdout)
-    assert out["pairs"][0]["discarding_chunks"] == 3
-    env.wait_event("a", "pair.resync.overwrite", after=mark, pair="gw/p1", chunks=3)
+    with env.forbidden("a", "pair.state", group="gw", state="PSUE"):
+        out = json.loads(env.pv("a", "pair", "resync", "gw", "--json").stdout)
+        assert out["pairs"][0]["discarding_chunks"] == 3
+        env.wait_event("a", "pair.resync.overwrite", after=mark, pair="gw/p1", chunks=3)
+        env.wait("a", "gw/p1", "PAIR")
     assert "overwrites 3 chunks written on" in Path(env.host("a").dir, "node.log").read_text()
-    env.wait("a", "gw/p1", "PAIR")
     assert verify(env, "a", "gw/p1") == 0
     forget(env, "gw")
 
