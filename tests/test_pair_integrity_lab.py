@@ -9,6 +9,7 @@ visible, writable volumes with the same PVID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -513,9 +514,15 @@ def test_a_forced_takeover_during_copy_pulls_what_it_lacks_and_never_serves_it_b
             h.pread(CHUNK, last)
         with pytest.raises(nbd.Error):  # nor may it be written over a chunk still missing
             h.pwrite(b"\x01" * 4096, last)
-        with Volume.open(pa) as va, open(pa, "rb") as f:  # a copied chunk reads as on a
-            f.seek(va.header.data_offset)
-            assert h.pread(4096, 0) == f.read(4096)
+        # Every chunk reads as on a, or fails: never anything else (never zeros of a chunk
+        # that was not copied).
+        with Volume.open(pa) as va, open(pa, "rb") as f:
+            base = va.header.data_offset
+            for c in range(0, (8 << 20) // CHUNK, 8):
+                f.seek(base + c * CHUNK)
+                want = f.read(CHUNK)
+                with contextlib.suppress(nbd.Error):  # not there yet: refused, fine
+                    assert h.pread(CHUNK, c * CHUNK) == want, f"chunk {c} served wrong data"
         env.wait_event("b", "pair.pull.done", after=mark, pair="ghb/p1", timeout=60)
         with Volume.open(pa) as va, open(pa, "rb") as f:  # pulled: the old primary's data
             f.seek(va.header.data_offset + last)
