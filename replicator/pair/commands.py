@@ -27,7 +27,7 @@ from replicator.errors import (
 from replicator.groups import GroupSecondary
 from replicator.header import Role
 from replicator.pair.display import describe
-from replicator.pair.side import REQUEST_TIMEOUT, Side
+from replicator.pair.side import Side
 from replicator.pair.verify import verify
 from replicator.peer_link import PeerRefused
 
@@ -42,13 +42,6 @@ class Commands:
 
     def __init__(self, manager: PairManager) -> None:
         self.m = manager
-
-    def _query_peer(self, side: Side, timeout: float = REQUEST_TIMEOUT) -> wire.PairState:
-        reply = side.request(side.my_state(), timeout=timeout)
-        if not isinstance(reply, wire.PairState) or reply.pair_id != side.id:
-            raise ProtocolError(f"pair {side.id}: the peer answered a state query oddly")
-        side.exchange.on_peer_reply(reply)
-        return reply
 
     def _dry_run(self, side: Side, event: ps.Event, link_up: bool | None = None) -> ps.PairRecord:
         trial = ps.PairMachine(
@@ -153,7 +146,7 @@ class Commands:
                 )
         for s in sides:
             with s.gate.closed():
-                self._query_peer(s)  # may fence us: then the dry run below refuses
+                s.exchange.query()  # may fence us: then the dry run below refuses
                 event = ps.Resync(swap=swap, peer_epoch=s.doc.peer_epoch)
                 after = self._dry_run(s, event)
                 overwritten[s.id] = self._overwritten(s, after.role, swap)
@@ -191,7 +184,7 @@ class Commands:
             if s.machine.link_up:
                 # The old primary's epoch as it is now: the takeover's must be newer.
                 try:
-                    self._query_peer(s, timeout=PING_TIMEOUT)
+                    s.exchange.query(timeout=PING_TIMEOUT)
                 except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
                     self.m.log(f"pair {s.id}: cannot ask the old primary its epoch: {e}")
             event = ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch)
