@@ -14,6 +14,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def unlink_durably(path: str) -> None:
+    """Remove ``path`` (if it exists) and make the removal durable (fsync of the directory)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(os.path.dirname(path))
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -14,6 +14,7 @@ from typing import Any
 
 from replicator import faults, wire
 from replicator import pair_state as ps
+from replicator.atomic_file import unlink_durably
 from replicator.errors import (
     ConnectionFailed,
     IllegalState,
@@ -40,7 +41,7 @@ from replicator.pair.handles import HandleRegistry
 from replicator.pair.links import PING_TIMEOUT, PeerLinks
 from replicator.pair.names import pair_id, split_pair_id
 from replicator.pair.peer_requests import PeerRequests
-from replicator.pair.quarantine import Quarantine, unlink_durably
+from replicator.pair.quarantine import Quarantine
 from replicator.pair.side import Side
 from replicator.peer_auth import PeerSecrets
 from replicator.peer_link import PeerClient, PeerRefused, errno_of

@@ -15,6 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from replicator.atomic_file import fsync_dir, unlink_durably
 from replicator.bitmap_store import BitmapStore
 from replicator.errors import HeaderCorrupt, PairvolError
 from replicator.header import Role
@@ -202,7 +203,7 @@ class Quarantine:
             if b["file"] is not None and os.path.exists(b["file"]):
                 aside = f"{b['file']}.damaged-{int(time.time())}"
                 os.replace(b["file"], aside)
-                _fsync_dir(os.path.dirname(aside))
+                fsync_dir(os.path.dirname(aside))
                 b["file"] = aside
             real = b["path"]
             row: dict[str, Any] = {"id": pid, "role": "?", "state": "SMPL", "pvid": "?"}
@@ -228,17 +229,3 @@ class Quarantine:
             for b in self.broken_pairs
             if b["id"] == target or (pair is None and str(b["id"]).split("/")[0] == group)
         ]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unlink_durably(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-        _fsync_dir(os.path.dirname(path))
