@@ -27,14 +27,13 @@ from replicator.errors import (
 from replicator.groups import GroupSecondary
 from replicator.header import Role
 from replicator.pair.display import describe
+from replicator.pair.host import PING_TIMEOUT
 from replicator.pair.side import Side
 from replicator.pair.verify import verify
 from replicator.peer_link import PeerRefused
 
 if TYPE_CHECKING:
     from replicator.pair.manager import PairManager
-
-PING_TIMEOUT = 2.0
 
 
 class Commands:

@@ -22,13 +22,12 @@ from replicator import pair_state as ps
 from replicator.bitmap import Bitmap
 from replicator.errors import ConnectionFailed, IllegalState, ProtocolError, Timeout
 from replicator.header import Role
+from replicator.pair.host import REQUEST_TIMEOUT
 from replicator.peer_link import PeerRefused
 from replicator.pvid import format_pvid
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
-
-REQUEST_TIMEOUT = 15.0
 
 
 def peer_view(msg: wire.PairState) -> pair_protocol.PeerView:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 
+REQUEST_TIMEOUT = 15.0  # a request to the peer (a copy, a mirrored write, a state change)
+PING_TIMEOUT = 2.0  # a heartbeat, or a quick question to a peer that may be gone
+
 
 class SideHost(Protocol):
     node_name: str

@@ -38,7 +38,8 @@ from replicator.pair.doc import (
     save_doc,
 )
 from replicator.pair.handles import HandleRegistry
-from replicator.pair.links import PING_TIMEOUT, PeerLinks
+from replicator.pair.host import PING_TIMEOUT
+from replicator.pair.links import PeerLinks
 from replicator.pair.names import pair_id, split_pair_id
 from replicator.pair.peer_requests import PeerRequests
 from replicator.pair.quarantine import Quarantine

@@ -75,13 +75,10 @@ class Quarantine:
                 m.mark_dirty(entry.offset, max(entry.length, 1))
         for region in sv.damaged:
             ext = region.extent
-            targets = (
-                [by_stream[ext.stream]] if ext is not None and ext.stream in by_stream else members
-            )
-            for m in targets:
-                if ext is not None and ext.stream == m.stream:
-                    m.mark_dirty(ext.offset, max(ext.length, 1))
-                else:
+            if ext is not None and ext.stream in by_stream:
+                by_stream[ext.stream].mark_dirty(ext.offset, max(ext.length, 1))
+            else:  # what it held is unknown: every volume of the group, whole
+                for m in members:
                     m.mark_dirty(0, m.data_size)
         next_seq = Journal.reset(sv.path)
         why = (

@@ -30,13 +30,11 @@ from replicator.pair.copy_control import CopyControl
 from replicator.pair.copy_engine import CopyEngine
 from replicator.pair.doc import SideDoc, save_doc
 from replicator.pair.exchange import StateExchange
-from replicator.pair.host import SideHost
+from replicator.pair.host import REQUEST_TIMEOUT, SideHost
 from replicator.pair.pull import PullEngine
 from replicator.pair.replica import Replica
 from replicator.peer_link import PeerClient, PeerRefused
 from replicator.volume import Volume
-
-REQUEST_TIMEOUT = 15.0
 
 
 class Side:
