@@ -28,6 +28,30 @@ COPY_WORKERS = 4
 PROGRESS_EVERY = 0.5
 
 
+class Throttle:
+    """A bandwidth limit shared by a copy's workers: each takes its bytes from the budget
+    before sending, and waits while the copy is ahead of ``rate()`` bytes per second.  The
+    seconds are real ones, like the wait (the side's clock may be a test's script); a stop
+    ends the wait at once."""
+
+    def __init__(self, rate: Callable[[], int], stop: threading.Event) -> None:
+        self._rate = rate
+        self._stop = stop
+        self._budget = 0
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+
+    def take(self, nbytes: int) -> None:
+        rate = self._rate()
+        if rate <= 0:
+            return
+        with self._lock:
+            self._budget += nbytes
+            ahead = self._budget / rate - (time.monotonic() - self._t0)
+        if ahead > 0:
+            self._stop.wait(ahead)
+
+
 class CopySource(Protocol):
     """What the engine needs of the side it copies from."""
 
@@ -86,9 +110,8 @@ class CopyEngine:
         self.started = self.side.clock()
         self.total = 0
         self.copied = 0
-        self.budget = 0
-        self.budget_lock = threading.Lock()
-        self._t0 = time.monotonic()
+        # Holes travel as Zero requests and cost nothing: only data bytes are counted.
+        self.throttle = Throttle(lambda: side.max_rate, self.stop_flag)
 
     def start(self) -> None:
         self.thread.start()
@@ -118,7 +141,7 @@ class CopyEngine:
         if side.max_rate > 0:  # wait for the bandwidth budget before holding any chunk
             fd, base = side.volume.fd, side.data_offset
             data_bytes = sum(n for _, n, d in _segments(fd, base + start, base + end) if d)
-            self._throttle(data_bytes)
+            self.throttle.take(data_bytes)
             if self.stop_flag.is_set():
                 return 0  # woken by stop: the run's bits stay set, a later copy takes them
         with side.chunk_locks.hold(first, first + count - 1):
@@ -136,19 +159,6 @@ class CopyEngine:
             with side.bitmap_lock:
                 side.copy_map.clear_range(first, count)
         return sent
-
-    def _throttle(self, nbytes: int) -> None:
-        """Hold the copy to ``max_rate`` bytes of data per second (holes travel as Zero
-        requests and cost nothing).  Called by each worker before it sends data."""
-        rate = self.side.max_rate
-        if rate <= 0:
-            return
-        with self.budget_lock:
-            self.budget += nbytes
-            # Real seconds, like the wait below (the side's clock may be a test's script).
-            ahead = self.budget / rate - (time.monotonic() - self._t0)
-        if ahead > 0:
-            self.stop_flag.wait(ahead)
 
     def _run(self) -> None:
         side = self.side

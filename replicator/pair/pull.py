@@ -19,13 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from replicator import pair_state as ps
 from replicator import wire
 from replicator.errors import PairvolError, ProtocolError, UsageError, VolumeError
 from replicator.header import Role
+from replicator.pair.copy_engine import Throttle
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
@@ -58,8 +58,7 @@ class PullEngine:
         self.sent_bytes = 0  # bytes received (the display's rate counts them)
         self.copied = 0
         self.total = 0
-        self.budget = 0
-        self._t0 = time.monotonic()
+        self.throttle = Throttle(lambda: side.max_rate, self.stop_flag)  # takeover --max-rate
 
     def start(self) -> None:
         self.thread.start()
@@ -72,20 +71,10 @@ class PullEngine:
         with side.bitmap_lock:
             return next(side.copy_map.iter_set(), None)
 
-    def _throttle(self, nbytes: int) -> None:
-        """Hold the pull to the side's ``max_rate`` bytes per second (``takeover --max-rate``)."""
-        rate = self.side.max_rate
-        if rate <= 0:
-            return
-        self.budget += nbytes
-        ahead = self.budget / rate - (time.monotonic() - self._t0)  # real seconds, as waited
-        if ahead > 0:
-            self.stop_flag.wait(ahead)
-
     def _pull(self, chunk: int) -> None:
         side = self.side
         cs = side.chunk_size
-        self._throttle(min(cs, side.data_size - chunk * cs))
+        self.throttle.take(min(cs, side.data_size - chunk * cs))
         with side.chunk_locks.hold(chunk, chunk):
             reply = side.request(wire.ChunkRequest(side.id, chunk))
             length = min(cs, side.data_size - chunk * cs)
