@@ -140,17 +140,21 @@ class PairManager:
             if c is not None and expect and c.expect_peer is None:
                 c.expect_peer = expect  # checked at its next handshake
             if c is None:
-                c = PeerClient(
-                    self.node_name,
-                    host,
-                    port,
-                    self.secret,
-                    self.log,
-                    allow_no_secret=not self.secret,
-                    expect_peer=expect or None,
-                )
+                c = self.new_client(host, port, expect or None)
                 self.clients[host, port] = c
             return c
+
+    def new_client(self, host: str, port: int, expect: str | None) -> PeerClient:
+        """A new client to the node at ``host:port`` (in-process tests give a fake link's)."""
+        return PeerClient(
+            self.node_name,
+            host,
+            port,
+            self.secret,
+            self.log,
+            allow_no_secret=not self.secret,
+            expect_peer=expect,
+        )
 
     # -- life cycle -----------------------------------------------------------------------------
 
