@@ -172,6 +172,7 @@ class Node:
             volumes.append({**info, "path": v.path})
         listen = self.config.listen
         port = "" if self.config.nbd_port == NBD_PORT else f":{self.config.nbd_port}"
+        shown = self.pairs.op_display({})
         return {
             "name": self.config.name,
             "dir": self.directory,
@@ -186,9 +187,9 @@ class Node:
             "peer_secret": self._secret_kind(),
             "peer_keyring": list(self.secret.peers),
             "volumes": volumes,
-            "pairs": self.pairs.op_display({})["pairs"],
+            "pairs": shown["pairs"],
             # Pairs that cannot be loaded: their volumes are served to nobody.
-            "corrupt_pairs": self.pairs.op_display({})["corrupt"],
+            "corrupt_pairs": shown["corrupt"],
         }
 
     def _secret_kind(self) -> str:
