@@ -21,10 +21,16 @@ import os
 import sys
 
 # nbdkit embeds /usr/bin/python3, which knows nothing of our venv: import the project from
-# this file's own tree, wherever nbdkit was started.
+# this file's own tree, wherever nbdkit was started, and the venv's own packages (PyPI's
+# crc32c with its SSE4.2 code, not Debian's software-only one) ahead of the system's, exactly
+# as .venv/bin/python (built from the same interpreter, --system-site-packages) sees them.
 _ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+_VENV_SITE = os.path.join(
+    _ROOT, ".venv", "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages"
+)
+for _p in (_VENV_SITE, _ROOT):
+    if os.path.isdir(_p) and _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
+
 from replicator.control import ControlServer
 from replicator.errors import IllegalState, NotFound, UsageError
 from replicator.events import EventLog
@@ -156,7 +158,13 @@ class Node:
         if self.peer_server is not None:
             self.peer_server.start()
         self.control.start()
-        self.events.emit("node.started", node=self.config.name, pid=os.getpid())
+        self.events.emit(
+            "node.started",
+            node=self.config.name,
+            pid=os.getpid(),
+            # which CRC32C the node computes with (the PyPI build has SSE4.2; Debian's has not)
+            crc32c_hardware=bool(getattr(crc32c, "hardware_based", False)),
+        )
 
     def stop(self) -> None:
         self.control.stop()
