@@ -4,10 +4,11 @@ Layout (docs/format.md).  The metadata region starts at the header's ``meta_offs
 ``meta_size // bitmap_bytes(data_size, MIN_CHUNK)`` bitmap *slots* (8 for volumes created by
 this version).  Slot ``k`` starts at ``meta_offset + k * bitmap_bytes(data_size, MIN_CHUNK)``;
 a bitmap at chunk size ``C`` occupies the first ``bitmap_bytes(data_size, C)`` bytes of its
-slot, in :meth:`Bitmap.to_bytes` form.  Nothing on the volume says which slot holds what or at
-which chunk size: the pair layer keeps that in its own state file, and clears a slot before
-reusing it.  Every write is checked against the slot's bounds (never the header slots, never
-the data area) and followed by ``fdatasync``.
+slot, in :meth:`Bitmap.to_bytes` form.  Which leg owns which slots is the *slot table* in the
+last slot (:mod:`replicator.slot_table`, :meth:`BitmapStore.read_table`); the chunk size of
+each bitmap is in its pair's state file, and a slot is cleared before it is reused.  Every
+write is checked against the slot's bounds (never the header slots, never the data area) and
+followed by ``fdatasync``.
 
 Crash safety.  Bits are updated in place, one 4096-byte page at a time, so a crash can tear a
 page write anywhere.  That is safe because of the order in which callers change bits:
@@ -33,10 +34,12 @@ import errno
 import os
 from collections.abc import Iterable
 
+from replicator import record_codec as rc
 from replicator.bitmap import PAGE, Bitmap, check_chunk_size
-from replicator.errors import IllegalState, VolumeError
+from replicator.errors import HeaderCorrupt, IllegalState, VolumeError
 from replicator.falloc import punch_hole
 from replicator.header import META_OFFSET, MIN_CHUNK, Header, bitmap_bytes
+from replicator.slot_table import MIN_SLOTS, TABLE_RECORD, SlotTable, table_slot
 
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -183,3 +186,44 @@ class BitmapStore:
                 self._pwrite(_ZERO_CHUNK[:n], offset)
                 offset += n
         self._sync()
+
+    # -- the slot table (replicator/slot_table.py) ------------------------------------------------
+
+    def _table_image(self) -> tuple[int, bytes]:
+        offset = self.slot_offset(table_slot(self.nslots))
+        size = 2 * TABLE_RECORD.slot_size
+        self._check_bounds(offset, size)
+        try:
+            return offset, os.pread(self.fd, size, offset)
+        except OSError as e:
+            raise _io_error(e, "table read") from e
+
+    def read_table(self) -> SlotTable | None:
+        """The volume's slot table; None if it never had one (a blank table slot)."""
+        if self.nslots < MIN_SLOTS:
+            return None
+        _, image = self._table_image()
+        picked = rc.read_pair(TABLE_RECORD, image)
+        if isinstance(picked, rc.NoValidSlot):
+            if all(p.kind is rc.Damage.BLANK for p in picked.problems):
+                return None
+            raise HeaderCorrupt(f"bitmap slot table: no valid slot ({picked.describe()})")
+        return SlotTable.from_payload(picked.value, self.nslots)
+
+    def write_table(self, table: SlotTable) -> None:
+        """Make ``table`` the volume's slot table: the next generation, written to the slot
+        that does not hold the current one first, each slot synced (a crash leaves the old
+        table or the new one)."""
+        if table.nslots != self.nslots:
+            raise ValueError(f"a table for {table.nslots} slots; the volume has {self.nslots}")
+        offset, image = self._table_image()
+        picked = rc.read_pair(TABLE_RECORD, image)
+        if isinstance(picked, rc.Choice):
+            plan = rc.next_write(picked)
+            order, generation = plan.order, plan.generation
+        else:
+            order, generation = (0, 1), 1
+        slot = TABLE_RECORD.encode(generation, table.to_payload())
+        for i in order:
+            self._pwrite(slot, offset + i * TABLE_RECORD.slot_size)
+            self._sync()

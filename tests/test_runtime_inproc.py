@@ -517,6 +517,14 @@ def noise(n: int) -> bytes:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
+    with running_lab(tmp_path) as lab:
+        yield lab
+
+
+@contextlib.contextmanager
+def running_lab(tmp_path: Path) -> Iterator[Lab]:
+    """A lab over ``tmp_path``, checked when it ends: no thread left running, no handler bug,
+    no hung request, no crash in any node's log."""
     before = set(threading.enumerate())
     lab = Lab(tmp_path)
     try:

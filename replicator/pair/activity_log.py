@@ -1,7 +1,8 @@
 """The activity log of a primary: coarse extents with mirrored writes in flight.
 
 After a crash of the primary, a write may be on the primary and not on the secondary although
-no difference bit says so.  The log (bitmap slot :data:`AL_SLOT`, :data:`AL_EXTENT` per bit)
+no difference bit says so.  The log (one per volume, shared by all its legs: the slot table's
+activity-log slot, :data:`AL_EXTENT` per bit)
 covers every extent with writes in flight: a write into an extent not yet in the log costs one
 ``fdatasync`` of the log first (DRBD's answer to "a bit per write doubles the cost").  Extents
 idle for :data:`AL_IDLE` seconds are cleared.  A side that starts with a non-empty log folds it
@@ -16,20 +17,30 @@ from collections.abc import Callable
 
 from replicator.bitmap import Bitmap
 from replicator.bitmap_store import BitmapStore
+from replicator.slot_table import AL_SLOT
 
-AL_SLOT = 2
+__all__ = ["AL_EXTENT", "AL_IDLE", "AL_SLOT", "ActivityLog"]
 AL_EXTENT = 4 << 20
 AL_IDLE = 5.0
 
 
 class ActivityLog:
-    """One side's activity log, persisted in its volume's bitmap slot :data:`AL_SLOT`."""
+    """A volume's activity log, persisted in bitmap slot ``slot`` (:data:`AL_SLOT` unless the
+    slot table says otherwise)."""
 
-    def __init__(self, store: BitmapStore, data_size: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        store: BitmapStore,
+        data_size: int,
+        clock: Callable[[], float],
+        *,
+        slot: int | None = None,
+    ) -> None:
+        self.slot = AL_SLOT if slot is None else slot
         self._store = store
         self._data_size = data_size
         self._clock = clock
-        self._bits = store.load(AL_SLOT, AL_EXTENT)
+        self._bits = store.load(self.slot, AL_EXTENT)
         self._inflight: dict[int, int] = {}
         self._used: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -45,7 +56,7 @@ class ActivityLog:
                 if self._bits.set_chunk(e):
                     fresh = True
             if fresh:
-                self._store.flush(AL_SLOT, self._bits)
+                self._store.flush(self.slot, self._bits)
         return extents
 
     def leave(self, extents: range) -> None:
@@ -69,7 +80,7 @@ class ActivityLog:
                 del self._used[e]
                 self._inflight.pop(e, None)
             if gone:
-                self._store.flush(AL_SLOT, self._bits)
+                self._store.flush(self.slot, self._bits)
 
     def expire_all(self) -> None:
         """Nothing is in flight (the gate is closed, or the side closes): empty the log."""
@@ -84,6 +95,6 @@ class ActivityLog:
     def clear(self) -> None:
         with self._lock:
             self._bits = Bitmap(self._data_size, AL_EXTENT)
-            self._store.clear(AL_SLOT)
+            self._store.clear(self.slot)
             self._inflight.clear()
             self._used.clear()

@@ -1,7 +1,8 @@
 """The client write path of a paired volume: the policy for each write, and the handles.
 
-:class:`ClientWrites` (one per side) carries out a client write under the side's I/O gate
-(shared; commands that need a quiescent point close it), after asking the machine for a
+:class:`ClientWrites` (one per volume, :mod:`~replicator.pair.volume_legs`) carries out a
+client write under the I/O gate of each of the volume's legs (shared; commands that need a
+quiescent point close it), after asking each leg's machine for a
 :class:`~replicator.pair_state.WriteDecision`:
 
 * ``MIRROR`` (sync, COPY or PAIR): mark the write's extents in the activity log, lock the
@@ -15,12 +16,17 @@
   bitmap, durably, *before* the write is issued.
 * ``REFUSE_*``: EPERM (hidden secondary) or EIO (fenced, stale) with one log line.
 
+A volume in several pairs applies every leg's decision to the one write (refused if any leg
+refuses); a change that arrives through the volume's receiving leg is carried on to the legs
+it is the primary of (:meth:`ClientWrites.forward_write`).
+
 :class:`BoundHandle` is one client connection on a node; it follows its volume's current
 role (docs/decisions.md, "Open connections follow the volume's role").
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -35,149 +41,228 @@ from replicator.pvid import format_pvid
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
+    from replicator.pair.volume_legs import VolumeLegs
+
+
+#: The decisions under which a write goes ahead (every other one is a refusal).
+_GOES_AHEAD = frozenset(
+    {
+        ps.WriteDecision.LOCAL,
+        ps.WriteDecision.LOCAL_RECORD,
+        ps.WriteDecision.JOURNAL,
+        ps.WriteDecision.MIRROR,
+    }
+)
+_LINK_ERRORS = (ConnectionFailed, Timeout, PeerRefused)
 
 
 class ClientWrites:
-    """The client write path of one side."""
+    """The write path of one volume: every write, whoever makes it, under every leg's policy.
 
-    def __init__(self, side: Side) -> None:
-        self.side = side
+    One write goes to the local volume once, and to each leg as its machine decides, in this
+    order: every leg's gate (shared, in the legs' fixed order); the activity log if a leg
+    mirrors; the chunk locks of the legs that mirror or journal; each journaling leg's entry
+    and each recording leg's bits (both durable *before* the local write); the local write;
+    the mirrored legs' requests.  A mirrored leg that fails is suspended and its chunks
+    recorded before the activity log lets go of them; ``fence=data`` then fails the write.
+    """
+
+    def __init__(self, legs: VolumeLegs) -> None:
+        self.legs = legs
 
     def client_write(
         self,
         offset: int,
         length: int,
         local: Callable[[], None],
-        remote: Callable[[], wire.Message],
+        remote: Callable[[str], wire.Message],
     ) -> None:
-        """One client write (pwrite, zero, trim): the policy, then the local and remote parts."""
-        side = self.side
-        with side.gate.shared():
-            if not side.check_image():
-                raise VolumeError(f"pair {side.id}: {side.damaged}", errno.EIO)
-            decision = side.machine.write_decision()
-            if decision is ps.WriteDecision.LOCAL:
-                local()
-                return
-            if decision is ps.WriteDecision.LOCAL_RECORD:
-                self._refuse_pending(offset, length)
-                side.mark_dirty(offset, length)
-                local()
-                return
-            if decision is ps.WriteDecision.JOURNAL:
-                self._journal_write(offset, length, local, remote)
-                return
-            if decision is not ps.WriteDecision.MIRROR:
-                side.host.log_refusal(side, decision)
-                raise VolumeError(f"pair {side.id}: {ps._WRITE_WHY[decision]}", decision.errno)
-            self._mirror(offset, length, local, remote)
+        """A client's write (pwrite, zero, trim): refused if any leg refuses it."""
+        self._write(self.legs.sides(), False, offset, length, local, remote)
 
-    def _mirror(
+    def forward_write(
         self,
+        origin: Side,
         offset: int,
         length: int,
         local: Callable[[], None],
-        remote: Callable[[], wire.Message],
+        remote: Callable[[str], wire.Message],
     ) -> None:
-        side = self.side
-        cs = side.chunk_size
-        extents = side.al.enter(offset, length)
-        try:
-            with side.chunk_locks.hold(offset // cs, (offset + max(length, 1) - 1) // cs):
-                local()
-                try:
-                    side.request(remote())
-                    return
-                except (ConnectionFailed, Timeout, PeerRefused) as e:
-                    failure = e
-            # The secondary did not take the write: suspend, then apply the fence policy.
-            side.mark_dirty(offset, length)
-            side.link_failed(f"write to the secondary failed: {failure}")
-            if side.record.fence is ps.Fence.DATA:
-                side.log(
-                    f"pair {side.id}: fence=data: write at {offset} refused with EIO, "
-                    "the secondary cannot be updated"
-                )
-                raise VolumeError(
-                    f"pair {side.id}: fence=data and the secondary cannot be updated",
-                    errno.EIO,
-                )
-        finally:
-            side.al.leave(extents)
+        """A change that arrived through the receiving leg ``origin`` (a replicated write,
+        a copied chunk, an applied journal entry): written locally and carried on to every
+        leg this volume is the primary of (the middle of a cascade).  A leg that would
+        refuse a client records the change in its difference bitmap instead: the volume
+        must take what its primary sends."""
+        legs = self.legs.forward_legs(origin)
+        if not legs:
+            local()
+            return
+        self._write(legs, True, offset, length, local, remote)
 
-    def _journal_write(
+    def _write(
         self,
+        legs: tuple[Side, ...],
+        forwarding: bool,
         offset: int,
         length: int,
         local: Callable[[], None],
-        remote: Callable[[], wire.Message],
+        remote: Callable[[str], wire.Message],
     ) -> None:
-        """Async: journal first (durable, sequenced), then the volume.  The chunk locks order
-        the write against a running copy of the same chunks."""
-        side = self.side
-        msg = remote()
-        assert isinstance(msg, wire.Write | wire.Zero)
-        cs = side.chunk_size
-        group = side.host.primary_group(side)
-        with side.chunk_locks.hold(offset // cs, (offset + max(length, 1) - 1) // cs):
-            seq = group.record(side, msg)
-            if seq is None:
-                side.mark_dirty(offset, length)  # journal full or folded: recorded instead
+        with contextlib.ExitStack() as held:
+            for leg in legs:
+                held.enter_context(leg.gate.shared())
+            plan = [(leg, self._decide(leg, forwarding)) for leg in legs]
+            extents = None
+            if any(d is ps.WriteDecision.MIRROR for _, d in plan):
+                extents = self.legs.al.enter(offset, length)
+            try:
+                failed = self._carry_out(plan, offset, length, local, remote)
+                for leg, failure in failed:
+                    # The secondary did not take the write: suspend, then the fence policy.
+                    leg.mark_dirty(offset, length)
+                    leg.link_failed(f"write to the secondary failed: {failure}")
+                for leg, _ in failed:
+                    if leg.record.fence is ps.Fence.DATA and not forwarding:
+                        leg.log(
+                            f"pair {leg.id}: fence=data: write at {offset} refused with EIO, "
+                            "the secondary cannot be updated"
+                        )
+                        raise VolumeError(
+                            f"pair {leg.id}: fence=data and the secondary cannot be updated",
+                            errno.EIO,
+                        )
+            finally:
+                if extents is not None:
+                    self.legs.al.leave(extents)
+
+    def _decide(self, leg: Side, forwarding: bool) -> ps.WriteDecision:
+        if not leg.check_image():
+            raise VolumeError(f"pair {leg.id}: {leg.damaged}", errno.EIO)
+        decision = leg.machine.write_decision()
+        if decision in _GOES_AHEAD:
+            return decision
+        if forwarding:
+            leg.host.log_refusal(leg, f"forwarded change recorded ({decision})")
+            return ps.WriteDecision.LOCAL_RECORD
+        leg.host.log_refusal(leg, decision)
+        raise VolumeError(f"pair {leg.id}: {ps._WRITE_WHY[decision]}", decision.errno)
+
+    def _carry_out(
+        self,
+        plan: list[tuple[Side, ps.WriteDecision]],
+        offset: int,
+        length: int,
+        local: Callable[[], None],
+        remote: Callable[[str], wire.Message],
+    ) -> list[tuple[Side, Exception]]:
+        """The steps under the chunk locks; the mirrored legs that failed."""
+        failed: list[tuple[Side, Exception]] = []
+        journaled: list[tuple[Side, int]] = []
+        with contextlib.ExitStack() as locks:
+            for leg, d in plan:
+                if d is ps.WriteDecision.LOCAL_RECORD:
+                    self._refuse_pending(leg, offset, length)
+                    leg.mark_dirty(offset, length)
+                elif d is ps.WriteDecision.MIRROR or d is ps.WriteDecision.JOURNAL:
+                    # The chunk locks order the write against a copy of the same chunks.
+                    cs = leg.chunk_size
+                    last = (offset + max(length, 1) - 1) // cs
+                    locks.enter_context(leg.chunk_locks.hold(offset // cs, last))
+                    if d is ps.WriteDecision.JOURNAL:
+                        seq = self._journal(leg, offset, length, remote)
+                        if seq is not None:
+                            journaled.append((leg, seq))
             try:
                 local()
             finally:
-                if seq is not None:
-                    group.written_locally(seq)
+                for leg, seq in journaled:
+                    leg.host.primary_group(leg).written_locally(seq)
+            for leg, d in plan:
+                if d is ps.WriteDecision.MIRROR:
+                    try:
+                        leg.request(remote(leg.id))
+                    except _LINK_ERRORS as e:
+                        failed.append((leg, e))
+        return failed
+
+    def _journal(
+        self, leg: Side, offset: int, length: int, remote: Callable[[str], wire.Message]
+    ) -> int | None:
+        """Async: the journal entry (durable, sequenced) before the volume; None when the
+        write is recorded in the bitmap instead (the journal is full, or folded)."""
+        msg = remote(leg.id)
+        assert isinstance(msg, wire.Write | wire.Zero)
+        seq = leg.host.primary_group(leg).record(leg, msg)
+        if seq is None:
+            leg.mark_dirty(offset, length)
+        return seq
 
     def client_flush(self, local: Callable[[], None]) -> None:
-        side = self.side
-        with side.gate.shared():
+        self._flush(self.legs.sides(), False, local)
+
+    def forward_flush(self, origin: Side, local: Callable[[], None]) -> None:
+        """A flush that arrived through the receiving leg, carried on like its writes."""
+        self._flush(self.legs.forward_legs(origin), True, local)
+
+    def _flush(self, legs: tuple[Side, ...], forwarding: bool, local: Callable[[], None]) -> None:
+        with contextlib.ExitStack() as held:
+            for leg in legs:
+                held.enter_context(leg.gate.shared())
             local()
-            if side.is_async and side.record.role is Role.PRIMARY:
-                group = side.host.existing_group(side)
-                if group is not None:
-                    group.journal.sync()  # what the client wrote is now power-safe here
-            if side.machine.write_decision() is ps.WriteDecision.MIRROR:
+            for leg in legs:
+                if leg.is_async and leg.record.role is Role.PRIMARY:
+                    group = leg.host.existing_group(leg)
+                    if group is not None:
+                        group.journal.sync()  # what the client wrote is now power-safe here
+                if leg.machine.write_decision() is not ps.WriteDecision.MIRROR:
+                    continue
                 try:
-                    side.request(wire.Flush(side.id))
-                except (ConnectionFailed, Timeout, PeerRefused) as e:
-                    side.link_failed(f"flush on the secondary failed: {e}")
-                    if side.record.fence is ps.Fence.DATA:
+                    leg.request(wire.Flush(leg.id))
+                except _LINK_ERRORS as e:
+                    leg.link_failed(f"flush on the secondary failed: {e}")
+                    if leg.record.fence is ps.Fence.DATA and not forwarding:
                         raise VolumeError(
-                            f"pair {side.id}: fence=data and the secondary cannot be flushed",
+                            f"pair {leg.id}: fence=data and the secondary cannot be flushed",
                             errno.EIO,
                         ) from e
 
-    # -- chunks this side never received (a forced takeover of an incomplete copy) ----------
+    # -- chunks a leg never received (a forced takeover of an incomplete copy) ---------------
 
-    def pending(self, offset: int, length: int) -> int | None:
-        """The first chunk of ``[offset, offset + length)`` that this side never received
+    def pending(self, leg: Side, offset: int, length: int) -> int | None:
+        """The first chunk of ``[offset, offset + length)`` that ``leg`` never received
         (after a forced takeover of an incomplete copy), or None."""
-        side = self.side
-        if side.record.state is not ps.State.SSWS or not side.record.copy_incomplete:
+        if leg.record.state is not ps.State.SSWS or not leg.record.copy_incomplete:
             return None
-        cs = side.chunk_size
-        with side.bitmap_lock:
+        cs = leg.chunk_size
+        with leg.bitmap_lock:
             for c in range(offset // cs, (offset + max(length, 1) - 1) // cs + 1):
-                if side.copy_map.test(c):
+                if leg.copy_map.test(c):
                     return c
         return None
 
+    def refuse_hidden(self) -> None:
+        for leg in self.legs.sides():
+            if not leg.readable():
+                raise VolumeError(
+                    f"volume {leg.doc.volume} is the hidden secondary of pair {leg.id}",
+                    errno.EPERM,
+                )
+
     def refuse_pending_read(self, offset: int, length: int) -> None:
-        chunk = self.pending(offset, length)
-        if chunk is not None:
-            self._pending_error(chunk, "read")
+        for leg in self.legs.sides():
+            chunk = self.pending(leg, offset, length)
+            if chunk is not None:
+                self._pending_error(leg, chunk, "read")
 
-    def _refuse_pending(self, offset: int, length: int) -> None:
-        chunk = self.pending(offset, length)
+    def _refuse_pending(self, leg: Side, offset: int, length: int) -> None:
+        chunk = self.pending(leg, offset, length)
         if chunk is not None:
-            self._pending_error(chunk, "write")
+            self._pending_error(leg, chunk, "write")
 
-    def _pending_error(self, chunk: int, what: str) -> None:
-        side = self.side
-        side.host.log_refusal(side, f"pending {what}")
+    def _pending_error(self, leg: Side, chunk: int, what: str) -> None:
+        leg.host.log_refusal(leg, f"pending {what}")
         raise VolumeError(
-            f"pair {side.id}: chunk {chunk} was never copied here before the forced takeover "
+            f"pair {leg.id}: chunk {chunk} was never copied here before the forced takeover "
             f"and has not been pulled from the old primary yet: {what} refused",
             errno.EIO,
         )
@@ -189,15 +274,15 @@ class BoundHandle(ExportHandle):
     under it and whenever its PVID changes (:meth:`PairManager.rebind`), so a connection
     opened while the volume was simplex is mirrored or refused like a new one.
 
-    ``side``: the pair side of the volume, or None (plain: the plugin may take its fast path).
-    ``refusal``: why every request is refused (the PVID the client asked for is gone, the
-    pair cannot be loaded, the image is damaged), or None."""
+    ``legs``: the volume's legs (its pairs), or None (plain: the plugin may take its fast
+    path).  ``refusal``: why every request is refused (the PVID the client asked for is gone,
+    a pair cannot be loaded, the image is damaged), or None."""
 
-    __slots__ = ("on_close", "plain", "refusal", "side")
+    __slots__ = ("legs", "on_close", "plain", "refusal")
 
     def __init__(self, handle: ExportHandle) -> None:
         super().__init__(handle.volume, handle.readonly, handle.want_pvid)
-        self.side: Side | None = None
+        self.legs: VolumeLegs | None = None
         self.refusal: VolumeError | None = None
         self.plain = True
         self.on_close: Callable[[BoundHandle], None] | None = None
@@ -207,27 +292,20 @@ class BoundHandle(ExportHandle):
             self.on_close(self)
         super().close()
 
-    def bind(self, side: Side | None, pvid: int, refusal: VolumeError | None) -> None:
+    def bind(self, legs: VolumeLegs | None, pvid: int, refusal: VolumeError | None) -> None:
         if refusal is None and self.want_pvid is not None and self.want_pvid != pvid:
             refusal = VolumeError(
                 f"volume {self.header.name} now carries PVID {format_pvid(pvid)}, not the "
                 f"{format_pvid(self.want_pvid)} this connection was opened for",
                 errno.EIO,
             )
-        self.side, self.refusal = side, refusal
-        self.plain = side is None and refusal is None
+        self.legs, self.refusal = legs, refusal
+        self.plain = legs is None and refusal is None
 
-    def _policy(self) -> Side | None:
+    def _policy(self) -> ClientWrites | None:
         if self.refusal is not None:
             raise self.refusal
-        return self.side
-
-    def _refuse_hidden(self, side: Side) -> None:
-        if not side.readable():
-            raise VolumeError(
-                f"volume {side.doc.volume} is the hidden secondary of pair {side.id}",
-                errno.EPERM,
-            )
+        return self.legs.writes if self.legs is not None else None
 
     def _plain(self, run: Callable[[], None]) -> bool:
         """Carry out ``run`` as a plain request if the handle is plain (published in
@@ -243,10 +321,10 @@ class BoundHandle(ExportHandle):
             INFLIGHT[tid] = None
 
     def pread(self, buf: memoryview, offset: int) -> None:
-        side = self._policy()
-        if side is not None:
-            self._refuse_hidden(side)
-            side.writes.refuse_pending_read(offset, len(buf))
+        writes = self._policy()
+        if writes is not None:
+            writes.refuse_hidden()
+            writes.refuse_pending_read(offset, len(buf))
         super().pread(buf, offset)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
@@ -255,67 +333,64 @@ class BoundHandle(ExportHandle):
             raise self._outside(count, offset)
         if self._plain(lambda: ExportHandle.pwrite(self, buf, offset, fua)):
             return
-        side = self._policy()
-        if side is None:  # unbound between the two looks: the plain path again
+        writes = self._policy()
+        if writes is None:  # unbound between the two looks: the plain path again
             ExportHandle.pwrite(self, buf, offset, fua)
             return
-        pid = side.id
-        side.writes.client_write(
+        writes.client_write(
             offset,
             count,
             lambda: ExportHandle.pwrite(self, buf, offset, fua),
-            lambda: wire.Write(pid, offset, buf, fua),
+            lambda pid: wire.Write(pid, offset, buf, fua),
         )
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
         self._check(count, offset)
         if self._plain(lambda: ExportHandle.zero(self, count, offset, may_trim, fua)):
             return
-        side = self._policy()
-        if side is None:
+        writes = self._policy()
+        if writes is None:
             ExportHandle.zero(self, count, offset, may_trim, fua)
             return
-        pid = side.id
-        side.writes.client_write(
+        writes.client_write(
             offset,
             count,
             lambda: ExportHandle.zero(self, count, offset, may_trim, fua),
-            lambda: wire.Zero(pid, offset, count, fua, may_trim),
+            lambda pid: wire.Zero(pid, offset, count, fua, may_trim),
         )
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
         self._check(count, offset)
         if self._plain(lambda: ExportHandle.trim(self, count, offset, fua)):
             return
-        side = self._policy()
-        if side is None:
+        writes = self._policy()
+        if writes is None:
             ExportHandle.trim(self, count, offset, fua)
             return
-        pid = side.id
 
         def local() -> None:
             # Mirror a trim as a zero that may punch holes, so both sides read the same.
             ExportHandle.zero(self, count, offset, True, fua)
 
-        side.writes.client_write(
-            offset, count, local, lambda: wire.Zero(pid, offset, count, fua, True)
+        writes.client_write(
+            offset, count, local, lambda pid: wire.Zero(pid, offset, count, fua, True)
         )
 
     def flush(self) -> None:
-        side = self._policy()
-        if side is None:
+        writes = self._policy()
+        if writes is None:
             ExportHandle.flush(self)
             return
-        side.writes.client_flush(lambda: ExportHandle.flush(self))
+        writes.client_flush(lambda: ExportHandle.flush(self))
 
     def cache(self, count: int, offset: int) -> None:
-        side = self._policy()
-        if side is not None:
-            self._refuse_hidden(side)
+        writes = self._policy()
+        if writes is not None:
+            writes.refuse_hidden()
         super().cache(count, offset)
 
     def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int, int]]:
-        side = self._policy()
-        if side is not None:
-            self._refuse_hidden(side)
+        writes = self._policy()
+        if writes is not None:
+            writes.refuse_hidden()
         return super().extents(count, offset, req_one)

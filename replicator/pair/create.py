@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,6 @@ from replicator.bitmap import Bitmap
 from replicator.errors import AlreadyExists, IllegalState, UsageError
 from replicator.groups import DEFAULT_HIGH_WATERMARK, DEFAULT_JOURNAL_SIZE, journal_path
 from replicator.header import Role, check_name
-from replicator.pair.activity_log import AL_SLOT
 from replicator.pair.display import describe
 from replicator.pair.doc import PeerRef, SideDoc
 from replicator.pair.names import pair_id, parse_peer_address
@@ -22,6 +22,7 @@ from replicator.volume import Volume
 
 if TYPE_CHECKING:
     from replicator.pair.manager import PairManager
+    from replicator.pair.volume_legs import VolumeLegs
 
 
 class Creation:
@@ -60,8 +61,7 @@ class Creation:
         with self.m.lock:
             if self.m.has_pair(pid):
                 raise AlreadyExists(f"pair {pid} already exists on node {self.m.node_name}")
-            path = self.m.volume_path(volume)
-            self._check_free(path, volume)
+            legs = self._legs_for(volume, pid, group, Role.PRIMARY)
             members = [x for x in self.m.sides.values() if x.record.group == group]
             stream = 1 + max((x.stream for x in members), default=0)
             for x in members:
@@ -77,6 +77,7 @@ class Creation:
                         f"group {group} replicates to {x.doc.peer.label()}: every pair of a "
                         "group has the same two nodes"
                     )
+            diff_slot, copy_slot = legs.claim_slots(pid)
             record = ps.PairRecord(
                 group,
                 pair,
@@ -86,6 +87,8 @@ class Creation:
                 peer.label(),
                 chunk_size=chunk,
                 auto_resync=bool(args.get("auto_resync", False)),
+                diff_slot=diff_slot,
+                copy_slot=copy_slot,
             )
             doc = SideDoc(
                 record,
@@ -96,13 +99,9 @@ class Creation:
                 journal_size=journal_size,
                 high_watermark=high,
             )
-            side = Side(self.m, doc, link_up=True)
+            side = self._new_side(legs, doc)
             try:
-                for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
-                    side.store.clear(slot)
-                side.diff_map = Bitmap(side.data_size, chunk)
-                side.copy_map = Bitmap(side.data_size, chunk)
-                side.al.clear()
+                self._clear_bitmaps(side)
                 h = side.volume.header
                 create = wire.PairCreate(
                     pid,
@@ -130,28 +129,52 @@ class Creation:
                 if mode is ps.Mode.ASYNC:
                     self.m.primary_group(side).start()
             except BaseException:
-                side.volume.close()
+                self.m.sides.pop(side.key, None)
+                side.close(release=True)
                 raise
         try:
             # Connections opened while the volume was simplex now go through the pair; the
             # gate holds their writes until the copy's policy (mirror, journal) is in force.
             with side.gate.closed():
-                self.m.rebind(side.volume.path, side)
+                self.m.rebind(side.volume.path)
                 side.fire(ps.Create(), tell_peer=False)
         except BaseException:
             self.m.forget(side)
             raise
         return describe(side)
 
-    def _check_free(self, path: str, volume: str) -> None:
-        """A volume may join a new pair only if it belongs to none, loadable or not."""
-        if self.m.side_for_path(path) is not None:
-            raise IllegalState(f"volume {volume} on {self.m.node_name} already belongs to a pair")
+    def _legs_for(self, volume: str, pid: str, group: str, role: Role) -> VolumeLegs:
+        """The volume a new pair uses, if it may (IllegalState otherwise): not one that
+        cannot be loaded, not twice in one group, and receiving from one primary only."""
+        path = self.m.volume_path(volume)
         real = os.path.realpath(path)
         if real in self.m.quarantine.broken:
             raise IllegalState(
                 f"volume {volume} on {self.m.node_name}: {self.m.quarantine.broken[real]}"
             )
+        existing = self.m.legs_for_path(real)
+        if existing is not None:
+            existing.check_may_join(pid, group, role)
+        return self.m.open_legs(volume)
+
+    def _new_side(self, legs: VolumeLegs, doc: SideDoc) -> Side:
+        """The new leg's side; its claimed slots are released if it cannot be made."""
+        try:
+            return Side(self.m, doc, link_up=True)
+        except BaseException:
+            legs.unclaim(doc.record.name)
+            raise
+
+    def _clear_bitmaps(self, side: Side) -> None:
+        """A new leg starts with empty bitmaps (its slots may hold a deleted leg's), and a
+        volume's first leg with an empty activity log."""
+        r = side.record
+        for slot in (r.diff_slot, r.copy_slot):
+            side.store.clear(slot)
+        side.diff_map = Bitmap(side.data_size, r.chunk_size)
+        side.copy_map = Bitmap(side.data_size, r.chunk_size)
+        if len(side.legs.legs) == 1:
+            side.al.clear()
 
     def on_pair_create(self, peer_name: str, msg: wire.PairCreate) -> Side:
         pid = msg.pair_id
@@ -160,7 +183,7 @@ class Creation:
             if self.m.has_pair(pid):
                 raise AlreadyExists(f"pair {pid} already exists on node {self.m.node_name}")
             path = self.m.volume_path(msg.volume)
-            self._check_free(path, msg.volume)
+            legs = self._legs_for(msg.volume, pid, group, Role.SECONDARY)
             with Volume.open(path) as v:
                 if v.header.data_size != msg.data_size:
                     raise UsageError(
@@ -192,13 +215,12 @@ class Creation:
                     stale.stop()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(journal_path(self.m.directory, group, receive=True))
+            diff_slot, copy_slot = legs.claim_slots(pid)
+            record = dataclasses.replace(record, diff_slot=diff_slot, copy_slot=copy_slot)
             doc = SideDoc(record, msg.volume, peer, stream=stream)
-            side = Side(self.m, doc, link_up=True)
+            side = self._new_side(legs, doc)
             try:
-                for slot in (record.diff_slot, record.copy_slot, AL_SLOT):
-                    side.store.clear(slot)
-                side.diff_map = Bitmap(side.data_size, msg.chunk_size)
-                side.copy_map = Bitmap(side.data_size, msg.chunk_size)
+                self._clear_bitmaps(side)
                 side.peer_pvid = msg.pvid
                 side.doc.primary_pvid = msg.pvid
                 self.m.sides[side.key] = side
@@ -206,11 +228,11 @@ class Creation:
                     self.m.secondary_group(side)
                 # Connections already open on the S-VOL are refused from now on, as new ones.
                 with side.gate.closed():
-                    self.m.rebind(side.volume.path, side)
+                    self.m.rebind(side.volume.path)
                     side.fire(ps.Create(), tell_peer=False)
             except BaseException:
                 self.m.sides.pop(side.key, None)
-                side.volume.close()
-                self.m.rebind(path, None)
+                side.close(release=True)
+                self.m.rebind(path)
                 raise
         return side

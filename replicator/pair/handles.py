@@ -1,5 +1,5 @@
-"""Open client connections on a node, per volume: bound to the volume's pair side (if any)
-and rebound whenever the volume's role or PVID changes under them."""
+"""Open client connections on a node, per volume: bound to the volume's legs (its pairs, if
+any) and rebound whenever the volume's roles or PVID change under them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from replicator.volume import Volume
 
 if TYPE_CHECKING:
     from replicator.pair.manager import PairManager
-    from replicator.pair.side import Side
+    from replicator.pair.volume_legs import VolumeLegs
 
 
 class HandleRegistry:
@@ -26,31 +26,33 @@ class HandleRegistry:
         self.handles: dict[str, set[BoundHandle]] = {}
         self.handles_lock = threading.Lock()
 
-    def _refusal_for(self, real: str, side: Side | None) -> VolumeError | None:
+    def _refusal_for(self, real: str, legs: VolumeLegs | None) -> VolumeError | None:
         if real in self.m.quarantine.broken:
             return VolumeError(f"{self.m.quarantine.broken[real]}; not served", errno.EIO)
-        if side is not None and side.damaged is not None:
-            return VolumeError(f"pair {side.id}: {side.damaged}; not served", errno.EIO)
+        for side in legs.sides() if legs is not None else ():
+            if side.damaged is not None:
+                return VolumeError(f"pair {side.id}: {side.damaged}; not served", errno.EIO)
         return None
 
     def wrap(self, handle: ExportHandle) -> ExportHandle:
-        """A new client connection: bound to the volume's pair side (if any), registered so
-        that it follows every later change (pairvol never serves a stale binding)."""
+        """A new client connection: bound to the volume's legs (if any), registered so that
+        it follows every later change (pairvol never serves a stale binding)."""
         real = os.path.realpath(handle.volume.path)
         with self.m.lock:
-            side = self.m.side_for_path(real)
-            refusal = self._refusal_for(real, side)
+            legs = self.m.legs_for_path(real)
+            refusal = self._refusal_for(real, legs)
             if refusal is not None:
                 handle.close()
                 raise IllegalState(str(refusal))
-            if side is not None and not side.readable():
-                handle.close()
-                raise IllegalState(
-                    f"volume {side.doc.volume} is the hidden secondary of pair {side.id} "
-                    f"({side.record.state}); clients may not use it until split or takeover"
-                )
+            for side in legs.sides() if legs is not None else ():
+                if not side.readable():
+                    handle.close()
+                    raise IllegalState(
+                        f"volume {side.doc.volume} is the hidden secondary of pair {side.id} "
+                        f"({side.record.state}); clients may not use it until split or takeover"
+                    )
             bound = BoundHandle(handle)
-            bound.bind(side, handle.volume.header.pvid, None)
+            bound.bind(legs, handle.volume.header.pvid, None)
             with self.handles_lock:
                 self.handles.setdefault(real, set()).add(bound)
         bound.on_close = self._closed
@@ -65,26 +67,28 @@ class HandleRegistry:
                 if not group:
                     del self.handles[real]
 
-    def rebind(self, path: str, side: Side | None) -> None:
-        """Every open connection of the volume at ``path`` now follows ``side`` (None: plain)
-        and its current PVID; returns once no plain request is left in flight on them."""
+    def rebind(self, path: str) -> None:
+        """Every open connection of the volume at ``path`` now follows the volume's legs as
+        they are (none: plain) and its current PVID; returns once no plain request is left
+        in flight on them."""
         real = os.path.realpath(path)
         with self.handles_lock:
             handles = list(self.handles.get(real, ()))
         if not handles:
             return
-        refusal = self._refusal_for(real, side)
-        if side is not None and not side.deleted:
-            pvid = side.volume.header.pvid
+        legs = self.m.legs_for_path(real)
+        refusal = self._refusal_for(real, legs)
+        if legs is not None:
+            pvid = legs.volume.header.pvid
         else:
             with Volume.open(real) as v:
                 pvid = v.header.pvid
         for h in handles:
-            h.bind(side, pvid, refusal)
+            h.bind(legs, pvid, refusal)
         quiesce(handles)
         self.m.events.emit(
             "pair.handles.rebound",
             path=real,
             handles=len(handles),
-            pair=side.id if side is not None else "",
+            pair=",".join(s.id for s in legs.sides()) if legs is not None else "",
         )

@@ -27,6 +27,7 @@ from replicator.export import ExportHandle
 from replicator.groups import DEFAULT_JOURNAL_SIZE, GroupPrimary, GroupSecondary, journal_path
 from replicator.header import Role
 from replicator.liveness import earliest
+from replicator.pair.activity_log import AL_EXTENT
 from replicator.pair.commands import Commands
 from replicator.pair.create import Creation
 from replicator.pair.doc import (
@@ -44,6 +45,7 @@ from replicator.pair.names import pair_id, split_pair_id
 from replicator.pair.peer_requests import PeerRequests
 from replicator.pair.quarantine import Quarantine
 from replicator.pair.side import Side
+from replicator.pair.volume_legs import VolumeLegs
 from replicator.peer_auth import PeerSecrets
 from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.volume import Volume
@@ -85,6 +87,8 @@ class PairManager:
         #: Monotonic seconds; every timing decision of the runtime reads this clock.
         self.clock = clock
         self.sides: dict[str, Side] = {}
+        #: The volumes with pairs, by real path: each with its legs.
+        self.volumes: dict[str, VolumeLegs] = {}
         self.primaries: dict[str, GroupPrimary] = {}
         self.secondaries: dict[str, GroupSecondary] = {}
         self.lock = threading.RLock()
@@ -94,6 +98,7 @@ class PairManager:
         self._ticker = threading.Thread(target=self._timer_loop, name="pair timer", daemon=True)
         self._housekeeping_at = clock() + HOUSEKEEPING
         self._local_pings: set[Side] = set()
+        self._notify: set[Side] = set()
         self._refusals: dict[tuple[str, str], float] = {}
         self.handle_registry = HandleRegistry(self)
         self.quarantine = Quarantine(self)
@@ -127,6 +132,25 @@ class PairManager:
                 if v.header.name == name:
                     return entry.path
         raise NotFound(f"node {self.node_name} has no volume named {name!r}")
+
+    def open_legs(self, name: str) -> VolumeLegs:
+        """The volume ``name`` with its legs, opened with its first leg."""
+        real = os.path.realpath(self.volume_path(name))
+        with self.lock:
+            legs = self.volumes.get(real)
+            if legs is None or legs.closed:
+                legs = VolumeLegs(real, self.clock, self.log, self._volume_closed)
+                self.volumes[real] = legs
+            return legs
+
+    def _volume_closed(self, legs: VolumeLegs) -> None:
+        with self.lock:
+            if self.volumes.get(legs.path) is legs:
+                del self.volumes[legs.path]
+
+    def legs_for_path(self, path: str) -> VolumeLegs | None:
+        legs = self.volumes.get(os.path.realpath(path))
+        return legs if legs is not None and legs.legs else None
 
     def client_for(self, host: str, port: int, expect: str = "") -> PeerClient:
         """The client for the node at ``host:port``; ``expect``: the node name the pair knows
@@ -162,6 +186,7 @@ class PairManager:
         """Load every pair and start the groups and the timer thread.  ``timer_thread=False``
         (in-process tests with a scripted clock): the caller drives :meth:`handle_timer`."""
         pairs_dir = os.path.join(self.directory, PAIRS_DIR)
+        deleting: list[tuple[str, SideDoc]] = []
         for name in sorted(os.listdir(pairs_dir)):
             if not is_doc_file(name):
                 continue
@@ -172,7 +197,7 @@ class PairManager:
                 if note is not None:
                     self.log(f"{path}: {note}")  # the next write rewrites both slots
                 if doc.record.state is ps.State.SMPL:
-                    self.quarantine._finish_delete(path, doc)
+                    deleting.append((path, doc))  # once the volume's other legs are loaded
                     continue
                 local = self.is_self(doc.peer.host, doc.peer.port)
                 side = Side(self, doc, link_up=local)
@@ -185,10 +210,16 @@ class PairManager:
             self.sides[side.key] = side
             if local:
                 self._link_partner(side)
-            restarted_busy = not side.is_async and side.fold_activity_log()
-            if restarted_busy and side.record.state in ps.REPLICATING:
-                side.link_failed("restarted with writes in flight (activity log not empty)")
             self.events.emit("pair.loaded", pair=side.id, state=str(side.record.state))
+        for path, doc in deleting:
+            try:
+                self.quarantine._finish_delete(path, doc)
+            except (PairvolError, OSError) as e:
+                self.quarantine._mark_broken(path, doc, e)
+        for legs in list(self.volumes.values()):
+            if legs.path not in self.quarantine.broken:
+                legs.release_orphans()
+            self._fold_activity_log(legs)
         self.quarantine._open_groups()
         self.quarantine._find_orphans()
         for name, g in self.primaries.items():
@@ -200,6 +231,20 @@ class PairManager:
             g.start()
         if timer_thread:
             self._ticker.start()
+
+    def _fold_activity_log(self, legs: VolumeLegs) -> None:
+        """At start-up: extents in the volume's activity log may differ between the volume and
+        the secondaries of its sync legs: into their difference bitmaps, and suspend them."""
+        extents = legs.al.take()
+        if not extents:
+            return
+        sync = [s for s in legs.sides() if not s.is_async]
+        for side in sync:
+            side.fold_extents(extents, AL_EXTENT)
+        legs.al.clear()
+        for side in sync:
+            if side.record.state in ps.REPLICATING:
+                side.link_failed("restarted with writes in flight (activity log not empty)")
 
     def _link_partner(self, side: Side) -> None:
         for other in self.sides.values():
@@ -233,7 +278,7 @@ class PairManager:
         pair's machine, every peer link and the housekeeping round."""
         deadlines = [s.machine.get_timer() for s in list(self.sides.values())]
         deadlines += [self.links.get_timer(), self._housekeeping_at]
-        if self._local_pings:
+        if self._local_pings or self._notify:
             deadlines.append(self.clock())
         return earliest(deadlines)
 
@@ -253,6 +298,13 @@ class PairManager:
         local, self._local_pings = self._local_pings, set()
         for side in local:
             self._ping_partner(side, now)
+        notify, self._notify = self._notify, set()
+        for side in notify:
+            if not side.deleted and side.machine.link_up:
+                try:
+                    side.exchange.notify_peer()
+                except PairvolError as e:
+                    self.log(f"pair {side.id}: telling the peer our state failed: {e}")
         if now >= self._housekeeping_at:
             self._housekeeping_at = now + HOUSEKEEPING
             for side in list(self.sides.values()):
@@ -266,6 +318,12 @@ class PairManager:
             self._local_pings.add(side)
         else:
             self.links.ping_soon(side)
+
+    def notify_soon(self, side: Side) -> None:
+        """Tell the side's peer our state at the next timer round (another leg of its volume
+        changed the PVID: a hidden secondary takes its primary's)."""
+        self._notify.add(side)
+        self._wake.set()
 
     def timer_changed(self) -> None:
         """A state changed: the timer thread looks at :meth:`get_timer` again."""
@@ -340,8 +398,8 @@ class PairManager:
         faults.step("remove record")
         unlink_durably(self.doc_path(side.key))
         path = side.volume.path
-        side.close()
-        self.rebind(path, None)
+        side.close(release=True)
+        self.rebind(path)
 
     # -- what cannot be loaded, and what a crash left half done -----------------------------------
 
@@ -396,13 +454,6 @@ class PairManager:
     def has_pair(self, pid: str) -> bool:
         return any(s.id == pid for s in self.sides.values())
 
-    def side_for_path(self, path: str) -> Side | None:
-        real = os.path.realpath(path)
-        for s in list(self.sides.values()):
-            if os.path.realpath(s.volume.path) == real:
-                return s
-        return None
-
     def select(self, target: str, role: Role | None = None) -> list[Side]:
         """The sides ``GROUP[/PAIR]`` names.  ``role``: of a local pair, only the side in
         that role (a command acts once per pair, from the side that carries it out)."""
@@ -441,8 +492,8 @@ class PairManager:
     def wrap(self, handle: ExportHandle) -> ExportHandle:
         return self.handle_registry.wrap(handle)
 
-    def rebind(self, path: str, side: Side | None) -> None:
-        self.handle_registry.rebind(path, side)
+    def rebind(self, path: str) -> None:
+        self.handle_registry.rebind(path)
 
     def existing_group(self, side: Side) -> GroupPrimary | GroupSecondary | None:
         """The side's group journal, if it has one open (no journal is created)."""

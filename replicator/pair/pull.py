@@ -25,6 +25,7 @@ from replicator import pair_state as ps
 from replicator import wire
 from replicator.errors import PairvolError, ProtocolError, UsageError, VolumeError
 from replicator.header import Role
+from replicator.journal import EntryKind
 from replicator.pair.copy_engine import Throttle
 
 if TYPE_CHECKING:
@@ -82,9 +83,8 @@ class PullEngine:
                 raise ProtocolError(f"pair {side.id}: the old primary answered oddly")
             if len(reply.data) != length:
                 raise ProtocolError(f"pair {side.id}: chunk {chunk} came with the wrong size")
-            done = os.pwritev(side.volume.fd, [reply.data], side.data_offset + chunk * cs)
-            if done != length:
-                raise VolumeError(f"short write of chunk {chunk} of {side.doc.volume}", errno.EIO)
+            # The chunk goes on to the volume's other legs too (they never had it either).
+            side.apply_entry(EntryKind.WRITE, chunk * cs, length, reply.data, False)
             with side.bitmap_lock:
                 side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
         self.sent_bytes += length

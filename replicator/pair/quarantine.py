@@ -133,13 +133,24 @@ class Quarantine:
         """A record in SMPL: a delete was interrupted after its record was written.  Finish it
         (the new PVID, if one was due, went on the volume before the record did)."""
         vpath = self.m.volume_path(doc.volume)
-        with Volume.open(vpath, writable=True) as v:
-            store = BitmapStore(v.fd, v.header)
-            for slot in (doc.record.diff_slot, doc.record.copy_slot, AL_SLOT):
-                store.clear(slot)
-            if v.header.role is not Role.SIMPLEX or v.header.pair:
-                v.update_info(role=Role.SIMPLEX, pair="")
-        unlink_durably(path)
+        r = doc.record
+        legs = self.m.legs_for_path(vpath)
+        if legs is not None:  # the volume's other legs are loaded: they keep the log
+            for slot in (r.diff_slot, r.copy_slot):
+                legs.store.clear(slot)
+            unlink_durably(path)  # its slots are an orphan claim now, released at start-up
+            legs.label()
+        else:
+            with Volume.open(vpath, writable=True) as v:
+                store = BitmapStore(v.fd, v.header)
+                for slot in (r.diff_slot, r.copy_slot, AL_SLOT):
+                    store.clear(slot)
+                table = store.read_table()
+                if table is not None and r.name in table.legs:
+                    store.write_table(table.without(r.name))
+                if v.header.role is not Role.SIMPLEX or v.header.pair:
+                    v.update_info(role=Role.SIMPLEX, pair="")
+            unlink_durably(path)
         self.m.log(f"pair {doc.record.name}: finished its delete, interrupted by a restart")
         self.m.events.emit("pair.deleted", pair=doc.record.name, finished_after_restart=True)
 
@@ -173,7 +184,7 @@ class Quarantine:
             except (PairvolError, OSError):
                 continue
             real = os.path.realpath(entry.path)
-            if h.role is Role.SIMPLEX or real in self.broken or self.m.side_for_path(real):
+            if h.role is Role.SIMPLEX or real in self.broken or self.m.legs_for_path(real):
                 continue
             reason = (
                 f"volume {h.name} is labelled {h.role.label} of pair {h.pair!r}, but no pair "
@@ -205,19 +216,36 @@ class Quarantine:
             real = b["path"]
             row: dict[str, Any] = {"id": pid, "role": "?", "state": "SMPL", "pvid": "?"}
             if real is not None:
-                with Volume.open(real, writable=True) as v:
-                    row["role"] = v.header.role.label
-                    if v.header.role is Role.SECONDARY:
-                        h = v.set_pvid(None)
-                        self.m.log(f"volume {h.name}: new PVID {h.pvid_hex} (was a secondary)")
-                    h = v.update_info(role=Role.SIMPLEX, pair="")
-                    row["pvid"] = h.pvid_hex
+                row.update(self._release_volume(real))
                 self.broken.pop(real, None)
-                self.m.rebind(real, None)
+                self.m.rebind(real)
             self.broken_pairs.remove(b)
             self.m.log(f"pair {pid}: released (its record was damaged; kept as {b['file']})")
             out.append({**row, "was": "corrupt", "kept": b["file"]})
         return out
+
+    def _release_volume(self, real: str) -> dict[str, Any]:
+        """The volume of a released pair: a new PVID if it was that pair's secondary (it may
+        carry its primary's), and its VOL information without the pair.  A volume still in
+        other pairs keeps them (their legs relabel it, their secondaries learn the PVID)."""
+        legs = self.m.legs_for_path(real)
+        if legs is not None:
+            h = legs.volume.header
+            row = {"role": h.role.label}
+            if h.role is Role.SECONDARY and legs.receiving() is None:
+                h = legs.volume.set_pvid(None)
+                self.m.log(f"volume {h.name}: new PVID {h.pvid_hex} (was a secondary)")
+                for side in legs.sides():
+                    self.m.notify_soon(side)
+            legs.label()
+            return {**row, "pvid": legs.volume.header.pvid_hex}
+        with Volume.open(real, writable=True) as v:
+            row = {"role": v.header.role.label}
+            if v.header.role is Role.SECONDARY:
+                h = v.set_pvid(None)
+                self.m.log(f"volume {h.name}: new PVID {h.pvid_hex} (was a secondary)")
+            h = v.update_info(role=Role.SIMPLEX, pair="")
+            return {**row, "pvid": h.pvid_hex}
 
     def _broken_named(self, target: str) -> list[dict[str, Any]]:
         group, pair = split_pair_id(target)

@@ -1,5 +1,7 @@
 """What the peer sends a secondary: replicated writes, journal entries, bitmap and digest
-requests.  Everything here writes only this side's own volume."""
+requests.  Everything here writes this side's own volume; a volume that is also the primary
+of other legs (the middle of a cascade) carries each change on to them
+(:meth:`~replicator.pair.client_io.ClientWrites.forward_write`)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,15 @@ from replicator.journal import EntryKind
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
+
+
+def _message(
+    pid: str, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+) -> wire.Message:
+    """The change as the request that carries it to another leg's secondary."""
+    if kind is EntryKind.WRITE:
+        return wire.Write(pid, offset, data, fua)
+    return wire.Zero(pid, offset, length, fua, kind is EntryKind.TRIM)
 
 
 class Replica:
@@ -56,7 +67,8 @@ class Replica:
             why = f"{r.state}, suspended by {r.cause}" if r.state in ps.SUSPENDED else r.state
             raise IllegalState(f"pair {side.id}: not a replicating secondary here ({why})")
         if isinstance(msg, wire.Flush):
-            os.fdatasync(side.volume.fd)
+            fd = side.volume.fd
+            side.legs.writes.forward_flush(side, lambda: os.fdatasync(fd))
             return wire.Ack()
         length = len(msg.data) if isinstance(msg, wire.Write) else msg.length
         if msg.offset + length > side.data_size:
@@ -76,7 +88,23 @@ class Replica:
     def apply_entry(
         self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
     ) -> None:
-        """Write one change to the local volume (shipped, copied, or redone from a journal)."""
+        """Write one change to the local volume (shipped, copied, pulled, or redone from a
+        journal); on a receiving leg, carried on to the volume's other legs."""
+        side = self.side
+        if side.record.role is Role.SECONDARY and len(side.legs.legs) > 1:
+            side.legs.writes.forward_write(
+                side,
+                offset,
+                max(length, 1),
+                lambda: self._write_local(kind, offset, length, data, fua),
+                lambda pid: _message(pid, kind, offset, length, data, fua),
+            )
+            return
+        self._write_local(kind, offset, length, data, fua)
+
+    def _write_local(
+        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+    ) -> None:
         side = self.side
         fd, base = side.volume.fd, side.data_offset
         if kind is EntryKind.WRITE:

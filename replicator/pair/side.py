@@ -1,7 +1,10 @@
 """The local half of one pair: the pure state machine plus what it needs to act.
 
-A side owns its volume (opened read-write), its persistent difference and copy bitmaps, its
-activity log, a client to the peer node and, while copying, a copy engine.  The machine
+A side is one *leg* of its volume (:mod:`~replicator.pair.volume_legs`: a volume may be in
+several pairs, and the open image, the bitmap store, the activity log and the client write
+path are the volume's).  The side owns its persistent difference and copy bitmaps (the slots
+the volume's slot table gives it), a client to the peer node and, while copying, a copy
+engine.  The machine
 decides *what* may happen (``docs/state-machines.md``); :meth:`Side.fire` feeds it an event
 and :meth:`Side._carry_out` carries out every action it returns, exhaustively (a new action
 type that is not handled fails the type check).  The parts of a side live next to it:
@@ -18,14 +21,11 @@ from typing import assert_never
 from replicator import faults, wire
 from replicator import pair_state as ps
 from replicator.bitmap import Bitmap
-from replicator.bitmap_store import BitmapStore
 from replicator.errors import IllegalState, PairvolError
 from replicator.events import EventLog
 from replicator.gate import ChunkLocks, Gate
-from replicator.header import PAIR_MAX, Role
+from replicator.header import Role
 from replicator.journal import EntryKind
-from replicator.pair.activity_log import AL_EXTENT, AL_SLOT, ActivityLog
-from replicator.pair.client_io import ClientWrites
 from replicator.pair.copy_control import CopyControl
 from replicator.pair.copy_engine import CopyEngine
 from replicator.pair.doc import SideDoc, save_doc
@@ -34,7 +34,6 @@ from replicator.pair.host import REQUEST_TIMEOUT, SideHost
 from replicator.pair.pull import PullEngine
 from replicator.pair.replica import Replica
 from replicator.peer_link import PeerClient, PeerRefused
-from replicator.volume import Volume
 
 
 class Side:
@@ -62,18 +61,23 @@ class Side:
         self.bitmap_lock = threading.Lock()
         self.gate = Gate()
         self.chunk_locks = ChunkLocks()
-        self.volume = Volume.open(host.volume_path(doc.volume), writable=True)
-        if self.volume.repair_note is not None:
-            self.log(f"pair {self.id}: {self.volume.path}: {self.volume.repair_note}")
+        self.legs = host.open_legs(doc.volume)
+        self.volume = self.legs.volume
         h = self.volume.header
         self.data_size = h.data_size
         self.data_offset = h.data_offset
         self.chunk_size = doc.record.chunk_size
-        self.store = BitmapStore(self.volume.fd, h)
+        self.store = self.legs.store
+        self.al = self.legs.al
         r = doc.record
-        self.diff_map = self.store.load(r.diff_slot, self.chunk_size)
-        self.copy_map = self.store.load(r.copy_slot, self.chunk_size)
-        self.al = ActivityLog(self.store, self.data_size, self.clock)
+        try:
+            self.diff_map = self.store.load(r.diff_slot, self.chunk_size)
+            self.copy_map = self.store.load(r.copy_slot, self.chunk_size)
+            self.legs.attach(self)
+        except BaseException:
+            if not self.legs.legs:
+                self.legs.close()
+            raise
         self.engine: CopyEngine | PullEngine | None = None
         self.peer_pvid: int | None = None
         self.fetched: Bitmap | None = None
@@ -88,7 +92,6 @@ class Side:
         self.drain_cut: int | None = None
         #: Why the volume is damaged (a truncated image): then nobody is served.
         self.damaged: str | None = None
-        self.writes = ClientWrites(self)
         self.replica = Replica(self)
         self.exchange = StateExchange(self)
         self.copies = CopyControl(self)
@@ -148,8 +151,11 @@ class Side:
         save_doc(self.host.doc_path(self.key), self.doc)
 
     def pvid_changed(self) -> None:
-        """Open connections check the PVID they were opened for again."""
-        self.host.rebind(self.volume.path, self)
+        """Open connections check the PVID they were opened for again, and the secondaries
+        of the volume's other legs learn it (a hidden secondary carries its primary's)."""
+        self.host.rebind(self.volume.path)
+        for leg in self.legs.forward_legs(self):
+            self.host.notify_soon(leg)
 
     def check_image(self) -> bool:
         """The image file still holds the whole data area its header describes.  A truncated
@@ -164,7 +170,7 @@ class Side:
         self.damaged = f"the image {self.volume.path} is {size} bytes, its header needs {need}"
         self.log(f"pair {self.id}: {self.damaged}: suspending and serving it to nobody")
         self.events.emit("pair.damaged", pair=self.id, reason=self.damaged)
-        self.host.rebind(self.volume.path, self)
+        self.host.rebind(self.volume.path)
         self.try_fire(ps.DiskError(self.damaged[: wire.TEXT_MAX]), tell_peer=True)
         return False
 
@@ -184,12 +190,10 @@ class Side:
     def readable(self) -> bool:
         return self.machine.read_decision() is not ps.ReadDecision.REFUSE_HIDDEN
 
-    def fold_activity_log(self) -> bool:
-        """At start-up: extents in the log may differ between the sides.  True if any."""
-        extents = self.al.take()
-        if not extents:
-            return False
-        per = AL_EXTENT // self.chunk_size
+    def fold_extents(self, extents: list[int], extent_size: int) -> None:
+        """At start-up: activity-log extents (writes that were in flight) into this leg's
+        difference bitmap, durably."""
+        per = max(1, extent_size // self.chunk_size)
         with self.bitmap_lock:
             for e in extents:
                 first = e * per
@@ -197,16 +201,17 @@ class Side:
                 if count > 0:
                     self.diff_map.set_range(first, count)
             self.store.flush(self.record.diff_slot, self.diff_map)
-        self.al.clear()
-        return True
 
     # -- firing events and carrying out actions ------------------------------------------------
 
     def fire(self, event: ps.Event, *, tell_peer: bool = True) -> None:
         """Feed one event; carry out its actions.  Peer notifications go out after the state
         lock is released (the peer may call back); ``tell_peer=False`` when the caller has
-        already told the peer."""
+        already told the peer.  A swap that would make the volume receive from a second
+        primary is refused first (IllegalState)."""
         with self.state_lock:
+            if isinstance(event, ps.Resync) and event.swap and self.record.role is Role.PRIMARY:
+                self.legs.check_may_receive(self)
             actions = self.machine.handle(event, self.clock())
             later = self._carry_out(actions)
         self.host.timer_changed()
@@ -244,7 +249,7 @@ class Side:
                     if not self.deleted:
                         faults.step(f"record {a.record.state}")
                         save_doc(self.host.doc_path(self.key), self.doc)
-                    self._label_volume(a.record)
+                    self.legs.label(a.record)
                 case ps.SendPairState() | ps.StartDrain():
                     later.append(a)
                 case ps.StartCopy():
@@ -266,7 +271,7 @@ class Side:
                     self.host.secondary_group(self).discard_unapplied(self)
                 case ps.SwapRoles():
                     faults.step("swap role")
-                    self.volume.update_info(role=a.role)
+                    self.legs.label()
                 case ps.SetHidden():
                     what = "hidden from clients" if a.hidden else "visible to clients"
                     self.log(f"pair {self.id}: volume {self.doc.volume} is {what}")
@@ -302,19 +307,12 @@ class Side:
     def _drop_bitmaps(self) -> None:
         faults.step("drop bitmaps")
         with self.bitmap_lock:
-            for slot in (self.record.diff_slot, self.record.copy_slot, AL_SLOT):
+            for slot in (self.record.diff_slot, self.record.copy_slot):
                 self.store.clear(slot)
+            if len(self.legs.legs) == 1:  # the log is the volume's: other legs may need it
+                self.al.clear()
             self.diff_map = Bitmap(self.data_size, self.chunk_size)
             self.copy_map = Bitmap(self.data_size, self.chunk_size)
-
-    def _label_volume(self, r: ps.PairRecord) -> None:
-        """Keep the VOL information's role and pair id true (``volume info`` shows them)."""
-        role, pair = (Role.SIMPLEX, "") if r.state is ps.State.SMPL else (r.role, r.name)
-        pair = pair.encode()[:PAIR_MAX].decode(errors="ignore")  # the header holds 63 bytes
-        h = self.volume.header
-        if (h.role, h.pair) != (role, pair):
-            faults.step("vol info")
-            self.volume.update_info(role=role, pair=pair)
 
     # -- engine callbacks ----------------------------------------------------------------------
 
@@ -402,7 +400,8 @@ class Side:
     ) -> None:
         self.replica.apply_entry(kind, offset, length, data, fua)
 
-    def close(self) -> None:
+    def close(self, *, release: bool = False) -> None:
+        """Stop the side; ``release``: it is deleted, and its bitmap slots are free again."""
         if self.engine is not None:
             self.engine.stop()
             self.engine.thread.join(timeout=5)
@@ -412,4 +411,4 @@ class Side:
                 step()
             except (PairvolError, OSError) as e:
                 self.log(f"pair {self.id}: saving its {what} at close failed: {e}")
-        self.volume.close()
+        self.legs.detach(self, release=release)
