@@ -107,17 +107,34 @@ def _restart_if_crashed(env: LabEnv, victim: str, mark: int) -> bool:
     return False
 
 
+def _first_leg(env: LabEnv, g1: str, seed: int) -> tuple[str, str]:
+    """Volume ``{g1}v`` on a (with two spare volumes on b), in leg ``g1/x`` to b."""
+    vol = f"{g1}v"
+    pa = env.volume("a", vol, SMALL)
+    env.volume("b", f"{vol}1", SMALL)
+    env.volume("b", f"{vol}2", SMALL)
+    fill(env, "a", vol, SMALL, seed=seed)
+    create(env, f"{g1}/x", f"a:{vol}", f"b:{vol}1")
+    return vol, pa
+
+
+def _first_leg_goes_on(env: LabEnv, g1: str, vol: str, where: str) -> None:
+    """Leg g1 still replicates and verifies (a restart with writes in flight suspends it:
+    a resync brings it back), then it is deleted."""
+    if env.side("a", f"{g1}/x")["state"] != "PAIR":
+        env.pv("a", "pair", "resync", g1, ok=False)
+    env.wait("a", f"{g1}/x", "PAIR")
+    env.write("a", vol, CHUNK, os.urandom(CHUNK))
+    assert verify(env, "a", f"{g1}/x") == 0, where
+    forget(env, g1)
+
+
 def _crash_add(env: LabEnv, victim: str, step: int) -> bool:
     """Leg g1 in PAIR; ``victim`` dies at its ``step``-th durable write while leg g2 is added
     to the same volume.  After the restart g1 is intact, the table names no leg without a
     pair, and g2 can be removed.  False once the create completed without that step."""
     g1, g2 = f"ka{victim}{step}", f"kb{victim}{step}"
-    vol = f"{g1}v"
-    pa = env.volume("a", vol, SMALL)
-    env.volume("b", f"{vol}1", SMALL)
-    env.volume("b", f"{vol}2", SMALL)
-    fill(env, "a", vol, SMALL, seed=step)
-    create(env, f"{g1}/x", f"a:{vol}", f"b:{vol}1")
+    vol, pa = _first_leg(env, g1, step)
     env.wait("a", f"{g1}/x", "PAIR")
     mark = env.mark(victim)
     env.control(victim, "debug.crash-at", step=step)
@@ -129,13 +146,7 @@ def _crash_add(env: LabEnv, victim: str, step: int) -> bool:
     assert f"{g1}/x" in pairs_of(env, "a", vol), where
     forget(env, g2)
     assert legs_in_table(pa) == {f"{g1}/x"}, where
-    # g1 goes on (a restart with writes in flight would suspend it: resync brings it back).
-    if env.side("a", f"{g1}/x")["state"] != "PAIR":
-        env.pv("a", "pair", "resync", g1, ok=False)
-    env.wait("a", f"{g1}/x", "PAIR")
-    env.write("a", vol, CHUNK, os.urandom(CHUNK))
-    assert verify(env, "a", f"{g1}/x") == 0, where
-    forget(env, g1)
+    _first_leg_goes_on(env, g1, vol, where)
     return crashed
 
 
@@ -143,12 +154,7 @@ def _crash_delete(env: LabEnv, victim: str, step: int) -> bool:
     """Two legs; ``victim`` dies at its ``step``-th durable write while one is deleted; the
     other leg is intact and its slots are its own."""
     g1, g2 = f"kd{victim}{step}", f"ke{victim}{step}"
-    vol = f"{g1}v"
-    pa = env.volume("a", vol, SMALL)
-    env.volume("b", f"{vol}1", SMALL)
-    env.volume("b", f"{vol}2", SMALL)
-    fill(env, "a", vol, SMALL, seed=step)
-    create(env, f"{g1}/x", f"a:{vol}", f"b:{vol}1")
+    vol, pa = _first_leg(env, g1, step)
     create(env, f"{g2}/x", f"a:{vol}", f"b:{vol}2")
     env.wait("a", f"{g1}/x", "PAIR")
     env.wait("a", f"{g2}/x", "PAIR")
@@ -159,12 +165,7 @@ def _crash_delete(env: LabEnv, victim: str, step: int) -> bool:
     where = f"deleting a leg, {victim} killed at step {step}"
     forget(env, g2)
     assert legs_in_table(pa) == {f"{g1}/x"}, where
-    if env.side("a", f"{g1}/x")["state"] != "PAIR":
-        env.pv("a", "pair", "resync", g1, ok=False)
-    env.wait("a", f"{g1}/x", "PAIR")
-    env.write("a", vol, 2 * CHUNK, os.urandom(CHUNK))
-    assert verify(env, "a", f"{g1}/x") == 0, where
-    forget(env, g1)
+    _first_leg_goes_on(env, g1, vol, where)
     return crashed
 
 
