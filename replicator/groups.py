@@ -18,6 +18,16 @@ releases them.  A secondary that restarts replays its receive journal from the a
 so its volumes are always a write-order-consistent prefix of the primary's: never a mixture,
 never a hole.  The primary releases entries once the secondary has *applied* them.
 
+Marks.  The primary keeps its sequence marks in :class:`~replicator.seq_marks.GroupMarks`:
+*written* (the contiguous prefix of the local writes, which finish in any order) and, per
+replication leg, *shipped*, *received*, *applied* and *folded*.  It ships a leg what
+:meth:`~replicator.seq_marks.GroupMarks.next_to_ship` says, releases the journal up to
+:meth:`~replicator.seq_marks.GroupMarks.release_upto` (the slowest attached leg), and after a
+broken link ships again from what the peer holds durably.  Statuses and acknowledgements carry
+the group's incarnation (the journal's id); an acknowledgement of another one is refused.  A
+group has one leg today (its peer node); SPEC 5's second leg is a second set of marks in the
+same sequence space.
+
 Overflow.  At the high watermark the group's pairs report PFUL; when an append does not fit,
 the group goes to PFUS: the retained entries are folded into the pairs' difference bitmaps
 (:meth:`GroupPrimary.fold`) and later writes are recorded there until a resync.  A client
@@ -47,8 +57,9 @@ from replicator.errors import (
     Timeout,
 )
 from replicator.gate import Gate
-from replicator.journal import EntryKind, Journal, JournalFull
+from replicator.journal import Entry, EntryKind, Journal, JournalFull
 from replicator.peer_link import PeerRefused
+from replicator.seq_marks import GroupMarks
 from replicator.volume import Volume
 
 
@@ -92,6 +103,8 @@ SHIP_WINDOW = 4  # requests in flight; below the peer server's workers per conne
 SHIP_BATCH_BYTES = 8 << 20
 APPLY_BATCH = 256
 ORDER_WAIT = 10.0  # how long an early entry waits for its predecessor on the secondary
+#: The primary's one replication leg today (SPEC 5 adds a second: sync near, async far).
+PEER_LEG = "peer"
 
 Log = Callable[[str], None]
 
@@ -142,7 +155,14 @@ class _GroupWorker:
 
 
 class GroupPrimary(_GroupWorker):
-    """The primary side of one async group on this node."""
+    """The primary side of one async group on this node.
+
+    Its sequence marks (written, and per leg shipped, received, applied, folded) live in
+    :attr:`marks`, a :class:`~replicator.seq_marks.GroupMarks` over the journal's one
+    sequence space, guarded by :attr:`lock`.  Today a group has one leg, :data:`PEER_LEG`:
+    every pair of the group replicates to the one peer node.  The journal's newest seq is
+    pulled into the marks whenever the lock is taken (:meth:`record` takes no group lock).
+    """
 
     def __init__(
         self, name: str, path: str, capacity: int, high_watermark: float, log: Log
@@ -153,14 +173,16 @@ class GroupPrimary(_GroupWorker):
         self.sides: dict[int, Side] = {}  # stream -> side
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.received = 0  # newest seq the secondary holds durably
-        self.applied = self.journal.first_seq - 1  # newest seq the secondary applied
-        self.shipped = self.applied  # newest seq sent
+        j = self.journal
         # Entries are shipped only once written to the local volume too: an entry shipped
         # and applied before its local write, then lost in a crash, would leave the
-        # secondary ahead of the primary forever (released entries are not redone).
-        self.written = self.journal.last_seq  # every entry <= this is on the local volume
-        self._done: set[int] = set()
+        # secondary ahead of the primary forever (released entries are not redone).  After a
+        # restart the retained entries are redone before anything ships: all count as written.
+        # (A journal id is random; 0, one chance in 2**64, is no incarnation to the marks.)
+        self.marks = GroupMarks(j.first_seq, j.last_seq, incarnation=j.journal_id or 1, group=name)
+        # What the peer applied is learnt from its first acknowledgement; what was released
+        # before is applied there or folded into the bitmaps.
+        self.marks.add_leg(PEER_LEG, applied=0, folded=j.first_seq - 1)
         self.cut: int | None = None
         self.full = False
         # Held by the shipper for a whole round (status, read, send, collect): quiesce() waits
@@ -171,10 +193,42 @@ class GroupPrimary(_GroupWorker):
         # sees the fold's state and is recorded in the bitmap, never journaled after a fold.
         self._fold_gate = Gate()
 
+    # -- the marks (read without the lock: for display and the old attribute names) ----------
+
+    @property
+    def written(self) -> int:
+        """Every entry up to this one is on the local volume."""
+        return self.marks.written
+
+    @property
+    def applied(self) -> int:
+        """Every entry up to this one is applied on the peer or folded into the bitmaps."""
+        return self.marks.leg(PEER_LEG).done
+
+    @property
+    def received(self) -> int:
+        """The newest entry the peer holds durably, or that it no longer needs (folded)."""
+        g = self.marks.leg(PEER_LEG)
+        return max(g.received, g.folded)
+
+    @property
+    def shipped(self) -> int:
+        g = self.marks.leg(PEER_LEG)
+        return max(g.shipped, g.folded)
+
+    def _pull_newest(self) -> None:
+        """With the lock: the marks learn the journal's newest durable seq."""
+        newest = self.journal.last_seq
+        if newest > self.marks.last:
+            self.marks.appended(newest)
+
     # -- membership ---------------------------------------------------------------------------
 
     def add(self, stream: int, side: Side) -> None:
         self.sides[stream] = side
+
+    def _leg_of(self, side: Side) -> str:
+        return PEER_LEG  # one leg today: every pair of the group goes to the one peer node
 
     def redo(self) -> int:
         """After a restart: write every retained entry to its volume again, in order."""
@@ -216,12 +270,11 @@ class GroupPrimary(_GroupWorker):
 
     def written_locally(self, seq: int) -> None:
         """The client write of entry ``seq`` is on the local volume: it may ship."""
+        m = self.marks
         with self.lock:
-            if seq > self.written:
-                self._done.add(seq)
-            while self.written + 1 in self._done:
-                self.written += 1
-                self._done.discard(self.written)
+            if seq > m.last:
+                m.appended(self.journal.last_seq)  # _pull_newest, inlined: once per write
+            m.on_written(seq)
         self._wake.set()
 
     def _watermark(self) -> None:
@@ -242,10 +295,7 @@ class GroupPrimary(_GroupWorker):
         """Fold every retained entry into its pair's difference bitmap, then drop them (after
         the appends in flight: see ``_fold_gate``)."""
         with self._fold_gate.closed(), self.lock:
-            entries = self.journal.drop_all()
-            self.applied = self.shipped = self.received = self.journal.last_seq
-            self.written = max(self.written, self.journal.last_seq)
-            self._done = {q for q in self._done if q > self.written}
+            entries = self._drop_all()
             self.full = False
         for entry in entries:
             side = self.sides.get(entry.stream)
@@ -256,10 +306,19 @@ class GroupPrimary(_GroupWorker):
         return len(entries)
 
     def drop(self) -> None:
-        with self.lock:
-            self.journal.drop_all()
-            self.applied = self.shipped = self.received = self.journal.last_seq
-            self.written = max(self.written, self.journal.last_seq)
+        """Drop every retained entry without recording it anywhere."""
+        with self._fold_gate.closed(), self.lock:
+            self._drop_all()
+
+    def _drop_all(self) -> list[Entry]:
+        """With the fold gate closed and the lock: release every entry; every leg has them in
+        its bitmaps now, or no longer needs them."""
+        entries = self.journal.drop_all()
+        m = self.marks
+        self._pull_newest()  # no append in flight: the journal dropped up to exactly this
+        m.on_released(m.fold_all())
+        self.cond.notify_all()  # wait_applied: folded counts as applied
+        return entries
 
     # -- split --------------------------------------------------------------------------------
 
@@ -272,10 +331,12 @@ class GroupPrimary(_GroupWorker):
         self._wake.set()
         return self.cut
 
-    def wait_applied(self, seq: int, timeout: float) -> bool:
+    def wait_applied(self, seq: int, timeout: float, leg: str = PEER_LEG) -> bool:
+        """Until every entry up to ``seq`` is applied on ``leg``'s peer (or folded into the
+        bitmaps); False after ``timeout`` seconds or once the group stops."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while self.applied < seq:
+            while self.marks.leg(leg).done < seq:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     return False
@@ -283,30 +344,44 @@ class GroupPrimary(_GroupWorker):
                 self.cond.wait(min(left, 0.5))
         return True
 
+    def delta_range(self, peer_applied: int) -> range | None:
+        """SPEC 5: the entries to send a peer that applied up to ``peer_applied``, or None if
+        the journal no longer holds them all (see :meth:`GroupMarks.delta_range`)."""
+        with self.lock:
+            self._pull_newest()
+            return self.marks.delta_range(peer_applied)
+
     # -- shipping ------------------------------------------------------------------------------
 
-    def on_ack(self, ack: wire.JournalAck) -> None:
-        if ack.incarnation and ack.incarnation != self.journal.journal_id:
-            # Marks of another sequence space (the group before a reset, or re-created):
-            # releasing on them would drop entries the secondary never applied.
-            raise ProtocolError(
-                f"group {self.name}: an acknowledgement of incarnation {ack.incarnation:016x}, "
-                f"not {self.journal.journal_id:016x}: refused"
-            )
+    def on_ack(self, ack: wire.JournalAck, leg: str = PEER_LEG) -> None:
+        """Count the peer's marks and release what every leg has applied.  An acknowledgement
+        of another incarnation is refused (ProtocolError): marks of another sequence space (the
+        group before a reset, or re-created) would release entries the peer never applied."""
         released = False
         with self.cond:
-            self.received = max(self.received, ack.received)
-            if ack.applied > self.applied:
-                self.applied = ack.applied
+            m = self.marks
+            self._pull_newest()
+            done, bound = m.leg(leg).done, m.release_upto()
+            m.on_ack(
+                leg,
+                ack.received,
+                ack.applied,
+                # 0: a peer that has not learnt the incarnation yet (no status since it started)
+                incarnation=ack.incarnation or m.incarnation,
+                in_order=False,  # the replies to the requests in flight: any order
+            )
+            if m.leg(leg).done > done:
+                self.cond.notify_all()
+            upto = m.release_upto()
+            if upto > bound and upto >= m.first_retained:
                 try:
-                    self.journal.release(min(ack.applied, self.journal.last_seq))
-                    released = True
+                    self.journal.release(upto)
                 except (PairvolError, OSError) as e:
                     # The entries stay retained (the journal fills up sooner); say so.
-                    self.log(
-                        f"group {self.name}: releasing the journal up to {ack.applied} failed: {e}"
-                    )
-                self.cond.notify_all()
+                    self.log(f"group {self.name}: releasing the journal up to {upto} failed: {e}")
+                else:
+                    m.on_released(upto)
+                    released = True
         if released:
             self._watermark()  # below the high watermark again: PFUL -> PAIR
 
@@ -321,28 +396,41 @@ class GroupPrimary(_GroupWorker):
             while not self._stop.is_set():
                 self._wake.wait(0.2)
                 self._wake.clear()
-                side = self._shipping_side()
-                if side is None:
-                    continue
-                try:
-                    with self._ship_lock:
-                        self.status(side)  # learn what the secondary already holds
-                        self._ship_some(pool)
-                except (PeerRefused, ProtocolError) as e:
-                    # The secondary answered and refused, or answered about another sequence
-                    # space: not link trouble to ride out, an error that suspends the pair
-                    # (and folds the journal into the bitmaps).
-                    self.shipped = self.applied
-                    for s in list(self.sides.values()):
-                        if s.ships():
-                            s.peer_failed(f"the secondary refused a journal entry: {e}")
-                    self._stop.wait(0.5)
-                except (ConnectionFailed, Timeout, PairvolError, OSError) as e:
-                    self.shipped = self.applied
-                    for s in list(self.sides.values()):
-                        if s.ships():
-                            s.link_failed(f"shipping the journal failed: {e}")
+                if not self.ship_round(pool):
                     self._stop.wait(0.5)  # retry, not spin, while the link is down
+
+    def ship_round(self, pool: ThreadPoolExecutor, leg: str = PEER_LEG) -> bool:
+        """One round of the shipper: the status to ``leg``'s peer (learn what it holds), then
+        the entries after that, at most :data:`SHIP_WINDOW` in flight.  False if the round
+        failed; the pairs that ship were told (``peer_failed`` or ``link_failed``) and the
+        leg ships again from what its peer holds durably."""
+        side = self._shipping_side()
+        if side is None:
+            return True
+        try:
+            with self._ship_lock:
+                self.status(side)
+                self._ship_some(pool, leg)
+        except (PeerRefused, ProtocolError) as e:
+            # The secondary answered and refused, or answered about another sequence space:
+            # not link trouble to ride out, an error that suspends the pair (and folds the
+            # journal into the bitmaps).
+            self._link_lost(leg)
+            for s in list(self.sides.values()):
+                if s.ships():
+                    s.peer_failed(f"the secondary refused a journal entry: {e}")
+            return False
+        except (ConnectionFailed, Timeout, PairvolError, OSError) as e:
+            self._link_lost(leg)
+            for s in list(self.sides.values()):
+                if s.ships():
+                    s.link_failed(f"shipping the journal failed: {e}")
+            return False
+        return True
+
+    def _link_lost(self, leg: str) -> None:
+        with self.lock:
+            self.marks.on_link_lost(leg)
 
     def quiesce(self, timeout: float = 60.0) -> None:
         """Wait until no shipping round is in flight (a round that started now finds nothing
@@ -353,25 +441,28 @@ class GroupPrimary(_GroupWorker):
 
     def status(self, side: Side) -> None:
         """Tell the secondary our newest sequence number; learn its marks."""
-        newest = self.journal.last_seq
+        leg = self._leg_of(side)
+        with self.lock:
+            self._pull_newest()
+            st = self.marks.status(leg)  # base: everything older was applied there, or folded
         stamp = self.journal.newest_stamp_ns or 0
-        base = self.journal.first_seq  # everything older was applied there, or folded
-        inc = self.journal.journal_id
-        reply = side.request(wire.JournalStatus(side.id, newest, stamp, base, inc))
+        reply = side.request(wire.JournalStatus(side.id, st.newest, stamp, st.base, st.incarnation))
         if isinstance(reply, wire.JournalAck):
-            self.on_ack(reply)
+            self.on_ack(reply, leg)
 
-    def _ship_some(self, pool: ThreadPoolExecutor) -> None:
+    def _ship_some(self, pool: ThreadPoolExecutor, leg: str) -> None:
         # From what the secondary holds durably on: it never needs an entry twice.
-        start = max(self.shipped, self.applied, self.received) + 1
-        upto = min(self.written, self.journal.last_seq)
-        if start > upto or start < self.journal.first_seq:
+        with self.lock:
+            start = self.marks.next_to_ship(leg)
+            upto = self.marks.written
+        if start is None:
             return
         pending: list[Future[wire.Message]] = []
         try:
             batch = list(self.journal.entries(start, max_bytes=SHIP_BATCH_BYTES))
         except NotFound:
             return  # released meanwhile (the secondary applied it): the next round moves on
+        sent = 0
         for entry in batch:
             if entry.seq > upto:
                 break
@@ -385,25 +476,32 @@ class GroupPrimary(_GroupWorker):
                 trim = entry.kind is EntryKind.TRIM
                 msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
             pending.append(pool.submit(side.request, msg))
-            self.shipped = entry.seq
+            sent = entry.seq
             while len(pending) >= SHIP_WINDOW:
-                self._collect(pending.pop(0))
+                self._collect(pending.pop(0), leg)
         for fut in pending:
-            self._collect(fut)
-        if self.shipped < upto:
+            self._collect(fut, leg)
+        with self.lock:
+            if sent:
+                self.marks.on_shipped(leg, sent)
+            more = self.marks.leg(leg).shipped < upto
+        if more:
             self._wake.set()
 
-    def _collect(self, fut: Future[wire.Message]) -> None:
+    def _collect(self, fut: Future[wire.Message], leg: str) -> None:
         reply = fut.result()
         if isinstance(reply, wire.JournalAck):
-            self.on_ack(reply)
+            self.on_ack(reply, leg)
 
     # -- display -------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
         j = self.journal
+        with self.lock:
+            g = self.marks.leg(PEER_LEG)
+        applied, received = g.done, max(g.received, g.folded)
         oldest = j.oldest_stamp_ns
-        outstanding = j.last_seq > self.applied
+        outstanding = j.last_seq > applied
         lag_s = round(max(0.0, time.time() - oldest / 1e9), 3) if oldest and outstanding else 0.0
         return {
             "group": self.name,
@@ -412,9 +510,9 @@ class GroupPrimary(_GroupWorker):
             "journal_percent": round(100.0 * j.usage(), 1),
             "high_watermark_percent": round(100.0 * self.high_watermark, 1),
             "newest_seq": j.last_seq,
-            "secondary_received": self.received,
-            "secondary_applied": self.applied,
-            "lag_entries": max(0, j.last_seq - self.applied),
+            "secondary_received": received,
+            "secondary_applied": applied,
+            "lag_entries": max(0, j.last_seq - applied),
             "lag_seconds": lag_s,
             "draining_to": self.cut,
         }

@@ -43,8 +43,11 @@ numbers mean something else) is refused, with both ids in the message.
 
 Errors.  A value the peer reported that is impossible (a mark going backwards or beyond
 ``last``, applied above received, another incarnation) raises
-:class:`~replicator.errors.ProtocolError` with ``remote=True``.  A misuse by the local caller
-(shipping what is unwritten, releasing what a leg still needs, an unknown leg) raises
+:class:`~replicator.errors.ProtocolError` with ``remote=True``.  Going backwards is impossible
+only for acknowledgements taken in order: the replies to a window of requests in flight can be
+overtaken by newer ones, and their older marks then count for nothing
+(``on_ack(..., in_order=False)``).  A misuse by the local caller (shipping what is unwritten,
+releasing what a leg still needs, an unknown leg) raises
 :class:`~replicator.errors.IllegalState`.  A refused call changes nothing.
 
 The class is pure: no I/O, no clock, no lock.  Its owner serialises the calls (groups.py's
@@ -186,20 +189,28 @@ class GroupMarks:
 
     def appended(self, seq: int) -> None:
         """The journal's newest seq is now ``seq`` (a group commit may cover several)."""
-        if not _is_seq(seq) or seq < self._last:
+        if not (type(seq) is int and self._last <= seq < SEQ_LIMIT):
             raise self._local(f"the newest seq cannot go from {self._last} to {seq!r}")
         self._last = seq
 
     def on_written(self, seq: int) -> None:
         """Entry ``seq`` is on the local volume.  Any order; reporting a seq twice, or one
         already below the written mark (a fold moved it), is harmless."""
+        # Once per client write.  The usual case first: the next seq, nothing early to add.
+        w = self._written
+        if seq == w + 1 and type(seq) is int and seq <= self._last:
+            done = self._done
+            if done:  # the early ones it was holding back
+                done.discard(seq)
+                while seq + 1 in done:
+                    seq += 1
+                    done.discard(seq)
+            self._written = seq
+            return
         if not (type(seq) is int and 1 <= seq <= self._last):
             raise self._local(f"seq {seq!r} was written but the newest appended is {self._last}")
-        if seq > self._written:
+        if seq > w:
             self._done.add(seq)
-        while self._written + 1 in self._done:
-            self._written += 1
-            self._done.discard(self._written)
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -276,9 +287,18 @@ class GroupMarks:
         g = self._get(name)
         g.shipped = g.received
 
-    def on_ack(self, name: str, received: int, applied: int, *, incarnation: int) -> None:
+    def on_ack(
+        self, name: str, received: int, applied: int, *, incarnation: int, in_order: bool = True
+    ) -> None:
         """The peer of ``name`` holds up to ``received`` durably and applied up to
-        ``applied``; ``incarnation`` is the group incarnation its acknowledgement carries."""
+        ``applied``; ``incarnation`` is the group incarnation its acknowledgement carries.
+
+        ``in_order=False`` for acknowledgements that may arrive overtaken: the replies to
+        several requests in flight, each read off the peer's marks when it answered, come back
+        in the order they were sent, not the order they were read.  A mark below the one
+        already counted then counts for nothing instead of being refused; everything else
+        (the incarnation, a mark beyond ``last``, applied above received within the one
+        acknowledgement) is still checked."""
         self.check_incarnation(incarnation, f"leg {name}: an acknowledgement")
         g = self._get(name)
         for what, value in (("received", received), ("applied", applied)):
@@ -291,6 +311,10 @@ class GroupMarks:
                 )
         if applied > received:
             raise self._remote(f"leg {name}: applied seq {applied} is past received {received}")
+        if not in_order:
+            g.received = max(g.received, received)
+            g.applied = max(g.applied, applied)
+            return
         if received < g.received or applied < g.applied:
             raise self._remote(
                 f"leg {name}: the peer's marks went back: received {g.received} -> {received}, "

@@ -249,6 +249,31 @@ def test_impossible_peer_marks_are_remote_protocol_errors(
     assert m.leg("R") == before
 
 
+def test_acknowledgements_overtaken_in_flight_count_for_nothing() -> None:
+    """The replies to a window of requests come back in the order they were sent, each read
+    off the peer's marks when it answered: an older one may arrive after a newer one."""
+    m = marks(1, 10)
+    m.add_leg("R", applied=0)
+    m.on_ack("R", 7, 5, incarnation=INC, in_order=False)
+    m.on_ack("R", 6, 6, incarnation=INC, in_order=False)  # received older, applied newer
+    assert m.leg("R") == LegMarks("R", 0, 7, 6, 0, True)
+    m.on_ack("R", 3, 1, incarnation=INC, in_order=False)  # entirely overtaken
+    assert m.leg("R") == LegMarks("R", 0, 7, 6, 0, True)
+    # Everything else is still refused, and changes nothing.
+    for received, applied, inc, match in [
+        (9, 10, INC, "applied seq 10 is past received 9"),
+        (11, 7, INC, "received seq 11 but the newest entry is 10"),
+        (8, 8, INC ^ 1, "carries incarnation"),
+        (-1, 0, INC, "out of range"),
+    ]:
+        with pytest.raises(ProtocolError, match=re.escape(match)) as e:
+            m.on_ack("R", received, applied, incarnation=inc, in_order=False)
+        assert e.value.remote
+        assert m.leg("R") == LegMarks("R", 0, 7, 6, 0, True)
+    with pytest.raises(ProtocolError, match="went back"):
+        m.on_ack("R", 3, 1, incarnation=INC)  # in order, the same marks are impossible
+
+
 def _with_legs() -> GroupMarks:
     m = marks(1, 10)
     m.add_leg("R", applied=4)
@@ -550,6 +575,18 @@ class SeqMarksMachine(RuleBasedStateMachine):
         self.flag_upto(name, "applied", applied)
 
     @precondition(lambda self: self.legs)
+    @rule(data=st.data())
+    def ack_any_order(self, data: st.DataObject) -> None:
+        """A reply overtaken in flight: any marks up to what was sent, older ones too."""
+        name = self.pick(data)
+        top = max(self.mark(name, "received"), self.mark(name, "shipped"))
+        received = data.draw(st.integers(0, min(top, self.last)), label="received")
+        applied = data.draw(st.integers(0, received), label="applied")
+        self.m.on_ack(name, received, applied, incarnation=self.inc, in_order=False)
+        self.flag_upto(name, "received", received)
+        self.flag_upto(name, "applied", applied)
+
+    @precondition(lambda self: self.legs)
     @rule(
         data=st.data(),
         kind=st.sampled_from(
@@ -579,8 +616,14 @@ class SeqMarksMachine(RuleBasedStateMachine):
             received = self.last + data.draw(st.integers(1, 3))
         else:
             applied = -1
+        in_order = data.draw(st.booleans(), label="in_order")
+        if not in_order and kind in ("received back", "applied back"):
+            before = self.m.leg(name)
+            self.m.on_ack(name, received, applied, incarnation=inc, in_order=False)
+            assert self.m.leg(name) == before  # overtaken: counts for nothing
+            return
         with pytest.raises(ProtocolError) as e:
-            self.m.on_ack(name, received, applied, incarnation=inc)
+            self.m.on_ack(name, received, applied, incarnation=inc, in_order=in_order)
         assert e.value.remote
         if kind == "incarnation":
             assert format_incarnation(inc) in str(e.value)

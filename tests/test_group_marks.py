@@ -1,0 +1,382 @@
+"""The primary group's sequence marks (GroupPrimary over replicator.seq_marks.GroupMarks) under
+what the runtime does: ship and acknowledge, local writes finishing out of order, a fold, a
+link lost and resumed from what the peer holds, an acknowledgement of another incarnation, a
+journal release that fails.  A fake member side and a scripted peer; a real journal."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicator import wire
+from replicator.errors import ConnectionFailed, ProtocolError, VolumeError
+from replicator.groups import PEER_LEG, GroupPrimary
+from replicator.journal import EntryKind
+from replicator.seq_marks import LegMarks, format_incarnation
+
+MIB = 1 << 20
+BLOCK = 4096
+WAIT = 10.0  # a bound, never a sleep: the waits return as soon as the state is there
+
+
+class FakePeer:
+    """The secondary node as the shipper sees it: a receive journal that takes entries in
+    sequence order, an applier that keeps up (or is held back), and a link that can break."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.received = 0
+        self.applied = 0
+        self.incarnation = 0  # learnt from the first status
+        self.auto_apply = True
+        self.got: list[int] = []  # seqs appended, in order
+        self.statuses: list[wire.JournalStatus] = []
+        self.ack_incarnation: int | None = None  # answer with this instead of what we learnt
+        self.lose_reply_at: int | None = None  # append this seq, then the link breaks
+        self.down = False
+
+    def ack(self, pair_id: str) -> wire.JournalAck:
+        inc = self.incarnation if self.ack_incarnation is None else self.ack_incarnation
+        return wire.JournalAck(pair_id, self.received, self.applied, inc)
+
+    def request(self, msg: wire.Message) -> wire.Message:
+        with self.cond:
+            if self.down:
+                raise ConnectionFailed("the link is down")
+            if isinstance(msg, wire.JournalStatus):
+                self.statuses.append(msg)
+                self.incarnation = msg.incarnation
+                if msg.base > self.received + 1:  # folded by the primary: continue at its base
+                    self.received = self.applied = msg.base - 1
+                return self.ack(msg.pair_id)
+            assert isinstance(msg, wire.Write | wire.Zero)
+            ok = self.cond.wait_for(lambda: self.down or msg.seq <= self.received + 1, WAIT)
+            if self.down or not ok:
+                raise ConnectionFailed(f"entry {msg.seq}: the link is down")
+            if msg.seq == self.received + 1:
+                self.got.append(msg.seq)
+                self.received = msg.seq
+                if self.auto_apply:
+                    self.applied = msg.seq
+                self.cond.notify_all()
+            if msg.seq == self.lose_reply_at:
+                self.lose_reply_at = None
+                self.down = True  # it holds the entry; its acknowledgement is lost
+                self.cond.notify_all()
+                raise ConnectionFailed(f"entry {msg.seq}: the reply was lost")
+            return self.ack(msg.pair_id)
+
+    def heal(self) -> None:
+        with self.cond:
+            self.down = False
+
+
+class FakeVolume:
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+class FakeSide:
+    """A pair's side as the group sees it (groups.Side)."""
+
+    def __init__(self, peer: FakePeer, volume: FakeVolume) -> None:
+        self.id = "g/p"
+        self.peer = peer
+        self._volume = volume
+        self.dirty: list[tuple[int, int]] = []
+        self.link_failures: list[str] = []
+        self.peer_failures: list[str] = []
+        self.full = 0
+
+    @property
+    def stream(self) -> int:
+        return 1
+
+    @property
+    def volume(self) -> Any:
+        return self._volume
+
+    def request(self, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
+        return self.peer.request(msg)
+
+    def apply_entry(
+        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+    ) -> None:
+        pass
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        self.dirty.append((offset, length))
+
+    def ships(self) -> bool:
+        return True
+
+    def journals(self) -> bool:
+        return True
+
+    def journal_level(self, high: bool) -> None:
+        pass
+
+    def journal_full(self) -> None:
+        self.full += 1
+
+    def link_failed(self, reason: str) -> None:
+        self.link_failures.append(reason)
+
+    def peer_failed(self, reason: str) -> None:
+        self.peer_failures.append(reason)
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = str(tmp_path / "g.journal")
+        self.lines: list[str] = []
+        self.peer = FakePeer()
+        self.side = FakeSide(self.peer, FakeVolume(tmp_path / "vol"))
+        self.pool = ThreadPoolExecutor(4)
+        self.g = self.open()
+
+    def open(self) -> GroupPrimary:
+        g = GroupPrimary("g", self.path, 4 * MIB, 0.8, self.lines.append)
+        g.add(1, self.side)
+        return g
+
+    def restart(self) -> GroupPrimary:
+        self.g.stop()
+        self.g = self.open()
+        return self.g
+
+    def write(self, n: int = 1, *, local: bool = True) -> list[int]:
+        """``n`` client writes: journaled, then (``local``) on the local volume."""
+        seqs = []
+        for _ in range(n):
+            seq = self.g.record(self.side, wire.Write("g/p", len(seqs) * BLOCK, b"w" * BLOCK))
+            assert seq is not None
+            if local:
+                self.g.written_locally(seq)
+            seqs.append(seq)
+        return seqs
+
+    def ship(self) -> bool:
+        return self.g.ship_round(self.pool)
+
+    def leg(self) -> LegMarks:
+        return self.g.marks.leg(PEER_LEG)
+
+    def close(self) -> None:
+        self.peer.heal()
+        self.pool.shutdown(wait=True)
+        self.g.stop()
+        os.close(self.side.volume.fd)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def in_sync(g: GroupPrimary) -> None:
+    """The marks and the journal agree on what is retained."""
+    assert (g.marks.first_retained, g.marks.last) == (g.journal.first_seq, g.journal.last_seq)
+
+
+# -- ship and acknowledge ----------------------------------------------------------------------
+
+
+def test_shipped_entries_are_released_once_the_peer_applied_them(rig: Rig) -> None:
+    g = rig.g
+    assert g.marks.legs == (PEER_LEG,)
+    rig.peer.auto_apply = False
+    rig.write(3)
+    assert rig.ship()
+    assert rig.peer.got == [1, 2, 3]
+    assert rig.leg() == LegMarks(PEER_LEG, 3, 3, 0, 0, True)
+    assert g.journal.first_seq == 1  # received is not applied: nothing goes yet
+    assert not g.wait_applied(1, 0.01)
+    rig.peer.applied = 3  # its applier caught up; the next status says so
+    assert rig.ship()
+    assert rig.peer.got == [1, 2, 3]  # nothing twice
+    assert g.wait_applied(3, WAIT)
+    assert g.journal.first_seq == 4
+    in_sync(g)
+    d = g.describe()
+    assert (d["secondary_received"], d["secondary_applied"], d["lag_entries"]) == (3, 3, 0)
+    assert (g.written, g.applied, g.received) == (3, 3, 3)
+    # The status told the peer who we are and what it can still get from us.
+    assert rig.peer.statuses[-1].incarnation == g.journal.journal_id == g.marks.incarnation
+    assert (rig.peer.statuses[-1].newest, rig.peer.statuses[-1].base) == (3, 1)
+
+
+def test_the_shipper_thread_ships_what_is_written(rig: Rig) -> None:
+    g = rig.g
+    g.start()
+    seqs = rig.write(5)
+    assert g.wait_applied(seqs[-1], WAIT)
+    assert rig.peer.got == seqs
+    with g.cond:  # released in the same acknowledgement that made it applied
+        assert g.cond.wait_for(lambda: g.journal.first_seq == 6, WAIT)
+    assert g.journal.count == 0
+
+
+def test_nothing_ships_before_it_is_on_the_local_volume(rig: Rig) -> None:
+    g = rig.g
+    s1, s2, s3 = rig.write(3, local=False)
+    g.written_locally(s2)
+    g.written_locally(s3)
+    assert g.written == 0 and g.marks.next_to_ship(PEER_LEG) is None
+    assert rig.ship()
+    assert rig.peer.got == []
+    assert rig.peer.statuses[-1].newest == 3  # the status knows the newest all the same
+    g.written_locally(s1)  # the early ones it held back go with it
+    assert g.written == 3
+    assert rig.ship()
+    assert rig.peer.got == [1, 2, 3]
+    g.written_locally(s2)  # late and twice: harmless
+    assert g.written == 3
+
+
+def test_acknowledgements_overtaken_in_flight_are_not_refused(rig: Rig) -> None:
+    g = rig.g
+    rig.write(6)
+    inc = g.journal.journal_id
+    g.on_ack(wire.JournalAck("g/p", 5, 4, inc))
+    g.on_ack(wire.JournalAck("g/p", 3, 2, inc))  # read off the peer earlier, arrived later
+    assert (rig.leg().received, rig.leg().applied) == (5, 4)
+    assert g.journal.first_seq == 5
+    in_sync(g)
+    g.on_ack(wire.JournalAck("g/p", 6, 6, 0))  # a peer that has not learnt the id yet
+    assert g.applied == 6 and g.journal.first_seq == 7
+    with pytest.raises(ProtocolError, match="newest entry is 6"):
+        g.on_ack(wire.JournalAck("g/p", 9, 9, inc))  # entries we never had
+
+
+# -- fold -----------------------------------------------------------------------------------------
+
+
+def test_a_fold_puts_the_retained_entries_in_the_bitmap_and_the_peer_continues_after(
+    rig: Rig,
+) -> None:
+    g = rig.g
+    rig.write(2)
+    assert rig.ship()
+    rig.write(2)  # 3 and 4: journaled, not shipped yet
+    assert g.fold() == 2
+    assert rig.side.dirty == [(0, BLOCK), (BLOCK, BLOCK)]
+    assert g.journal.count == 0 and g.journal.first_seq == 5
+    in_sync(g)
+    assert rig.leg().folded == 4
+    assert g.wait_applied(4, 0.01)  # folded counts as applied: a split drain is done
+    assert g.describe()["lag_entries"] == 0
+    assert g.delta_range(2) is None  # 3 and 4 are in the bitmap now, not in the journal
+    rig.write(1)
+    assert g.delta_range(4) == range(5, 6)
+    assert rig.ship()
+    assert rig.peer.statuses[-1].base == 5  # the peer's receive journal continues there
+    assert rig.peer.got == [1, 2, 5]
+    assert g.wait_applied(5, WAIT) and g.journal.first_seq == 6
+    in_sync(g)
+
+
+def test_a_group_restarted_after_a_release_tells_the_peer_where_to_continue(
+    rig: Rig,
+) -> None:
+    rig.write(3)
+    assert rig.ship()
+    rig.write(2)  # 4 and 5 stay retained
+    g = rig.restart()
+    assert (g.marks.first_retained, g.marks.last, g.written) == (4, 5, 5)
+    assert rig.leg() == LegMarks(PEER_LEG, 0, 0, 0, 3, True)  # released: applied or folded
+    assert g.applied == 3 and g.describe()["lag_entries"] == 2
+    assert rig.ship()
+    assert rig.peer.statuses[-1].base == 4
+    assert rig.peer.got == [1, 2, 3, 4, 5]
+    assert g.journal.first_seq == 6
+
+
+# -- the link -----------------------------------------------------------------------------------
+
+
+def test_a_lost_link_ships_again_from_what_the_peer_holds(rig: Rig) -> None:
+    g = rig.g
+    rig.peer.lose_reply_at = 3  # the peer appends 3, its acknowledgement never arrives
+    rig.write(5)
+    assert not rig.ship()
+    assert len(rig.side.link_failures) == 1
+    assert "shipping the journal failed" in rig.side.link_failures[0]
+    assert rig.side.peer_failures == []
+    leg = rig.leg()
+    assert leg.shipped == leg.received == 2  # what was sent and not acknowledged may be lost
+    assert g.journal.first_seq == 3
+    assert not rig.ship()  # still down: told again, nothing moves
+    assert rig.leg() == leg
+    rig.peer.heal()
+    assert rig.ship()  # its status says it holds 3: shipping resumes at 4
+    assert rig.peer.got == [1, 2, 3, 4, 5]
+    assert rig.leg() == LegMarks(PEER_LEG, 5, 5, 5, 0, True)
+    assert g.journal.first_seq == 6
+    in_sync(g)
+
+
+def test_an_acknowledgement_of_another_incarnation_is_refused_and_reported(rig: Rig) -> None:
+    g = rig.g
+    ours = g.journal.journal_id
+    other = ours ^ 0x5A5A
+    rig.write(3)
+    rig.peer.ack_incarnation = other  # it remembers another sequence space
+    assert not rig.ship()
+    assert rig.peer.got == []  # refused at the status: nothing shipped on those marks
+    assert len(rig.side.peer_failures) == 1
+    reason = rig.side.peer_failures[0]
+    assert "refused a journal entry" in reason
+    assert format_incarnation(ours) in reason and format_incarnation(other) in reason
+    assert rig.side.link_failures == []
+    assert rig.leg() == LegMarks(PEER_LEG, 0, 0, 0, 0, True)
+    assert g.journal.first_seq == 1  # nothing released
+    with pytest.raises(ProtocolError, match="incarnation") as e:
+        g.on_ack(wire.JournalAck("g/p", 3, 3, other))
+    assert e.value.remote
+    assert g.applied == 0
+    rig.peer.ack_incarnation = None
+    assert rig.ship()
+    assert rig.peer.got == [1, 2, 3] and g.journal.first_seq == 4
+
+
+# -- release failures ----------------------------------------------------------------------------
+
+
+def test_a_failed_release_is_reported_and_the_entries_stay(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = rig.g
+    real = g.journal.release
+    calls: list[int] = []
+
+    def failing(upto: int) -> None:
+        calls.append(upto)
+        raise VolumeError("journal header write failed: EIO")
+
+    monkeypatch.setattr(g.journal, "release", failing)
+    rig.write(3)
+    assert rig.ship()  # the shipping went fine: only the space stays taken
+    # Each acknowledgement that moved the bound tried (the replies in flight may have read
+    # the peer's marks later than their own entry: fewer tries, never a repeated bound).
+    assert calls and calls[-1] == 3 and calls == sorted(set(calls))
+    assert any("releasing the journal up to 3 failed" in x and "EIO" in x for x in rig.lines)
+    assert g.applied == 3 and g.wait_applied(3, 0.01)
+    assert g.journal.first_seq == 1
+    in_sync(g)  # the marks did not release what the journal kept
+    assert g.delta_range(0) == range(1, 4)  # and the journal still reaches back to 1
+    monkeypatch.setattr(g.journal, "release", real)
+    rig.write(1)
+    assert rig.ship()
+    assert g.journal.first_seq == 5
+    in_sync(g)
