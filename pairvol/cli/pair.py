@@ -186,6 +186,19 @@ def register(sub: Any) -> None:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_simple, op="pair.takeover")
 
+    for name, helptext in (
+        ("fence", "refuse client writes for the pairs on this node (the cluster agent's fence)"),
+        ("unfence", "allow client writes again after a fence"),
+    ):
+        q = ps.add_parser(name, help=helptext)
+        q.add_argument("target", metavar="GROUP[/PAIR]")
+        q.add_argument("--epoch", required=True, help="the cluster epoch (an older one is refused)")
+        if name == "fence":
+            q.add_argument("--reason", help="said in the log and to every refused client")
+        node_opt(q)
+        q.add_argument("--json", action="store_true")
+        q.set_defaults(func=cmd_hold, op=f"pair.{name}")
+
     v = ps.add_parser("verify", help="compare both sides chunk by chunk (digests only)")
     v.add_argument("target", metavar="GROUP[/PAIR]")
     v.add_argument("--repair", action="store_true", help="mark differing chunks for resync")
@@ -339,6 +352,29 @@ def cmd_simple(args: argparse.Namespace) -> int:
             lost = p.get("not_received")
             if lost:
                 print(_rpo_line(lost))
+    return 0
+
+
+def parse_epoch(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise UsageError(f"--epoch {text!r} is not a cluster epoch (a whole number, 0 or more)")
+    return int(text)
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    """``pair fence`` / ``pair unfence``: on this node only (each node fences itself)."""
+    split_pair_id(args.target)
+    payload: dict[str, Any] = {"target": args.target, "epoch": parse_epoch(args.epoch)}
+    if args.op == "pair.fence" and args.reason:
+        payload["reason"] = args.reason
+    result = control.call(_require_control(args.node), args.op, payload, timeout=60)
+    if args.json:
+        print_json(result)
+    else:
+        for p in result["pairs"]:
+            held = p["fenced"]
+            what = f"fenced at epoch {held['epoch']} ({held['reason']})" if held else "not fenced"
+            print(f"pair {p['id']}: {p['role']} {p['state']}, {what}")
     return 0
 
 

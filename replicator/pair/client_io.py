@@ -139,6 +139,15 @@ class ClientWrites:
         if not leg.check_image():
             raise VolumeError(f"pair {leg.id}: {leg.damaged}", errno.EIO)
         decision = leg.machine.write_decision()
+        if leg.doc.hold_reason and decision is not ps.WriteDecision.REFUSE_HIDDEN:
+            if forwarding:  # what the primary sends is taken; the hold is on clients
+                return decision
+            leg.host.log_refusal(leg, f"fenced by the cluster: {leg.doc.hold_reason}")
+            raise VolumeError(
+                f"pair {leg.id}: fenced by the cluster at epoch {leg.doc.hold_epoch} "
+                f"({leg.doc.hold_reason}): write refused",
+                errno.EIO,
+            )
         if decision in _GOES_AHEAD:
             return decision
         if forwarding:

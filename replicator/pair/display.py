@@ -50,7 +50,7 @@ def describe(side: Side) -> dict[str, Any]:
         "epoch": r.epoch,
         "link": "up" if side.machine.link_up else "down",
         "hidden": side.machine.hidden,
-        "writes": str(side.machine.write_decision()),
+        "writes": "REFUSE_HELD" if side.doc.hold_reason else str(side.machine.write_decision()),
         "chunk_size": side.chunk_size,
         "data_size": side.data_size,
         "copy_percent": percent,
@@ -65,6 +65,12 @@ def describe(side: Side) -> dict[str, Any]:
         "last_copy_seconds": side.doc.last_copy_seconds,
         "svol_consistent": r.svol_consistent,
         "journal": _journal_info(side),
+        "cluster_epoch": side.doc.cluster_epoch,
+        "fenced": (
+            {"epoch": side.doc.hold_epoch, "reason": side.doc.hold_reason}
+            if side.doc.hold_reason
+            else None
+        ),
     }
 
 

@@ -95,6 +95,11 @@ class SideDoc:
     peer_epoch: int = 0
     #: Secondary: the primary's PVID, which the volume carries while hidden (0: not known).
     primary_pvid: int = 0
+    #: The highest cluster epoch an agent gave this side (``pair fence``/``unfence``).
+    cluster_epoch: int = 0
+    #: A cluster fence in force (client writes refused): its epoch and reason ("": none).
+    hold_epoch: int = 0
+    hold_reason: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -118,6 +123,9 @@ class SideDoc:
                 "high_watermark": self.high_watermark,
                 "peer_epoch": self.peer_epoch,
                 "primary_pvid": self.primary_pvid,
+                "cluster_epoch": self.cluster_epoch,
+                "hold_epoch": self.hold_epoch,
+                "hold_reason": self.hold_reason,
             },
             indent=1,
             sort_keys=True,
@@ -146,6 +154,9 @@ class SideDoc:
                 float(doc.get("high_watermark", 0.8)),
                 int(doc.get("peer_epoch", 0)),
                 int(doc.get("primary_pvid", 0)),
+                int(doc.get("cluster_epoch", 0)),
+                int(doc.get("hold_epoch", 0)),
+                str(doc.get("hold_reason", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e

@@ -30,6 +30,7 @@ from replicator.liveness import earliest
 from replicator.pair.activity_log import AL_EXTENT
 from replicator.pair.commands import Commands
 from replicator.pair.create import Creation
+from replicator.pair.display import describe
 from replicator.pair.doc import (
     PAIRS_DIR,
     SideDoc,
@@ -39,6 +40,7 @@ from replicator.pair.doc import (
     save_doc,
 )
 from replicator.pair.handles import HandleRegistry
+from replicator.pair.hold import Holds
 from replicator.pair.host import PING_TIMEOUT
 from replicator.pair.links import PeerLinks
 from replicator.pair.names import pair_id, split_pair_id
@@ -104,6 +106,7 @@ class PairManager:
         self.quarantine = Quarantine(self)
         self.creation = Creation(self)
         self.commands = Commands(self)
+        self.holds = Holds(self)
         self.peer_requests = PeerRequests(self)
         self.links = PeerLinks(self)
         os.makedirs(os.path.join(directory, PAIRS_DIR), exist_ok=True)
@@ -481,11 +484,16 @@ class PairManager:
             "pair.delete": c.op_delete,
             "pair.display": c.op_display,
             "pair.verify": c.op_verify,
+            "pair.fence": self.holds.op_fence,
+            "pair.unfence": self.holds.op_unfence,
             "debug.crash-at": c.op_crash_at,
         }
 
     def op_display(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.commands.op_display(args)
+
+    def describe(self, side: Side) -> dict[str, Any]:
+        return describe(side)
 
     # -- open client connections, and the groups of a side ------------------------------------
 

@@ -1,0 +1,86 @@
+"""The cluster's fence on a storage node: ``pair fence`` and ``pair unfence``.
+
+A cluster agent that can no longer renew its lease must stop its application's writes
+*before* the lease can expire (SPEC 4, "Fencing"; issue 9).  Stopping the application is not
+enough (it may hang in I/O, or be another process), so the agent has its storage node refuse
+client writes for the resource's pairs: ``pair fence GROUP --epoch N --reason TEXT``.
+
+* A fence is a *hold* on each side of the groups named: every client write is refused with
+  EIO and one log line (reads go on), whatever the pair's state.  Changes a volume receives
+  from its primary are still taken (the hold is on clients, not on replication).
+* When ``pair fence`` returns, no write is in flight and none can be acknowledged any more:
+  each side's gate is closed once, after the hold is durable in its pair file.
+* The hold survives a restart of the node (it is in the pair file).
+* Epochs: each side keeps the highest cluster epoch an agent ever gave it (``cluster_epoch``).
+  A fence or unfence with a lower epoch is refused (a stale agent cannot lift a newer
+  fence, nor fence the new active's pairs); ``pair unfence GROUP --epoch N`` lifts a hold only
+  with an epoch at least the hold's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from replicator.errors import IllegalState, UsageError
+
+if TYPE_CHECKING:
+    from replicator.pair.manager import PairManager
+    from replicator.pair.side import Side
+
+
+def _epoch(args: dict[str, Any]) -> int:
+    raw = args.get("epoch")
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise UsageError(f"--epoch {raw!r} is not a cluster epoch (a whole number, 0 or more)")
+    return raw
+
+
+class Holds:
+    """``pair.fence`` and ``pair.unfence`` on this node's pairs."""
+
+    def __init__(self, manager: PairManager) -> None:
+        self.m = manager
+
+    def _sides(self, args: dict[str, Any], epoch: int, what: str) -> list[Side]:
+        sides = self.m.select(str(args["target"]))
+        for s in sides:
+            if epoch < s.doc.cluster_epoch:
+                raise IllegalState(
+                    f"pair {s.id}: {what} at cluster epoch {epoch} refused: this node has seen "
+                    f"epoch {s.doc.cluster_epoch} (a stale agent?)"
+                )
+        return sides
+
+    def op_fence(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = _epoch(args)
+        reason = str(args.get("reason") or "fenced by the cluster agent")[:200]
+        with self.m.lock:
+            sides = self._sides(args, epoch, "fence")
+        for s in sides:
+            with s.gate.closed():  # the writes in flight finish first; none after this
+                s.doc.hold_epoch, s.doc.hold_reason = epoch, reason
+                s.doc.cluster_epoch = max(s.doc.cluster_epoch, epoch)
+                s.save()
+            self.m.log(f"pair {s.id}: client writes refused from now on: {reason}")
+            self.m.events.emit("pair.fenced", pair=s.id, epoch=epoch, reason=reason)
+        return {"pairs": [self.m.describe(s) for s in sides]}
+
+    def op_unfence(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = _epoch(args)
+        with self.m.lock:
+            sides = self._sides(args, epoch, "unfence")
+            for s in sides:
+                if s.doc.hold_reason and epoch < s.doc.hold_epoch:
+                    raise IllegalState(
+                        f"pair {s.id}: unfence at cluster epoch {epoch} refused: it was fenced "
+                        f"at epoch {s.doc.hold_epoch}"
+                    )
+        for s in sides:
+            held = bool(s.doc.hold_reason)
+            s.doc.hold_epoch, s.doc.hold_reason = 0, ""
+            s.doc.cluster_epoch = max(s.doc.cluster_epoch, epoch)
+            s.save()
+            if held:
+                self.m.log(f"pair {s.id}: client writes allowed again (cluster epoch {epoch})")
+                self.m.events.emit("pair.unfenced", pair=s.id, epoch=epoch)
+        return {"pairs": [self.m.describe(s) for s in sides]}

@@ -1,0 +1,90 @@
+"""``pair fence`` / ``pair unfence``: the cluster agent's fence on a storage node (issue 9 §3),
+in one process (test_runtime_inproc's harness)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_runtime_inproc import CHUNK, Lab, Node, noise, read, running_lab, wait_copy, write
+
+from pairvol.cli import main
+from replicator.errors import IllegalState, UsageError, VolumeError
+from replicator.events import read_events
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[Lab, Node, Node]]:
+    with running_lab(tmp_path) as lab:
+        a = lab.node("node-a", "10.0.0.1")
+        b = lab.node("node-b", "10.0.0.2")
+        lab.start()
+        a.create("g/p1", b)
+        wait_copy(a, "g/p1")
+        yield lab, a, b
+
+
+def test_fence_refuses_client_writes_until_unfenced(two: tuple[Lab, Node, Node]) -> None:
+    lab, a, b = two
+    h = a.open()
+    before = noise(CHUNK)
+    write(h, 0, before)
+    out = a.cmd("pair.fence", target="g", epoch=3, reason="lease lost")
+    assert out["pairs"][0]["fenced"] == {"epoch": 3, "reason": "lease lost"}
+    with pytest.raises(VolumeError) as refused:
+        write(h, CHUNK, noise(CHUNK))
+    assert refused.value.errno == errno.EIO
+    assert "fenced by the cluster at epoch 3 (lease lost)" in str(refused.value)
+    assert read(h, 0, CHUNK) == before  # reads go on
+    assert a.state("g/p1") == ("PAIR", "primary")  # replication itself is untouched
+    assert any(e["event"] == "pair.fenced" for e in read_events(a.events_path))
+    # A restart keeps the fence.
+    a.restart()
+    h = a.open()
+    with pytest.raises(VolumeError):
+        write(h, CHUNK, noise(CHUNK))
+    # A stale agent can neither lift it nor fence at an older epoch.
+    with pytest.raises(IllegalState, match="has seen epoch 3"):
+        a.cmd("pair.unfence", target="g", epoch=2)
+    with pytest.raises(IllegalState, match="has seen epoch 3"):
+        a.cmd("pair.fence", target="g", epoch=1)
+    a.cmd("pair.unfence", target="g", epoch=4)
+    for _ in range(5):  # the restarted node finds its peer again
+        if a.side("g/p1").machine.link_up:
+            break
+        lab.tick(1.0)
+    assert a.state("g/p1") == ("PAIR", "primary")
+    data = noise(CHUNK)
+    write(h, CHUNK, data)
+    assert b.image()[CHUNK : 2 * CHUNK] == data
+    with pytest.raises(IllegalState, match="has seen epoch 4"):
+        a.cmd("pair.fence", target="g", epoch=3)
+    assert a.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
+def test_a_fenced_secondary_still_takes_what_its_primary_sends(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    _, a, b = two
+    b.cmd("pair.fence", target="g", epoch=1, reason="standby fenced")
+    h = a.open()
+    data = noise(2 * CHUNK)
+    write(h, 4 * CHUNK, data)
+    assert b.image()[4 * CHUNK : 6 * CHUNK] == data
+    assert a.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
+@pytest.mark.parametrize("bad", [-1, "3", True, None])
+def test_a_bad_epoch_is_a_usage_error(two: tuple[Lab, Node, Node], bad: object) -> None:
+    _, a, _ = two
+    with pytest.raises(UsageError, match="not a cluster epoch"):
+        a.cmd("pair.fence", target="g", epoch=bad)
+
+
+@pytest.mark.parametrize("text", ["x", "-1", "1.5", "٣"])
+def test_cli_epoch_must_be_ascii_digits(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    assert main(["pair", "fence", "g", "--epoch", text]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a cluster epoch" in err[0], err
