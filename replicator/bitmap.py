@@ -15,13 +15,18 @@ loaded bytes for :meth:`Bitmap.from_bytes`; :meth:`Bitmap.copy` and ``|`` keep t
 operand's pending pages.
 
 Speed.  A 1 TiB volume at 64 KiB chunks has 16 Mi bits (2 MiB); at 4 KiB chunks, 256 Mi bits.
-Ranges are updated with big-int arithmetic on byte slices, :meth:`Bitmap.count` is kept
-incrementally, and scans skip all-zero bytes and take all-one runs whole (a regular
-expression over the bytes), so no operation loops in Python over every bit of a range.
+Short ranges are updated with big-int arithmetic on byte slices, long ones a page of whole
+bytes at a time (a slice assignment; only the partial bytes at either end take bit
+arithmetic); :meth:`Bitmap.count` is kept incrementally.  Scans skip all-zero bytes and take
+all-one runs whole: :meth:`Bitmap.next_set` and :meth:`Bitmap.next_clear` compare 64 KiB,
+then 2 KiB, then 64-byte blocks against a constant block (a memcmp) before a regular
+expression finds the byte, so no operation loops in Python over every bit (or every byte) of
+a range, and :meth:`Bitmap.runs` costs a few C calls per run whatever its length.
 
 Threads.  The class does no locking: callers that share one map between threads serialize
-every call (including iteration) with their own lock.  Iterators read the live map a page at
-a time, so bits changed during iteration are seen only in pages not yet reached.
+every call (including each step of an iteration) with their own lock.  Iterators read the
+live map as they go (:meth:`Bitmap.iter_set` a page at a time, :meth:`Bitmap.runs` a run at a
+time), so bits changed during iteration are seen only where the iterator has not been yet.
 """
 
 from __future__ import annotations
@@ -39,25 +44,21 @@ DEFAULT_CHUNK = 64 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
 
 _ZERO_PAGE = bytes(PAGE)
+_ONES_PAGE = b"\xff" * PAGE
+# Longer than this, a range update goes a page of whole bytes at a time (see _fill).
+_BIG_RANGE = 256
+# Block sizes a scan compares whole (a memcmp each) before a regex looks at single bytes.
+_SKIP_STEPS = (65536, 2048, 64)
+_FILL_BLOCK = {0: memoryview(bytes(_SKIP_STEPS[0])), 0xFF: memoryview(b"\xff" * _SKIP_STEPS[0])}
+_NOT_FILL = {0: re.compile(rb"[^\x00]"), 0xFF: re.compile(rb"[^\xff]")}
+# Per byte value: its lowest set bit (8 for zero).
+_LOW_BIT: tuple[int, ...] = tuple(((v & -v).bit_length() - 1) if v else 8 for v in range(256))
 # A run of all-ones bytes (taken whole) or a single byte with some bits set.
 _TOKENS = re.compile(rb"\xff+|[^\x00]")
-# Per byte value: the bit positions that are set, and the (start, length) runs they form.
+# Per byte value: the bit positions that are set.
 _BITS: tuple[tuple[int, ...], ...] = tuple(
     tuple(i for i in range(8) if v >> i & 1) for v in range(256)
 )
-
-
-def _byte_runs(v: int) -> tuple[tuple[int, int], ...]:
-    runs: list[tuple[int, int]] = []
-    for i in _BITS[v]:
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return tuple(runs)
-
-
-_RUNS: tuple[tuple[tuple[int, int], ...], ...] = tuple(_byte_runs(v) for v in range(256))
 
 
 def check_chunk_size(chunk_size: int) -> int:
@@ -94,6 +95,20 @@ def _scan(buf: bytes, base: int) -> Iterator[int]:
             bit0 = base + 8 * start
             for i in _BITS[buf[start]]:
                 yield bit0 + i
+
+
+def _first_not(buf: bytearray, fill: int, lo: int, hi: int) -> int:
+    """Index of the first byte of ``buf[lo:hi]`` that is not ``fill`` (0 or 0xFF), else hi.
+    Whole blocks are compared in C (largest first), then a regex finds the byte in the last
+    block of at most 64 bytes, so the Python loop runs a few times per 64 KiB skipped."""
+    same = _FILL_BLOCK[fill]
+    pos = lo
+    for step in _SKIP_STEPS:
+        block = same[:step]
+        while pos + step <= hi and buf[pos : pos + step] == block:
+            pos += step
+    m = _NOT_FILL[fill].search(buf, pos, hi)
+    return hi if m is None else m.start()
 
 
 def _int_bits(value: int, base: int) -> list[int]:
@@ -208,12 +223,37 @@ class Bitmap:
     def set_range(self, first: int, count: int) -> int:
         """Set ``count`` bits from ``first``; returns how many were clear."""
         self._check_run(first, count)
-        return self._apply(first, count, True)[1].bit_count()
+        return self._fill(first, count, True)
 
     def clear_range(self, first: int, count: int) -> int:
         """Clear ``count`` bits from ``first``; returns how many were set."""
         self._check_run(first, count)
-        return self._apply(first, count, False)[1].bit_count()
+        return self._fill(first, count, False)
+
+    def _fill(self, first: int, count: int, value: bool) -> int:
+        """Set (or clear) bits [first, first + count); returns how many changed.  The partial
+        bytes at either end take :meth:`_apply`; the whole bytes between go a page at a
+        time: a page that already holds the value is only compared, any other is assigned
+        whole (its old bits counted in C) and marked dirty."""
+        lo, hi = (first + 7) >> 3, (first + count) >> 3  # whole bytes [lo, hi)
+        if count <= _BIG_RANGE or hi <= lo:
+            return self._apply(first, count, value)[1].bit_count()
+        head = self._apply(first, 8 * lo - first, value)[1].bit_count()
+        tail = self._apply(8 * hi, first + count - 8 * hi, value)[1].bit_count()
+        fill = _ONES_PAGE if value else _ZERO_PAGE
+        buf = self._buf
+        changed = 0
+        for page in range(lo // PAGE, (hi - 1) // PAGE + 1):
+            s, e = max(lo, page * PAGE), min(hi, (page + 1) * PAGE)
+            old = buf[s:e]
+            if old == fill[: e - s]:
+                continue
+            ones = int.from_bytes(old, "little").bit_count()
+            buf[s:e] = fill[: e - s]
+            changed += 8 * (e - s) - ones if value else ones
+            self._dirty.add(page)
+        self._count += changed if value else -changed
+        return head + tail + changed
 
     def union_update(self, other: Bitmap) -> None:
         """Set every bit that is set in ``other`` (same geometry, else ValueError)."""
@@ -295,30 +335,57 @@ class Bitmap:
             else:
                 yield from _scan(data, 8 * lo)
 
-    def runs(self) -> Iterator[tuple[int, int]]:
-        """(first chunk, count) of each maximal run of set bits, ascending."""
-        run_start = run_end = -1
-        for page in range(self.npages):
-            s = page * PAGE
-            data = bytes(self._buf[s : s + PAGE])
-            if data == _ZERO_PAGE:
-                continue
-            for m in _TOKENS.finditer(data):
-                b0, b1 = m.span()
-                bit0 = 8 * (s + b0)
-                if b1 - b0 > 1 or data[b0] == 0xFF:
-                    pieces: Iterable[tuple[int, int]] = ((bit0, 8 * (b1 - b0)),)
-                else:
-                    pieces = ((bit0 + i, n) for i, n in _RUNS[data[b0]])
-                for first, n in pieces:
-                    if first == run_end:
-                        run_end += n
-                    else:
-                        if run_end > run_start:
-                            yield run_start, run_end - run_start
-                        run_start, run_end = first, first + n
-        if run_end > run_start:
-            yield run_start, run_end - run_start
+    def next_set(self, start: int, end: int | None = None) -> int | None:
+        """The first set chunk in [start, end) (end: the last chunk), or None."""
+        end = self._clip(start, end)
+        if start >= end:
+            return None
+        buf = self._buf
+        byte = start >> 3
+        v = buf[byte] >> (start & 7)
+        if v:
+            found = start + _LOW_BIT[v]
+        else:
+            i = _first_not(buf, 0, byte + 1, (end + 7) >> 3)
+            if i >= (end + 7) >> 3:
+                return None
+            found = 8 * i + _LOW_BIT[buf[i]]
+        return found if found < end else None
+
+    def next_clear(self, start: int, end: int | None = None) -> int:
+        """The first clear chunk in [start, end) (end: the last chunk), else ``end``."""
+        end = self._clip(start, end)
+        if start >= end:
+            return end
+        buf = self._buf
+        byte = start >> 3
+        v = (~buf[byte] & 0xFF) >> (start & 7)
+        if v:
+            found = start + _LOW_BIT[v]
+        else:
+            i = _first_not(buf, 0xFF, byte + 1, (end + 7) >> 3)
+            found = end if i >= (end + 7) >> 3 else 8 * i + _LOW_BIT[~buf[i] & 0xFF]
+        return min(found, end)
+
+    def _clip(self, start: int, end: int | None) -> int:
+        if start < 0:
+            raise ValueError(f"start chunk {start} is negative")
+        return self.nchunks if end is None else min(end, self.nchunks)
+
+    def runs(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """(first chunk, count) of each maximal run of set bits, ascending, clipped to
+        [start, end) (end: the last chunk).  Each step reads the live map from where the
+        last run ended (two scans of whole bytes: :meth:`next_set`, :meth:`next_clear`)."""
+        stop = self._clip(start, end)
+        return self._runs_from(start, stop)
+
+    def _runs_from(self, pos: int, stop: int) -> Iterator[tuple[int, int]]:
+        while pos < stop:
+            first = self.next_set(pos, stop)
+            if first is None:
+                return
+            pos = self.next_clear(first, stop)
+            yield first, pos - first
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Bitmap):

@@ -33,6 +33,17 @@ def model_bytes(model: set[int], nbytes: int) -> bytes:
     return bytes(raw)
 
 
+def model_runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Maximal (first, count) runs of ascending chunk numbers."""
+    runs: list[tuple[int, int]] = []
+    for c in chunks:
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    return runs
+
+
 def model_dirty_bytes(model: set[int], data_size: int, chunk_size: int) -> int:
     return sum(min(chunk_size, data_size - c * chunk_size) for c in model)
 
@@ -237,6 +248,43 @@ class BitmapMachine(RuleBasedStateMachine):
         self.persisted = now
         assert self.bm.take_dirty_pages() == []
 
+    @rule(data=st.data())
+    def big_range(self, data: st.DataObject) -> None:
+        """A run long enough for the whole-bytes path (more than a few hundred chunks)."""
+        n = self.bm.nchunks
+        if n < 300:
+            return
+        first = data.draw(st.integers(0, n - 300))
+        count = data.draw(st.integers(257, n - first))
+        span = set(range(first, first + count))
+        if data.draw(st.booleans()):
+            assert self.bm.set_range(first, count) == len(span - self.model)
+            self.model |= span
+        else:
+            assert self.bm.clear_range(first, count) == len(span & self.model)
+            self.model -= span
+
+    @rule(data=st.data())
+    def next_set_and_clear(self, data: st.DataObject) -> None:
+        n = self.bm.nchunks
+        start = data.draw(st.integers(0, n + 2))
+        end = data.draw(st.one_of(st.none(), st.integers(0, n + 2)))
+        stop = n if end is None else min(end, n)
+        inside = range(start, stop)
+        want_set = next((c for c in inside if c in self.model), None)
+        want_clear = next((c for c in inside if c not in self.model), stop)
+        assert self.bm.next_set(start, end) == want_set
+        assert self.bm.next_clear(start, end) == want_clear
+
+    @rule(data=st.data())
+    def runs_between(self, data: st.DataObject) -> None:
+        n = self.bm.nchunks
+        start = data.draw(st.integers(0, n + 2))
+        end = data.draw(st.one_of(st.none(), st.integers(0, n + 2)))
+        stop = n if end is None else min(end, n)
+        want = model_runs(sorted(x for x in self.model if start <= x < stop))
+        assert list(self.bm.runs(start, end)) == want
+
     @precondition(lambda self: self.bm.count() > 0)
     @rule(data=st.data())
     def iter_from(self, data: st.DataObject) -> None:
@@ -372,6 +420,72 @@ def test_huge_volume_scans_are_not_per_bit() -> None:
     full = Bitmap.from_bytes(TIB, DEFAULT_CHUNK, b"\xff" * bm.nbytes)
     assert (full | bm) == full
     assert (full.count(), list(full.runs())) == (bm.nchunks, [(0, bm.nchunks)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.lists(st.integers(0, (1 << 28) - 1), max_size=6, unique=True),
+    full=st.lists(st.tuples(st.integers(0, (1 << 28) - 1), st.integers(1, 1 << 22)), max_size=2),
+    start=st.integers(0, 1 << 28),
+    span=st.one_of(st.none(), st.integers(0, 1 << 28)),
+)
+def test_scans_of_a_huge_map_skip_whole_blocks(
+    bits: list[int], full: list[tuple[int, int]], start: int, span: int | None
+) -> None:
+    """1 TiB at 4 KiB chunks: 256 Mi bits, 32 MiB.  A few lone bits and long runs (up to
+    512 KiB of ones) far apart: next_set, next_clear and runs agree with a model of merged
+    intervals (the scans compare whole 64 KiB, 2 KiB and 64-byte blocks, whose edges these
+    positions land anywhere between)."""
+    bm = Bitmap(TIB, 4 * KIB)
+    assert bm.nchunks == 1 << 28
+    spans = [(b, b + 1) for b in bits]
+    for b in bits:
+        bm.set_chunk(b)
+    for first, count in full:
+        count = min(count, bm.nchunks - first)
+        bm.set_range(first, count)
+        spans.append((first, first + count))
+    merged: list[tuple[int, int]] = []  # disjoint, not touching, ascending [lo, hi)
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    assert bm.count() == sum(hi - lo for lo, hi in merged)
+    end = None if span is None else start + span
+    stop = bm.nchunks if end is None else min(end, bm.nchunks)
+    inside = [(max(lo, start), min(hi, stop)) for lo, hi in merged]
+    inside = [(lo, hi) for lo, hi in inside if lo < hi]
+    assert list(bm.runs(start, end)) == [(lo, hi - lo) for lo, hi in inside]
+    assert bm.next_set(start, end) == (inside[0][0] if inside else None)
+    want_clear = inside[0][1] if inside and inside[0][0] == start else min(start, stop)
+    assert bm.next_clear(start, end) == want_clear
+
+
+def test_whole_map_updates_and_walks_take_milliseconds_not_seconds() -> None:
+    """The copy of an empty 1 TiB volume: set every bit, walk the one run, clear it in
+    pieces.  Counted in C calls, not timed: the walk is a handful of steps."""
+    bm = Bitmap(TIB)
+    assert bm.set_range(0, bm.nchunks) == bm.nchunks
+    assert bm.take_dirty_pages() == list(range(512))
+    assert list(bm.runs()) == [(0, bm.nchunks)]
+    assert list(bm.runs(5, 9)) == [(5, 4)]
+    assert bm.next_clear(0) == bm.nchunks
+    step = 1 << 14  # 1 GiB pieces
+    for first in range(0, bm.nchunks, step):
+        assert bm.clear_range(first, step) == step
+    assert (bm.count(), bm.next_set(0), list(bm.runs())) == (0, None, [])
+    assert bm.take_dirty_pages() == list(range(512))
+    assert bm.to_bytes() == bytes(bm.nbytes)
+
+
+def test_scans_check_their_start() -> None:
+    bm = Bitmap(MIB, 4096)
+    for call in (lambda: bm.next_set(-1), lambda: bm.next_clear(-1), lambda: bm.runs(-1)):
+        with pytest.raises(ValueError):
+            call()
+    assert bm.next_set(bm.nchunks) is None and bm.next_clear(bm.nchunks) == bm.nchunks
+    assert bm.next_clear(3, 2) == 2  # an empty window: its end
 
 
 def test_from_bytes_rejects_bad_content() -> None:

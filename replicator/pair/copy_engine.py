@@ -1,10 +1,24 @@
 """The copy engine: pushes the set chunks of a side's copy bitmap to the secondary.
 
 Initial copy, resync and swap all copy the same way: the copy bitmap (durable first) lists
-the chunks; workers take runs of at most :data:`COPY_IO` bytes, hold the runs' chunk locks (so
-a client write to the same chunks is strictly before or after), read allocated ranges and
-send them as Write, send holes as Zero(may_trim), and clear the bits.  Progress is flushed
-to the bitmap every :data:`PROGRESS_EVERY` seconds, so a copy resumes where it stopped.
+the chunks.  The engine walks the bitmap by runs (a few C scans per run, however long) and
+cuts each run into *pieces* by the source's allocated extents (replicator/extents.py:
+SEEK_DATA/SEEK_HOLE, aligned out to chunks): a piece of data chunks is at most
+:data:`COPY_IO` bytes, a piece of hole chunks at most the :class:`ZeroSize` (up to
+:data:`ZERO_MAX`), so an empty 1 TiB volume is a few hundred Zero requests, not 16 Mi/16.
+
+Workers take the pieces, pipelined.  Each holds its piece's chunk locks, looks at the extents
+again *under* them (the plan was made without locks: a client write may have put data into a
+hole since), reads data chunks and sends them as Write, sends hole chunks as one
+Zero(may_trim) per hole, and clears the piece's bits in one operation once every request of
+the piece was acknowledged (a bit is never cleared before the peer has its chunk).  A client
+write of the same chunks is therefore strictly before the piece (its data is read and sent
+by the copy, and it was mirrored itself) or after it (its mirrored write reaches the secondary
+after the Zero was acknowledged): a Zero never overtakes a client write.  A hole piece spans
+more chunks than there are lock stripes, so it holds every stripe (and client writes wait) for
+one Zero round trip: :class:`ZeroSize` keeps that round trip short.  Progress is flushed to
+the bitmap every :data:`PROGRESS_EVERY` seconds (by pages: only the pages that changed), so a
+copy resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -20,12 +34,25 @@ from typing import Protocol
 from replicator import wire
 from replicator.bitmap import Bitmap
 from replicator.errors import PairvolError, VolumeError
+from replicator.extents import data_chunk_runs, pieces, segments
 from replicator.gate import ChunkLocks
 from replicator.volume import Volume
 
-COPY_IO = 1 << 20  # largest single copy request
+COPY_IO = 1 << 20  # largest Write of a copy, and of a piece of data chunks
 COPY_WORKERS = 4
 PROGRESS_EVERY = 0.5
+#: The bytes one Zero of a copy covers: from ZERO_MIN to ZERO_MAX, starting at ZERO_START
+#: (the wire's largest bulk field: a Zero has none, its length is a u64, but the secondary
+#: must carry it out well within the request timeout, and client writes wait meanwhile).
+ZERO_MIN = COPY_IO
+ZERO_START = wire.MAX_DATA
+ZERO_MAX = 4 << 30
+#: A Zero acknowledged faster than this doubles the size; slower than ZERO_SLOW halves it.
+ZERO_FAST = 0.025
+ZERO_SLOW = 0.1
+
+# The name tests/test_pairs_unit.py knows the extents walk by.
+_segments = segments
 
 
 class Throttle:
@@ -50,6 +77,25 @@ class Throttle:
             ahead = self._budget / rate - (time.monotonic() - self._t0)
         if ahead > 0:
             self._stop.wait(ahead)
+
+
+class ZeroSize:
+    """How many bytes the next hole piece may span: doubled while full-size Zero requests are
+    acknowledged within :data:`ZERO_FAST`, halved when one takes more than
+    :data:`ZERO_SLOW`.  A secondary that punches holes (an image file) soon takes a gigabyte
+    per request; one that writes zeros (a device without discard) stays at a size it zeroes
+    quickly, so client writes, which wait for the Zero's chunk locks, never wait long."""
+
+    def __init__(self) -> None:
+        self.size = ZERO_START
+        self._lock = threading.Lock()
+
+    def took(self, length: int, seconds: float) -> None:
+        with self._lock:
+            if seconds > ZERO_SLOW:
+                self.size = max(self.size // 2, ZERO_MIN)
+            elif seconds < ZERO_FAST and length >= self.size:
+                self.size = min(self.size * 2, ZERO_MAX)
 
 
 class CopySource(Protocol):
@@ -80,25 +126,6 @@ class CopySource(Protocol):
     def link_failed(self, reason: str) -> None: ...
 
 
-def _segments(fd: int, pos: int, end: int) -> Iterator[tuple[int, int, bool]]:
-    """(start, length, is_data) runs of the file between pos and end (SEEK_DATA/SEEK_HOLE)."""
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = end
-        if data > pos:
-            stop = min(data, end)
-            yield pos, stop - pos, False
-            pos = stop
-        else:
-            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-            yield pos, hole - pos, True
-            pos = hole
-
-
 class CopyEngine:
     """Pushes the set chunks of a side's copy bitmap to the secondary, pipelined."""
 
@@ -112,6 +139,7 @@ class CopyEngine:
         self.copied = 0
         # Holes travel as Zero requests and cost nothing: only data bytes are counted.
         self.throttle = Throttle(lambda: side.max_rate, self.stop_flag)
+        self.zero = ZeroSize()
 
     def start(self) -> None:
         self.thread.start()
@@ -119,43 +147,66 @@ class CopyEngine:
     def stop(self) -> None:
         self.stop_flag.set()
 
-    def _runs(self) -> Iterator[tuple[int, int]]:
-        """(first chunk, count) pieces of at most COPY_IO bytes, from the copy bitmap."""
-        side = self.side
-        per = max(1, COPY_IO // side.chunk_size)
-        with side.bitmap_lock:
-            runs = list(side.copy_map.runs())
-        for first, count in runs:
-            while count > 0:
-                n = min(count, per)
-                yield first, n
-                first += n
-                count -= n
-
-    def _copy_run(self, first: int, count: int) -> int:
+    def _pieces(self) -> Iterator[tuple[int, int, int]]:
+        """(first chunk, count, data bytes) pieces of the copy bitmap's runs, ascending, as
+        the pool takes them.  The bitmap is read a run at a time (bits cleared behind the
+        walk are not seen again) and each run is cut by the source's extents, lazily: a plan
+        made without locks, which the worker checks under them.  A hole piece takes the
+        Zero size of the moment, so the pieces grow as acknowledgements come back fast."""
         side = self.side
         cs = side.chunk_size
-        start = first * cs
-        end = min((first + count) * cs, side.data_size)
-        sent = 0
-        if side.max_rate > 0:  # wait for the bandwidth budget before holding any chunk
+        pos = 0
+        while not self.stop_flag.is_set():
+            with side.bitmap_lock:
+                run = next(side.copy_map.runs(pos), None)
+            if run is None:
+                return
+            first, count = run
+            pos = first + count
             fd, base = side.volume.fd, side.data_offset
-            data_bytes = sum(n for _, n, d in _segments(fd, base + start, base + end) if d)
+            for f, n, is_data in data_chunk_runs(fd, base, side.data_size, cs, first, pos):
+                if is_data:
+                    for p, k in pieces(f, n, max(1, COPY_IO // cs)):
+                        yield p, k, self._bytes(p, k)
+                    continue
+                end = f + n
+                while f < end:
+                    k = min(end - f, max(1, self.zero.size // cs))
+                    yield f, k, 0
+                    f += k
+
+    def _bytes(self, first: int, count: int) -> int:
+        """Bytes of the data area that chunks [first, first + count) cover."""
+        cs = self.side.chunk_size
+        return min((first + count) * cs, self.side.data_size) - first * cs
+
+    def _copy_piece(self, first: int, count: int, data_bytes: int) -> int:
+        """Copy one piece under its chunk locks; the data bytes sent."""
+        side = self.side
+        cs = side.chunk_size
+        if data_bytes and side.max_rate > 0:  # the budget first, before holding any chunk
             self.throttle.take(data_bytes)
             if self.stop_flag.is_set():
-                return 0  # woken by stop: the run's bits stay set, a later copy takes them
+                return 0  # woken by stop: the piece's bits stay set, a later copy takes them
+        sent = 0
+        fd, base = side.volume.fd, side.data_offset
         with side.chunk_locks.hold(first, first + count - 1):
-            fd, base = side.volume.fd, side.data_offset
-            for pos, length, is_data in list(_segments(fd, base + start, base + end)):
-                offset = pos - base
-                if is_data:
-                    data = os.pread(fd, length, pos)
-                    if len(data) != length:
-                        raise VolumeError(f"short read at {offset} during copy", errno.EIO)
-                    side.request(wire.Write(side.id, offset, data))
-                    sent += length
-                else:
+            runs = list(data_chunk_runs(fd, base, side.data_size, cs, first, first + count))
+            for f, n, is_data in runs:
+                offset = f * cs
+                length = self._bytes(f, n)
+                if not is_data:
+                    began = time.monotonic()
                     side.request(wire.Zero(side.id, offset, length, may_trim=True))
+                    self.zero.took(length, time.monotonic() - began)
+                    continue
+                for pos in range(offset, offset + length, COPY_IO):
+                    size = min(COPY_IO, offset + length - pos)
+                    data = os.pread(fd, size, base + pos)
+                    if len(data) != size:
+                        raise VolumeError(f"short read at {pos} during copy", errno.EIO)
+                    side.request(wire.Write(side.id, pos, data))
+                    sent += size
             with side.bitmap_lock:
                 side.copy_map.clear_range(first, count)
         return sent
@@ -168,10 +219,11 @@ class CopyEngine:
                 last_report = self.side.clock()
             with ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix=f"copy {side.id}") as pool:
                 pending: list[tuple[Future[int], int]] = []
-                for first, count in self._runs():
+                for first, count, data_bytes in self._pieces():
                     if self.stop_flag.is_set():
                         break
-                    pending.append((pool.submit(self._copy_run, first, count), count))
+                    piece = pool.submit(self._copy_piece, first, count, data_bytes)
+                    pending.append((piece, count))
                     while len(pending) >= COPY_WORKERS * 2 or (pending and pending[0][0].done()):
                         fut, n = pending.pop(0)
                         self.sent_bytes += fut.result()
