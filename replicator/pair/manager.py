@@ -16,17 +16,14 @@ from replicator import faults, wire
 from replicator import pair_state as ps
 from replicator.atomic_file import unlink_durably
 from replicator.errors import (
-    ConnectionFailed,
     IllegalState,
     NotFound,
     PairvolError,
-    Timeout,
 )
 from replicator.events import EventLog
 from replicator.export import ExportHandle
 from replicator.groups import DEFAULT_JOURNAL_SIZE, GroupPrimary, GroupSecondary, journal_path
 from replicator.header import Role
-from replicator.liveness import earliest
 from replicator.pair.activity_log import AL_EXTENT
 from replicator.pair.commands import Commands
 from replicator.pair.create import Creation
@@ -41,19 +38,18 @@ from replicator.pair.doc import (
 )
 from replicator.pair.handles import HandleRegistry
 from replicator.pair.hold import Holds
-from replicator.pair.host import PING_TIMEOUT
 from replicator.pair.links import PeerLinks
 from replicator.pair.names import pair_id, split_pair_id
 from replicator.pair.peer_requests import PeerRequests
 from replicator.pair.quarantine import Quarantine
 from replicator.pair.side import Side
+from replicator.pair.timer import PairTimer
 from replicator.pair.volume_legs import VolumeLegs
 from replicator.peer_auth import PeerSecrets
 from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.volume import Volume
 
 ASYNC_LINK_TIMEOUT = 30.0  # an async pair's heartbeat timeout: the journal absorbs outages
-HOUSEKEEPING = 1.0  # idle activity-log extents and image sizes are looked at this often
 
 Log = Callable[[str], None]
 
@@ -95,12 +91,7 @@ class PairManager:
         self.secondaries: dict[str, GroupSecondary] = {}
         self.lock = threading.RLock()
         self.clients: dict[tuple[str, int], PeerClient] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._ticker = threading.Thread(target=self._timer_loop, name="pair timer", daemon=True)
-        self._housekeeping_at = clock() + HOUSEKEEPING
-        self._local_pings: set[Side] = set()
-        self._notify: set[Side] = set()
+        self.timer = PairTimer(self)
         self._refusals: dict[tuple[str, str], float] = {}
         self.handle_registry = HandleRegistry(self)
         self.quarantine = Quarantine(self)
@@ -233,7 +224,7 @@ class PairManager:
                     self.log(f"group {name}: redid {n} journal entries after a restart")
             g.start()
         if timer_thread:
-            self._ticker.start()
+            self.timer.start()
 
     def _fold_activity_log(self, legs: VolumeLegs) -> None:
         """At start-up: extents in the volume's activity log may differ between the volume and
@@ -261,10 +252,7 @@ class PairManager:
             self.secondary_group(side)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._ticker.is_alive():
-            self._ticker.join(timeout=5)
+        self.timer.stop()
         for gp in list(self.primaries.values()):
             gp.stop()
         for gs in list(self.secondaries.values()):
@@ -274,95 +262,27 @@ class PairManager:
         for c in list(self.clients.values()):
             c.close()
 
-    # -- the one timer -------------------------------------------------------------------------
+    # -- the one timer (replicator/pair/timer.py) ------------------------------------------------
 
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` wants to be called next: the earliest deadline of every
-        pair's machine, every peer link and the housekeeping round."""
-        deadlines = [s.machine.get_timer() for s in list(self.sides.values())]
-        deadlines += [self.links.get_timer(), self._housekeeping_at]
-        if self._local_pings or self._notify:
-            deadlines.append(self.clock())
-        return earliest(deadlines)
+        return self.timer.get_timer()
 
     def handle_timer(self, now: float) -> None:
-        """Everything due at ``now``: the machines' heartbeat deadlines, one Ping per link
-        (and per local pair) that is due, and the housekeeping (idle activity-log extents,
-        truncated images) once a second."""
-        for side in list(self.sides.values()):
-            try:
-                with side.state_lock:
-                    actions = side.machine.handle_timer(now)
-                    later = side._carry_out(actions)
-                side._after(later, tell_peer=False)
-            except PairvolError as e:
-                self.log(f"pair {side.id}: timer: {e}")
-        self.links.handle_timer(now)
-        local, self._local_pings = self._local_pings, set()
-        for side in local:
-            self._ping_partner(side, now)
-        notify, self._notify = self._notify, set()
-        for side in notify:
-            if not side.deleted and side.machine.link_up:
-                try:
-                    side.exchange.notify_peer()
-                except PairvolError as e:
-                    self.log(f"pair {side.id}: telling the peer our state failed: {e}")
-        if now >= self._housekeeping_at:
-            self._housekeeping_at = now + HOUSEKEEPING
-            for side in list(self.sides.values()):
-                if side.record.state is not ps.State.SMPL:
-                    side.check_image()
-                    side.al.expire()
+        self.timer.handle_timer(now)
 
     def ping_soon(self, side: Side) -> None:
-        """A machine asked for a heartbeat (its SendPing action): one per link per round."""
-        if side.partner is not None:
-            self._local_pings.add(side)
-        else:
-            self.links.ping_soon(side)
+        self.timer.ping_soon(side)
 
     def notify_soon(self, side: Side) -> None:
-        """Tell the side's peer our state at the next timer round (another leg of its volume
-        changed the PVID: a hidden secondary takes its primary's)."""
-        self._notify.add(side)
-        self._wake.set()
+        self.timer.notify_soon(side)
 
     def timer_changed(self) -> None:
-        """A state changed: the timer thread looks at :meth:`get_timer` again."""
-        self._wake.set()
+        self.timer.changed()
 
     def probe(self, side: Side) -> None:
         """Ping the side's peer now (a command needs to know whether it is there)."""
         if side.partner is None:
             self.links.probe(side)
-
-    def _ping_partner(self, side: Side, now: float) -> None:
-        try:
-            reply = side.request(wire.Ping(time.monotonic_ns()), timeout=PING_TIMEOUT)
-        except (ConnectionFailed, Timeout, PeerRefused) as e:
-            side.link_failed(f"heartbeat failed: {e}")
-            return
-        if isinstance(reply, wire.Pong) and side.machine.link_up:
-            with side.state_lock:
-                side.machine.handle(ps.Pong(), now)
-
-    def _timer_loop(self) -> None:
-        """The adapter around the one timer: wait until it is due (or something changed),
-        call handle_timer, ask again."""
-        while not self._stop.is_set():
-            due = self.get_timer()
-            # A floor of 10 ms: a deadline that handle_timer could not move (a machine whose
-            # timer keeps failing) must not spin the node.
-            delay = HOUSEKEEPING if due is None else max(0.01, due - self.clock())
-            self._wake.wait(delay)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.handle_timer(self.clock())
-            except Exception as e:  # keep the node's timer alive; this is a bug to report
-                self.log(f"pair timer: {e!r}")
 
     def restore_link(self, side: Side, *, notify: bool) -> None:
         """The peer answered while our link was down: the restore plan (LinkRestored; an
