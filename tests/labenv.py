@@ -8,9 +8,10 @@ import json
 import os
 import random
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import VENV_BIN, require_programs, require_root
@@ -24,6 +25,22 @@ nbd = pytest.importorskip("nbd")
 
 CHUNK = 64 * 1024
 SIZE = 32 << 20
+
+T = TypeVar("T")
+
+
+def poll_until(
+    probe: Callable[[], T], done: Callable[[T], bool], *, what: str, timeout: float = 30
+) -> T:
+    """``probe()`` until ``done`` holds of its value (which is returned), for at most
+    ``timeout`` seconds.  For a state that no event announces: wait on the event log first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s (last: {value!r})"
+        time.sleep(0.05)  # the poll's period, inside the deadline: never a wait for the state
 
 
 class LabEnv:
@@ -82,6 +99,25 @@ class LabEnv:
 
     def wait(self, host: str, target: str, state: str, timeout: float = 30) -> None:
         self.pv(host, "pair", "wait", target, "--state", state, "--timeout", str(timeout))
+
+    def wait_side(
+        self,
+        host: str,
+        target: str,
+        done: Callable[[dict[str, Any]], bool],
+        *,
+        what: str,
+        timeout: float = 30,
+    ) -> dict[str, Any]:
+        """Poll ``host``'s own side of pair ``target`` (``pair.display`` on its control socket:
+        no CLI start-up between two looks) until ``done`` holds of it, for what no event
+        announces, such as copy progress."""
+
+        def probe() -> dict[str, Any]:
+            (side,) = self.control(host, "pair.display", target=target)["pairs"]
+            return dict(side)
+
+        return poll_until(probe, done, what=f"{target} on {host}: {what}", timeout=timeout)
 
     def events_path(self, host: str) -> str:
         return os.path.join(self.host(host).dir, "events.jsonl")

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labenv import CHUNK, LabEnv, digest, fill, lab_env, nbd
+from labenv import CHUNK, LabEnv, digest, fill, lab_env, nbd, poll_until
 
 from pairvol import lab as labmod
 from replicator.volume import Volume
@@ -50,8 +50,16 @@ class StampWriter(threading.Thread):
         self.acked = 0
         self.stop = threading.Event()
         self.error: Exception | None = None
+        self.progress = threading.Condition()  # notified at each acknowledged write
+        self.ended = False
 
     def run(self) -> None:
+        try:
+            self._write()
+        finally:
+            self._end()
+
+    def _write(self) -> None:
         handles = {v: self.env.connect(self.host, v) for v in self.volumes}
         try:
             while not self.stop.is_set():
@@ -60,13 +68,26 @@ class StampWriter(threading.Thread):
                 block = self.rng.randrange(NBLOCKS)
                 self.log.append((vol, block))
                 handles[vol].pwrite(stamp(n), block * BLOCK)
-                self.acked = n
+                with self.progress:
+                    self.acked = n
+                    self.progress.notify_all()
         except nbd.Error as e:
             self.error = e
         finally:
             for h in handles.values():
                 with contextlib.suppress(Exception):  # the server may be dead
                     h.shutdown()
+
+    def _end(self) -> None:
+        with self.progress:
+            self.ended = True
+            self.progress.notify_all()
+
+    def wait_acked(self, n: int, timeout: float = 30) -> None:
+        """Until ``n`` writes in all have been acknowledged (fails if the writer stops first)."""
+        with self.progress:
+            self.progress.wait_for(lambda: self.acked >= n or self.ended, timeout)
+            assert self.acked >= n, f"{self.acked} writes acknowledged, not {n}: {self.error}"
 
 
 def stamps_on_image(path: str) -> list[int]:
@@ -98,6 +119,22 @@ def group(env: LabEnv, host: str, name: str) -> dict[str, object]:
     return journal
 
 
+def wait_drained(env: LabEnv, name: str, timeout: float = 30) -> None:
+    """Until the secondary has applied everything group ``name``'s primary journaled (no event
+    says so: the primary's ``pair display`` is polled)."""
+    poll_until(
+        lambda: group(env, "a", name), lambda j: j["lag_entries"] == 0,
+        what=f"group {name} drained", timeout=timeout,
+    )  # fmt: skip
+
+
+def verify(env: LabEnv, host: str, target: str) -> int:
+    """How many chunks ``pair verify`` finds different."""
+    r = env.pv(host, "pair", "verify", target, "--json", ok=False)
+    assert r.returncode in (0, 1), r.stderr
+    return sum(p["mismatch_count"] for p in json.loads(r.stdout)["pairs"])
+
+
 def make_group(env: LabEnv, name: str, vols: list[str], *extra: str) -> None:
     for v in vols:
         env.volume("a", v, size=VSIZE)
@@ -121,7 +158,12 @@ def test_prefix_consistency_after_primary_kill(env: LabEnv, seed: int) -> None:
     make_group(env, name, vols)
     w = StampWriter(env, "a", vols, seed)
     w.start()
-    time.sleep(0.3 + random.Random(seed).random())
+    w.wait_acked(21)
+    poll_until(  # so that the takeover below has something applied to report
+        lambda: group(env, "a", name), lambda j: j["secondary_applied"] >= 1,
+        what=f"group {name}: a first entry applied",
+    )  # fmt: skip
+    time.sleep(random.Random(seed).random())  # then a crash at a random moment, on purpose
     labmod.kill_host(env.name, "a")
     w.join(30)
     assert w.error is not None and w.acked > 20
@@ -142,14 +184,12 @@ def test_journal_survives_primary_kill_and_shipping_resumes(env: LabEnv) -> None
     make_group(env, "jc", vols)
     w = StampWriter(env, "a", vols, 9)
     w.start()
-    time.sleep(1.0)
+    w.wait_acked(2000)  # the primary dies mid-run, with entries in flight
     labmod.kill_host(env.name, "a")
     w.join(30)
     labmod.start_node(env.name, "a")
-    deadline = time.monotonic() + 60
-    while group(env, "a", "jc")["lag_entries"] != 0:
-        assert time.monotonic() < deadline, group(env, "a", "jc")
-        time.sleep(0.2)
+    wait_drained(env, "jc", timeout=60)
+    assert verify(env, "a", "jc") == 0
     env.pv("a", "pair", "split", "jc")
     for v in vols:
         assert digest(os.path.join(env.host("a").dir, v)) == digest(
@@ -180,10 +220,8 @@ def test_overflow_pful_pfus_then_resync(env: LabEnv) -> None:
     env.wait("a", "of/ov", "PAIR", timeout=60)
     # Journaling resumes after the folded sequence numbers, and those entries ship.
     env.write("a", "ov", 3 * CHUNK, os.urandom(CHUNK))
-    deadline = time.monotonic() + 30
-    while group(env, "a", "of")["lag_entries"]:
-        assert time.monotonic() < deadline, group(env, "a", "of")
-        time.sleep(0.1)
+    wait_drained(env, "of")
+    assert verify(env, "a", "of") == 0
     env.pv("a", "pair", "split", "of")
     assert digest(os.path.join(env.host("a").dir, "ov")) == digest(
         os.path.join(env.host("b").dir, "ov")
@@ -223,9 +261,9 @@ def test_consistent_split_of_a_group_under_load(env: LabEnv) -> None:
     make_group(env, "cs", vols)
     w = StampWriter(env, "a", vols, 5)
     w.start()
-    time.sleep(0.5)
+    w.wait_acked(200)
     env.pv("a", "pair", "split", "cs")
-    time.sleep(0.3)  # the writer carries on after the split: none of that may reach b
+    w.wait_acked(w.acked + 100)  # the writer carries on after the split: none may reach b
     w.stop.set()
     w.join(30)
     assert w.error is None
@@ -294,7 +332,7 @@ def test_local_async_pair(env: LabEnv) -> None:
     env.wait("a", "lg/p", "PAIR")
     w = StampWriter(env, "a", ["la1"], 4)
     w.start()
-    time.sleep(0.5)
+    w.wait_acked(200)
     env.pv("a", "pair", "split", "lg")
     w.stop.set()
     w.join(30)
@@ -313,10 +351,8 @@ def test_a_group_created_again_starts_a_new_sequence_space(env: LabEnv) -> None:
            "--mode", "async")  # fmt: skip
     env.wait("a", "rg/rv", "PAIR")
     env.write("a", "rv", CHUNK, os.urandom(CHUNK))  # sequence 1 of the new group
-    deadline = time.monotonic() + 30
-    while group(env, "a", "rg")["lag_entries"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_drained(env, "rg")
+    assert verify(env, "a", "rg") == 0
     env.pv("a", "pair", "split", "rg")
     assert digest(os.path.join(env.host("a").dir, "rv")) == digest(
         os.path.join(env.host("b").dir, "rv")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -498,10 +497,8 @@ def test_a_forced_takeover_during_copy_pulls_what_it_lacks_and_never_serves_it_b
         "1M",
     )  # fmt: skip  (8 MiB at 1 MiB/s: COPY for seconds)
     mark = env.mark("b")
-    deadline = time.monotonic() + 30  # until the first megabyte or so is across (no event)
-    while env.control("a", "pair.display", target="ghb/p1")["pairs"][0]["pending_chunks"] > 100:
-        assert time.monotonic() < deadline, "the copy made no progress"
-        time.sleep(0.05)
+    # Until the first megabyte or so is across (no event says so).
+    env.wait_side("a", "ghb/p1", lambda s: s["pending_chunks"] <= 100, what="the copy's progress")
     # The pull of the ~6 MiB b lacks runs at 1 MiB/s: the last chunk comes after seconds.
     env.pv("b", "pair", "takeover", "ghb", "--force", "--max-rate", "1M")
     env.wait_event("b", "pair.state", after=mark, group="ghb", state="SSWS")

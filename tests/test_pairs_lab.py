@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,13 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
     yield from lab_env(tmp_path_factory, "tp")
+
+
+def verify(env: LabEnv, host: str, target: str) -> int:
+    """How many chunks ``pair verify`` finds different."""
+    r = env.pv(host, "pair", "verify", target, "--json", ok=False)
+    assert r.returncode in (0, 1), r.stderr
+    return sum(p["mismatch_count"] for p in json.loads(r.stdout)["pairs"])
 
 
 def test_create_mirror_split_identical(env: LabEnv) -> None:
@@ -206,6 +212,7 @@ def test_sync_writes_survive_primary_kill_and_takeover(env: LabEnv) -> None:
     env.wait("a", "g7/p1", "PAIR")
     acked: dict[int, int] = {}  # block -> last acknowledged stamp
     failed = threading.Event()
+    running = threading.Event()  # set once 200 writes are acknowledged
 
     def writer() -> None:
         h = env.connect("a", "v7")
@@ -216,12 +223,15 @@ def test_sync_writes_survive_primary_kill_and_takeover(env: LabEnv) -> None:
                 block = stamp % (SIZE // 4096)
                 h.pwrite(stamp.to_bytes(8, "little") * 512, block * 4096)
                 acked[block] = stamp
+                if stamp == 200:
+                    running.set()
         except nbd.Error:
             failed.set()
+            running.set()
 
     t = threading.Thread(target=writer)
     t.start()
-    time.sleep(1.0)
+    assert running.wait(30) and not failed.is_set(), "the writer made no progress"
     labmod.kill_host(env.name, "a")  # the primary host dies mid-run
     t.join(30)
     assert failed.is_set() and len(acked) > 50
@@ -243,6 +253,7 @@ def test_sync_writes_survive_primary_kill_and_takeover(env: LabEnv) -> None:
     env.wait("b", "g7/p1", "PAIR")
     row = env.side("b", "g7/p1")
     assert row["primary"] == "b:v7" and row["secondary"] == "a:v7"
+    assert verify(env, "b", "g7") == 0
     env.pv("b", "pair", "split", "g7")
     assert digest(pa) == digest(pb)
     env.pv("b", "pair", "delete", "g7")
@@ -301,12 +312,15 @@ def test_initial_copy_resumes_after_primary_kill_9(env: LabEnv) -> None:
     fill(env, "a", "v10", 16 << 20, seed=10)
     env.pv("a", "pair", "create", "g10/p1", "--primary", "a:v10", "--secondary", "b:v10",
            "--max-rate", "8M")  # fmt: skip
-    time.sleep(0.7)
+    # Killed as soon as some progress is durable (the record's copied_chunks is saved after
+    # the copy bitmap; no event says so), well before the copy (16 MiB at 8 MiB/s) ends.
+    env.wait_side("a", "g10/p1", lambda s: s["copied_chunks"] > 0, what="copy progress saved")
     labmod.kill_host(env.name, "a")
     labmod.start_node(env.name, "a")
     row = env.side("a", "g10/p1")
     assert row["state"] == "COPY" and 0 < row["sides"]["primary"]["pending_chunks"] < SIZE // CHUNK
     env.wait("a", "g10/p1", "PAIR")
+    assert verify(env, "a", "g10") == 0
     env.pv("a", "pair", "split", "g10")
     assert digest(pa) == digest(pb)
     env.pv("a", "pair", "delete", "g10")
