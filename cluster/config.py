@@ -101,6 +101,10 @@ class Timing:
       (no disk write), so a healthy etcd answers them in milliseconds.
     * Heartbeats between agents every 0.2 s; a peer is lost after 1 s (five missed), which
       tolerates a scheduling hiccup on a loaded machine and is still shorter than the lease.
+
+    Defaults follow what is set: ``lease_renew_interval`` is ``lease_ttl / 2``,
+    ``heartbeat_timeout`` five heartbeat intervals (at least 1 s), and ``etcd.timeout``
+    0.5 s or half the renewal interval, whichever is shorter.
     """
 
     heartbeat_interval: float = 0.2

@@ -651,7 +651,8 @@ def _server_error(detail: str | None) -> tuple[int | None, str]:
     try:
         doc = json.loads(detail or "")
     except json.JSONDecodeError:
-        return None, (detail or "no detail").strip().splitlines()[0] if detail else "no detail"
+        lines = (detail or "").strip().splitlines()
+        return None, lines[0][:200] if lines else "no detail"
     if isinstance(doc, dict):
         err = doc.get("error")
         if isinstance(err, dict):  # the watch stream's form
