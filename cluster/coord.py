@@ -60,6 +60,7 @@ from replicator.errors import (
     Closed,
     ConnectionFailed,
     IllegalState,
+    LeaseLost,
     NotFound,
     PairvolError,
     ProtocolError,
@@ -339,7 +340,7 @@ class Coord(Protocol):
         ...
 
     def keepalive(self, lease: Lease) -> float:
-        """Renew ``lease``; its TTL from now, in seconds.  NotFound if it expired or was
+        """Renew ``lease``; its TTL from now, in seconds.  LeaseLost if it expired or was
         revoked (it can never be renewed again)."""
         ...
 
@@ -623,8 +624,8 @@ class FakeCoord:
             self._watches = []
 
 
-def _lease_gone(lease_id: int) -> NotFound:
-    return NotFound(f"etcd lease {lease_id:x} is gone (expired or revoked)")
+def _lease_gone(lease_id: int) -> LeaseLost:
+    return LeaseLost(f"etcd lease {lease_id:x} is gone (expired or revoked)")
 
 
 # -- etcd -----------------------------------------------------------------------------------
@@ -816,7 +817,7 @@ class EtcdCoord:
             except gw.Etcd3Exception as e:
                 code, message = _server_error(e.detail_text)
                 if code == 5:  # gRPC NotFound: a lease
-                    raise NotFound(f"etcd at {ep}: {what}: {message}") from None
+                    raise LeaseLost(f"etcd at {ep}: {what}: {message}") from None
                 if code == 4:  # DeadlineExceeded
                     raise Timeout(f"etcd at {ep}: {what}: {message}") from None
                 raise ProtocolError(f"etcd at {ep}: {what}: {message}") from None

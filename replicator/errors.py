@@ -62,6 +62,11 @@ class NotFound(PairvolError):
     errno = _errno.ENOENT
 
 
+class LeaseLost(NotFound):
+    """A coordination lease that expired or was revoked: its holder no longer holds what the
+    lease held (the cluster agent fences itself)."""
+
+
 class AlreadyExists(PairvolError):
     """Refusing to create over something that is already there."""
 

@@ -55,6 +55,7 @@ from replicator.errors import (
     AlreadyExists,
     Closed,
     ConnectionFailed,
+    LeaseLost,
     NotFound,
     ProtocolError,
     Timeout,
@@ -872,3 +873,12 @@ def test_a_watch_breaks_loudly_when_etcd_goes(tmp_path: Path) -> None:
         with pytest.raises(ConnectionFailed):  # and stays broken
             w.get(0)
         w.cancel()
+
+
+def test_an_expired_lease_is_lease_lost_not_just_not_found() -> None:
+    now = [100.0]
+    coord = FakeCoord(lambda: now[0])
+    lease = coord.grant_lease(2)
+    now[0] += 5
+    with pytest.raises(LeaseLost, match="gone"):
+        coord.keepalive(lease)
