@@ -17,7 +17,7 @@ the refresh protocol: ``start``, ``start_ack``, ``complete``, ``reflected``) and
 
 Datagrams can be lost, duplicated and reordered: the protocols on top are built for that (a
 heartbeat is sent every interval; a notice is resent until its answer comes or a heartbeat
-shows it arrived).  A receiver refuses, each with one specific reason (:class:`Refused`):
+shows it arrived).  A receiver refuses, each with one specific reason (:class:`MessageRefused`):
 
 * a wrong MAC (another cluster, another secret, a forged or damaged datagram);
 * a host it does not know, or one that claims to be the receiver itself;
@@ -57,7 +57,7 @@ MAX_SKEW: Final = 30.0
 KINDS: Final = frozenset({"heartbeat", "start", "start_ack", "complete", "reflected"})
 
 
-class Refused(ProtocolError):
+class MessageRefused(ProtocolError):
     """A datagram that is not taken (bad MAC, unknown host, replay, skew, malformed)."""
 
 
@@ -104,17 +104,17 @@ def encode(d: Datagram, cluster: str, secret: bytes) -> bytes:
 
 
 def decode(data: bytes, cluster: str, secret: bytes) -> Datagram:
-    """The datagram in ``data``, or :class:`Refused` with the reason (never another error)."""
+    """The datagram in ``data``, or :class:`MessageRefused` with the reason (nothing else)."""
     if len(data) < _HEAD.size or len(data) > MAX_DATAGRAM:
-        raise Refused(f"a datagram of {len(data)} bytes is not an agent message")
+        raise MessageRefused(f"a datagram of {len(data)} bytes is not an agent message")
     magic, version, mac = _HEAD.unpack_from(data)
     if magic != MAGIC:
-        raise Refused("not an agent message (bad magic)")
+        raise MessageRefused("not an agent message (bad magic)")
     if version != VERSION:
-        raise Refused(f"agent message version {version}, this agent speaks {VERSION}")
+        raise MessageRefused(f"agent message version {version}, this agent speaks {VERSION}")
     payload = data[_HEAD.size :]
     if not hmac.compare_digest(mac, _mac(secret, cluster, payload)):
-        raise Refused("bad MAC: another cluster or secret, or a forged message")
+        raise MessageRefused("bad MAC: another cluster or secret, or a forged message")
     try:
         doc = json.loads(payload)
         if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict):
@@ -127,7 +127,7 @@ def decode(data: bytes, cluster: str, secret: bytes) -> Datagram:
             raise ValueError("sent_at is missing or not a number")
         return Datagram(doc["host"], doc["boot"], doc["seq"], float(sent), doc["kind"], doc["body"])
     except (ValueError, UsageError, UnicodeDecodeError, RecursionError) as e:
-        raise Refused(f"malformed agent message: {e}") from e
+        raise MessageRefused(f"malformed agent message: {e}") from e
 
 
 class ReplayFilter:
@@ -141,14 +141,14 @@ class ReplayFilter:
         self._seen: dict[str, tuple[int, float, int]] = {}
 
     def admit(self, d: Datagram, now: float) -> bool:
-        """True if ``d`` is new; False for a duplicate or an old one; Refused for what must
+        """True if ``d`` is new; False for a duplicate or an old one; MessageRefused for what must
         never come (an unknown host, ourselves, a time too far off)."""
         if d.host == self.me:
-            raise Refused(f"a message claiming to come from this agent ({self.me})")
+            raise MessageRefused(f"a message claiming to come from this agent ({self.me})")
         if d.host not in self.hosts:
-            raise Refused(f"a message from {d.host!r}, which is not a host of this cluster")
+            raise MessageRefused(f"a message from {d.host!r}, which is not a host of this cluster")
         if abs(d.sent_at - now) > self.max_skew:
-            raise Refused(
+            raise MessageRefused(
                 f"a message from {d.host} sent {d.sent_at - now:+.1f}s from our clock "
                 f"(more than {self.max_skew:g}s)"
             )
@@ -206,7 +206,7 @@ class Endpoint:
         try:
             d = decode(data, self.cluster, self._secret)
             return (d if self.filter.admit(d, now) else None), None
-        except Refused as e:
+        except MessageRefused as e:
             return None, str(e)
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from cluster import agent_link
 from cluster.agent_link import (
     Datagram,
     Endpoint,
-    Refused,
+    MessageRefused,
     ReplayFilter,
     decode,
     encode,
@@ -37,14 +37,14 @@ def test_round_trip() -> None:
     [("c2", SECRET, "bad MAC"), ("c1", b"t" * 32, "bad MAC")],
 )
 def test_another_cluster_or_secret_is_refused(cluster: str, secret: bytes, why: str) -> None:
-    with pytest.raises(Refused, match=why):
+    with pytest.raises(MessageRefused, match=why):
         decode(encode(dg(), "c1", SECRET), cluster, secret)
 
 
 def test_a_flipped_byte_is_refused() -> None:
     raw = bytearray(encode(dg(), "c1", SECRET))
     raw[-3] ^= 1
-    with pytest.raises(Refused, match="bad MAC"):
+    with pytest.raises(MessageRefused, match="bad MAC"):
         decode(bytes(raw), "c1", SECRET)
 
 
@@ -52,7 +52,7 @@ def test_a_flipped_byte_is_refused() -> None:
 def test_any_bytes_decode_or_are_refused(data: bytes) -> None:
     try:
         d = decode(data, "c1", SECRET)
-    except Refused:
+    except MessageRefused:
         return
     assert isinstance(d, Datagram)  # only a well-signed datagram gets here
 
@@ -64,7 +64,7 @@ def test_a_signed_but_odd_payload_is_refused_not_crashed(body: dict[str, object]
     raw = (
         agent_link._HEAD.pack(agent_link.MAGIC, 1, agent_link._mac(SECRET, "c1", payload)) + payload
     )
-    with pytest.raises(Refused):
+    with pytest.raises(MessageRefused):
         decode(raw, "c1", SECRET)
 
 
@@ -76,11 +76,11 @@ def test_replay_filter() -> None:
     assert not f.admit(dg(2), 1000.2)  # overtaken: old
     assert f.admit(dg(1, boot=8, at=1001.0), 1001.0)  # a restart: a new boot, newer
     assert not f.admit(dg(9, boot=7, at=1000.5), 1001.0)  # the old boot is over
-    with pytest.raises(Refused, match="not a host of this cluster"):
+    with pytest.raises(MessageRefused, match="not a host of this cluster"):
         f.admit(dg(host="z"), 1000.0)
-    with pytest.raises(Refused, match="from this agent"):
+    with pytest.raises(MessageRefused, match="from this agent"):
         f.admit(dg(host="a"), 1000.0)
-    with pytest.raises(Refused, match="from our clock"):
+    with pytest.raises(MessageRefused, match="from our clock"):
         f.admit(dg(10, boot=8, at=1100.0), 1001.0)
 
 
