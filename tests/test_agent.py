@@ -1,0 +1,241 @@
+"""The agent's loop on FakeCoord, a fake link and fake nodes, driven by a scripted clock.
+
+Two agents, a (preferred) and b, share one resource ``r1`` owning group ``g1``.  Nothing
+sleeps: each test moves the clock in steps of 50 ms and runs one turn of each agent's loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.agent import Agent
+from cluster.agent_link import Datagram
+from cluster.config import parse_config
+from cluster.coord import FakeCoord, Keys, read_epoch, read_leader
+from replicator.errors import ConnectionFailed, IllegalState
+from replicator.events import read_events
+
+CONFIG = """
+[cluster]
+name = "t1"
+secret_file = "secret"
+[etcd]
+endpoints = ["http://127.0.0.1:2379"]
+[hosts.a]
+agent = "127.0.0.1:20001"
+node = "/nonexistent/a.sock"
+[hosts.b]
+agent = "127.0.0.1:20002"
+node = "/nonexistent/b.sock"
+[resources.r1]
+hosts = ["a", "b"]
+groups = ["g1"]
+start = "start"
+stop = "stop"
+"""
+
+STEP = 0.05
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Etcd:
+    """A FakeCoord that one agent can lose (every call: ConnectionFailed)."""
+
+    def __init__(self, fake: FakeCoord) -> None:
+        self.fake = fake
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.fake, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise ConnectionFailed("etcd at http://127.0.0.1:2379 is unreachable (test)")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class Node:
+    """A storage node's control ops, as far as the agent uses them; every call recorded."""
+
+    def __init__(self, role: str, clock: Clock) -> None:
+        self.role = role
+        self.clock = clock
+        self.calls: list[tuple[float, str, dict[str, Any]]] = []
+        self.cluster_epoch = 0
+
+    def call(self, op: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
+        self.calls.append((self.clock.t, op, dict(args)))
+        if op in ("pair.fence", "pair.unfence"):
+            if args["epoch"] < self.cluster_epoch:
+                raise IllegalState(f"epoch {args['epoch']} < {self.cluster_epoch}")
+            self.cluster_epoch = args["epoch"]
+        if op == "pair.takeover":
+            self.role = "primary"
+        pair = {"role": self.role, "state": "PAIR", "epoch": 0, "cluster_epoch": self.cluster_epoch}
+        return {"pairs": [pair]}
+
+    def ops(self, op: str) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, a) for t, o, a in self.calls if o == op]
+
+
+class Link:
+    """The agents' datagrams, delivered at once unless the link is cut."""
+
+    def __init__(self) -> None:
+        self.inbox: dict[str, list[Datagram]] = {"a": [], "b": []}
+        self.cut = False
+        self.seq = 0
+
+    def endpoint(self, me: str) -> Any:
+        link = self
+
+        class End:
+            peers: Mapping[str, tuple[str, int]] = {h: ("x", 1) for h in link.inbox if h != me}
+
+            def send(self, host: str, kind: str, body: Mapping[str, Any], now: float) -> None:
+                if not link.cut:
+                    link.seq += 1
+                    link.inbox[host].append(Datagram(me, 7, link.seq, now, kind, body))
+
+            def receive(self, now: float) -> tuple[Datagram | None, str | None]:
+                box = link.inbox[me]
+                return (box.pop(0) if box else None), None
+
+            def close(self) -> None:
+                pass
+
+        return End()
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.clock = Clock()
+        self.fake = FakeCoord(self.clock)
+        self.link = Link()
+        self.config = parse_config(CONFIG, str(tmp / "agent.toml"))
+        self.etcd = {h: Etcd(self.fake) for h in ("a", "b")}
+        self.nodes = {"a": Node("primary", self.clock), "b": Node("secondary", self.clock)}
+        self.ran: list[tuple[str, str, float]] = []
+        self.agents = {h: self._agent(h, tmp) for h in ("a", "b")}
+        self.alive = {"a": True, "b": True}
+
+    def _agent(self, host: str, tmp: Path) -> Agent:
+        def runner(cmd: str, timeout: float, env: Mapping[str, str]) -> tuple[int, str]:
+            self.ran.append((host, cmd, self.clock.t))
+            return 0, ""
+
+        return Agent(
+            self.config, host, str(tmp / host), self.etcd[host], self.nodes[host],  # type: ignore[arg-type]
+            endpoint=self.link.endpoint(host), clock=self.clock, wall=self.clock,
+            runner=runner, threaded=False,
+        )  # fmt: skip
+
+    def run(self, seconds: float, until: Callable[[], bool] | None = None) -> None:
+        end = self.clock.t + seconds
+        while self.clock.t < end:
+            self.clock.t = round(self.clock.t + STEP, 6)
+            for h, agent in self.agents.items():
+                if self.alive[h]:
+                    agent.step(self.clock.t)
+            if until is not None and until():
+                return
+
+    def events(self, host: str, name: str) -> list[dict[str, Any]]:
+        return [e for e in read_events(str(self.agents[host].events.path)) if e["event"] == name]
+
+    def role(self, host: str) -> str:
+        return self.agents[host].resources["r1"].role
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    w = World(tmp_path)
+    w.run(5.0, until=lambda: w.role("a") == "active")
+    assert w.role("a") == "active" and w.role("b") == "standby"
+    return w
+
+
+def test_preferred_host_starts_the_resource(world: World) -> None:
+    a = world.nodes["a"]
+    assert a.ops("pair.takeover") == []  # a's side is the primary already: "nop"
+    assert [args["epoch"] for _, args in a.ops("pair.unfence")] == [1]
+    assert [(h, cmd) for h, cmd, _ in world.ran] == [("a", "start")]
+    assert world.events("a", "cluster.active")[-1]["takeover"] == {"g1": "nop"}
+    leader = read_leader(world.fake, Keys("t1"), "r1")
+    assert leader is not None and (leader.holder, leader.epoch) == ("a", 1)
+    world.run(5.0)
+    assert world.role("b") == "standby" and world.nodes["b"].calls == [
+        (t, "pair.display", {"target": "g1"}) for t, _, _ in world.nodes["b"].calls
+    ]  # b only looked, several seconds long
+
+
+def test_standby_takes_over_when_the_active_dies(world: World) -> None:
+    world.alive["a"] = False  # SIGKILL: no renewal, no heartbeat, no fence
+    killed = world.clock.t
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    assert world.role("b") == "active"
+    b = world.nodes["b"]
+    ((took_at, _),) = b.ops("pair.takeover")
+    assert took_at >= killed + 1.0  # the lease had to expire first (TTL 2 s, renewal 1 s)
+    assert [args["epoch"] for _, args in b.ops("pair.unfence")] == [2]
+    assert [h for h, cmd, _ in world.ran if cmd == "start"] == ["a", "b"]
+    (done,) = world.events("b", "cluster.failover.done")
+    assert done["from"] == "a" and done["epoch"] == 2 and done["seconds"] > 0
+    assert done["takeover"]["g1"].startswith("SVOL-takeover")
+    assert read_epoch(world.fake, Keys("t1"), "r1") == 2
+
+
+def test_etcd_lost_but_peers_in_touch_nothing_fails_over(world: World) -> None:
+    world.etcd["a"].down = True
+    world.etcd["b"].down = True
+    world.run(10.0)
+    assert world.role("a") == "active" and world.role("b") == "standby"
+    assert world.nodes["a"].ops("pair.fence") == []
+    assert world.events("a", "cluster.failsafe")
+    world.etcd["a"].down = world.etcd["b"].down = False  # the lease has expired meanwhile
+    world.run(5.0)
+    assert world.role("a") == "active" and world.role("b") == "standby"
+    assert world.nodes["b"].ops("pair.takeover") == []
+    leader = read_leader(world.fake, Keys("t1"), "r1")
+    assert leader is not None and leader.holder == "a" and leader.epoch == 2
+
+
+def test_isolated_active_fences_before_its_lease_expires(world: World) -> None:
+    a = world.agents["a"]
+    world.etcd["a"].down = True
+    world.link.cut = True
+    last_ok = a.renewed_sent
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    ((fenced_at, fence),) = world.nodes["a"].ops("pair.fence")
+    assert fence["epoch"] == 1
+    assert fenced_at < last_ok + a.timing.lease_ttl  # before the lease could have expired
+    ((took_at, _),) = world.nodes["b"].ops("pair.takeover")
+    assert fenced_at < took_at
+    assert world.role("b") == "active"
+    assert ("a", "stop") in [(h, c) for h, c, _ in world.ran]
+    assert world.events("a", "cluster.fenced")[0]["why"].startswith("the lease")
+    # the old active's stale epoch is refused by the new active's node
+    with pytest.raises(IllegalState):
+        world.nodes["b"].call("pair.unfence", {"target": "g1", "epoch": 1})
+
+
+def test_etcd_unreachable_alone_fences_nothing_while_peer_heard(world: World) -> None:
+    world.etcd["a"].down = True  # b still reaches etcd and sees the leader key expire
+    world.run(8.0)
+    assert world.role("a") == "active" and world.role("b") == "standby"
+    assert world.nodes["b"].ops("pair.takeover") == []
