@@ -441,10 +441,12 @@ class Agent:
             leader = read_leader(self.coord, self.keys, h.resource.name)
             epoch = None
             if leader is None:
+                floor = h.epoch
+                with contextlib.suppress(PairvolError):
+                    floor = max(floor, self._node_floor(h.resource))
                 epoch = acquire_leader(
-                    self.coord, self.keys, h.resource.name, self.me, self.lease,
-                    floor=max(h.epoch, self._node_floor(h.resource)),
-                )  # fmt: skip
+                    self.coord, self.keys, h.resource.name, self.me, self.lease, floor=floor
+                )
         except (ConnectionFailed, Timeout) as e:
             self._etcd_down(now, str(e))
             return
@@ -454,7 +456,7 @@ class Agent:
         self._unfence(h.resource, epoch)
         h.epoch = epoch
         self.failsafe_on.discard(h.resource.name)
-        self.events.emit("cluster.active", resource=h.resource.name, epoch=epoch, again=True)
+        self._announce("cluster.active", resource=h.resource.name, epoch=epoch, again=True)
 
     # -- active resources: the fencing deadline -------------------------------------------
 
@@ -485,7 +487,7 @@ class Agent:
                 failed.append(f"{group}: {e}")
         h.role = "fenced"
         h.hold_off_until = now + HOLD_OFF_TTLS * self.timing.lease_ttl
-        self.events.emit(
+        self._announce(
             "cluster.fenced", resource=name, epoch=h.epoch, why=why, errors=failed or None
         )
         h.busy = True
@@ -521,6 +523,11 @@ class Agent:
             return
         try:
             floor = self._node_floor(h.resource)
+        except PairvolError as e:
+            self.events.emit("cluster.node.unavailable", resource=name, reason=str(e))
+            h.hold_off_until = now + self.timing.lease_ttl
+            return
+        try:
             epoch = acquire_leader(self.coord, self.keys, name, self.me, self.lease, floor=floor)
         except (ConnectionFailed, Timeout) as e:
             self._etcd_down(now, str(e))
@@ -615,7 +622,7 @@ class Agent:
                                  **done.detail)  # fmt: skip
                 if h.role == "fenced":
                     h.role = "standby"
-                    self.events.emit("cluster.standby", resource=done.resource, epoch=h.epoch)
+                    self._announce("cluster.standby", resource=done.resource, epoch=h.epoch)
                 continue
             if not done.ok:
                 self.events.emit("cluster.promote.failed", resource=done.resource, **done.detail)
@@ -623,7 +630,7 @@ class Agent:
                 continue
             h.role = "active"
             h.takeover = dict(done.detail.get("takeover", {}))
-            self.events.emit(
+            self._announce(
                 "cluster.active", resource=done.resource, epoch=h.epoch, takeover=h.takeover
             )
             prev = h.previous
@@ -634,7 +641,7 @@ class Agent:
                     "epoch": h.epoch, "seconds": seconds, "takeover": h.takeover,
                     "why": "the leader key vanished and the active host was not heard",
                 }  # fmt: skip
-                self.events.emit("cluster.failover.done", resource=done.resource,
+                self._announce("cluster.failover.done", resource=done.resource,
                                  seconds=seconds, **{"from": prev[0]}, epoch=h.epoch,
                                  takeover=h.takeover)  # fmt: skip
 
@@ -647,7 +654,7 @@ class Agent:
             self.resources[r.name].resource = r
             return
         self.resources[r.name] = Held(r)
-        self.events.emit("cluster.standby", resource=r.name, epoch=0)
+        self._announce("cluster.standby", resource=r.name, epoch=0)
 
     def _load_runtime_resources(self) -> None:
         try:
@@ -708,10 +715,15 @@ class Agent:
             "updated": round(self.wall(), 3),
         }
 
-    def _write_status(self, now: float) -> None:
+    def _announce(self, event: str, **fields: Any) -> None:
+        """A role change: the status file first, then the event (tests wait on events)."""
+        self._write_status(self.clock(), force=True)
+        self.events.emit(event, **fields)
+
+    def _write_status(self, now: float, *, force: bool = False) -> None:
         doc = self.status(now)
         key = json.dumps({k: v for k, v in doc.items() if k not in ("updated", "lease", "peers")})
-        if key == self._status_written and int(now) % 2:
+        if not force and key == self._status_written and int(now) % 2:
             return
         self._status_written = key
         write_atomic(
