@@ -193,6 +193,7 @@ class Held:
     last_failover: dict[str, Any] | None = None
     previous: tuple[str, float] | None = None  # the last other holder seen, when last heard
     takeover: dict[str, str] = field(default_factory=dict)
+    since: float = 0.0  # when this agent learnt of the resource
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,8 +508,10 @@ class Agent:
     def _consider(self, h: Held, now: float) -> None:
         if self.lease is None or now < h.hold_off_until:
             return
-        if now - self.started < self.timing.heartbeat_timeout:
-            return  # hear the peers first: a preferred host may be starting too
+        if now - h.since < RESOURCES_EVERY + self.timing.heartbeat_timeout:
+            # Hear the peers first: a preferred host may be starting too, or learn of a new
+            # resource a little later than we did.
+            return
         name = h.resource.name
         try:
             leader = read_leader(self.coord, self.keys, name)
@@ -653,7 +656,7 @@ class Agent:
         if r.name in self.resources:
             self.resources[r.name].resource = r
             return
-        self.resources[r.name] = Held(r)
+        self.resources[r.name] = Held(r, since=self.clock())
         self._announce("cluster.standby", resource=r.name, epoch=0)
 
     def _load_runtime_resources(self) -> None:

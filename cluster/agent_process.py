@@ -106,6 +106,20 @@ def build(config: Config, host: str, directory: str) -> Agent:
     return Agent(config, host, directory, coord, ControlNode(me.node.socket), endpoint=endpoint)
 
 
+def preflight(config: Config, host: str) -> None:
+    """What ``build`` checks first, from the process that starts a daemon, so that its
+    errors keep their exit codes (etcd unreachable: exit 20)."""
+    me = config.host(host)
+    if me.node.socket is None:
+        raise UsageError(
+            f"config {config.source}: hosts.{host}.node: the agent reaches its own node by its "
+            "control socket; give its path"
+        )
+    read_cluster_secret(config.secret_file)
+    with EtcdCoord(config.etcd.endpoints, config.etcd.timeout) as coord:
+        list_resources(coord, Keys(config.cluster), known_hosts=config.host_names())
+
+
 def run_foreground(config_file: str, host: str, directory: str, pidfile: str) -> int:
     config = load_config(config_file)
     os.makedirs(directory, exist_ok=True)
@@ -159,7 +173,8 @@ def start_daemon(argv: Sequence[str], directory: str, pidfile: str) -> int:
         tail = Path(log_path).read_bytes()[log_start:].decode(errors="replace")
         errors = [ln for ln in tail.splitlines() if ln.startswith("pairvol: ")]
         if errors:
-            raise ExternalCommandFailed(f"the agent exited at start: {errors[-1][9:]}")
+            reason = errors[-1].removeprefix("pairvol: ").removeprefix("error: ")
+            raise ExternalCommandFailed(f"the agent exited at start: {reason}")
         if time.monotonic() > deadline:
             raise Timeout(f"the agent was not ready within {START_TIMEOUT:.0f}s (log: {log_path})")
         time.sleep(0.05)

@@ -3,12 +3,13 @@
 Usage::
 
     pairvol lab up NAME --hosts a,b[,c...] [--json]   # namespaces, links, one node per host
+    pairvol lab up NAME --hosts a,b --cluster [--etcd-members N]   # ... plus etcd and agents
     pairvol lab status NAME [--json]                  # hosts, addresses, nodes, cuts
     pairvol lab list [--json]
     pairvol lab exec NAME HOST -- CMD...              # run CMD "on" HOST, pass its status
     pairvol lab cut NAME A B / pairvol lab heal NAME A B
-    pairvol lab kill NAME HOST                        # SIGKILL every process of HOST
-    pairvol lab start NAME HOST                       # restart HOST's node after a kill
+    pairvol lab kill NAME HOST [--only agent]         # SIGKILL every process of HOST
+    pairvol lab start NAME HOST                       # restart HOST's node (and agent)
     pairvol lab down NAME                             # remove everything (idempotent)
 
 Design:
@@ -57,9 +58,23 @@ Design:
   and the project's ``.venv/bin`` first on ``PATH``.  Its exit status is the command's
   (128+N if signal N killed it); a command not on ``PATH`` is NotFound (exit 3).  SIGTERM
   and SIGHUP sent to ``lab exec`` are passed on to the command.
-- **down** stops each node (SIGTERM, then SIGKILL of whatever is left in the namespace),
-  deletes the namespaces and removes ``LABROOT/NAME``; on an unknown or half-built lab it
-  does what is left to do and exits 0.
+- **Cluster** (``up --cluster``).  etcd member J (0..N-1, ``--etcd-members N``, default 1)
+  runs in its own namespace ``NAME_etcdJ`` (``_`` cannot appear in a host's namespace, so no
+  host collides), plugged into the lab's bridge (``etcdJ`` on the bridge side) at address
+  ``.201+J`` of the lab's /24; its data is ``LABROOT/NAME/etcd``
+  (:class:`cluster.etcd_server.EtcdCluster`).  The cluster secret is
+  ``LABROOT/NAME/cluster.secret`` (mode 0600, generated), the agents' config
+  ``LABROOT/NAME/cluster.toml`` (readable, commented: copy it to make a real cluster), with
+  the cluster named after the lab, every host's agent on ``ADDR:10811`` and its node by its
+  control socket, and no resources (``pairvol cluster resource create`` adds them).  Each
+  host runs ``pairvol agent start --host HOST --config ... --state-dir HOSTDIR/agent
+  --daemon`` in its namespace.  ``exec`` then also sets ``PAIRVOL_CLUSTER_CONFIG`` and
+  ``PAIRVOL_AGENT_DIR``, so ``pairvol cluster ...`` and ``pairvol agent ...`` need no
+  options on a lab host.  ``kill HOST --only agent`` SIGKILLs the agent and whatever it
+  runs, and leaves the node up; ``start HOST`` starts the node if it is down and the agent.
+- **down** stops each agent, then each node (SIGTERM, then SIGKILL of whatever is left in
+  the namespace), then etcd, deletes the namespaces and removes ``LABROOT/NAME``; on an
+  unknown or half-built lab it does what is left to do and exits 0.
 
 ``lab.json`` (also what ``up --json`` prints; ``status --json`` adds ``netns_exists``,
 ``node_pid`` and ``nbd_port`` to each host)::
@@ -68,6 +83,9 @@ Design:
      "subnet": "198.18.1.0/24", "subnet_index": 1, "secret_file": "LABROOT/lab1/secret",
      "bridge": {"netns": "lab1-br", "device": "br0"}, "created": 1700000000.0,
      "cuts": [["a", "b"]],
+     "cluster": null | {"config": "LABROOT/lab1/cluster.toml", "secret_file": ...,
+                 "etcd_dir": "LABROOT/lab1/etcd", "endpoints": ["http://198.18.1.201:2379"],
+                 "etcd_netns": ["lab1_etcd0"], "etcd_addresses": ["198.18.1.201"]},
      "hosts": [{"lab": "lab1", "host": "a", "netns": "lab1-a", "address": "198.18.1.1",
                 "dir": "LABROOT/lab1/a", "nbd_uri": "nbd://198.18.1.1/", "peer_port": 10810,
                 "control": "LABROOT/lab1/a/control.sock",
@@ -102,6 +120,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
+
+from cluster import agent_process
+from cluster.config import DEFAULT_AGENT_PORT
+from cluster.etcd_server import CLIENT_PORT, EtcdCluster
 from replicator import node_process
 from replicator.atomic_file import write_atomic
 from replicator.errors import (
@@ -142,6 +165,13 @@ NODE_START_TIMEOUT = 60.0
 KILL_TIMEOUT = 15.0
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+CLUSTER_CONFIG = "cluster.toml"
+CLUSTER_SECRET = "cluster.secret"
+ETCD_DIR = "etcd"
+AGENT_DIR = "agent"
+ETCD_POSITION = 200  # etcd member J is at .201+J (hosts are at .1 to .200)
+MAX_ETCD_MEMBERS = 9
 
 
 # --------------------------------------------------------------------------- names, addresses
@@ -224,6 +254,7 @@ class Lab:
     state: str = "building"  # "building" until every node has started, then "up"
     cuts: list[tuple[str, str]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    cluster: dict[str, Any] | None = None  # up --cluster: etcd, secret, config (see above)
 
     @property
     def subnet(self) -> str:
@@ -256,6 +287,7 @@ class Lab:
             "hosts": [asdict(h) for h in self.hosts],
             "cuts": [list(c) for c in self.cuts],
             "created": self.created,
+            "cluster": self.cluster,
         }
 
     @classmethod
@@ -277,9 +309,20 @@ class Lab:
                 state=str(doc["state"]),
                 cuts=cuts,
                 created=float(doc["created"]),
+                cluster=_cluster_doc(doc.get("cluster")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed lab description: {e!r}") from e
+
+
+def _cluster_doc(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(k), str) for k in ("config", "secret_file", "etcd_dir")
+    ):
+        raise ValueError(f"cluster: {value!r} is not a lab cluster description")
+    return value
 
 
 def _pair(a: str, b: str) -> tuple[str, str]:
@@ -433,7 +476,7 @@ def bin_dir() -> str:
 def host_env(lab: Lab, host: LabHost) -> dict[str, str]:
     """The environment of a command run "on" ``host`` (see ``lab exec``)."""
     path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-    return dict(
+    env = dict(
         os.environ,
         PATH=f"{bin_dir()}:{path}",
         PAIRVOL_NODE_DIR=host.dir,
@@ -441,6 +484,17 @@ def host_env(lab: Lab, host: LabHost) -> dict[str, str]:
         PAIRVOL_LAB_ROOT=lab_root(),
         PAIRVOL_HOST_CACHE=os.path.join(host.dir, "host-cache.json"),
     )
+    if lab.cluster is not None:
+        env[agent_process.CONFIG_ENV] = lab.cluster["config"]
+        env[agent_process.AGENT_DIR_ENV] = agent_dir(host)
+    else:
+        env.pop(agent_process.CONFIG_ENV, None)
+        env.pop(agent_process.AGENT_DIR_ENV, None)
+    return env
+
+
+def agent_dir(host: LabHost) -> str:
+    return os.path.join(host.dir, AGENT_DIR)
 
 
 def _node_start_cmd(lab: Lab, host: LabHost) -> list[str]:
@@ -509,11 +563,18 @@ def _start_nodes(lab: Lab, hosts: list[LabHost]) -> None:
 # --------------------------------------------------------------------------- operations
 
 
-def up(name: str, hosts: Sequence[str]) -> Lab:
-    """Build lab ``name`` with ``hosts`` and start a node on each; AlreadyExists if it exists."""
+def up(name: str, hosts: Sequence[str], *, cluster: bool = False, etcd_members: int = 1) -> Lab:
+    """Build lab ``name`` with ``hosts`` and start a node on each; AlreadyExists if it exists.
+    With ``cluster``: etcd (``etcd_members`` members) and an agent on each host as well."""
     check_lab_name(name)
     hosts = parse_hosts(",".join(hosts))
+    if not cluster and etcd_members != 1:
+        raise UsageError("--etcd-members needs --cluster")
+    if isinstance(etcd_members, bool) or not 0 < etcd_members <= MAX_ETCD_MEMBERS:
+        raise UsageError(f"--etcd-members {etcd_members!r} is not 1 to {MAX_ETCD_MEMBERS}")
     _require_root()
+    if cluster and shutil.which("etcd") is None:
+        raise ExternalCommandFailed("etcd is not installed (run tools/setup)")
     if shutil.which("ip") is None:
         raise ExternalCommandFailed("ip (iproute2) is not installed (run tools/setup)")
     root = lab_root()
@@ -561,12 +622,16 @@ def up(name: str, hosts: Sequence[str]) -> Lab:
                 )
             )
         lab = Lab(name, lab_dir, index, secret_file, lab_hosts)
+        if cluster:
+            lab.cluster = _cluster_plan(lab, etcd_members)
         _save(lab)  # first, so that `down` finds whatever a crash leaves behind
     try:
         _build_network(lab)
         for lh in lab.hosts:
             os.makedirs(lh.dir, mode=0o755, exist_ok=True)
         _start_nodes(lab, lab.hosts)
+        if lab.cluster is not None:
+            _start_cluster(lab)
         lab.state = "up"
         with _locked():
             _save(lab)
@@ -595,6 +660,151 @@ def _build_network(lab: Lab) -> None:
         _ip("-n", h.netns, "link", "set", HOST_DEVICE, "up")
 
 
+# --------------------------------------------------------------------------- the cluster
+
+
+def _cluster_plan(lab: Lab, members: int) -> dict[str, Any]:
+    addresses = [host_address(lab.subnet_index, ETCD_POSITION + j) for j in range(members)]
+    return {
+        "config": os.path.join(lab.dir, CLUSTER_CONFIG),
+        "secret_file": os.path.join(lab.dir, CLUSTER_SECRET),
+        "etcd_dir": os.path.join(lab.dir, ETCD_DIR),
+        "etcd_netns": [f"{lab.name}_etcd{j}" for j in range(members)],
+        "etcd_addresses": addresses,
+        "endpoints": [f"http://{a}:{CLIENT_PORT}" for a in addresses],
+    }
+
+
+def cluster_config_text(lab: Lab) -> str:
+    """The agents' config of a lab: readable, every default spelt out."""
+    assert lab.cluster is not None
+    c = lab.cluster
+    endpoints = ", ".join(f'"{e}"' for e in c["endpoints"])
+    lines = [
+        f"# pairvol cluster of lab {lab.name}: one file for every host's agent.",
+        "# Copy and edit it for a real cluster (see cluster/config.py, EXAMPLE_CONFIG).",
+        "[cluster]",
+        f'name = "{lab.name}"',
+        f'secret_file = "{c["secret_file"]}"',
+        "",
+        "[etcd]",
+        f"endpoints = [{endpoints}]",
+        "timeout = 0.5                 # seconds, one request",
+        "",
+        "[timing]                      # the defaults (cluster/config.py, Timing, says why)",
+        "heartbeat_interval = 0.2",
+        "heartbeat_timeout = 1.0",
+        "lease_ttl = 2                 # whole seconds",
+        "lease_renew_interval = 1.0",
+    ]
+    for h in lab.hosts:
+        lines += [
+            "",
+            f"[hosts.{h.host}]",
+            f'agent = "{h.address}:{DEFAULT_AGENT_PORT}"',
+            f'node = "{h.control}"',
+        ]
+    lines += [
+        "",
+        "# Resources: add [resources.NAME] tables here, or at run time:",
+        "#   pairvol cluster resource create NAME --group GROUP --hosts a,b --start CMD ...",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_ETCD_STARTER = """
+import json, sys
+from cluster.etcd_server import EtcdCluster
+from replicator.errors import PairvolError
+a = json.loads(sys.argv[1])
+try:
+    EtcdCluster(a["dir"], len(a["netns"]), a["addresses"], a["netns"], token=a["token"]).start()
+except PairvolError as e:
+    sys.exit(f"pairvol: error: {e}")
+"""
+
+
+def _start_etcd(lab: Lab) -> None:
+    """Start the lab's etcd from a process of its own that exits once etcd is healthy, so
+    that the members are nobody's children here (``down`` stops them by their pid files)."""
+    assert lab.cluster is not None
+    c = lab.cluster
+    spec = {"dir": c["etcd_dir"], "netns": c["etcd_netns"], "addresses": c["etcd_addresses"],
+            "token": f"pairvol-lab-{lab.name}"}  # fmt: skip
+    _run([sys.executable, "-c", _ETCD_STARTER, json.dumps(spec)], timeout=60.0)
+
+
+def _start_cluster(lab: Lab) -> None:
+    assert lab.cluster is not None
+    c = lab.cluster
+    prefix = subnet(lab.subnet_index).prefixlen
+    for j, (ns, address) in enumerate(zip(c["etcd_netns"], c["etcd_addresses"], strict=True)):
+        _ip("netns", "add", ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        port = f"etcd{j}"
+        _ip("-n", lab.bridge_netns, "link", "add", port, "type", "veth", "peer", "name",
+            HOST_DEVICE, "netns", ns)  # fmt: skip
+        _ip("-n", lab.bridge_netns, "link", "set", port, "master", BRIDGE_DEVICE, "up")
+        _ip("-n", ns, "addr", "add", f"{address}/{prefix}", "dev", HOST_DEVICE)
+        _ip("-n", ns, "link", "set", HOST_DEVICE, "up")
+    _start_etcd(lab)
+    _write_private(c["secret_file"], secrets.token_hex(32) + "\n")
+    write_atomic(c["config"], cluster_config_text(lab).encode())
+    for h in lab.hosts:
+        start_agent_on(lab, h)
+
+
+def _agent_start_cmd(lab: Lab, host: LabHost) -> list[str]:
+    assert lab.cluster is not None
+    return [
+        "ip", "netns", "exec", host.netns,
+        sys.executable, "-m", "pairvol", "agent", "start", "--host", host.host,
+        "--config", lab.cluster["config"], "--state-dir", agent_dir(host), "--daemon",
+    ]  # fmt: skip
+
+
+def agent_pid(host: LabHost) -> int | None:
+    return agent_process.running_pid(os.path.join(agent_dir(host), "agent.pid"))
+
+
+def start_agent_on(lab: Lab, host: LabHost) -> int:
+    """Start ``host``'s agent (in its namespace, as a daemon); its pid."""
+    if lab.cluster is None:
+        raise IllegalState(f"lab {lab.name} has no cluster (lab up --cluster)")
+    pid = agent_pid(host)
+    if pid is not None:
+        raise IllegalState(f"the agent of {host.host} in lab {lab.name} already runs (pid {pid})")
+    r = subprocess.run(
+        _agent_start_cmd(lab, host), capture_output=True, text=True, env=host_env(lab, host),
+        timeout=agent_process.START_TIMEOUT + 10, check=False,
+    )  # fmt: skip
+    if r.returncode != 0:
+        lines = r.stderr.strip().splitlines() or [f"status {r.returncode}"]
+        raise ExternalCommandFailed(
+            f"lab {lab.name}: agent {host.host}: {lines[-1].removeprefix('pairvol: error: ')}"
+        )
+    started = agent_pid(host)
+    if started is None:
+        raise ExternalCommandFailed(f"lab {lab.name}: agent {host.host} exited after start")
+    return started
+
+
+def _kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and every process below it; the pids killed."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, alive = psutil.wait_procs(procs, timeout=KILL_TIMEOUT)
+    if alive:
+        raise Timeout(f"processes {[p.pid for p in alive]} survived SIGKILL")
+    return [p.pid for p in procs]
+
+
 def down(name: str) -> list[str]:
     """Tear lab ``name`` down; return what was done (empty: there was nothing to do)."""
     check_lab_name(name)
@@ -606,6 +816,13 @@ def down(name: str) -> list[str]:
     done: list[str] = []
     if lab is None:
         return done
+    for h in lab.hosts if lab.cluster is not None else []:
+        if agent_pid(h) is not None:
+            try:
+                pid = agent_process.stop(agent_dir(h), os.path.join(agent_dir(h), "agent.pid"))
+                done.append(f"stopped agent {h.host} (pid {pid})")
+            except PairvolError:
+                pass  # SIGKILLed below with everything else in the namespace
     for h in lab.hosts:
         if node_process.running_pid(h.dir) is not None:
             try:
@@ -616,7 +833,17 @@ def down(name: str) -> list[str]:
         killed = _kill_netns(h.netns)
         if killed:
             done.append(f"killed {len(killed)} process(es) on {h.host}")
-    for ns in [h.netns for h in lab.hosts] + [lab.bridge_netns]:
+    etcd_netns: list[str] = []
+    if lab.cluster is not None:
+        etcd_netns = list(lab.cluster["etcd_netns"])
+        if os.path.isdir(lab.cluster["etcd_dir"]):
+            with contextlib.suppress(PairvolError, OSError, ValueError):
+                EtcdCluster.open(lab.cluster["etcd_dir"]).stop()
+                done.append("stopped etcd")
+        for ns in etcd_netns:
+            if _kill_netns(ns):
+                done.append(f"killed what was left in {ns}")
+    for ns in [h.netns for h in lab.hosts] + etcd_netns + [lab.bridge_netns]:
         if netns_exists(ns):
             _ip("netns", "del", ns)
             done.append(f"deleted namespace {ns}")
@@ -643,11 +870,36 @@ def start_node(name: str, host: str) -> int:
     return started
 
 
-def kill_host(name: str, host: str) -> list[int]:
-    """SIGKILL every process of ``host`` and wait until all are gone; return their pids."""
+def start_host(name: str, host: str) -> dict[str, int]:
+    """After a kill: start ``host``'s node if it is down and, in a cluster lab, its agent if
+    it is down; the pids started (IllegalState if both already run)."""
     _require_root()
-    h = load(name).host(host)
-    return _kill_netns(h.netns)
+    lab = load(name)
+    h = lab.host(host)
+    started: dict[str, int] = {}
+    if node_process.running_pid(h.dir) is None:
+        started["node"] = start_node(name, host)
+    if lab.cluster is not None and agent_pid(h) is None:
+        started["agent"] = start_agent_on(lab, h)
+    if not started:
+        raise IllegalState(f"the node of {host} in lab {name} is already running")
+    return started
+
+
+def kill_host(name: str, host: str, *, only: str | None = None) -> list[int]:
+    """SIGKILL every process of ``host`` and wait until all are gone; return their pids.
+    ``only="agent"``: just the agent and what it runs (the node stays up)."""
+    _require_root()
+    lab = load(name)
+    h = lab.host(host)
+    if only is None:
+        return _kill_netns(h.netns)
+    if only != "agent":
+        raise UsageError(f"--only {only!r}: only 'agent' can be killed alone")
+    if lab.cluster is None:
+        raise IllegalState(f"lab {name} has no cluster, so no agent (lab up --cluster)")
+    pid = agent_pid(h)
+    return [] if pid is None else _kill_tree(pid)
 
 
 def _check_pair(lab: Lab, a: str, b: str) -> tuple[LabHost, LabHost]:

@@ -56,6 +56,7 @@ def cmd_start(args: Any) -> int:
     pidfile = _pidfile(args, directory)
     if not args.daemon:
         return ap.run_foreground(path, args.host, directory, pidfile)
+    ap.preflight(config, args.host)
     argv = ["--host", args.host, "--config", os.path.abspath(path), "--state-dir", directory,
             "--pidfile", pidfile]  # fmt: skip
     pid = ap.start_daemon(argv, directory, pidfile)

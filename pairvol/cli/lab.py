@@ -1,13 +1,13 @@
 """``pairvol lab``: multi-host labs in network namespaces (design: :mod:`pairvol.lab`).
 
-pairvol lab up NAME --hosts a,b[,c...] [--json]
+pairvol lab up NAME --hosts a,b[,c...] [--cluster [--etcd-members N]] [--json]
 pairvol lab down NAME
 pairvol lab status NAME [--json]
 pairvol lab list [--json]
 pairvol lab exec NAME HOST -- CMD...
 pairvol lab cut NAME A B
 pairvol lab heal NAME A B
-pairvol lab kill NAME HOST
+pairvol lab kill NAME HOST [--only agent]
 pairvol lab start NAME HOST
 """
 
@@ -29,6 +29,12 @@ def register(sub: Any) -> None:
     u = ls.add_parser("up", help="create the namespaces and links, start a node on each host")
     u.add_argument("name")
     u.add_argument("--hosts", required=True, metavar="a,b[,c...]", help="host names")
+    u.add_argument(
+        "--cluster", action="store_true",
+        help="also etcd, a cluster secret and config, and an agent on each host",
+    )  # fmt: skip
+    u.add_argument("--etcd-members", type=int, default=1, metavar="N",
+                   help="etcd members, each in its own namespace (default 1)")  # fmt: skip
     u.add_argument("--json", action="store_true")
     u.set_defaults(func=cmd_up)
 
@@ -64,16 +70,20 @@ def register(sub: Any) -> None:
     k = ls.add_parser("kill", help="SIGKILL every process of a host")
     k.add_argument("name")
     k.add_argument("host")
+    k.add_argument("--only", choices=["agent"], help="just the agent and what it runs")
     k.set_defaults(func=cmd_kill)
 
-    s = ls.add_parser("start", help="start a host's node again (after kill)")
+    s = ls.add_parser("start", help="start a host's node (and agent) again after a kill")
     s.add_argument("name")
     s.add_argument("host")
     s.set_defaults(func=cmd_start)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lab = labs.up(args.name, labs.parse_hosts(args.hosts))
+    lab = labs.up(
+        args.name, labs.parse_hosts(args.hosts), cluster=args.cluster,
+        etcd_members=args.etcd_members,
+    )  # fmt: skip
     if args.json:
         print_json(lab.to_json())
         return 0
@@ -82,6 +92,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         [{"host": h.host, "address": h.address, "nbd": h.nbd_uri, "dir": h.dir} for h in lab.hosts],
         ["host", "address", "nbd", "dir"],
     )
+    if lab.cluster is not None:
+        print(f"cluster {lab.name}: etcd {', '.join(lab.cluster['endpoints'])}, "
+              f"an agent on every host; config {lab.cluster['config']}")  # fmt: skip
     return 0
 
 
@@ -164,13 +177,15 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    pids = labs.kill_host(args.name, args.host)
+    pids = labs.kill_host(args.name, args.host, only=args.only)
     shown = " ".join(str(p) for p in pids) or "none were running"
-    print(f"lab {args.name}: killed every process of {args.host} ({shown})")
+    what = "the agent" if args.only else "every process"
+    print(f"lab {args.name}: killed {what} of {args.host} ({shown})")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    pid = labs.start_node(args.name, args.host)
-    print(f"lab {args.name}: node {args.host} started (pid {pid})")
+    started = labs.start_host(args.name, args.host)
+    for what, pid in started.items():
+        print(f"lab {args.name}: {what} {args.host} started (pid {pid})")
     return 0

@@ -1,0 +1,174 @@
+"""Failover of a cluster resource in a lab: real etcd, real agents, real nodes in namespaces.
+
+The scenario: a sync pair with fence=data, owned by resource r1 on hosts a (preferred) and b;
+a stamped writer on a; SIGKILL of everything on a; b takes over, runs the start command, and
+holds every write a acknowledged; the old active's epoch is refused by b's node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require_programs
+from labenv import LabEnv, nbd, require_root
+
+from pairvol import lab as labmod
+from replicator.errors import Timeout
+from replicator.events import read_events, wait_event
+
+pytestmark = pytest.mark.timeout(300)
+
+BLOCK = 4096
+NBLOCKS = 256
+
+
+def stamp(n: int) -> bytes:
+    return n.to_bytes(8, "little") * (BLOCK // 8)
+
+
+class Agents(LabEnv):
+    def agent_events(self, host: str) -> str:
+        return os.path.join(labmod.agent_dir(self.host(host)), "events.jsonl")
+
+    def wait_agent(self, host: str, event: str, timeout: float = 30, **fields: Any) -> Any:
+        try:
+            return wait_event(
+                self.agent_events(host), event,
+                lambda e: all(e.get(k) == v for k, v in fields.items()), timeout=timeout,
+            )  # fmt: skip
+        except Timeout:
+            tail = [
+                e for e in read_events(self.agent_events(host)) if e["event"] != "cluster.peer.up"
+            ]
+            pytest.fail(f"no {event} on {host}; its last events: {tail[-8:]}")
+
+    def agent_forbid(self, host: str, event: str) -> None:
+        seen = [e for e in read_events(self.agent_events(host)) if e["event"] == event]
+        assert not seen, f"forbidden {event} on {host}: {seen[0]}"
+
+    def cluster(self, host: str, *args: str, ok: bool = True) -> Any:
+        """``pairvol cluster ARGS`` on ``host``, with no option saying where the cluster is."""
+        return self.pv(None, "lab", "exec", self.name, host, "--", "pairvol", "cluster", *args,
+                       ok=ok)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
+    require_root()
+    require_programs("ip", "nbdkit", "etcd")
+    root = tmp_path_factory.mktemp("labs")
+    name = f"tg{os.getpid() % 100000}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
+        mp.delenv("PAIRVOL_LAB", raising=False)
+        try:
+            labmod.up(name, ["a", "b"], cluster=True)
+            yield Agents(name, root)
+        finally:
+            labmod.down(name)
+
+
+class Writer(threading.Thread):
+    """Stamps 1, 2, 3, ... one write at a time to random blocks of one volume on one host;
+    ``acked`` is the highest stamp whose write was acknowledged."""
+
+    def __init__(self, env: LabEnv, host: str, volume: str, seed: int) -> None:
+        super().__init__(daemon=True)
+        import random
+
+        self.env, self.host, self.volume = env, host, volume
+        self.rng = random.Random(seed)
+        self.log: list[int] = []  # index n-1: the block of stamp n
+        self.acked = 0
+        self.cond = threading.Condition()
+        self.ended = False
+
+    def run(self) -> None:
+        h = self.env.connect(self.host, self.volume)
+        try:
+            while True:
+                n = len(self.log) + 1
+                block = self.rng.randrange(NBLOCKS)
+                self.log.append(block)
+                h.pwrite(stamp(n), block * BLOCK)
+                with self.cond:
+                    self.acked = n
+                    self.cond.notify_all()
+        except nbd.Error:
+            pass  # the host was killed under it
+        finally:
+            with self.cond:
+                self.ended = True
+                self.cond.notify_all()
+            with contextlib.suppress(Exception):
+                h.shutdown()
+
+    def wait_acked(self, n: int, timeout: float = 30) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.acked >= n or self.ended, timeout)
+            assert self.acked >= n, f"only {self.acked} writes acknowledged"
+
+    def wait_ended(self, timeout: float = 30) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.ended, timeout), "the writer never stopped"
+
+
+def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(env: Agents) -> None:
+    env.volume("a", "v1")
+    env.volume("b", "v1")
+    env.pv("a", "pair", "create", "g1/p1", "--primary", "a:v1", "--secondary", "b:v1",
+           "--fence", "data")  # fmt: skip
+    env.wait("a", "g1/p1", "PAIR")
+    marker = "started-$PAIRVOL_HOST-$PAIRVOL_EPOCH"
+    env.cluster("a", "resource", "create", "r1", "--group", "g1", "--hosts", "a,b",
+                "--start", f"touch $PAIRVOL_NODE_DIR/{marker}")  # fmt: skip
+    active = env.wait_agent("a", "cluster.active", resource="r1")
+    old_epoch = active["epoch"]
+    assert Path(env.host("a").dir, f"started-a-{old_epoch}").exists()
+
+    writer = Writer(env, "a", "v1", seed=int(os.environ.get("PAIRVOL_TEST_SEED", "1")))
+    writer.start()
+    writer.wait_acked(200)
+    labmod.kill_host(env.name, "a")  # node, agent and all: SIGKILL
+    writer.wait_ended()
+    acked = writer.acked
+
+    done = env.wait_agent("b", "cluster.failover.done", resource="r1")
+    assert done["from"] == "a" and done["epoch"] > old_epoch
+    assert done["takeover"]["g1"].startswith("SVOL-takeover")
+    assert Path(env.host("b").dir, f"started-b-{done['epoch']}").exists()
+    env.agent_forbid("b", "cluster.fenced")
+
+    # Every acknowledged stamp is on b: each block holds its last acknowledged stamp or a
+    # later one written to that very block (in flight at the kill).
+    last = [0] * NBLOCKS
+    for n, block in enumerate(writer.log[:acked], start=1):
+        last[block] = n
+    h = env.connect("b", "v1")
+    try:
+        for block in range(NBLOCKS):
+            got = int.from_bytes(h.pread(8, block * BLOCK), "little")
+            assert got >= last[block], f"block {block}: stamp {got}, acknowledged {last[block]}"
+            assert got == 0 or writer.log[got - 1] == block, f"block {block}: stamp {got}"
+        h.pwrite(stamp(10**9), 0)  # the new active accepts writes
+    finally:
+        h.shutdown()
+
+    # The old active's epoch is refused by the new active's node, to unfence or to fence.
+    stale = env.pv("b", "pair", "unfence", "g1", "--epoch", str(old_epoch), ok=False)
+    assert stale.returncode == 5 and "refused" in stale.stderr
+    stale = env.pv("b", "pair", "fence", "g1", "--epoch", str(old_epoch), "--reason", "stale",
+                   ok=False)  # fmt: skip
+    assert stale.returncode == 5 and "refused" in stale.stderr
+
+    status = env.cluster("b", "status", "--json")
+    import json
+
+    (r1,) = json.loads(status.stdout)["resources"]
+    assert r1["active"] == "b" and r1["epoch"] == done["epoch"]
