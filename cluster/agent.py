@@ -76,6 +76,9 @@ COMMAND_TIMEOUT = 30.0
 NODE_TIMEOUT = 10.0
 #: After fencing itself, a host does not contend for the resource for this many lease TTLs.
 HOLD_OFF_TTLS = 2
+#: How often an active resource's monitor command runs (seconds between runs).
+MONITOR_INTERVAL = 2.0
+MONITOR_TIMEOUT = 10.0
 #: How often runtime resource records are read again from etcd.
 RESOURCES_EVERY = 1.0
 
@@ -194,12 +197,14 @@ class Held:
     previous: tuple[str, float] | None = None  # the last other holder seen, when last heard
     takeover: dict[str, str] = field(default_factory=dict)
     since: float = 0.0  # when this agent learnt of the resource
+    monitoring: bool = False  # a monitor command runs
+    monitor_due: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class JobDone:
     resource: str
-    kind: str  # "promote" | "stop"
+    kind: str  # "promote" | "stop" | "monitor"
     ok: bool
     detail: dict[str, Any]
 
@@ -307,6 +312,7 @@ class Agent:
         for h in list(self.resources.values()):
             if h.role in ("active", "promoting"):
                 self._check_active(h, now)
+            self._maybe_monitor(h, now)
         if now >= self._poll_due:
             self._poll_due = now + self.timing.heartbeat_interval
             for h in list(self.resources.values()):
@@ -497,6 +503,18 @@ class Agent:
             if self.lease is not None:
                 release_leader(self.coord, self.keys, name, self.me)
 
+    def _maybe_monitor(self, h: Held, now: float) -> None:
+        r = h.resource
+        if h.role != "active" or not r.monitor or h.monitoring or h.busy or now < h.monitor_due:
+            return
+        h.monitoring = True
+        self._spawn(lambda: self._monitor(r), r.name, "monitor")
+
+    def _monitor(self, r: Resource) -> tuple[bool, dict[str, Any]]:
+        assert r.monitor is not None
+        code, tail = self.runner(r.monitor, MONITOR_TIMEOUT, self._command_env(r))
+        return code == 0, {"status": code, "output": tail}
+
     def _stop_app(self, r: Resource) -> tuple[bool, dict[str, Any]]:
         if r.stop is None:
             return True, {}
@@ -619,6 +637,14 @@ class Agent:
             h = self.resources.get(done.resource)
             if h is None:
                 continue
+            if done.kind == "monitor":
+                h.monitor_due = now + MONITOR_INTERVAL
+                h.monitoring = False
+                if not done.ok and h.role == "active":
+                    self.events.emit("cluster.monitor.failed", resource=done.resource,
+                                     **done.detail)  # fmt: skip
+                    self.fence(h, now, f"the monitor command failed: {done.detail}")
+                continue
             h.busy = False
             if done.kind == "stop":
                 self.events.emit("cluster.stopped.app", resource=done.resource, ok=done.ok,
@@ -632,6 +658,7 @@ class Agent:
                 self.fence(h, now, f"promotion failed: {done.detail.get('error')}")
                 continue
             h.role = "active"
+            h.monitor_due = now + MONITOR_INTERVAL
             h.takeover = dict(done.detail.get("takeover", {}))
             self._announce(
                 "cluster.active", resource=done.resource, epoch=h.epoch, takeover=h.takeover

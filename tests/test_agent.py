@@ -36,6 +36,7 @@ hosts = ["a", "b"]
 groups = ["g1"]
 start = "start"
 stop = "stop"
+monitor = "monitor"
 """
 
 STEP = 0.05
@@ -131,13 +132,14 @@ class World:
         self.etcd = {h: Etcd(self.fake) for h in ("a", "b")}
         self.nodes = {"a": Node("primary", self.clock), "b": Node("secondary", self.clock)}
         self.ran: list[tuple[str, str, float]] = []
+        self.sick: set[str] = set()  # hosts whose monitor command fails
         self.agents = {h: self._agent(h, tmp) for h in ("a", "b")}
         self.alive = {"a": True, "b": True}
 
     def _agent(self, host: str, tmp: Path) -> Agent:
         def runner(cmd: str, timeout: float, env: Mapping[str, str]) -> tuple[int, str]:
             self.ran.append((host, cmd, self.clock.t))
-            return 0, ""
+            return (1, "not running") if cmd == "monitor" and host in self.sick else (0, "")
 
         return Agent(
             self.config, host, str(tmp / host), self.etcd[host], self.nodes[host],  # type: ignore[arg-type]
@@ -174,7 +176,7 @@ def test_preferred_host_starts_the_resource(world: World) -> None:
     a = world.nodes["a"]
     assert a.ops("pair.takeover") == []  # a's side is the primary already: "nop"
     assert [args["epoch"] for _, args in a.ops("pair.unfence")] == [1]
-    assert [(h, cmd) for h, cmd, _ in world.ran] == [("a", "start")]
+    assert [(h, cmd) for h, cmd, _ in world.ran if cmd != "monitor"] == [("a", "start")]
     assert world.events("a", "cluster.active")[-1]["takeover"] == {"g1": "nop"}
     leader = read_leader(world.fake, Keys("t1"), "r1")
     assert leader is not None and (leader.holder, leader.epoch) == ("a", 1)
@@ -239,3 +241,19 @@ def test_etcd_unreachable_alone_fences_nothing_while_peer_heard(world: World) ->
     world.run(8.0)
     assert world.role("a") == "active" and world.role("b") == "standby"
     assert world.nodes["b"].ops("pair.takeover") == []
+
+
+def test_a_failed_monitor_moves_the_resource(world: World) -> None:
+    world.run(5.0)
+    assert {h for h, cmd, _ in world.ran if cmd == "monitor"} == {"a"}  # the active only
+    world.sick.add("a")
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    assert world.role("b") == "active"
+    (failed,) = world.events("a", "cluster.monitor.failed")
+    assert failed["output"] == "not running"
+    ((fenced_at, fence),) = world.nodes["a"].ops("pair.fence")
+    ((took_at, _),) = world.nodes["b"].ops("pair.takeover")
+    assert fenced_at <= took_at and fence["epoch"] == 1
+    assert ("a", "stop") in [(h, c) for h, c, _ in world.ran]
+    world.run(5.0)
+    assert world.role("a") == "standby"  # and it does not take the resource back
