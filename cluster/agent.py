@@ -537,6 +537,7 @@ class Agent:
             self._etcd_down(now, str(e))
             return
         if leader is not None:
+            h.epoch = leader.epoch  # what a standby shows: the resource's current epoch
             if leader.holder != self.me:
                 h.previous = (leader.holder, h.previous[1] if h.previous else now)
             return

@@ -8,7 +8,10 @@ holds every write a acknowledged; the old active's epoch is refused by b's node.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 from conftest import require_programs
 from labenv import LabEnv, nbd, require_root
 
+from cluster.etcd_server import EtcdCluster
 from pairvol import lab as labmod
 from replicator.errors import Timeout
 from replicator.events import read_events, wait_event
@@ -36,11 +40,14 @@ class Agents(LabEnv):
     def agent_events(self, host: str) -> str:
         return os.path.join(labmod.agent_dir(self.host(host)), "events.jsonl")
 
-    def wait_agent(self, host: str, event: str, timeout: float = 30, **fields: Any) -> Any:
+    def wait_agent(
+        self, host: str, event: str, timeout: float = 30, after: int = 0, **fields: Any
+    ) -> Any:
         try:
             return wait_event(
                 self.agent_events(host), event,
                 lambda e: all(e.get(k) == v for k, v in fields.items()), timeout=timeout,
+                after=after,
             )  # fmt: skip
         except Timeout:
             tail = [
@@ -80,8 +87,6 @@ class Writer(threading.Thread):
 
     def __init__(self, env: LabEnv, host: str, volume: str, seed: int) -> None:
         super().__init__(daemon=True)
-        import random
-
         self.env, self.host, self.volume = env, host, volume
         self.rng = random.Random(seed)
         self.log: list[int] = []  # index n-1: the block of stamp n
@@ -119,7 +124,9 @@ class Writer(threading.Thread):
             assert self.cond.wait_for(lambda: self.ended, timeout), "the writer never stopped"
 
 
-def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(env: Agents) -> None:
+@pytest.fixture(scope="module")
+def r1(env: Agents) -> dict[str, Any]:
+    """Resource r1 on a (preferred) and b, owning g1/p1, sync with fence=data; a active."""
     env.volume("a", "v1")
     env.volume("b", "v1")
     env.pv("a", "pair", "create", "g1/p1", "--primary", "a:v1", "--secondary", "b:v1",
@@ -128,9 +135,47 @@ def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(env
     marker = "started-$PAIRVOL_HOST-$PAIRVOL_EPOCH"
     env.cluster("a", "resource", "create", "r1", "--group", "g1", "--hosts", "a,b",
                 "--start", f"touch $PAIRVOL_NODE_DIR/{marker}")  # fmt: skip
-    active = env.wait_agent("a", "cluster.active", resource="r1")
-    old_epoch = active["epoch"]
-    assert Path(env.host("a").dir, f"started-a-{old_epoch}").exists()
+    active: dict[str, Any] = env.wait_agent("a", "cluster.active", resource="r1")
+    assert Path(env.host("a").dir, f"started-a-{active['epoch']}").exists()
+    return active
+
+
+def etcd_pids(env: Agents) -> list[int]:
+    assert env.lab.cluster is not None
+    c = EtcdCluster.open(env.lab.cluster["etcd_dir"])
+    pids = [c.pid(i) for i in range(len(c.members))]
+    assert all(p is not None for p in pids)
+    return [p for p in pids if p is not None]
+
+
+def test_etcd_down_with_the_agents_in_touch_fails_nothing_over(
+    env: Agents, r1: dict[str, Any]
+) -> None:
+    marks = {h: len(read_events(env.agent_events(h))) for h in ("a", "b")}
+    pids = etcd_pids(env)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # etcd stops answering: every request times out
+    try:
+        env.wait_agent("a", "cluster.failsafe", resource="r1", after=marks["a"])
+        env.wait_agent("b", "cluster.etcd.unreachable", after=marks["b"])
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    env.wait_agent("a", "cluster.etcd.reachable", after=marks["a"])
+    env.wait_agent("b", "cluster.etcd.reachable", after=marks["b"])
+    for host, event in (("a", "cluster.fenced"), ("b", "cluster.promoting")):
+        seen = [e for e in read_events(env.agent_events(host))[marks[host]:]
+                if e["event"] == event]  # fmt: skip
+        assert not seen, f"{host}: {seen[0]}"
+    (res,) = json.loads(env.cluster("b", "status", "--json").stdout)["resources"]
+    assert res["active"] == "a"
+
+
+def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(
+    env: Agents, r1: dict[str, Any]
+) -> None:
+    old_epoch = max(r1["epoch"], *(e["epoch"] for e in read_events(env.agent_events("a"))
+                                   if e["event"] == "cluster.active"))  # fmt: skip
 
     writer = Writer(env, "a", "v1", seed=int(os.environ.get("PAIRVOL_TEST_SEED", "1")))
     writer.start()
@@ -167,8 +212,6 @@ def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(env
                    ok=False)  # fmt: skip
     assert stale.returncode == 5 and "refused" in stale.stderr
 
-    status = env.cluster("b", "status", "--json")
-    import json
-
-    (r1,) = json.loads(status.stdout)["resources"]
-    assert r1["active"] == "b" and r1["epoch"] == done["epoch"]
+    (res,) = json.loads(env.cluster("b", "status", "--json").stdout)["resources"]
+    assert res["active"] == "b" and res["epoch"] == done["epoch"]
+    assert res["last_failover"]["from"] == "a" and res["last_failover"]["to"] == "b"
