@@ -197,6 +197,7 @@ class Held:
     previous: tuple[str, float] | None = None  # the last other holder seen, when last heard
     takeover: dict[str, str] = field(default_factory=dict)
     since: float = 0.0  # when this agent learnt of the resource
+    failsafe_seen: bool = False  # a peer claimed it while its leader key was gone
     monitoring: bool = False  # a monitor command runs
     monitor_due: float = 0.0
 
@@ -538,10 +539,20 @@ class Agent:
             return
         if leader is not None:
             h.epoch = leader.epoch  # what a standby shows: the resource's current epoch
+            h.failsafe_seen = False
             if leader.holder != self.me:
                 h.previous = (leader.holder, h.previous[1] if h.previous else now)
             return
-        if not self.decision.may_contend(self.me, h.resource, None, self.peer_views(now)):
+        views = self.peer_views(now)
+        if any(v.claims(name) for v in views.values()):
+            h.failsafe_seen = True  # an active without its key: it is in the failsafe
+        if not self.decision.may_contend(self.me, h.resource, None, views):
+            return
+        # An active in the failsafe fences itself once it has not heard us for
+        # heartbeat_timeout (plus a turn of its loop, which an etcd request may hold up to its
+        # timeout): give it twice that from the last time we heard it.
+        held = h.previous[1] + 2 * self.timing.heartbeat_timeout if h.previous else 0.0
+        if h.failsafe_seen and now < held:
             return
         try:
             floor = self._node_floor(h.resource)

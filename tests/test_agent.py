@@ -257,3 +257,18 @@ def test_a_failed_monitor_moves_the_resource(world: World) -> None:
     assert ("a", "stop") in [(h, c) for h, c, _ in world.ran]
     world.run(5.0)
     assert world.role("a") == "standby"  # and it does not take the resource back
+
+
+def test_failsafe_active_cut_off_from_its_peer_too_fences_before_the_standby_promotes(
+    world: World,
+) -> None:
+    world.etcd["a"].down = True
+    world.run(5.0)  # a's lease has expired in etcd; b sees no key but hears a: failsafe
+    assert world.events("a", "cluster.failsafe") and world.role("b") == "standby"
+    world.link.cut = True
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    ((fenced_at, _),) = world.nodes["a"].ops("pair.fence")
+    ((took_at, _),) = world.nodes["b"].ops("pair.takeover")
+    assert fenced_at < took_at and world.role("b") == "active"
+    # b held off about a heartbeat timeout longer than a needed to notice it was alone
+    assert took_at - fenced_at > world.agents["b"].timing.heartbeat_timeout / 2
