@@ -259,6 +259,8 @@ class Agent:
         self._jobs: queue.SimpleQueue[JobDone] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._hb_body: dict[str, Any] | None = None
         self._status_written: str = ""
         for r in config.resources:
             self._track(r)
@@ -270,6 +272,12 @@ class Agent:
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
+        # Heartbeats leave from a thread of their own: an etcd request that hangs until its
+        # timeout holds the loop up, and must not make the peers think this host is gone
+        # (the failsafe rests on them hearing it).  The loop refreshes what they say.
+        sender = threading.Thread(target=self._send_heartbeats, name="agent-heartbeat", daemon=True)
+        self._sender = sender
+        sender.start()
         try:
             while not self._stopping.is_set():
                 now = self.clock()
@@ -307,7 +315,7 @@ class Agent:
         self._receive(now)
         self._finish_jobs(now)
         self._keep_lease(now)
-        if now >= self._resources_due:
+        if now >= self._resources_due and self.etcd_ok:
             self._resources_due = now + RESOURCES_EVERY
             self._load_runtime_resources()
         for h in list(self.resources.values()):
@@ -375,8 +383,18 @@ class Agent:
             # The refresh protocol's flags (SPEC 3) ride here once it is wired in: none yet.
             "flags": {},
         }
-        for peer in self.endpoint.peers:
-            self.endpoint.send(peer, "heartbeat", body, self.wall())
+        self._hb_body = body
+        if self._sender is None:  # step() driven by a test: send from here
+            for peer in self.endpoint.peers:
+                self.endpoint.send(peer, "heartbeat", body, self.wall())
+
+    def _send_heartbeats(self) -> None:
+        assert self.endpoint is not None
+        while not self._stopping.wait(self.timing.heartbeat_interval):
+            body = self._hb_body
+            if body is not None:
+                for peer in self.endpoint.peers:
+                    self.endpoint.send(peer, "heartbeat", body, self.wall())
 
     def _eligible(self, h: Held, now: float) -> bool:
         return (
@@ -532,6 +550,8 @@ class Agent:
             # resource a little later than we did.
             return
         name = h.resource.name
+        if not self.etcd_ok:
+            return  # the lease renewal finds out when it is back; no request to hang on here
         try:
             leader = read_leader(self.coord, self.keys, name)
         except (ConnectionFailed, Timeout) as e:
@@ -776,6 +796,9 @@ class Agent:
     def shutdown(self) -> None:
         """A clean stop: each active resource's application is stopped, its node fenced,
         its leader key released and the lease revoked (the standby takes over at once)."""
+        self._stopping.set()
+        if self._sender is not None:
+            self._sender.join()
         now = self.clock()
         for h in self.resources.values():
             if h.role in ("active", "promoting"):
