@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import select
@@ -79,6 +80,8 @@ HOLD_OFF_TTLS = 2
 #: How often an active resource's monitor command runs (seconds between runs).
 MONITOR_INTERVAL = 2.0
 MONITOR_TIMEOUT = 10.0
+#: A refused datagram is logged once per reason in this many seconds.
+REFUSED_EVERY = 10.0
 #: How often runtime resource records are read again from etcd.
 RESOURCES_EVERY = 1.0
 
@@ -261,6 +264,7 @@ class Agent:
         self._stopping = threading.Event()
         self._sender: threading.Thread | None = None
         self._hb_body: dict[str, Any] | None = None
+        self._refusals: dict[str, tuple[float, int]] = {}
         self._status_written: str = ""
         for r in config.resources:
             self._track(r)
@@ -340,11 +344,21 @@ class Agent:
         for _ in range(64):
             d, refused = self.endpoint.receive(self.wall())
             if refused is not None:
-                self.events.emit("cluster.refused", reason=refused)
+                self._refused(refused, now)
                 continue
             if d is None:
                 return
             self.hear(d, now)
+
+    def _refused(self, reason: str, now: float) -> None:
+        """Log a refused datagram, once per reason every REFUSED_EVERY seconds (a flood of
+        forged datagrams must not fill the disk), with how many were refused since."""
+        last, count = self._refusals.get(reason, (-math.inf, 0))
+        if now - last < REFUSED_EVERY:
+            self._refusals[reason] = (last, count + 1)
+            return
+        self._refusals[reason] = (now, 0)
+        self.events.emit("cluster.refused", reason=reason, also_refused=count)
 
     def hear(self, d: Datagram, now: float) -> None:
         if d.kind != "heartbeat":
@@ -692,9 +706,12 @@ class Agent:
             h.role = "active"
             h.monitor_due = now + MONITOR_INTERVAL
             h.takeover = dict(done.detail.get("takeover", {}))
+            devices = h.resource.devices_on(self.me)
             self._announce(
-                "cluster.active", resource=done.resource, epoch=h.epoch, takeover=h.takeover
-            )
+                "cluster.active", resource=done.resource, epoch=h.epoch, takeover=h.takeover,
+                # Not pretended: the PVID-cache refresh and attach are not wired in yet.
+                devices_not_attached=sorted(devices) or None,
+            )  # fmt: skip
             prev = h.previous
             if prev is not None and prev[0] != self.me:
                 seconds = round(now - prev[1], 3)

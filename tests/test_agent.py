@@ -6,6 +6,8 @@ sleeps: each test moves the clock in steps of 50 ms and runs one turn of each ag
 
 from __future__ import annotations
 
+import select
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,10 @@ from typing import Any
 import pytest
 
 from cluster.agent import Agent
-from cluster.agent_link import Datagram
+from cluster.agent_link import Datagram, Endpoint
 from cluster.config import parse_config
 from cluster.coord import FakeCoord, Keys, read_epoch, read_leader
+from cluster.etcd_server import free_ports
 from replicator.errors import ConnectionFailed, IllegalState
 from replicator.events import read_events
 
@@ -272,3 +275,36 @@ def test_failsafe_active_cut_off_from_its_peer_too_fences_before_the_standby_pro
     assert fenced_at < took_at and world.role("b") == "active"
     # b held off about a heartbeat timeout longer than a needed to notice it was alone
     assert took_at - fenced_at > world.agents["b"].timing.heartbeat_timeout / 2
+
+
+def test_a_heartbeat_with_a_wrong_secret_is_refused_and_logged_once(tmp_path: Path) -> None:
+    pa, pb = free_ports(2)
+    text = CONFIG.replace("127.0.0.1:20001", f"127.0.0.1:{pa}").replace(
+        "127.0.0.1:20002", f"127.0.0.1:{pb}"
+    )
+    config = parse_config(text, str(tmp_path / "agent.toml"))
+    good, bad = b"k" * 32, b"x" * 32
+    a_end = Endpoint("a", ("127.0.0.1", pa), {"b": ("127.0.0.1", pb)}, "t1", good)
+    agent = Agent(
+        config, "a", str(tmp_path / "a"), FakeCoord(time.monotonic), Node("primary", Clock()),
+        endpoint=a_end, threaded=False,
+    )  # fmt: skip
+    try:
+        for secret in (bad, good):
+            sender = Endpoint("b", ("127.0.0.1", pb), {"a": ("127.0.0.1", pa)}, "t1", secret)
+            try:
+                for _ in range(5):
+                    sender.send("a", "heartbeat", {"resources": {}}, time.time())
+                for _ in range(50):  # bounded: each turn waits for a datagram
+                    if not select.select([a_end], [], [], 1.0)[0]:
+                        break
+                    agent.step(time.monotonic())
+            finally:
+                sender.close()
+            if secret is bad:
+                assert "b" not in agent.peers
+        assert "b" in agent.peers  # the right secret is heard
+        refused = [e for e in read_events(agent.events.path) if e["event"] == "cluster.refused"]
+        assert len(refused) == 1 and "bad MAC" in refused[0]["reason"]
+    finally:
+        a_end.close()
