@@ -215,3 +215,6 @@ def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(
     (res,) = json.loads(env.cluster("b", "status", "--json").stdout)["resources"]
     assert res["active"] == "b" and res["epoch"] == done["epoch"]
     assert res["last_failover"]["from"] == "a" and res["last_failover"]["to"] == "b"
+    (pair,) = res["pairs"]  # b's side, as b's node says
+    assert pair["state"] == "SSWS" and pair["cluster_epoch"] == done["epoch"]
+    assert pair["fenced"] is None

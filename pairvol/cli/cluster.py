@@ -14,7 +14,10 @@ agent, for the hosts' flags and the last failover) are set, so no option is need
 
     {"cluster": NAME, "resources": [{"name", "active": HOST | null, "epoch", "lease_remaining",
       "hosts": [{"name", "flags": {...} | null}], "last_failover": {...} | null,
-      "source": "config" | "etcd"}]}
+      "source": "config" | "etcd", "groups": [...],
+      "pairs": [{"id", "role", "state", "epoch", "cluster_epoch", "writes", "fenced"}] | null}]}
+
+``pairs`` are what this host's node says (``$PAIRVOL_NODE_DIR``; null without it).
 
 A host's ``flags`` are the refresh flags its agent last announced (null: not known here; the
 refresh protocol is not wired into the agent yet, so a known host shows ``{}``, all at rest).
@@ -40,7 +43,9 @@ from cluster.coord import (
     read_leader,
 )
 from pairvol.cli.common import print_json, print_table
-from replicator.errors import AlreadyExists, NotFound, UsageError
+from replicator import control
+from replicator.errors import AlreadyExists, NotFound, PairvolError, UsageError
+from replicator.node import CONTROL_SOCKET
 
 
 def register(sub: Any) -> None:
@@ -123,6 +128,25 @@ def _last_failover(agent: dict[str, Any] | None, name: str) -> Any:
     return max(known, key=lambda f: f.get("at", 0)) if known else None
 
 
+def _pairs(groups: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """The groups' pairs as this host's node sees them ($PAIRVOL_NODE_DIR), or None."""
+    node_dir = os.environ.get("PAIRVOL_NODE_DIR")
+    if not node_dir:
+        return None
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        try:
+            doc = control.call(os.path.join(node_dir, CONTROL_SOCKET), "pair.display",
+                               {"target": group}, timeout=5.0)  # fmt: skip
+        except PairvolError as e:
+            out.append({"group": group, "error": str(e)})
+            continue
+        for p in doc.get("pairs", []):
+            out.append({k: p.get(k) for k in ("id", "role", "state", "epoch", "cluster_epoch",
+                                               "writes", "fenced")})  # fmt: skip
+    return out
+
+
 def status_doc(args: Any) -> dict[str, Any]:
     config, coord, keys = _open(args)
     agent = _local_agent()
@@ -140,6 +164,7 @@ def status_doc(args: Any) -> dict[str, Any]:
                 "lease_remaining": remaining,
                 "hosts": [{"name": h, "flags": _flags(agent, h)} for h in r.hosts],
                 "last_failover": _last_failover(agent, r.name),
+                "pairs": _pairs(r.groups),
             })  # fmt: skip
     return {"cluster": config.cluster, "resources": out}
 
