@@ -1264,3 +1264,34 @@ class FailoverCore:
                 )
                 if confirms is not None:
                     self._hold(now + self.heartbeat_timeout + self.margin)
+
+
+# --------------------------------------------------------------------------------------------
+# The document (docs/state-machines.md, by tools/gen-state-docs)
+
+
+def render_table() -> list[str]:
+    """The rules as Markdown lines."""
+
+    def names(items: tuple[enum.StrEnum, ...], every: tuple[enum.StrEnum, ...]) -> str:
+        return "any" if set(items) == set(every) else ", ".join(str(i) for i in items)
+
+    lines = [
+        "### Rules (the first row that matches decides)",
+        "",
+        "Triggers are reports and commands (from events), observations of the leader key, the "
+        "lease and the peers, and conditions the core derives after every input. A report "
+        "with no row in the current role is absorbed (its action was asked for in an earlier "
+        "role); a command with no row is refused with IllegalState.",
+        "",
+        "| # | rule | role | trigger | next | steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(ROWS, 1):
+        target = "=" if row.target is None else str(row.target)
+        steps = "; ".join(s.label for s in row.steps) or "—"
+        lines.append(
+            f"| {i} | {row.label} | {names(row.roles, tuple(Role))} | "
+            f"{names(row.triggers, tuple(Trigger))} | {target} | {steps} |"
+        )
+    return [*lines, ""]

@@ -581,21 +581,24 @@ class _Ctx:
 
 @dataclass(frozen=True, slots=True)
 class Step:
+    """Part of a move.  ``saves``: the flags it saves, in order (for the documents)."""
+
     label: str
     run: Callable[[_Ctx], None]
+    saves: tuple[Flag, ...] = ()
 
 
-def _step(label: str) -> Callable[[Callable[[_Ctx], None]], Step]:
+def _step(label: str, *saves: Flag) -> Callable[[Callable[[_Ctx], None]], Step]:
     def wrap(fn: Callable[[_Ctx], None]) -> Step:
-        return Step(label, fn)
+        return Step(label, fn, saves)
 
     return wrap
 
 
 def _save(flag: Flag) -> Step:
     if flag is Flag.ZERO:
-        return Step("save 0", lambda c: c.save(flag, replica_started=False))
-    return Step(f"save {flag}", lambda c: c.save(flag))
+        return Step("save 0", lambda c: c.save(flag, replica_started=False), (flag,))
+    return Step(f"save {flag}", lambda c: c.save(flag), (flag,))
 
 
 SAVE_0, SAVE_A1, SAVE_A2, SAVE_A3 = (_save(f) for f in ACTIVE_FLAGS)
@@ -621,7 +624,7 @@ def ADOPT(c: _Ctx) -> None:
     c.flags = replace(c.flags, serial=e.serial, op=e.op)
 
 
-@_step("save B2")
+@_step("save B2", Flag.B2)
 def SAVE_B2(c: _Ctx) -> None:
     c.save(Flag.B2)
 
@@ -679,7 +682,7 @@ def NOTE_RESULT(c: _Ctx) -> None:
     c.emit("refresh.replica_done", ok=e.ok, detail=e.detail)
 
 
-@_step("save A2 (replica_started: the replica succeeded)")
+@_step("save A2 (replica_started: the replica succeeded)", Flag.A2)
 def SAVE_A2_RESULT(c: _Ctx) -> None:
     c.save(Flag.A2, replica_started=c.m._replica_ok)
 
@@ -728,14 +731,15 @@ def _done(reflected: bool) -> Step:
 DONE, DONE_ALONE = _done(True), _done(False)
 
 
-@_step("save A1 with the replica started (the standby is at B1)")
+@_step("save A1 with the replica started (the standby is at B1)", Flag.A1)
 def SAVE_STARTED(c: _Ctx) -> None:
     c.save(Flag.A1, replica_started=True)
 
 
 @_step(
     "abort: save 0 (the op becomes the other one again: a split runs only on a paired "
-    "S-VOL, a construction only on a visible one); log it"
+    "S-VOL, a construction only on a visible one); log it",
+    Flag.ZERO,
 )
 def ABORT(c: _Ctx) -> None:
     aborted = c.op
@@ -778,7 +782,7 @@ def _renumber(flag: Flag) -> Step:
     def run(c: _Ctx) -> None:
         c.save(flag, serial=max(c.flags.serial, c.flags.peer_serial) + 1)
 
-    return Step(f"renumber the exchange above the peer's serial, save {flag}", run)
+    return Step(f"renumber the exchange above the peer's serial, save {flag}", run, (flag,))
 
 
 RENUMBER_A1, RENUMBER_A3 = _renumber(Flag.A1), _renumber(Flag.A3)
@@ -961,7 +965,7 @@ def TAKE_OVER_EXCHANGE(c: _Ctx) -> None:
     c.m._replica_ok = True
 
 
-@_step("stale cache: refresh our own (split: under the lock), save 0")
+@_step("if the cache is stale: refresh our own (split: under the lock), save 0")
 def OWN_CACHE_IF_STALE(c: _Ctx) -> None:
     if c.flags.cache_stale:
         OWN_CACHE.run(c)
@@ -969,7 +973,9 @@ def OWN_CACHE_IF_STALE(c: _Ctx) -> None:
 
 
 _SAVE_0_STALE = Step(
-    "save 0, cache stale", lambda c: c.save(Flag.ZERO, replica_started=False, cache_stale=True)
+    "save 0, cache stale",
+    lambda c: c.save(Flag.ZERO, replica_started=False, cache_stale=True),
+    (Flag.ZERO,),
 )
 
 
@@ -1361,3 +1367,85 @@ class RefreshMachine:
             self._fields(self._flags, {"previous": str(old), "saved": str(self.own)}),
         )
         return self._finish([head, *self._recover(now)], now)
+
+
+# --------------------------------------------------------------------------------------------
+# The documents (docs/state-machines.md, by tools/gen-state-docs)
+
+#: What each flag means, for the documents.
+FLAG_MEANING: Final[Mapping[Flag, str]] = {
+    Flag.ZERO: "at rest",
+    Flag.A1: "replica started: START sent (replica_started: acknowledged, RunReplica may run)",
+    Flag.A2: "replica done; this host's cache not yet refreshed, COMPLETE not sent",
+    Flag.A3: "standby reflecting: the S-VOL lock released, COMPLETE sent",
+    Flag.B1: "replica running on the peer: START acknowledged",
+    Flag.B2: "reflecting: COMPLETE received, the cache being refreshed",
+    Flag.B3: "reflected: REFLECTED sent, waiting for the active's 0",
+}
+
+
+def _names(items: tuple[object, ...], every: tuple[object, ...]) -> str:
+    if set(items) == set(every) and len(every) > 1:
+        return "any"
+    return ", ".join("—" if i is None else str(i) for i in items)
+
+
+def _saved(steps: tuple[Step, ...]) -> str:
+    flags = [f for step in steps for f in step.saves]
+    return " → ".join(str(f) for f in flags) if flags else "—"
+
+
+def render_tables() -> list[str]:
+    """The flags, the rules and the recovery table, as Markdown lines."""
+    lines = [
+        "### Flags",
+        "",
+        "| flag | side | meaning |",
+        "|---|---|---|",
+    ]
+    for flag in Flag:
+        side = "both" if flag is Flag.ZERO else ("active" if flag in ACTIVE_FLAGS else "standby")
+        lines.append(f"| {flag} | {side} | {FLAG_MEANING[flag]} |")
+    lines += [
+        "",
+        "Phases and their flags: "
+        + ", ".join(f"{p} ({f})" for p, f in PHASE_FLAG.items())
+        + f", {Phase.RETRY} (the flag last saved).",
+        "",
+        "### Rules (the first row that matches decides)",
+        "",
+        "`flags saved`: the flags the row saves, in order, each before the step after it. "
+        "A key no row matches is refused with IllegalState.",
+        "",
+        "| # | rule | side | phase | event | peer flag | serial | next | flags saved | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(ROWS, 1):
+        phases = ROLE_PHASES[row.roles[0]] if len(row.roles) == 1 else tuple(Phase)
+        steps = "; ".join(s.label for s in row.steps) or "—"
+        target = "=" if row.target is None else str(row.target)
+        serials = "—" if row.serials == (Serial.NA,) else _names(row.serials, ANY_SERIAL)
+        guard = " (refused while the peer is lost)" if row.needs_peer else ""
+        lines.append(
+            f"| {i} | {row.label}{guard} | {_names(row.roles, BOTH)} | "
+            f"{_names(row.phases, phases)} | {_names(row.kinds, tuple(Kind))} | "
+            f"{_names(row.peer_flags, (None, *ALL_FLAGS))} | {serials} | {target} | "
+            f"{_saved(row.steps)} | {steps} |"
+        )
+    lines += [
+        "",
+        "### Recovery: a restart, a role change, or the retry after a failed action",
+        "",
+        "| side | saved flag | replica started | resumes in | flags saved | rule | steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (role, flag), rec in _RECOVERY_ROWS.items():
+        started = _STARTED_ROWS.get((role, flag))
+        variants = [("either", rec)] if started is None else [("no", rec), ("yes", started)]
+        for which, r in variants:
+            steps = "; ".join(s.label for s in r.steps if s is not RECOVER) or "—"
+            lines.append(
+                f"| {role} | {flag} | {which} | {r.phase} | {_saved(r.steps)} | {r.label} | "
+                f"{steps} |"
+            )
+    return [*lines, ""]

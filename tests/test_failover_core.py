@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,6 +58,7 @@ from cluster.failover import (
     TakeoverDone,
     Trigger,
     TryAcquire,
+    render_table,
 )
 from replicator.errors import IllegalState, UsageError
 
@@ -814,3 +816,8 @@ def test_the_world_failsafe_then_a_partition_hands_over_without_overlap(latency:
     fenced = [t for t, h, e in w.log if h == "a" and e.name == "cluster.fenced"]
     won = [t for t, h, e in w.log if h == "b" and e.as_dict().get("state") == "won"]
     assert fenced and won and fenced[-1] < won[-1]
+
+
+def test_state_machine_doc_has_the_failover_table() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "state-machines.md").read_text()
+    assert "\n".join(render_table()) in text, "run tools/gen-state-docs"

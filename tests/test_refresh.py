@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,6 +68,7 @@ from cluster.refresh import (
     decode_notice,
     encode_notice,
     flag_from_wire,
+    render_tables,
 )
 from replicator.errors import IllegalState, ProtocolError, UsageError
 
@@ -848,3 +850,8 @@ Refreshing.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_refresh_random_runs = Refreshing.TestCase
+
+
+def test_state_machine_doc_has_the_refresh_tables() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "state-machines.md").read_text()
+    assert "\n".join(render_tables()) in text, "run tools/gen-state-docs"
