@@ -192,6 +192,7 @@ class GroupPrimary(_GroupWorker):
         # is either in the journal before the fold (and folded into the bitmap with it) or
         # sees the fold's state and is recorded in the bitmap, never journaled after a fold.
         self._fold_gate = Gate()
+        self._release_lock = threading.Lock()  # one journal release at a time (on_ack)
 
     # -- the marks (read without the lock: for display and the old attribute names) ----------
 
@@ -357,7 +358,6 @@ class GroupPrimary(_GroupWorker):
         """Count the peer's marks and release what every leg has applied.  An acknowledgement
         of another incarnation is refused (ProtocolError): marks of another sequence space (the
         group before a reset, or re-created) would release entries the peer never applied."""
-        released = False
         with self.cond:
             m = self.marks
             self._pull_newest()
@@ -373,17 +373,22 @@ class GroupPrimary(_GroupWorker):
             if m.leg(leg).done > done:
                 self.cond.notify_all()
             upto = m.release_upto()
-            if upto > bound and upto >= m.first_retained:
-                try:
-                    self.journal.release(upto)
-                except (PairvolError, OSError) as e:
-                    # The entries stay retained (the journal fills up sooner); say so.
-                    self.log(f"group {self.name}: releasing the journal up to {upto} failed: {e}")
-                else:
-                    m.on_released(upto)
-                    released = True
-        if released:
-            self._watermark()  # below the high watermark again: PFUL -> PAIR
+            if not (upto > bound and upto >= m.first_retained):
+                return
+        # The release rewrites the journal's header (two fdatasyncs): not under the group's
+        # lock, which every client write takes (written_locally) and the other replies too.
+        # Releases are serialized; one that lost the race to a later one is a no-op.
+        with self._release_lock:
+            try:
+                self.journal.release(upto)
+            except (PairvolError, OSError) as e:
+                # The entries stay retained (the journal fills up sooner); say so.
+                self.log(f"group {self.name}: releasing the journal up to {upto} failed: {e}")
+                return
+            with self.cond:
+                m.on_released(upto)
+                self.cond.notify_all()  # for whoever waits for the journal to shrink
+        self._watermark()  # below the high watermark again: PFUL -> PAIR
 
     def _shipping_side(self) -> Side | None:
         for side in self.sides.values():

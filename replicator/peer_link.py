@@ -23,7 +23,8 @@ Then:
   but never take its place.  Everything a stranger can make the server log (failed
   handshakes, evictions, refusals, failed accepts) goes through a :class:`LogLimiter`.
 * **Server.**  One reader thread per connection decodes frames and hands each request to a
-  small per-connection worker pool (grown on demand up to ``workers`` threads).  At most
+  small per-connection worker pool (grown on demand up to ``workers`` threads), except
+  mirrored writes, which it carries out itself (:func:`inline_data`).  At most
   ``workers`` requests of a connection are in flight; beyond that the reader stops reading, so
   TCP pushes back on the peer.  Responses echo the request id and go out in completion order.
   A bad frame, a response-type message or a Goodbye ends the connection: nothing read after
@@ -76,6 +77,19 @@ from replicator.peer_auth import Handshake, PeerSecrets, as_peer_secrets
 
 Handler = Callable[[str, wire.Message], wire.Message]
 
+
+def inline_data(msg: wire.Message) -> bool:
+    """The requests a server's reader handles itself instead of handing them to a worker: a
+    mirrored write (a Write or Zero without a journal sequence).  The hand-off to a worker
+    (a queue, a wake-up, the GIL passed on) was about a third of the secondary's CPU per
+    mirrored 4k write and a quarter per MiB (docs/benchmarks.md, "Replication speed, session
+    4"); the write itself is a ``pwritev`` into the page cache.  Journal entries (``seq``)
+    still go to workers: the shipper sends them from several threads, so one may arrive
+    before the entry it follows, and the receiver waits for that one (which a busy reader
+    would never read)."""
+    return isinstance(msg, wire.Write | wire.Zero) and not msg.seq
+
+
 #: Messages a client may send as requests (docs/protocol.md, "Requests and responses").
 REQUESTS: Final = (
     wire.Ping,
@@ -109,6 +123,8 @@ LOG_BURST: Final = 3
 #: Keepalive: probe after 10 s idle, every 5 s, give up after 3 misses (about 25 s).
 _KEEPALIVE: Final = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
 _TIMEVAL: Final = struct.Struct("@ll")
+#: Buffers one sendmsg takes at most (Linux's UIO_MAXIOV; coalesced frames can exceed it).
+_IOV_MAX: Final = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +221,10 @@ class _Link:
         self.where = where
         self.decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD)
         self.send_lock = threading.Lock()
+        # Frames waiting for the send lock.  Whoever holds it sends every frame queued by then
+        # in one sendmsg, so threads sending at once share the syscall and the segment.
+        self._outbox: list[wire.Blob] = []
+        self._outbox_lock = threading.Lock()
         self._fd_closed = False
         self._sndtimeo: float | None = None  # what SO_SNDTIMEO is set to
         #: The SO_SNDTIMEO of sends without a deadline (None: block until sent or broken).
@@ -213,20 +233,35 @@ class _Link:
 
     def send(self, msg: wire.Message, request_id: int = 0, deadline: float | None = None) -> None:
         """Send one frame; OSError if the socket fails, TimeoutError past ``deadline`` (or
-        when the kernel's SO_SNDTIMEO runs out)."""
+        when the kernel's SO_SNDTIMEO runs out).
+
+        Frames are coalesced: the frame is queued, and whoever gets the send lock sends every
+        queued frame, in queue order, in one ``sendmsg``.  A sender that finds its frame gone
+        returns once the holder that took it is done; if that send failed, the connection is
+        broken and the caller hears of it (a request's waiter fails, a server response's
+        connection is aborted)."""
         parts = wire.encode_parts(msg, request_id)
+        with self._outbox_lock:
+            self._outbox += parts
         if deadline is None:
             self.send_lock.acquire()
         elif not self.send_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            with self._outbox_lock:  # still queued: take it back (the connection fails anyway)
+                if parts and any(p is parts[0] for p in self._outbox):
+                    self._outbox = [p for p in self._outbox if not any(p is q for q in parts)]
             raise TimeoutError("waited too long for the connection's send lock")
         try:
             if self._fd_closed:
                 raise OSError(_errno.EBADF, "connection closed")
+            with self._outbox_lock:
+                batch, self._outbox = self._outbox, []
+            if not batch:
+                return  # sent along with an earlier frame, by the holder before us
             if deadline is not None:
                 self._set_send_timeout(deadline - time.monotonic())
             elif self._sndtimeo != self.send_timeout:
                 self._set_send_timeout(self.send_timeout)
-            self._send_parts(parts, deadline)
+            self._send_parts(batch, deadline)
         finally:
             self.send_lock.release()
 
@@ -234,7 +269,7 @@ class _Link:
         views = [memoryview(p) for p in parts]
         while views:
             try:
-                n = self.sock.sendmsg(views, (), socket.MSG_NOSIGNAL)
+                n = self.sock.sendmsg(views[:_IOV_MAX], (), socket.MSG_NOSIGNAL)
             except BlockingIOError:  # SO_SNDTIMEO ran out with nothing sent
                 raise TimeoutError("the peer stopped reading") from None
             while views and n >= len(views[0]):
@@ -341,6 +376,8 @@ class PeerServer:
 
     ``secret``: :class:`~replicator.peer_auth.PeerSecrets`, or bytes for a shared secret;
     ``workers``: requests of one connection handled at once (each may hold a 64 MiB frame);
+    ``inline``: which requests the connection's reader handles itself, in arrival order,
+    without a worker (default :func:`inline_data`);
     ``handshake_timeout``: each handshake's deadline, from the accept;
     ``max_pending``: connections in the handshake at once (a newcomer evicts one);
     ``max_connections``: authenticated connections at once (a peer beyond that is refused);
@@ -357,6 +394,7 @@ class PeerServer:
         *,
         allow_no_secret: bool = False,
         workers: int = WORKERS,
+        inline: Callable[[wire.Message], bool] = inline_data,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
@@ -375,6 +413,7 @@ class PeerServer:
         self.log = log
         self.allow_no_secret = allow_no_secret
         self.workers = workers
+        self.inline = inline
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
         self.max_connections = max_connections
@@ -610,6 +649,9 @@ class _ServerConn:
                 server.log(f"{self._who()}: closing the connection: {why}")
                 self.link.try_send(wire.Error(_errno.EPROTO, why))
                 return
+            if self.server.inline(msg):
+                self._handle(frame)  # no hand-off to a worker: see ``inline_data``
+                continue
             if not self._dispatch(frame):
                 return
 
@@ -684,12 +726,24 @@ class _ServerConn:
 
 
 class _Waiter:
-    __slots__ = ("done", "error", "response")
+    """One request's answer.  A bare lock, held from the start and released once by whoever
+    fills in the answer (the reader or :meth:`_ClientConn.fail`), is the cheapest wake-up
+    there is: ``threading.Event`` builds a Condition and a fresh lock for every wait."""
+
+    __slots__ = ("_lock", "error", "response")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._lock.acquire()
         self.response: wire.Message | None = None
         self.error: PairvolError | None = None
+
+    def set(self) -> None:
+        """Called once: the waiter was taken out of the pending table under its lock."""
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._lock.acquire(timeout=-1 if timeout is None else timeout)
 
 
 class _ClientConn:
@@ -736,13 +790,13 @@ class _ClientConn:
             raise Timeout(f"peer {self.peer!r} did not take {name} within {timeout:g}s") from None
         except OSError as e:
             self.fail(f"send failed: {_why(e)}")  # fails our waiter too: raised below
-        if not waiter.done.wait(max(deadline - time.monotonic(), 0.0)):
+        if not waiter.wait(max(deadline - time.monotonic(), 0.0)):
             with self._lock:
                 late = self._pending.pop(rid, None) is None
             if not late:
                 self.fail(f"no answer to {name} #{rid} within {timeout:g}s")
                 raise Timeout(f"peer {self.peer!r} did not answer {name} within {timeout:g}s")
-            waiter.done.wait()  # answered or failed just now
+            waiter.wait()  # answered or failed just now
         if waiter.error is not None:
             raise waiter.error
         response = waiter.response
@@ -776,7 +830,7 @@ class _ClientConn:
         self.link.shutdown()
         for w in waiters:
             w.error = self._gone(reason, by_us)
-            w.done.set()
+            w.set()
         if not by_us:
             self.client._lost(self, reason)
 
@@ -808,7 +862,7 @@ class _ClientConn:
             if waiter is None:
                 raise ProtocolError(f"{type(msg).__name__} answers unknown request id {rid}")
             waiter.response = msg
-            waiter.done.set()
+            waiter.set()
 
 
 class PeerClient:

@@ -380,3 +380,39 @@ def test_a_failed_release_is_reported_and_the_entries_stay(
     assert rig.ship()
     assert g.journal.first_seq == 5
     in_sync(g)
+
+
+def test_client_writes_go_on_while_a_release_rewrites_the_journal_header(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release (a header rewrite: two fdatasyncs) runs outside the group's lock, which
+    every client write takes when it is on the local volume: a write recorded meanwhile
+    completes, and the release then lands with the marks in step."""
+    g = rig.g
+    real = g.journal.release
+    entered, go = threading.Event(), threading.Event()
+
+    def held(upto: int) -> None:
+        entered.set()
+        assert go.wait(WAIT)
+        real(upto)
+
+    monkeypatch.setattr(g.journal, "release", held)
+    rig.write(2)
+    shipper = threading.Thread(target=rig.ship)
+    shipper.start()
+    assert entered.wait(WAIT)  # the acknowledgement of 1 or 2 is releasing, held
+    writer = threading.Thread(target=rig.write, args=(1,))
+    writer.start()
+    writer.join(WAIT)
+    finished = not writer.is_alive()
+    go.set()
+    shipper.join(WAIT)
+    assert finished  # not stuck behind the release
+    assert not shipper.is_alive()
+    monkeypatch.setattr(g.journal, "release", real)
+    assert g.written == 3
+    assert rig.ship()
+    assert g.wait_applied(3, WAIT)
+    assert g.journal.first_seq == 4
+    in_sync(g)

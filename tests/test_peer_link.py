@@ -248,6 +248,59 @@ def test_fifty_concurrent_requests_from_eight_threads(
         assert response == wire.Ack(0, f"write {i * 4096} {i.to_bytes(8, 'big').hex()}")
 
 
+def test_mirrored_writes_are_handled_by_the_reader_in_arrival_order(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    """A mirrored Write or Zero (no journal seq) is carried out by the connection's reader, no
+    hand-off to a worker; journal entries and every other request still go to the workers."""
+    seen: list[tuple[str, str, int]] = []
+
+    def handler(peer: str, msg: wire.Message) -> wire.Message:
+        kind = type(msg).__name__ + (" seq" if getattr(msg, "seq", 0) else "")
+        seen.append((kind, threading.current_thread().name, getattr(msg, "offset", -1)))
+        return answer(msg) if not isinstance(msg, wire.Zero) else wire.Ack()
+
+    server, _ = make_server(handler)
+    client, _ = make_client(server)
+    for i in range(5):
+        client.request(wire.Write(PAIR, i * 4096, b"d" * 4096), timeout=WAIT)
+    client.request(wire.Zero(PAIR, 0, 4096), timeout=WAIT)
+    client.request(wire.Write(PAIR, 8192, b"j" * 512, seq=3), timeout=WAIT)
+    client.request(wire.Ping(1), timeout=WAIT)
+    assert [k for k, _, _ in seen] == ["Write"] * 5 + ["Zero", "Write seq", "Ping"]
+    threads = [t for _, t, _ in seen]
+    assert all(t.startswith("peer-in ") for t in threads[:6])
+    assert all(t.startswith("peer-work ") for t in threads[6:])
+    assert [o for _, _, o in seen[:5]] == [i * 4096 for i in range(5)]
+
+
+def test_a_reader_busy_with_a_mirrored_write_delays_nothing_it_has_not_read(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    """Writes from several threads at once while the reader is held up in one of them: every
+    one is answered with its own answer (the reader takes the next frame once the write it
+    carries out is done)."""
+    release = threading.Event()
+
+    def handler(peer: str, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Write) and msg.offset == 0:
+            release.wait(WAIT)
+        return answer(msg)
+
+    server, _ = make_server(handler)
+    client, _ = make_client(server)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(client.request, wire.Write(PAIR, 0, b"\x01" * 16), WAIT)
+        others = [
+            pool.submit(client.request, wire.Write(PAIR, i * 4096, b"\x02" * 16), WAIT)
+            for i in range(1, 4)
+        ]
+        release.set()
+        assert first.result(WAIT) == wire.Ack(0, "write 0 " + "01" * 8)
+        for i, f in enumerate(others, 1):
+            assert f.result(WAIT) == wire.Ack(0, f"write {i * 4096} " + "02" * 8)
+
+
 def test_64_mib_chunk_both_ways(make_server: MakeServer, make_client: MakeClient) -> None:
     server, _ = make_server()
     client, _ = make_client(server)
