@@ -21,7 +21,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_runtime_inproc import CHUNK, Lab, Node, noise, read, wait_copy, wait_until, write
+from test_runtime_inproc import (
+    CHUNK,
+    Lab,
+    Node,
+    noise,
+    read,
+    running_lab,
+    wait_copy,
+    wait_until,
+    write,
+)
 
 from replicator import pair_state as ps
 from replicator import wire
@@ -42,24 +52,8 @@ PID = "g/p1"
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    before = set(threading.enumerate())
-    lab = Lab(tmp_path)
-    try:
+    with running_lab(tmp_path) as lab:
         yield lab
-    finally:
-        lab.stop()
-        deadline = time.monotonic() + 5
-        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        while left and time.monotonic() < deadline:
-            time.sleep(0.005)
-            left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        assert not left, f"threads left running: {[t.name for t in left]}"
-        for link in lab.links.values():
-            assert not link.bugs, link.bugs
-            assert not link.hangs, f"requests that hung (deadlock?): {link.hangs}"
-        for n in lab.nodes.values():
-            crashes = [x for x in n.lines if "crashed" in x or "timer:" in x]
-            assert not crashes, crashes
 
 
 def two_nodes(lab: Lab, size: int) -> tuple[Node, Node]:
