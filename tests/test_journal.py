@@ -650,7 +650,11 @@ class JournalMachine(RuleBasedStateMachine):
         elif leftover == "garbage":
             junk = rng.randbytes(jr.record_size(size))
         elif leftover == "torn":
-            junk = rec(nxt, j.epoch)[: rng.randrange(jr.REC_HEADER_LEN + size)]
+            # The first byte it did not write must differ from the record's: otherwise bytes
+            # left there by an earlier crash with the same data complete the record on disk.
+            full = rec(nxt, j.epoch)
+            cut = rng.randrange(jr.REC_HEADER_LEN + size)
+            junk = full[:cut] + bytes([full[cut] ^ 0xFF])
         elif leftover == "gap":
             junk = rec(nxt + 1, j.epoch)
         elif leftover == "old-epoch":
@@ -683,6 +687,20 @@ class JournalMachine(RuleBasedStateMachine):
         if self.first <= self.last - 1:
             with pytest.raises(NotFound):
                 j.entries(self.first - 1)
+
+
+def test_machine_torn_leftover_over_an_earlier_crash_stays_torn() -> None:
+    """A crash leaving a record with a later seq, then one leaving the next seq torn with the
+    same data: the old record's bytes past the cut must not complete the torn one."""
+    m = JournalMachine()
+    try:
+        m.append(size=1, stream=0, kind=W, offset=0, explicit=False, fua=False, seed=0)
+        m.crash(leftover="gap", size=448, seed=0)  # seed 0 cuts the torn record at byte 111
+        m.matches_model()
+        m.crash(leftover="torn", size=448, seed=0)
+        m.matches_model()
+    finally:
+        m.teardown()
 
 
 JournalMachine.TestCase.settings = settings(
