@@ -8,6 +8,7 @@ Usage::
     pairvol lab list [--json]
     pairvol lab exec NAME HOST -- CMD...              # run CMD "on" HOST, pass its status
     pairvol lab cut NAME A B / pairvol lab heal NAME A B
+    pairvol lab isolate NAME HOST / pairvol lab rejoin NAME HOST   # HOST alone, etcd included
     pairvol lab kill NAME HOST [--only agent]         # SIGKILL every process of HOST
     pairvol lab start NAME HOST                       # restart HOST's node (and agent)
     pairvol lab down NAME                             # remove everything (idempotent)
@@ -51,6 +52,13 @@ Design:
   discarded (``connect`` fails at once with EINVAL; an established connection just stops
   getting acknowledgements).  ``heal`` deletes the routes.  Cuts are recorded in the registry;
   cutting a cut pair or healing a healthy one is a no-op.
+- **isolate HOST** cuts HOST off, the same way, from every other host and from every etcd
+  member (the blackhole routes go in HOST's namespace and in each member's, ``NAME_etcdJ``,
+  as well as in the other hosts'): a partition with HOST alone on its side.  ``rejoin``
+  undoes it.  Isolations are recorded apart from cuts (``"isolated"``), and a route stays as
+  long as a cut or an isolation needs it: a host cut from B, then isolated and rejoined, is
+  still cut from B.  Isolating an isolated host or rejoining one that is not isolated is a
+  no-op.
 - **kill HOST** SIGKILLs every process in the namespace (``ip netns pids``) and waits until
   each is gone; **start HOST** starts its node again.
 - **exec** runs in the host's namespace with cwd ``HOSTDIR`` and ``PAIRVOL_NODE_DIR``,
@@ -82,7 +90,7 @@ Design:
     {"version": 1, "name": "lab1", "state": "building" | "up", "dir": "LABROOT/lab1",
      "subnet": "198.18.1.0/24", "subnet_index": 1, "secret_file": "LABROOT/lab1/secret",
      "bridge": {"netns": "lab1-br", "device": "br0"}, "created": 1700000000.0,
-     "cuts": [["a", "b"]],
+     "cuts": [["a", "b"]], "isolated": ["c"],
      "cluster": null | {"config": "LABROOT/lab1/cluster.toml", "secret_file": ...,
                  "etcd_dir": "LABROOT/lab1/etcd", "endpoints": ["http://198.18.1.201:2379"],
                  "etcd_netns": ["lab1_etcd0"], "etcd_addresses": ["198.18.1.201"]},
@@ -93,7 +101,8 @@ Design:
 
 Python API (used by the pair CLI): :func:`load`, :func:`names`, :func:`resolve_node`,
 :class:`Lab`, :class:`LabHost`; the operations :func:`up`, :func:`down`, :func:`cut`,
-:func:`heal`, :func:`kill_host`, :func:`start_node`, :func:`exec_in`, :func:`status`.
+:func:`heal`, :func:`isolate`, :func:`rejoin`, :func:`kill_host`, :func:`start_node`,
+:func:`exec_in`, :func:`status`.
 Latency for benchmarks: :mod:`pairvol.latency_proxy`, run inside a host with ``lab exec``.
 """
 
@@ -253,6 +262,7 @@ class Lab:
     hosts: list[LabHost]
     state: str = "building"  # "building" until every node has started, then "up"
     cuts: list[tuple[str, str]] = field(default_factory=list)
+    isolated: list[str] = field(default_factory=list)  # hosts cut off from all (isolate)
     created: float = field(default_factory=time.time)
     cluster: dict[str, Any] | None = None  # up --cluster: etcd, secret, config (see above)
 
@@ -274,6 +284,9 @@ class Lab:
     def is_cut(self, a: str, b: str) -> bool:
         return _pair(a, b) in self.cuts
 
+    def is_isolated(self, host: str) -> bool:
+        return host in self.isolated
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": VERSION,
@@ -286,6 +299,7 @@ class Lab:
             "secret_file": self.secret_file,
             "hosts": [asdict(h) for h in self.hosts],
             "cuts": [list(c) for c in self.cuts],
+            "isolated": list(self.isolated),
             "created": self.created,
             "cluster": self.cluster,
         }
@@ -300,6 +314,10 @@ class Lab:
         try:
             hosts = [LabHost(**h) for h in doc["hosts"]]
             cuts = [_pair(str(a), str(b)) for a, b in doc["cuts"]]
+            isolated = [str(h) for h in doc.get("isolated", [])]  # absent before isolate
+            unknown = set(isolated) - {h.host for h in hosts}
+            if unknown:
+                raise ValueError(f"isolated hosts {sorted(unknown)} are not hosts of the lab")
             return cls(
                 name=str(doc["name"]),
                 dir=str(doc["dir"]),
@@ -308,6 +326,7 @@ class Lab:
                 hosts=hosts,
                 state=str(doc["state"]),
                 cuts=cuts,
+                isolated=isolated,
                 created=float(doc["created"]),
                 cluster=_cluster_doc(doc.get("cluster")),
             )
@@ -914,31 +933,92 @@ def cut(name: str, a: str, b: str) -> bool:
     _require_root()
     with _locked():
         lab = load(name)
-        ha, hb = _check_pair(lab, a, b)
+        _check_pair(lab, a, b)
         if lab.is_cut(a, b):
             return False
-        for src, dst in ((ha, hb), (hb, ha)):
-            _ip("-n", src.netns, "route", "replace", "blackhole", f"{dst.address}/32")
+        before = _blackholes(lab)
         lab.cuts.append(_pair(a, b))
-        _save(lab)
+        _route(lab, before)
     return True
 
 
 def heal(name: str, a: str, b: str) -> bool:
-    """Restore connectivity between ``a`` and ``b``; False if it was not cut."""
+    """Restore connectivity between ``a`` and ``b`` (unless an isolation of either still
+    needs it cut); False if it was not cut."""
     _require_root()
     with _locked():
         lab = load(name)
-        ha, hb = _check_pair(lab, a, b)
+        _check_pair(lab, a, b)
         if not lab.is_cut(a, b):
             return False
-        for src, dst in ((ha, hb), (hb, ha)):
-            routes = _ip("-n", src.netns, "route", "show", "type", "blackhole", f"{dst.address}/32")
-            if routes.strip():
-                _ip("-n", src.netns, "route", "del", "blackhole", f"{dst.address}/32")
+        before = _blackholes(lab)
         lab.cuts.remove(_pair(a, b))
-        _save(lab)
+        _route(lab, before)
     return True
+
+
+def isolate(name: str, host: str) -> bool:
+    """Cut ``host`` off from every other host and every etcd member; False if it already was."""
+    _require_root()
+    with _locked():
+        lab = load(name)
+        lab.host(host)
+        if lab.is_isolated(host):
+            return False
+        before = _blackholes(lab)
+        lab.isolated.append(host)
+        _route(lab, before)
+    return True
+
+
+def rejoin(name: str, host: str) -> bool:
+    """Undo ``isolate(name, host)`` (the host's own cuts stay); False if it was not isolated."""
+    _require_root()
+    with _locked():
+        lab = load(name)
+        lab.host(host)
+        if not lab.is_isolated(host):
+            return False
+        before = _blackholes(lab)
+        lab.isolated.remove(host)
+        _route(lab, before)
+    return True
+
+
+def _reachable_from(lab: Lab, host: LabHost) -> list[tuple[str, str]]:
+    """``(namespace, address)`` of everything on the lab's network but ``host``: the other
+    hosts and the etcd members (each in a namespace of its own, see ``_cluster_plan``)."""
+    others = [(h.netns, h.address) for h in lab.hosts if h.host != host.host]
+    if lab.cluster is not None:
+        c = lab.cluster
+        others += list(zip(c["etcd_netns"], c["etcd_addresses"], strict=True))
+    return others
+
+
+def _blackholes(lab: Lab) -> set[tuple[str, str]]:
+    """The blackhole routes ``(namespace, address)`` that the lab's cuts and isolations need,
+    both directions of each: a route shared by a cut and an isolation goes with the last."""
+    routes: set[tuple[str, str]] = set()
+    for a, b in lab.cuts:
+        ha, hb = lab.host(a), lab.host(b)
+        routes |= {(ha.netns, hb.address), (hb.netns, ha.address)}
+    for x in lab.isolated:
+        hx = lab.host(x)
+        for netns, address in _reachable_from(lab, hx):
+            routes |= {(hx.netns, address), (netns, hx.address)}
+    return routes
+
+
+def _route(lab: Lab, before: set[tuple[str, str]]) -> None:
+    """Bring the namespaces' blackhole routes from ``before`` to what ``lab`` needs now, then
+    record ``lab`` (under ``_locked``)."""
+    after = _blackholes(lab)
+    for netns, address in sorted(after - before):
+        _ip("-n", netns, "route", "replace", "blackhole", f"{address}/32")
+    for netns, address in sorted(before - after):
+        if _ip("-n", netns, "route", "show", "type", "blackhole", f"{address}/32").strip():
+            _ip("-n", netns, "route", "del", "blackhole", f"{address}/32")
+    _save(lab)
 
 
 def exec_in(name: str, host: str, argv: Sequence[str]) -> int:

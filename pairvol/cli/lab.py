@@ -7,6 +7,8 @@ pairvol lab list [--json]
 pairvol lab exec NAME HOST -- CMD...
 pairvol lab cut NAME A B
 pairvol lab heal NAME A B
+pairvol lab isolate NAME HOST
+pairvol lab rejoin NAME HOST
 pairvol lab kill NAME HOST [--only agent]
 pairvol lab start NAME HOST
 """
@@ -42,7 +44,7 @@ def register(sub: Any) -> None:
     d.add_argument("name")
     d.set_defaults(func=cmd_down)
 
-    st = ls.add_parser("status", help="hosts, addresses, nodes and cuts of a lab")
+    st = ls.add_parser("status", help="hosts, addresses, nodes, cuts and isolations of a lab")
     st.add_argument("name")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
@@ -65,6 +67,15 @@ def register(sub: Any) -> None:
         c.add_argument("name")
         c.add_argument("a", metavar="A")
         c.add_argument("b", metavar="B")
+        c.set_defaults(func=func)
+
+    for action, helptext, func in (
+        ("isolate", "cut a host off from every other host and every etcd member", cmd_isolate),
+        ("rejoin", "undo isolate (cuts made with cut stay)", cmd_rejoin),
+    ):
+        c = ls.add_parser(action, help=helptext)
+        c.add_argument("name")
+        c.add_argument("host")
         c.set_defaults(func=func)
 
     k = ls.add_parser("kill", help="SIGKILL every process of a host")
@@ -126,6 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print_table(rows, ["host", "address", "nbd", "node", "netns"])
     cuts = ", ".join(f"{a}-{b}" for a, b in doc["cuts"]) or "none"
     print(f"cuts: {cuts}")
+    print(f"isolated: {', '.join(doc['isolated']) or 'none'}")
     return 0
 
 
@@ -173,6 +185,22 @@ def cmd_heal(args: argparse.Namespace) -> int:
         print(f"lab {args.name}: healed {args.a} <-> {args.b}")
     else:
         print(f"lab {args.name}: {args.a} <-> {args.b} was not cut")
+    return 0
+
+
+def cmd_isolate(args: argparse.Namespace) -> int:
+    if labs.isolate(args.name, args.host):
+        print(f"lab {args.name}: isolated {args.host} from every other host and etcd member")
+    else:
+        print(f"lab {args.name}: {args.host} was already isolated")
+    return 0
+
+
+def cmd_rejoin(args: argparse.Namespace) -> int:
+    if labs.rejoin(args.name, args.host):
+        print(f"lab {args.name}: {args.host} rejoined")
+    else:
+        print(f"lab {args.name}: {args.host} was not isolated")
     return 0
 
 
