@@ -1,42 +1,50 @@
-"""The cluster agent: one loop around the lease, the peers' heartbeats and the resources.
+"""The cluster agent: the loop around one FailoverCore per resource.
 
 Theory of operation
 -------------------
-One thread, one ``select()`` on the agents' UDP :class:`~cluster.agent_link.Endpoint` (and a
-wake-up pipe for finished jobs), one timer.  Each turn of :meth:`Agent.step` takes ``now``
-(monotonic seconds) and:
+Every decision is made by the pure cores: :class:`cluster.failover.FailoverCore` (one per
+resource: lease, leader key, epoch, fencing deadline, failsafe, switchover) and, once wired
+in, the refresh protocol's machines.  This module only carries out what they ask and feeds
+back what happened, with ``now`` (monotonic seconds):
 
-1. takes in what peers sent (heartbeats: who is alive, who runs what) and finished jobs;
-2. keeps the agent's etcd lease: grant it, renew it every ``lease_renew_interval``;
-3. for an **active** resource, checks the fencing deadline: an active agent whose last
-   *successful* renewal was *sent* at ``t`` must stop writing by ``t + lease_ttl - margin``
-   (the lease cannot have expired before ``t + lease_ttl``).  Past it, the agent has its node
-   refuse client writes for the resource's groups (``pair.fence``) at once, then runs the
-   stop command.  Exception, Patroni's failsafe: while etcd cannot be reached but every other
-   host of the resource is heard and none claims the resource, nothing changes;
-4. for a **standby** resource, every heartbeat interval: if the leader key is gone and the
-   decision lets this host contend, takes it (:func:`~cluster.coord.acquire_leader`, the new
-   epoch above the nodes' pair epochs) and promotes in a job thread: ``pair.takeover`` of each
-   group whose side here is the secondary, ``pair.unfence`` at the new epoch, the start command;
-5. sends a heartbeat to every peer each ``heartbeat_interval`` (the resources' roles and
-   epochs, and the refresh flags);
-6. writes its status file when something changed.
+* **One thread, one select.**  :meth:`Agent.run` waits on the agents' UDP
+  :class:`~cluster.agent_link.Endpoint` and a wake-up pipe, until the earliest timer of the
+  cores or of the loop's own polls.  :meth:`Agent.step` is one turn: datagrams in, finished
+  work in, due timers, polls, heartbeats out, the status file.
+* **Nothing slow on the loop.**  etcd requests go to one worker thread, in order (a hung
+  etcd holds up only etcd requests, never the heartbeats the failsafe rests on); the
+  storage takeover, the switchover's swap and the application's commands run in job
+  threads.  Each posts its answer back as a callable the loop runs: the event for the core
+  (LeaseRenewed carries the time the renewal was *sent*, as the core requires).
+* **Fencing is on the loop**, at once: FenceNode has the node refuse writes for the
+  resource's groups (``pair.fence``), bounded by what is left before the lease could expire.
+* **Leader key**: read every heartbeat interval per resource (LeaderObserved / LeaderGone,
+  with the epoch and a switchover's handover), together with the resource's operator
+  request (``pairvol cluster switchover``), which the active answers in the same key.
+* **Heartbeats**: the cores' SendHeartbeat actions of one turn become one datagram per peer
+  (every resource the peer is a host of), sent at once; a peer's datagram is fed to the
+  cores of the resources it names *and* is a host of (a peer is trusted only for those).
+* **Takeover** (RunTakeover), per group of the resource, reported as horctakeover does:
+  ``nop`` (this side already is the primary, in PAIR or COPY), ``swap`` (the S-VOL side,
+  the old primary answering: split there or already split, then ``resync --swap``: the pair
+  ends reversed, only differences copied), ``SVOL-takeover`` (the old primary does not
+  answer: ``pair takeover``, SSWS), ``PVOL-PSUE`` / ``PVOL-PSUS`` (this side is the primary,
+  its pair suspended).  Then ``pair unfence`` at the won epoch, then the resource's devices:
+  each is attached from the host PVID cache, PVID-checked (cluster/devices.py), so a stale
+  cache fails the takeover with the access error instead of attaching the wrong identity.
+* **Switchover** (SwapPairs on the demoting host, after StopApp): fence the node (no stray
+  write after the application stopped), split the groups (async: drained, so the target
+  has every entry), then the core releases the leader key naming the target, whose
+  takeover is the ``swap``.
 
-Slow things (node takeovers, the application's commands) run in job threads so that the
-loop keeps renewing the lease and heartbeating; fencing is done in the loop itself, because
-it must happen before a deadline.
-
-The failover decision is behind the small :class:`Decision` interface.  cluster/failover.py
-(the pure FailoverCore) did not exist when this loop was written; :class:`LeaseDecision` is
-the minimal rule set the loop needs, to be replaced by the core.
-
-Everything is logged to ``STATE_DIR/events.jsonl`` (``cluster.*`` events) and the agent's
-state to ``STATE_DIR/agent.json`` (read by ``pairvol agent status`` and ``cluster status``).
+Everything is logged to ``STATE_DIR/events.jsonl`` (``cluster.*``) and the agent's state to
+``STATE_DIR/agent.json`` (``pairvol agent status``, ``cluster status``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -50,18 +58,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cluster import devices
+from cluster import failover as fo
 from cluster.agent_link import Datagram, Endpoint
 from cluster.config import Config, Resource
 from cluster.coord import (
     Coord,
     Keys,
-    Leader,
     Lease,
+    Request,
     acquire_leader,
+    answer_request,
     list_resources,
+    read_epoch,
+    read_handover,
     read_leader,
+    read_request,
     release_leader,
 )
+from cluster.pvid_cache import CacheFile, cache_path
 from replicator import control
 from replicator.atomic_file import write_atomic
 from replicator.errors import ConnectionFailed, LeaseLost, PairvolError, Timeout
@@ -75,8 +90,10 @@ FENCE_MARGIN = 0.25
 #: Bounds of the application's commands and of one node control call (seconds).
 COMMAND_TIMEOUT = 30.0
 NODE_TIMEOUT = 10.0
-#: After fencing itself, a host does not contend for the resource for this many lease TTLs.
-HOLD_OFF_TTLS = 2
+TAKEOVER_TIMEOUT = 60.0
+#: After its own application or takeover failed, a host does not try again for this long
+#: (at least): the other hosts get their turn first, as Pacemaker moves a failed resource.
+COOLDOWN = 10.0
 #: How often an active resource's monitor command runs (seconds between runs).
 MONITOR_INTERVAL = 2.0
 MONITOR_TIMEOUT = 10.0
@@ -85,62 +102,8 @@ REFUSED_EVERY = 10.0
 #: How often runtime resource records are read again from etcd.
 RESOURCES_EVERY = 1.0
 
-Role = str  # "standby" | "promoting" | "active" | "fenced"
-
-
-# -- the decision ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PeerView:
-    """What the last heartbeat of a peer said, and whether it is fresh."""
-
-    host: str
-    alive: bool
-    heard_at: float  # monotonic, ours
-    resources: Mapping[str, Mapping[str, Any]]
-
-    def claims(self, resource: str) -> bool:
-        r = self.resources.get(resource, {})
-        return self.alive and r.get("role") in ("active", "promoting")
-
-    def eligible(self, resource: str) -> bool:
-        return self.alive and bool(self.resources.get(resource, {}).get("eligible"))
-
-
-class Decision(Protocol):
-    """The failover decision the loop asks (cluster/failover.py's core will answer it)."""
-
-    def may_contend(
-        self, me: str, resource: Resource, leader: Leader | None, peers: Mapping[str, PeerView]
-    ) -> bool: ...
-
-    def failsafe(self, me: str, resource: Resource, peers: Mapping[str, PeerView]) -> bool: ...
-
-
-class LeaseDecision:
-    """The minimal rules:
-
-    * contend only when the leader key is absent, no live peer claims the resource, and no
-      live, eligible peer comes before this host in the resource's preference order;
-    * failsafe (an active that cannot renew stays active) only while every other host of the
-      resource is heard and none claims it."""
-
-    def may_contend(
-        self, me: str, resource: Resource, leader: Leader | None, peers: Mapping[str, PeerView]
-    ) -> bool:
-        if leader is not None or me not in resource.hosts:
-            return False
-        if any(p.claims(resource.name) for p in peers.values()):
-            return False
-        before = resource.hosts[: resource.hosts.index(me)]
-        return not any(h in peers and peers[h].eligible(resource.name) for h in before)
-
-    def failsafe(self, me: str, resource: Resource, peers: Mapping[str, PeerView]) -> bool:
-        others = [h for h in resource.hosts if h != me]
-        return bool(others) and all(
-            h in peers and peers[h].alive and not peers[h].claims(resource.name) for h in others
-        )
+#: Node pair states from which the S-VOL side swaps (``resync --swap``) at once.
+SWAP_STATES = ("PSUS", "PSUE")
 
 
 # -- the side effects, injectable for tests --------------------------------------------------
@@ -184,6 +147,7 @@ def run_command(cmd: str, timeout: float, env: Mapping[str, str]) -> tuple[int, 
 
 
 Runner = Callable[[str, float, Mapping[str, str]], tuple[int, str]]
+Posted = Callable[[float], None]
 
 
 # -- per-resource state ---------------------------------------------------------------------
@@ -191,30 +155,40 @@ Runner = Callable[[str, float, Mapping[str, str]], tuple[int, str]]
 
 @dataclass
 class Held:
+    """One resource on this host: its core and what the loop keeps around it."""
+
     resource: Resource
-    role: Role = "standby"
-    epoch: int = 0
-    hold_off_until: float = 0.0
-    busy: bool = False  # a job runs for it
-    last_failover: dict[str, Any] | None = None
-    previous: tuple[str, float] | None = None  # the last other holder seen, when last heard
+    core: fo.FailoverCore
+    lease: Lease | None = None
+    inflight: set[str] = field(default_factory=set)  # etcd requests asked and not answered
+    poll_due: float = 0.0
     takeover: dict[str, str] = field(default_factory=dict)
-    since: float = 0.0  # when this agent learnt of the resource
-    failsafe_seen: bool = False  # a peer claimed it while its leader key was gone
-    monitoring: bool = False  # a monitor command runs
+    last_failover: dict[str, Any] | None = None
+    active_seen: tuple[str, float] | None = None  # the last other host heard active, when
+    monitoring: bool = False
     monitor_due: float = 0.0
+    request: Request | None = None  # an operator request being carried out here
+    starting: bool = False  # taken over, the start command runs
+    stopping: bool = False  # the agent is shutting down: nothing new starts
 
+    @property
+    def name(self) -> str:
+        return self.resource.name
 
-@dataclass(frozen=True, slots=True)
-class JobDone:
-    resource: str
-    kind: str  # "promote" | "stop" | "monitor"
-    ok: bool
-    detail: dict[str, Any]
+    @property
+    def role(self) -> str:
+        return str(self.core.role)
+
+    @property
+    def epoch(self) -> int:
+        return self.core.epoch
 
 
 class Agent:
-    """One host's agent.  ``step(now)`` is one turn of the loop; ``run()`` loops until stop()."""
+    """One host's agent.  ``step(now)`` is one turn of the loop; ``run()`` loops until stop().
+
+    ``threaded=False`` (tests on a scripted clock): etcd requests and jobs run inline, and
+    their answers are taken in the same turn."""
 
     def __init__(
         self,
@@ -228,8 +202,8 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         runner: Runner = run_command,
-        decision: Decision | None = None,
         threaded: bool = True,
+        cache: CacheFile | None = None,
     ) -> None:
         self.config = config
         self.me = config.host(host).name
@@ -243,56 +217,45 @@ class Agent:
         self.clock = clock
         self.wall = wall
         self.runner = runner
-        self.decision: Decision = decision or LeaseDecision()
         self.threaded = threaded
+        self.cache = cache or CacheFile(cache_path())
         self.events = EventLog(os.path.join(state_dir, EVENTS), clock=wall)
         self.resources: dict[str, Held] = {}
-        self.peers: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.lease: Lease | None = None
-        self.renewed_sent = 0.0  # when the last successful renewal (or the grant) was sent
-        self.etcd_ok = False
-        self._etcd_seen: bool | None = None
-        self.failsafe_on: set[str] = set()
-        self.started = clock()
-        self._grant_due = self.started
-        self._renew_due = 0.0
-        self._poll_due = self.started
-        self._hb_due = self.started
-        self._resources_due = self.started
-        self._jobs: queue.SimpleQueue[JobDone] = queue.SimpleQueue()
+        self.peers: dict[str, tuple[float, dict[str, Any]]] = {}  # host -> (heard, body)
+        self.etcd_ok: bool | None = None
+        self._posted: queue.SimpleQueue[Posted] = queue.SimpleQueue()
+        self._etcd_q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._etcd_thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = threading.Event()
-        self._sender: threading.Thread | None = None
-        self._hb_body: dict[str, Any] | None = None
+        self._outbox: dict[str, dict[str, Any]] = {}  # peer -> resource -> heartbeat fields
         self._refusals: dict[str, tuple[float, int]] = {}
-        self._status_written: str = ""
-        for r in config.resources:
-            self._track(r)
+        self._status_written = ""
+        self._resources_due = clock()
+        if threaded:
+            self._etcd_thread = threading.Thread(
+                target=self._etcd_worker, name="agent-etcd", daemon=True
+            )
+            self._etcd_thread.start()
         self.events.emit(
             "cluster.started", host=self.me, cluster=config.cluster, pid=os.getpid(),
-            resources=sorted(self.resources),
+            resources=sorted(r.name for r in config.resources if self.me in r.hosts),
         )  # fmt: skip
+        now = clock()
+        for r in config.resources:
+            self._track(r, now)
 
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
-        # Heartbeats leave from a thread of their own: an etcd request that hangs until its
-        # timeout holds the loop up, and must not make the peers think this host is gone
-        # (the failsafe rests on them hearing it).  The loop refreshes what they say.
-        sender = threading.Thread(target=self._send_heartbeats, name="agent-heartbeat", daemon=True)
-        self._sender = sender
-        sender.start()
         try:
             while not self._stopping.is_set():
-                now = self.clock()
-                self.step(now)
-                wait = max(
-                    0.0, min(self.get_timer() - self.clock(), self.timing.heartbeat_interval)
-                )
+                self.step(self.clock())
+                wait = min(self.get_timer() - self.clock(), self.timing.heartbeat_interval)
                 fds: list[Any] = [self._wake_r]
                 if self.endpoint is not None:
                     fds.append(self.endpoint)
-                readable, _, _ = select.select(fds, [], [], wait)
+                readable, _, _ = select.select(fds, [], [], max(0.0, wait))
                 if self._wake_r in readable:
                     os.read(self._wake_r, 4096)
         finally:
@@ -300,41 +263,531 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._wake()
 
     def get_timer(self) -> float:
         """When the loop wants the next turn (monotonic)."""
-        times = [self._hb_due, self._poll_due, self._resources_due]
-        times.append(self._grant_due if self.lease is None else self._renew_due)
+        times = [self._resources_due]
         for h in self.resources.values():
-            if h.role in ("active", "promoting"):
-                times.append(self.deadline())
+            if "poll" not in h.inflight:
+                times.append(h.poll_due)
+            t = h.core.get_timer()
+            if t is not None:
+                times.append(t)
+            if h.core.role is fo.Role.ACTIVE and h.resource.monitor and not h.monitoring:
+                times.append(h.monitor_due)
         return min(times)
-
-    def deadline(self) -> float:
-        return self.renewed_sent + self.timing.lease_ttl - FENCE_MARGIN
 
     def step(self, now: float) -> None:
         self._receive(now)
-        self._finish_jobs(now)
-        self._keep_lease(now)
-        if now >= self._resources_due and self.etcd_ok:
-            self._resources_due = now + RESOURCES_EVERY
-            self._load_runtime_resources()
+        self._take_posted()
         for h in list(self.resources.values()):
-            if h.role in ("active", "promoting"):
-                self._check_active(h, now)
+            t = h.core.get_timer()
+            if t is not None and now >= t:
+                before = h.core.role
+                self._carry(h, h.core.handle_timer(now), before)
+            if now >= h.poll_due and "poll" not in h.inflight:
+                h.poll_due = now + self.timing.heartbeat_interval
+                self._poll(h)
             self._maybe_monitor(h, now)
-        if now >= self._poll_due:
-            self._poll_due = now + self.timing.heartbeat_interval
-            for h in list(self.resources.values()):
-                if h.role == "standby" and not h.busy:
-                    self._consider(h, now)
-        if now >= self._hb_due:
-            self._hb_due = now + self.timing.heartbeat_interval
-            self._heartbeat(now)
-            self._write_status(now)
+        if now >= self._resources_due:
+            self._resources_due = now + RESOURCES_EVERY
+            self._etcd(self._load_runtime_resources)
+        self._take_posted()
+        self._flush_heartbeats()
+        self._write_status(now)
+
+    # -- carrying out the core's actions ---------------------------------------------------
+
+    def _feed(self, h: Held, event: fo.Event, now: float | None = None) -> None:
+        if self.resources.get(h.name) is not h:
+            return  # dropped meanwhile
+        before = h.core.role
+        try:
+            actions = h.core.handle(event, self.clock() if now is None else now)
+        except PairvolError as e:  # an answer the core has no row for: logged, changes nothing
+            self.events.emit("cluster.core.refused", resource=h.name, input=repr(event),
+                             reason=str(e))  # fmt: skip
+            return
+        self._carry(h, actions, before)
+        if isinstance(event, fo.AppStarted) and h.starting and h.core.role is fo.Role.ACTIVE:
+            h.starting = False  # taken over and the application runs: the resource is active
+            self._failed_over(h, self.clock())
+            self._announce("cluster.active", resource=h.name, epoch=h.epoch, takeover=h.takeover)
+
+    def _carry(self, h: Held, actions: list[fo.Action], before: fo.Role) -> None:
+        """Carry out ``actions`` in order; ``before``: the role before the input that asked
+        for them (a role change is announced once they are under way)."""
+        for a in actions:
+            if isinstance(a, fo.EmitEvent):
+                self.events.emit(a.name, **a.as_dict())
+            elif isinstance(a, fo.SendHeartbeat):
+                self._outbox.setdefault(a.to, {})[h.name] = {
+                    "epoch": a.epoch, "active": a.active, "confirms": a.confirms,
+                    "etcd_ok": a.etcd_ok, "role": str(h.core.role),
+                    "last_failover": h.last_failover,
+                }  # fmt: skip
+            elif isinstance(a, fo.FenceNode):
+                self._fence_node(h, a)
+            elif isinstance(a, fo.GrantLease):
+                self._etcd(functools.partial(self._grant, h, a))
+            elif isinstance(a, fo.RenewLease):
+                if "renew" not in h.inflight:
+                    h.inflight.add("renew")
+                    self._etcd(lambda: self._renew(h))
+            elif isinstance(a, fo.TryAcquire):
+                self._etcd(lambda: self._acquire(h))
+            elif isinstance(a, fo.ReleaseLeader):
+                self._etcd(functools.partial(self._release, h, a.handover))
+            elif isinstance(a, fo.RunTakeover):
+                self._job(h, "takeover", functools.partial(self._take_over, h, a.epoch))
+            elif isinstance(a, fo.StartApp):
+                self._job(h, "start", lambda: self._start_app(h))
+            elif isinstance(a, fo.StopApp):
+                self._job(h, "stop", lambda: self._stop_app(h))
+            elif isinstance(a, fo.SwapPairs):
+                self._job(h, "swap", functools.partial(self._swap, h, a.to))
+        if h.core.role is not before:
+            self._role_changed(h, before)
+
+    def _role_changed(self, h: Held, before: fo.Role) -> None:
+        role = h.core.role
+        now = self.clock()
+        fields: dict[str, Any] = {"resource": h.name, "epoch": h.epoch, "previous": str(before)}
+        h.starting = role is fo.Role.ACTIVE and before is fo.Role.PROMOTING
+        if h.starting:
+            h.monitor_due = now + MONITOR_INTERVAL
+        if role is fo.Role.FENCED or role is fo.Role.STANDBY:
+            self._finish_request(h, "failed" if role is fo.Role.FENCED else "done")
+        if role is fo.Role.PROMOTING or (
+            role is fo.Role.STANDBY and before is not fo.Role.CANDIDATE
+        ):
+            self._announce(f"cluster.{role}", **fields)
+        else:
+            self._write_status(now, force=True)
+
+    def _failed_over(self, h: Held, now: float) -> None:
+        seen = h.active_seen
+        if seen is None or seen[0] == self.me:
+            return
+        last = h.core.last_failover or {}
+        seconds = round(now - seen[1], 3)
+        h.last_failover = {
+            "at": round(self.wall(), 3), "from": seen[0], "to": self.me, "epoch": h.epoch,
+            "seconds": seconds, "takeover": h.takeover, "result": last.get("result"),
+            "why": last.get("why"),
+        }  # fmt: skip
+        self.events.emit(
+            "cluster.failover.done", resource=h.name, seconds=seconds, epoch=h.epoch,
+            takeover=h.takeover, **{"from": seen[0]},
+        )  # fmt: skip
+
+    # -- etcd: one worker, in order ------------------------------------------------------
+
+    def _etcd(self, fn: Callable[[], None]) -> None:
+        if self.threaded:
+            self._etcd_q.put(fn)
+        else:
+            fn()
+
+    def _etcd_worker(self) -> None:
+        while True:
+            fn = self._etcd_q.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception as e:  # a bug must not kill the worker: logged
+                self._emit_later("cluster.bug", error=repr(e))
+
+    def _emit_later(self, name: str, **fields: Any) -> None:
+        """An event from a worker thread, written by the loop (one writer of the log)."""
+
+        def emit(_now: float) -> None:
+            self.events.emit(name, **fields)
+
+        self._post(emit)
+
+    def _post(self, fn: Posted) -> None:
+        self._posted.put(fn)
+        if self.threaded:
+            self._wake()
+
+    def _take_posted(self) -> None:
+        for _ in range(1000):
+            try:
+                fn = self._posted.get_nowait()
+            except queue.Empty:
+                return
+            fn(self.clock())
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _etcd_state(self, ok: bool, reason: str = "") -> None:
+        """Called on the worker after every request: the agent-wide reachability."""
+
+        def note(_now: float) -> None:
+            if ok is not self.etcd_ok:
+                if ok:
+                    self.events.emit("cluster.etcd.reachable")
+                else:
+                    self.events.emit("cluster.etcd.unreachable", reason=reason)
+            self.etcd_ok = ok
+
+        self._post(note)
+
+    def _grant(self, h: Held, a: fo.GrantLease) -> None:
+        at = self.clock()
+        try:
+            lease = self.coord.grant_lease(math.ceil(a.ttl))
+        except (ConnectionFailed, Timeout) as e:
+            self._etcd_state(False, str(e))
+            failed = fo.LeaseRenewFailed(str(e))
+            self._post(lambda _now: self._feed(h, failed))
+            return
+        self._etcd_state(True)
+
+        def granted(_now: float) -> None:
+            h.lease = lease
+            self._feed(h, fo.LeaseGranted(at, float(lease.ttl)))
+
+        self._post(granted)
+
+    def _renew(self, h: Held) -> None:
+        at = self.clock()
+        lease = h.lease
+        event: fo.Event
+        try:
+            if lease is None:
+                event = fo.LeaseRenewFailed("no lease", gone=True)
+            else:
+                self.coord.keepalive(lease)
+                event = fo.LeaseRenewed(at, float(lease.ttl))
+                self._etcd_state(True)
+        except LeaseLost as e:
+            event = fo.LeaseRenewFailed(str(e), gone=True)
+            self._etcd_state(True)
+        except (ConnectionFailed, Timeout) as e:
+            event = fo.LeaseRenewFailed(str(e))
+            self._etcd_state(False, str(e))
+
+        def answered(_now: float) -> None:
+            h.inflight.discard("renew")
+            if isinstance(event, fo.LeaseRenewFailed) and event.gone:
+                h.lease = None
+            self._feed(h, event)
+
+        self._post(answered)
+
+    def _acquire(self, h: Held) -> None:
+        lease = h.lease
+        event: fo.Event
+        try:
+            floor = self._node_floor(h.resource)
+        except PairvolError as e:
+            self._emit_later("cluster.node.unavailable", resource=h.name, reason=str(e))
+            floor = None
+        try:
+            if lease is None or floor is None:
+                event = fo.AcquireResult(False, read_epoch(self.coord, self.keys, h.name))
+            else:
+                epoch = acquire_leader(self.coord, self.keys, h.name, self.me, lease, floor=floor)
+                won = epoch is not None
+                event = fo.AcquireResult(
+                    won, epoch if epoch is not None else read_epoch(self.coord, self.keys, h.name)
+                )
+            self._etcd_state(True)
+        except (ConnectionFailed, Timeout) as e:
+            self._etcd_state(False, str(e))
+            event = fo.AcquireResult(False, 0)
+        except PairvolError as e:
+            self._emit_later("cluster.acquire.refused", resource=h.name, reason=str(e))  # fmt: skip
+            event = fo.AcquireResult(False, 0)
+        self._post(lambda _n: self._feed(h, event))
+
+    def _release(self, h: Held, handover: str | None) -> None:
+        try:
+            release_leader(self.coord, self.keys, h.name, self.me, handover=handover)
+            self._etcd_state(True)
+        except (ConnectionFailed, Timeout) as e:
+            self._etcd_state(False, str(e))
+        except PairvolError as e:
+            self._emit_later("cluster.release.failed", resource=h.name, reason=str(e))  # fmt: skip
+
+    def _poll(self, h: Held) -> None:
+        """Read the leader key (and, when absent, the epoch and handover) and the resource's
+        operator request; feed what they say."""
+        h.inflight.add("poll")
+
+        def read() -> None:
+            event: fo.Event | None
+            request: Request | None = None
+            try:
+                leader = read_leader(self.coord, self.keys, h.name)
+                if leader is None:
+                    epoch = read_epoch(self.coord, self.keys, h.name)
+                    handover = read_handover(self.coord, self.keys, h.name)
+                    event = fo.LeaderGone(epoch, handover)
+                else:
+                    event = fo.LeaderObserved(leader.holder, leader.epoch)
+                with contextlib.suppress(PairvolError):
+                    request = read_request(self.coord, self.keys, h.name)
+                self._etcd_state(True)
+            except (ConnectionFailed, Timeout) as e:
+                self._etcd_state(False, str(e))
+                event = fo.EtcdUnreachable(str(e))
+            except PairvolError as e:
+                event = None
+                self._emit_later("cluster.leader.unreadable", resource=h.name, reason=str(e))
+
+            def answered(now: float) -> None:
+                h.inflight.discard("poll")
+                if isinstance(event, fo.LeaderObserved) and event.holder != self.me:
+                    h.active_seen = (event.holder, now)
+                if event is not None:
+                    self._feed(h, event)
+                if request is not None and request.state == "pending":
+                    self._take_request(h, request)
+
+            self._post(answered)
+
+        self._etcd(read)
+
+    # -- operator requests -----------------------------------------------------------------
+
+    def _take_request(self, h: Held, req: Request) -> None:
+        if not h.core.claiming or h.request is not None:
+            return  # the active answers; one at a time
+        if req.op != "switchover":
+            self._answer(h, req, "refused", f"{req.op} is not carried out by this agent yet")
+            return
+        before = h.core.role
+        try:
+            actions = h.core.handle(fo.SwitchoverRequested(req.to), self.clock())
+        except PairvolError as e:
+            self._answer(h, req, "refused", str(e))
+            return
+        h.request = req
+        self._answer(h, req, "accepted")
+        self._carry(h, actions, before)
+
+    def _finish_request(self, h: Held, state: str) -> None:
+        req, h.request = h.request, None
+        if req is not None:
+            self._answer(h, req, state)
+
+    def _answer(self, h: Held, req: Request, state: str, detail: str = "") -> None:
+        """Write the answer into the request's key (on the etcd worker); an accepted request
+        is followed as stored, so that its final answer compares against that revision."""
+        self.events.emit("cluster.request", resource=h.name, id=req.id, op=req.op, state=state,
+                         detail=detail or None)  # fmt: skip
+
+        def write() -> None:
+            try:
+                stored = answer_request(self.coord, self.keys, h.name, req, state, detail)
+            except PairvolError:
+                stored = None
+
+            def follow(_now: float) -> None:
+                if stored is not None and h.request is not None and h.request.id == stored.id:
+                    h.request = stored
+
+            self._post(follow)
+
+        self._etcd(write)
+
+    # -- the node ------------------------------------------------------------------------
+
+    def _fence_node(self, h: Held, a: fo.FenceNode) -> None:
+        """Have the node refuse client writes for the resource's groups, now (on the loop:
+        it must happen before the lease could expire)."""
+        left = h.core.lease_remaining(self.clock())
+        timeout = max(0.2, (left if left is not None else 0.0) + FENCE_MARGIN)
+        failed = []
+        for group in h.resource.groups:
+            args = {"target": group, "epoch": a.epoch, "reason": f"cluster: {a.reason}"}
+            try:
+                try:
+                    self.node.call("pair.fence", args, timeout=timeout)
+                except PairvolError as e:
+                    if "refused" not in str(e):
+                        raise
+                    # The node has seen a newer epoch than this core knows (a restart):
+                    # fence at the node's own epoch, which it accepts.
+                    args["epoch"] = self._node_floor(h.resource)
+                    self.node.call("pair.fence", args, timeout=timeout)
+            except PairvolError as e:
+                failed.append(f"{group}: {e}")
+        if failed:
+            self.events.emit("cluster.fence.failed", resource=h.name, errors=failed)
+
+    def _node_floor(self, r: Resource) -> int:
+        """The highest pair or cluster epoch the node has for the resource's groups."""
+        floor = 0
+        for group in r.groups:
+            doc = self.node.call("pair.display", {"target": group})
+            for p in doc.get("pairs", []):
+                floor = max(floor, int(p.get("epoch") or 0), int(p.get("cluster_epoch") or 0))
+        return floor
+
+    def _take_over(self, h: Held, epoch: int) -> fo.Event:
+        results: dict[str, str] = {}
+        try:
+            for group in h.resource.groups:
+                results[group] = self._take_over_group(group)
+            for group in h.resource.groups:
+                self.node.call("pair.unfence", {"target": group, "epoch": epoch})
+            self._attach_devices(h.resource)
+        except PairvolError as e:
+            h.takeover = results
+            return fo.TakeoverDone(False, f"{type(e).__name__}: {e}")
+        h.takeover = results
+        detail = ", ".join(f"{g}: {r}" for g, r in sorted(results.items()))
+        return fo.TakeoverDone(True, detail or "nop")
+
+    def _take_over_group(self, group: str) -> str:
+        """The storage takeover of one group here; its result as horctakeover names it."""
+        pairs = self.node.call("pair.display", {"target": group}).get("pairs", [])
+        roles = {p.get("role") for p in pairs}
+        states = {str(p.get("state")) for p in pairs}
+        if "secondary" not in roles:
+            for bad in ("PSUE", "PSUS"):
+                if bad in states:
+                    return f"PVOL-{bad}"
+            return "nop"
+        link_up = all(p.get("link") == "up" for p in pairs)
+        if link_up and states <= set(SWAP_STATES):
+            # Split already (a switchover): the old primary answers, swap at once.
+            with contextlib.suppress(ConnectionFailed, Timeout):
+                self.node.call("pair.resync", {"target": group, "swap": True},
+                               timeout=TAKEOVER_TIMEOUT)  # fmt: skip
+                return "swap"
+        self.node.call("pair.takeover", {"target": group}, timeout=TAKEOVER_TIMEOUT)
+        return "SVOL-takeover"
+
+    def _attach_devices(self, r: Resource) -> None:
+        """Attach the resource's devices on this host from the PVID cache (PVID-checked); a
+        device not cached yet is read from its volume first."""
+        for name, export in sorted(r.devices_on(self.me).items()):
+            cached = self.cache.read().entries.get(name)
+            if cached is None:
+                cached = devices.record(self.cache, name, export)
+            if cached.attachment is None:
+                devices.attach(self.cache, name)
+            self.events.emit("cluster.device.attached", resource=r.name, device=name)
+
+    def _detach_devices(self, r: Resource) -> list[str]:
+        errors = []
+        for name in sorted(r.devices_on(self.me)):
+            entry = self.cache.read().entries.get(name)
+            if entry is not None and entry.attachment is not None:
+                try:
+                    devices.detach(self.cache, name)
+                except PairvolError as e:
+                    errors.append(f"{name}: {e}")
+        return errors
+
+    def _swap(self, h: Held, to: str) -> fo.Event:
+        """Switchover, on the active after its application stopped: no write from here any
+        more, then split each group (async: drained), so the target holds everything."""
+        try:
+            for group in h.resource.groups:
+                self.node.call(
+                    "pair.fence",
+                    {"target": group, "epoch": h.epoch, "reason": f"cluster: switchover to {to}"},
+                )
+            self._detach_devices(h.resource)
+            for group in h.resource.groups:
+                pairs = self.node.call("pair.display", {"target": group}).get("pairs", [])
+                if any(p.get("state") in ("PAIR", "COPY", "PFUL") for p in pairs):
+                    self.node.call("pair.split", {"target": group}, timeout=TAKEOVER_TIMEOUT)
+        except PairvolError as e:
+            for group in h.resource.groups:
+                with contextlib.suppress(PairvolError):
+                    self.node.call("pair.unfence", {"target": group, "epoch": h.epoch})
+            return fo.SwapDone(False, f"{type(e).__name__}: {e}")
+        return fo.SwapDone(True, f"split for {to}")
+
+    # -- the application -------------------------------------------------------------------
+
+    def _start_app(self, h: Held) -> fo.Event:
+        r = h.resource
+        if r.start is None:
+            return fo.AppStarted()
+        code, tail = self.runner(r.start, COMMAND_TIMEOUT, self._command_env(h))
+        return fo.AppStarted() if code == 0 else fo.AppFailed(f"start: status {code}: {tail}")
+
+    def _stop_app(self, h: Held) -> fo.Event:
+        r = h.resource
+        code, tail = 0, ""
+        if r.stop is not None:
+            code, tail = self.runner(r.stop, COMMAND_TIMEOUT, self._command_env(h))
+        errors = self._detach_devices(r)
+        if code != 0:
+            return fo.AppFailed(f"stop: status {code}: {tail}")
+        if errors:
+            return fo.AppFailed(f"detach: {'; '.join(errors)}")
+        return fo.AppStopped()
+
+    def _maybe_monitor(self, h: Held, now: float) -> None:
+        r = h.resource
+        if h.core.role is not fo.Role.ACTIVE or not r.monitor or h.monitoring:
+            return
+        if now < h.monitor_due:
+            return
+        h.monitoring = True
+        monitor = r.monitor
+
+        def run() -> None:
+            code, tail = self.runner(monitor, MONITOR_TIMEOUT, self._command_env(h))
+
+            def done(now: float) -> None:
+                h.monitoring = False
+                h.monitor_due = now + MONITOR_INTERVAL
+                if code != 0 and h.core.role is fo.Role.ACTIVE:
+                    self.events.emit("cluster.monitor.failed", resource=h.name, status=code,
+                                     output=tail)  # fmt: skip
+                    self._feed(h, fo.AppFailed(f"monitor: status {code}: {tail}"), now)
+
+            self._post(done)
+
+        self._thread(run, f"agent-monitor-{h.name}")
+
+    def _command_env(self, h: Held) -> dict[str, str]:
+        return dict(
+            os.environ,
+            PAIRVOL_RESOURCE=h.name,
+            PAIRVOL_HOST=self.me,
+            PAIRVOL_EPOCH=str(h.epoch),
+            PAIRVOL_GROUPS=" ".join(h.resource.groups),
+        )
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def _job(self, h: Held, kind: str, fn: Callable[[], fo.Event]) -> None:
+        def job() -> None:
+            event: fo.Event
+            try:
+                event = fn()
+            except Exception as e:  # a job's failure is reported, never lost with its thread
+                reason = f"{kind}: {type(e).__name__}: {e}"
+                if kind == "takeover":
+                    event = fo.TakeoverDone(False, reason)
+                elif kind == "swap":
+                    event = fo.SwapDone(False, reason)
+                else:
+                    event = fo.AppFailed(reason)
+            self._post(lambda now: self._feed(h, event, now))
+
+        self._thread(job, f"agent-{kind}-{h.name}")
+
+    def _thread(self, fn: Callable[[], None], name: str) -> None:
+        if self.threaded:
+            threading.Thread(target=fn, name=name, daemon=True).start()
+        else:
+            fn()
 
     # -- peers ---------------------------------------------------------------------------
 
@@ -362,420 +815,112 @@ class Agent:
 
     def hear(self, d: Datagram, now: float) -> None:
         if d.kind != "heartbeat":
-            return  # the refresh notices belong to the refresh protocol, not wired here yet
+            return  # refresh notices: the refresh protocol is not wired into this loop yet
         body = dict(d.body)
         was = self.peers.get(d.host)
         self.peers[d.host] = (now, body)
         if was is None or now - was[0] > self.timing.heartbeat_timeout:
             self.events.emit("cluster.peer.up", peer=d.host)
-        for name, r in body.get("resources", {}).items():
+        resources = body.get("resources")
+        if not isinstance(resources, dict):
+            return
+        for name, r in resources.items():
             h = self.resources.get(name)
-            if h is not None and isinstance(r, dict) and r.get("role") == "active":
-                h.previous = (d.host, now)
+            if h is None or not isinstance(r, dict) or d.host not in h.resource.hosts:
+                continue  # a peer is heard only for the resources it is a host of
+            try:
+                event = fo.PeerHeard(
+                    d.host, int(r.get("epoch", 0)), bool(r.get("active")),
+                    r.get("confirms"), bool(r.get("etcd_ok", True)),
+                )  # fmt: skip
+            except (PairvolError, TypeError, ValueError) as e:
+                self._refused(f"a heartbeat from {d.host} for {name}: {e}", now)
+                continue
+            if event.active:
+                h.active_seen = (d.host, now)
+            self._feed(h, event, now)
 
-    def peer_views(self, now: float) -> dict[str, PeerView]:
-        out = {}
-        for host, (heard, body) in self.peers.items():
-            alive = now - heard <= self.timing.heartbeat_timeout
-            res = body.get("resources", {})
-            out[host] = PeerView(host, alive, heard, res if isinstance(res, dict) else {})
-        return out
-
-    def _heartbeat(self, now: float) -> None:
+    def _flush_heartbeats(self) -> None:
+        outbox, self._outbox = self._outbox, {}
         if self.endpoint is None:
             return
-        body = {
-            "resources": {
-                name: {
-                    "role": h.role,
-                    "epoch": h.epoch,
-                    "eligible": self._eligible(h, now),
-                    "last_failover": h.last_failover,
-                }
-                for name, h in self.resources.items()
-            },
-            # The refresh protocol's flags (SPEC 3) ride here once it is wired in: none yet.
-            "flags": {},
-        }
-        self._hb_body = body
-        if self._sender is None:  # step() driven by a test: send from here
-            for peer in self.endpoint.peers:
+        for peer, resources in outbox.items():
+            if peer not in self.endpoint.peers:
+                continue
+            body = {
+                "resources": resources,
+                # The refresh protocol's flags (SPEC 3) ride here once it is wired in.
+                "flags": {},
+            }
+            try:
                 self.endpoint.send(peer, "heartbeat", body, self.wall())
-
-    def _send_heartbeats(self) -> None:
-        assert self.endpoint is not None
-        while not self._stopping.wait(self.timing.heartbeat_interval):
-            body = self._hb_body
-            if body is not None:
-                for peer in self.endpoint.peers:
-                    self.endpoint.send(peer, "heartbeat", body, self.wall())
-
-    def _eligible(self, h: Held, now: float) -> bool:
-        return (
-            h.role == "standby"
-            and not h.busy
-            and now >= h.hold_off_until
-            and self.lease is not None
-        )
-
-    # -- the lease -----------------------------------------------------------------------
-
-    def _keep_lease(self, now: float) -> None:
-        if self.lease is None:
-            if now < self._grant_due:
-                return
-            try:
-                self.lease = self.coord.grant_lease(self.timing.lease_ttl)
-            except (ConnectionFailed, Timeout) as e:
-                self._etcd_down(now, str(e))
-                self._grant_due = now + self.timing.lease_renew_interval / 2
-                return
-            self.renewed_sent = now
-            self._renew_due = now + self.timing.lease_renew_interval
-            self._etcd_up()
-            self.events.emit("cluster.lease.granted", lease=self.lease.id, ttl=self.lease.ttl)
-            for h in self.resources.values():
-                if h.role in ("active", "promoting"):
-                    self._reacquire(h, now)  # back from the failsafe
-            return
-        if now < self._renew_due:
-            return
-        try:
-            self.coord.keepalive(self.lease)
-        except LeaseLost as e:
-            self.events.emit("cluster.lease.lost", lease=self.lease.id, reason=str(e))
-            self.lease = None
-            self._grant_due = now
-            self._etcd_up()
-            for h in list(self.resources.values()):
-                # In the failsafe, the lease ran out while etcd was away: take the key again
-                # under a new lease (the peers heard us active all along, so none contended).
-                if h.role in ("active", "promoting") and h.resource.name not in self.failsafe_on:
-                    self.fence(h, now, "the lease was lost")
-            self._keep_lease(now)  # a new lease at once
-            return
-        except (ConnectionFailed, Timeout) as e:
-            self._etcd_down(now, str(e))
-            self._renew_due = now + self.timing.lease_renew_interval / 4
-            return
-        self.renewed_sent = now
-        self._renew_due = now + self.timing.lease_renew_interval
-        self._etcd_up()
-
-    def _etcd_down(self, now: float, reason: str) -> None:
-        if self._etcd_seen is not False:
-            self.events.emit("cluster.etcd.unreachable", reason=reason)
-        self._etcd_seen = False
-        self.etcd_ok = False
-
-    def _etcd_up(self) -> None:
-        if self._etcd_seen is not True:
-            self.events.emit("cluster.etcd.reachable")
-        self._etcd_seen = True
-        self.etcd_ok = True
-
-    def _reacquire(self, h: Held, now: float) -> None:
-        """After the failsafe, the active takes its leader key again under the new lease."""
-        assert self.lease is not None
-        try:
-            leader = read_leader(self.coord, self.keys, h.resource.name)
-            epoch = None
-            if leader is None:
-                floor = h.epoch
-                with contextlib.suppress(PairvolError):
-                    floor = max(floor, self._node_floor(h.resource))
-                epoch = acquire_leader(
-                    self.coord, self.keys, h.resource.name, self.me, self.lease, floor=floor
-                )
-        except (ConnectionFailed, Timeout) as e:
-            self._etcd_down(now, str(e))
-            return
-        if epoch is None:
-            self.fence(h, now, "another host holds the resource after etcd came back")
-            return
-        self._unfence(h.resource, epoch)
-        h.epoch = epoch
-        self.failsafe_on.discard(h.resource.name)
-        self._announce("cluster.active", resource=h.resource.name, epoch=epoch, again=True)
-
-    # -- active resources: the fencing deadline -------------------------------------------
-
-    def _check_active(self, h: Held, now: float) -> None:
-        if self.lease is not None and now < self.deadline():
-            return
-        name = h.resource.name
-        if not self.etcd_ok and self.decision.failsafe(self.me, h.resource, self.peer_views(now)):
-            if name not in self.failsafe_on:
-                self.failsafe_on.add(name)
-                self.events.emit("cluster.failsafe", resource=name, epoch=h.epoch)
-            return
-        self.fence(h, now, "the lease could not be renewed in time")
-
-    def fence(self, h: Held, now: float, why: str) -> None:
-        """Have the node refuse client writes for the resource, then stop the application."""
-        name = h.resource.name
-        self.failsafe_on.discard(name)
-        failed = []
-        for group in h.resource.groups:
-            try:
-                self.node.call(
-                    "pair.fence",
-                    {"target": group, "epoch": h.epoch, "reason": f"cluster: {why}"},
-                    timeout=max(0.2, self.deadline() + FENCE_MARGIN - now),
-                )
-            except PairvolError as e:
-                failed.append(f"{group}: {e}")
-        h.role = "fenced"
-        h.hold_off_until = now + HOLD_OFF_TTLS * self.timing.lease_ttl
-        self._announce(
-            "cluster.fenced", resource=name, epoch=h.epoch, why=why, errors=failed or None
-        )
-        h.busy = True
-        self._spawn(lambda: self._stop_app(h.resource), name, "stop")
-        with contextlib.suppress(ConnectionFailed, Timeout, PairvolError):
-            if self.lease is not None:
-                release_leader(self.coord, self.keys, name, self.me)
-
-    def _maybe_monitor(self, h: Held, now: float) -> None:
-        r = h.resource
-        if h.role != "active" or not r.monitor or h.monitoring or h.busy or now < h.monitor_due:
-            return
-        h.monitoring = True
-        self._spawn(lambda: self._monitor(r), r.name, "monitor")
-
-    def _monitor(self, r: Resource) -> tuple[bool, dict[str, Any]]:
-        assert r.monitor is not None
-        code, tail = self.runner(r.monitor, MONITOR_TIMEOUT, self._command_env(r))
-        return code == 0, {"status": code, "output": tail}
-
-    def _stop_app(self, r: Resource) -> tuple[bool, dict[str, Any]]:
-        if r.stop is None:
-            return True, {}
-        code, tail = self.runner(r.stop, COMMAND_TIMEOUT, self._command_env(r))
-        return code == 0, {"status": code, "output": tail}
-
-    # -- standby resources: promotion -----------------------------------------------------
-
-    def _consider(self, h: Held, now: float) -> None:
-        if self.lease is None or now < h.hold_off_until:
-            return
-        if now - h.since < RESOURCES_EVERY + self.timing.heartbeat_timeout:
-            # Hear the peers first: a preferred host may be starting too, or learn of a new
-            # resource a little later than we did.
-            return
-        name = h.resource.name
-        if not self.etcd_ok:
-            return  # the lease renewal finds out when it is back; no request to hang on here
-        try:
-            leader = read_leader(self.coord, self.keys, name)
-        except (ConnectionFailed, Timeout) as e:
-            self._etcd_down(now, str(e))
-            return
-        if leader is not None:
-            h.epoch = leader.epoch  # what a standby shows: the resource's current epoch
-            h.failsafe_seen = False
-            if leader.holder != self.me:
-                h.previous = (leader.holder, h.previous[1] if h.previous else now)
-            return
-        views = self.peer_views(now)
-        if any(v.claims(name) for v in views.values()):
-            h.failsafe_seen = True  # an active without its key: it is in the failsafe
-        if not self.decision.may_contend(self.me, h.resource, None, views):
-            return
-        # An active in the failsafe fences itself once it has not heard us for
-        # heartbeat_timeout (plus a turn of its loop, which an etcd request may hold up to its
-        # timeout): give it twice that from the last time we heard it.
-        held = h.previous[1] + 2 * self.timing.heartbeat_timeout if h.previous else 0.0
-        if h.failsafe_seen and now < held:
-            return
-        try:
-            floor = self._node_floor(h.resource)
-        except PairvolError as e:
-            self.events.emit("cluster.node.unavailable", resource=name, reason=str(e))
-            h.hold_off_until = now + self.timing.lease_ttl
-            return
-        try:
-            epoch = acquire_leader(self.coord, self.keys, name, self.me, self.lease, floor=floor)
-        except (ConnectionFailed, Timeout) as e:
-            self._etcd_down(now, str(e))
-            return
-        except PairvolError as e:
-            self.events.emit("cluster.promote.refused", resource=name, reason=str(e))
-            h.hold_off_until = now + self.timing.lease_ttl
-            return
-        if epoch is None:
-            return
-        h.role, h.epoch, h.busy = "promoting", epoch, True
-        previous = h.previous
-        self.events.emit(
-            "cluster.promoting", resource=name, epoch=epoch, floor=floor,
-            previous=previous[0] if previous else None,
-        )  # fmt: skip
-        self._spawn(lambda: self._promote(h.resource, epoch), name, "promote")
-
-    def _node_floor(self, r: Resource) -> int:
-        """The highest pair or cluster epoch the node has for the resource's groups."""
-        floor = 0
-        for group in r.groups:
-            doc = self.node.call("pair.display", {"target": group})
-            for p in doc.get("pairs", []):
-                floor = max(floor, int(p.get("epoch") or 0), int(p.get("cluster_epoch") or 0))
-        return floor
-
-    def _promote(self, r: Resource, epoch: int) -> tuple[bool, dict[str, Any]]:
-        takeover: dict[str, str] = {}
-        try:
-            for group in r.groups:
-                doc = self.node.call("pair.display", {"target": group})
-                roles = {p.get("role") for p in doc.get("pairs", [])}
-                if "secondary" in roles:
-                    out = self.node.call("pair.takeover", {"target": group}, timeout=60.0)
-                    states = sorted({str(p.get("state")) for p in out.get("pairs", [])})
-                    takeover[group] = "SVOL-takeover " + "/".join(states)
-                else:
-                    takeover[group] = "nop"
-            self._unfence(r, epoch)
-        except PairvolError as e:
-            return False, {"takeover": takeover, "error": f"{type(e).__name__}: {e}"}
-        if r.start is not None:
-            code, tail = self.runner(r.start, COMMAND_TIMEOUT, self._command_env(r))
-            if code != 0:
-                return False, {"takeover": takeover, "error": f"start: status {code}: {tail}"}
-        return True, {"takeover": takeover}
-
-    def _unfence(self, r: Resource, epoch: int) -> None:
-        for group in r.groups:
-            self.node.call("pair.unfence", {"target": group, "epoch": epoch})
-
-    def _command_env(self, r: Resource) -> dict[str, str]:
-        h = self.resources[r.name]
-        return dict(
-            os.environ,
-            PAIRVOL_RESOURCE=r.name,
-            PAIRVOL_HOST=self.me,
-            PAIRVOL_EPOCH=str(h.epoch),
-            PAIRVOL_GROUPS=" ".join(r.groups),
-        )
-
-    # -- jobs ----------------------------------------------------------------------------
-
-    def _spawn(self, fn: Callable[[], tuple[bool, dict[str, Any]]], name: str, kind: str) -> None:
-        def job() -> None:
-            try:
-                ok, detail = fn()
-            except Exception as e:  # a job's failure is reported, never lost with its thread
-                ok, detail = False, {"error": f"{type(e).__name__}: {e}"}
-            self._jobs.put(JobDone(name, kind, ok, detail))
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"j")
-
-        if self.threaded:
-            threading.Thread(target=job, name=f"agent-{kind}-{name}", daemon=True).start()
-        else:
-            job()
-
-    def _finish_jobs(self, now: float) -> None:
-        while True:
-            try:
-                done = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            h = self.resources.get(done.resource)
-            if h is None:
-                continue
-            if done.kind == "monitor":
-                h.monitor_due = now + MONITOR_INTERVAL
-                h.monitoring = False
-                if not done.ok and h.role == "active":
-                    self.events.emit("cluster.monitor.failed", resource=done.resource,
-                                     **done.detail)  # fmt: skip
-                    self.fence(h, now, f"the monitor command failed: {done.detail}")
-                continue
-            h.busy = False
-            if done.kind == "stop":
-                self.events.emit("cluster.stopped.app", resource=done.resource, ok=done.ok,
-                                 **done.detail)  # fmt: skip
-                if h.role == "fenced":
-                    h.role = "standby"
-                    self._announce("cluster.standby", resource=done.resource, epoch=h.epoch)
-                continue
-            if not done.ok:
-                self.events.emit("cluster.promote.failed", resource=done.resource, **done.detail)
-                self.fence(h, now, f"promotion failed: {done.detail.get('error')}")
-                continue
-            h.role = "active"
-            h.monitor_due = now + MONITOR_INTERVAL
-            h.takeover = dict(done.detail.get("takeover", {}))
-            devices = h.resource.devices_on(self.me)
-            self._announce(
-                "cluster.active", resource=done.resource, epoch=h.epoch, takeover=h.takeover,
-                # Not pretended: the PVID-cache refresh and attach are not wired in yet.
-                devices_not_attached=sorted(devices) or None,
-            )  # fmt: skip
-            prev = h.previous
-            if prev is not None and prev[0] != self.me:
-                seconds = round(now - prev[1], 3)
-                h.last_failover = {
-                    "at": round(self.wall(), 3), "from": prev[0], "to": self.me,
-                    "epoch": h.epoch, "seconds": seconds, "takeover": h.takeover,
-                    "why": "the leader key vanished and the active host was not heard",
-                }  # fmt: skip
-                self._announce("cluster.failover.done", resource=done.resource,
-                                 seconds=seconds, **{"from": prev[0]}, epoch=h.epoch,
-                                 takeover=h.takeover)  # fmt: skip
+            except OSError as e:
+                for h in self.resources.values():
+                    if peer in h.resource.hosts:
+                        self._feed(h, fo.PeerLost(peer, str(e)))
 
     # -- resources -----------------------------------------------------------------------
 
-    def _track(self, r: Resource) -> None:
+    def _track(self, r: Resource, now: float) -> None:
         if self.me not in r.hosts:
             return
         if r.name in self.resources:
             self.resources[r.name].resource = r
             return
-        self.resources[r.name] = Held(r, since=self.clock())
+        t = self.timing
+        core = fo.FailoverCore(
+            r.name, self.me, r.hosts, lease_ttl=float(t.lease_ttl),
+            renew_interval=t.lease_renew_interval, margin=FENCE_MARGIN,
+            heartbeat_interval=t.heartbeat_interval, heartbeat_timeout=t.heartbeat_timeout,
+            now=now, cooldown=max(COOLDOWN, 3.0 * t.lease_ttl),
+        )  # fmt: skip
+        h = Held(r, core, poll_due=now)
+        self.resources[r.name] = h
         self._announce("cluster.standby", resource=r.name, epoch=0)
+        self._feed(h, fo.Started(), now)
 
     def _load_runtime_resources(self) -> None:
+        """On the etcd worker: read the runtime resources, then (on the loop) track them."""
         try:
             runtime = list_resources(self.coord, self.keys, known_hosts=self.config.host_names())
         except (ConnectionFailed, Timeout):
             return
         except PairvolError as e:
-            self.events.emit("cluster.resource.bad", reason=str(e))
+            self._emit_later("cluster.resource.bad", reason=str(e))
             return
-        names = {r.name for r in self.config.resources}
-        for r in runtime:
-            if r.name not in names:
-                self._track(r)
-        gone = set(self.resources) - names - {r.name for r in runtime}
-        for name in gone:
-            h = self.resources[name]
-            if h.role == "standby" and not h.busy:
-                del self.resources[name]
-                self.events.emit("cluster.resource.dropped", resource=name)
+
+        def track(now: float) -> None:
+            names = {r.name for r in self.config.resources}
+            for r in runtime:
+                if r.name not in names:
+                    self._track(r, now)
+            gone = set(self.resources) - names - {r.name for r in runtime}
+            for name in gone:
+                h = self.resources[name]
+                if h.core.role in (fo.Role.STANDBY, fo.Role.FENCED):
+                    del self.resources[name]
+                    self.events.emit("cluster.resource.dropped", resource=name)
+
+        self._post(track)
 
     # -- status and shutdown --------------------------------------------------------------
 
     def status(self, now: float) -> dict[str, Any]:
-        views = self.peer_views(now)
         return {
             "host": self.me,
             "cluster": self.config.cluster,
             "pid": os.getpid(),
             "etcd": "reachable" if self.etcd_ok else "unreachable",
-            "lease": None
-            if self.lease is None
-            else {
-                "id": self.lease.id,
-                "ttl": self.lease.ttl,
-                "renewed_ago": round(now - self.renewed_sent, 3),
-            },
             "resources": [
                 {
                     "name": name,
-                    "role": h.role,
+                    "role": "stopped" if h.stopping else h.role,
                     "epoch": h.epoch,
-                    "failsafe": name in self.failsafe_on,
+                    "leader": h.core.leader,
+                    "failsafe": h.core.in_failsafe,
+                    "lease_remaining": None
+                    if h.core.lease_remaining(now) is None
+                    else round(max(0.0, h.core.lease_remaining(now) or 0.0), 3),
                     "takeover": h.takeover,
                     "last_failover": h.last_failover,
                 }
@@ -783,12 +928,12 @@ class Agent:
             ],
             "peers": {
                 p: {
-                    "alive": v.alive,
-                    "heard_ago": round(now - v.heard_at, 3),
-                    "resources": dict(v.resources),
-                    "flags": self.peers[p][1].get("flags", {}),
+                    "alive": now - heard <= self.timing.heartbeat_timeout,
+                    "heard_ago": round(now - heard, 3),
+                    "resources": body.get("resources", {}),
+                    "flags": body.get("flags", {}),
                 }
-                for p, v in sorted(views.items())
+                for p, (heard, body) in sorted(self.peers.items())
             },
             "flags": {},
             "updated": round(self.wall(), 3),
@@ -801,7 +946,10 @@ class Agent:
 
     def _write_status(self, now: float, *, force: bool = False) -> None:
         doc = self.status(now)
-        key = json.dumps({k: v for k, v in doc.items() if k not in ("updated", "lease", "peers")})
+        key = json.dumps(
+            {k: v for k, v in doc.items() if k not in ("updated", "peers")}
+            | {"resources": [(r["name"], r["role"], r["epoch"]) for r in doc["resources"]]}
+        )
         if not force and key == self._status_written and int(now) % 2:
             return
         self._status_written = key
@@ -811,15 +959,14 @@ class Agent:
         )
 
     def shutdown(self) -> None:
-        """A clean stop: each active resource's application is stopped, its node fenced,
+        """A clean stop: each claimed resource's application is stopped, its node fenced,
         its leader key released and the lease revoked (the standby takes over at once)."""
         self._stopping.set()
-        if self._sender is not None:
-            self._sender.join()
         now = self.clock()
         for h in self.resources.values():
-            if h.role in ("active", "promoting"):
-                self._stop_app(h.resource)
+            h.stopping = True
+            if h.core.claiming:
+                self._stop_app(h)
                 for group in h.resource.groups:
                     with contextlib.suppress(PairvolError):
                         self.node.call(
@@ -827,14 +974,16 @@ class Agent:
                             {"target": group, "epoch": h.epoch, "reason": "cluster: agent stopped"},
                         )
                 with contextlib.suppress(PairvolError):
-                    release_leader(self.coord, self.keys, h.resource.name, self.me)
-                h.role = "standby"
-                self.events.emit("cluster.released", resource=h.resource.name, epoch=h.epoch)
-        if self.lease is not None:
-            with contextlib.suppress(PairvolError):
-                self.coord.revoke(self.lease)
-            self.lease = None
-        self._write_status(now)
+                    release_leader(self.coord, self.keys, h.name, self.me)
+                self.events.emit("cluster.released", resource=h.name, epoch=h.epoch)
+            if h.lease is not None:
+                with contextlib.suppress(PairvolError):
+                    self.coord.revoke(h.lease)
+                h.lease = None
+        if self._etcd_thread is not None:
+            self._etcd_q.put(None)
+            self._etcd_thread.join(timeout=5.0)
+        self._write_status(now, force=True)
         self.events.emit("cluster.stopped", host=self.me)
         if self.endpoint is not None:
             self.endpoint.close()

@@ -45,8 +45,8 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from cluster.config import (
     Resource,
@@ -1149,6 +1149,8 @@ class Keys:
     /pairvol/<cluster>/epoch/<resource>     N (decimal), no lease, never deleted
     /pairvol/<cluster>/lock/<volume>        HOST, under HOST's lease (the S-VOL lock)
     /pairvol/<cluster>/resource/<resource>  the runtime resource record (JSON)
+    /pairvol/<cluster>/handover/<resource>  HOST a switchover released the leader key to
+    /pairvol/<cluster>/request/<resource>   an operator's request to the active (JSON)
     """
 
     ROOT = "/pairvol/"
@@ -1173,8 +1175,22 @@ class Keys:
     def resources(self) -> str:
         return self.root + "resource/"
 
+    @property
+    def handovers(self) -> str:
+        return self.root + "handover/"
+
+    @property
+    def requests(self) -> str:
+        return self.root + "request/"
+
     def leader(self, resource: str) -> str:
         return self.leaders + check_cluster_name(resource, what="resource name")
+
+    def handover(self, resource: str) -> str:
+        return self.handovers + check_cluster_name(resource, what="resource name")
+
+    def request(self, resource: str) -> str:
+        return self.requests + check_cluster_name(resource, what="resource name")
 
     def epoch(self, resource: str) -> str:
         return self.epochs + check_cluster_name(resource, what="resource name")
@@ -1292,18 +1308,103 @@ def read_epoch(coord: Coord, keys: Keys, resource: str) -> int:
     return 0 if kv is None else decode_epoch(kv)
 
 
-def release_leader(coord: Coord, keys: Keys, resource: str, holder: str) -> bool:
+def release_leader(
+    coord: Coord, keys: Keys, resource: str, holder: str, *, handover: str | None = None
+) -> bool:
     """Delete the leader key if ``holder`` still holds it (compare-and-delete on the exact
-    record we read, in a transaction); False if it is not ours (or gone).  The epoch stays."""
+    record we read, in a transaction); False if it is not ours (or gone).  The epoch stays.
+    ``handover``: the host a switchover hands the resource to, written in the same
+    transaction (the others hold back while it takes the key); None clears any."""
     key = keys.leader(resource)
     kv = coord.get(key)
     if kv is None or decode_leader(kv).holder != holder:
         return False
+    then: list[Op] = [Delete(key)]
+    if handover is None:
+        then.append(Delete(keys.handover(resource)))
+    else:
+        then.append(Put(keys.handover(resource), check_cluster_name(handover).encode()))
     result = coord.txn(
-        [Compare.value(key, "==", kv.value), Compare.mod(key, "==", kv.mod_revision)],
-        [Delete(key)],
+        [Compare.value(key, "==", kv.value), Compare.mod(key, "==", kv.mod_revision)], then
     )
     return result.succeeded
+
+
+def read_handover(coord: Coord, keys: Keys, resource: str) -> str | None:
+    """The host the last switchover released ``resource`` to (None: none)."""
+    kv = coord.get(keys.handover(resource))
+    return None if kv is None else kv.value.decode("utf-8", "replace")
+
+
+# -- operator requests to the active agent ---------------------------------------------------
+
+#: What an operator can ask of a resource's active agent, and the states of a request.
+REQUEST_OPS: Final = ("switchover", "split", "resync")
+REQUEST_STATES: Final = ("pending", "accepted", "refused", "done", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """``pairvol cluster switchover|split|resync``: one request per resource at a time,
+    written by the command, answered by the active agent in the same key."""
+
+    id: str
+    op: str
+    state: str = "pending"
+    to: str | None = None  # switchover: the target host
+    target: str | None = None  # split/resync: a group of the resource (None: all of them)
+    detail: str = ""
+    revision: int = 0  # the key's mod_revision as read
+
+    def encode(self) -> bytes:
+        doc = {"id": self.id, "op": self.op, "state": self.state, "to": self.to,
+               "target": self.target, "detail": self.detail}  # fmt: skip
+        return json.dumps(doc, sort_keys=True).encode()
+
+
+def decode_request(kv: KeyValue) -> Request:
+    try:
+        doc = json.loads(kv.value)
+        req = Request(
+            id=str(doc["id"]), op=str(doc["op"]), state=str(doc["state"]),
+            to=doc.get("to"), target=doc.get("target"), detail=str(doc.get("detail") or ""),
+            revision=kv.mod_revision,
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError(f"etcd key {kv.key} holds {kv.value[:80]!r}, not a request") from e
+    if req.op not in REQUEST_OPS or req.state not in REQUEST_STATES:
+        raise ProtocolError(f"etcd key {kv.key}: request op {req.op!r} state {req.state!r}")
+    return req
+
+
+def put_request(coord: Coord, keys: Keys, resource: str, request: Request) -> bool:
+    """Store a new pending request; False if one is still pending or accepted (one at a
+    time: a finished one is replaced)."""
+    key = keys.request(resource)
+    kv = coord.get(key)
+    if kv is not None:
+        with contextlib.suppress(ProtocolError):
+            if decode_request(kv).state in ("pending", "accepted"):
+                return False
+    mod = 0 if kv is None else kv.mod_revision
+    result = coord.txn([Compare.mod(key, "==", mod)], [Put(key, request.encode())])
+    return result.succeeded
+
+
+def read_request(coord: Coord, keys: Keys, resource: str) -> Request | None:
+    kv = coord.get(keys.request(resource))
+    return None if kv is None else decode_request(kv)
+
+
+def answer_request(
+    coord: Coord, keys: Keys, resource: str, request: Request, state: str, detail: str = ""
+) -> Request | None:
+    """Move ``request`` (as read) to ``state``: the request as stored now, or None if the key
+    changed since it was read."""
+    key = keys.request(resource)
+    answered = replace(request, state=state, detail=detail[:500])
+    result = coord.txn([Compare.mod(key, "==", request.revision)], [Put(key, answered.encode())])
+    return replace(answered, revision=result.revision) if result.succeeded else None
 
 
 # -- the S-VOL lock -------------------------------------------------------------------------

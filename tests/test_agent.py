@@ -19,6 +19,7 @@ from cluster.agent_link import Datagram, Endpoint
 from cluster.config import parse_config
 from cluster.coord import FakeCoord, Keys, read_epoch, read_leader
 from cluster.etcd_server import free_ports
+from cluster.pvid_cache import CacheFile
 from replicator.errors import ConnectionFailed, IllegalState
 from replicator.events import read_events
 
@@ -93,8 +94,8 @@ class Node:
         pair = {"role": self.role, "state": "PAIR", "epoch": 0, "cluster_epoch": self.cluster_epoch}
         return {"pairs": [pair]}
 
-    def ops(self, op: str) -> list[tuple[float, dict[str, Any]]]:
-        return [(t, a) for t, o, a in self.calls if o == op]
+    def ops(self, op: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, a) for t, o, a in self.calls if o == op and t >= since]
 
 
 class Link:
@@ -138,6 +139,7 @@ class World:
         self.sick: set[str] = set()  # hosts whose monitor command fails
         self.agents = {h: self._agent(h, tmp) for h in ("a", "b")}
         self.alive = {"a": True, "b": True}
+        self.t0 = 0.0
 
     def _agent(self, host: str, tmp: Path) -> Agent:
         def runner(cmd: str, timeout: float, env: Mapping[str, str]) -> tuple[int, str]:
@@ -147,7 +149,7 @@ class World:
         return Agent(
             self.config, host, str(tmp / host), self.etcd[host], self.nodes[host],  # type: ignore[arg-type]
             endpoint=self.link.endpoint(host), clock=self.clock, wall=self.clock,
-            runner=runner, threaded=False,
+            runner=runner, threaded=False, cache=CacheFile(str(tmp / f"{host}-cache.json")),
         )  # fmt: skip
 
     def run(self, seconds: float, until: Callable[[], bool] | None = None) -> None:
@@ -172,6 +174,7 @@ def world(tmp_path: Path) -> World:
     w = World(tmp_path)
     w.run(5.0, until=lambda: w.role("a") == "active")
     assert w.role("a") == "active" and w.role("b") == "standby"
+    w.t0 = w.clock.t + STEP / 2  # node calls from here on are the test's
     return w
 
 
@@ -179,14 +182,18 @@ def test_preferred_host_starts_the_resource(world: World) -> None:
     a = world.nodes["a"]
     assert a.ops("pair.takeover") == []  # a's side is the primary already: "nop"
     assert [args["epoch"] for _, args in a.ops("pair.unfence")] == [1]
-    assert [(h, cmd) for h, cmd, _ in world.ran if cmd != "monitor"] == [("a", "start")]
+    # Every agent stops the application and fences its node when it starts (it cannot know
+    # whether it was the active before); then the preferred host starts it.
+    assert [(h, cmd) for h, cmd, _ in world.ran if cmd != "monitor"] == [
+        ("a", "stop"), ("b", "stop"), ("a", "start")
+    ]  # fmt: skip
+    assert [args["epoch"] for _, args in world.nodes["b"].ops("pair.fence")] == [0]
     assert world.events("a", "cluster.active")[-1]["takeover"] == {"g1": "nop"}
     leader = read_leader(world.fake, Keys("t1"), "r1")
     assert leader is not None and (leader.holder, leader.epoch) == ("a", 1)
     world.run(5.0)
-    assert world.role("b") == "standby" and world.nodes["b"].calls == [
-        (t, "pair.display", {"target": "g1"}) for t, _, _ in world.nodes["b"].calls
-    ]  # b only looked, several seconds long
+    b_calls = [c for c in world.nodes["b"].calls if c[0] >= world.t0]
+    assert world.role("b") == "standby" and b_calls == []  # b did nothing, seconds long
 
 
 def test_standby_takes_over_when_the_active_dies(world: World) -> None:
@@ -210,7 +217,7 @@ def test_etcd_lost_but_peers_in_touch_nothing_fails_over(world: World) -> None:
     world.etcd["b"].down = True
     world.run(10.0)
     assert world.role("a") == "active" and world.role("b") == "standby"
-    assert world.nodes["a"].ops("pair.fence") == []
+    assert world.nodes["a"].ops("pair.fence", world.t0) == []
     assert world.events("a", "cluster.failsafe")
     world.etcd["a"].down = world.etcd["b"].down = False  # the lease has expired meanwhile
     world.run(5.0)
@@ -224,16 +231,18 @@ def test_isolated_active_fences_before_its_lease_expires(world: World) -> None:
     a = world.agents["a"]
     world.etcd["a"].down = True
     world.link.cut = True
-    last_ok = a.renewed_sent
+    left = a.resources["r1"].core.lease_remaining(world.clock.t)
+    assert left is not None
+    deadline = world.clock.t + left  # the last confirmed renewal's send time + TTL - margin
     world.run(10.0, until=lambda: world.role("b") == "active")
-    ((fenced_at, fence),) = world.nodes["a"].ops("pair.fence")
+    ((fenced_at, fence),) = world.nodes["a"].ops("pair.fence", world.t0)
     assert fence["epoch"] == 1
-    assert fenced_at < last_ok + a.timing.lease_ttl  # before the lease could have expired
+    assert fenced_at <= deadline + STEP  # before the lease could have expired (margin 0.25 s)
     ((took_at, _),) = world.nodes["b"].ops("pair.takeover")
     assert fenced_at < took_at
     assert world.role("b") == "active"
     assert ("a", "stop") in [(h, c) for h, c, _ in world.ran]
-    assert world.events("a", "cluster.fenced")[0]["why"].startswith("the lease")
+    assert "deadline passed" in world.events("a", "cluster.fenced")[0]["reason"]
     # the old active's stale epoch is refused by the new active's node
     with pytest.raises(IllegalState):
         world.nodes["b"].call("pair.unfence", {"target": "g1", "epoch": 1})
@@ -254,7 +263,7 @@ def test_a_failed_monitor_moves_the_resource(world: World) -> None:
     assert world.role("b") == "active"
     (failed,) = world.events("a", "cluster.monitor.failed")
     assert failed["output"] == "not running"
-    ((fenced_at, fence),) = world.nodes["a"].ops("pair.fence")
+    ((fenced_at, fence),) = world.nodes["a"].ops("pair.fence", world.t0)
     ((took_at, _),) = world.nodes["b"].ops("pair.takeover")
     assert fenced_at <= took_at and fence["epoch"] == 1
     assert ("a", "stop") in [(h, c) for h, c, _ in world.ran]
@@ -270,7 +279,7 @@ def test_failsafe_active_cut_off_from_its_peer_too_fences_before_the_standby_pro
     assert world.events("a", "cluster.failsafe") and world.role("b") == "standby"
     world.link.cut = True
     world.run(10.0, until=lambda: world.role("b") == "active")
-    ((fenced_at, _),) = world.nodes["a"].ops("pair.fence")
+    ((fenced_at, _),) = world.nodes["a"].ops("pair.fence", world.t0)
     ((took_at, _),) = world.nodes["b"].ops("pair.takeover")
     assert fenced_at < took_at and world.role("b") == "active"
     # b held off about a heartbeat timeout longer than a needed to notice it was alone

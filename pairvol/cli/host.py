@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import time
 from typing import Any
 
-from cluster import blockdev
-from cluster.probe import Probed, check_access, parse_uri, probe
+from cluster import blockdev, devices
+from cluster.probe import Probed, parse_uri, probe
 from cluster.pvid_cache import (
     Attachment,
     CacheEntry,
@@ -30,7 +29,7 @@ from cluster.pvid_cache import (
     check_device_name,
 )
 from pairvol.cli.common import print_json, print_table
-from replicator.errors import IllegalState, PairvolError, UsageError
+from replicator.errors import IllegalState, UsageError
 
 
 def register(sub: Any) -> None:
@@ -116,12 +115,6 @@ def _store(args: argparse.Namespace) -> CacheFile:
     return CacheFile(cache_path(args.cache))
 
 
-def _state_dir(store: CacheFile, name: str) -> str:
-    """Per-device working directory for attachments, beside the cache file."""
-    base = os.path.splitext(os.path.basename(store.path))[0]
-    return os.path.join(store.directory, f"{base}.attach", name)
-
-
 # -- commands ---------------------------------------------------------------------------------
 
 
@@ -159,58 +152,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    store = _store(args)
-    name = args.name
-    attached: Attachment | None = None
-    try:
-        with store.update() as cache:
-            entry = cache.get(name)
-            if entry.attachment is not None:
-                raise IllegalState(
-                    f"{name} is already attached as {entry.attachment.device or '?'}; "
-                    "detach it first"
-                )
-            uri = parse_uri(entry.uri)
-            # The access check: the cached PVID, checked by the server (never the disk here).
-            check_access(uri, entry.pvid, f"device {name!r} ({entry.uri})")
-            attached = blockdev.attach(
-                uri.with_export(entry.export, entry.pvid),
-                state_dir=_state_dir(store, name),
-                now_ns=time.time_ns(),
-                method=None if args.method == "auto" else args.method,
-                block_size=entry.vol.block_size,
-            )
-            entry = cache.set_attachment(name, attached)
-    except BaseException as e:
-        if attached is not None:
-            _undo_unrecorded(store, name, attached, e)
-        raise
+    entry = devices.attach(
+        _store(args), args.name, method=None if args.method == "auto" else args.method
+    )
     if args.json:
-        print_json(entry_dict(name, entry))
+        print_json(entry_dict(args.name, entry))
     else:
-        print(attached.device)
+        assert entry.attachment is not None
+        print(entry.attachment.device)
     return 0
 
 
-def _undo_unrecorded(store: CacheFile, name: str, att: Attachment, error: BaseException) -> None:
-    """Attached, but saving the cache failed: undo it, or nothing would know to detach it."""
-    try:
-        recorded = store.read().entries.get(name)
-        if recorded is None or recorded.attachment != att:
-            blockdev.detach(att)
-    except PairvolError as cleanup:
-        error.add_note(f"undoing the attach of {att.device} also failed: {cleanup}")
-
-
 def cmd_detach(args: argparse.Namespace) -> int:
-    store = _store(args)
-    with store.update() as cache:
-        entry = cache.get(args.name)
-        att = entry.attachment
-        if att is None:
-            raise IllegalState(f"{args.name} is not attached")
-        steps = blockdev.detach(att)
-        cache.set_attachment(args.name, None)
+    att, steps = devices.detach(_store(args), args.name)
     if args.json:
         print_json({"name": args.name, "device": att.device, "detached": True, "steps": steps})
     else:
