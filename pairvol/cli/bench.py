@@ -1,5 +1,5 @@
-"""``pairvol bench``: fio against the pairvol and nbdkit file plugins, and replicated pairs
-against an unpaired volume in a lab (docs/benchmarks.md)."""
+"""``pairvol bench``: fio against the pairvol and nbdkit file plugins, replicated pairs
+against an unpaired volume in a lab, and failover times in a cluster lab (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pairvol import bench
+from pairvol import bench, bench_failover
 from pairvol.cli.common import print_json
 from replicator.errors import UsageError
 from replicator.sizes import format_size, parse_size
@@ -25,15 +25,17 @@ def register(sub: Any) -> None:
         description="Run fio (nbd engine) against the pairvol plugin and nbdkit's stock file "
         "plugin (suite base), or against sync/async pairs and an unpaired volume of the same "
         "node in a two-host lab (suites sync, async; needs root), alternating, and print "
-        "medians and ratios.",
+        "medians and ratios; or time failovers of a cluster resource after SIGKILL of its "
+        "active host, and planned switchovers (suite failover; needs root).",
     )
     p.add_argument(
         "--suite",
-        choices=list(bench.SUITES),
+        choices=[*bench.SUITES, bench_failover.SUITE],
         default="base",
         help="base: pairvol vs the file plugin (default); sync, async: pairs vs an unpaired "
         "volume, with resync vs nbdcopy (sync) and journal lag (async); replicated: sync and "
-        "async; all: everything",
+        "async; all: everything but failover; failover: SIGKILL of the active host to the "
+        "first write on the new one, sync and async resources",
     )
     d = bench.BenchConfig()
     # Defaults are None so that --quick can tell an explicit option from a default.
@@ -49,7 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: 64M, 1 round, 1 s per job, no warm-up (explicit options win)",
+        help="smoke test: 64M, 1 round, 1 s per job, no warm-up; failover: 16M, 3 kills, "
+        "1 switchover (explicit options win)",
     )
     p.add_argument(
         "--journal-size", help=f"async suite: the journal (default {format_size(d.journal_size)})"
@@ -58,6 +61,22 @@ def register(sub: Any) -> None:
         "--lag-runtime",
         type=float,
         help=f"async suite: seconds per lag measurement (default {d.lag_runtime:g}, quick 3)",
+    )
+    f = bench_failover.FailoverConfig()
+    q = bench_failover.QUICK
+    p.add_argument(
+        "--kills",
+        type=int,
+        help=f"failover suite: SIGKILLs per mode (default {f.kills}, quick {q['kills']})",
+    )
+    p.add_argument(
+        "--switchovers",
+        type=int,
+        help=f"failover suite: planned switchovers per mode (default {f.switchovers}, "
+        f"quick {q['switchovers']}; 0: none)",
+    )
+    p.add_argument(
+        "--modes", help=f"failover suite: resources to measure (default {','.join(f.modes)})"
     )
     p.add_argument("--dir", type=Path, help="work directory for images (default: a temp dir)")
     p.add_argument(
@@ -105,11 +124,63 @@ def config_from_args(args: argparse.Namespace) -> bench.BenchConfig:
     )
 
 
+_FIO_ONLY = ("rounds", "runtime", "ramp_time", "lag_runtime")
+_FAILOVER_ONLY = ("kills", "switchovers", "modes")
+
+
+def failover_config_from_args(args: argparse.Namespace) -> bench_failover.FailoverConfig:
+    """The failover suite's options; the fio suites' own options are refused, not ignored."""
+    given = [n for n in _FIO_ONLY if getattr(args, n) is not None]
+    if args.workloads != ",".join(w.name for w in bench.WORKLOADS):
+        given.append("workloads")
+    if given:
+        opts = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(f"--suite failover runs no fio jobs: {opts} does not apply")
+    base = dataclasses.asdict(bench_failover.FailoverConfig())
+    if args.quick:
+        base.update(bench_failover.QUICK)
+    return bench_failover.FailoverConfig(
+        modes=bench_failover.parse_modes(args.modes) if args.modes is not None else base["modes"],
+        kills=args.kills if args.kills is not None else base["kills"],
+        switchovers=args.switchovers if args.switchovers is not None else base["switchovers"],
+        size=parse_size(args.size) if args.size is not None else base["size"],
+        journal_size=parse_size(args.journal_size) if args.journal_size else base["journal_size"],
+        workdir=args.dir,
+    )
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    cfg = failover_config_from_args(args)
+    out = args.json_out or bench.default_json_path(suite=bench_failover.SUITE)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+    def progress(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    doc = bench_failover.run(cfg, progress=progress)
+    bench.write_json(doc, out)
+    if args.json:
+        print_json(doc)
+    else:
+        print(bench_failover.table_of(doc))
+        print(f"\n{cfg.kills} kill(s) per mode; took {doc['duration_s']:.0f} s; JSON: {out}")
+    for mode, error in doc["errors"].items():
+        print(f"pairvol: error: failover suite, {mode}: {error}", file=sys.stderr)
+    return 1 if doc["errors"] else 0
+
+
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C: the lab's teardown runs
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == bench_failover.SUITE:
+        return cmd_failover(args)
+    given = [n for n in _FAILOVER_ONLY if getattr(args, n) is not None]
+    if given:
+        opts = ", ".join("--" + n for n in given)
+        raise UsageError(f"{opts}: only for --suite failover")
     cfg = config_from_args(args)
     out = args.json_out or bench.default_json_path(suite=cfg.suite)
     if threading.current_thread() is threading.main_thread():
