@@ -164,6 +164,8 @@ class Held:
     poll_due: float = 0.0
     takeover: dict[str, str] = field(default_factory=dict)
     last_failover: dict[str, Any] | None = None
+    last_switchover: dict[str, Any] | None = None
+    handed_over: bool = False  # a switchover released the key to this host
     active_seen: tuple[str, float] | None = None  # the last other host heard active, when
     monitoring: bool = False
     monitor_due: float = 0.0
@@ -367,18 +369,26 @@ class Agent:
             self._write_status(now, force=True)
 
     def _failed_over(self, h: Held, now: float) -> None:
+        """Record how this host came to be active: a failover from the host last seen
+        active, or the planned switchover that handed the key to it."""
         seen = h.active_seen
         if seen is None or seen[0] == self.me:
             return
         last = h.core.last_failover or {}
         seconds = round(now - seen[1], 3)
-        h.last_failover = {
+        record = {
             "at": round(self.wall(), 3), "from": seen[0], "to": self.me, "epoch": h.epoch,
             "seconds": seconds, "takeover": h.takeover, "result": last.get("result"),
-            "why": last.get("why"),
+            "why": "switchover" if h.handed_over else last.get("why"),
         }  # fmt: skip
+        kind = "switchover" if h.handed_over else "failover"
+        h.handed_over = False
+        if kind == "failover":
+            h.last_failover = record
+        else:
+            h.last_switchover = record
         self.events.emit(
-            "cluster.failover.done", resource=h.name, seconds=seconds, epoch=h.epoch,
+            f"cluster.{kind}.done", resource=h.name, seconds=seconds, epoch=h.epoch,
             takeover=h.takeover, **{"from": seen[0]},
         )  # fmt: skip
 
@@ -546,6 +556,8 @@ class Agent:
                 h.inflight.discard("poll")
                 if isinstance(event, fo.LeaderObserved) and event.holder != self.me:
                     h.active_seen = (event.holder, now)
+                if isinstance(event, fo.LeaderGone) and h.core.role is not fo.Role.PROMOTING:
+                    h.handed_over = event.handover == self.me
                 if event is not None:
                     self._feed(h, event)
                 if request is not None and request.state == "pending":
@@ -923,6 +935,7 @@ class Agent:
                     else round(max(0.0, h.core.lease_remaining(now) or 0.0), 3),
                     "takeover": h.takeover,
                     "last_failover": h.last_failover,
+                    "last_switchover": h.last_switchover,
                 }
                 for name, h in sorted(self.resources.items())
             ],

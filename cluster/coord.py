@@ -1261,7 +1261,8 @@ def acquire_leader(
     One transaction (Patroni's model), which succeeds only if the leader key is absent
     (``create_revision == 0``) and the epoch key is unchanged since we read it (its
     ``mod_revision``, 0 when it does not exist yet): it creates the leader key under the lease
-    and writes the epoch ``max(epoch, floor) + 1``.  So two contenders never get the same
+    and writes the epoch ``max(epoch, floor) + 1`` (and deletes a switchover's handover
+    key: whoever takes the key, the handover is over).  So two contenders never get the same
     epoch, and epochs only increase.  ``floor`` is an epoch known elsewhere (the storage
     nodes') that the new one must exceed.
 
@@ -1280,6 +1281,7 @@ def acquire_leader(
             [
                 Put(leader_key, encode_leader(holder, epoch), lease.id),
                 Put(epoch_key, b"%d" % epoch),
+                Delete(keys.handover(resource)),  # a switchover's handover is used up
             ],
             [Get(leader_key)],
         )

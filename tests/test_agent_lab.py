@@ -55,8 +55,8 @@ class Agents(LabEnv):
             ]
             pytest.fail(f"no {event} on {host}; its last events: {tail[-8:]}")
 
-    def agent_forbid(self, host: str, event: str) -> None:
-        seen = [e for e in read_events(self.agent_events(host)) if e["event"] == event]
+    def agent_forbid(self, host: str, event: str, after: int = 0) -> None:
+        seen = [e for e in read_events(self.agent_events(host))[after:] if e["event"] == event]
         assert not seen, f"forbidden {event} on {host}: {seen[0]}"
 
     def cluster(self, host: str, *args: str, ok: bool = True) -> Any:
@@ -85,9 +85,10 @@ class Writer(threading.Thread):
     """Stamps 1, 2, 3, ... one write at a time to random blocks of one volume on one host;
     ``acked`` is the highest stamp whose write was acknowledged."""
 
-    def __init__(self, env: LabEnv, host: str, volume: str, seed: int) -> None:
+    def __init__(self, env: LabEnv, host: str, volume: str, seed: int, base: int = 0) -> None:
         super().__init__(daemon=True)
         self.env, self.host, self.volume = env, host, volume
+        self.base = base  # stamps are base+1, base+2, ...: writers of one volume stay apart
         self.rng = random.Random(seed)
         self.log: list[int] = []  # index n-1: the block of stamp n
         self.acked = 0
@@ -101,7 +102,7 @@ class Writer(threading.Thread):
                 n = len(self.log) + 1
                 block = self.rng.randrange(NBLOCKS)
                 self.log.append(block)
-                h.pwrite(stamp(n), block * BLOCK)
+                h.pwrite(stamp(self.base + n), block * BLOCK)
                 with self.cond:
                     self.acked = n
                     self.cond.notify_all()
@@ -171,36 +172,94 @@ def test_etcd_down_with_the_agents_in_touch_fails_nothing_over(
     assert res["active"] == "a"
 
 
+def check_stamps(env: Agents, host: str, writer: Writer) -> None:
+    """Every acknowledged stamp is on ``host``'s volume: each block holds its last
+    acknowledged stamp, or a later one written to that very block (in flight at the end)."""
+    last = [0] * NBLOCKS
+    for n, block in enumerate(writer.log[: writer.acked], start=1):
+        last[block] = n
+    h = env.connect(host, "v1")
+    try:
+        for block in range(NBLOCKS):
+            got = int.from_bytes(h.pread(8, block * BLOCK), "little") - writer.base
+            if not 0 < got <= len(writer.log):  # never written by this writer, or by another
+                assert last[block] == 0, f"block {block}: acknowledged {last[block]}, lost"
+                continue
+            assert got >= last[block], f"block {block}: stamp {got}, acknowledged {last[block]}"
+            assert writer.log[got - 1] == block, f"block {block}: stamp {got} of another block"
+    finally:
+        h.shutdown()
+
+
+def switch_over(env: Agents, on: str, to: str | None, expect: str) -> dict[str, Any]:
+    """``cluster switchover`` run on host ``on``; the new active's cluster.active event."""
+    after = len(read_events(env.agent_events(expect)))
+    args = ["switchover", "r1"] + ([] if to is None else ["--to", to])
+    out = env.cluster(on, *args).stdout
+    assert f"-> {expect} in " in out, out
+    active: dict[str, Any] = env.wait_agent(expect, "cluster.active", resource="r1", after=after)
+    assert active["takeover"] == {"g1": "swap"}  # the old primary answered: pairs swapped
+    done = env.wait_agent(expect, "cluster.switchover.done", resource="r1", after=after)
+    assert done["epoch"] == active["epoch"]
+    env.agent_forbid(expect, "cluster.failover.done", after=after)
+    return active
+
+
+def test_switchover_and_failback_lose_nothing_and_copy_only_differences(
+    env: Agents, r1: dict[str, Any]
+) -> None:
+    seed = int(os.environ.get("PAIRVOL_TEST_SEED", "1")) + 7
+    writer = Writer(env, "a", "v1", seed=seed, base=10**6)
+    writer.start()
+    writer.wait_acked(100)
+    b_active = switch_over(env, "b", "b", expect="b")
+    writer.wait_ended()  # a's node refuses its writes from the fence on
+    assert Path(env.host("b").dir, f"started-b-{b_active['epoch']}").exists()
+    env.wait("b", "g1/p1", "PAIR")
+    side = env.side("b", "g1/p1")
+    assert side["primary"] == "b:v1" and side["sides"]["primary"]["copied_chunks"] == 0
+    check_stamps(env, "b", writer)
+    stale = env.pv("b", "pair", "fence", "g1", "--epoch", str(r1["epoch"]), ok=False)
+    assert stale.returncode == 5 and "refused" in stale.stderr  # the old epoch is stale on b
+
+    bad = env.cluster("a", "switchover", "r1", "--to", "z", ok=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a host" in bad.stderr
+    same = env.cluster("a", "switchover", "r1", "--to", "b", ok=False)
+    assert same.returncode == 2 and "already active on b" in same.stderr
+
+    a_active = switch_over(env, "a", None, expect="a")  # failback: the next live host
+    assert a_active["epoch"] > b_active["epoch"]
+    env.wait("a", "g1/p1", "PAIR")
+    assert env.side("a", "g1/p1")["primary"] == "a:v1"
+    check_stamps(env, "a", writer)
+    r = env.pv("a", "pair", "verify", "g1/p1", "--json", ok=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (res,) = json.loads(env.cluster("b", "status", "--json").stdout)["resources"]
+    assert res["active"] == "a" and res["epoch"] == a_active["epoch"]
+
+
 def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(
     env: Agents, r1: dict[str, Any]
 ) -> None:
     old_epoch = max(r1["epoch"], *(e["epoch"] for e in read_events(env.agent_events("a"))
                                    if e["event"] == "cluster.active"))  # fmt: skip
 
+    mark = len(read_events(env.agent_events("b")))
     writer = Writer(env, "a", "v1", seed=int(os.environ.get("PAIRVOL_TEST_SEED", "1")))
     writer.start()
     writer.wait_acked(200)
     labmod.kill_host(env.name, "a")  # node, agent and all: SIGKILL
     writer.wait_ended()
-    acked = writer.acked
 
-    done = env.wait_agent("b", "cluster.failover.done", resource="r1")
+    done = env.wait_agent("b", "cluster.failover.done", resource="r1", after=mark)
     assert done["from"] == "a" and done["epoch"] > old_epoch
     assert done["takeover"]["g1"].startswith("SVOL-takeover")
     assert Path(env.host("b").dir, f"started-b-{done['epoch']}").exists()
-    env.agent_forbid("b", "cluster.fenced")
+    env.agent_forbid("b", "cluster.fenced", after=mark)
 
-    # Every acknowledged stamp is on b: each block holds its last acknowledged stamp or a
-    # later one written to that very block (in flight at the kill).
-    last = [0] * NBLOCKS
-    for n, block in enumerate(writer.log[:acked], start=1):
-        last[block] = n
+    check_stamps(env, "b", writer)
     h = env.connect("b", "v1")
     try:
-        for block in range(NBLOCKS):
-            got = int.from_bytes(h.pread(8, block * BLOCK), "little")
-            assert got >= last[block], f"block {block}: stamp {got}, acknowledged {last[block]}"
-            assert got == 0 or writer.log[got - 1] == block, f"block {block}: stamp {got}"
         h.pwrite(stamp(10**9), 0)  # the new active accepts writes
     finally:
         h.shutdown()

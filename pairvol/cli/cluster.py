@@ -5,6 +5,7 @@ pairvol cluster resource create NAME --group GROUP --hosts a,b [--device NAME=EX
                                 [--start CMD] [--stop CMD] [--monitor CMD]
 pairvol cluster resource delete NAME
 pairvol cluster resource list [--json]
+pairvol cluster switchover RESOURCE [--to HOST] [--timeout S]
 
 Every command takes ``--config FILE`` (default ``$PAIRVOL_CLUSTER_CONFIG``, else
 /etc/pairvol/cluster.toml); inside a lab host both that and ``$PAIRVOL_AGENT_DIR`` (the local
@@ -19,6 +20,13 @@ agent, for the hosts' flags and the last failover) are set, so no option is need
 
 ``pairs`` are what this host's node says (``$PAIRVOL_NODE_DIR``; null without it).
 
+``switchover`` is the planned move (``crm resource move``, HORCM's swap): the active agent
+stops the application, fences its node, splits the groups (async: drained), then releases the
+leader key naming the target, which swaps the pairs (``resync --swap``: only differences are
+copied), unfences and starts the application.  The command asks through etcd (the resource's
+request key, answered by the active agent) and returns once the target is active, with the
+time it took.  Failback is the same command back.
+
 A host's ``flags`` are the refresh flags its agent last announced (null: not known here; the
 refresh protocol is not wired into the agent yet, so a known host shows ``{}``, all at rest).
 """
@@ -26,7 +34,10 @@ refresh protocol is not wired into the agent yet, so a known host shows ``{}``, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import time
+import uuid
 from typing import Any
 
 from cluster import agent_process as ap
@@ -35,16 +46,27 @@ from cluster.config import Config, Resource, load_config, new_resource
 from cluster.coord import (
     EtcdCoord,
     Keys,
+    Request,
+    answer_request,
     delete_resource,
     get_resource,
     list_resources,
+    put_request,
     put_resource,
     read_epoch,
     read_leader,
+    read_request,
 )
 from pairvol.cli.common import print_json, print_table
 from replicator import control
-from replicator.errors import AlreadyExists, NotFound, PairvolError, UsageError
+from replicator.errors import (
+    AlreadyExists,
+    IllegalState,
+    NotFound,
+    PairvolError,
+    Timeout,
+    UsageError,
+)
 from replicator.node import CONTROL_SOCKET
 
 
@@ -76,6 +98,13 @@ def register(sub: Any) -> None:
     d.add_argument("name")
     _common(d)
     d.set_defaults(func=cmd_resource_delete)
+
+    sw = acts.add_parser("switchover", help="planned move: stop, swap the pairs, start on --to")
+    sw.add_argument("resource")
+    sw.add_argument("--to", help="the target host (default: the next live host in order)")
+    sw.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+    _common(sw)
+    sw.set_defaults(func=cmd_switchover)
 
     ls = rs.add_parser("list", help="the resources: from the config file and from etcd")
     _common(ls)
@@ -230,3 +259,80 @@ def cmd_resource_list(args: Any) -> int:
     table = [{**r, "hosts": ",".join(r["hosts"]), "groups": ",".join(r["groups"])} for r in rows]
     print_table(table, ["name", "source", "hosts", "groups"])
     return 0
+
+
+#: How long the active agent has to accept or refuse a request (it polls every heartbeat).
+ANSWER_TIMEOUT = 10.0
+POLL = 0.1
+
+
+def cmd_switchover(args: Any) -> int:
+    config, coord, keys = _open(args)
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout}: give a positive number of seconds")
+    with coord:
+        found = [r for r, _ in _resources(config, coord, keys) if r.name == args.resource]
+        if not found:
+            raise NotFound(f"no resource {args.resource!r} in cluster {config.cluster}")
+        (r,) = found
+        if args.to is not None and args.to not in r.hosts:
+            raise UsageError(
+                f"--to {args.to}: not a host of resource {r.name} ({','.join(r.hosts)})"
+            )
+        leader = read_leader(coord, keys, r.name)
+        if leader is None:
+            raise IllegalState(f"resource {r.name} has no active host to switch over from")
+        if args.to == leader.holder:
+            raise UsageError(f"resource {r.name} is already active on {args.to}")
+        req = Request(id=uuid.uuid4().hex[:12], op="switchover", to=args.to)
+        started = time.monotonic()
+        if not put_request(coord, keys, r.name, req):
+            raise IllegalState(f"resource {r.name}: another request is still being carried out")
+        answer = _wait_answer(coord, keys, r.name, req.id, leader.holder)
+        if answer.state == "refused":
+            raise IllegalState(f"resource {r.name}: {leader.holder} refused: {answer.detail}")
+        deadline = started + args.timeout
+        try:
+            while True:
+                now = read_leader(coord, keys, r.name)
+                moved = now is not None and now.holder != leader.holder
+                if now is not None and moved and args.to in (None, now.holder):
+                    break
+                answer = read_request(coord, keys, r.name) or answer
+                if answer.id == req.id and answer.state == "failed":
+                    raise IllegalState(
+                        f"resource {r.name}: the switchover failed on {leader.holder}: "
+                        f"{answer.detail or 'see its agent events'}"
+                    )
+                if time.monotonic() > deadline:
+                    raise Timeout(
+                        f"resource {r.name}: no host took over from {leader.holder} within "
+                        f"{args.timeout:g}s (see pairvol cluster status)"
+                    )
+                time.sleep(POLL)
+        finally:
+            _close_request(coord, keys, r.name, req.id)
+    took = time.monotonic() - started
+    print(f"resource {r.name}: {leader.holder} -> {now.holder} in {took:.2f}s (epoch {now.epoch})")
+    return 0
+
+
+def _wait_answer(coord: EtcdCoord, keys: Keys, resource: str, rid: str, active: str) -> Request:
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    while time.monotonic() < deadline:
+        got = read_request(coord, keys, resource)
+        if got is not None and got.id == rid and got.state != "pending":
+            return got
+        time.sleep(POLL)
+    _close_request(coord, keys, resource, rid)
+    raise Timeout(f"resource {resource}: the agent on {active} did not answer within "
+                  f"{ANSWER_TIMEOUT:g}s (is it running?)")  # fmt: skip
+
+
+def _close_request(coord: EtcdCoord, keys: Keys, resource: str, rid: str) -> None:
+    """The command's request is over, whatever its agent said last: mark it so (a request
+    left pending or accepted would refuse the next one)."""
+    with contextlib.suppress(PairvolError):
+        got = read_request(coord, keys, resource)
+        if got is not None and got.id == rid and got.state in ("pending", "accepted"):
+            answer_request(coord, keys, resource, got, "done", "closed by the command")
