@@ -175,6 +175,7 @@ class SwitchRound:
     command_s: float | None
     write_s: float | None
     active_s: float | None
+    accepted_s: float | None = None  # the active agent took the request (cluster.request)
     error: str | None = None
 
 
@@ -294,17 +295,20 @@ def format_failover_table(doc: Mapping[str, Any]) -> str:
              str(len(m["spurious"])), str(failed)]
         )  # fmt: skip
     out = [bench.aligned(lines)]
-    sw = [["planned switchover (s)", "n", "median", "p90", "max", "command median", "failed"]]
+    sw = [["planned switchover (s)", "n", "median", "p90", "max", "accepted median",
+           "command median", "failed"]]  # fmt: skip
     for mode, m in doc["modes"].items():
         so = m["switchover"]
         if not so["available"]:
-            sw.append([f"{mode}: first write", "not available", "", "", "", "", ""])
+            sw.append([f"{mode}: first write", "not available", "", "", "", "", "", ""])
             continue
         s, c = so["summary"]["write_s"], so["summary"]["command_s"]
+        acc = so["summary"].get("accepted_s", {})
         failed = sum(1 for r in so["rounds"] if r["error"])
         sw.append(
             [f"{mode}: first write", str(len(so["rounds"])), _s(s.get("median")),
-             _s(s.get("p90")), _s(s.get("max")), _s(c.get("median")), str(failed)]
+             _s(s.get("p90")), _s(s.get("max")), _s(acc.get("median")), _s(c.get("median")),
+             str(failed)]
         )  # fmt: skip
     out.append(bench.aligned(sw))
     notes = [n for mode, m in doc["modes"].items() for n in mode_notes(mode, m)]
@@ -329,9 +333,11 @@ def mode_notes(mode: str, m: Mapping[str, Any]) -> list[str]:
 
 
 def format_rounds_table(doc: Mapping[str, Any]) -> str:
-    """Every round's own values."""
+    """Every round's own values: the kills, then the switchovers (if any ran)."""
     lines = [["round", "killed", "new active", "write s", "active s", "promoting s",
               "agent s", "attempts", "recover s", "error"]]  # fmt: skip
+    switches = [["switchover", "from", "to", "write s", "active s", "accepted s", "command s",
+                 "error"]]  # fmt: skip
     for mode, m in doc["modes"].items():
         for r in m["rounds"]:
             lines.append(
@@ -340,11 +346,15 @@ def format_rounds_table(doc: Mapping[str, Any]) -> str:
                  str(r["attempts"]), _s(r["recover_s"]), r["error"] or ""]
             )  # fmt: skip
         for r in m["switchover"]["rounds"]:
-            lines.append(
+            switches.append(
                 [f"{mode} switch {r['round'] + 1}", r["source"], r["target"], _s(r["write_s"]),
-                 _s(r["active_s"]), "", "", "", _s(r["command_s"]), r["error"] or ""]
+                 _s(r["active_s"]), _s(r.get("accepted_s")), _s(r["command_s"]),
+                 r["error"] or ""]
             )  # fmt: skip
-    return bench.aligned(lines)
+    tables = [bench.aligned(lines)]
+    if len(switches) > 1:
+        tables.append(bench.aligned(switches))
+    return "\n\n".join(tables)
 
 
 def format_settings(doc: Mapping[str, Any]) -> str:
@@ -478,17 +488,21 @@ class ClusterLab:
         return _checked(argv, _run(argv, self.env(host), timeout))
 
     def cluster_argv(self, host: str, *args: str) -> list[str]:
-        """``pairvol cluster ARGS`` run on ``host`` (``lab exec``: its namespace, its config)."""
-        return [sys.executable, "-m", "pairvol", "lab", "exec", self.name, host, "--",
-                "pairvol", "cluster", *args]  # fmt: skip
+        """``pairvol cluster ARGS`` on ``host``, as an operator types it there: one process in
+        its namespace, with what ``lab exec`` sets (no ``lab exec`` process in between)."""
+        pairvol = os.path.join(labmod.bin_dir(), "pairvol")
+        return ["ip", "netns", "exec", self.host(host).netns, pairvol, "cluster", *args]
+
+    def host_env(self, host: str) -> dict[str, str]:
+        return labmod.host_env(self.lab, self.host(host))
 
     def cluster(self, host: str, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
         argv = self.cluster_argv(host, *args)
-        return _checked(argv, _run(argv, self.env(None), timeout))
+        return _checked(argv, _run(argv, self.host_env(host), timeout))
 
     def has_command(self, host: str, *args: str) -> bool:
         """Whether ``pairvol cluster ARGS --help`` works on ``host``."""
-        done = _run(self.cluster_argv(host, *args, "--help"), self.env(None), 60.0)
+        done = _run(self.cluster_argv(host, *args, "--help"), self.host_env(host), 60.0)
         return done.returncode == 0
 
     def create_volume(self, host: str, name: str, size: int) -> None:
@@ -799,7 +813,7 @@ class ModeRun:
         probe.start_refused(f"switchover target {target}")
         t0 = time.time()
         argv = lab.cluster_argv(source, "switchover", RESOURCE, "--to", target)
-        done = _run(argv, lab.env(None), COMMAND_TIMEOUT)
+        done = _run(argv, lab.host_env(source), COMMAND_TIMEOUT)
         command_s = round(time.time() - t0, 3)
         error = None
         if done.returncode != 0:
@@ -808,20 +822,28 @@ class ModeRun:
             error = f"exit status {done.returncode}: {tail}"
         write_s = probe.result(t0)
         active_s = None
-        try:
-            ev = lab.wait_agent(target, "cluster.active", after=marks[target],
-                                timeout=cfg.timeout, resource=RESOURCE)  # fmt: skip
-            active_s = round(float(ev["ts"]) - t0, 3)
-            # The pairs were swapped by the switchover: the target is the primary, in PAIR.
-            lab.wait_node(target, "pair.state", after=node_mark, timeout=RECOVER_TIMEOUT,
-                          group=GROUP, state="PAIR", role="primary")  # fmt: skip
-        except Timeout as e:
-            error = error or str(e)
+        if error is None:
+            try:
+                ev = lab.wait_agent(target, "cluster.active", after=marks[target],
+                                    timeout=cfg.timeout, resource=RESOURCE)  # fmt: skip
+                active_s = round(float(ev["ts"]) - t0, 3)
+                # The switchover swapped the pairs: the target is the primary, in PAIR.
+                lab.wait_node(target, "pair.state", after=node_mark, timeout=RECOVER_TIMEOUT,
+                              group=GROUP, state="PAIR", role="primary")  # fmt: skip
+            except Timeout as e:
+                error = str(e)
         if write_s is None and error is None:
             error = f"no write acknowledged on {target} in {cfg.timeout:g}s ({probe.last_error})"
+        accepted = [
+            e for e in lab.since(marks)[source]
+            if e.get("event") == "cluster.request" and e.get("state") == "accepted"
+        ]  # fmt: skip
+        accepted_s = round(float(accepted[0]["ts"]) - t0, 3) if accepted else None
         # Hosts other than a switchover's target hold for a TTL (docs/decisions.md).
         time.sleep(self.timing.lease_ttl)
-        return SwitchRound(self.mode, rnd, source, target, command_s, write_s, active_s, error)
+        return SwitchRound(
+            self.mode, rnd, source, target, command_s, write_s, active_s, accepted_s, error
+        )
 
     # -- the report --------------------------------------------------------------------------
 
@@ -856,7 +878,7 @@ class ModeRun:
                 "rounds": [asdict(r) for r in self.switches],
                 "summary": {
                     key: summarize_times([getattr(r, key) for r in self.switches])
-                    for key in ("write_s", "active_s", "command_s")
+                    for key in ("write_s", "active_s", "command_s", "accepted_s")
                 },
             },
             "spurious": self.spurious,

@@ -205,19 +205,12 @@ def fake_doc() -> dict[str, Any]:
                 "expected_confirmation_hold": bf.expected_hold(Timing(), 0.25)}  # fmt: skip
     unavailable = {"available": False, "why": "not available: no such command", "rounds": [],
                    "summary": {}}  # fmt: skip
-    switch_round = {
-        "mode": "async",
-        "round": 0,
-        "source": "a",
-        "target": "b",
-        "command_s": 1.2,
-        "write_s": 0.8,
-        "active_s": 0.7,
-        "error": None,
-    }
+    switch_round = {"mode": "async", "round": 0, "source": "a", "target": "b",
+                    "command_s": 1.2, "write_s": 0.8, "active_s": 0.7, "accepted_s": 0.45,
+                    "error": None}  # fmt: skip
+    keys = ("write_s", "active_s", "command_s", "accepted_s")
     switched = {"available": True, "why": "", "rounds": [switch_round],
-                "summary": {k: bf.summarize_times([switch_round[k]])
-                            for k in ("write_s", "active_s", "command_s")}}  # fmt: skip
+                "summary": {k: bf.summarize_times([switch_round[k]]) for k in keys}}  # fmt: skip
     sync = mode_doc([kill(0, 1.8), kill(1, 2.2)], unavailable)
     sync["spurious"] = [{"window": "kill 2", "host": "b", "event": "cluster.fenced",
                          "why": "the live active b was fenced: lease"}]  # fmt: skip
@@ -233,6 +226,7 @@ def test_the_table_shows_medians_switchovers_settings_and_anchors() -> None:
     assert "sync: first write" in text and "2.000" in text  # the median of 1.8 and 2.2
     assert "not available" in text  # sync has no switchover: no number
     assert "0.800" in text and "1.200" in text  # async's switchover and its command
+    assert "0.450" in text  # when the active took the request
     assert "SPURIOUS in kill 2: cluster.fenced on b" in text
     assert "warning events: cluster.failsafe x1" in text
     assert "async: stopped early: Timeout" in text
@@ -243,7 +237,10 @@ def test_the_table_shows_medians_switchovers_settings_and_anchors() -> None:
     assert "NOT reached" in text  # sync's median is 2.0, not under 2 s
     rows = [line for line in text.splitlines() if line.startswith(("sync kill", "async kill"))]
     assert len(rows) == 4 and "no write acknowledged" in rows[-1]
-    assert any(line.startswith("async switch 1") for line in text.splitlines())
+    (switch,) = [line for line in text.splitlines() if line.startswith("async switch 1")]
+    assert switch.split()[3:5] == ["a", "b"]
+    only_sync = {"modes": {"sync": fake_doc()["modes"]["sync"]}}
+    assert "switchover" not in bf.format_rounds_table(only_sync)
 
 
 def test_the_target_verdict() -> None:
