@@ -4,6 +4,8 @@ in one process (test_runtime_inproc's harness)."""
 from __future__ import annotations
 
 import errno
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from test_runtime_inproc import CHUNK, Lab, Node, noise, read, running_lab, wait_copy, write
 
 from pairvol.cli import main
+from replicator import wire
 from replicator.errors import IllegalState, UsageError, VolumeError
 from replicator.events import read_events
 
@@ -88,3 +91,54 @@ def test_cli_epoch_must_be_ascii_digits(capsys: pytest.CaptureFixture[str], text
     assert main(["pair", "fence", "g", "--epoch", text]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a cluster epoch" in err[0], err
+
+
+def test_a_fence_fails_the_writes_in_flight_at_once_and_never_acknowledges_them(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fence=never, the secondary stalls (a partition): a mirrored write waits for it.  The
+    fence must not wait for that write (it would hold the fence up to the link timeout, past
+    the agent's lease), and the write must then fail, not be acknowledged once the link gives
+    up and fence=never lets it complete locally."""
+    _, a, b = two
+    stalled, release = threading.Event(), threading.Event()
+    handle = b.manager.handle_peer
+
+    def stall(sender: str, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Write):
+            stalled.set()
+            release.wait(20)
+        return handle(sender, msg)
+
+    monkeypatch.setattr(b.manager, "handle_peer", stall)
+    h = a.open()
+    outcome: list[object] = []
+
+    def client() -> None:
+        try:
+            write(h, 0, noise(CHUNK))
+            outcome.append("acknowledged")
+        except VolumeError as e:
+            outcome.append(e)
+
+    writer = threading.Thread(target=client, daemon=True)
+    writer.start()
+    assert stalled.wait(10), "the mirrored write never reached the secondary"
+    fenced: list[float] = []
+
+    def fence() -> None:
+        a.cmd("pair.fence", target="g", epoch=5, reason="lease")
+        fenced.append(time.monotonic())
+
+    fencer = threading.Thread(target=fence, daemon=True)
+    fencer.start()
+    fencer.join(5)
+    try:
+        assert fenced, "pair fence waited for the write stuck on the secondary"
+        assert writer.is_alive()  # the write is still in flight
+    finally:
+        release.set()
+    writer.join(10)
+    (result,) = outcome
+    assert isinstance(result, VolumeError) and result.errno == errno.EIO, result
+    assert "while the write was in flight: not acknowledged" in str(result)

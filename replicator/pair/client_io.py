@@ -131,9 +131,26 @@ class ClientWrites:
                             f"pair {leg.id}: fence=data and the secondary cannot be updated",
                             errno.EIO,
                         )
+                if not forwarding:
+                    self._not_fenced_since(legs)
             finally:
                 if extents is not None:
                     self.legs.al.leave(extents)
+
+    @staticmethod
+    def _not_fenced_since(legs: tuple[Side, ...]) -> None:
+        """A client write (or flush) is acknowledged only if no leg was fenced while it was
+        in flight (``pair fence`` sets the hold under the same lock, and never waits)."""
+        for leg in legs:
+            with leg.ack_lock:
+                if leg.doc.hold_reason:
+                    leg.host.log_refusal(leg, f"fenced by the cluster: {leg.doc.hold_reason}")
+                    raise VolumeError(
+                        f"pair {leg.id}: fenced by the cluster at epoch {leg.doc.hold_epoch} "
+                        f"({leg.doc.hold_reason}) while the write was in flight: not "
+                        "acknowledged",
+                        errno.EIO,
+                    )
 
     def _decide(self, leg: Side, forwarding: bool) -> ps.WriteDecision:
         if not leg.check_image():
@@ -234,6 +251,8 @@ class ClientWrites:
                             f"pair {leg.id}: fence=data and the secondary cannot be flushed",
                             errno.EIO,
                         ) from e
+            if not forwarding:
+                self._not_fenced_since(legs)
 
     # -- chunks a leg never received (a forced takeover of an incomplete copy) ---------------
 

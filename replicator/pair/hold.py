@@ -8,8 +8,12 @@ client writes for the resource's pairs: ``pair fence GROUP --epoch N --reason TE
 * A fence is a *hold* on each side of the groups named: every client write is refused with
   EIO and one log line (reads go on), whatever the pair's state.  Changes a volume receives
   from its primary are still taken (the hold is on clients, not on replication).
-* When ``pair fence`` returns, no write is in flight and none can be acknowledged any more:
-  each side's gate is closed once, after the hold is durable in its pair file.
+* When ``pair fence`` returns, no client write can be acknowledged any more, including the
+  writes in flight: the hold is set first (under each side's ``ack_lock``, which every
+  client write takes for its last check before it returns), then made durable.  A write in
+  flight fails with EIO when it finishes.  ``pair fence`` never waits for it: a mirrored
+  write stuck on a dead link would hold the fence up to the link's timeout, past the lease,
+  and with fence=never it would then be acknowledged (issue 9's partition test found it).
 * The hold survives a restart of the node (it is in the pair file).
 * Epochs: each side keeps the highest cluster epoch an agent ever gave it (``cluster_epoch``).
   A fence or unfence with a lower epoch is refused (a stale agent cannot lift a newer
@@ -57,10 +61,10 @@ class Holds:
         with self.m.lock:
             sides = self._sides(args, epoch, "fence")
         for s in sides:
-            with s.gate.closed():  # the writes in flight finish first; none after this
+            with s.ack_lock:  # from here on no client write of this side is acknowledged
                 s.doc.hold_epoch, s.doc.hold_reason = epoch, reason
                 s.doc.cluster_epoch = max(s.doc.cluster_epoch, epoch)
-                s.save()
+            s.save()
             self.m.log(f"pair {s.id}: client writes refused from now on: {reason}")
             self.m.events.emit("pair.fenced", pair=s.id, epoch=epoch, reason=reason)
         return {"pairs": [self.m.describe(s) for s in sides]}

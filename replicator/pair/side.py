@@ -60,6 +60,8 @@ class Side:
         self.restore_lock = threading.Lock()
         self.bitmap_lock = threading.Lock()
         self.gate = Gate()
+        #: Orders a client write's acknowledgement against ``pair fence`` (pair/hold.py).
+        self.ack_lock = threading.Lock()
         self.chunk_locks = ChunkLocks()
         self.legs = host.open_legs(doc.volume)
         self.volume = self.legs.volume
