@@ -77,6 +77,9 @@ from cluster.coord import (
     release_leader,
 )
 from cluster.pvid_cache import CacheFile, cache_path
+from cluster.refresh import HostRole, Op
+from cluster.refresh import Kind as NoticeKind
+from cluster.refresh_driver import RefreshDriver
 from replicator import control
 from replicator.atomic_file import write_atomic
 from replicator.errors import ConnectionFailed, LeaseLost, PairvolError, Timeout
@@ -102,6 +105,8 @@ REFUSED_EVERY = 10.0
 #: How often runtime resource records are read again from etcd.
 RESOURCES_EVERY = 1.0
 
+#: The refresh protocol's notices, each a datagram kind of its own.
+NOTICE_KINDS = frozenset(k.value.lower() for k in NoticeKind)
 #: Node pair states from which the S-VOL side swaps (``resync --swap``) at once.
 SWAP_STATES = ("PSUS", "PSUE")
 
@@ -234,6 +239,11 @@ class Agent:
         self._refusals: dict[str, tuple[float, int]] = {}
         self._status_written = ""
         self._resources_due = clock()
+        self.refresh = RefreshDriver(
+            host=self.me, state_dir=state_dir, coord=coord, keys=self.keys, node=node,
+            cache=self.cache, send_notice=self._send_notice, emit=self._emit_now,
+            spawn=self._spawn_work, lease=self._any_lease,
+        )  # fmt: skip
         if threaded:
             self._etcd_thread = threading.Thread(
                 target=self._etcd_worker, name="agent-etcd", daemon=True
@@ -270,6 +280,9 @@ class Agent:
     def get_timer(self) -> float:
         """When the loop wants the next turn (monotonic)."""
         times = [self._resources_due]
+        t = self.refresh.get_timer()
+        if t is not None:
+            times.append(t)
         for h in self.resources.values():
             if "poll" not in h.inflight:
                 times.append(h.poll_due)
@@ -295,6 +308,10 @@ class Agent:
         if now >= self._resources_due:
             self._resources_due = now + RESOURCES_EVERY
             self._etcd(self._load_runtime_resources)
+        t = self.refresh.get_timer()
+        if t is not None and now >= t:
+            self.refresh.handle_timer(now)
+        self._follow_requests(now)
         self._take_posted()
         self._flush_heartbeats()
         self._write_status(now)
@@ -305,6 +322,9 @@ class Agent:
         if self.resources.get(h.name) is not h:
             return  # dropped meanwhile
         before = h.core.role
+        if isinstance(event, fo.TakeoverDone) and not event.ok:
+            self.events.emit("cluster.takeover.failed", resource=h.name, detail=event.detail,
+                             takeover=h.takeover)  # fmt: skip
         try:
             actions = h.core.handle(event, self.clock() if now is None else now)
         except PairvolError as e:  # an answer the core has no row for: logged, changes nothing
@@ -355,6 +375,7 @@ class Agent:
     def _role_changed(self, h: Held, before: fo.Role) -> None:
         role = h.core.role
         now = self.clock()
+        self._track_refresh(h, now)
         fields: dict[str, Any] = {"resource": h.name, "epoch": h.epoch, "previous": str(before)}
         h.starting = role is fo.Role.ACTIVE and before is fo.Role.PROMOTING
         if h.starting:
@@ -567,13 +588,80 @@ class Agent:
 
         self._etcd(read)
 
+    # -- the refresh protocol (cluster/refresh_driver.py) -------------------------------
+
+    def _track_refresh(self, h: Held, now: float) -> None:
+        """Tell the refresh driver this host's role for the resource (active while it runs
+        it, standby otherwise) and the peer: the active when this host stands by, else the
+        first other host in preference order."""
+        others = [x for x in h.resource.hosts if x != self.me]
+        active = h.core.role is fo.Role.ACTIVE
+        leader = h.core.leader
+        peer = others[0] if others else None
+        if not active and leader in others:
+            peer = leader
+        try:
+            self.refresh.track(h.resource, HostRole.ACTIVE if active else HostRole.STANDBY,
+                               peer, now)  # fmt: skip
+        except PairvolError as e:
+            self.events.emit("refresh.untracked", resource=h.name, reason=str(e))
+
+    def _emit_now(self, name: str, **fields: Any) -> None:
+        self.events.emit(name, **fields)
+
+    def _send_notice(self, peer: str, body: dict[str, Any]) -> None:
+        """A refresh notice goes out as a datagram of its own kind (start, start_ack,
+        complete, reflected: docs/protocol.md)."""
+        if self.endpoint is not None and peer in self.endpoint.peers:
+            self.endpoint.send(peer, str(body.get("notice")).lower(), body, self.wall())
+
+    def _spawn_work(self, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        def run() -> None:
+            result = work()
+            self._post(lambda _now: done(result))
+
+        self._thread(run, "agent-refresh")
+
+    def _any_lease(self) -> Lease | None:
+        """The S-VOL lock's lease: any lease this agent holds (each expires with the agent)."""
+        return next((h.lease for h in self.resources.values() if h.lease is not None), None)
+
+    def _follow_requests(self, now: float) -> None:
+        """A split or resync request is done once the refresh exchange it began is over."""
+        for h in self.resources.values():
+            req = h.request
+            if req is None or req.op not in ("split", "resync") or req.state != "accepted":
+                continue  # (accepted: its answer is stored, with the revision to answer to)
+            target = req.target or h.name
+            if not self.refresh.idle(target):
+                continue
+            h.request = None
+            mine = [p for p in self.refresh.status().values() if p["resource"] == h.name
+                    and (req.target is None or p["group"] == req.target)]  # fmt: skip
+            bad = [p["last"] for p in mine if not (p["last"] or {}).get("ok", False)
+                   or not (p["last"] or {}).get("reflected", False)]  # fmt: skip
+            if bad:
+                self._answer(h, req, "failed", f"{target}: {bad[0]}")
+            else:
+                self._answer(h, req, "done", req.detail)  # the pairs, as when accepted
+
     # -- operator requests -----------------------------------------------------------------
 
     def _take_request(self, h: Held, req: Request) -> None:
         if not h.core.claiming or h.request is not None:
             return  # the active answers; one at a time
-        if req.op != "switchover":
-            self._answer(h, req, "refused", f"{req.op} is not carried out by this agent yet")
+        if req.op in ("split", "resync"):
+            if h.core.role is not fo.Role.ACTIVE:
+                self._answer(h, req, "refused", f"resource {h.name} is {h.core.role} here")
+                return
+            op = Op.SPLIT if req.op == "split" else Op.CONSTRUCTION
+            try:
+                pairs = self.refresh.begin(req.target or h.name, op, self.clock())
+            except PairvolError as e:
+                self._answer(h, req, "refused", str(e))
+                return
+            h.request = req
+            self._answer(h, req, "accepted", " ".join(pairs))
             return
         before = h.core.role
         try:
@@ -826,9 +914,13 @@ class Agent:
         self.events.emit("cluster.refused", reason=reason, also_refused=count)
 
     def hear(self, d: Datagram, now: float) -> None:
+        if d.kind in NOTICE_KINDS:
+            self.refresh.notice(d.host, d.body, now)  # trusted only for its resources' pairs
+            return
         if d.kind != "heartbeat":
-            return  # refresh notices: the refresh protocol is not wired into this loop yet
+            return
         body = dict(d.body)
+        self.refresh.peer_flags(d.host, body.get("flags"), now)
         was = self.peers.get(d.host)
         self.peers[d.host] = (now, body)
         if was is None or now - was[0] > self.timing.heartbeat_timeout:
@@ -859,11 +951,7 @@ class Agent:
         for peer, resources in outbox.items():
             if peer not in self.endpoint.peers:
                 continue
-            body = {
-                "resources": resources,
-                # The refresh protocol's flags (SPEC 3) ride here once it is wired in.
-                "flags": {},
-            }
+            body = {"resources": resources, "flags": self.refresh.heartbeat_flags()}
             try:
                 self.endpoint.send(peer, "heartbeat", body, self.wall())
             except OSError as e:
@@ -889,6 +977,7 @@ class Agent:
         h = Held(r, core, poll_due=now)
         self.resources[r.name] = h
         self._announce("cluster.standby", resource=r.name, epoch=0)
+        self._track_refresh(h, now)
         self._feed(h, fo.Started(), now)
 
     def _load_runtime_resources(self) -> None:
@@ -911,6 +1000,7 @@ class Agent:
                 h = self.resources[name]
                 if h.core.role in (fo.Role.STANDBY, fo.Role.FENCED):
                     del self.resources[name]
+                    self.refresh.forget(name)
                     self.events.emit("cluster.resource.dropped", resource=name)
 
         self._post(track)
@@ -936,6 +1026,7 @@ class Agent:
                     "takeover": h.takeover,
                     "last_failover": h.last_failover,
                     "last_switchover": h.last_switchover,
+                    "ready": self.refresh.ready(name),
                 }
                 for name, h in sorted(self.resources.items())
             ],
@@ -948,7 +1039,7 @@ class Agent:
                 }
                 for p, (heard, body) in sorted(self.peers.items())
             },
-            "flags": {},
+            "flags": self.refresh.status(),
             "updated": round(self.wall(), 3),
         }
 

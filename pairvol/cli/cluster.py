@@ -6,6 +6,7 @@ pairvol cluster resource create NAME --group GROUP --hosts a,b [--device NAME=EX
 pairvol cluster resource delete NAME
 pairvol cluster resource list [--json]
 pairvol cluster switchover RESOURCE [--to HOST] [--timeout S]
+pairvol cluster split|resync RESOURCE|GROUP [--timeout S]
 
 Every command takes ``--config FILE`` (default ``$PAIRVOL_CLUSTER_CONFIG``, else
 /etc/pairvol/cluster.toml); inside a lab host both that and ``$PAIRVOL_AGENT_DIR`` (the local
@@ -27,8 +28,14 @@ copied), unfences and starts the application.  The command asks through etcd (th
 request key, answered by the active agent) and returns once the target is active, with the
 time it took.  Failback is the same command back.
 
-A host's ``flags`` are the refresh flags its agent last announced (null: not known here; the
-refresh protocol is not wired into the agent yet, so a known host shows ``{}``, all at rest).
+``split`` and ``resync`` run the replica operation with SPEC 3's refresh exchange around it
+(cluster/refresh_driver.py): the active agent saves its flags, tells the standby, runs the
+split or resync on its node, refreshes its own cache, and the standby reads the S-VOL's new
+identity straight from the volume (split) or erases its entries (resync) before the command
+returns; a plain ``pair split`` skips all that, and the standby's cache goes stale.
+
+A host's ``flags`` are the refresh flags its agent last announced, per pair (null: not known
+here).
 """
 
 from __future__ import annotations
@@ -105,6 +112,16 @@ def register(sub: Any) -> None:
     sw.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     _common(sw)
     sw.set_defaults(func=cmd_switchover)
+
+    for op, text in (
+        ("split", "split with the standby PVID-refresh protocol (SPEC 3)"),
+        ("resync", "resync with the standby PVID-refresh protocol (SPEC 3)"),
+    ):
+        x = acts.add_parser(op, help=text)
+        x.add_argument("target", metavar="RESOURCE|GROUP")
+        x.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+        _common(x)
+        x.set_defaults(func=cmd_replica)
 
     ls = rs.add_parser("list", help="the resources: from the config file and from etcd")
     _common(ls)
@@ -286,11 +303,7 @@ def cmd_switchover(args: Any) -> int:
             raise UsageError(f"resource {r.name} is already active on {args.to}")
         req = Request(id=uuid.uuid4().hex[:12], op="switchover", to=args.to)
         started = time.monotonic()
-        if not put_request(coord, keys, r.name, req):
-            raise IllegalState(f"resource {r.name}: another request is still being carried out")
-        answer = _wait_answer(coord, keys, r.name, req.id, leader.holder)
-        if answer.state == "refused":
-            raise IllegalState(f"resource {r.name}: {leader.holder} refused: {answer.detail}")
+        answer = _ask(coord, keys, r.name, req, leader.holder)
         deadline = started + args.timeout
         try:
             while True:
@@ -314,6 +327,69 @@ def cmd_switchover(args: Any) -> int:
             _close_request(coord, keys, r.name, req.id)
     took = time.monotonic() - started
     print(f"resource {r.name}: {leader.holder} -> {now.holder} in {took:.2f}s (epoch {now.epoch})")
+    return 0
+
+
+def _ask(coord: EtcdCoord, keys: Keys, resource: str, req: Request, active: str) -> Request:
+    """Store ``req`` for the resource's active agent and wait for it to accept it; its
+    answer (IllegalState if refused)."""
+    if not put_request(coord, keys, resource, req):
+        raise IllegalState(f"resource {resource}: another request is still being carried out")
+    answer = _wait_answer(coord, keys, resource, req.id, active)
+    if answer.state == "refused":
+        _close_request(coord, keys, resource, req.id)
+        raise IllegalState(f"resource {resource}: {active} refused: {answer.detail}")
+    return answer
+
+
+def cmd_replica(args: Any) -> int:
+    """``cluster split|resync RESOURCE|GROUP``: the replica operation with the standby
+    PVID-refresh exchange around it (SPEC 3), carried out by the resource's active agent."""
+    op = args.action
+    config, coord, keys = _open(args)
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout}: give a positive number of seconds")
+    with coord:
+        resources = [r for r, _ in _resources(config, coord, keys)]
+        by_name = [r for r in resources if r.name == args.target]
+        by_group = [r for r in resources if args.target in r.groups]
+        if not by_name and not by_group:
+            raise NotFound(
+                f"no resource or group {args.target!r} in cluster {config.cluster} "
+                f"(resources: {', '.join(r.name for r in resources) or 'none'})"
+            )
+        r = (by_name or by_group)[0]
+        group = None if by_name else args.target
+        leader = read_leader(coord, keys, r.name)
+        if leader is None:
+            raise IllegalState(f"resource {r.name} has no active host to run the {op} on")
+        req = Request(id=uuid.uuid4().hex[:12], op=op, target=group)
+        started = time.monotonic()
+        answer = _ask(coord, keys, r.name, req, leader.holder)
+        pairs = answer.detail.split()
+        deadline = started + args.timeout
+        try:
+            while answer.state not in ("done", "failed"):
+                if time.monotonic() > deadline:
+                    raise Timeout(
+                        f"resource {r.name}: the {op} of {args.target} was not over within "
+                        f"{args.timeout:g}s (see pairvol cluster status)"
+                    )
+                time.sleep(POLL)
+                got = read_request(coord, keys, r.name)
+                if got is None or got.id != req.id:
+                    raise IllegalState(f"resource {r.name}: the {op} request was replaced")
+                answer = got
+            if answer.state == "done":
+                pairs = answer.detail.split() or pairs
+        finally:
+            _close_request(coord, keys, r.name, req.id)
+    if answer.state == "failed":
+        raise IllegalState(f"resource {r.name}: the {op} failed on {leader.holder}: "
+                           f"{answer.detail}")  # fmt: skip
+    took = time.monotonic() - started
+    print(f"resource {r.name}: {op} of {', '.join(pairs) or args.target} done on "
+          f"{leader.holder}, every host's PVID cache refreshed, in {took:.2f}s")  # fmt: skip
     return 0
 
 
