@@ -41,8 +41,9 @@ The rules:
    heartbeat, received less than ``heartbeat_timeout`` ago, names this host in ``confirms``
    at an epoch not newer than ours.  The first host that stops confirming (or is not heard
    for ``heartbeat_timeout``) fences it.  A host confirms X in its heartbeats while it hears
-   X claim to be active at an epoch not older than the highest it knows, and it is not itself
-   active.  So when etcd is unreachable but the agents see each other, nothing fails over;
+   X claim to be active at an epoch not older than the highest it knows *and say it cannot
+   reach etcd* (only such an active can need it), and it is not itself active.  A change of
+   this host's etcd reachability or of whom it confirms goes out to the peers at once.  So when etcd is unreachable but the agents see each other, nothing fails over;
    when etcd is unreachable and the peer is lost too, the active fences at its deadline and
    nobody promotes (nobody can reach etcd).
 4. **Holds.**  A host does not try to take the key before ``heartbeat_timeout + margin``
@@ -880,10 +881,15 @@ class FailoverCore:
         """Feed one event; the actions to carry out, in order."""
         now = self._clock(now)
         out: list[Action] = []
+        etcd_ok, confirms = self._etcd_ok, self._confirms()
         trigger = self._observe(event, now, out)
         if trigger is not None:
             self._dispatch(trigger, event, now, out, self._why(event))
         self._evaluate(now, out)
+        if self._started and (etcd_ok is not self._etcd_ok or confirms != self._confirms()):
+            # What the peers' failsafe rests on changed: tell them now, not at the next
+            # heartbeat (an active that lost etcd needs confirmations before its deadline).
+            self._heartbeats(now, out, only_due=False)
         return out
 
     def get_timer(self) -> float | None:
@@ -1215,7 +1221,10 @@ class FailoverCore:
             p = self._peers.get(h)
             if p is None or not p.live.up or p.last is None:
                 continue
-            if p.last.active and p.last.epoch >= self._epoch:
+            # Only an active that says it cannot reach etcd needs (and gets) confirmations:
+            # each one holds this host back afterwards, so confirming a healthy active would
+            # add the hold to every failover.
+            if p.last.active and not p.last.etcd_ok and p.last.epoch >= self._epoch:
                 return h
         return None
 

@@ -298,12 +298,11 @@ def test_a_standby_confirms_the_active_it_hears_and_holds_after_its_last_confirm
     b.handle(AppStopped(), 0.0)
     b.handle(LeaseGranted(0.0, TTL), 0.0)
     b.handle(LeaderObserved("a", 1), 0.0)
-    heartbeat(b, "a", 0.1, epoch=1, active=True)
-    _, out = run_until(b, 0.35, 0.1)
-    (hb,) = [a for a in out if isinstance(a, SendHeartbeat)]
+    out = heartbeat(b, "a", 0.1, epoch=1, active=True, etcd_ok=False)
+    (hb,) = [a for a in out if isinstance(a, SendHeartbeat)]  # at once: a needs it
     assert hb.confirms == "a" and not hb.active
     # The key goes (a's lease expired: a lost etcd) but a is still heard, active: no try.
-    heartbeat(b, "a", 2.0, epoch=1, active=True)
+    heartbeat(b, "a", 2.0, epoch=1, active=True, etcd_ok=False)
     b.handle(LeaseRenewed(2.0, TTL), 2.0)
     out = b.handle(LeaderGone(epoch=1), 2.0)
     assert b.role is Role.STANDBY and TryAcquire not in kinds(out)
@@ -316,6 +315,39 @@ def test_a_standby_confirms_the_active_it_hears_and_holds_after_its_last_confirm
     assert TryAcquire not in kinds(out)
     now, out = run_until(b, 4.25, now)
     assert TryAcquire in kinds(out)
+
+
+def test_a_healthy_active_is_not_confirmed_so_its_death_costs_no_hold() -> None:
+    """An active that reaches etcd needs no confirmation; b sends none, so when a dies b
+    tries as soon as the key is gone (the lease is the only wait), and confirms a again the
+    moment a says it lost etcd."""
+    b = core("b")
+    b.handle(Started(), 0.0)
+    b.handle(AppStopped(), 0.0)
+    b.handle(LeaseGranted(0.0, TTL), 0.0)
+    b.handle(LeaderObserved("a", 1), 0.0)
+    now, out = 0.0, []
+    for t in (0.2, 0.4, 0.6, 0.8, 1.0):
+        heartbeat(b, "a", t, epoch=1, active=True)
+        b.handle(LeaseRenewed(t, TTL), t)
+        now, more = run_until(b, t + 0.19, now)
+        out += more
+    beats = [a for a in out if isinstance(a, SendHeartbeat)]
+    assert beats and all(a.confirms is None for a in beats)
+    # a dies at 1.0; its key goes at 2.9 (lease); b tries at once.
+    b.handle(LeaseRenewed(2.0, TTL), 2.0)
+    now, out = run_until(b, 2.9, now)
+    out = b.handle(LeaderGone(epoch=1), 2.9)
+    now, more = run_until(b, 3.0, 2.9)
+    assert TryAcquire in kinds(out + more)
+    # Another core: a says it lost etcd; b confirms at once, not at its next heartbeat.
+    c = core("b")
+    c.handle(Started(), 0.0)
+    c.handle(AppStopped(), 0.0)
+    c.handle(LeaseGranted(0.0, TTL), 0.0)
+    heartbeat(c, "a", 0.1, epoch=1, active=True)
+    out = heartbeat(c, "a", 0.15, epoch=1, active=True, etcd_ok=False)
+    assert [a.confirms for a in out if isinstance(a, SendHeartbeat)] == ["a"]
 
 
 def test_etcd_unreachable_no_standby_promotes() -> None:
