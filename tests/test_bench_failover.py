@@ -100,8 +100,8 @@ def test_summarize_times_median_nearest_rank_p90_max() -> None:
 
 
 def test_expected_expiry_of_the_default_timing() -> None:
-    # TTL 2 s renewed every second, etcd's lessor looks every 0.5 s: 1 to 2.5 s, median 1.75
-    assert bf.expected_expiry(Timing()) == {"median_s": 1.75, "min_s": 1.0, "max_s": 2.5}
+    # TTL 2 s renewed every second, the key gone 0.5 s after expiry: 1.5 to 2.5 s, median 2
+    assert bf.expected_expiry(Timing()) == {"median_s": 2.0, "min_s": 1.5, "max_s": 2.5}
     # heard up to 0.2 s before the kill, confirmed until 1 s unheard, then 1 s + 0.25 s more
     assert bf.expected_hold(Timing(), 0.25) == {"min_s": 1.85, "max_s": 2.25}
 
@@ -231,7 +231,7 @@ def test_the_table_shows_medians_switchovers_settings_and_anchors() -> None:
     assert "warning events: cluster.failsafe x1" in text
     assert "async: stopped early: Timeout" in text
     assert "lease_ttl 2 s, renewed every 1 s, heartbeat every 0.2 s" in text
-    assert "median 1.75 s, 1 to 2.5 s" in text and "hold ends 1.85 to 2.25 s" in text
+    assert "median 2 s, 1.5 to 2.5 s" in text and "would end 1.85 to 2.25 s" in text
     assert "corosync token (default, alone) 3 s" in text and "Patroni ttl (default) 30 s" in text
     assert "Kubernetes lease (default) 15 s" in text
     assert "NOT reached" in text  # sync's median is 2.0, not under 2 s
