@@ -100,6 +100,8 @@ COOLDOWN = 10.0
 #: How often an active resource's monitor command runs (seconds between runs).
 MONITOR_INTERVAL = 2.0
 MONITOR_TIMEOUT = 10.0
+#: How often the leader key is read while its holder is not heard (seconds).
+FAST_POLL = 0.05
 #: A refused datagram is logged once per reason in this many seconds.
 REFUSED_EVERY = 10.0
 #: How often runtime resource records are read again from etcd.
@@ -302,7 +304,7 @@ class Agent:
                 before = h.core.role
                 self._carry(h, h.core.handle_timer(now), before)
             if now >= h.poll_due and "poll" not in h.inflight:
-                h.poll_due = now + self.timing.heartbeat_interval
+                h.poll_due = now + self._poll_interval(h)
                 self._poll(h)
             self._maybe_monitor(h, now)
         if now >= self._resources_due:
@@ -315,6 +317,13 @@ class Agent:
         self._take_posted()
         self._flush_heartbeats()
         self._write_status(now)
+
+    def _poll_interval(self, h: Held) -> float:
+        """Every heartbeat interval; faster while the key's holder is a host that is not
+        heard any more (its key is about to go, and the failover waits for that)."""
+        holder = h.core.leader
+        gone = holder in h.resource.hosts and holder != self.me and not h.core.peer_up(holder)
+        return FAST_POLL if gone else self.timing.heartbeat_interval
 
     # -- carrying out the core's actions ---------------------------------------------------
 
