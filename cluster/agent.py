@@ -584,8 +584,13 @@ class Agent:
 
             def answered(now: float) -> None:
                 h.inflight.discard("poll")
-                if isinstance(event, fo.LeaderObserved) and event.holder != self.me:
-                    h.active_seen = (event.holder, now)
+                # A new holder seen in the key; heartbeats keep the time fresh (a dead
+                # holder's key stays until its lease expires, and a failover counts from the
+                # last sign of life).
+                seen = h.active_seen
+                holder = event.holder if isinstance(event, fo.LeaderObserved) else self.me
+                if holder != self.me and (seen is None or seen[0] != holder):
+                    h.active_seen = (holder, now)
                 if isinstance(event, fo.LeaderGone) and h.core.role is not fo.Role.PROMOTING:
                     h.handed_over = event.handover == self.me
                 if event is not None:

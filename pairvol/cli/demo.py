@@ -8,7 +8,11 @@ ext4 on it through a real block device.  Then the things a TrueCopy or DRBD admi
 2. resync: only the chunks changed since are copied (``last_copy_bytes``);
 3. host a dies (every process SIGKILLed); takeover on b keeps the application's PVID, so
    host b's cached PVID from step 1 is refused (access error) until ``host refresh``;
-4. host a comes back; ``resync --swap`` makes it the new secondary, copying what differs.
+4. host a comes back; ``resync --swap`` makes it the new secondary, copying what differs;
+5. a cluster lab (etcd, an agent per host) with two resources: ``cluster split`` and
+   ``cluster resync`` keep host b's PVID cache true, a plain ``pair split`` does not; host a
+   is killed, b fails over on its own (the time it took is shown), and the resource whose
+   cache went stale fails its attach with the access error.
 
 ``pair display`` is shown along the way.  Everything lives in a work directory that is
 removed afterwards (``--keep`` or ``--workdir`` keep it).
@@ -24,12 +28,15 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from replicator.errors import ExternalCommandFailed, NotFound, PvidMismatch
+from replicator.events import read_events, wait_event
 
 SIZE = "256M"
 GROUP = "demo"
@@ -231,16 +238,106 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _pairvol("pair", "resync", "--swap", PAIR, node=b.dir)
         _pairvol("pair", "wait", PAIR, "--state", "PAIR", "--timeout", "60", node=b.dir)
         _display()
+        _pairvol("lab", "down", name)
+        _cluster_part(f"{name}c", work)
         print("demo finished successfully")
     finally:
         for h in hosts:
             with contextlib.suppress(Exception):
                 h.detach()
         if not args.keep:
-            with contextlib.suppress(Exception):
-                _pairvol("lab", "down", name)
+            for lab_name in (name, f"{name}c"):
+                if lab_name in lab.names():
+                    with contextlib.suppress(Exception):
+                        _pairvol("lab", "down", lab_name)
             if not args.workdir:
                 subprocess.run(["rm", "-rf", str(work)], check=False)
         else:
             print(f"lab {name} and work directory kept: {work}")
     return 0
+
+
+def _agent_event(lab_name: str, host: str, event: str, after: int, **match: Any) -> dict[str, Any]:
+    from pairvol import lab
+
+    path = os.path.join(lab.agent_dir(lab.load(lab_name).host(host)), "events.jsonl")
+    return wait_event(path, event, lambda e: all(e.get(k) == v for k, v in match.items()),
+                      timeout=60, after=after)  # fmt: skip
+
+
+def _agent_mark(lab_name: str, host: str) -> int:
+    from pairvol import lab
+
+    return len(read_events(os.path.join(lab.agent_dir(lab.load(lab_name).host(host)),
+                                        "events.jsonl")))  # fmt: skip
+
+
+def _on(lab_name: str, host: str, *argv: str) -> str:
+    """``pairvol ARGV`` run on a lab host (its namespace: the cluster's etcd is reachable only
+    from there), echoed like a shell transcript; its stdout."""
+    print(f"[{host}] $ pairvol " + shlex.join(argv), flush=True)
+    exe = os.path.join(os.path.dirname(sys.executable), "pairvol")
+    cmd = [exe if os.path.exists(exe) else "pairvol", "lab", "exec", lab_name, host, "--",
+           "pairvol", *argv]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for text in (r.stdout, r.stderr):
+        if text.strip():
+            print(text.rstrip())
+    if r.returncode != 0:
+        raise ExternalCommandFailed(f"pairvol {' '.join(argv[:2])} on {host} exited {r.returncode}")
+    return r.stdout
+
+
+def _cluster_part(name: str, work: Path) -> None:
+    """The cluster agent: automatic failover of two resources on a killed host, and SPEC 3's
+    refresh protocol (cluster split/resync) next to its negative control (plain pair
+    split/resync), whose stale cached PVID makes the new active's attach fail."""
+    from pairvol import lab
+
+    _say("a cluster lab: etcd, and an agent on each host (leases, heartbeats, fencing)")
+    _pairvol("lab", "up", name, "--hosts", "a,b", "--cluster")
+    layout = lab.load(name)
+    a, b = (_Host(h, layout.host(h).dir, work) for h in ("a", "b"))
+    os.environ["PAIRVOL_LAB"] = name
+    for n in (1, 2):
+        for h in (a, b):
+            _pairvol("volume", "create", os.path.join(h.dir, f"v{n}"), "--size", "64M",
+                     quiet=True)  # fmt: skip
+        _pairvol("pair", "create", f"g{n}/p{n}", "--primary", f"a:v{n}", "--secondary",
+                 f"b:v{n}", "--fence", "data", node=a.dir)  # fmt: skip
+    for n in (1, 2):
+        _pairvol("pair", "wait", f"g{n}/p{n}", "--state", "PAIR", "--timeout", "60", node=a.dir)
+
+    _say("two resources, each owning a pair group and a PVID-cache device on each host")
+    marks = {h: _agent_mark(name, h) for h in ("a", "b")}
+    for n in (1, 2):
+        _on(name, "a", "cluster", "resource", "create", f"r{n}", "--group", f"g{n}", "--hosts",
+            "a,b", "--device", f"a:pv{n}={a.uri(f'v{n}')}", "--device",
+            f"b:pv{n}={b.uri(f'v{n}')}")  # fmt: skip
+    for n in (1, 2):
+        _agent_event(name, "a", "cluster.active", marks["a"], resource=f"r{n}")
+    _on(name, "b", "cluster", "status")
+
+    _say("cluster split: host b's agent reads each S-VOL's new PVID into its cache")
+    for n in (1, 2):
+        _on(name, "a", "cluster", "split", f"r{n}")
+    _say("the negative control: plain pair resync and split of g1 (nobody tells host b)")
+    _pairvol("pair", "resync", "g1", node=a.dir)
+    _pairvol("pair", "wait", "g1/p1", "--state", "PAIR", "--timeout", "60", node=a.dir)
+    _pairvol("pair", "split", "g1", node=a.dir)
+    _say("the protocol: cluster resync and split of g2 (host b erases, then reads again)")
+    _on(name, "a", "cluster", "resync", "g2")
+    _pairvol("pair", "wait", "g2/p2", "--state", "PAIR", "--timeout", "60", node=a.dir)
+    _on(name, "a", "cluster", "split", "g2")
+
+    _say("host a dies (SIGKILL of everything on it); host b's agent fails over on its own")
+    mark = _agent_mark(name, "b")
+    killed = time.time()
+    _pairvol("lab", "kill", name, "a")
+    active = _agent_event(name, "b", "cluster.active", mark, resource="r2")
+    print(f"r2 active on b {active['ts'] - killed:.2f}s after the kill, takeover "
+          f"{active['takeover']}, its device attached (PVID-checked)")  # fmt: skip
+    failed = _agent_event(name, "b", "cluster.takeover.failed", mark, resource="r1")
+    print(f"r1 on b (the negative control): {failed['detail']}")
+    _on(name, "b", "cluster", "status")
+    _pairvol("lab", "down", name)
