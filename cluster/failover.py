@@ -43,9 +43,10 @@ The rules:
    for ``heartbeat_timeout``) fences it.  A host confirms X in its heartbeats while it hears
    X claim to be active at an epoch not older than the highest it knows *and say it cannot
    reach etcd* (only such an active can need it), and it is not itself active.  A change of
-   this host's etcd reachability or of whom it confirms goes out to the peers at once.  So when etcd is unreachable but the agents see each other, nothing fails over;
-   when etcd is unreachable and the peer is lost too, the active fences at its deadline and
-   nobody promotes (nobody can reach etcd).
+   this host's etcd reachability or of whom it confirms goes out to the peers at once.  So
+   when etcd is unreachable but the agents see each other, nothing fails over; when etcd is
+   unreachable and the peer is lost too, the active fences at its deadline and nobody
+   promotes (nobody can reach etcd).
 4. **Holds.**  A host does not try to take the key before ``heartbeat_timeout + margin``
    after it last *sent* a confirmation (the confirmed active fences at most
    ``heartbeat_timeout`` after it last *received* one), nor before ``heartbeat_timeout +
