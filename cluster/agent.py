@@ -100,6 +100,8 @@ COOLDOWN = 10.0
 #: How often an active resource's monitor command runs (seconds between runs).
 MONITOR_INTERVAL = 2.0
 MONITOR_TIMEOUT = 10.0
+#: Bound of one call setting the node's watchdog (on the loop, like a fence).
+WATCHDOG_TIMEOUT = 0.5
 #: How often the leader key is read while its holder is not heard (seconds).
 FAST_POLL = 0.05
 #: A refused datagram is logged once per reason in this many seconds.
@@ -513,11 +515,14 @@ class Agent:
             event = fo.LeaseRenewFailed(str(e))
             self._etcd_state(False, str(e))
 
-        def answered(_now: float) -> None:
+        def answered(now: float) -> None:
             h.inflight.discard("renew")
             if isinstance(event, fo.LeaseRenewFailed) and event.gone:
                 h.lease = None
             self._feed(h, event)
+            left = h.core.lease_remaining(now)
+            if isinstance(event, fo.LeaseRenewed) and h.core.claiming and left is not None:
+                self._arm(h, h.epoch, left)  # the node's watchdog follows the new deadline
 
         self._post(answered)
 
@@ -737,6 +742,20 @@ class Agent:
         if failed:
             self.events.emit("cluster.fence.failed", resource=h.name, errors=failed)
 
+    def _arm(self, h: Held, epoch: int, seconds: float, *, raises: bool = False) -> None:
+        """Set the node's watchdog for the resource's groups: client writes stop by
+        themselves ``seconds`` from now unless set again (replicator/pair/hold.py), so an
+        agent that dies alone leaves no writable primary behind its lease."""
+        for group in h.resource.groups:
+            args = {"target": group, "epoch": epoch, "seconds": max(0.001, seconds)}
+            try:
+                self.node.call("pair.watchdog", args, timeout=WATCHDOG_TIMEOUT)
+            except PairvolError as e:
+                if raises:
+                    raise
+                self._emit_later("cluster.watchdog.failed", resource=h.name, group=group,
+                                 reason=str(e))  # fmt: skip
+
     def _node_floor(self, r: Resource) -> int:
         """The highest pair or cluster epoch the node has for the resource's groups."""
         floor = 0
@@ -751,6 +770,8 @@ class Agent:
         try:
             for group in h.resource.groups:
                 results[group] = self._take_over_group(group)
+            left = h.core.lease_remaining(self.clock())
+            self._arm(h, epoch, left if left is not None else 0.0, raises=True)
             for group in h.resource.groups:
                 self.node.call("pair.unfence", {"target": group, "epoch": epoch})
             self._attach_devices(h.resource)
@@ -957,6 +978,10 @@ class Agent:
             if event.active:
                 h.active_seen = (d.host, now)
             self._feed(h, event, now)
+            if h.core.in_failsafe and event.confirms == self.me:
+                # Past the lease, running on confirmations: the node's watchdog lasts as long
+                # as this one does (the core fences when they stop).
+                self._arm(h, h.epoch, self.timing.heartbeat_timeout)
 
     def _flush_heartbeats(self) -> None:
         outbox, self._outbox = self._outbox, {}

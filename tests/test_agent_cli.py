@@ -45,17 +45,15 @@ class FakeNode:
         self.cluster_epoch = 0
         self.ops: list[tuple[str, dict[str, Any]]] = []
         self.lock = threading.Lock()
-        handlers = {
-            op: (lambda args, op=op: self.handle(op, args))
-            for op in ("pair.display", "pair.fence", "pair.unfence", "pair.takeover")
-        }
+        ops = ("pair.display", "pair.fence", "pair.unfence", "pair.takeover", "pair.watchdog")
+        handlers = {op: (lambda args, op=op: self.handle(op, args)) for op in ops}
         self.server = ControlServer(path, handlers, lambda _m: None)  # type: ignore[misc]
         self.server.start()
 
     def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self.ops.append((op, args))
-            if op in ("pair.fence", "pair.unfence"):
+            if op in ("pair.fence", "pair.unfence", "pair.watchdog"):
                 if args["epoch"] < self.cluster_epoch:
                     raise IllegalState(f"epoch {args['epoch']} refused: seen {self.cluster_epoch}")
                 self.cluster_epoch = args["epoch"]

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ class Writer(threading.Thread):
         self.rng = random.Random(seed)
         self.log: list[int] = []  # index n-1: the block of stamp n
         self.acked = 0
+        self.acked_at = 0.0  # wall time of the last acknowledgement (one clock in a lab)
         self.cond = threading.Condition()
         self.ended = False
 
@@ -104,7 +106,7 @@ class Writer(threading.Thread):
                 self.log.append(block)
                 h.pwrite(stamp(self.base + n), block * BLOCK)
                 with self.cond:
-                    self.acked = n
+                    self.acked, self.acked_at = n, time.time()
                     self.cond.notify_all()
         except nbd.Error:
             pass  # the host was killed under it
@@ -277,3 +279,40 @@ def test_sigkill_of_the_active_host_fails_over_with_every_acknowledged_write(
     (pair,) = res["pairs"]  # b's side, as b's node says
     assert pair["state"] == "SSWS" and pair["cluster_epoch"] == done["epoch"]
     assert pair["fenced"] is None
+
+
+def test_an_agent_killed_alone_leaves_no_writable_primary_behind_its_lease(
+    env: Agents, r1: dict[str, Any]
+) -> None:
+    """SIGKILL of the active's agent only: its node and a client writing to it live on.  The
+    node's watchdog (armed by the agent at every renewal) stops the writes by the agent's
+    own fencing deadline, before the standby can promote: no write is acknowledged by the
+    old node once the new active can take writes, and none acknowledged is lost."""
+    # After the previous test b is active and a is dead: bring a back as b's secondary.
+    mark_a = len(read_events(env.agent_events("a")))
+    labmod.start_host(env.name, "a")
+    env.wait_agent("a", "cluster.standby", resource="r1", after=mark_a)
+    env.pv("b", "pair", "resync", "g1", "--swap")
+    env.wait("b", "g1/p1", "PAIR")
+    assert env.side("b", "g1/p1")["sides"]["primary"]["watchdog"] is not None  # armed
+
+    writer = Writer(env, "b", "v1", seed=5, base=2 * 10**6)
+    writer.start()
+    writer.wait_acked(50)
+    mark_a = len(read_events(env.agent_events("a")))
+    labmod.kill_host(env.name, "b", only="agent")
+    writer.wait_ended()  # b's node refused the writes on its own
+    promoting = env.wait_agent("a", "cluster.promoting", resource="r1", after=mark_a)
+    env.wait_agent("a", "cluster.active", resource="r1", after=mark_a)
+    assert writer.acked_at < promoting["ts"], (writer.acked_at, promoting["ts"])
+    log = Path(env.host("b").dir, "node.log").read_text()
+    assert "watchdog" in log and "expired" in log
+    check_stamps(env, "a", writer)  # fence=data, sync: every acknowledged stamp on a
+
+    mark_b = len(read_events(env.agent_events("b")))
+    labmod.start_host(env.name, "b")
+    env.wait_agent("b", "cluster.standby", resource="r1", after=mark_b)
+    env.pv("a", "pair", "resync", "g1", "--swap")
+    env.wait("a", "g1/p1", "PAIR")
+    r = env.pv("a", "pair", "verify", "g1/p1", "--json", ok=False)
+    assert r.returncode == 0, r.stdout + r.stderr

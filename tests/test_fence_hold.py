@@ -142,3 +142,81 @@ def test_a_fence_fails_the_writes_in_flight_at_once_and_never_acknowledges_them(
     (result,) = outcome
     assert isinstance(result, VolumeError) and result.errno == errno.EIO, result
     assert "while the write was in flight: not acknowledged" in str(result)
+
+
+def test_the_watchdog_stops_client_writes_unless_re_armed_and_survives_a_restart(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """The agent's watchdog: armed for 2 s, re-armed, then not: writes stop at the deadline
+    on their own (the agent died alone).  A restart keeps it armed and expired; a stale epoch
+    cannot touch it; --off disarms it."""
+    lab, a, b = two
+    h = a.open()
+    out = a.cmd("pair.watchdog", target="g", epoch=2, seconds=2.0)
+    assert out["pairs"][0]["watchdog"] == {"epoch": 2, "remaining": 2.0}
+    lab.tick(1.5)
+    write(h, 0, noise(CHUNK))  # before the deadline
+    a.cmd("pair.watchdog", target="g", epoch=2, seconds=2.0)  # re-armed at 1.5: until 3.5
+    lab.tick(1.5)
+    write(h, 0, noise(CHUNK))
+    lab.tick(0.6)  # past 3.5: the agent did not come back
+    with pytest.raises(VolumeError) as refused:
+        write(h, CHUNK, noise(CHUNK))
+    assert refused.value.errno == errno.EIO and "watchdog (epoch 2) expired" in str(refused.value)
+    assert a.show("g/p1")["writes"] == "REFUSE_WATCHDOG"
+    data = noise(CHUNK)
+    b_before = b.image()[: 2 * CHUNK]
+    assert a.image()[CHUNK : 2 * CHUNK] != data and b_before == a.image()[: 2 * CHUNK]
+    a.restart()
+    h = a.open()
+    with pytest.raises(VolumeError, match="watchdog"):
+        write(h, CHUNK, data)  # armed in the pair file, no deadline after a restart
+    with pytest.raises(IllegalState, match="has seen epoch 2"):
+        a.cmd("pair.watchdog", target="g", epoch=1, off=True)
+    for bad in (0, -1.0, 121.0, "2", True):
+        with pytest.raises(UsageError, match="--seconds"):
+            a.cmd("pair.watchdog", target="g", epoch=2, seconds=bad)
+    a.cmd("pair.watchdog", target="g", epoch=2, off=True)
+    assert a.show("g/p1")["watchdog"] is None
+    for _ in range(5):  # the restarted node finds its peer again
+        if a.side("g/p1").machine.link_up:
+            break
+        lab.tick(1.0)
+    write(h, CHUNK, data)
+    assert b.image()[CHUNK : 2 * CHUNK] == data
+    assert a.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
+def test_a_write_in_flight_when_the_watchdog_expires_is_not_acknowledged(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab, a, b = two
+    a.cmd("pair.watchdog", target="g", epoch=1, seconds=1.0)
+    stalled, release = threading.Event(), threading.Event()
+    handle = b.manager.handle_peer
+
+    def stall(sender: str, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Write):
+            stalled.set()
+            release.wait(20)
+        return handle(sender, msg)
+
+    monkeypatch.setattr(b.manager, "handle_peer", stall)
+    h = a.open()
+    outcome: list[object] = []
+
+    def client() -> None:
+        try:
+            write(h, 0, noise(CHUNK))
+            outcome.append("acknowledged")
+        except VolumeError as e:
+            outcome.append(e)
+
+    writer = threading.Thread(target=client, daemon=True)
+    writer.start()
+    assert stalled.wait(10)
+    lab.clock.advance(1.5)  # the deadline passes while the write waits for the secondary
+    release.set()
+    writer.join(10)
+    (result,) = outcome
+    assert isinstance(result, VolumeError) and "while the write was in flight" in str(result)

@@ -189,12 +189,17 @@ def register(sub: Any) -> None:
     for name, helptext in (
         ("fence", "refuse client writes for the pairs on this node (the cluster agent's fence)"),
         ("unfence", "allow client writes again after a fence"),
+        ("watchdog", "arm the cluster agent's watchdog: client writes stop unless re-armed"),
     ):
         q = ps.add_parser(name, help=helptext)
         q.add_argument("target", metavar="GROUP[/PAIR]")
         q.add_argument("--epoch", required=True, help="the cluster epoch (an older one is refused)")
         if name == "fence":
             q.add_argument("--reason", help="said in the log and to every refused client")
+        if name == "watchdog":
+            w = q.add_mutually_exclusive_group(required=True)
+            w.add_argument("--seconds", type=float, help="refuse client writes after this long")
+            w.add_argument("--off", action="store_true", help="disarm it")
         node_opt(q)
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=cmd_hold, op=f"pair.{name}")
@@ -362,18 +367,26 @@ def parse_epoch(text: str) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
-    """``pair fence`` / ``pair unfence``: on this node only (each node fences itself)."""
+    """``pair fence`` / ``unfence`` / ``watchdog``: on this node only (each node fences
+    itself)."""
     split_pair_id(args.target)
     payload: dict[str, Any] = {"target": args.target, "epoch": parse_epoch(args.epoch)}
     if args.op == "pair.fence" and args.reason:
         payload["reason"] = args.reason
+    if args.op == "pair.watchdog":
+        payload.update(off=True) if args.off else payload.update(seconds=args.seconds)
     result = control.call(_require_control(args.node), args.op, payload, timeout=60)
     if args.json:
         print_json(result)
     else:
         for p in result["pairs"]:
-            held = p["fenced"]
+            held, dog = p["fenced"], p["watchdog"]
             what = f"fenced at epoch {held['epoch']} ({held['reason']})" if held else "not fenced"
+            if dog is not None:
+                left = dog["remaining"]
+                what += f", watchdog epoch {dog['epoch']}: " + (
+                    f"{left:g}s left" if left > 0 else "expired"
+                )
             print(f"pair {p['id']}: {p['role']} {p['state']}, {what}")
     return 0
 

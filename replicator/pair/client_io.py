@@ -36,6 +36,7 @@ from replicator import wire
 from replicator.errors import ConnectionFailed, Timeout, VolumeError
 from replicator.export import INFLIGHT, ExportHandle, get_ident
 from replicator.header import Role
+from replicator.pair import hold
 from replicator.peer_link import PeerRefused
 from replicator.pvid import format_pvid
 
@@ -143,12 +144,11 @@ class ClientWrites:
         in flight (``pair fence`` sets the hold under the same lock, and never waits)."""
         for leg in legs:
             with leg.ack_lock:
-                if leg.doc.hold_reason:
-                    leg.host.log_refusal(leg, f"fenced by the cluster: {leg.doc.hold_reason}")
+                why = hold.refusal(leg)
+                if why is not None:
+                    leg.host.log_refusal(leg, why)
                     raise VolumeError(
-                        f"pair {leg.id}: fenced by the cluster at epoch {leg.doc.hold_epoch} "
-                        f"({leg.doc.hold_reason}) while the write was in flight: not "
-                        "acknowledged",
+                        f"pair {leg.id}: {why} while the write was in flight: not acknowledged",
                         errno.EIO,
                     )
 
@@ -156,15 +156,10 @@ class ClientWrites:
         if not leg.check_image():
             raise VolumeError(f"pair {leg.id}: {leg.damaged}", errno.EIO)
         decision = leg.machine.write_decision()
-        if leg.doc.hold_reason and decision is not ps.WriteDecision.REFUSE_HIDDEN:
-            if forwarding:  # what the primary sends is taken; the hold is on clients
-                return decision
-            leg.host.log_refusal(leg, f"fenced by the cluster: {leg.doc.hold_reason}")
-            raise VolumeError(
-                f"pair {leg.id}: fenced by the cluster at epoch {leg.doc.hold_epoch} "
-                f"({leg.doc.hold_reason}): write refused",
-                errno.EIO,
-            )
+        why = None if forwarding else hold.refusal(leg)  # the primary's changes are taken
+        if why is not None and decision is not ps.WriteDecision.REFUSE_HIDDEN:
+            leg.host.log_refusal(leg, why)
+            raise VolumeError(f"pair {leg.id}: {why}: write refused", errno.EIO)
         if decision in _GOES_AHEAD:
             return decision
         if forwarding:

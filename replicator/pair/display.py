@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from replicator import pair_state as ps
+from replicator.pair import hold
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
@@ -50,7 +51,7 @@ def describe(side: Side) -> dict[str, Any]:
         "epoch": r.epoch,
         "link": "up" if side.machine.link_up else "down",
         "hidden": side.machine.hidden,
-        "writes": "REFUSE_HELD" if side.doc.hold_reason else str(side.machine.write_decision()),
+        "writes": _writes(side),
         "chunk_size": side.chunk_size,
         "data_size": side.data_size,
         "copy_percent": percent,
@@ -71,7 +72,25 @@ def describe(side: Side) -> dict[str, Any]:
             if side.doc.hold_reason
             else None
         ),
+        "watchdog": (
+            {
+                "epoch": side.doc.watchdog_epoch,
+                "remaining": round(max(0.0, side.watchdog_deadline - side.clock()), 3),
+            }
+            if side.doc.watchdog_epoch
+            else None
+        ),
     }
+
+
+def _writes(side: Side) -> str:
+    """What a client write gets now: the cluster's hold or watchdog first, then the pair's
+    own decision."""
+    if side.doc.hold_reason:
+        return "REFUSE_HELD"
+    if hold.refusal(side) is not None:
+        return "REFUSE_WATCHDOG"
+    return str(side.machine.write_decision())
 
 
 def _journal_info(side: Side) -> dict[str, Any] | None:

@@ -100,6 +100,10 @@ class SideDoc:
     #: A cluster fence in force (client writes refused): its epoch and reason ("": none).
     hold_epoch: int = 0
     hold_reason: str = ""
+    #: The cluster agent's watchdog (``pair watchdog``): the epoch it was armed at, 0 when
+    #: disarmed.  Armed, client writes stop at the deadline the agent last set, which lives in
+    #: memory only: a node that restarts with it armed refuses writes until it is set again.
+    watchdog_epoch: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -126,6 +130,7 @@ class SideDoc:
                 "cluster_epoch": self.cluster_epoch,
                 "hold_epoch": self.hold_epoch,
                 "hold_reason": self.hold_reason,
+                "watchdog_epoch": self.watchdog_epoch,
             },
             indent=1,
             sort_keys=True,
@@ -157,6 +162,7 @@ class SideDoc:
                 int(doc.get("cluster_epoch", 0)),
                 int(doc.get("hold_epoch", 0)),
                 str(doc.get("hold_reason", "")),
+                int(doc.get("watchdog_epoch", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e

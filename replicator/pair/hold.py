@@ -19,6 +19,17 @@ client writes for the resource's pairs: ``pair fence GROUP --epoch N --reason TE
   A fence or unfence with a lower epoch is refused (a stale agent cannot lift a newer
   fence, nor fence the new active's pairs); ``pair unfence GROUP --epoch N`` lifts a hold only
   with an epoch at least the hold's.
+* **The watchdog** (``pair watchdog GROUP --epoch N --seconds S``; ``--off`` disarms it):
+  the active agent re-arms it at every lease renewal with the time left before its own
+  fencing deadline.  If the agent dies alone (the node, and perhaps the application, live
+  on), the node refuses client writes for the groups at that deadline by itself, before the
+  lease can expire and a standby can take over: SBD's watchdog, in the node.  That it is
+  armed is in the pair file; the deadline is in memory only, so a node that restarts finds
+  it armed and expired until the agent sets it again.
+
+:func:`refusal` says why a client write of a side must be refused now (the hold, or the
+watchdog past its deadline), or None; the write path asks it before a write and again,
+under ``ack_lock``, before acknowledging one.
 """
 
 from __future__ import annotations
@@ -32,6 +43,23 @@ if TYPE_CHECKING:
     from replicator.pair.side import Side
 
 
+#: The longest a watchdog can be set for (the agent sets about a lease TTL).
+WATCHDOG_MAX = 120.0
+
+
+def refusal(side: Side) -> str | None:
+    """Why a client write of ``side`` is refused now (None: it is not)."""
+    doc = side.doc
+    if doc.hold_reason:
+        return f"fenced by the cluster at epoch {doc.hold_epoch} ({doc.hold_reason})"
+    if doc.watchdog_epoch and side.clock() >= side.watchdog_deadline:
+        return (
+            f"the cluster agent's watchdog (epoch {doc.watchdog_epoch}) expired: the agent "
+            "did not renew it in time"
+        )
+    return None
+
+
 def _epoch(args: dict[str, Any]) -> int:
     raw = args.get("epoch")
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
@@ -40,7 +68,7 @@ def _epoch(args: dict[str, Any]) -> int:
 
 
 class Holds:
-    """``pair.fence`` and ``pair.unfence`` on this node's pairs."""
+    """``pair.fence``, ``pair.unfence`` and ``pair.watchdog`` on this node's pairs."""
 
     def __init__(self, manager: PairManager) -> None:
         self.m = manager
@@ -67,6 +95,31 @@ class Holds:
             s.save()
             self.m.log(f"pair {s.id}: client writes refused from now on: {reason}")
             self.m.events.emit("pair.fenced", pair=s.id, epoch=epoch, reason=reason)
+        return {"pairs": [self.m.describe(s) for s in sides]}
+
+    def op_watchdog(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Arm (or re-arm) the watchdog for ``seconds`` from now, or disarm it (``off``)."""
+        epoch = _epoch(args)
+        off = bool(args.get("off", False))
+        raw = args.get("seconds", 0)
+        number = isinstance(raw, int | float) and not isinstance(raw, bool)
+        if not off and not (number and 0 < raw <= WATCHDOG_MAX):
+            raise UsageError(
+                f"--seconds {raw!r}: give a number of seconds in (0, {WATCHDOG_MAX:g}]"
+            )
+        with self.m.lock:
+            sides = self._sides(args, epoch, "watchdog")
+        for s in sides:
+            with s.ack_lock:
+                s.watchdog_deadline = 0.0 if off else s.clock() + float(raw)
+                was = s.doc.watchdog_epoch
+                s.doc.watchdog_epoch = 0 if off else epoch
+                s.doc.cluster_epoch = max(s.doc.cluster_epoch, epoch)
+            if was != s.doc.watchdog_epoch:  # arming and disarming are durable; re-arming not
+                s.save()
+                what = "disarmed" if off else f"armed at epoch {epoch}"
+                self.m.log(f"pair {s.id}: cluster watchdog {what}")
+                self.m.events.emit("pair.watchdog", pair=s.id, epoch=epoch, armed=not off)
         return {"pairs": [self.m.describe(s) for s in sides]}
 
     def op_unfence(self, args: dict[str, Any]) -> dict[str, Any]:

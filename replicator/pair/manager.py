@@ -406,6 +406,7 @@ class PairManager:
             "pair.verify": c.op_verify,
             "pair.fence": self.holds.op_fence,
             "pair.unfence": self.holds.op_unfence,
+            "pair.watchdog": self.holds.op_watchdog,
             "debug.crash-at": c.op_crash_at,
         }
 

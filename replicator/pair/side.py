@@ -62,6 +62,9 @@ class Side:
         self.gate = Gate()
         #: Orders a client write's acknowledgement against ``pair fence`` (pair/hold.py).
         self.ack_lock = threading.Lock()
+        #: The watchdog's deadline (monotonic; 0: expired or never set since the node
+        #: started), meaningful while ``doc.watchdog_epoch`` is set (pair/hold.py).
+        self.watchdog_deadline = 0.0
         self.chunk_locks = ChunkLocks()
         self.legs = host.open_legs(doc.volume)
         self.volume = self.legs.volume
