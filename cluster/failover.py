@@ -198,8 +198,9 @@ class AcquireResult:
 class PeerHeard:
     """A heartbeat from another host's agent, for this resource.  ``epoch``: the highest it
     knows (its own when active); ``active``: it claims the resource; ``confirms``: the host
-    it confirms as active (failsafe); ``etcd_ok``: whether it reaches etcd; ``flags``: its
-    refresh flags, carried for status only."""
+    it confirms as active (failsafe); ``etcd_ok``: whether etcd backs it (it answers and,
+    for an active, the lease is renewed within the deadline: an active that says False
+    asks for confirmations); ``flags``: its refresh flags, carried for status only."""
 
     host: str
     epoch: int
@@ -843,6 +844,7 @@ class FailoverCore:
         self._pending: set[str] = set()
         self._switch_to: str | None = None
         self._failsafe_active = False
+        self._told: tuple[bool, str | None] | None = None  # what the peers last heard (_says)
         self._fresh_leader = False  # a leader observation since this host fenced itself
         self.last_failover: dict[str, FieldValue] | None = None
 
@@ -882,16 +884,43 @@ class FailoverCore:
         """Feed one event; the actions to carry out, in order."""
         now = self._clock(now)
         out: list[Action] = []
-        etcd_ok, confirms = self._etcd_ok, self._confirms()
+        reachable = self._etcd_ok
         trigger = self._observe(event, now, out)
         if trigger is not None:
             self._dispatch(trigger, event, now, out, self._why(event))
+        if (
+            not reachable
+            and self._etcd_ok
+            and self._granted
+            and self._role in CLAIMING
+            and self._past_deadline(now)
+        ):
+            # etcd is back while the failsafe carries us: renew now, not at the next period
+            # (the confirmations go on until a renewal lands, see _backed)
+            self._renew_sent_at = now
+            out.append(RenewLease())
         self._evaluate(now, out)
-        if self._started and (etcd_ok is not self._etcd_ok or confirms != self._confirms()):
-            # What the peers' failsafe rests on changed: tell them now, not at the next
-            # heartbeat (an active that lost etcd needs confirmations before its deadline).
-            self._heartbeats(now, out, only_due=False)
+        self._tell_changes(now, out)
         return out
+
+    def _says(self, now: float) -> tuple[bool, str | None]:
+        """What the peers' failsafe rests on: whether etcd backs us, and whom we confirm."""
+        return self._backed(now), self._confirms()
+
+    def _tell_changes(self, now: float, out: list[Action]) -> None:
+        if self._started and self._says(now) != self._told:
+            # Tell the peers now, not at the next heartbeat (an active that lost etcd needs
+            # confirmations before its deadline).
+            self._heartbeats(now, out, only_due=False)
+
+    def _backed(self, now: float) -> bool:
+        """Whether etcd backs this host: it answers and, when we claim the resource, our
+        lease is renewed within the deadline.  An active past its deadline says no even once
+        etcd answers again (after an etcd leader election, say) until a renewal lands: the
+        peers' confirmations must carry it until then, or it would fence in between."""
+        if self._role in CLAIMING and self._past_deadline(now):
+            return False
+        return self._etcd_ok
 
     def get_timer(self) -> float | None:
         if not self._started:
@@ -931,6 +960,7 @@ class FailoverCore:
             self._grant(now, out)
         self._heartbeats(now, out, only_due=True)
         self._evaluate(now, out)
+        self._tell_changes(now, out)
         return out
 
     # -- internals: facts --
@@ -1258,6 +1288,8 @@ class FailoverCore:
                 else:
                     due.add(h)
         confirms = self._confirms()  # after the losses: never confirm a host just lost
+        if not only_due:
+            self._told = (self._backed(now), confirms)
         for h, p in self._peers.items():
             if h in due or not only_due:
                 p.live.sent(now)
@@ -1269,7 +1301,7 @@ class FailoverCore:
                         self.epoch,
                         self._role in CLAIMING,
                         confirms,
-                        self._etcd_ok,
+                        self._backed(now),
                     )
                 )
                 if confirms is not None:

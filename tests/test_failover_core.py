@@ -455,14 +455,25 @@ class FakeEtcd:
     key: tuple[str, int] | None = None  # (holder, lease id)
     epoch: int = 0
     handover: str | None = None
+    electing: bool = False  # an etcd leader election: no lease runs out meanwhile
 
     def expire(self, now: float) -> None:
+        if self.electing:
+            return
         for lid in [i for i, (_h, exp) in self.leases.items() if exp <= now]:
             del self.leases[lid]
         if self.key is not None and self.key[1] not in self.leases:
             self.key, self.handover = None, None
 
+    def elected(self, now: float) -> None:
+        """A new etcd leader: it extends every lease by its TTL, as etcd's lessor does."""
+        self.electing = False
+        for lease in self.leases.values():
+            lease[1] = max(lease[1], now + TTL)
+
     def next_expiry(self) -> float | None:
+        if self.electing:
+            return None
         return min((exp for _h, exp in self.leases.values()), default=None)
 
     def grant(self, host: str, now: float) -> int:
@@ -703,6 +714,30 @@ def test_the_world_rides_out_etcd_down_while_the_agents_see_each_other() -> None
     w.advance(30.0)
     assert w.actives() == ["a"]
     assert any(e.name == "cluster.failsafe" and e.as_dict()["active"] for _t, _h, e in w.log)
+
+
+def test_the_world_an_etcd_election_longer_than_the_deadline_fails_nothing_over() -> None:
+    # Regression: once etcd answered again, the active said so in its heartbeats before its
+    # next renewal had landed; the standby stopped confirming it, and the active, past its
+    # deadline, fenced itself and released the key (the resource stopped everywhere).
+    w = World(("a", "b"))
+    w.advance(5.0)
+    assert w.actives() == ["a"]
+    start = len(w.log)
+    w.etcd.electing = True
+    for h in w.hosts.values():
+        h.etcd_ok = False
+    w.advance(TTL)  # past a's deadline: the failsafe carries it
+    assert any(e.name == "cluster.failsafe" and e.as_dict()["active"] for _t, _h, e in w.log)
+    w.etcd.elected(w.now)
+    for n in w.hosts:
+        w.set_etcd(n, True)
+    w.advance(10.0)
+    assert w.actives() == ["a"]
+    roles = [(h, e.as_dict()["role"]) for _t, h, e in w.log[start:] if e.name == "cluster.role"]
+    assert roles == []  # a never fenced, b never became a candidate
+    last = [e.as_dict() for _t, h, e in w.log if h == "a" and e.name == "cluster.failsafe"]
+    assert last[-1]["active"] is False  # ended by a renewal
 
 
 def test_the_world_only_the_active_loses_etcd_nothing_fails_over() -> None:
