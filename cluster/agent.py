@@ -25,7 +25,8 @@ back what happened, with ``now`` (monotonic seconds):
   (every resource the peer is a host of), sent at once; a peer's datagram is fed to the
   cores of the resources it names *and* is a host of (a peer is trusted only for those).
 * **Takeover** (RunTakeover), per group of the resource, reported as horctakeover does:
-  ``nop`` (this side already is the primary, in PAIR or COPY), ``swap`` (the S-VOL side,
+  ``nop`` (this side already is the primary, in PAIR or COPY, or its S-VOLs were taken
+  over already, SSWS, by an earlier life of this agent), ``swap`` (the S-VOL side,
   the old primary answering: split there or already split, then ``resync --swap``: the pair
   ends reversed, only differences copied), ``SVOL-takeover`` (the old primary does not
   answer: ``pair takeover``, SSWS), ``PVOL-PSUE`` / ``PVOL-PSUS`` (this side is the primary,
@@ -792,6 +793,8 @@ class Agent:
                 if bad in states:
                     return f"PVOL-{bad}"
             return "nop"
+        if states == {"SSWS"}:
+            return "nop"  # taken over already (an earlier life of this agent): writable here
         link_up = all(p.get("link") == "up" for p in pairs)
         if link_up and states <= set(SWAP_STATES):
             # Split already (a switchover): the old primary answers, swap at once.

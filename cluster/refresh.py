@@ -404,8 +404,19 @@ class RoleChanged:
     role: HostRole
 
 
+@dataclass(frozen=True, slots=True)
+class PairState:
+    """The node shows the pair in a state of ``op`` (split: PSUS or SSWS; construction: any
+    other), as listed at a start or a role change.  At rest the machine takes it as its op:
+    a failover's takeover (or an operator's pair command) changes the state without an
+    exchange, and the next refresh must be of the pair as it is, not of an op left from
+    before, nor of the peer's (whose line may be of an exchange it aborted)."""
+
+    op: Op
+
+
 TableEvent = Begin | Refresh | Start | StartAck | Complete | Reflected | ReplicaDone
-Event = TableEvent | PeerFlags | PeerLost | ActionFailed | RoleChanged
+Event = TableEvent | PeerFlags | PeerLost | ActionFailed | RoleChanged | PairState
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,14 +781,6 @@ def REDO_PEER_EXCHANGE(c: _Ctx) -> None:
     c.m._redo = c.m._replica = c.m._replica_ok = True
 
 
-@_step("adopt the peer's op (its exchange is newer than any we know)")
-def ADOPT_PEER_OP(c: _Ctx) -> None:
-    e = c.event
-    assert isinstance(e, PeerFlags)
-    if e.op is not None:
-        c.flags = replace(c.flags, op=e.op)
-
-
 def _renumber(flag: Flag) -> Step:
     def run(c: _Ctx) -> None:
         c.save(flag, serial=max(c.flags.serial, c.flags.peer_serial) + 1)
@@ -880,9 +883,10 @@ ROWS: Final[tuple[Row, ...]] = (
         SAME, (Flag.ZERO, Flag.B2, Flag.B3)),
     Row("the standby knows a newer serial (we were away): renumber, send COMPLETE again", A,
         (_AWAIT_REF,), (K.PEER_FLAGS,), None, (RENUMBER_A3, SEND_COMPLETE), NEWER, ALL_FLAGS),
-    Row("the peer ran an exchange we never saw (we were away): adopt its op, refresh our own "
-        "cache, then refresh the peer", A, (_IDLE,), (K.PEER_FLAGS,), None,
-        (ADOPT_PEER_OP, OWN_CACHE, JOIN), NEWER, ALL_FLAGS),
+    Row("the peer knows a serial we never saw (we were away, or it aborted an exchange we "
+        "never heard of): refresh our own cache, then the peer, under the pair's op (its "
+        "state, PairState; never the peer's, which may be of an aborted exchange)", A,
+        (_IDLE,), (K.PEER_FLAGS,), None, (OWN_CACHE, JOIN), NEWER, ALL_FLAGS),
     Row("the standby is not in step (new, back, or missed a COMPLETE): refresh it", A,
         (_IDLE,), (K.PEER_FLAGS,), None, (JOIN,), ANY_SERIAL, ALL_FLAGS),
     Row("stale or duplicate answer", A, ROLE_PHASES[A[0]], (K.START_ACK, K.REFLECTED), None,
@@ -1169,6 +1173,8 @@ class RefreshMachine:
             return self._failed(event, now)
         if isinstance(event, RoleChanged):
             return self._role_changed(event.role, now)
+        if isinstance(event, PairState):
+            return self._pair_state(event.op)
         if isinstance(event, Start | StartAck | Complete | Reflected) and event.pair != self.pair:
             raise IllegalState(f"pair {self.pair}: a {event.kind} notice for pair {event.pair}")
         return self._finish(self._fire(event, now), now)
@@ -1353,6 +1359,16 @@ class RefreshMachine:
         self._saved_before = saved
         self._last = list(out)
         return out
+
+    def _pair_state(self, op: Op) -> list[Action]:
+        if not isinstance(op, Op):
+            raise UsageError(f"operation {op!r} is not split or construction")
+        old = self._flags.op
+        if self._phase is not Phase.IDLE or self.own is not Flag.ZERO or old is op:
+            return []  # an exchange under way has its own op
+        self._flags = replace(self._flags, op=op)
+        fields = self._fields(self._flags, {"previous": str(old)})
+        return [SaveFlags(self.pair, self._flags), EmitEvent("refresh.op", fields)]
 
     def _role_changed(self, role: HostRole, now: float) -> list[Action]:
         if not isinstance(role, HostRole):

@@ -42,7 +42,10 @@ every ``retry_interval``.  A pair found is restarted from its line in the status
 (``STATE_DIR/refresh.flags``, :mod:`cluster.flags_file`) with
 :meth:`RefreshMachine.restart <cluster.refresh.RefreshMachine.restart>`; a pair with no
 line is at rest, its operation seeded from the pair's state (PSUS or SSWS: the S-VOL is
-visible under its own PVID, a split; any other state: a construction).
+visible under its own PVID, a split; any other state: a construction).  After a restart
+and at every role change the machine is also fed that op as
+:class:`~cluster.refresh.PairState` (taken only at rest): a takeover changes the pair's
+state with no exchange, and the next refresh must be of the pair as it is.
 
 Carrying out the actions, per pair and in list order:
 
@@ -110,6 +113,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -132,6 +136,7 @@ from cluster.refresh import (
     HostRole,
     Op,
     PairFlags,
+    PairState,
     PeerFlags,
     PeerLost,
     Phase,
@@ -160,6 +165,8 @@ from replicator.errors import (
 from replicator.export_info import VolInfo
 
 FLAGS_FILE: Final = "refresh.flags"
+#: The crash tests' fault-injection file (RefreshDriver._crash_point).
+CRASH_FILE: Final = "refresh.crash-at"
 #: Bounds of one node call: a listing, and a replica operation (an async split drains first:
 #: the node's own bound is 120 s).
 NODE_TIMEOUT: Final = 10.0
@@ -278,6 +285,7 @@ class RefreshDriver:
             raise UsageError("retry interval, peer timeout and group wait must be positive")
         self.host = host
         self.flags = FlagsFile(os.path.join(state_dir, FLAGS_FILE), host)
+        self._crash_file = os.path.join(state_dir, CRASH_FILE)
         self._coord = coord
         self._keys = keys
         self._node = node
@@ -610,6 +618,7 @@ class RefreshDriver:
     def _do(self, p: _Pair, a: Action) -> None:
         if isinstance(a, SaveFlags):
             self.flags.set(a.pair, a.flags)
+            self._crash_point(p, str(a.flags.own))
         elif isinstance(a, SendNotice):
             peer = self._tracked[p.resource].peer
             if peer is None:
@@ -639,6 +648,21 @@ class RefreshDriver:
             self._emit(a.name, resource=p.resource, **fields)
         else:  # ReadIdentityFromVolume is carried out by _carry
             raise AssertionError(f"unexpected action {a!r}")
+
+    def _crash_point(self, p: _Pair, flag: str) -> None:
+        """Fault injection for the crash tests: a file ``STATE_DIR/refresh.crash-at`` naming
+        a flag makes the agent SIGKILL itself right after it saved that flag (once; the file
+        is removed first).  Only root can write the agent's state directory."""
+        try:
+            with open(self._crash_file) as f:
+                wanted = f.read().strip()
+        except FileNotFoundError:
+            return
+        if wanted != flag:
+            return
+        os.unlink(self._crash_file)
+        self._emit("refresh.crash", resource=p.resource, pair=p.id, flag=flag)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _take_lock(self, p: _Pair) -> None:
         lease = self._lease()
@@ -701,7 +725,19 @@ class RefreshDriver:
                         dev, CacheEntry(uri=uri, export=export, vol=vol, scanned_ns=ns)
                     )
 
+    @staticmethod
+    def _serving(p: _Pair) -> bool:
+        """Whether this host's side of the pair is an S-VOL taken over (SSWS): writable
+        here, the application's volume, so its cache entries are this host's own and are
+        never erased as a standby's copy (a new active that adopted a construction would
+        otherwise erase, or fail on, the very device it serves)."""
+        return any(r.get("role") == "secondary" and r.get("state") == "SSWS" for r in p.rows)
+
     def _erase(self, p: _Pair) -> None:
+        if self._serving(p):
+            self._once(("serving", p.id), "refresh.entry_kept", resource=p.resource, pair=p.id,
+                       device="*", pvid="", why="SSWS: the S-VOL is served here")  # fmt: skip
+            return
         devices = self._svol_devices(p)
         pvol = self._pvol_pvid(p)
         kept: list[tuple[str, str]] = []
@@ -724,6 +760,8 @@ class RefreshDriver:
                        pair=p.id, device=dev, pvid=pvid)  # fmt: skip
 
     def _check_detached(self, p: _Pair) -> None:
+        if self._serving(p):
+            return  # the resync goes the other way (a swap): this S-VOL stays in use
         cache = self._cache.read()
         pvol = self._pvol_pvid(p)
         for dev in sorted(self._svol_devices(p)):
@@ -859,23 +897,22 @@ class RefreshDriver:
                            resource=t.resource.name, pair=pid, owner=p.resource)  # fmt: skip
                 del rows[pid]
                 continue
+            op = _state_op(rows[pid])
             if p is not None:
                 p.rows = rows[pid]
                 if changed_role:
                     self._feed(p, RoleChanged(t.role), now)
+                    self._feed(p, PairState(op), now)  # a takeover changed it, no exchange
                 continue
             assert saved is not None
-            flags = saved.pairs.get(pid)
-            if flags is None:
-                states = {r.get("state") for r in rows[pid]}
-                op = Op.SPLIT if states & SPLIT_STATES else Op.CONSTRUCTION
-                flags = PairFlags(op=op)
+            flags = saved.pairs.get(pid) or PairFlags(op=op)
             m, actions = RefreshMachine.restart(
                 pid, t.role, flags, now, retry_interval=self._retry,
                 peer_up=peer is not None and peer.up,
             )  # fmt: skip
             p = self._pairs[pid] = _Pair(pid, groups[pid], t.resource.name, m, rows[pid])
             self._carry(p, actions, 0, now)
+            self._feed(p, PairState(op), now)  # changed while this agent was away
         t.pairs = sorted(rows)
         if set(t.pairs) != old:
             self._emit("refresh.pairs", resource=t.resource.name, pairs=t.pairs, role=str(t.role))
@@ -953,6 +990,13 @@ class RefreshDriver:
         if not self._pair_idle(p) or m.own is not Flag.ZERO or m.flags.cache_stale:
             return False
         return m.ready if m.role is HostRole.STANDBY else True
+
+
+def _state_op(rows: list[dict[str, Any]]) -> Op:
+    """The op a pair's state on this node stands for: split (PSUS or SSWS: the S-VOL is
+    visible under its own PVID) or construction (any other)."""
+    states = {r.get("state") for r in rows}
+    return Op.SPLIT if states & SPLIT_STATES else Op.CONSTRUCTION
 
 
 def _on_the_way(p: _Pair) -> bool:

@@ -82,6 +82,7 @@ class Node:
         self.clock = clock
         self.calls: list[tuple[float, str, dict[str, Any]]] = []
         self.cluster_epoch = 0
+        self.state = "PAIR"
 
     def call(self, op: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
         self.calls.append((self.clock.t, op, dict(args)))
@@ -90,8 +91,11 @@ class Node:
                 raise IllegalState(f"epoch {args['epoch']} < {self.cluster_epoch}")
             self.cluster_epoch = args["epoch"]
         if op == "pair.takeover":
+            if self.state == "SSWS":  # as the real node says it
+                raise IllegalState("pair g1/p1: cannot take over in state SSWS (taken over)")
             self.role = "primary"
-        pair = {"role": self.role, "state": "PAIR", "epoch": 0, "cluster_epoch": self.cluster_epoch}
+        pair = {"role": self.role, "state": self.state, "epoch": 0,
+                "cluster_epoch": self.cluster_epoch}  # fmt: skip
         return {"pairs": [pair]}
 
     def ops(self, op: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
@@ -210,6 +214,23 @@ def test_standby_takes_over_when_the_active_dies(world: World) -> None:
     assert done["from"] == "a" and done["epoch"] == 2 and done["seconds"] > 0
     assert done["takeover"]["g1"].startswith("SVOL-takeover")
     assert read_epoch(world.fake, Keys("t1"), "r1") == 2
+
+
+def test_a_standby_whose_side_already_took_over_promotes_with_nop(world: World) -> None:
+    # Regression (the lab's crash tests): an earlier life of b took its S-VOLs over (SSWS)
+    # and lost the resource before it started; promoted again, its takeover was refused
+    # ("already taken over"), it fenced, and the old primary's host came back as the active
+    # on a side that refuses writes at the newer epoch.
+    b = world.nodes["b"]
+    b.state = "SSWS"
+    world.alive["a"] = False
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    assert world.role("b") == "active"
+    assert b.ops("pair.takeover") == []
+    assert [args["epoch"] for _, args in b.ops("pair.unfence")] == [2]
+    (done,) = world.events("b", "cluster.failover.done")
+    assert done["takeover"] == {"g1": "nop"}
+    assert world.events("b", "cluster.takeover.failed") == []
 
 
 def test_etcd_lost_but_peers_in_touch_nothing_fails_over(world: World) -> None:

@@ -46,6 +46,7 @@ from cluster.refresh import (
     Kind,
     Op,
     PairFlags,
+    PairState,
     PeerFlags,
     PeerLost,
     Phase,
@@ -855,3 +856,35 @@ test_refresh_random_runs = Refreshing.TestCase
 def test_state_machine_doc_has_the_refresh_tables() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "state-machines.md").read_text()
     assert "\n".join(render_tables()) in text, "run tools/gen-state-docs"
+
+
+def test_at_rest_the_op_is_the_pairs_state_never_the_peers_line() -> None:
+    # Regression (the lab's crash tests): a failover's takeover changed the pair's state with
+    # no exchange, and the standby came back with a line of a newer serial from an exchange
+    # it had aborted (its op a guess).  The new active adopted that op and refreshed its own
+    # cache and the standby's as a split of a paired volume (a read of an S-VOL that cannot
+    # be read, for ever) or as a construction of the volume it serves.
+    flags = PairFlags(serial=3, peer_serial=3, op=SPLIT)
+    m, _ = RefreshMachine.restart("g1/p1", HostRole.ACTIVE, flags, 0.0, peer_up=True)
+    out = m.handle(PairState(CONSTRUCTION), 0.1)  # a swap takeover: the pair is PAIR again
+    assert [type(a) for a in out] == [SaveFlags, EmitEvent]
+    assert m.flags.op is CONSTRUCTION and m.flags.own is Flag.ZERO
+    assert m.handle(PairState(CONSTRUCTION), 0.2) == []  # already so
+    out = m.handle(PeerFlags(Flag.ZERO, 4, SPLIT), 0.3)  # the peer's aborted exchange
+    assert m.flags.op is CONSTRUCTION
+    assert EraseCacheEntries in [type(a) for a in out]  # a construction's own cache step
+    assert not [a for a in out if isinstance(a, ReadIdentityFromVolume | TakeLock)]
+    notices = [a for a in out if isinstance(a, SendNotice)]
+    assert notices and all(a.notice.op is CONSTRUCTION for a in notices)
+    # An exchange under way keeps its op.
+    w = ConnectionPair()
+    w.settle()
+    w.feed("a", Begin(SPLIT))
+    w.step()
+    assert w.a.m.phase is not Phase.IDLE
+    assert w.a.m.handle(PairState(CONSTRUCTION), w.now) == []
+    assert w.a.m.flags.op is SPLIT
+    with pytest.raises(UsageError, match="not split or construction"):
+        w.a.m.handle(PairState("split"), w.now)  # type: ignore[arg-type]
+    w.settle()
+    w.check_consistent()

@@ -746,6 +746,37 @@ def test_a_promoted_standby_takes_the_lock_and_the_old_active_is_refreshed_as_st
     w.check_consistent()
 
 
+def test_a_new_active_serving_its_s_vol_keeps_its_entry_when_it_adopts_a_construction(
+    tmp_path: Path,
+) -> None:
+    # Regression (found by the lab's crash tests): a killed right after it saved A1 of a
+    # split, b took over (SSWS) and attached its device; a came back as standby, aborted,
+    # with a serial b never saw.  b adopted the peer's op (a construction) and its own-cache
+    # step tried to erase the entry of the very device it serves: refused (attached), retried
+    # for ever, every later cluster command refused.
+    w = World(tmp_path)
+    w.settle()
+    w.kill_when = lambda host, name, f: host == "a" and name == "refresh.flags" and f["own"] == "A1"
+    w.call("a", lambda d: d.begin("r1", SPLIT, w.t))
+    assert w.killed and w["a"].driver is None
+    w.run(3.0)  # a's lease expires
+    for p in w.storage.pairs.values():
+        p.state = "SSWS"  # b took its S-VOLs over
+    uri = B_NODE + "vol1"
+    with w["b"].cache.update() as c:  # the takeover attached it, PVID-checked
+        vol = w.storage.identity(uri, "vol1")
+        c.record_scan("pv0", CacheEntry(uri=uri, export="vol1", vol=vol, scanned_ns=2))
+        c.set_attachment("pv0", Attachment("nbd-client", "/dev/nbd0", uri, 1))
+    w["b"].role = ACTIVE
+    w.call("b", lambda d: d.track(w.resource, ACTIVE, "a", w.t))
+    w.start("a", STANDBY)
+    w.run(3.0)
+    assert [f for h, n, f in w.events if h == "b" and n == "refresh.retry"] == []
+    entry = w["b"].cache.read().entries["pv0"]
+    assert entry.attachment is not None and entry.pvid == w.storage.current(uri)
+    assert all(row["own"] == "0" and row["phase"] == "idle" for row in w["b"].d.status().values())
+
+
 # --------------------------------------------------------------------------------------------
 # Failures: a read, the lock, the node
 
