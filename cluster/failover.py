@@ -915,12 +915,22 @@ class FailoverCore:
 
     def _backed(self, now: float) -> bool:
         """Whether etcd backs this host: it answers and, when we claim the resource, our
-        lease is renewed within the deadline.  An active past its deadline says no even once
-        etcd answers again (after an etcd leader election, say) until a renewal lands: the
-        peers' confirmations must carry it until then, or it would fence in between."""
-        if self._role in CLAIMING and self._past_deadline(now):
+        deadline is more than ``margin`` away (a renewal landed in time).  So an active asks
+        for confirmations when its renewal is late even if no request has failed yet (the
+        failure of one queued behind another comes late), and keeps asking past its
+        deadline even once etcd answers again (after an etcd leader election, say) until a
+        renewal lands: the peers' confirmations carry it until then."""
+        if self._role in CLAIMING and (self._deadline is None or now >= self._asks_at()):
             return False
         return self._etcd_ok
+
+    def _asks_at(self) -> float:
+        """When an active whose renewal has not landed starts asking for confirmations:
+        ``margin`` before its deadline, so that they are in before it (a renewal that hangs
+        behind another etcd request is reported late: its failure may come after the
+        deadline, and a peer confirms only an active that says etcd does not back it)."""
+        assert self._deadline is not None
+        return self._deadline - self.margin
 
     def get_timer(self) -> float | None:
         if not self._started:
@@ -933,6 +943,8 @@ class FailoverCore:
         if self._role in CLAIMING and self._deadline is not None:
             if self._deadline > self._now:
                 times.append(self._deadline)
+                if self._asks_at() > self._now:
+                    times.append(self._asks_at())
             else:  # failsafe: when the first confirmation runs out
                 times += [self._confirm_expiry(p) for p in self._peers.values()]
         if self._role is Role.CANDIDATE and self._try_at is not None:

@@ -108,7 +108,8 @@ def test_losing_one_etcd_member_of_three_fails_nothing_over(env: Agents) -> None
         for host in ("a", "b"):  # a never fenced, b never became a candidate
             seen = [e for e in read_events(env.agent_events(host))[marks[host]:]
                     if e["event"] == "cluster.role" and e.get("resource") == "r1"]  # fmt: skip
-            assert not seen, f"{which} lost: {host}: {seen[0]}"
+            tail = [e for h in ("a", "b") for e in read_events(env.agent_events(h))[marks[h] :]]
+            assert not seen, f"{which} lost: {host}: {seen[0]}; agents since: {tail}"
         restart_member(env, victim)
     env.write("a", "v1", 0, b"\xa5" * 4096)  # a still takes writes, mirrored to b
     r = env.pv("a", "pair", "verify", "g1/p1", "--json", ok=False)

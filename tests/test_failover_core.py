@@ -520,6 +520,8 @@ class World:
         self.now = 0.0
         self.latency = latency
         self.in_flight: list[tuple[float, str, PeerHeard]] = []
+        self.renew_delay = 0.0  # how long etcd takes to answer a renewal
+        self.replies: list[tuple[float, str, Any]] = []  # (when, to, event): etcd's, late
         self.names = names
         self.etcd = FakeEtcd()
         self.hosts = {n: Host(n) for n in names}
@@ -578,7 +580,11 @@ class World:
             if not h.etcd_ok:
                 q.append((h.name, LeaseRenewFailed("unreachable")))
             elif etcd.renew(h.lease, self.now):
-                q.append((h.name, LeaseRenewed(self.now, TTL)))
+                if self.renew_delay:
+                    reply = LeaseRenewed(self.now, TTL)
+                    self.replies.append((self.now + self.renew_delay, h.name, reply))
+                else:
+                    q.append((h.name, LeaseRenewed(self.now, TTL)))
             else:
                 q.append((h.name, LeaseRenewFailed("lease not found", gone=True)))
         elif isinstance(a, TryAcquire):
@@ -638,6 +644,7 @@ class World:
             times = [h.core.get_timer() for h in self.hosts.values() if h.core is not None]
             times.append(self.etcd.next_expiry())
             times += [t for t, _to, _hb in self.in_flight]
+            times += [t for t, _to, _ev in self.replies]
             due = [t for t in times if t is not None and t <= end]
             t = min(due, default=end)
             self.now = max(self.now, t)
@@ -647,6 +654,10 @@ class World:
             for to, hb in arrived:
                 if (hb.host, to) not in self.cut:
                     self.feed(to, hb)
+            replies = [(to, ev) for t, to, ev in self.replies if t <= self.now]
+            self.replies = [x for x in self.replies if x[0] > self.now]
+            for to, ev in replies:
+                self.feed(to, ev)
             self.watches()
             for h in self.hosts.values():
                 if h.core is not None:
@@ -738,6 +749,22 @@ def test_the_world_an_etcd_election_longer_than_the_deadline_fails_nothing_over(
     assert roles == []  # a never fenced, b never became a candidate
     last = [e.as_dict() for _t, h, e in w.log if h == "a" and e.name == "cluster.failsafe"]
     assert last[-1]["active"] is False  # ended by a renewal
+
+
+def test_the_world_renewals_answered_after_the_deadline_fail_nothing_over() -> None:
+    # Regression (a three-member etcd that lost its leader, in the lab): the renewal hung
+    # behind another request and its failure came after the deadline; the active had not
+    # said that etcd did not back it, so nobody confirmed it, and it fenced itself.
+    w = World(("a", "b"))
+    w.advance(5.0)
+    assert w.actives() == ["a"]
+    start = len(w.log)
+    w.renew_delay = TTL - MARGIN - RENEW + 0.2  # each answer lands after the last deadline
+    w.advance(10.0)
+    assert w.actives() == ["a"]
+    roles = [(h, e.as_dict()["role"]) for _t, h, e in w.log[start:] if e.name == "cluster.role"]
+    assert roles == []
+    assert any(e.name == "cluster.failsafe" and e.as_dict()["active"] for _t, _h, e in w.log)
 
 
 def test_the_world_only_the_active_loses_etcd_nothing_fails_over() -> None:
