@@ -77,6 +77,7 @@ from cluster.coord import (
     read_request,
     release_leader,
 )
+from cluster.probe import parse_uri
 from cluster.pvid_cache import CacheFile, cache_path
 from cluster.refresh import HostRole, Op
 from cluster.refresh import Kind as NoticeKind
@@ -775,7 +776,7 @@ class Agent:
             self._arm(h, epoch, left if left is not None else 0.0, raises=True)
             for group in h.resource.groups:
                 self.node.call("pair.unfence", {"target": group, "epoch": epoch})
-            self._attach_devices(h.resource)
+            self._attach_devices(h.resource, self._in_flight_devices(h))
         except PairvolError as e:
             h.takeover = results
             return fo.TakeoverDone(False, f"{type(e).__name__}: {e}")
@@ -805,11 +806,44 @@ class Agent:
         self.node.call("pair.takeover", {"target": group}, timeout=TAKEOVER_TIMEOUT)
         return "SVOL-takeover"
 
-    def _attach_devices(self, r: Resource) -> None:
+    def _in_flight_devices(self, h: Held) -> dict[str, str]:
+        """This host's devices of the pairs whose refresh exchange was under way here when
+        it was promoted (B1: the peer's replica may have run; B2: reflecting; or a cache
+        marked stale): device name → why.  Their cache entries do not show what the replica
+        did yet, and the protocol's own recovery (the redo, the own-cache step) runs only
+        once the resource is active, after the attach: so the attach reads them from their
+        volumes first, as the reflection would have.  A cache left stale *outside* the
+        protocol (a plain pair split) stays a failed attach with the access error."""
+        mid = {
+            pid: f"refresh {f['op']} at {f['own']}" + (" (cache stale)" if f["cache_stale"] else "")
+            for pid, f in self.refresh.status().items()
+            if f["resource"] == h.name and (f["own"] in ("B1", "B2") or f["cache_stale"])
+        }
+        if not mid:
+            return {}
+        volumes: dict[str, str] = {}
+        for group in h.resource.groups:
+            for p in self.node.call("pair.display", {"target": group}).get("pairs", []):
+                if p.get("id") in mid and isinstance(p.get("volume"), str):
+                    volumes[p["volume"]] = mid[p["id"]]
+        out = {}
+        for name, export in h.resource.devices_on(self.me).items():
+            with contextlib.suppress(PairvolError):
+                vol = parse_uri(export).export.name
+                if vol in volumes:
+                    out[name] = volumes[vol]
+        return out
+
+    def _attach_devices(self, r: Resource, reread: Mapping[str, str] | None = None) -> None:
         """Attach the resource's devices on this host from the PVID cache (PVID-checked); a
-        device not cached yet is read from its volume first."""
+        device not cached yet, or named in ``reread`` (device → why), is read from its
+        volume first."""
         for name, export in sorted(r.devices_on(self.me).items()):
             cached = self.cache.read().entries.get(name)
+            if reread and name in reread and (cached is None or cached.attachment is None):
+                cached = devices.record(self.cache, name, export)
+                self.events.emit("cluster.device.reread", resource=r.name, device=name,
+                                 pvid=cached.pvid, why=reread[name])  # fmt: skip
             if cached is None:
                 cached = devices.record(self.cache, name, export)
             if cached.attachment is None:
