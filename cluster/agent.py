@@ -636,12 +636,12 @@ class Agent:
         if self.endpoint is not None and peer in self.endpoint.peers:
             self.endpoint.send(peer, str(body.get("notice")).lower(), body, self.wall())
 
-    def _spawn_work(self, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
+    def _spawn_work(self, work: Callable[[], Any], done: Callable[[Any], None], what: str) -> None:
         def run() -> None:
             result = work()
             self._post(lambda _now: done(result))
 
-        self._thread(run, "agent-refresh")
+        self._thread(run, f"agent-refresh-{what}")
 
     def _any_lease(self) -> Lease | None:
         """The S-VOL lock's lease: any lease this agent holds (each expires with the agent)."""

@@ -188,6 +188,11 @@ class PairFlags:
     def at_rest(self) -> bool:
         return self.own is Flag.ZERO
 
+    def on_heartbeat(self) -> PeerFlags:
+        """What a heartbeat carries for this line (the peer feeds it back as is): serial 0
+        while the cache is stale, so the active refreshes this host."""
+        return PeerFlags(self.own, 0 if self.cache_stale else self.serial, self.op)
+
 
 # --------------------------------------------------------------------------------------------
 # Notices (the messages between the two agents) and the other events
@@ -1159,9 +1164,9 @@ class RefreshMachine:
         )
 
     def heartbeat_flags(self) -> PeerFlags:
-        """What this host's heartbeats carry for the pair (the peer feeds it back as is)."""
-        f = self._flags
-        return PeerFlags(f.own, 0 if f.cache_stale else f.serial, f.op)
+        """What this host's heartbeats carry for the pair once the flags the machine asked
+        for last are saved (the driver sends what is saved: :meth:`PairFlags.on_heartbeat`)."""
+        return self._flags.on_heartbeat()
 
     # -- inputs --
 

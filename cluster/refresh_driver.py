@@ -6,7 +6,9 @@ Theory of operation
 :class:`RefreshDriver` per agent owns one machine per pair of every resource this host is a
 host of, feeds them what the loop hears, and carries out what they ask, in order, each
 action finished before the next one starts.  It never blocks on anything slow: a replica
-operation and a read of a volume's identity go to ``spawn`` and come back on the loop.
+operation, a read of a volume's identity and every etcd request of the S-VOL lock go to
+``spawn`` and come back on the loop (an etcd that does not answer holds up that pair's list
+only, never the loop: the agent's heartbeats and lease renewals go on).
 
 What the agent's loop calls, and when::
 
@@ -29,11 +31,13 @@ for a call that makes no sense (a host that is not the resource's) and for a sta
 that cannot be read (HeaderCorrupt: the flags are the host's only memory of an interrupted
 exchange, never reset silently); a node that does not answer is retried.
 
-``spawn(work, done)`` runs ``work()`` off the loop; the loop later calls ``done(result)``
-on the loop, where ``result`` is what ``work`` returned (the driver's works never raise:
-they return the exception instead).  ``send_notice(peer, body)`` sends ``body`` as an
-authenticated datagram of kind ``refresh``; it is best effort (a lost notice is resent by
-the machine or replaced by the next heartbeat), so a failure is logged, never retried here.
+``spawn(work, done, what)`` runs ``work()`` off the loop; the loop later calls
+``done(result)`` on the loop, where ``result`` is what ``work`` returned (the driver's works
+never raise: they return the exception instead).  ``what`` says whom the work waits on:
+``"etcd"`` (the S-VOL lock) or ``"node"`` (a replica, a read of an identity).
+``send_notice(peer, body)`` sends ``body`` as an authenticated datagram of kind
+``refresh``; it is best effort (a lost notice is resent by the machine or replaced by the
+next heartbeat), so a failure is logged, never retried here.
 
 The pairs of a resource are the pairs of its groups as this host's node shows them
 (``pair.display {"target": GROUP}``), listed when the resource is tracked, again at every
@@ -63,7 +67,8 @@ Carrying out the actions, per pair and in list order:
   recovery), a pair already in the target state (split: PSUS; construction: COPY or PAIR)
   counts as done.
 * ``TakeLock`` / ``ReleaseLock``: :func:`~cluster.coord.acquire_lock` /
-  :func:`~cluster.coord.release_lock` of the pair id, under ``lease()``.  A lock another
+  :func:`~cluster.coord.release_lock` of the pair id, under ``lease()`` (read on the loop),
+  in a spawned job; the rest of the list waits for it.  A lock another
   host holds, no lease, or an etcd that does not answer is a failure (below): the machine
   retries after ``retry_interval``.
 * ``ReadIdentityFromVolume``: the PVID and VOL information of each S-VOL device (below),
@@ -79,7 +84,7 @@ Carrying out the actions, per pair and in list order:
 
 An action that raises a :class:`~replicator.errors.PairvolError` (or ``OSError``) stops the
 list: the machine gets ``ActionFailed(index)`` and says what to do.  Anything else is a bug
-and propagates.  While a pair's list waits for a spawned read, the events for that pair
+and propagates.  While a pair's list waits for a spawned action, the events for that pair
 are queued and fed in order once the list is finished, so ``ActionFailed`` always names an
 action of the list the machine returned last.
 
@@ -187,7 +192,7 @@ class NodeCall(Protocol):
 
 
 ReadIdentity = Callable[[str, str], VolInfo]
-Spawn = Callable[[Callable[[], Any], Callable[[Any], None]], None]
+Spawn = Callable[[Callable[[], Any], Callable[[Any], None], str], None]
 
 
 def read_identity_over_nbd(uri: str, export: str) -> VolInfo:
@@ -234,7 +239,8 @@ class _Pair:
     resource: str
     machine: RefreshMachine
     rows: list[dict[str, Any]]  # this node's sides of the pair (pair.display)
-    busy: bool = False  # its action list waits for a spawned read
+    saved: PeerFlags  # what its line in the status file says (on heartbeats)
+    busy: bool = False  # its action list waits for a spawned action
     queue: deque[Event] = field(default_factory=deque)
     identity: dict[str, tuple[str, str, VolInfo]] | None = None  # device → (uri, export, read)
     ask: RunReplica | None = None  # RunReplica asked for, not started yet
@@ -337,7 +343,7 @@ class RefreshDriver:
 
     def forget(self, resource_name: str) -> None:
         """Stop running the resource's machines (their status-file lines stay); the S-VOL
-        locks this host holds for its pairs are released if etcd answers."""
+        locks this host holds for its pairs are released (in a spawned job) if etcd answers."""
         t = self._tracked.pop(resource_name, None)
         if t is None:
             return
@@ -349,10 +355,11 @@ class RefreshDriver:
     # -- heartbeats and notices ---------------------------------------------------------
 
     def heartbeat_flags(self) -> dict[str, Any]:
-        """Every tracked pair's ``[flag, serial, op]``, for the heartbeat body's ``flags``."""
-        return encode_heartbeat_flags(
-            {pid: p.machine.heartbeat_flags() for pid, p in self._pairs.items()}
-        )
+        """Every tracked pair's ``[flag, serial, op]``, for the heartbeat body's ``flags``:
+        what its line in the status file says, never a flag the machine asked for that is
+        not saved yet (a list waiting for a spawned action may still fail before it saves,
+        and the peer would act on a state this host never reached)."""
+        return encode_heartbeat_flags({pid: p.saved for pid, p in self._pairs.items()})
 
     def peer_flags(self, peer: str, flags: Any, now: float) -> None:
         """A heartbeat's ``flags`` from ``peer``: the peer is up, and each pair it may speak
@@ -573,17 +580,21 @@ class RefreshDriver:
             if self._pairs.get(p.id) is not p:
                 return  # forgotten meanwhile
             a = actions[i]
-            if isinstance(a, ReadIdentityFromVolume):
-                p.busy = True
-                self._spawn(
-                    functools.partial(self._read_all, self._svol_devices(p)),
-                    functools.partial(self._read_done, p, actions, i),
-                )
-                return
             try:
-                self._do(p, a)
+                remote = self._remote(p, a)
+                if remote is None:
+                    self._do(p, a)
             except (PairvolError, OSError) as e:
                 self._failed(p, i, e, now)
+                return
+            if remote is not None:
+                p.busy = True
+                work, what = remote
+                self._spawn(
+                    functools.partial(_attempt, work),
+                    functools.partial(self._resumed, p, actions, i),
+                    what,
+                )
                 return
         p.busy = False
         while p.queue and not p.busy and self._pairs.get(p.id) is p:
@@ -593,16 +604,25 @@ class RefreshDriver:
         reason = str(error) or type(error).__name__
         self._carry(p, p.machine.handle(ActionFailed(index, reason), now), 0, now)
 
-    def _read_all(self, devices: Mapping[str, tuple[str, str]]) -> object:
-        try:
-            return {
-                dev: (uri, exp, self._read_identity(uri, exp))
-                for dev, (uri, exp) in devices.items()
-            }
-        except (PairvolError, OSError) as e:
-            return e
+    def _remote(self, p: _Pair, a: Action) -> tuple[Callable[[], object], str] | None:
+        """The work that carries out ``a`` off the loop and whom it waits on, if ``a`` talks
+        to another process (etcd for the S-VOL lock, a node for a volume's identity); None
+        for the rest.  What the work needs of the loop's state is taken here, on the loop."""
+        if isinstance(a, ReadIdentityFromVolume):
+            return functools.partial(self._read_all, self._svol_devices(p)), "node"
+        if isinstance(a, TakeLock):
+            return functools.partial(self._take_lock, p.id, self._lease()), "etcd"
+        if isinstance(a, ReleaseLock):
+            return functools.partial(self._release, p.id), "etcd"
+        return None
 
-    def _read_done(self, p: _Pair, actions: list[Action], index: int, result: object) -> None:
+    def _read_all(self, devices: Mapping[str, tuple[str, str]]) -> object:
+        return {
+            dev: (uri, exp, self._read_identity(uri, exp)) for dev, (uri, exp) in devices.items()
+        }
+
+    def _resumed(self, p: _Pair, actions: list[Action], index: int, result: object) -> None:
+        """Back on the loop: the list goes on after the spawned ``actions[index]``."""
         if self._pairs.get(p.id) is not p:
             return
         now = self._now
@@ -610,14 +630,16 @@ class RefreshDriver:
             p.busy = False  # the machine's answer to the failure is a new list
             self._failed(p, index, result, now)
         else:
-            assert isinstance(result, dict)
-            p.identity = result
+            if isinstance(actions[index], ReadIdentityFromVolume):
+                assert isinstance(result, dict)
+                p.identity = result
             self._carry(p, actions, index + 1, now)
         self._launch(now)
 
     def _do(self, p: _Pair, a: Action) -> None:
         if isinstance(a, SaveFlags):
             self.flags.set(a.pair, a.flags)
+            p.saved = a.flags.on_heartbeat()
             self._crash_point(p, str(a.flags.own))
         elif isinstance(a, SendNotice):
             peer = self._tracked[p.resource].peer
@@ -630,10 +652,6 @@ class RefreshDriver:
                            notice=str(a.notice.kind), reason=str(e))  # fmt: skip
         elif isinstance(a, RunReplica):
             p.ask, p.asked_at = a, self._now
-        elif isinstance(a, TakeLock):
-            self._take_lock(p)
-        elif isinstance(a, ReleaseLock):
-            release_lock(self._coord, self._keys, p.id, self.host)
         elif isinstance(a, StoreCacheEntry):
             self._store(p)
         elif isinstance(a, EraseCacheEntries):
@@ -646,7 +664,7 @@ class RefreshDriver:
             if a.name in ("refresh.done", "refresh.aborted"):
                 p.last = {"event": a.name, **fields}
             self._emit(a.name, resource=p.resource, **fields)
-        else:  # ReadIdentityFromVolume is carried out by _carry
+        else:  # TakeLock, ReleaseLock and ReadIdentityFromVolume: _remote
             raise AssertionError(f"unexpected action {a!r}")
 
     def _crash_point(self, p: _Pair, flag: str) -> None:
@@ -664,13 +682,15 @@ class RefreshDriver:
         self._emit("refresh.crash", resource=p.resource, pair=p.id, flag=flag)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def _take_lock(self, p: _Pair) -> None:
-        lease = self._lease()
+    def _release(self, pid: str) -> None:
+        release_lock(self._coord, self._keys, pid, self.host)
+
+    def _take_lock(self, pid: str, lease: Lease | None) -> None:
         if lease is None:
-            raise IllegalState(f"pair {p.id}: no etcd lease, so no S-VOL lock")
-        if not acquire_lock(self._coord, self._keys, p.id, self.host, lease):
-            holder = lock_holder(self._coord, self._keys, p.id)
-            raise IllegalState(f"pair {p.id}: the S-VOL lock is held by {holder or 'nobody'}")
+            raise IllegalState(f"pair {pid}: no etcd lease, so no S-VOL lock")
+        if not acquire_lock(self._coord, self._keys, pid, self.host, lease):
+            holder = lock_holder(self._coord, self._keys, pid)
+            raise IllegalState(f"pair {pid}: the S-VOL lock is held by {holder or 'nobody'}")
 
     # -- internals: the cache -----------------------------------------------------------
 
@@ -799,6 +819,7 @@ class RefreshDriver:
                     self._replica_job, group, op, ids, sorted(q.id for q in members), redo
                 ),
                 functools.partial(self._replica_done, list(asking)),
+                "node",
             )
 
     def _replica_job(
@@ -910,7 +931,8 @@ class RefreshDriver:
                 pid, t.role, flags, now, retry_interval=self._retry,
                 peer_up=peer is not None and peer.up,
             )  # fmt: skip
-            p = self._pairs[pid] = _Pair(pid, groups[pid], t.resource.name, m, rows[pid])
+            p = _Pair(pid, groups[pid], t.resource.name, m, rows[pid], flags.on_heartbeat())
+            self._pairs[pid] = p
             self._carry(p, actions, 0, now)
             self._feed(p, PairState(op), now)  # changed while this agent was away
         t.pairs = sorted(rows)
@@ -926,12 +948,15 @@ class RefreshDriver:
         p = self._pairs.pop(pid, None)
         if p is None:
             return
-        try:
-            release_lock(self._coord, self._keys, pid, self.host)
-        except PairvolError as e:
-            self._emit(
-                "refresh.forgotten", resource=p.resource, pair=pid, lock=f"not released: {e}"
-            )
+
+        def released(result: object) -> None:
+            if isinstance(result, BaseException):
+                self._emit("refresh.forgotten", resource=p.resource, pair=pid,
+                           lock=f"not released: {result}")  # fmt: skip
+
+        self._spawn(
+            functools.partial(_attempt, functools.partial(self._release, pid)), released, "etcd"
+        )
 
     def _resolve(self, target: str) -> tuple[_Tracked, tuple[str, ...]]:
         """The tracked resource ``target`` names (a resource, or one of its groups) and the
@@ -999,11 +1024,25 @@ def _state_op(rows: list[dict[str, Any]]) -> Op:
     return Op.SPLIT if states & SPLIT_STATES else Op.CONSTRUCTION
 
 
+def _attempt(work: Callable[[], object]) -> object:
+    """What a spawned action returns: its result, or the failure it raised (the loop feeds
+    it to the machine as ActionFailed)."""
+    try:
+        return work()
+    except (PairvolError, OSError) as e:
+        return e
+
+
 def _on_the_way(p: _Pair) -> bool:
     """The pair's machine will ask for its replica unless the exchange aborts: it waits for
-    the standby's acknowledgement, or retries from A1 (a failed TakeLock, say)."""
+    the standby's acknowledgement, takes the S-VOL lock (in a spawned job), or retries from
+    A1 (a failed TakeLock, say)."""
     m = p.machine
-    return m.phase is Phase.AWAIT_ACK or (m.phase is Phase.RETRY and m.own is Flag.A1)
+    return (
+        m.phase is Phase.AWAIT_ACK
+        or (m.phase is Phase.REPLICA and p.busy)
+        or (m.phase is Phase.RETRY and m.own is Flag.A1)
+    )
 
 
 def _rows(reply: Any) -> dict[str, list[dict[str, Any]]]:
