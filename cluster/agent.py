@@ -77,7 +77,6 @@ from cluster.coord import (
     read_request,
     release_leader,
 )
-from cluster.probe import parse_uri
 from cluster.pvid_cache import CacheFile, cache_path
 from cluster.refresh import HostRole, Op
 from cluster.refresh import Kind as NoticeKind
@@ -375,7 +374,8 @@ class Agent:
             elif isinstance(a, fo.ReleaseLeader):
                 self._etcd(functools.partial(self._release, h, a.handover))
             elif isinstance(a, fo.RunTakeover):
-                self._job(h, "takeover", functools.partial(self._take_over, h, a.epoch))
+                reread = self.refresh.unreflected(h.name)
+                self._job(h, "takeover", functools.partial(self._take_over, h, a.epoch, reread))
             elif isinstance(a, fo.StartApp):
                 self._job(h, "start", lambda: self._start_app(h))
             elif isinstance(a, fo.StopApp):
@@ -767,7 +767,13 @@ class Agent:
                 floor = max(floor, int(p.get("epoch") or 0), int(p.get("cluster_epoch") or 0))
         return floor
 
-    def _take_over(self, h: Held, epoch: int) -> fo.Event:
+    def _take_over(self, h: Held, epoch: int, reread: Mapping[str, str]) -> fo.Event:
+        """Off the loop: the storage takeover of every group, the node's watchdog and
+        unfence at ``epoch``, then the devices (``reread``: those whose refresh exchange was
+        under way here, read on the loop when the takeover began: the protocol's own
+        recovery runs only once the resource is active, after the attach; a cache left
+        stale *outside* the protocol, a plain pair split, stays a failed attach with the
+        access error)."""
         results: dict[str, str] = {}
         try:
             for group in h.resource.groups:
@@ -776,7 +782,7 @@ class Agent:
             self._arm(h, epoch, left if left is not None else 0.0, raises=True)
             for group in h.resource.groups:
                 self.node.call("pair.unfence", {"target": group, "epoch": epoch})
-            self._attach_devices(h.resource, self._in_flight_devices(h))
+            self._attach_devices(h.resource, reread)
         except PairvolError as e:
             h.takeover = results
             return fo.TakeoverDone(False, f"{type(e).__name__}: {e}")
@@ -806,46 +812,18 @@ class Agent:
         self.node.call("pair.takeover", {"target": group}, timeout=TAKEOVER_TIMEOUT)
         return "SVOL-takeover"
 
-    def _in_flight_devices(self, h: Held) -> dict[str, str]:
-        """This host's devices of the pairs whose refresh exchange was under way here when
-        it was promoted (B1: the peer's replica may have run; B2: reflecting; or a cache
-        marked stale): device name → why.  Their cache entries do not show what the replica
-        did yet, and the protocol's own recovery (the redo, the own-cache step) runs only
-        once the resource is active, after the attach: so the attach reads them from their
-        volumes first, as the reflection would have.  A cache left stale *outside* the
-        protocol (a plain pair split) stays a failed attach with the access error."""
-        mid = {
-            pid: f"refresh {f['op']} at {f['own']}" + (" (cache stale)" if f["cache_stale"] else "")
-            for pid, f in self.refresh.status().items()
-            if f["resource"] == h.name and (f["own"] in ("B1", "B2") or f["cache_stale"])
-        }
-        if not mid:
-            return {}
-        volumes: dict[str, str] = {}
-        for group in h.resource.groups:
-            for p in self.node.call("pair.display", {"target": group}).get("pairs", []):
-                if p.get("id") in mid and isinstance(p.get("volume"), str):
-                    volumes[p["volume"]] = mid[p["id"]]
-        out = {}
-        for name, export in h.resource.devices_on(self.me).items():
-            with contextlib.suppress(PairvolError):
-                vol = parse_uri(export).export.name
-                if vol in volumes:
-                    out[name] = volumes[vol]
-        return out
-
     def _attach_devices(self, r: Resource, reread: Mapping[str, str] | None = None) -> None:
         """Attach the resource's devices on this host from the PVID cache (PVID-checked); a
-        device not cached yet, or named in ``reread`` (device → why), is read from its
-        volume first."""
+        device not cached yet, or named in ``reread`` (device → why) and not attached, is
+        read from its volume first."""
         for name, export in sorted(r.devices_on(self.me).items()):
             cached = self.cache.read().entries.get(name)
-            if reread and name in reread and (cached is None or cached.attachment is None):
+            why = (reread or {}).get(name)
+            if cached is None or (why is not None and cached.attachment is None):
                 cached = devices.record(self.cache, name, export)
-                self.events.emit("cluster.device.reread", resource=r.name, device=name,
-                                 pvid=cached.pvid, why=reread[name])  # fmt: skip
-            if cached is None:
-                cached = devices.record(self.cache, name, export)
+                if why is not None:
+                    self.events.emit("cluster.device.reread", resource=r.name, device=name,
+                                     pvid=cached.pvid, why=why)  # fmt: skip
             if cached.attachment is None:
                 devices.attach(self.cache, name)
             self.events.emit("cluster.device.attached", resource=r.name, device=name)

@@ -24,6 +24,7 @@ What the agent's loop calls, and when::
     d.begin(target, op, now)             # ``cluster split|resync RESOURCE|GROUP`` here
     d.get_timer() / d.handle_timer(now)  # arm the one timer it asks for; call it when due
     d.status(), d.ready(name), d.idle(target)   # for status files and the CLI
+    d.unreflected(name)                  # the S-VOL devices a promotion must read afresh
 
 ``role`` is :class:`~cluster.refresh.HostRole`: the loop passes ACTIVE while this host runs
 the resource and STANDBY otherwise (fenced, contending, stopping).  ``track`` raises only
@@ -71,13 +72,15 @@ Carrying out the actions, per pair and in list order:
   in a spawned job; the rest of the list waits for it.  A lock another
   host holds, no lease, or an etcd that does not answer is a failure (below): the machine
   retries after ``retry_interval``.
-* ``ReadIdentityFromVolume``: the PVID and VOL information of each S-VOL device (below),
-  read over NBD by ``read_identity(uri, export)`` (default: :func:`cluster.probe.probe`,
-  which bypasses the cache) in a spawned job; the rest of the list waits for it.
+* ``ReadIdentityFromVolume``: in a spawned job, the pair listed again on this node (its
+  S-VOL as it is now, below), then the PVID and VOL information of each S-VOL device read
+  over NBD by ``read_identity(uri, export)`` (default: :func:`cluster.probe.probe`, which
+  bypasses the cache); the rest of the list waits for it.
 * ``StoreCacheEntry``: the identities read go into the host's PVID cache
   (:meth:`PvidCache.set_info <cluster.pvid_cache.PvidCache.set_info>`, or a new entry under
   the device's name).
-* ``EraseCacheEntries``: the S-VOL devices' entries are removed, except one that is the
+* ``EraseCacheEntries``: the pair listed again in a spawned job (as for a read), then on
+  the loop the S-VOL devices' entries are removed, except one that is the
   P-VOL's (read from a primary, or holding the P-VOL's PVID, which is exactly what the
   S-VOL carries after a construction); an attached entry is refused (a failure: detach it).
 * ``ReportUsable``: ``emit("refresh.usable", ...)``; ``EmitEvent``: ``emit(name, ...)``.
@@ -88,11 +91,15 @@ and propagates.  While a pair's list waits for a spawned action, the events for 
 are queued and fed in order once the list is finished, so ``ActionFailed`` always names an
 action of the list the machine returned last.
 
-**Which device is the S-VOL.**  From the pair's rows in this node's ``pair.display``: the
-S-VOL is the ``volume`` of the side whose ``role`` is ``secondary`` when this node holds
-it (the standby's case), else the primary side's ``peer_volume``.  The S-VOL devices of the
-pair on this host are the resource's ``devices_on(host)`` whose export name is that volume
-(the plugin's export name is the volume name, :func:`cluster.probe.probe` checks it).  On
+**Which device is the S-VOL.**  From the pair's rows in this node's ``pair.display``, as
+the node shows them when the reflection runs (a ``pair resync --swap`` or a takeover made
+outside the protocol moves the S-VOL without telling the agent): the S-VOL is the
+``volume`` of the side whose ``role`` is ``secondary`` when this node holds it (the
+standby's case), else the primary side's ``peer_volume`` (unknown on a side that was made
+as the secondary and swapped since: it never learnt its peer's volume name).  The S-VOL
+devices of the pair on this host are the resource's ``devices_on(host)`` whose export name
+is that volume (the plugin's export name is the volume name, :func:`cluster.probe.probe`
+checks it).  On
 the active host this often matches its own P-VOL device as well (both nodes name the
 volume alike): reading it again is harmless and erasing it is refused above.
 
@@ -239,7 +246,7 @@ class _Pair:
     resource: str
     machine: RefreshMachine
     rows: list[dict[str, Any]]  # this node's sides of the pair (pair.display)
-    saved: PeerFlags  # what its line in the status file says (on heartbeats)
+    saved: PairFlags  # its line in the status file (the machine may be further: busy)
     busy: bool = False  # its action list waits for a spawned action
     queue: deque[Event] = field(default_factory=deque)
     identity: dict[str, tuple[str, str, VolInfo]] | None = None  # device → (uri, export, read)
@@ -359,7 +366,9 @@ class RefreshDriver:
         what its line in the status file says, never a flag the machine asked for that is
         not saved yet (a list waiting for a spawned action may still fail before it saves,
         and the peer would act on a state this host never reached)."""
-        return encode_heartbeat_flags({pid: p.saved for pid, p in self._pairs.items()})
+        return encode_heartbeat_flags(
+            {pid: p.saved.on_heartbeat() for pid, p in self._pairs.items()}
+        )
 
     def peer_flags(self, peer: str, flags: Any, now: float) -> None:
         """A heartbeat's ``flags`` from ``peer``: the peer is up, and each pair it may speak
@@ -536,6 +545,25 @@ class RefreshDriver:
             }
         return out
 
+    def unreflected(self, resource_name: str) -> dict[str, str]:
+        """This host's devices of the resource while one of its pairs is in an exchange
+        here as the standby (B1: the peer's replica may have run; B2: reflecting), or has
+        its cache marked stale: device name → why.  Their cache entries may not show what
+        the replica did yet (a standby promoted now reads them from their volumes).  Every
+        device of the resource, not only those the rows name as the S-VOL: the rows were
+        listed earlier and may be stale, and reading a true entry again changes nothing.
+        The flags are the saved ones: a list waiting for its read has its machine at B3."""
+        t = self._tracked.get(resource_name)
+        for p in self._pairs.values():
+            f = p.saved
+            if t is None or p.resource != resource_name:
+                continue
+            if f.own in (Flag.B1, Flag.B2) or f.cache_stale:
+                why = f"refresh {f.op} of {p.id} at {f.own}"
+                why += " (cache stale)" if f.cache_stale else ""
+                return dict.fromkeys(sorted(t.resource.devices_on(self.host)), why)
+        return {}
+
     def ready(self, resource_name: str) -> bool:
         """Every pair of the resource at rest here, and this host's cache true for it (a
         standby: refreshed, not stale, and in step with the active)."""
@@ -608,16 +636,30 @@ class RefreshDriver:
         """The work that carries out ``a`` off the loop and whom it waits on, if ``a`` talks
         to another process (etcd for the S-VOL lock, a node for a volume's identity); None
         for the rest.  What the work needs of the loop's state is taken here, on the loop."""
-        if isinstance(a, ReadIdentityFromVolume):
-            return functools.partial(self._read_all, self._svol_devices(p)), "node"
+        if isinstance(a, ReadIdentityFromVolume | EraseCacheEntries):
+            read = isinstance(a, ReadIdentityFromVolume)
+            r = self._tracked[p.resource].resource
+            return functools.partial(self._fresh, p.group, p.id, r, read), "node"
         if isinstance(a, TakeLock):
             return functools.partial(self._take_lock, p.id, self._lease()), "etcd"
         if isinstance(a, ReleaseLock):
             return functools.partial(self._release, p.id), "etcd"
         return None
 
-    def _read_all(self, devices: Mapping[str, tuple[str, str]]) -> object:
-        return {
+    def _fresh(self, group: str, pid: str, resource: Resource, read: bool) -> object:
+        """Off the loop: the pair's rows as this node shows them now (the rows listed
+        earlier may be stale: a ``pair resync --swap`` or a takeover outside the protocol
+        moves the S-VOL) and, with ``read``, the identities of the S-VOL devices they name,
+        straight from the volumes: (rows, device → (uri, export, identity) or None)."""
+        try:
+            reply = self._node.call("pair.display", {"target": group}, NODE_TIMEOUT)
+            rows = _rows(reply).get(pid, [])
+        except NotFound:
+            rows = []
+        if not read:
+            return rows, None
+        devices = _devices_named(resource, self.host, _svol_name(rows))
+        return rows, {
             dev: (uri, exp, self._read_identity(uri, exp)) for dev, (uri, exp) in devices.items()
         }
 
@@ -630,16 +672,26 @@ class RefreshDriver:
             p.busy = False  # the machine's answer to the failure is a new list
             self._failed(p, index, result, now)
         else:
-            if isinstance(actions[index], ReadIdentityFromVolume):
-                assert isinstance(result, dict)
-                p.identity = result
+            a = actions[index]
+            if isinstance(a, ReadIdentityFromVolume | EraseCacheEntries):
+                assert isinstance(result, tuple)
+                rows, p.identity = result
+                p.rows = rows or p.rows
+                if isinstance(a, EraseCacheEntries):
+                    try:
+                        self._erase(p)
+                    except (PairvolError, OSError) as e:
+                        p.busy = False
+                        self._failed(p, index, e, now)
+                        self._launch(now)
+                        return
             self._carry(p, actions, index + 1, now)
         self._launch(now)
 
     def _do(self, p: _Pair, a: Action) -> None:
         if isinstance(a, SaveFlags):
             self.flags.set(a.pair, a.flags)
-            p.saved = a.flags.on_heartbeat()
+            p.saved = a.flags
             self._crash_point(p, str(a.flags.own))
         elif isinstance(a, SendNotice):
             peer = self._tracked[p.resource].peer
@@ -654,8 +706,6 @@ class RefreshDriver:
             p.ask, p.asked_at = a, self._now
         elif isinstance(a, StoreCacheEntry):
             self._store(p)
-        elif isinstance(a, EraseCacheEntries):
-            self._erase(p)
         elif isinstance(a, ReportUsable):
             self._emit("refresh.usable", resource=p.resource, pair=p.id,
                        devices=sorted(self._svol_devices(p)))  # fmt: skip
@@ -664,7 +714,7 @@ class RefreshDriver:
             if a.name in ("refresh.done", "refresh.aborted"):
                 p.last = {"event": a.name, **fields}
             self._emit(a.name, resource=p.resource, **fields)
-        else:  # TakeLock, ReleaseLock and ReadIdentityFromVolume: _remote
+        else:  # TakeLock, ReleaseLock, ReadIdentityFromVolume, EraseCacheEntries: _remote
             raise AssertionError(f"unexpected action {a!r}")
 
     def _crash_point(self, p: _Pair, flag: str) -> None:
@@ -696,29 +746,7 @@ class RefreshDriver:
 
     def _svol_devices(self, p: _Pair) -> dict[str, tuple[str, str]]:
         """The S-VOL's devices on this host: device name → (export URI, export name)."""
-        name = self._svol_name(p)
-        out: dict[str, tuple[str, str]] = {}
-        if name is None:
-            return out
-        r = self._tracked[p.resource].resource
-        for dev, uri in r.devices_on(self.host).items():
-            try:
-                export = parse_uri(uri).export.name
-            except UsageError:
-                continue
-            if export == name:
-                out[dev] = (uri, name)
-        return out
-
-    @staticmethod
-    def _svol_name(p: _Pair) -> str | None:
-        for row in p.rows:
-            if row.get("role") == "secondary" and isinstance(row.get("volume"), str):
-                return str(row["volume"])
-        for row in p.rows:
-            if row.get("role") == "primary" and isinstance(row.get("peer_volume"), str):
-                return str(row["peer_volume"])
-        return None
+        return _devices_named(self._tracked[p.resource].resource, self.host, _svol_name(p.rows))
 
     @staticmethod
     def _pvol_pvid(p: _Pair) -> str | None:
@@ -733,7 +761,7 @@ class RefreshDriver:
             raise IllegalState(f"pair {p.id}: nothing was read to store")
         if not read:
             self._once(("no device", p.id), "refresh.no_device", resource=p.resource,
-                       pair=p.id, svol=self._svol_name(p) or "?")  # fmt: skip
+                       pair=p.id, svol=_svol_name(p.rows) or "?")  # fmt: skip
             return
         ns = self._wall_ns()
         with self._cache.update() as cache:
@@ -931,7 +959,7 @@ class RefreshDriver:
                 pid, t.role, flags, now, retry_interval=self._retry,
                 peer_up=peer is not None and peer.up,
             )  # fmt: skip
-            p = _Pair(pid, groups[pid], t.resource.name, m, rows[pid], flags.on_heartbeat())
+            p = _Pair(pid, groups[pid], t.resource.name, m, rows[pid], flags)
             self._pairs[pid] = p
             self._carry(p, actions, 0, now)
             self._feed(p, PairState(op), now)  # changed while this agent was away
@@ -1022,6 +1050,35 @@ def _state_op(rows: list[dict[str, Any]]) -> Op:
     visible under its own PVID) or construction (any other)."""
     states = {r.get("state") for r in rows}
     return Op.SPLIT if states & SPLIT_STATES else Op.CONSTRUCTION
+
+
+def _svol_name(rows: list[dict[str, Any]]) -> str | None:
+    """The S-VOL's volume name from a node's rows of the pair: the volume of a secondary
+    side, else a primary side's peer volume (a side made secondary, then swapped, does not
+    know its peer's volume name: "")."""
+    for row in rows:
+        if row.get("role") == "secondary" and isinstance(row.get("volume"), str):
+            return str(row["volume"]) or None
+    for row in rows:
+        if row.get("role") == "primary" and row.get("peer_volume"):
+            return str(row["peer_volume"])
+    return None
+
+
+def _devices_named(resource: Resource, host: str, name: str | None) -> dict[str, tuple[str, str]]:
+    """``resource``'s devices on ``host`` whose export is named ``name``: device name →
+    (export URI, export name)."""
+    out: dict[str, tuple[str, str]] = {}
+    if name is None:
+        return out
+    for dev, uri in resource.devices_on(host).items():
+        try:
+            export = parse_uri(uri).export.name
+        except UsageError:
+            continue
+        if export == name:
+            out[dev] = (uri, name)
+    return out
 
 
 def _attempt(work: Callable[[], object]) -> object:

@@ -149,6 +149,7 @@ class FakeNode:
         self.side = side
         self.calls: list[tuple[str, str]] = []
         self.hidden: set[str] = set()  # pairs this node does not show
+        self.peer_volume = True  # False: its sides do not know their peer's volume name
         self.down = False
 
     def rows(self, target: str) -> list[dict[str, Any]]:
@@ -162,7 +163,8 @@ class FakeNode:
             n = p.pvol if self.side == "primary" else p.svol
             out.append({
                 "id": pid, "group": group, "pair": pid.split("/")[1], "role": self.side,
-                "volume": p.volume, "peer_volume": p.volume, "pvid": format_pvid(n),
+                "volume": p.volume, "peer_volume": p.volume if self.peer_volume else "",
+                "pvid": format_pvid(n),
                 "state": p.state,
             })  # fmt: skip
         if not out:
@@ -713,6 +715,55 @@ def test_a_host_killed_right_after_it_saved_each_flag_recovers(
     assert all(row["op"] == op for row in w["a"].d.status().values())
     if op is CONSTRUCTION:
         assert w.entries("b") == {}
+
+
+def test_the_devices_a_promotion_must_read_afresh_are_those_of_an_exchange_under_way(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    w.settle()
+    assert w["b"].d.unreflected("r1") == {}
+    w.hold.add("b")  # b reflects a split: its read of the S-VOLs waits
+    w.call("a", lambda d: d.begin("r1", SPLIT, w.t))
+    seen: list[dict[str, str]] = []
+    for _ in range(100):
+        seen.append(w["b"].d.unreflected("r1"))
+        if any(j.host == "b" and j.what == "node" for j in w.jobs):
+            break
+        w.tick()
+    at_b1 = next(u for u in seen if u)  # from B1 on, before the reflection is done
+    assert set(at_b1) == {"pv0", "pv1"} and "split of g1/p" in at_b1["pv0"]
+    assert at_b1["pv0"].endswith(" at B1")
+    assert set(seen[-1]) == {"pv0", "pv1"} and seen[-1]["pv0"].endswith(" at B2")
+    assert w["a"].d.unreflected("r1") == {}  # the active's own cache step is its recovery's
+    assert w["b"].d.unreflected("other") == {}
+    w.hold.clear()
+    w.settle()
+    assert w["b"].d.unreflected("r1") == {}
+
+
+def test_a_standby_reflects_the_pair_as_its_node_shows_it_not_as_it_was_listed(
+    tmp_path: Path,
+) -> None:
+    # Regression (found by the lab's crash tests): b restarted while its side was the
+    # primary of pairs a had taken over (PSUE; a side made as the secondary does not know
+    # its peer's volume name), the pairs were swapped back by a plain pair resync --swap,
+    # and b reflected the next split from the rows listed at its restart: no S-VOL device,
+    # nothing stored, its cache stale until a failover failed with the access error.
+    w = World(tmp_path)
+    w.settle()
+    b = w["b"]
+    b.node.side, b.node.peer_volume = "primary", False
+    w.kill("b")
+    w.start("b")
+    w.settle()
+    b.node.side, b.node.peer_volume = "secondary", True  # swapped back, outside the protocol
+    w.call("a", lambda d: d.begin("r1", SPLIT, w.t))
+    w.settle()
+    assert "refresh.no_device" not in w.names("b")
+    for dev, uri in w.resource.devices_on("b").items():
+        assert w.entries("b").get(dev) == w.storage.current(uri), dev
+    w.check_consistent()
 
 
 def test_a_standby_killed_while_it_reads_under_the_lock_recovers(tmp_path: Path) -> None:
