@@ -194,20 +194,39 @@ def pvid(path: str) -> str:
         return v.header.pvid_hex
 
 
-def lab_env(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[LabEnv]:
-    """A module's lab: hosts a and b, removed afterwards (use from a module fixture)."""
+E = TypeVar("E", bound="LabEnv")
+
+
+def lab_of(
+    tmp_path_factory: pytest.TempPathFactory,
+    prefix: str,
+    make: Callable[[str, Path], E],
+    *,
+    hosts: tuple[str, ...] = ("a", "b"),
+    cluster: bool = False,
+    etcd_members: int = 1,
+    programs: tuple[str, ...] = (),
+) -> Iterator[E]:
+    """A module's lab of ``hosts`` (with ``cluster``: etcd and an agent on each host), as
+    ``make(name, root)`` sees it, removed afterwards (use from a module fixture; ``prefix``
+    tells the modules' labs apart)."""
     require_root()
-    require_programs("ip", "nbdkit")
+    require_programs("ip", "nbdkit", *(["etcd"] if cluster else []), *programs)
     root = tmp_path_factory.mktemp("labs")
     name = f"{prefix}{os.getpid() % 100000}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PAIRVOL_LAB_ROOT", str(root))
         mp.delenv("PAIRVOL_LAB", raising=False)
         try:
-            labmod.up(name, ["a", "b"])
-            yield LabEnv(name, root)
+            labmod.up(name, list(hosts), cluster=cluster, etcd_members=etcd_members)
+            yield make(name, root)
         finally:
             labmod.down(name)
+
+
+def lab_env(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[LabEnv]:
+    """A module's lab: hosts a and b, removed afterwards (use from a module fixture)."""
+    yield from lab_of(tmp_path_factory, prefix, LabEnv)
 
 
 def fill(env: LabEnv, host: str, volume: str, size: int, seed: int) -> None:

@@ -17,12 +17,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import require_programs
-from labenv import poll_until, require_root
+from labenv import lab_of, poll_until
 from test_agent_lab import Agents
 
 from cluster.etcd_server import EtcdCluster
-from pairvol import lab as labmod
 from replicator.events import read_events
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,18 +28,9 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
-    require_root()
-    require_programs("ip", "nbdkit", "etcd", "etcdctl")
-    root = tmp_path_factory.mktemp("labs")
-    name = f"t3{time.monotonic_ns() % 100000}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
-        mp.delenv("PAIRVOL_LAB", raising=False)
-        try:
-            labmod.up(name, ["a", "b"], cluster=True, etcd_members=3)
-            yield Agents(name, root)
-        finally:
-            labmod.down(name)
+    yield from lab_of(
+        tmp_path_factory, "t3", Agents, cluster=True, etcd_members=3, programs=("etcdctl",)
+    )
 
 
 def leader_index(c: EtcdCluster) -> int:

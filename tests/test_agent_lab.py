@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_programs
-from labenv import LabEnv, nbd, require_root
+from labenv import LabEnv, lab_of, nbd
 
 from cluster.etcd_server import EtcdCluster
 from pairvol import lab as labmod
@@ -68,18 +67,7 @@ class Agents(LabEnv):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
-    require_root()
-    require_programs("ip", "nbdkit", "etcd")
-    root = tmp_path_factory.mktemp("labs")
-    name = f"tg{os.getpid() % 100000}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
-        mp.delenv("PAIRVOL_LAB", raising=False)
-        try:
-            labmod.up(name, ["a", "b"], cluster=True)
-            yield Agents(name, root)
-        finally:
-            labmod.down(name)
+    yield from lab_of(tmp_path_factory, "tg", Agents, cluster=True)
 
 
 class Writer(threading.Thread):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import threading
 import time
@@ -39,8 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import require_programs, require_root
-from labenv import nbd
+from labenv import lab_of, nbd
 from test_agent_lab import BLOCK, NBLOCKS, Agents, Writer, stamp
 
 from pairvol import lab as labmod
@@ -222,18 +220,7 @@ class Owned:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
     """Hosts a, b, c and d with etcd and an agent each."""
-    require_root()
-    require_programs("ip", "nbdkit", "etcd")
-    root = tmp_path_factory.mktemp("labs")
-    name = f"tp{os.getpid() % 100000}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
-        mp.delenv("PAIRVOL_LAB", raising=False)
-        try:
-            labmod.up(name, ["a", "b", "c", "d"], cluster=True)
-            yield Agents(name, root)
-        finally:
-            labmod.down(name)
+    yield from lab_of(tmp_path_factory, "tq", Agents, hosts=("a", "b", "c", "d"), cluster=True)
 
 
 @pytest.fixture(params=["never", "data"], ids=lambda f: f"fence={f}")

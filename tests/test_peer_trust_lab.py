@@ -4,16 +4,13 @@ of them.  Three real nodes in their own lab."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import VENV_BIN
-from labenv import LabEnv, digest, fill, nbd
-
-from pairvol import lab as labmod
+from labenv import LabEnv, digest, fill, lab_of, nbd
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
 assert nbd is not None
@@ -40,16 +37,7 @@ def paired(env: LabEnv, target: str, vol: str) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
     """Three hosts: a and b pair up, c is a node b also talks to (it holds a key for b)."""
-    root = tmp_path_factory.mktemp("trio")
-    name = f"tr{os.getpid() % 100000}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
-        mp.delenv("PAIRVOL_LAB", raising=False)
-        try:
-            labmod.up(name, ["a", "b", "c"])
-            yield LabEnv(name, root)
-        finally:
-            labmod.down(name)
+    yield from lab_of(tmp_path_factory, "tt", LabEnv, hosts=("a", "b", "c"))
 
 
 INTRUDER = """

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_programs
-from labenv import poll_until, require_root
+from labenv import lab_of, poll_until
 from test_agent_lab import Agents
 from test_refresh_lab import agent_status, all_flags_zero, cache, export, ready
 
@@ -36,28 +35,17 @@ CASES = [(op, flag) for flag in FLAGS for op in ("split", "resync")]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
-    require_root()
-    require_programs("ip", "nbdkit", "etcd", "nbdfuse")
-    root = tmp_path_factory.mktemp("labs")
-    name = f"tk{os.getpid() % 100000}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
-        mp.delenv("PAIRVOL_LAB", raising=False)
-        try:
-            labmod.up(name, ["a", "b"], cluster=True)
-            e = Agents(name, root)
-            e.volume("a", "v1")
-            e.volume("b", "v1")
-            e.pv("a", "pair", "create", "g1/p1", "--primary", "a:v1", "--secondary", "b:v1",
-                 "--fence", "data")  # fmt: skip
-            e.wait("a", "g1/p1", "PAIR")
-            e.cluster("a", "resource", "create", "r1", "--group", "g1", "--hosts", "a,b",
-                      "--device", f"a:pv1={export(e, 'a', 'v1')}",
-                      "--device", f"b:pv1={export(e, 'b', 'v1')}")  # fmt: skip
-            e.wait_agent("a", "cluster.active", resource="r1")
-            yield e
-        finally:
-            labmod.down(name)
+    for e in lab_of(tmp_path_factory, "tk", Agents, cluster=True, programs=("nbdfuse",)):
+        e.volume("a", "v1")
+        e.volume("b", "v1")
+        e.pv("a", "pair", "create", "g1/p1", "--primary", "a:v1", "--secondary", "b:v1",
+             "--fence", "data")  # fmt: skip
+        e.wait("a", "g1/p1", "PAIR")
+        e.cluster("a", "resource", "create", "r1", "--group", "g1", "--hosts", "a,b",
+                  "--device", f"a:pv1={export(e, 'a', 'v1')}",
+                  "--device", f"b:pv1={export(e, 'b', 'v1')}")  # fmt: skip
+        e.wait_agent("a", "cluster.active", resource="r1")
+        yield e
 
 
 def active(env: Agents) -> str:
@@ -92,9 +80,8 @@ def settled(env: Agents, *, refreshed: bool = True) -> tuple[str, str]:
     return act, sb
 
 
-def normalize(env: Agents, want: str) -> tuple[str, str]:
-    """Bring g1/p1 back to PAIR with the active host's side the primary and both caches
-    true (a cluster split then a cluster resync), then split it if ``want`` is PSUS."""
+def paired(env: Agents) -> str:
+    """Bring g1/p1 back to PAIR with the active host's side the primary; the active."""
     act, _ = settled(env, refreshed=False)
     row = env.side(act, "g1/p1")
     if row["primary"] != f"{act}:v1":  # a failover left the active's side SSWS
@@ -103,6 +90,13 @@ def normalize(env: Agents, want: str) -> tuple[str, str]:
     elif row["state"] != "PAIR":
         env.cluster(act, "resync", "r1")
         env.wait(act, "g1/p1", "PAIR")
+    return act
+
+
+def normalize(env: Agents, want: str) -> tuple[str, str]:
+    """Bring g1/p1 back to PAIR with the active host's side the primary and both caches
+    true (a cluster split then a cluster resync), then split it if ``want`` is PSUS."""
+    act = paired(env)
     env.cluster(act, "split", "r1")
     env.cluster(act, "resync", "r1")
     env.wait(act, "g1/p1", "PAIR")
@@ -144,3 +138,6 @@ def test_an_agent_killed_at_each_flag_recovers_both_caches(env: Agents, op: str,
     assert not Path(state, CRASH_FILE).exists()
     labmod.start_host(env.name, victim)
     check_caches(env)
+    act = paired(env)  # and the volumes are identical once paired again
+    r = env.pv(act, "pair", "verify", "g1/p1", "--json", ok=False)
+    assert r.returncode == 0, r.stdout + r.stderr

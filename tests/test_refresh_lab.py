@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_programs
-from labenv import poll_until, require_root
+from labenv import lab_of, poll_until
 from test_agent_lab import Agents
 
 from cluster.pvid_cache import CacheFile
@@ -30,18 +29,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
-    require_root()
-    require_programs("ip", "nbdkit", "etcd", "nbdfuse")
-    root = tmp_path_factory.mktemp("labs")
-    name = f"tr{os.getpid() % 100000}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAIRVOL_LAB_ROOT", str(root))
-        mp.delenv("PAIRVOL_LAB", raising=False)
-        try:
-            labmod.up(name, ["a", "b"], cluster=True)
-            yield Agents(name, root)
-        finally:
-            labmod.down(name)
+    yield from lab_of(tmp_path_factory, "tf", Agents, cluster=True, programs=("nbdfuse",))
 
 
 def export(env: Agents, host: str, volume: str) -> str:
