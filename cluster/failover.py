@@ -663,6 +663,11 @@ def NOTE(c: _Ctx) -> None:
     c.emit("cluster.note", what=c.reason)
 
 
+@_step("log the application stopped")
+def STOPPED(c: _Ctx) -> None:
+    c.emit("cluster.app.stopped")
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     label: str
@@ -725,6 +730,8 @@ ROWS: Final[tuple[Row, ...]] = (
         (FENCE, RELEASE, COOLDOWN, DROP_EPOCH)),
     # -- fenced --
     Row("fenced, etcd and a lease again: standby", (R.FENCED,), (T.REJOIN,), R.STANDBY),
+    Row("stopped (the stop at start-up, or a fence's): nothing runs here",
+        (R.STANDBY, R.CANDIDATE, R.FENCED), (T.APP_STOPPED,), None, (STOPPED,)),
     # -- observations that change nothing here --
     Row("noted", tuple(Role), (T.LEADER_OURS, T.LEADER_OTHER, T.LEADER_GONE, T.LEASE_GONE,
                                T.NEWER_ACTIVE), None),

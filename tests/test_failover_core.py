@@ -234,8 +234,17 @@ def test_the_deadline_counts_from_the_renewals_send_time_and_fences_before_expir
     assert "does not confirm" in events(out, "cluster.fenced")[0]["reason"]
     # etcd expires the lease at 3.0 + 3 at the earliest (it started counting when the
     # renewal arrived, after it was sent): the node was fenced half a second before.
-    out = c.handle(AppStopped(), 4.6)
-    assert events(out, "cluster.late_report")
+    out = c.handle(AppStopped(), 4.6)  # the fence's stop: expected, not a late report
+    assert events(out, "cluster.app.stopped") and not events(out, "cluster.late_report")
+
+
+def test_the_stop_at_start_up_is_answered_quietly_in_standby() -> None:
+    c = core()
+    out = c.handle(Started(), 0.0)
+    assert StopApp in kinds(out) and c.role is Role.STANDBY
+    out = c.handle(AppStopped(), 0.2)  # before the lease or the key: still a standby
+    assert events(out, "cluster.app.stopped") and not events(out, "cluster.late_report")
+    assert c.role is Role.STANDBY
 
 
 def test_losing_the_key_or_the_lease_or_a_newer_active_fences_at_once() -> None:
