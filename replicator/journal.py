@@ -57,6 +57,11 @@ space can be handed to an append: if records could overwrite the space while the
 still pointed into it, recovery would start from the old tail, meet a newer record with the
 wrong seq and lose the whole journal.
 
+A header commit is atomic: the second slot is written only once the first, with the higher
+generation, is durable, and the valid slot with the higher generation wins.  So the
+secondary's applier moves the applied mark and the tail in one commit per batch
+(:meth:`Journal.set_applied_and_release`): after a crash both have moved or neither.
+
 An I/O error in append (pwrite or fdatasync) breaks the journal: a reserved seq that never
 reached the disk would be a hole in front of every later record, so every later call raises
 :class:`~replicator.errors.VolumeError` until the file is reopened, and recovery decides.
@@ -403,51 +408,73 @@ class Journal:
         """Drop the entries <= ``upto_seq``; the new tail is durable before their space is
         free.  Releasing what is already released is a no-op."""
         with self._meta_lock:
-            self._release(upto_seq)
-
-    def _release(self, upto_seq: int) -> None:
-        with self._lock:
-            self._check_open()
-            if upto_seq > self._gc.durable:
-                raise IllegalState(
-                    f"journal {self.group}: cannot release up to {upto_seq}; "
-                    f"the newest durable entry is {self._gc.durable}"
-                )
-            if upto_seq < self._first_seq:
-                return
-            nxt = self._index.get(upto_seq + 1)
-            tail = nxt.start if nxt is not None else self._head
-            # A record found at the new tail later must be the one the index holds, or one
-            # appended from now on: never one a recovery discarded (module docstring).
-            tail_epoch = nxt.epoch if nxt is not None else self._hdr.epoch
-        self._commit_header(
-            replace(self._hdr, tail_pos=tail, tail_seq=upto_seq + 1, tail_epoch=tail_epoch)
-        )
-        with self._lock:
-            for s in range(self._first_seq, upto_seq + 1):
-                del self._index[s]
-            self._first_seq = upto_seq + 1
-            self._tail = tail
+            self._move_marks(applied=None, upto=upto_seq)
 
     def set_applied(self, seq: int) -> None:
         """Durably record that the entries <= ``seq`` are applied (never decreases)."""
         with self._meta_lock:
-            with self._lock:
-                self._check_open()
-                if seq > self._gc.durable:
-                    raise IllegalState(
-                        f"journal {self.group}: applied seq {seq} is past the newest entry "
-                        f"{self._gc.durable}"
-                    )
-                if seq < self._applied:
-                    raise IllegalState(
-                        f"journal {self.group}: applied seq {seq} is behind {self._applied}"
-                    )
-                if seq == self._applied:
-                    return
-            self._commit_header(replace(self._hdr, applied_seq=seq))
-            with self._lock:
-                self._applied = seq
+            self._move_marks(applied=seq, upto=None)
+
+    def set_applied_and_release(self, seq: int) -> None:
+        """:meth:`set_applied` and then :meth:`release` of ``seq``, in ONE header commit (the
+        secondary's applier, once per batch: two fdatasyncs instead of four).  The two-slot
+        update makes it atomic: a crash leaves the old header or the new one, never the
+        applied mark moved without the release or the reverse.  The same checks and errors
+        as the two (the applied mark's first)."""
+        with self._meta_lock:
+            self._move_marks(applied=seq, upto=seq)
+
+    def _move_marks(self, *, applied: int | None, upto: int | None) -> None:
+        """Commit :meth:`_marks_header` (caller holds _meta_lock), then let the ring and
+        the applied mark follow the header now durable."""
+        with self._lock:
+            new = self._marks_header(applied, upto)
+        if new is None:
+            return
+        self._commit_header(new)
+        with self._lock:
+            for s in range(self._first_seq, new.tail_seq):
+                del self._index[s]
+            self._first_seq = new.tail_seq
+            self._tail = new.tail_pos
+            self._applied = new.applied_seq
+
+    def _marks_header(self, applied: int | None, upto: int | None) -> JournalHeader | None:
+        """The header with the applied mark at ``applied`` and the entries <= ``upto``
+        released (None: that mark stays), after the checks of :meth:`set_applied` and
+        :meth:`release`; None when neither moves (caller holds _lock and _meta_lock)."""
+        self._check_open()
+        durable = self._gc.durable
+        new = self._hdr
+        if applied is not None:
+            if applied > durable:
+                raise IllegalState(
+                    f"journal {self.group}: applied seq {applied} is past the newest entry "
+                    f"{durable}"
+                )
+            if applied < self._applied:
+                raise IllegalState(
+                    f"journal {self.group}: applied seq {applied} is behind {self._applied}"
+                )
+            if applied > self._applied:
+                new = replace(new, applied_seq=applied)
+        if upto is not None:
+            if upto > durable:
+                raise IllegalState(
+                    f"journal {self.group}: cannot release up to {upto}; "
+                    f"the newest durable entry is {durable}"
+                )
+            if upto >= self._first_seq:
+                nxt = self._index.get(upto + 1)
+                # A record found at the new tail later must be the one the index holds, or
+                # one appended from now on: never one a recovery discarded (module docstring).
+                new = replace(
+                    new,
+                    tail_pos=nxt.start if nxt is not None else self._head,
+                    tail_seq=upto + 1,
+                    tail_epoch=nxt.epoch if nxt is not None else self._hdr.epoch,
+                )
+        return None if new is self._hdr else new
 
     def drop_all(self) -> list[Entry]:
         """Release every durable entry and return them (WRITE entries without their data: the
@@ -458,7 +485,7 @@ class Journal:
                 upto = self._gc.durable
                 dropped = [_entry(s, self._index[s], b"") for s in range(self._first_seq, upto + 1)]
             if dropped:
-                self._release(upto)
+                self._move_marks(applied=None, upto=upto)
         return dropped
 
     # -- reading ----------------------------------------------------------------------------

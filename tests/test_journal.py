@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -249,6 +250,231 @@ def test_applied_mark(tmp_path: Path) -> None:
         j.set_applied(5)
     with Journal.open(str(p)) as j:
         assert (j.applied_seq, j.first_seq, j.last_seq) == (5, 4, 5)
+
+
+# -- the applier's marks in one header commit (issue 10) --------------------------------------
+
+
+class Killed(BaseException):
+    """The process dies here (a BaseException: no handler in the journal catches it)."""
+
+
+#: where a crash can stop one header commit: slot, fdatasync, the other slot, fdatasync
+HEADER_CRASH_POINTS = ("torn-1", "written-1", "synced-1", "torn-2", "written-2", "synced-2")
+
+
+def die_in_header_commit(mp: pytest.MonkeyPatch, point: str, power_loss: bool) -> None:
+    """Fault injection through the journal's seams for header writes, ``_pwrite_all`` and
+    ``os.fdatasync``: the next header commit raises :class:`Killed` at ``point``, one of
+    HEADER_CRASH_POINTS (``torn-N``: the N-th slot write stopped after 100 bytes;
+    ``written-N``: it completed, its fdatasync did not run; ``synced-N``: the fdatasync after
+    it returned).  With ``power_loss`` the slot writes no fdatasync covered are undone too
+    (lost with the page cache); without, they stay (a killed process).  Then ``mp.undo()``
+    and :func:`crash`."""
+    real_write, real_sync = jr._pwrite_all, os.fdatasync
+    writes = syncs = 0
+    unsynced: list[tuple[int, int, bytes]] = []
+
+    def die() -> NoReturn:
+        if power_loss:
+            for fd, offset, old in reversed(unsynced):
+                os.pwrite(fd, old, offset)
+        raise Killed(point)
+
+    def write(fd: int, data: bytes, offset: int) -> None:
+        nonlocal writes
+        assert offset in jr.SLOT_OFFSETS, "only header slots are written here"
+        writes += 1
+        unsynced.append((fd, offset, os.pread(fd, len(data), offset)))
+        if point == f"torn-{writes}":
+            real_write(fd, data[:100], offset)
+            die()
+        real_write(fd, data, offset)
+        if point == f"written-{writes}":
+            die()
+
+    def sync(fd: int) -> None:
+        nonlocal syncs
+        real_sync(fd)
+        unsynced.clear()
+        syncs += 1
+        if point == f"synced-{syncs}":
+            die()
+
+    mp.setattr(jr, "_pwrite_all", write)
+    mp.setattr(jr.os, "fdatasync", sync)
+
+
+def new_header_survives(point: str, power_loss: bool) -> bool:
+    """Whether a header commit that died at ``point`` is the header found on reopening: once
+    one slot holds it durably (or, for a killed process, completely written), it wins."""
+    return not (point == "torn-1" or (point == "written-1" and power_loss))
+
+
+def test_set_applied_and_release_moves_both_marks_durably(tmp_path: Path) -> None:
+    p = tmp_path / "j"
+    with new_journal(tmp_path) as j:
+        for i in range(10):
+            j.append(0, W, i, bytes([i]) * 100)
+        j.set_applied_and_release(6)
+        assert (j.applied_seq, j.first_seq, j.last_seq, j.count) == (6, 7, 10, 4)
+        assert j.used_bytes == 4 * 512  # the space of 1..6 is free
+        h = disk_header(p)
+        assert (h.applied_seq, h.tail_seq) == (6, 7)
+        want = all_entries(j)
+        assert [e.seq for e in want] == [7, 8, 9, 10]
+        crash(j)
+    with Journal.open(str(p)) as j:
+        assert (j.applied_seq, j.first_seq, j.last_seq, j.count) == (6, 7, 10, 4)
+        assert all_entries(j) == want
+        with pytest.raises(NotFound, match="released"):
+            j.entries(6)
+        j.set_applied_and_release(10)  # everything: the tail is the head
+        assert (j.applied_seq, j.first_seq, j.count, j.used_bytes) == (10, 11, 0, 0)
+    with Journal.open(str(p)) as j:
+        assert (j.applied_seq, j.first_seq, j.last_seq, j.count) == (10, 11, 10, 0)
+        assert j.append(0, W, 0, b"next") == 11
+
+
+def test_set_applied_and_release_is_one_header_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One generation, two slot writes and two fdatasyncs: half of set_applied + release."""
+    p = tmp_path / "j"
+    with new_journal(tmp_path) as j:
+        for _ in range(6):
+            j.append(0, W, 0, b"x")
+        slots: list[int] = []
+        syncs: list[int] = []
+        real_write, real_sync = jr._pwrite_all, os.fdatasync
+
+        def write(fd: int, data: bytes, offset: int) -> None:
+            slots.append(offset)
+            real_write(fd, data, offset)
+
+        def sync(fd: int) -> None:
+            syncs.append(fd)
+            real_sync(fd)
+
+        monkeypatch.setattr(jr, "_pwrite_all", write)
+        monkeypatch.setattr(jr.os, "fdatasync", sync)
+        gen = disk_header(p).generation
+        j.set_applied_and_release(3)
+        assert disk_header(p).generation == gen + 1
+        assert slots == list(jr.SLOT_OFFSETS) and syncs == [j.fd, j.fd]
+        j.set_applied(5)  # what the applier did before: two commits
+        j.release(5)
+        assert disk_header(p).generation == gen + 3 and len(syncs) == 6
+        assert (disk_header(p).applied_seq, disk_header(p).tail_seq) == (5, 6)
+
+
+@pytest.mark.parametrize("power_loss", [False, True], ids=["kill", "power-loss"])
+@pytest.mark.parametrize("point", HEADER_CRASH_POINTS)
+def test_set_applied_and_release_is_atomic_across_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, power_loss: bool
+) -> None:
+    """Died at any step of the commit: reopened, both marks have moved or neither, and every
+    entry after the applied mark is still there."""
+    p = tmp_path / "j"
+    j = Journal.create(str(p), MIB, "g1")
+    for i in range(10):
+        j.append(i % 3, W, i * 4096, bytes([i]) * 300)
+    j.set_applied_and_release(3)
+    want = {e.seq: e for e in all_entries(j)}
+    die_in_header_commit(monkeypatch, point, power_loss)
+    with pytest.raises(Killed):
+        j.set_applied_and_release(7)
+    monkeypatch.undo()
+    crash(j)
+    with Journal.open(str(p)) as j:
+        marks = (j.applied_seq, j.first_seq)
+        assert marks in ((3, 4), (7, 8)), f"one mark moved without the other: {marks}"
+        assert marks == ((7, 8) if new_header_survives(point, power_loss) else (3, 4))
+        assert j.last_seq == 10
+        assert all_entries(j) == [want[s] for s in range(j.first_seq, 11)]
+        j.set_applied_and_release(10)
+        assert j.append(0, W, 0, b"on") == 11
+    with Journal.open(str(p)) as j:
+        assert (j.applied_seq, j.first_seq, j.last_seq) == (10, 11, 11)
+
+
+def test_set_applied_and_release_refuses_to_go_back(tmp_path: Path) -> None:
+    p = tmp_path / "j"
+    with new_journal(tmp_path) as j:
+        for _ in range(8):
+            j.append(0, W, 0, b"x")
+        j.set_applied(5)
+        before = disk_header(p)
+        with pytest.raises(IllegalState, match=r"applied seq 4 is behind 5$"):
+            j.set_applied_and_release(4)  # even though 1..4 are not released yet
+        assert disk_header(p) == before
+        assert (j.applied_seq, j.first_seq, j.count) == (5, 1, 8)
+
+
+def test_set_applied_and_release_refuses_past_the_newest_entry(tmp_path: Path) -> None:
+    p = tmp_path / "j"
+    with new_journal(tmp_path) as j:
+        for _ in range(8):
+            j.append(0, W, 0, b"x")
+        before = disk_header(p)
+        with pytest.raises(IllegalState, match=r"applied seq 9 is past the newest entry 8$"):
+            j.set_applied_and_release(9)
+        assert disk_header(p) == before
+        assert (j.applied_seq, j.first_seq, j.count) == (0, 1, 8)
+        # what release alone says for the same seq, for comparison
+        with pytest.raises(IllegalState, match="cannot release up to 9; the newest durable"):
+            j.release(9)
+
+
+def test_set_applied_and_release_of_a_released_range_is_a_no_op(tmp_path: Path) -> None:
+    p = tmp_path / "j"
+    with new_journal(tmp_path) as j:
+        for _ in range(10):
+            j.append(0, W, 0, b"x")
+        j.set_applied_and_release(4)
+        gen = disk_header(p).generation
+        j.set_applied_and_release(4)  # both marks there already: nothing is written
+        assert disk_header(p).generation == gen
+        j.release(8)  # the primary's kind of release, ahead of the applied mark
+        j.set_applied_and_release(6)  # the release part is a no-op, the applied mark moves
+        h = disk_header(p)
+        assert (h.generation, h.applied_seq, h.tail_seq) == (gen + 2, 6, 9)
+        assert (j.applied_seq, j.first_seq, j.count) == (6, 9, 2)
+    with Journal.open(str(p)) as j:
+        assert (j.applied_seq, j.first_seq, j.last_seq) == (6, 9, 10)
+
+
+def test_set_applied_and_release_keeps_the_tail_epoch_rule(tmp_path: Path) -> None:
+    """The tail epoch is the epoch of the record at the new tail, or the current one when the
+    tail is the head (module docstring), as release records it."""
+    p = tmp_path / "j"
+    with new_journal(tmp_path) as j:
+        e1 = j.epoch
+        for _ in range(3):
+            j.append(0, W, 0, b"x")
+    with Journal.open(str(p)) as j:
+        e2 = j.epoch
+        for _ in range(2):
+            j.append(0, W, 0, b"y")
+    with Journal.open(str(p)) as j:
+        e3 = j.epoch
+        assert e1 < e2 < e3
+        j.set_applied_and_release(2)  # seq 3 at the tail, written in e1
+        assert disk_header(p).tail_epoch == e1
+        j.set_applied_and_release(3)  # seq 4, written in e2
+        assert disk_header(p).tail_epoch == e2
+        j.set_applied_and_release(5)  # the head
+        assert disk_header(p).tail_epoch == e3
+    with Journal.open(str(p)) as j:
+        assert (j.applied_seq, j.first_seq, j.count) == (5, 6, 0)
+
+
+def test_set_applied_and_release_on_a_closed_journal(tmp_path: Path) -> None:
+    j = Journal.create(str(tmp_path / "j"), MIB, "g1")
+    j.append(0, W, 0, b"x")
+    j.close()
+    with pytest.raises(Closed, match="closed"):
+        j.set_applied_and_release(1)
 
 
 def test_not_found_for_released_seqs(tmp_path: Path) -> None:
@@ -613,6 +839,38 @@ class JournalMachine(RuleBasedStateMachine):
         self.j.set_applied(target)
         self.applied = target
 
+    @rule(ahead=st.integers(0, 5))
+    def set_applied_and_release(self, ahead: int) -> None:
+        """The secondary's applier: both marks in one header commit."""
+        target = min(self.last, self.applied + ahead)
+        self.j.set_applied_and_release(target)
+        self._applied_and_released(target)
+
+    @rule(
+        ahead=st.integers(0, 5),
+        point=st.sampled_from(HEADER_CRASH_POINTS),
+        power_loss=st.booleans(),
+    )
+    def crash_in_set_applied_and_release(self, ahead: int, point: str, power_loss: bool) -> None:
+        """Die in the middle of its header commit: then both marks moved or neither."""
+        target = min(self.last, self.applied + ahead)
+        with pytest.MonkeyPatch.context() as mp:
+            die_in_header_commit(mp, point, power_loss)
+            try:
+                self.j.set_applied_and_release(target)
+                died = False  # nothing to commit: both marks were there already
+            except Killed:
+                died = True
+        crash(self.j)
+        self.j = Journal.open(self.path)
+        if not died or new_header_survives(point, power_loss):
+            self._applied_and_released(target)
+
+    def _applied_and_released(self, target: int) -> None:
+        self.applied = target
+        self.model = [e for e in self.model if e.seq > target]
+        self.first = max(self.first, target + 1)
+
     @rule()
     def reopen(self) -> None:
         self.j.close()
@@ -807,7 +1065,9 @@ def test_written_mode_appends_without_fdatasync_and_sync_makes_durable(tmp_path:
 KILL_THREADS = 6
 
 
-def _child(path: str, seed: int, sync_appends: bool = True) -> None:
+def _child(path: str, seed: int, sync_appends: bool = True, applier: bool = False) -> None:
+    """Append from several threads and release, as the primary does (``release``) or, with
+    ``applier``, as the secondary's applier does (``set_applied_and_release``)."""
     j = Journal.open(path)
     j.sync_appends = sync_appends
     out_lock = threading.Lock()
@@ -828,7 +1088,10 @@ def _child(path: str, seed: int, sync_appends: bool = True) -> None:
     def releaser() -> None:
         while True:
             if j.usage() > 0.6 and j.count > 40:
-                j.release(j.last_seq - 40)
+                if applier:
+                    j.set_applied_and_release(max(j.last_seq - 40, j.applied_seq))
+                else:
+                    j.release(j.last_seq - 40)
             time.sleep(0.002)
 
     threads = [threading.Thread(target=appender, args=(t,), daemon=True) for t in range(6)]
@@ -838,10 +1101,18 @@ def _child(path: str, seed: int, sync_appends: bool = True) -> None:
     threading.Event().wait()
 
 
-@pytest.mark.parametrize("sync_appends", [True, False], ids=["fdatasync", "written"])
-def test_sigkill_loses_no_acknowledged_append(tmp_path: Path, sync_appends: bool) -> None:
+@pytest.mark.parametrize(
+    ("sync_appends", "applier"),
+    [(True, False), (False, False), (False, True)],
+    ids=["fdatasync", "written", "written-applier"],
+)
+def test_sigkill_loses_no_acknowledged_append(
+    tmp_path: Path, sync_appends: bool, applier: bool
+) -> None:
     """Either durability mode: a SIGKILLed process loses no append that returned (the page
-    cache survives the process), and recovery never shows a torn or out-of-order record."""
+    cache survives the process), and recovery never shows a torn or out-of-order record.
+    Releasing as the secondary's applier does, the applied mark is always just behind the
+    tail: they move in one header commit."""
     p = tmp_path / "j"
     Journal.create(str(p), 2 * MIB, "g1").close()
     rng = random.Random(random.randrange(1 << 32))
@@ -850,7 +1121,14 @@ def test_sigkill_loses_no_acknowledged_append(tmp_path: Path, sync_appends: bool
     for _ in range(6):
         seed = rng.randrange(1 << 32)
         with subprocess.Popen(
-            [sys.executable, __file__, str(p), str(seed), str(int(sync_appends))],
+            [
+                sys.executable,
+                __file__,
+                str(p),
+                str(seed),
+                str(int(sync_appends)),
+                str(int(applier)),
+            ],
             stdout=subprocess.PIPE,
             env=env,
         ) as proc:
@@ -877,10 +1155,12 @@ def test_sigkill_loses_no_acknowledged_append(tmp_path: Path, sync_appends: bool
                 if s >= j.first_seq:
                     assert got[s] == digest, f"seq {s} has other data (child seed {seed})"
             assert sum(1 for s in acked if s >= j.first_seq) > 0
+            if applier:
+                assert j.applied_seq == j.first_seq - 1, f"marks apart (child seed {seed})"
             head = j._head
     assert total > 100
     assert head > 2 * 2 * MIB  # the ring went round more than once
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1")
+    _child(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1")
