@@ -109,6 +109,8 @@ FAST_POLL = 0.05
 REFUSED_EVERY = 10.0
 #: How often runtime resource records are read again from etcd.
 RESOURCES_EVERY = 1.0
+#: Roles in which a deleted resource retires at once (promoting and demoting finish first).
+RETIRABLE = frozenset({fo.Role.ACTIVE, fo.Role.STANDBY, fo.Role.CANDIDATE, fo.Role.FENCED})
 
 #: The refresh protocol's notices, each a datagram kind of its own.
 NOTICE_KINDS = frozenset(k.value.lower() for k in NoticeKind)
@@ -1052,6 +1054,8 @@ class Agent:
             gone = set(self.resources) - names - {r.name for r in runtime}
             for name in gone:
                 h = self.resources[name]
+                if not h.core.retired and h.core.role in RETIRABLE:
+                    self._feed(h, fo.Retire(), now)  # the active stops it first
                 if h.core.role in (fo.Role.STANDBY, fo.Role.FENCED):
                     del self.resources[name]
                     self.refresh.forget(name)

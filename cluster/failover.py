@@ -62,6 +62,10 @@ The rules:
    (the target becomes the primary; only differences are copied); when swapped,
    ReleaseLeader naming the target, and the target takes the key at once (the others hold).
    A failed swap restarts the application here.
+7. **Deletion.**  Retire() (the resource was deleted, as ``pcs resource delete`` stops a
+   resource before it removes it): the active stops the application, then releases the key
+   (no handover) and stands by; a host that does not run it stands by.  A retired core never
+   tries for the key again (the loop drops it once it stands by).
 
 Heartbeats: one :class:`~replicator.liveness.Liveness` per peer host (the same class the
 storage nodes use per link): a SendHeartbeat every ``heartbeat_interval`` to each peer (and
@@ -269,6 +273,11 @@ class SwitchoverRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class Retire:
+    """The resource was deleted: stop it here, let go of the key, never try for it again."""
+
+
+@dataclass(frozen=True, slots=True)
 class SwapDone:
     """The SwapPairs of a switchover ended."""
 
@@ -294,6 +303,7 @@ Event = (
     | AppFailed
     | SwitchoverRequested
     | SwapDone
+    | Retire
 )
 
 
@@ -436,6 +446,8 @@ class Trigger(enum.StrEnum):
     SWITCHOVER = "SwitchoverRequested"
     SWAP_OK = "SwapDone(ok)"
     SWAP_FAILED = "SwapDone(failed)"
+    RETIRE = "Retire"
+    STOPPED_RETIRING = "AppStopped(retiring)"
     # observations
     LEADER_OURS = "leader key: ours"
     LEADER_OTHER = "leader key: another host's"
@@ -459,11 +471,12 @@ REPORTS: Final = frozenset(
         Trigger.APP_STARTED,
         Trigger.APP_STOPPED,
         Trigger.APP_FAILED,
+        Trigger.STOPPED_RETIRING,
         Trigger.SWAP_OK,
         Trigger.SWAP_FAILED,
     }
 )
-COMMANDS: Final = frozenset({Trigger.STARTED, Trigger.SWITCHOVER})
+COMMANDS: Final = frozenset({Trigger.STARTED, Trigger.SWITCHOVER, Trigger.RETIRE})
 
 #: The action a report answers (a report with none outstanding is refused).
 _ANSWERS: Final[Mapping[Trigger, str]] = {
@@ -474,6 +487,7 @@ _ANSWERS: Final[Mapping[Trigger, str]] = {
     Trigger.APP_STARTED: "app",
     Trigger.APP_STOPPED: "app",
     Trigger.APP_FAILED: "app",
+    Trigger.STOPPED_RETIRING: "app",
     Trigger.SWAP_OK: "swap",
     Trigger.SWAP_FAILED: "swap",
 }
@@ -625,6 +639,17 @@ def SWITCH(c: _Ctx) -> None:
     c.emit("cluster.switchover", state="stopping", to=k._switch_to)
 
 
+@_step("retire: never try for the key again")
+def RETIRING(c: _Ctx) -> None:
+    c.core._retired = True
+    c.emit("cluster.retire", state="stopping" if c.core.role is Role.ACTIVE else "retired")
+
+
+@_step("log: retired")
+def RETIRED(c: _Ctx) -> None:
+    c.emit("cluster.retire", state="retired")
+
+
 @_step("SwapPairs(to)")
 def SWAP(c: _Ctx) -> None:
     k = c.core
@@ -728,6 +753,13 @@ ROWS: Final[tuple[Row, ...]] = (
         R.ACTIVE, (SWAP_BACK, START_APP)),
     Row("the stop failed: fence, release", (R.DEMOTING,), (T.APP_FAILED,), R.FENCED,
         (FENCE, RELEASE, COOLDOWN, DROP_EPOCH)),
+    # -- deletion --
+    Row("deleted: stop the application", (R.ACTIVE,), (T.RETIRE,), R.DEMOTING,
+        (RETIRING, STOP_APP)),
+    Row("deleted, not running here: retire", (R.STANDBY, R.CANDIDATE, R.FENCED), (T.RETIRE,),
+        R.STANDBY, (RETIRING,)),
+    Row("stopped for the deletion: release the key, stand by", (R.DEMOTING,),
+        (T.STOPPED_RETIRING,), R.STANDBY, (RELEASE, DROP_EPOCH, RETIRED)),
     # -- fenced --
     Row("fenced, etcd and a lease again: standby", (R.FENCED,), (T.REJOIN,), R.STANDBY),
     Row("stopped (the stop at start-up, or a fence's): nothing runs here",
@@ -850,6 +882,7 @@ class FailoverCore:
         self._try_at: float | None = None
         self._pending: set[str] = set()
         self._switch_to: str | None = None
+        self._retired = False
         self._failsafe_active = False
         self._told: tuple[bool, str | None] | None = None  # what the peers last heard (_says)
         self._fresh_leader = False  # a leader observation since this host fenced itself
@@ -873,6 +906,11 @@ class FailoverCore:
     @property
     def leader(self) -> str | None:
         return self._leader
+
+    @property
+    def retired(self) -> bool:
+        """Retire() came: the resource was deleted."""
+        return self._retired
 
     @property
     def in_failsafe(self) -> bool:
@@ -1109,9 +1147,13 @@ class FailoverCore:
             # else: the monitor says the application failed or exited on its own
             if isinstance(e, AppStarted):
                 return Trigger.APP_STARTED
+            if isinstance(e, AppStopped) and self._retired and self._role is Role.DEMOTING:
+                return Trigger.STOPPED_RETIRING
             return Trigger.APP_STOPPED if isinstance(e, AppStopped) else Trigger.APP_FAILED
         if isinstance(e, SwitchoverRequested):
             return Trigger.SWITCHOVER
+        if isinstance(e, Retire):
+            return Trigger.RETIRE
         if isinstance(e, SwapDone):
             self._report("swap", e)
             return Trigger.SWAP_OK if e.ok else Trigger.SWAP_FAILED
@@ -1213,6 +1255,8 @@ class FailoverCore:
         return self._granted and self._deadline is not None and now < self._deadline
 
     def _eligible(self, now: float, *, candidate: bool = False) -> tuple[bool, str]:
+        if self._retired:
+            return False, "retired: the resource was deleted"
         if not self._etcd_ok:
             return False, "etcd does not answer"
         if not self._lease_valid(now):

@@ -16,8 +16,15 @@ import pytest
 
 from cluster.agent import Agent
 from cluster.agent_link import Datagram, Endpoint
-from cluster.config import parse_config
-from cluster.coord import FakeCoord, Keys, read_epoch, read_leader
+from cluster.config import Resource, parse_config
+from cluster.coord import (
+    FakeCoord,
+    Keys,
+    delete_resource,
+    put_resource,
+    read_epoch,
+    read_leader,
+)
 from cluster.etcd_server import free_ports
 from cluster.pvid_cache import CacheFile
 from replicator.errors import ConnectionFailed, IllegalState
@@ -198,6 +205,25 @@ def test_preferred_host_starts_the_resource(world: World) -> None:
     world.run(5.0)
     b_calls = [c for c in world.nodes["b"].calls if c[0] >= world.t0]
     assert world.role("b") == "standby" and b_calls == []  # b did nothing, seconds long
+
+
+def test_a_deleted_runtime_resource_is_stopped_released_and_dropped(world: World) -> None:
+    keys = Keys("t1")
+    put_resource(world.fake, keys, Resource("r2", ("a", "b"), ("g2",), stop="stop r2"))
+    world.run(5.0, until=lambda: "r2" in world.agents["a"].resources
+              and world.agents["a"].resources["r2"].role == "active")  # fmt: skip
+    assert world.agents["a"].resources["r2"].role == "active"
+    assert delete_resource(world.fake, keys, "r2")
+    gone = world.clock.t
+    world.run(5.0, until=lambda: all("r2" not in ag.resources for ag in world.agents.values()))
+    assert all("r2" not in ag.resources for ag in world.agents.values())
+    assert [h for h, cmd, t in world.ran if cmd == "stop r2" and t >= gone] == ["a"]
+    assert read_leader(world.fake, keys, "r2") is None  # released, not left to expire
+    for host in ("a", "b"):
+        assert world.events(host, "cluster.resource.dropped")[-1]["resource"] == "r2"
+    world.run(3.0)  # nobody takes it again, and r1 goes on where it ran
+    assert read_leader(world.fake, keys, "r2") is None
+    assert world.role("a") == "active" and world.role("b") == "standby"
 
 
 def test_standby_takes_over_when_the_active_dies(world: World) -> None:

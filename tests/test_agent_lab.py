@@ -162,6 +162,33 @@ def test_etcd_down_with_the_agents_in_touch_fails_nothing_over(
     assert res["active"] == "a"
 
 
+def test_deleting_an_active_runtime_resource_stops_it_first(
+    env: Agents, r1: dict[str, Any]
+) -> None:
+    for host in ("a", "b"):
+        env.volume(host, "v2")
+    env.pv("a", "pair", "create", "g2/p1", "--primary", "a:v2", "--secondary", "b:v2")
+    env.wait("a", "g2/p1", "PAIR")
+    marks = {h: len(read_events(env.agent_events(h))) for h in ("a", "b")}
+    env.cluster("a", "resource", "create", "r2", "--group", "g2", "--hosts", "a,b",
+                "--start", "touch $PAIRVOL_NODE_DIR/r2-started",
+                "--stop", "touch $PAIRVOL_NODE_DIR/r2-stopped")  # fmt: skip
+    try:
+        env.wait_agent("a", "cluster.active", resource="r2", after=marks["a"])
+        assert Path(env.host("a").dir, "r2-started").exists()
+        stopped = Path(env.host("a").dir, "r2-stopped")
+        stopped.unlink(missing_ok=True)  # the stop every agent makes when it tracks one
+        env.cluster("b", "resource", "delete", "r2")
+        for host in ("a", "b"):
+            env.wait_agent(host, "cluster.resource.dropped", resource="r2", after=marks[host])
+        assert stopped.exists()  # stopped on the active before it let go
+    finally:
+        env.cluster("a", "resource", "delete", "r2", ok=False)  # the next tests see r1 alone
+        env.pv("a", "pair", "delete", "g2")
+    status = json.loads(env.cluster("b", "status", "--json").stdout)["resources"]
+    assert [r["name"] for r in status] == ["r1"] and status[0]["active"] == "a"
+
+
 def check_stamps(env: Agents, host: str, writer: Writer) -> None:
     """Every acknowledged stamp is on ``host``'s volume: each block holds its last
     acknowledged stamp, or a later one written to that very block (in flight at the end)."""

@@ -46,6 +46,7 @@ from cluster.failover import (
     PeerHeard,
     ReleaseLeader,
     RenewLease,
+    Retire,
     Role,
     RunTakeover,
     SendHeartbeat,
@@ -245,6 +246,36 @@ def test_the_stop_at_start_up_is_answered_quietly_in_standby() -> None:
     out = c.handle(AppStopped(), 0.2)  # before the lease or the key: still a standby
     assert events(out, "cluster.app.stopped") and not events(out, "cluster.late_report")
     assert c.role is Role.STANDBY
+
+
+def test_a_deleted_resource_stops_releases_its_key_and_is_never_taken_again() -> None:
+    c, now = promoted()
+    out = c.handle(Retire(), now)
+    assert kinds(out) == [StopApp] and c.role is Role.DEMOTING and c.retired
+    out = c.handle(AppStopped(), now + 0.1)  # stopped: the key goes, no handover
+    assert [a.handover for a in out if isinstance(a, ReleaseLeader)] == [None]
+    assert c.role is Role.STANDBY and SwapPairs not in kinds(out)
+    assert [e["state"] for e in events(out, "cluster.retire")] == ["retired"]
+    out = c.handle(LeaderGone(epoch=1), now + 0.2)
+    _, more = run_until(c, now + 10.0, now + 0.2)
+    assert TryAcquire not in kinds(out + more) and c.role is Role.STANDBY
+
+
+def test_a_deleted_resource_not_running_here_only_retires() -> None:
+    c = core()
+    c.handle(Started(), 0.0)
+    c.handle(AppStopped(), 0.0)
+    c.handle(LeaseGranted(0.0, TTL), 0.1)
+    c.handle(LeaderObserved("b", 1), 0.2)
+    out = c.handle(Retire(), 0.3)
+    assert kinds(out) == [] and c.role is Role.STANDBY and c.retired
+    out = c.handle(LeaderGone(epoch=1), 0.4)  # the active let go: nobody takes it here
+    _, more = run_until(c, 10.0, 0.4)
+    assert TryAcquire not in kinds(out + more)
+    c2, now = promoted()
+    c2.handle(Retire(), now)
+    out = c2.handle(AppFailed("stop: status 1"), now + 0.1)  # a failed stop fences
+    assert FenceNode in kinds(out) and c2.role is Role.FENCED
 
 
 def test_losing_the_key_or_the_lease_or_a_newer_active_fences_at_once() -> None:
