@@ -1020,8 +1020,14 @@ class Agent:
     def _track(self, r: Resource, now: float) -> None:
         if self.me not in r.hosts:
             return
-        if r.name in self.resources:
-            self.resources[r.name].resource = r
+        held = self.resources.get(r.name)
+        if held is not None and held.core.retired:  # deleted, then created again
+            if held.core.role not in (fo.Role.STANDBY, fo.Role.FENCED):
+                return  # still stopping: taken up at a later reading of the records
+            self._drop_resource(r.name)
+            held = None
+        if held is not None:
+            held.resource = r
             return
         t = self.timing
         core = fo.FailoverCore(
@@ -1057,11 +1063,14 @@ class Agent:
                 if not h.core.retired and h.core.role in RETIRABLE:
                     self._feed(h, fo.Retire(), now)  # the active stops it first
                 if h.core.role in (fo.Role.STANDBY, fo.Role.FENCED):
-                    del self.resources[name]
-                    self.refresh.forget(name)
-                    self.events.emit("cluster.resource.dropped", resource=name)
+                    self._drop_resource(name)
 
         self._post(track)
+
+    def _drop_resource(self, name: str) -> None:
+        del self.resources[name]
+        self.refresh.forget(name)
+        self.events.emit("cluster.resource.dropped", resource=name)
 
     # -- status and shutdown --------------------------------------------------------------
 

@@ -226,6 +226,21 @@ def test_a_deleted_runtime_resource_is_stopped_released_and_dropped(world: World
     assert world.role("a") == "active" and world.role("b") == "standby"
 
 
+def test_a_resource_created_again_while_its_deletion_stops_it_runs_again(world: World) -> None:
+    keys = Keys("t1")
+    r2 = Resource("r2", ("a", "b"), ("g2",), stop="stop r2")
+    put_resource(world.fake, keys, r2)
+    a = world.agents["a"]
+    world.run(5.0, until=lambda: "r2" in a.resources and a.resources["r2"].role == "active")
+    assert delete_resource(world.fake, keys, "r2")
+    world.run(3.0, until=lambda: a.resources["r2"].core.retired)
+    assert a.resources["r2"].core.retired
+    put_resource(world.fake, keys, r2)  # before the agents dropped it
+    world.run(10.0, until=lambda: "r2" in a.resources and not a.resources["r2"].core.retired
+              and a.resources["r2"].role == "active")  # fmt: skip
+    assert a.resources["r2"].role == "active" and not a.resources["r2"].core.retired
+
+
 def test_standby_takes_over_when_the_active_dies(world: World) -> None:
     world.alive["a"] = False  # SIGKILL: no renewal, no heartbeat, no fence
     killed = world.clock.t
