@@ -844,19 +844,14 @@ class RefreshDriver:
                        pairs=ids, redo=sorted(redo))  # fmt: skip
             self._spawn(
                 functools.partial(
-                    self._replica_job, group, op, ids, sorted(q.id for q in members), redo
+                    _attempt,
+                    functools.partial(
+                        self._replica, group, op, ids, sorted(q.id for q in members), redo
+                    ),
                 ),
                 functools.partial(self._replica_done, list(asking)),
                 "node",
             )
-
-    def _replica_job(
-        self, group: str, op: Op, ids: list[str], members: list[str], redo: set[str]
-    ) -> object:
-        try:
-            return self._replica(group, op, ids, members, redo)
-        except (PairvolError, OSError) as e:
-            return e
 
     def _replica(
         self, group: str, op: Op, ids: list[str], members: list[str], redo: set[str]

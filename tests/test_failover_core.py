@@ -168,12 +168,18 @@ def promoted(
     return c, 2.0
 
 
-def test_a_standby_promotes_only_after_the_key_is_gone_and_it_won() -> None:
+def standby(leader: str, epoch: int) -> FailoverCore:
+    """A started core with a lease at t=0.1 that saw ``leader`` hold ``epoch`` at t=0.2."""
     c = core()
     c.handle(Started(), 0.0)
     c.handle(AppStopped(), 0.0)
     c.handle(LeaseGranted(0.0, TTL), 0.1)
-    c.handle(LeaderObserved("b", 4), 0.2)
+    c.handle(LeaderObserved(leader, epoch), 0.2)
+    return c
+
+
+def test_a_standby_promotes_only_after_the_key_is_gone_and_it_won() -> None:
+    c = standby("b", 4)
     _, out = run_until(c, 5.0, 0.2)  # renewals and heartbeats only
     assert c.role is Role.STANDBY and TryAcquire not in kinds(out)
     c.handle(LeaseRenewed(5.0, TTL), 5.0)
@@ -262,11 +268,7 @@ def test_a_deleted_resource_stops_releases_its_key_and_is_never_taken_again() ->
 
 
 def test_a_deleted_resource_not_running_here_only_retires() -> None:
-    c = core()
-    c.handle(Started(), 0.0)
-    c.handle(AppStopped(), 0.0)
-    c.handle(LeaseGranted(0.0, TTL), 0.1)
-    c.handle(LeaderObserved("b", 1), 0.2)
+    c = standby("b", 1)
     out = c.handle(Retire(), 0.3)
     assert kinds(out) == [] and c.role is Role.STANDBY and c.retired
     out = c.handle(LeaderGone(epoch=1), 0.4)  # the active let go: nobody takes it here
