@@ -37,8 +37,8 @@ from typing import Any
 
 import pytest
 
+from replicator import groups, wire
 from replicator import pair_state as ps
-from replicator import wire
 from replicator.errors import (
     Closed,
     ConnectionFailed,
@@ -50,6 +50,7 @@ from replicator.errors import (
 )
 from replicator.events import EventLog, read_events
 from replicator.export import Exporter, ExportHandle
+from replicator.journal import Journal
 from replicator.pair.manager import PairManager
 from replicator.pair.side import Side
 from replicator.peer_auth import PeerSecrets
@@ -815,6 +816,37 @@ def test_takeover_while_cut_fences_the_old_primary(two: tuple[Lab, Node, Node]) 
     data = noise(CHUNK)
     write(hb, 60 * CHUNK, data)
     assert a.image()[60 * CHUNK : 61 * CHUNK] == data
+
+
+def test_an_async_side_swapped_to_secondary_opens_its_journal_at_once(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A takeover opens no journal: an async side that becomes the secondary by a swap has its
+    group's receive journal open at once, as one loaded or created as the secondary has.  The
+    first takeover on a host that had come back opened it there (the failover bench: 0.7 s
+    of a 2 s failover, for the scan of an empty 256 MiB ring)."""
+    _, a, b = two
+    pid = "g/p1"
+    a.create(pid, b, mode="async", journal_size=MiB)
+    wait_copy(a, pid)
+    assert "g" in b.manager.secondaries and "g" not in a.manager.secondaries
+    a.cmd("pair.split", target="g")
+    b.cmd("pair.resync", target="g", swap=True)
+    wait_copy(b, pid)
+    assert a.state(pid) == ("PAIR", "secondary")
+    assert "g" in a.manager.secondaries  # before anything was shipped to it
+
+    opened: list[str] = []
+    real = groups.open_journal
+
+    def open_journal(path: str, group: str, capacity: int) -> Journal:
+        opened.append(path)
+        return real(path, group, capacity)
+
+    monkeypatch.setattr(groups, "open_journal", open_journal)
+    b.stop()
+    out = a.cmd("pair.takeover", target="g")
+    assert out["pairs"][0]["state"] == "SSWS" and opened == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -242,6 +242,10 @@ class Side:
                 self.copies.start_engine()
             elif isinstance(a, ps.StartDrain):
                 self.drain_cut = self.host.primary_group(self).start_drain()
+            elif isinstance(a, ps.SwapRoles):
+                # An async side that now receives opens its group's journal at once, as one
+                # loaded or created as the secondary does: a takeover must not pay for it.
+                self.host.secondary_group(self)
 
     def _carry_out(self, actions: list[ps.Action]) -> list[ps.Action]:
         """Every action, in order; those that talk to the peer or start threads are returned
@@ -277,6 +281,8 @@ class Side:
                 case ps.SwapRoles():
                     faults.step("swap role")
                     self.legs.label()
+                    if a.role is Role.SECONDARY and self.is_async:
+                        later.append(a)
                 case ps.SetHidden():
                     what = "hidden from clients" if a.hidden else "visible to clients"
                     self.log(f"pair {self.id}: volume {self.doc.volume} is {what}")
