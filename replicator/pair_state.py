@@ -1034,11 +1034,12 @@ def TAKE_OVER(c: _Ctx) -> None:
     )
 
 
-@_step("pull not-yet-copied chunks if inconsistent and the old primary is reachable")
+@_step("pull the taken pending chunks if inconsistent and the old primary is reachable")
 def FORCED_PULL(c: _Ctx) -> None:
+    # The command took the old primary's pending bitmap into the copy bitmap, durably, after
+    # fencing it and before this move: the record that reveals this side never comes first.
     if not c.old.svol_consistent and c.link_up:
         c.changes.update(copy_incomplete=True, copied_chunks=0, total_chunks=0)
-        c.out.append(FetchPeerBitmap(BitmapRef.PEER_PENDING))
         c.out.append(StartCopy(CopyKind.PULL, (BitmapRef.PEER_PENDING,)))
 
 

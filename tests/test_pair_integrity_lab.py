@@ -239,6 +239,76 @@ def test_an_unloadable_pair_serves_its_volume_to_nobody(env: LabEnv) -> None:
     env.pv("a", "pair", "delete", "gc", ok=False)
 
 
+def _forced_takeover_crash(env: LabEnv, step: int) -> bool:
+    """A forced takeover of an incomplete copy on b, b armed to die at its ``step``-th durable
+    write; after the restart b serves no chunk it never received, and ends identical."""
+    group = f"kf{step}"
+    vol = f"{group}v"
+    size = 4 << 20
+    pa = env.volume("a", vol, size)
+    env.volume("b", vol, size)
+    fill(env, "a", vol, size, seed=step)
+    env.pv(
+        "a",
+        "pair",
+        "create",
+        f"{group}/p1",
+        "--primary",
+        f"a:{vol}",
+        "--secondary",
+        f"b:{vol}",
+        "--max-rate",
+        "1M",
+    )  # fmt: skip  (4 MiB at 1 MiB/s: COPY for seconds)
+    env.wait_side("a", f"{group}/p1", lambda s: s["pending_chunks"] <= 60, what="progress")
+    mark = env.mark("b")
+    env.control("b", "debug.crash-at", step=step)
+    env.pv("b", "pair", "takeover", group, "--force", ok=False)
+    crashed = any(e.get("event") == "debug.crash" for e in read_events(env.events_path("b"))[mark:])
+    if crashed:
+        env.kill("b")
+        env.start("b")
+    else:
+        env.control("b", "debug.crash-at", step=0)
+    with Volume.open(pa) as va:
+        base = va.header.data_offset
+    with open(pa, "rb") as f:
+        f.seek(base)
+        image = f.read(size)
+    side = env.control("b", "pair.display", target=f"{group}/p1")["pairs"][0]
+    if not side["hidden"]:
+        h = connect(env, "b", vol)
+        try:
+            for c in range(size // CHUNK):
+                with contextlib.suppress(nbd.Error):  # not pulled yet: refused, fine
+                    got = h.pread(CHUNK, c * CHUNK)
+                    assert got == image[c * CHUNK : (c + 1) * CHUNK], f"step {step}: chunk {c}"
+        finally:
+            h.shutdown()
+    if side["state"] != "SSWS":  # the crash left it hidden: again, once a answers
+        env.wait_side("b", f"{group}/p1", lambda s: s["link"] == "up", what="the link")
+        env.pv("b", "pair", "takeover", group, "--force")
+    env.wait_side("b", f"{group}/p1", lambda s: s["state"] == "SSWS" and s["svol_consistent"],
+                  what="the pull's end", timeout=60)  # fmt: skip
+    env.pv("b", "pair", "resync", group, "--swap")
+    env.wait("b", f"{group}/p1", "PAIR", timeout=60)
+    assert verify(env, "b", f"{group}/p1") == 0
+    forget(env, group)
+    return crashed
+
+
+@pytest.mark.slow
+def test_kill_at_every_durable_step_of_a_forced_takeover_serves_no_missing_chunk(
+    env: LabEnv,
+) -> None:
+    step = 1
+    while _forced_takeover_crash(env, step):
+        step += 1
+        assert step < 20, "more durable steps than expected"
+    print(f"forced takeover on b: killed at each of {step - 1} durable steps")
+    assert step > 2, "the forced takeover made too few durable steps: nothing was tested"
+
+
 # -- 5. a truncated image -----------------------------------------------------------------------
 
 

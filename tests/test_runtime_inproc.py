@@ -849,6 +849,90 @@ def test_an_async_side_swapped_to_secondary_opens_its_journal_at_once(
     assert out["pairs"][0]["state"] == "SSWS" and opened == []
 
 
+def test_a_forced_takeover_that_cannot_take_the_pending_bitmap_reveals_nothing(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old primary's pending bitmap is durable here before the record that reveals the
+    taken-over side.  The move's record came first: when the bitmap request failed (or the
+    node died before the bitmap was saved), the side was left SSWS with an empty pending set,
+    also after a restart, and served every chunk it had never received."""
+    lab, a, b = two
+    pid = "g/p1"
+    write(a.open(), 0, noise(SIZE))
+    a.create(pid, b, max_rate=4 * CHUNK)  # COPY for 16 s
+    side = b.side(pid)
+
+    def cut(which: ps.BitmapRef) -> None:
+        raise ConnectionFailed("cut")
+
+    monkeypatch.setattr(side.copies, "fetch_bitmap", cut)
+    with pytest.raises(ConnectionFailed, match="cannot take the old primary's pending bitmap"):
+        b.cmd("pair.takeover", target="g", force=True)
+    assert b.state(pid) == ("COPY", "secondary") and not side.record.copy_incomplete
+    b.restart()
+    assert b.state(pid) == ("COPY", "secondary")
+    with pytest.raises(IllegalState, match="hidden secondary"):
+        b.open()
+
+    # The restarted node's side is a new one, with its own (real) bitmap request.
+    for _ in range(10):
+        if b.side(pid).machine.link_up:
+            break
+        lab.tick(INTERVAL)
+    b.cmd("pair.takeover", target="g", force=True)
+    side = b.side(pid)
+    assert side.record.copy_incomplete and side.copy_map.count() > 0
+    side.doc.max_rate = 0
+    wait_until("the pull's end", lambda: not side.record.copy_incomplete)
+    identical(a, b)
+
+
+def test_the_pull_never_overwrites_a_chunk_written_since_the_takeover(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """After a forced takeover of an incomplete copy, the pull clears a chunk's pending bit
+    in memory and makes it durable only with its next sync (every 64 chunks).  A client may
+    write the chunk meanwhile; a kill then leaves its pending bit set on disk, beside the
+    write's difference bit, and the resumed pull fetched the chunk again over the client's
+    acknowledged, flushed write.  Emulated: the bit set again and persisted, the node
+    restarted.  A chunk written since the takeover is never fetched: the local data is newer."""
+    lab, a, b = two
+    pid = "g/p1"
+    write(a.open(), 0, noise(SIZE))
+    a.create(pid, b, max_rate=4 * CHUNK)  # 64 chunks at 4 a second: COPY for 16 s
+    b.cmd("pair.takeover", target="g", force=True, max_rate=4 * CHUNK)
+    side = b.side(pid)
+    assert side.record.state is ps.State.SSWS and side.record.copy_incomplete
+    wait_until("the pull's first chunk", lambda: not side.copy_map.test(0))
+    hb = b.open()
+    mine = noise(CHUNK // 2)
+    write(hb, 100, mine)  # allowed: chunk 0 is here
+    hb.flush()
+    assert side.diff_map.test(0)
+    # The write made the chunk it wrote durable first: data, then its cleared bit.
+    assert not side.store.load(side.record.copy_slot, side.chunk_size).test(0)
+    with side.bitmap_lock:
+        side.copy_map.set_chunk(0)  # as the disk has it after a kill before the pull's sync
+    side.flush_copy_map()
+    side.doc.max_rate = 0
+    side.save()
+    b.restart()
+    side = b.side(pid)
+    assert side.copy_map.test(0) and side.diff_map.test(0)
+
+    def pulled() -> bool:
+        return any(e["event"] == "pair.pull.done" for e in read_events(b.events_path))
+
+    for _ in range(10):  # the link comes back on the timer, then the pull resumes
+        if side.machine.link_up:
+            break
+        lab.tick(INTERVAL)
+    wait_until("the pull's end", pulled)
+    wait_until("consistent", lambda: not b.side(pid).record.copy_incomplete)
+    assert b.image()[100 : 100 + len(mine)] == mine
+    assert b.state(pid) == ("SSWS", "secondary")
+
+
 # --------------------------------------------------------------------------------------------
 # Heartbeats: one Ping per link, however many pairs
 

@@ -37,6 +37,7 @@ from replicator.errors import ConnectionFailed, Timeout, VolumeError
 from replicator.export import INFLIGHT, ExportHandle, get_ident
 from replicator.header import Role
 from replicator.pair import hold
+from replicator.pair.pull import PullEngine
 from replicator.peer_link import PeerRefused
 from replicator.pvid import format_pvid
 
@@ -281,6 +282,10 @@ class ClientWrites:
         chunk = self.pending(leg, offset, length)
         if chunk is not None:
             self._pending_error(leg, chunk, "write")
+        engine = leg.engine
+        if isinstance(engine, PullEngine):
+            cs = leg.chunk_size
+            engine.before_write(offset // cs, (offset + max(length, 1) - 1) // cs)
 
     def _pending_error(self, leg: Side, chunk: int, what: str) -> None:
         leg.host.log_refusal(leg, f"pending {what}")

@@ -191,10 +191,18 @@ class Commands:
             fenced_first = after.copy_incomplete  # a forced takeover that pulls what it lacks
             if fenced_first:
                 # SPEC 4: the old primary is fenced *before* its pending bitmap is taken, or the
-                # chunks pulled could mix two points in time.  (The epoch is announced, then
-                # persisted: a crash between leaves the old primary fenced, this side hidden,
-                # and a new takeover outbids the announced epoch, since it asks first.)
+                # chunks pulled could mix two points in time; the bitmap is durable here
+                # before the record that reveals this side.  (A failure or a crash in
+                # between leaves the old primary fenced, this side hidden, and a new takeover
+                # outbids the announced epoch, since it asks first.)
                 self._announce(s, ps.State.SSWS, Role.SECONDARY, after.epoch)
+                try:
+                    s.copies.take_pending()
+                except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
+                    raise ConnectionFailed(
+                        f"pair {s.id}: cannot take the old primary's pending bitmap: {e}; "
+                        "not taken over (the old primary stays fenced): try again"
+                    ) from e
             s.fire(event, tell_peer=False)
             if s.machine.link_up and not fenced_first:
                 try:

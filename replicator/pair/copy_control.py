@@ -59,24 +59,34 @@ class CopyControl:
                 side.store.clear(r.diff_slot)
         side.copy_kind = a.kind
 
-    def _prepare_pull(self) -> None:
-        """A forced takeover of an incomplete copy (SPEC 4): the chunks never copied are
-        recorded as *pending* (the old primary's copy bitmap, durably, in our copy slot); the
-        pull (replicator/pair/pull.py) fetches them, and until one has arrived every read or
-        write of it fails with EIO rather than serve what this side never received."""
+    def take_pending(self) -> None:
+        """A forced takeover of an incomplete copy (SPEC 4), once the old primary is fenced:
+        its pending bitmap (the chunks never copied here) goes into our copy bitmap, and our
+        difference bitmap starts again (from now on it means *written since the takeover*,
+        which the pull never overwrites), both durably and before the record that reveals
+        this side.  A failure or a crash before then leaves this side hidden, as it was."""
+        self.fetch_bitmap(ps.BitmapRef.PEER_PENDING)
         side = self.side
-        pending = side.fetched
-        side.fetched = None
-        if pending is None:
-            return
-        side.copy_map |= pending
-        faults.step("copy bitmap")
-        side.store.save_all(side.record.copy_slot, side.copy_map)
-        side.copy_map.take_dirty_pages()
+        with side.bitmap_lock:
+            pending, side.fetched = side.fetched, None
+            assert pending is not None
+            side.copy_map |= pending
+            faults.step("copy bitmap")
+            side.store.save_all(side.record.copy_slot, side.copy_map)
+            side.copy_map.take_dirty_pages()
+            faults.step("diff bitmap")
+            side.diff_map = Bitmap(side.data_size, side.chunk_size)
+            side.store.clear(side.record.diff_slot)
+
+    def _prepare_pull(self) -> None:
+        """The pull (replicator/pair/pull.py) fetches the pending chunks (taken by
+        :meth:`take_pending`); until one has arrived every read or write of it fails with
+        EIO rather than serve what this side never received."""
+        side = self.side
         side.copy_kind = ps.CopyKind.PULL
         side.log(
-            f"pair {side.id}: taken over with {side.copy_map.count()} chunks never copied; "
-            "they are pulled from the old primary; until then, reads of them fail with EIO"
+            f"pair {side.id}: {side.copy_map.count()} chunks never copied here are pulled "
+            "from the old primary; until then, reads of them fail with EIO"
         )
 
     def start_engine(self) -> None:

@@ -58,6 +58,8 @@ class PullEngine:
         self.started = side.clock()
         self.sent_bytes = 0  # bytes received (the display's rate counts them)
         self.copied = 0
+        self._unsynced: set[int] = set()  # pulled chunks whose data and bit are not durable
+        self._sync_lock = threading.Lock()
         self.total = 0
         self.throttle = Throttle(lambda: side.max_rate, self.stop_flag)  # takeover --max-rate
 
@@ -77,23 +79,49 @@ class PullEngine:
         cs = side.chunk_size
         self.throttle.take(min(cs, side.data_size - chunk * cs))
         with side.chunk_locks.hold(chunk, chunk):
+            with side.bitmap_lock:
+                written = side.diff_map.test(chunk)
+                if written:
+                    # Written here since the takeover: newer than the old primary's.  (A write
+                    # of a pending chunk is refused, so only a crash between a pull's clear
+                    # and its sync leaves both bits.)
+                    side.copy_map.clear_chunk(chunk)
+            if written:
+                self.copied += 1
+                return
             reply = side.request(wire.ChunkRequest(side.id, chunk))
             length = min(cs, side.data_size - chunk * cs)
             if not isinstance(reply, wire.Chunk) or reply.index != chunk:
                 raise ProtocolError(f"pair {side.id}: the old primary answered oddly")
             if len(reply.data) != length:
                 raise ProtocolError(f"pair {side.id}: chunk {chunk} came with the wrong size")
-            # The chunk goes on to the volume's other legs too (they never had it either).
-            side.apply_entry(EntryKind.WRITE, chunk * cs, length, reply.data, False)
-            with side.bitmap_lock:
-                side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
+            with self._sync_lock:  # never between a sync's data and its bits
+                # The chunk goes on to the volume's other legs too (they never had it either).
+                side.apply_entry(EntryKind.WRITE, chunk * cs, length, reply.data, False)
+                with side.bitmap_lock:
+                    side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
+                    self._unsynced.add(chunk)
         self.sent_bytes += length
         self.copied += 1
 
     def _sync(self) -> None:
-        """The pulled data is durable, then the cleared bits are."""
-        os.fdatasync(self.side.volume.fd)
-        self.side.flush_copy_map()
+        """The pulled data is durable, then the cleared bits are (the pull's thread, or a
+        client's write of a chunk just pulled)."""
+        with self._sync_lock:
+            os.fdatasync(self.side.volume.fd)
+            self.side.flush_copy_map()
+            with self.side.bitmap_lock:
+                self._unsynced.clear()
+
+    def before_write(self, first: int, last: int) -> None:
+        """A client is about to write chunks ``first..last`` (their difference bits go to
+        disk first): any of them pulled since the last sync is made durable, data then
+        bit, before.  Otherwise a crash could leave its pending bit set under the write's
+        difference bit, over pulled data that never reached the disk."""
+        with self.side.bitmap_lock:
+            due = any(c in self._unsynced for c in range(first, last + 1))
+        if due:
+            self._sync()
 
     def _run(self) -> None:
         side = self.side
