@@ -10,13 +10,14 @@ node *redoes* the unreleased entries onto its volumes (idempotent, in order) and
 and the volumes agree again.
 
 The shipper (one thread per group on the primary) reads entries in sequence order and sends
-them as Write/Zero requests carrying ``seq``, a few in flight.  The secondary appends each to
-its *receive journal* with the same sequence number, strictly in order (an early arrival waits
-for its predecessor), and answers with a JournalAck: received and applied.  Its applier thread
-writes entries to the volumes in order, makes them durable, then records the applied mark and
-releases them.  A secondary that restarts replays its receive journal from the applied mark,
-so its volumes are always a write-order-consistent prefix of the primary's: never a mixture,
-never a hole.  The primary releases entries once the secondary has *applied* them.
+them as Write/Zero requests carrying ``seq``, up to :data:`SHIP_WINDOW` in flight: it sends
+each at once and collects the acks oldest first (no thread per request). The secondary appends
+each to its *receive journal* with the same sequence number, strictly in order (an early
+arrival waits for its predecessor), and answers with a JournalAck: received and applied. Its
+applier thread writes entries to the volumes in order, makes them durable, then records the
+applied mark and releases them. A secondary that restarts replays its receive journal from the
+applied mark, so its volumes are always a write-order-consistent prefix of the primary's: never
+a mixture, never a hole. The primary releases entries once the secondary has *applied* them.
 
 Marks.  The primary keeps its sequence marks in :class:`~replicator.seq_marks.GroupMarks`:
 *written* (the contiguous prefix of the local writes, which finish in any order) and, per
@@ -40,11 +41,12 @@ secondary has applied it, finishes: every secondary volume holds the same point 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from replicator import wire
@@ -77,6 +79,10 @@ class Side(Protocol):
 
     def request(self, msg: wire.Message, timeout: float = ...) -> wire.Message: ...
 
+    def send(self, msg: wire.Message) -> Callable[[], wire.Message]:
+        """Send a request now; the call returned collects its answer (or raises)."""
+        ...
+
     def apply_entry(
         self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
     ) -> None: ...
@@ -99,7 +105,10 @@ class Side(Protocol):
 JOURNALS_DIR = os.path.join(".pairvol", "journals")
 DEFAULT_JOURNAL_SIZE = 256 << 20
 DEFAULT_HIGH_WATERMARK = 0.8
-SHIP_WINDOW = 4  # requests in flight; below the peer server's workers per connection
+#: Entries in flight.  One thread sends them in sequence order on the group's connection
+#: and collects their acks oldest first, so each arrives after the one it follows: any
+#: window is safe from the receiver's wait for a predecessor (ORDER_WAIT).
+SHIP_WINDOW = 32
 SHIP_BATCH_BYTES = 8 << 20
 APPLY_BATCH = 256
 ORDER_WAIT = 10.0  # how long an early entry waits for its predecessor on the secondary
@@ -397,14 +406,13 @@ class GroupPrimary(_GroupWorker):
         return None
 
     def _ship_loop(self) -> None:
-        with ThreadPoolExecutor(SHIP_WINDOW, thread_name_prefix=f"ship {self.name}") as pool:
-            while not self._stop.is_set():
-                self._wake.wait(0.2)
-                self._wake.clear()
-                if not self.ship_round(pool):
-                    self._stop.wait(0.5)  # retry, not spin, while the link is down
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            if not self.ship_round():
+                self._stop.wait(0.5)  # retry, not spin, while the link is down
 
-    def ship_round(self, pool: ThreadPoolExecutor, leg: str = PEER_LEG) -> bool:
+    def ship_round(self, leg: str = PEER_LEG) -> bool:
         """One round of the shipper: the status to ``leg``'s peer (learn what it holds), then
         the entries after that, at most :data:`SHIP_WINDOW` in flight.  False if the round
         failed; the pairs that ship were told (``peer_failed`` or ``link_failed``) and the
@@ -415,7 +423,7 @@ class GroupPrimary(_GroupWorker):
         try:
             with self._ship_lock:
                 self.status(side)
-                self._ship_some(pool, leg)
+                self._ship_some(leg)
         except (PeerRefused, ProtocolError) as e:
             # The secondary answered and refused, or answered about another sequence space:
             # not link trouble to ride out, an error that suspends the pair (and folds the
@@ -455,37 +463,42 @@ class GroupPrimary(_GroupWorker):
         if isinstance(reply, wire.JournalAck):
             self.on_ack(reply, leg)
 
-    def _ship_some(self, pool: ThreadPoolExecutor, leg: str) -> None:
+    def _ship_some(self, leg: str) -> None:
         # From what the secondary holds durably on: it never needs an entry twice.
         with self.lock:
             start = self.marks.next_to_ship(leg)
             upto = self.marks.written
         if start is None:
             return
-        pending: list[Future[wire.Message]] = []
+        pending: collections.deque[Callable[[], wire.Message]] = collections.deque()
         try:
             batch = list(self.journal.entries(start, max_bytes=SHIP_BATCH_BYTES))
         except NotFound:
             return  # released meanwhile (the secondary applied it): the next round moves on
         sent = 0
-        for entry in batch:
-            if entry.seq > upto:
-                break
-            side = self.sides.get(entry.stream)
-            if side is None:
-                continue
-            msg: wire.Message
-            if entry.kind is EntryKind.WRITE:
-                msg = wire.Write(side.id, entry.offset, entry.data, entry.fua, entry.seq)
-            else:
-                trim = entry.kind is EntryKind.TRIM
-                msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
-            pending.append(pool.submit(side.request, msg))
-            sent = entry.seq
-            while len(pending) >= SHIP_WINDOW:
-                self._collect(pending.pop(0), leg)
-        for fut in pending:
-            self._collect(fut, leg)
+        try:
+            for entry in batch:
+                if entry.seq > upto:
+                    break
+                side = self.sides.get(entry.stream)
+                if side is None:
+                    continue
+                msg: wire.Message
+                if entry.kind is EntryKind.WRITE:
+                    msg = wire.Write(side.id, entry.offset, entry.data, entry.fua, entry.seq)
+                else:
+                    trim = entry.kind is EntryKind.TRIM
+                    msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
+                pending.append(side.send(msg))
+                sent = entry.seq
+                while len(pending) >= SHIP_WINDOW:
+                    self._collect(pending.popleft()(), leg)
+            while pending:
+                self._collect(pending.popleft()(), leg)
+        finally:
+            for answer in pending:  # a failure: the rest are collected (and dropped) too
+                with contextlib.suppress(PairvolError, OSError):
+                    answer()
         with self.lock:
             if sent:
                 self.marks.on_shipped(leg, sent)
@@ -493,8 +506,7 @@ class GroupPrimary(_GroupWorker):
         if more:
             self._wake.set()
 
-    def _collect(self, fut: Future[wire.Message], leg: str) -> None:
-        reply = fut.result()
+    def _collect(self, reply: wire.Message, leg: str) -> None:
         if isinstance(reply, wire.JournalAck):
             self.on_ack(reply, leg)
 

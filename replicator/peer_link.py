@@ -746,6 +746,50 @@ class _Waiter:
         return self._lock.acquire(timeout=-1 if timeout is None else timeout)
 
 
+class PendingReply:
+    """The answer to one request sent by :meth:`PeerClient.send`, collected by
+    :meth:`result` (in any thread, once): the response, or the request's error."""
+
+    __slots__ = ("_conn", "_deadline", "_name", "_rid", "_timeout", "_waiter")
+
+    def __init__(
+        self,
+        conn: _ClientConn,
+        waiter: _Waiter,
+        rid: int,
+        name: str,
+        deadline: float,
+        timeout: float,
+    ) -> None:
+        self._conn = conn
+        self._waiter = waiter
+        self._rid = rid
+        self._name = name
+        self._deadline = deadline
+        self._timeout = timeout
+
+    def result(self) -> wire.Message:
+        """The response.  Raises PeerLost, Timeout (the connection is dropped), PeerRefused
+        (an Error answer) or Closed, as :meth:`PeerClient.request` does."""
+        conn, waiter, rid, name, timeout = (
+            self._conn, self._waiter, self._rid, self._name, self._timeout
+        )  # fmt: skip
+        if not waiter.wait(max(self._deadline - time.monotonic(), 0.0)):
+            with conn._lock:
+                late = conn._pending.pop(rid, None) is None
+            if not late:
+                conn.fail(f"no answer to {name} #{rid} within {timeout:g}s")
+                raise Timeout(f"peer {conn.peer!r} did not answer {name} within {timeout:g}s")
+            waiter.wait()  # answered or failed just now
+        if waiter.error is not None:
+            raise waiter.error
+        response = waiter.response
+        assert response is not None
+        if isinstance(response, wire.Error):
+            raise PeerRefused(response.code, response.message, peer=conn.peer)
+        return response
+
+
 class _ClientConn:
     """One established outbound connection: pending requests and the reader thread."""
 
@@ -772,6 +816,10 @@ class _ClientConn:
         return PeerLost(f"lost the connection to peer {self.peer!r} ({self.link.where}): {reason}")
 
     def call(self, msg: wire.Message, deadline: float, timeout: float) -> wire.Message:
+        return self.send(msg, deadline, timeout).result()
+
+    def send(self, msg: wire.Message, deadline: float, timeout: float) -> PendingReply:
+        """Send ``msg`` under a fresh request id; its answer is collected later."""
         waiter = _Waiter()
         name = type(msg).__name__
         with self._lock:
@@ -789,21 +837,8 @@ class _ClientConn:
             self.fail(f"sending {name} #{rid} took longer than {timeout:g}s")
             raise Timeout(f"peer {self.peer!r} did not take {name} within {timeout:g}s") from None
         except OSError as e:
-            self.fail(f"send failed: {_why(e)}")  # fails our waiter too: raised below
-        if not waiter.wait(max(deadline - time.monotonic(), 0.0)):
-            with self._lock:
-                late = self._pending.pop(rid, None) is None
-            if not late:
-                self.fail(f"no answer to {name} #{rid} within {timeout:g}s")
-                raise Timeout(f"peer {self.peer!r} did not answer {name} within {timeout:g}s")
-            waiter.wait()  # answered or failed just now
-        if waiter.error is not None:
-            raise waiter.error
-        response = waiter.response
-        assert response is not None
-        if isinstance(response, wire.Error):
-            raise PeerRefused(response.code, response.message, peer=self.peer)
-        return response
+            self.fail(f"send failed: {_why(e)}")  # fails our waiter too: raised on result()
+        return PendingReply(self, waiter, rid, name, deadline, timeout)
 
     def notify(self, msg: wire.Message, deadline: float) -> None:
         if self.reason is not None:
@@ -933,6 +968,14 @@ class PeerClient:
         self._check_request(msg)
         deadline = time.monotonic() + timeout
         return self._connection(deadline).call(msg, deadline, timeout)
+
+    def send(self, msg: wire.Message, timeout: float = 30.0) -> PendingReply:
+        """Send a request now and collect its response later (``result()``): many in
+        flight from one thread, in the order sent.  Raises what :meth:`request` raises, but
+        for the answer's own errors, which ``result()`` raises."""
+        self._check_request(msg)
+        deadline = time.monotonic() + timeout
+        return self._connection(deadline).send(msg, deadline, timeout)
 
     def notify(self, msg: wire.Message, timeout: float = 30.0) -> None:
         """Send a request as a notification (request id 0): no answer, no confirmation."""

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from replicator import wire
-from replicator.errors import ConnectionFailed, ProtocolError, VolumeError
-from replicator.groups import PEER_LEG, GroupPrimary
+from replicator.errors import ConnectionFailed, PairvolError, ProtocolError, VolumeError
+from replicator.groups import PEER_LEG, SHIP_WINDOW, GroupPrimary
 from replicator.journal import EntryKind
 from replicator.seq_marks import LegMarks, format_incarnation
 
@@ -105,6 +104,18 @@ class FakeSide:
     def request(self, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
         return self.peer.request(msg)
 
+    def send(self, msg: wire.Message) -> Callable[[], wire.Message]:
+        try:
+            reply = self.peer.request(msg)
+        except PairvolError as e:
+            error = e
+
+            def fail() -> wire.Message:
+                raise error
+
+            return fail
+        return lambda: reply
+
     def apply_entry(
         self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
     ) -> None:
@@ -138,7 +149,6 @@ class Rig:
         self.lines: list[str] = []
         self.peer = FakePeer()
         self.side = FakeSide(self.peer, FakeVolume(tmp_path / "vol"))
-        self.pool = ThreadPoolExecutor(4)
         self.g = self.open()
 
     def open(self) -> GroupPrimary:
@@ -163,14 +173,13 @@ class Rig:
         return seqs
 
     def ship(self) -> bool:
-        return self.g.ship_round(self.pool)
+        return self.g.ship_round()
 
     def leg(self) -> LegMarks:
         return self.g.marks.leg(PEER_LEG)
 
     def close(self) -> None:
         self.peer.heal()
-        self.pool.shutdown(wait=True)
         self.g.stop()
         os.close(self.side.volume.fd)
 
@@ -214,6 +223,37 @@ def test_shipped_entries_are_released_once_the_peer_applied_them(rig: Rig) -> No
     # The status told the peer who we are and what it can still get from us.
     assert rig.peer.statuses[-1].incarnation == g.journal.journal_id == g.marks.incarnation
     assert (rig.peer.statuses[-1].newest, rig.peer.statuses[-1].base) == (3, 1)
+
+
+def test_the_shipper_keeps_a_window_in_flight_from_one_thread(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread sends the entries in sequence order and collects their acks oldest first,
+    with SHIP_WINDOW sent before the first is collected (it was a pool of four threads, each
+    waiting for its own answer: a hand-off per entry, and four in flight)."""
+    sent: list[tuple[int, str, int]] = []
+    collected: list[int] = []
+    real = rig.side.send
+
+    def send(msg: wire.Message) -> Callable[[], wire.Message]:
+        assert isinstance(msg, wire.Write)
+        sent.append((msg.seq, threading.current_thread().name, len(collected)))
+        answer = real(msg)
+
+        def collect() -> wire.Message:
+            collected.append(msg.seq)
+            return answer()
+
+        return collect
+
+    monkeypatch.setattr(rig.side, "send", send)
+    n = SHIP_WINDOW + 8
+    rig.write(n)
+    assert rig.ship()
+    assert [seq for seq, _, _ in sent] == list(range(1, n + 1)) == collected
+    assert len({thread for _, thread, _ in sent}) == 1
+    assert sent[SHIP_WINDOW - 1][2] == 0 and sent[SHIP_WINDOW][2] == 1
+    assert rig.leg().shipped == n
 
 
 def test_the_shipper_thread_ships_what_is_written(rig: Rig) -> None:

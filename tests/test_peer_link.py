@@ -248,6 +248,42 @@ def test_fifty_concurrent_requests_from_eight_threads(
         assert response == wire.Ack(0, f"write {i * 4096} {i.to_bytes(8, 'big').hex()}")
 
 
+def test_send_puts_many_requests_in_flight_from_one_thread(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    """``send`` returns once the frame is out; the answers are collected later, in any order
+    of collection.  The handler sees the sixteen requests before any answer is collected."""
+    gate = Gate()
+    server, _ = make_server(gate, workers=16)
+    client, _ = make_client(server)
+    pending = [client.send(wire.Flush(PAIR), timeout=WAIT) for _ in range(16)]
+    gate.wait_entered(16)  # all sixteen in the handler at once: none waited for an answer
+    gate.release.set()
+    assert [p.result() for p in reversed(pending)] == [wire.Ack()] * 16
+    refused = client.send(wire.Zero(PAIR, 0, 4096), timeout=WAIT)
+    with pytest.raises(PeerRefused):  # an Error answer raises when collected
+        refused.result()
+
+
+def test_send_fails_every_answer_not_yet_collected_when_the_connection_breaks(
+    make_server: MakeServer, make_client: MakeClient
+) -> None:
+    gate = Gate()
+    server, _ = make_server(gate)
+    client, _ = make_client(server)
+    pending = [client.send(wire.Flush(PAIR), timeout=60.0) for _ in range(3)]
+    gate.wait_entered(3)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    try:
+        for p in pending:
+            with pytest.raises(PeerLost):
+                p.result()
+    finally:
+        gate.release.set()
+        stopper.join(WAIT)
+
+
 def test_mirrored_writes_are_handled_by_the_reader_in_arrival_order(
     make_server: MakeServer, make_client: MakeClient
 ) -> None:

@@ -228,12 +228,35 @@ class LinkEnd(PeerClient):
             self._up = False  # a request that times out drops the connection
             raise
 
+    def send(self, msg: wire.Message, timeout: float = 30.0) -> Answered:
+        """As the real client's: the answer is collected later (here it is carried now; an
+        error of the carrying is raised where the real one's would be: by ``result``)."""
+        try:
+            return Answered(self.request(msg, timeout), None)
+        except PairvolError as e:
+            return Answered(None, e)
+
     def notify(self, msg: wire.Message, timeout: float = 30.0) -> None:
         raise AssertionError("the pair runtime sends no notifications")
 
     def close(self) -> None:
         self._gone = True
         self._up = False
+
+
+class Answered:
+    """A :class:`LinkEnd`'s answer to a request sent with ``send``."""
+
+    def __init__(self, reply: wire.Message | None, error: PairvolError | None) -> None:
+        self.reply, self.error = reply, error
+
+    def result(self) -> wire.Message:
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        if isinstance(self.reply, wire.Error):
+            raise PeerRefused(self.reply.code, self.reply.message)
+        return self.reply
 
 
 class LabManager(PairManager):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import assert_never
 
 from replicator import faults, wire
@@ -142,12 +143,18 @@ class Side:
     def request(self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT) -> wire.Message:
         if self.partner is not None:
             return self.host.deliver_local(self.partner, msg)
-        reply = self.peer_client().request(msg, timeout=timeout)
-        if isinstance(reply, wire.Ack) and reply.status:
-            raise PeerRefused(reply.status, reply.message)
-        if isinstance(reply, wire.Error):
-            raise PeerRefused(reply.code, reply.message)
-        return reply
+        return _answer(self.peer_client().request(msg, timeout=timeout))
+
+    def send(
+        self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT
+    ) -> Callable[[], wire.Message]:
+        """Send ``msg`` now; the call returned collects the answer (as :meth:`request`
+        returns or raises it).  A local partner answers at once."""
+        if self.partner is not None:
+            reply = self.host.deliver_local(self.partner, msg)
+            return lambda: reply
+        pending = self.peer_client().send(msg, timeout=timeout)
+        return lambda: _answer(pending.result())
 
     def save(self) -> None:
         self.doc.record = self.machine.record
@@ -423,3 +430,12 @@ class Side:
             except (PairvolError, OSError) as e:
                 self.log(f"pair {self.id}: saving its {what} at close failed: {e}")
         self.legs.detach(self, release=release)
+
+
+def _answer(reply: wire.Message) -> wire.Message:
+    """A peer's answer; a refusal (an Ack with a status, an Error) raises PeerRefused."""
+    if isinstance(reply, wire.Ack) and reply.status:
+        raise PeerRefused(reply.status, reply.message)
+    if isinstance(reply, wire.Error):
+        raise PeerRefused(reply.code, reply.message)
+    return reply
