@@ -60,6 +60,7 @@ from replicator.errors import (
 )
 from replicator.gate import Gate
 from replicator.journal import Entry, EntryKind, Journal, JournalFull
+from replicator.journal_codec import record_size
 from replicator.peer_link import PeerRefused
 from replicator.seq_marks import GroupMarks
 from replicator.volume import Volume
@@ -563,6 +564,15 @@ class GroupSecondary(_GroupWorker):
 
     def ack(self, pair_id: str) -> wire.JournalAck:
         return wire.JournalAck(pair_id, self.received, self.applied, self.incarnation)
+
+    def takes_now(self, msg: wire.Write | wire.Zero) -> bool:
+        """Whether :meth:`receive` would take ``msg`` without waiting: it is the next entry
+        (or one held already) and the journal has room for it (with room for a wrap
+        marker).  Only the receiver appends, and only the applier frees, so the answer
+        holds until the entry is received."""
+        j = self.journal
+        size = len(msg.data) if isinstance(msg, wire.Write) else 0
+        return msg.seq <= j.last_seq + 1 and j.free_bytes >= 2 * record_size(size)
 
     def receive(self, side: Side, msg: wire.Write | wire.Zero) -> wire.JournalAck:
         """Append a shipped entry in sequence order (duplicates are acknowledged again)."""

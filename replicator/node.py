@@ -153,6 +153,7 @@ class Node:
                 self.pairs.handle_peer,
                 self.log,
                 allow_no_secret=not self.secret,
+                inline=self.pairs.receives_inline,
             )
         self.pairs.start()
         if self.peer_server is not None:

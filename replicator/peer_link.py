@@ -84,9 +84,9 @@ def inline_data(msg: wire.Message) -> bool:
     (a queue, a wake-up, the GIL passed on) was about a third of the secondary's CPU per
     mirrored 4k write and a quarter per MiB (docs/benchmarks.md, "Replication speed, session
     4"); the write itself is a ``pwritev`` into the page cache.  Journal entries (``seq``)
-    still go to workers: the shipper sends them from several threads, so one may arrive
-    before the entry it follows, and the receiver waits for that one (which a busy reader
-    would never read)."""
+    go to workers here: the receiver may wait for the entry one follows (which a busy reader
+    would never read).  A storage node passes its own predicate, which also takes the
+    entries its receive journal takes at once (``PairManager.receives_inline``)."""
     return isinstance(msg, wire.Write | wire.Zero) and not msg.seq
 
 

@@ -841,6 +841,31 @@ def test_takeover_while_cut_fences_the_old_primary(two: tuple[Lab, Node, Node]) 
     assert a.image()[60 * CHUNK : 61 * CHUNK] == data
 
 
+def test_the_reader_takes_a_journal_entry_itself_only_when_it_cannot_wait(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection's reader carries out a journal entry itself (no worker hand-off) only
+    when the receive journal takes it at once: the next one, with room.  One that would wait
+    for its predecessor or for space goes to a worker, or the reader, waiting, would never
+    read what it waits for (nor a Ping)."""
+    _, a, b = two
+    pid = "g/p1"
+    a.create(pid, b, mode="async", journal_size=MiB)
+    wait_copy(a, pid)
+    g = b.manager.secondaries["g"]
+    nxt = g.journal.last_seq + 1
+    inline = b.manager.receives_inline
+    assert inline(wire.Write(pid, 0, b"x" * 4096))  # mirrored (no seq)
+    assert inline(wire.Write(pid, 0, b"x" * 4096, seq=nxt))
+    assert inline(wire.Zero(pid, 0, CHUNK, seq=nxt))
+    assert inline(wire.Write(pid, 0, b"x" * 4096, seq=max(nxt - 1, 1)))  # a duplicate: acked
+    assert not inline(wire.Write(pid, 0, b"x" * 4096, seq=nxt + 1))  # waits for nxt
+    assert not inline(wire.Write("g/nope", 0, b"x" * 4096, seq=nxt))
+    assert not inline(wire.Ping(1))
+    monkeypatch.setattr(type(g.journal), "free_bytes", property(lambda _j: 4096))
+    assert not inline(wire.Write(pid, 0, b"x" * 4096, seq=nxt))  # would wait for space
+
+
 def test_an_async_side_swapped_to_secondary_opens_its_journal_at_once(
     two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -433,5 +433,19 @@ class PairManager:
 
     # -- the peer protocol (server side): replicator/pair/peer_requests.py ----------------------
 
+    def receives_inline(self, msg: wire.Message) -> bool:
+        """The peer requests a connection's reader carries out itself, without a hand-off
+        to a worker (replicator/peer_link.py, ``inline``): a mirrored write, and a journal
+        entry its group's receive journal takes without waiting (the next one, with room).
+        One that would wait, for a predecessor or for space, goes to a worker: a reader that
+        waits reads nothing else, its predecessor included."""
+        if not isinstance(msg, wire.Write | wire.Zero):
+            return False
+        if not msg.seq:
+            return True
+        side = self.sides.get(msg.pair_id)
+        g = self.secondaries.get(side.record.group) if side is not None else None
+        return g is not None and g.takes_now(msg)
+
     def handle_peer(self, peer_name: str, msg: wire.Message) -> wire.Message:
         return self.peer_requests.handle(peer_name, msg)
