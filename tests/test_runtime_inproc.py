@@ -897,6 +897,81 @@ def test_an_async_side_swapped_to_secondary_opens_its_journal_at_once(
     assert out["pairs"][0]["state"] == "SSWS" and opened == []
 
 
+def _taken_over_mid_copy(lab: Lab, a: Node, b: Node, pid: str) -> tuple[bytes, Side]:
+    """a's volume filled and paired to b with a slow copy, then a forced takeover on b whose
+    pull runs at four chunks a second: a's image (the takeover's point in time) and b's
+    side, with nearly everything still pending."""
+    write(a.open(), 0, noise(SIZE))
+    a.create(pid, b, max_rate=4 * CHUNK)
+    b.cmd("pair.takeover", target="g", force=True, max_rate=4 * CHUNK)
+    side = b.side(pid)
+    assert side.record.copy_incomplete and side.copy_map.count() > 40
+    return a.image(), side
+
+
+def test_reads_and_writes_of_chunks_not_here_yet_fetch_them_on_demand(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """Issue 11, items 2 and 3: a read of a chunk not copied yet fetches it from the old
+    primary, returns it, stores it and clears its bit; a read across chunks of every kind is
+    assembled; a write or a zero smaller than a chunk into a chunk not copied yet fetches it
+    first and merges.  The pull never overwrites any of it."""
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    want = bytearray(truth)
+    hb = b.open()
+
+    last = SIZE - CHUNK
+    assert side.copy_map.test(last // CHUNK)
+    assert read(hb, last, CHUNK) == truth[last:]  # copy on read
+    assert not side.copy_map.test(last // CHUNK)
+    assert b.image()[last:] == truth[last:]  # stored here
+
+    at = 50 * CHUNK + 10
+    mine = noise(100)
+    write(hb, at, mine)  # into a pending chunk: fetched, then merged
+    want[at : at + 100] = mine
+    hb.zero(4096, 55 * CHUNK + 8192, False, False)  # trim or zero: written, too
+    want[55 * CHUNK + 8192 : 55 * CHUNK + 12288] = bytes(4096)
+    span = (49 * CHUNK, 7 * CHUNK)  # pending, written, pending..., zeroed, pending
+    assert read(hb, *span) == bytes(want[span[0] : span[0] + span[1]])
+    assert side.engine is not None and side.engine.on_demand >= 6
+    shown = b.show(pid)["hydration"]
+    assert shown["fetched_on_demand"] == side.engine.on_demand and shown["pulling"]
+    assert 0 < shown["percent"] < 100 and shown["pending_chunks"] == side.copy_map.count()
+    assert shown["fetch_ms_avg"] is not None
+
+    side.doc.max_rate = 0  # let the background pull finish
+    wait_until("the pull's end", lambda: not side.record.copy_incomplete)
+    assert b.show(pid)["hydration"] is None
+    done = [e for e in read_events(b.events_path) if e["event"] == "pair.pull.done"]
+    assert done[-1]["fetched_on_demand"] >= 6
+    assert_same(b.image(), bytes(want))
+    b.cmd("pair.resync", target="g", swap=True)
+    wait_copy(b, pid)
+    identical(a, b)
+    assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
+def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    hb = b.open()
+    last = SIZE - CHUNK
+    assert read(hb, last, CHUNK) == truth[last:]  # fetched on demand while a answers
+    lab.link(a, b).cut()
+    pending = next(side.copy_map.iter_set())
+    with pytest.raises(VolumeError, match="not here yet") as refused:
+        read(hb, pending * CHUNK, 4096)
+    assert refused.value.errno == errno.EIO
+    assert read(hb, last, CHUNK) == truth[last:]  # what is here still reads
+    write(hb, last, b"x" * 512)  # and takes writes
+
+
 def test_a_forced_takeover_that_cannot_take_the_pending_bitmap_reveals_nothing(
     two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,11 +29,11 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from replicator import pair_state as ps
 from replicator import wire
-from replicator.errors import ConnectionFailed, Timeout, VolumeError
+from replicator.errors import ConnectionFailed, PairvolError, Timeout, VolumeError
 from replicator.export import INFLIGHT, ExportHandle, get_ident
 from replicator.header import Role
 from replicator.pair import hold
@@ -183,7 +183,7 @@ class ClientWrites:
         with contextlib.ExitStack() as locks:
             for leg, d in plan:
                 if d is ps.WriteDecision.LOCAL_RECORD:
-                    self._refuse_pending(leg, offset, length)
+                    self._hydrate(leg, offset, length, "write")
                     leg.mark_dirty(offset, length)
                 elif d is ps.WriteDecision.MIRROR or d is ps.WriteDecision.JOURNAL:
                     # The chunk locks order the write against a copy of the same chunks.
@@ -272,26 +272,36 @@ class ClientWrites:
                     errno.EPERM,
                 )
 
-    def refuse_pending_read(self, offset: int, length: int) -> None:
+    def hydrate_read(self, offset: int, length: int) -> None:
+        """Every chunk of the read that a leg never received is fetched first (copy on
+        read), or the read is refused."""
         for leg in self.legs.sides():
-            chunk = self.pending(leg, offset, length)
-            if chunk is not None:
-                self._pending_error(leg, chunk, "read")
+            self._hydrate(leg, offset, length, "read")
 
-    def _refuse_pending(self, leg: Side, offset: int, length: int) -> None:
+    def _hydrate(self, leg: Side, offset: int, length: int, what: str) -> None:
+        """The chunks of ``[offset, offset + length)`` that ``leg`` never received are
+        fetched now from the old primary (a write then merges into them), and any pulled
+        since the pull's last sync are made durable before a write; EIO with one log line
+        when the old primary cannot be reached."""
         chunk = self.pending(leg, offset, length)
-        if chunk is not None:
-            self._pending_error(leg, chunk, "write")
         engine = leg.engine
-        if isinstance(engine, PullEngine):
-            cs = leg.chunk_size
-            engine.before_write(offset // cs, (offset + max(length, 1) - 1) // cs)
+        cs = leg.chunk_size
+        first, last = offset // cs, (offset + max(length, 1) - 1) // cs
+        if chunk is not None:
+            if not isinstance(engine, PullEngine) or not leg.machine.link_up:
+                self._pending_error(leg, chunk, what, "the old primary cannot be reached")
+            try:
+                engine.hydrate(first, last)
+            except (PairvolError, OSError) as e:
+                self._pending_error(leg, chunk, what, f"fetching it failed: {e}")
+        if what == "write" and isinstance(engine, PullEngine):
+            engine.before_write(first, last)
 
-    def _pending_error(self, leg: Side, chunk: int, what: str) -> None:
+    def _pending_error(self, leg: Side, chunk: int, what: str, why: str) -> NoReturn:
         leg.host.log_refusal(leg, f"pending {what}")
         raise VolumeError(
             f"pair {leg.id}: chunk {chunk} was never copied here before the forced takeover "
-            f"and has not been pulled from the old primary yet: {what} refused",
+            f"and is not here yet ({why}): {what} refused",
             errno.EIO,
         )
 
@@ -352,7 +362,7 @@ class BoundHandle(ExportHandle):
         writes = self._policy()
         if writes is not None:
             writes.refuse_hidden()
-            writes.refuse_pending_read(offset, len(buf))
+            writes.hydrate_read(offset, len(buf))
         super().pread(buf, offset)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:

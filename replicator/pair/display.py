@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from replicator import pair_state as ps
 from replicator.pair import hold
+from replicator.pair.pull import PullEngine
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
@@ -66,6 +67,7 @@ def describe(side: Side) -> dict[str, Any]:
         "last_copy_seconds": side.doc.last_copy_seconds,
         "svol_consistent": r.svol_consistent,
         "journal": _journal_info(side),
+        "hydration": _hydration(side, pending),
         "cluster_epoch": side.doc.cluster_epoch,
         "fenced": (
             {"epoch": side.doc.hold_epoch, "reason": side.doc.hold_reason}
@@ -91,6 +93,38 @@ def _writes(side: Side) -> str:
     if hold.refusal(side) is not None:
         return "REFUSE_WATCHDOG"
     return str(side.machine.write_decision())
+
+
+def _hydration(side: Side, pending: int) -> dict[str, Any] | None:
+    """A side taken over before its copy was complete (SPEC 4): how much of the image is
+    here, what clients fetched on demand, and the background pull's rate and ETA."""
+    r = side.record
+    if r.state is not ps.State.SSWS or not r.copy_incomplete:
+        return None
+    engine = side.engine if isinstance(side.engine, PullEngine) else None
+    running = engine is not None and engine.thread.is_alive()
+    total = max(engine.total, pending) if engine is not None else pending
+    rate = eta = None
+    if engine is not None and running:
+        elapsed = max(side.clock() - engine.started, 1e-3)
+        rate = round(engine.sent_bytes / elapsed)
+        if rate:
+            eta = round(pending * side.chunk_size / rate, 1)
+    on_demand = engine.on_demand if engine is not None else 0
+    return {
+        "percent": round(100.0 * (1 - pending / total), 1) if total else 100.0,
+        "pending_chunks": pending,
+        "pulling": running,
+        "pulled_chunks": engine.copied if engine is not None else 0,
+        "fetched_on_demand": on_demand,
+        "fetch_ms_avg": (
+            round(1000 * engine.on_demand_seconds / on_demand, 2)
+            if engine is not None and on_demand
+            else None
+        ),
+        "rate_bytes_s": rate,
+        "eta_seconds": eta,
+    }
 
 
 def _journal_info(side: Side) -> dict[str, Any] | None:

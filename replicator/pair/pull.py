@@ -1,17 +1,21 @@
-"""The pull after a forced takeover of an incomplete copy (SPEC section 4, without the
-on-demand part yet): the taken-over side fetches, chunk by chunk, every chunk it never
-received from the old primary, whose storage node still answers.
+"""The pull after a forced takeover of an incomplete copy (SPEC section 4): the taken-over
+side fetches, chunk by chunk, every chunk it never received from the old primary, whose
+storage node still answers.
 
-Until a chunk has arrived, a client read or write of it fails with EIO (one log line): a
-half-built image never serves wrong data (``client_io.ClientWrites.pending``).  Ordering: a
-chunk's data is written and synced before its pending bit is cleared durably, so a crash
-never leaves a cleared bit over missing data; a restart resumes from the persisted bits
-(``RESUME_PULL``).  The old primary is fenced (stale) and writes nothing, so what it sends
-is the data of the takeover's point in time.  When the last chunk is in, the side is
-consistent (``CopyDone`` in SSWS) and ``resync --swap`` can make it the primary.
+A client's read or write of a chunk not here yet fetches it first, on demand (copy on read,
+and a write smaller than a chunk merges into the fetched chunk, as dm-clone does), ahead of
+the background pull: :meth:`PullEngine.hydrate`.  While the old primary cannot be reached,
+such a read or write fails with EIO (one log line): a half-built image never serves wrong
+data (``client_io.ClientWrites.pending``).
 
-Not yet (the next issue): fetching a chunk on demand when a client reads it, with a queue
-jump, and merging client writes into chunks not yet pulled.
+Ordering: a chunk's data is written and synced before its pending bit is cleared durably,
+so a crash never leaves a cleared bit over missing data; a restart resumes from the
+persisted bits (``RESUME_PULL``).  A chunk written here since the takeover (its bit in the
+difference bitmap, which the takeover started again) is never fetched, and a client write
+of a chunk pulled since the last sync makes it durable first.  The old primary is fenced
+(stale) and writes nothing, so what it sends is the data of the takeover's point in time.
+When the last chunk is in, the side is consistent (``CopyDone`` in SSWS) and ``resync
+--swap`` can make it the primary.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from replicator import pair_state as ps
@@ -27,11 +32,13 @@ from replicator.errors import PairvolError, ProtocolError, UsageError, VolumeErr
 from replicator.header import Role
 from replicator.journal import EntryKind
 from replicator.pair.copy_engine import Throttle
+from replicator.pair.host import REQUEST_TIMEOUT
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
 
 SYNC_EVERY = 64  # chunks pulled between two syncs of the data and of the pending bitmap
+ON_DEMAND_TIMEOUT = 10.0  # seconds a client's read or write waits for a chunk on demand
 
 
 def serve_chunk(side: Side, msg: wire.ChunkRequest) -> wire.Chunk:
@@ -58,6 +65,8 @@ class PullEngine:
         self.started = side.clock()
         self.sent_bytes = 0  # bytes received (the display's rate counts them)
         self.copied = 0
+        self.on_demand = 0  # chunks fetched for a client's read or write
+        self.on_demand_seconds = 0.0
         self._unsynced: set[int] = set()  # pulled chunks whose data and bit are not durable
         self._sync_lock = threading.Lock()
         self.total = 0
@@ -76,21 +85,28 @@ class PullEngine:
 
     def _pull(self, chunk: int) -> None:
         side = self.side
+        length = min(side.chunk_size, side.data_size - chunk * side.chunk_size)
+        self.throttle.take(length)
+        if self.fetch(chunk, REQUEST_TIMEOUT):
+            self.sent_bytes += length
+        self.copied += 1
+
+    def fetch(self, chunk: int, timeout: float) -> bool:
+        """Bring ``chunk`` here if it is still pending, under its lock: the pull's step, and
+        a client's on demand (:meth:`hydrate`).  False if it was not pending any more, or
+        was written here since the takeover (its bit is then cleared: the local data is
+        newer; only a crash between a pull's clear and its sync leaves both bits)."""
+        side = self.side
         cs = side.chunk_size
-        self.throttle.take(min(cs, side.data_size - chunk * cs))
+        length = min(cs, side.data_size - chunk * cs)
         with side.chunk_locks.hold(chunk, chunk):
             with side.bitmap_lock:
-                written = side.diff_map.test(chunk)
-                if written:
-                    # Written here since the takeover: newer than the old primary's.  (A write
-                    # of a pending chunk is refused, so only a crash between a pull's clear
-                    # and its sync leaves both bits.)
+                if not side.copy_map.test(chunk):
+                    return False  # fetched meanwhile (on demand, or by the pull)
+                if side.diff_map.test(chunk):
                     side.copy_map.clear_chunk(chunk)
-            if written:
-                self.copied += 1
-                return
-            reply = side.request(wire.ChunkRequest(side.id, chunk))
-            length = min(cs, side.data_size - chunk * cs)
+                    return False
+            reply = side.request(wire.ChunkRequest(side.id, chunk), timeout)
             if not isinstance(reply, wire.Chunk) or reply.index != chunk:
                 raise ProtocolError(f"pair {side.id}: the old primary answered oddly")
             if len(reply.data) != length:
@@ -101,8 +117,21 @@ class PullEngine:
                 with side.bitmap_lock:
                     side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
                     self._unsynced.add(chunk)
-        self.sent_bytes += length
-        self.copied += 1
+        return True
+
+    def hydrate(self, first: int, last: int) -> None:
+        """A client reads or writes chunks ``first..last``: each still pending is fetched
+        now (copy on read, SPEC 4), ahead of the background pull.  Raises what the request
+        raises (the caller refuses the client's request)."""
+        side = self.side
+        for chunk in range(first, last + 1):
+            with side.bitmap_lock:
+                pending = side.copy_map.test(chunk)
+            if pending:
+                t0 = time.monotonic()
+                if self.fetch(chunk, ON_DEMAND_TIMEOUT):
+                    self.on_demand += 1
+                    self.on_demand_seconds += time.monotonic() - t0
 
     def _sync(self) -> None:
         """The pulled data is durable, then the cleared bits are (the pull's thread, or a
@@ -139,7 +168,13 @@ class PullEngine:
             self._sync()
             if self.stop_flag.is_set():
                 return
-            side.events.emit("pair.pull.done", pair=side.id, chunks=self.copied)
+            side.events.emit(
+                "pair.pull.done",
+                pair=side.id,
+                chunks=self.copied,
+                fetched_on_demand=self.on_demand,
+                fetch_ms_avg=round(1000 * self.on_demand_seconds / max(self.on_demand, 1), 2),
+            )
             side.log(f"pair {side.id}: pulled the {self.copied} chunks it lacked; consistent")
             total = max(self.total, self.copied)
             if side.try_fire(ps.CopyProgress(total, total)):
