@@ -62,6 +62,7 @@ from replicator.gate import Gate
 from replicator.journal import Entry, EntryKind, Journal, JournalFull
 from replicator.journal_codec import record_size
 from replicator.peer_link import PeerRefused
+from replicator.rate_limit import RateLimit
 from replicator.seq_marks import GroupMarks
 from replicator.volume import Volume
 
@@ -91,6 +92,11 @@ class Side(Protocol):
     def mark_dirty(self, offset: int, length: int) -> None: ...
 
     def ships(self) -> bool: ...
+
+    @property
+    def max_rate(self) -> int:
+        """Bytes per second its traffic may take (0: no limit)."""
+        ...
 
     def journals(self) -> bool: ...
 
@@ -198,6 +204,8 @@ class GroupPrimary(_GroupWorker):
         # Held by the shipper for a whole round (status, read, send, collect): quiesce() waits
         # for a round that read entries before a fold to finish before a resync starts.
         self._ship_lock = threading.Lock()
+        #: ``--max-rate`` on shipping: the lowest limit of the group's pairs (0: none).
+        self.ship_rate = RateLimit(self._rate, self._stop)
         # Appends share it, a fold closes it: a write whose pair was journaling when it asked
         # is either in the journal before the fold (and folded into the bitmap with it) or
         # sees the fold's state and is recorded in the bitmap, never journaled after a fold.
@@ -464,6 +472,10 @@ class GroupPrimary(_GroupWorker):
         if isinstance(reply, wire.JournalAck):
             self.on_ack(reply, leg)
 
+    def _rate(self) -> int:
+        rates = [s.max_rate for s in list(self.sides.values()) if s.max_rate > 0]
+        return min(rates, default=0)
+
     def _ship_some(self, leg: str) -> None:
         # From what the secondary holds durably on: it never needs an entry twice.
         with self.lock:
@@ -472,8 +484,11 @@ class GroupPrimary(_GroupWorker):
         if start is None:
             return
         pending: collections.deque[Callable[[], wire.Message]] = collections.deque()
+        rate = self._rate()
+        # Throttled, a round takes about a second's worth (quiesce waits for a round).
+        most = min(SHIP_BATCH_BYTES, max(rate, 64 << 10)) if rate else SHIP_BATCH_BYTES
         try:
-            batch = list(self.journal.entries(start, max_bytes=SHIP_BATCH_BYTES))
+            batch = list(self.journal.entries(start, max_bytes=most))
         except NotFound:
             return  # released meanwhile (the secondary applied it): the next round moves on
         sent = 0
@@ -490,6 +505,7 @@ class GroupPrimary(_GroupWorker):
                 else:
                     trim = entry.kind is EntryKind.TRIM
                     msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
+                self.ship_rate.take(max(len(entry.data), 512))
                 pending.append(side.send(msg))
                 sent = entry.seq
                 while len(pending) >= SHIP_WINDOW:
@@ -531,6 +547,10 @@ class GroupPrimary(_GroupWorker):
             "secondary_received": received,
             "secondary_applied": applied,
             "lag_entries": max(0, j.last_seq - applied),
+            # Not shipped yet (the backlog a slow or throttled link builds):
+            "backlog_entries": max(0, j.last_seq - g.shipped),
+            "backlog_bytes": j.bytes_from(g.shipped + 1),
+            "ship_rate_limit": self._rate(),
             "lag_seconds": lag_s,
             "draining_to": self.cut,
         }

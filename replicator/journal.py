@@ -574,6 +574,13 @@ class Journal:
     def free_bytes(self) -> int:
         return self.capacity - self.used_bytes
 
+    def bytes_from(self, seq: int) -> int:
+        """The ring bytes the retained entries from ``seq`` on occupy (0 if none)."""
+        with self._lock:
+            first = max(seq, self._first_seq)
+            slot = self._index.get(first)
+            return self._head - slot.start if slot is not None else 0
+
     @property
     def count(self) -> int:
         """Retained durable entries."""

@@ -299,6 +299,22 @@ def test_resync_throttle_is_honoured(env: LabEnv) -> None:
     delete_everywhere(env, "th")
 
 
+def test_max_rate_limits_shipping_so_a_backlog_builds_and_drains(env: LabEnv) -> None:
+    """``--max-rate`` on an async pair limits its shipping too: 4 MiB written at once to a
+    pair shipping at 1 MiB/s leave a backlog ``pair display`` shows; it drains, and the
+    sides end identical."""
+    make_group(env, "bk", ["bkv"], "--max-rate", "1M")
+    fill(env, "a", "bkv", 4 << 20, seed=21)
+    j = group(env, "a", "bk")
+    assert j["ship_rate_limit"] == 1 << 20
+    assert isinstance(j["backlog_bytes"], int) and j["backlog_bytes"] >= 1 << 20, j
+    assert isinstance(j["backlog_entries"], int) and j["backlog_entries"] > 0, j
+    wait_drained(env, "bk", timeout=60)
+    assert group(env, "a", "bk")["backlog_bytes"] == 0
+    assert verify(env, "a", "bk") == 0
+    delete_everywhere(env, "bk")
+
+
 def test_verify_an_async_pair_under_load(env: LabEnv) -> None:
     make_group(env, "vf", ["vv"])
     w = StampWriter(env, "a", ["vv"], 3)

@@ -92,6 +92,7 @@ class FakeSide:
         self.link_failures: list[str] = []
         self.peer_failures: list[str] = []
         self.full = 0
+        self.rate = 0
 
     @property
     def stream(self) -> int:
@@ -126,6 +127,10 @@ class FakeSide:
 
     def ships(self) -> bool:
         return True
+
+    @property
+    def max_rate(self) -> int:
+        return self.rate
 
     def journals(self) -> bool:
         return True
@@ -254,6 +259,27 @@ def test_the_shipper_keeps_a_window_in_flight_from_one_thread(
     assert len({thread for _, thread, _ in sent}) == 1
     assert sent[SHIP_WINDOW - 1][2] == 0 and sent[SHIP_WINDOW][2] == 1
     assert rig.leg().shipped == n
+
+
+def test_max_rate_limits_shipping_and_shows_the_backlog(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--max-rate`` on an async pair limits its shipping too (bytes per second, like HUR's
+    path bandwidth limit): every entry's bytes are taken from the limit before it is sent,
+    and a round ships about a second's worth.  The display shows what waits."""
+    taken: list[int] = []
+    monkeypatch.setattr(rig.g.ship_rate, "take", taken.append)
+    rig.side.rate = 64 << 10  # 16 entries of 4 KiB a second
+    rig.write(40)
+    shown = rig.g.describe()
+    assert shown["backlog_entries"] == 40 and shown["ship_rate_limit"] == 64 << 10
+    assert shown["backlog_bytes"] >= 40 * BLOCK
+    assert rig.ship()
+    assert rig.leg().shipped == 16 and taken == [BLOCK] * 16
+    assert rig.g.describe()["backlog_entries"] == 24
+    while rig.leg().shipped < 40:
+        assert rig.ship()
+    assert sum(taken) == 40 * BLOCK and rig.g.describe()["backlog_bytes"] == 0
 
 
 def test_the_shipper_thread_ships_what_is_written(rig: Rig) -> None:

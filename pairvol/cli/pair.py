@@ -152,7 +152,8 @@ def register(sub: Any) -> None:
     c.add_argument("--fence", choices=[f.value for f in Fence], default="never")
     c.add_argument("--chunk", default=format_size(DEFAULT_CHUNK), help="copy/bitmap granularity")
     c.add_argument("--auto-resync", action="store_true", help="resync when the link returns")
-    c.add_argument("--max-rate", help="copy bandwidth limit per pair, e.g. 50M (bytes/s)")
+    c.add_argument("--max-rate", help="bandwidth limit per pair, e.g. 50M (bytes/s): its "
+                   "copies and, async, its shipping (the group ships at its lowest)")  # fmt: skip
     c.add_argument("--journal-size", help="async: the group journal's size (default 256M)")
     c.add_argument(
         "--high-watermark",
@@ -172,7 +173,8 @@ def register(sub: Any) -> None:
         q.add_argument("target", metavar="GROUP[/PAIR]")
         if name == "resync":
             q.add_argument("--swap", action="store_true", help="reverse the direction first")
-            q.add_argument("--max-rate", help="copy bandwidth limit per pair (bytes/s; 0: none)")
+            q.add_argument("--max-rate", help="bandwidth limit per pair, copies and async "
+                           "shipping (bytes/s; 0: none)")  # fmt: skip
         node_opt(q)
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=cmd_simple, op=f"pair.{name}")
