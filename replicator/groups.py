@@ -314,12 +314,8 @@ class GroupPrimary(_GroupWorker):
         """Fold every retained entry into its pair's difference bitmap, then drop them (after
         the appends in flight: see ``_fold_gate``)."""
         with self._fold_gate.closed(), self.lock:
-            entries = self._drop_all()
+            entries = self._drop_all(self._mark_all)
             self.full = False
-        for entry in entries:
-            side = self.sides.get(entry.stream)
-            if side is not None:
-                side.mark_dirty(entry.offset, max(entry.length, 1))
         if entries:
             self.log(f"group {self.name}: folded {len(entries)} journal entries into bitmaps")
         return len(entries)
@@ -329,10 +325,19 @@ class GroupPrimary(_GroupWorker):
         with self._fold_gate.closed(), self.lock:
             self._drop_all()
 
-    def _drop_all(self) -> list[Entry]:
+    def _mark_all(self, entries: list[Entry]) -> None:
+        """A fold's entries go into their pairs' difference bitmaps, durably, before the
+        journal lets them go (the marks came after the drop: a kill between lost the
+        changes from both, and a later resync left the secondary without them)."""
+        for entry in entries:
+            side = self.sides.get(entry.stream)
+            if side is not None:
+                side.mark_dirty(entry.offset, max(entry.length, 1))
+
+    def _drop_all(self, record: Callable[[list[Entry]], None] | None = None) -> list[Entry]:
         """With the fold gate closed and the lock: release every entry; every leg has them in
-        its bitmaps now, or no longer needs them."""
-        entries = self.journal.drop_all()
+        its bitmaps now (``record`` put them there), or no longer needs them."""
+        entries = self.journal.drop_all(record)
         m = self.marks
         self._pull_newest()  # no append in flight: the journal dropped up to exactly this
         m.on_released(m.fold_all())

@@ -76,7 +76,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import crc32c
@@ -477,15 +477,19 @@ class Journal:
                 )
         return None if new is self._hdr else new
 
-    def drop_all(self) -> list[Entry]:
-        """Release every durable entry and return them (WRITE entries without their data: the
-        caller folds stream/offset/length into its bitmap).  Durable before it returns."""
+    def drop_all(self, record: Callable[[list[Entry]], None] | None = None) -> list[Entry]:
+        """Release every durable entry and return them (WRITE entries without their data).
+        Durable before it returns.  ``record`` (a fold) gets them first, and must make them
+        durable elsewhere (stream/offset/length in a bitmap) before it returns: a crash
+        between the two then leaves them in both places, never in neither."""
         with self._meta_lock:
             with self._lock:
                 self._check_open()
                 upto = self._gc.durable
                 dropped = [_entry(s, self._index[s], b"") for s in range(self._first_seq, upto + 1)]
             if dropped:
+                if record is not None:
+                    record(dropped)
                 self._move_marks(applied=None, upto=upto)
         return dropped
 

@@ -352,6 +352,27 @@ def test_a_fold_puts_the_retained_entries_in_the_bitmap_and_the_peer_continues_a
     in_sync(g)
 
 
+def test_a_fold_records_the_entries_before_the_journal_lets_them_go(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill in the middle of a fold (here: the bitmap write fails) leaves the entries in
+    the journal or in the bitmap, never in neither.  The journal dropped them first: a kill
+    before the marks lost the changes from both, and the resync that followed left the
+    secondary without them while the pair said PAIR."""
+    rig.write(3)
+
+    def dies(offset: int, length: int) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(rig.side, "mark_dirty", dies)
+    with pytest.raises(OSError):
+        rig.g.fold()
+    g = rig.restart()
+    assert [e.seq for e in g.journal.entries(g.journal.first_seq)] == [1, 2, 3]
+    monkeypatch.undo()
+    assert g.fold() == 3 and len(rig.side.dirty) == 3
+
+
 def test_a_group_restarted_after_a_release_tells_the_peer_where_to_continue(
     rig: Rig,
 ) -> None:
