@@ -382,6 +382,10 @@ class Takeover:
 
     force: bool = False
     peer_epoch: int = 0
+    #: The command fenced the reachable old primary and took what this side lacks of its
+    #: final image (its copy and difference bitmaps, the journal folded in) into the copy
+    #: bitmap, durably: pull it (SPEC 4's takeover with no data lost).
+    pull: bool = False
 
     def __post_init__(self) -> None:
         _check_count("peer epoch", self.peer_epoch)
@@ -1034,12 +1038,23 @@ def TAKE_OVER(c: _Ctx) -> None:
     )
 
 
-@_step("pull the taken pending chunks if inconsistent and the old primary is reachable")
+@_step("pull the taken pending chunks if inconsistent (or taken) and the old primary answers")
 def FORCED_PULL(c: _Ctx) -> None:
     # The command took the old primary's pending bitmap into the copy bitmap, durably, after
     # fencing it and before this move: the record that reveals this side never comes first.
-    if not c.old.svol_consistent and c.link_up:
+    taken = isinstance(c.event, Takeover) and c.event.pull
+    if (taken or not c.old.svol_consistent) and c.link_up:
         c.changes.update(copy_incomplete=True, copied_chunks=0, total_chunks=0)
+        c.out.append(StartCopy(CopyKind.PULL, (BitmapRef.PEER_PENDING,)))
+
+
+@_step("pull the chunks taken from the old primary (a takeover with no data lost)")
+def PULL_TAKEN(c: _Ctx) -> None:
+    # Until the last chunk is in, the image on disk mixes two points in time.
+    if isinstance(c.event, Takeover) and c.event.pull and c.link_up:
+        c.changes.update(
+            copy_incomplete=True, svol_consistent=False, copied_chunks=0, total_chunks=0
+        )
         c.out.append(StartCopy(CopyKind.PULL, (BitmapRef.PEER_PENDING,)))
 
 
@@ -1176,7 +1191,8 @@ _ROWS: Final[tuple[_Row, ...]] = (
          (SWAP_EPOCH, BECOME_PRIMARY, START_DIFF_COPY), (LINK_UP, CONSISTENT_TO_SWAP)),
     _Row(S, (SSWS,), (K.RESYNC_SWAP,), COPY,
          (SWAP_EPOCH, BECOME_PRIMARY, START_SWAP_COPY), (LINK_UP, NOT_PULLING)),
-    _Row(S, (PAIR, PFUL, PSUS), (K.TAKEOVER,), SSWS, (TAKE_OVER,)),
+    _Row(S, (PAIR, PFUL), (K.TAKEOVER,), SSWS, (TAKE_OVER, PULL_TAKEN)),
+    _Row(S, (PSUS,), (K.TAKEOVER,), SSWS, (TAKE_OVER,)),
     _Row(S, (PSUE, PFUS), (K.TAKEOVER,), SSWS, (TAKE_OVER,), (CONSISTENT_TO_TAKE_OVER,)),
     _Row(S, (*REPL, PSUS, PSUE, PFUS), (K.TAKEOVER_FORCE,), SSWS, (TAKE_OVER, FORCED_PULL)),
     _Row(P, (*REPL, PSUS, PFUS), (K.DELETE,), SMPL, (STOP_COPY, DROP_JOURNAL, DROP_BITMAPS)),

@@ -954,6 +954,45 @@ def test_reads_and_writes_of_chunks_not_here_yet_fetch_them_on_demand(
     assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
 
 
+def test_an_async_takeover_loses_nothing_while_the_old_primary_answers(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """Issue 11, item 1: an async pair with a backlog (its shipping throttled), taken over
+    on the secondary while the old primary's node answers: the old primary is fenced, this
+    side takes its copy and difference bitmaps (its journal folded in) and is writable at
+    once; every acknowledged write of the old primary reads back here before the pull is
+    done, and after it the image is the old primary's, with the writes made since."""
+    _, a, b = two
+    pid = "g/p1"
+    a.create(pid, b, mode="async", journal_size=MiB)
+    wait_copy(a, pid)
+    a.side(pid).doc.max_rate = 16 << 10  # ships 16 KiB a second: a backlog builds
+    ha = a.open()
+    for i in range(20):
+        write(ha, i * 3 * CHUNK + 512, noise(8192))
+    ha.flush()
+    truth = a.image()
+    assert b.image() != truth  # the backlog: b lacks most of it
+    out = b.cmd("pair.takeover", target="g")["pairs"][0]
+    assert out["state"] == "SSWS" and out["not_received"]["pulled_from_old_primary_chunks"] > 0
+    side = b.side(pid)
+    assert side.record.copy_incomplete and not side.record.svol_consistent
+    assert a.show(pid)["writes"] == "REFUSE_STALE"  # fenced first
+    hb = b.open()
+    assert read(hb, 0, SIZE) == truth  # every acknowledged write, before the pull is done
+    mine = noise(4096)
+    write(hb, 7 * CHUNK, mine)  # a write since the takeover
+    want = bytearray(truth)
+    want[7 * CHUNK : 7 * CHUNK + 4096] = mine
+    wait_until("the pull's end", lambda: not side.record.copy_incomplete)
+    assert side.record.svol_consistent
+    assert_same(b.image(), bytes(want))
+    b.cmd("pair.resync", target="g", swap=True)
+    wait_copy(b, pid)
+    identical(a, b)
+    assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
 def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
     two: tuple[Lab, Node, Node],
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from replicator import faults, wire
@@ -27,7 +28,7 @@ from replicator.errors import (
 from replicator.groups import GroupSecondary
 from replicator.header import Role
 from replicator.pair.display import describe
-from replicator.pair.host import PING_TIMEOUT
+from replicator.pair.host import PING_TIMEOUT, REQUEST_TIMEOUT
 from replicator.pair.side import Side
 from replicator.pair.verify import verify
 from replicator.peer_link import PeerRefused
@@ -53,10 +54,12 @@ class Commands:
         trial.handle(event, self.m.clock())
         return trial.record
 
-    def _announce(self, side: Side, state: ps.State, role: Role, epoch: int) -> None:
+    def _announce(
+        self, side: Side, state: ps.State, role: Role, epoch: int, timeout: float = REQUEST_TIMEOUT
+    ) -> None:
         msg = wire.PairState(side.id, str(state), role.label, side.volume.header.pvid, epoch)
         try:
-            side.request(msg)
+            side.request(msg, timeout)
         except PeerRefused as e:
             raise IllegalState(f"pair {side.id}: the peer refused: {e.message}") from e
 
@@ -180,31 +183,48 @@ class Commands:
                 g = self.m.secondary_group(s)
                 g.drain()
                 reports[s.id] = self._rpo_report(g)
+            answers = False
             if s.machine.link_up:
                 # The old primary's epoch as it is now: the takeover's must be newer.
                 try:
                     s.exchange.query(timeout=PING_TIMEOUT)
+                    answers = True
                 except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
                     self.m.log(f"pair {s.id}: cannot ask the old primary its epoch: {e}")
             event = ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch)
             after = self._dry_run(s, event)
-            fenced_first = after.copy_incomplete  # a forced takeover that pulls what it lacks
-            if fenced_first:
-                # SPEC 4: the old primary is fenced *before* its pending bitmap is taken, or the
-                # chunks pulled could mix two points in time; the bitmap is durable here
-                # before the record that reveals this side.  (A failure or a crash in
-                # between leaves the old primary fenced, this side hidden, and a new takeover
-                # outbids the announced epoch, since it asks first.)
-                self._announce(s, ps.State.SSWS, Role.SECONDARY, after.epoch)
+            forced_pull = after.copy_incomplete  # a forced takeover of an incomplete copy
+            # SPEC 4, no data lost: the old primary's node still answers, so this side takes
+            # what it lacks of its final image (the copy not done, the async journal's tail)
+            # and pulls it.  The old primary is fenced *before* that is asked, or the chunks
+            # pulled could mix two points in time; it is durable here before the record that
+            # reveals this side.  (A failure or a crash in between leaves the old primary
+            # fenced, this side hidden, and a new takeover outbids the announced epoch.)
+            zero_loss = answers and s.record.state in (ps.State.PAIR, ps.State.PFUL)
+            told = False
+            if forced_pull or zero_loss:
                 try:
-                    s.copies.take_pending()
-                except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
-                    raise ConnectionFailed(
-                        f"pair {s.id}: cannot take the old primary's pending bitmap: {e}; "
-                        "not taken over (the old primary stays fenced): try again"
-                    ) from e
+                    self._announce(s, ps.State.SSWS, Role.SECONDARY, after.epoch, PING_TIMEOUT)
+                    told = True
+                    pending = s.copies.fetch_pending()
+                except (ConnectionFailed, Timeout, PeerRefused, ProtocolError, IllegalState) as e:
+                    if forced_pull:
+                        raise ConnectionFailed(
+                            f"pair {s.id}: cannot take the old primary's pending bitmap: {e}; "
+                            "not taken over (the old primary stays fenced): try again"
+                        ) from e
+                    self.m.log(
+                        f"pair {s.id}: the old primary cannot give what this side lacks "
+                        f"({e}); taking over at this side's last consistent point"
+                    )
+                else:
+                    taken = s.copies.take_pending(pending)
+                    if zero_loss and taken:
+                        event = replace(event, pull=True)
+                    if zero_loss and s.id in reports:
+                        reports[s.id]["pulled_from_old_primary_chunks"] = taken
             s.fire(event, tell_peer=False)
-            if s.machine.link_up and not fenced_first:
+            if s.machine.link_up and not told:
                 try:
                     self._announce(s, ps.State.SSWS, Role.SECONDARY, s.record.epoch)
                 except (ConnectionFailed, Timeout, IllegalState) as e:

@@ -59,17 +59,27 @@ class CopyControl:
                 side.store.clear(r.diff_slot)
         side.copy_kind = a.kind
 
-    def take_pending(self) -> None:
-        """A forced takeover of an incomplete copy (SPEC 4), once the old primary is fenced:
-        its pending bitmap (the chunks never copied here) goes into our copy bitmap, and our
-        difference bitmap starts again (from now on it means *written since the takeover*,
-        which the pull never overwrites), both durably and before the record that reveals
-        this side.  A failure or a crash before then leaves this side hidden, as it was."""
+    def fetch_pending(self) -> Bitmap:
+        """What this side lacks of the old primary's image, asked of it once it is fenced
+        (SPEC 4): its copy bitmap (never copied here) and its difference bitmap (changed
+        since; an async primary has folded its journal into it, the entries this side never
+        applied).  Nothing here changes: a failure leaves this side as it was."""
         self.fetch_bitmap(ps.BitmapRef.PEER_PENDING)
         side = self.side
+        pending, side.fetched = side.fetched, None
+        assert pending is not None
+        self.fetch_bitmap(ps.BitmapRef.PEER_DIFF)
+        changed, side.fetched = side.fetched, None
+        assert changed is not None
+        pending |= changed
+        return pending
+
+    def take_pending(self, pending: Bitmap) -> int:
+        """``pending`` goes into our copy bitmap, and our difference bitmap starts again (from
+        now on it means *written since the takeover*, which the pull never overwrites), both
+        durably and before the record that reveals this side.  The count of chunks pending."""
+        side = self.side
         with side.bitmap_lock:
-            pending, side.fetched = side.fetched, None
-            assert pending is not None
             side.copy_map |= pending
             faults.step("copy bitmap")
             side.store.save_all(side.record.copy_slot, side.copy_map)
@@ -77,6 +87,7 @@ class CopyControl:
             faults.step("diff bitmap")
             side.diff_map = Bitmap(side.data_size, side.chunk_size)
             side.store.clear(side.record.diff_slot)
+            return side.copy_map.count()
 
     def _prepare_pull(self) -> None:
         """The pull (replicator/pair/pull.py) fetches the pending chunks (taken by
