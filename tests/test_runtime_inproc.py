@@ -897,6 +897,15 @@ def test_an_async_side_swapped_to_secondary_opens_its_journal_at_once(
     assert out["pairs"][0]["state"] == "SSWS" and opened == []
 
 
+def swapped_back(a: Node, b: Node, pid: str) -> None:
+    """The taken-over side b becomes the primary (resync --swap); both end identical, and
+    ``pair verify`` says so."""
+    b.cmd("pair.resync", target="g", swap=True)
+    wait_copy(b, pid)
+    identical(a, b)
+    assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
 def _taken_over_mid_copy(lab: Lab, a: Node, b: Node, pid: str) -> tuple[bytes, Side]:
     """a's volume filled and paired to b with a slow copy, then a forced takeover on b whose
     pull runs at four chunks a second: a's image (the takeover's point in time) and b's
@@ -948,10 +957,7 @@ def test_reads_and_writes_of_chunks_not_here_yet_fetch_them_on_demand(
     done = [e for e in read_events(b.events_path) if e["event"] == "pair.pull.done"]
     assert done[-1]["fetched_on_demand"] >= 6
     assert_same(b.image(), bytes(want))
-    b.cmd("pair.resync", target="g", swap=True)
-    wait_copy(b, pid)
-    identical(a, b)
-    assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+    swapped_back(a, b, pid)
 
 
 def test_an_async_takeover_loses_nothing_while_the_old_primary_answers(
@@ -987,10 +993,7 @@ def test_an_async_takeover_loses_nothing_while_the_old_primary_answers(
     wait_until("the pull's end", lambda: not side.record.copy_incomplete)
     assert side.record.svol_consistent
     assert_same(b.image(), bytes(want))
-    b.cmd("pair.resync", target="g", swap=True)
-    wait_copy(b, pid)
-    identical(a, b)
-    assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+    swapped_back(a, b, pid)
 
 
 def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(

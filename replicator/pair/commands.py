@@ -218,7 +218,8 @@ class Commands:
                         f"({e}); taking over at this side's last consistent point"
                     )
                 else:
-                    taken = s.copies.take_pending(pending)
+                    # Nothing lacking (a sync pair in PAIR): no durable step, as before.
+                    taken = s.copies.take_pending(pending) if forced_pull or pending.count() else 0
                     if zero_loss and taken:
                         event = replace(event, pull=True)
                     if zero_loss and s.id in reports:

@@ -91,13 +91,14 @@ class CopyControl:
 
     def _prepare_pull(self) -> None:
         """The pull (replicator/pair/pull.py) fetches the pending chunks (taken by
-        :meth:`take_pending`); until one has arrived every read or write of it fails with
-        EIO rather than serve what this side never received."""
+        :meth:`take_pending`); a client's read or write of one fetches it first, and fails
+        with EIO only while the old primary cannot be reached: a half-built image never
+        serves what this side never received."""
         side = self.side
         side.copy_kind = ps.CopyKind.PULL
         side.log(
             f"pair {side.id}: {side.copy_map.count()} chunks never copied here are pulled "
-            "from the old primary; until then, reads of them fail with EIO"
+            "from the old primary (on demand first, when a client reads or writes one)"
         )
 
     def start_engine(self) -> None:

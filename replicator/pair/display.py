@@ -110,18 +110,13 @@ def _hydration(side: Side, pending: int) -> dict[str, Any] | None:
         rate = round(engine.sent_bytes / elapsed)
         if rate:
             eta = round(pending * side.chunk_size / rate, 1)
-    on_demand = engine.on_demand if engine is not None else 0
     return {
         "percent": round(100.0 * (1 - pending / total), 1) if total else 100.0,
         "pending_chunks": pending,
         "pulling": running,
         "pulled_chunks": engine.copied if engine is not None else 0,
-        "fetched_on_demand": on_demand,
-        "fetch_ms_avg": (
-            round(1000 * engine.on_demand_seconds / on_demand, 2)
-            if engine is not None and on_demand
-            else None
-        ),
+        "fetched_on_demand": engine.on_demand if engine is not None else 0,
+        "fetch_ms_avg": engine.fetch_ms_avg if engine is not None else None,
         "rate_bytes_s": rate,
         "eta_seconds": eta,
     }

@@ -75,6 +75,13 @@ class PullEngine:
     def start(self) -> None:
         self.thread.start()
 
+    @property
+    def fetch_ms_avg(self) -> float | None:
+        """The mean time of a fetch on demand, in milliseconds (None before the first)."""
+        if not self.on_demand:
+            return None
+        return round(1000 * self.on_demand_seconds / self.on_demand, 2)
+
     def stop(self) -> None:
         self.stop_flag.set()
 
@@ -173,7 +180,7 @@ class PullEngine:
                 pair=side.id,
                 chunks=self.copied,
                 fetched_on_demand=self.on_demand,
-                fetch_ms_avg=round(1000 * self.on_demand_seconds / max(self.on_demand, 1), 2),
+                fetch_ms_avg=self.fetch_ms_avg or 0.0,
             )
             side.log(f"pair {side.id}: pulled the {self.copied} chunks it lacked; consistent")
             total = max(self.total, self.copied)
