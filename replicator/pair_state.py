@@ -894,6 +894,12 @@ CONSISTENT_TO_SWAP = Guard(
     "the secondary was suspended before its copy finished; an inconsistent image cannot "
     "become the primary",
 )
+TAKEN_TO_TAKE_OVER = Guard(
+    "taken",
+    lambda c: isinstance(c.event, Takeover) and c.event.pull,
+    "the secondary is not consistent until PAIR and the old primary's pending bitmap was not "
+    "taken; use force to take over anyway",
+)
 DRAINING = Guard("draining", lambda c: c.old.draining, "no split drain is in progress")
 NOT_DRAINING = Guard("not draining", lambda c: not c.old.draining, "a split is already draining")
 PULLING = Guard("pulling", lambda c: c.old.copy_incomplete, "no copy is running")
@@ -1192,6 +1198,7 @@ _ROWS: Final[tuple[_Row, ...]] = (
     _Row(S, (SSWS,), (K.RESYNC_SWAP,), COPY,
          (SWAP_EPOCH, BECOME_PRIMARY, START_SWAP_COPY), (LINK_UP, NOT_PULLING)),
     _Row(S, (PAIR, PFUL), (K.TAKEOVER,), SSWS, (TAKE_OVER, PULL_TAKEN)),
+    _Row(S, (COPY,), (K.TAKEOVER,), SSWS, (TAKE_OVER, PULL_TAKEN), (TAKEN_TO_TAKE_OVER,)),
     _Row(S, (PSUS,), (K.TAKEOVER,), SSWS, (TAKE_OVER,)),
     _Row(S, (PSUE, PFUS), (K.TAKEOVER,), SSWS, (TAKE_OVER,), (CONSISTENT_TO_TAKE_OVER,)),
     _Row(S, (*REPL, PSUS, PSUE, PFUS), (K.TAKEOVER_FORCE,), SSWS, (TAKE_OVER, FORCED_PULL)),
@@ -1261,9 +1268,6 @@ _WHY: Final[dict[tuple[Kind, State | None, Role | None], str]] = {
     (Kind.TAKEOVER, None, Role.PRIMARY): "takeover runs on the secondary; this is the primary",
     (Kind.TAKEOVER_FORCE, None, Role.PRIMARY): (
         "takeover runs on the secondary; this is the primary"
-    ),
-    (Kind.TAKEOVER, State.COPY, None): (
-        "the secondary is not consistent until PAIR; use force to take over anyway"
     ),
     (Kind.TAKEOVER, State.SSWS, None): "already taken over",
     (Kind.TAKEOVER_FORCE, State.SSWS, None): "already taken over",

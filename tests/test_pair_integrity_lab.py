@@ -288,11 +288,7 @@ def _forced_takeover_crash(env: LabEnv, step: int) -> bool:
     if side["state"] != "SSWS":  # the crash left it hidden: again, once a answers
         env.wait_side("b", f"{group}/p1", lambda s: s["link"] == "up", what="the link")
         env.pv("b", "pair", "takeover", group, "--force")
-    env.wait_side("b", f"{group}/p1", lambda s: s["state"] == "SSWS" and s["svol_consistent"],
-                  what="the pull's end", timeout=60)  # fmt: skip
-    env.pv("b", "pair", "resync", group, "--swap")
-    env.wait("b", f"{group}/p1", "PAIR", timeout=60)
-    assert verify(env, "b", f"{group}/p1") == 0
+    swapped_back(env, "b", group, after=mark)
     forget(env, group)
     return crashed
 
@@ -592,9 +588,7 @@ def test_a_forced_takeover_during_copy_serves_what_it_lacks_from_the_old_primary
         h.flush()
     finally:
         h.shutdown()
-    env.pv("b", "pair", "resync", "ghb", "--swap")
-    env.wait("b", "ghb/p1", "PAIR", timeout=60)
-    assert verify(env, "b", "ghb/p1") == 0
+    swapped_back(env, "b", "ghb", after=mark)
     env.pv("b", "pair", "split", "ghb")
     assert digest(pa) == digest(pb)
     forget(env, "ghb")
@@ -609,6 +603,7 @@ def test_a_chunk_not_here_yet_fails_while_the_old_primary_is_down(env: LabEnv) -
     env.pv("a", "pair", "create", "ghc/p1", "--primary", "a:hb2", "--secondary", "b:hb2",
            "--max-rate", "1M")  # fmt: skip
     env.wait_side("a", "ghc/p1", lambda s: s["pending_chunks"] <= 100, what="the copy's progress")
+    mark = env.mark("b")
     env.pv("b", "pair", "takeover", "ghc", "--force", "--max-rate", "1M")
     env.kill("a")
     try:
@@ -622,12 +617,66 @@ def test_a_chunk_not_here_yet_fails_while_the_old_primary_is_down(env: LabEnv) -
         assert "is not here yet" in log and "ghc/p1" in log
     finally:
         env.start("a")
-    env.wait_side("b", "ghc/p1", lambda s: s["state"] == "SSWS" and s["svol_consistent"],
-                  what="the pull's end once a is back", timeout=90)  # fmt: skip
-    env.pv("b", "pair", "resync", "ghc", "--swap")
-    env.wait("b", "ghc/p1", "PAIR", timeout=60)
-    assert verify(env, "b", "ghc/p1") == 0
+    env.wait_event("b", "pair.pull.done", after=mark, pair="ghc/p1", timeout=90)  # a is back
+    swapped_back(env, "b", "ghc", after=mark)
     forget(env, "ghc")
+
+
+def test_an_async_takeover_with_a_backlog_loses_nothing_across_a_kill_of_the_new_primary(
+    env: LabEnv,
+) -> None:
+    """Issue 11, items 1 and 4: an async pair with megabytes unsent (shipping throttled) is
+    taken over, without force, while the old primary's node answers: no data lost, readable
+    at once.  The new primary is killed (SIGKILL) during the pull; it restarts, serves every
+    acknowledged write and the one made since, finishes the pull, swaps back on its own and
+    ends identical."""
+    size = 8 << 20
+    pa, pb = env.volume("a", "zl1", size), env.volume("b", "zl1", size)
+    env.pv("a", "pair", "create", "gz/p1", "--primary", "a:zl1", "--secondary", "b:zl1",
+           "--mode", "async", "--max-rate", "1M")  # fmt: skip
+    env.wait("a", "gz/p1", "PAIR")
+    fill(env, "a", "zl1", 4 << 20, seed=91)  # ships at 1 MiB/s: a backlog of megabytes
+    truth = bytearray(image_of(pa, size))
+    assert image_of(pb, size) != truth  # b lacks much of it
+    mark = env.mark("b")
+    out = json.loads(env.pv("b", "pair", "takeover", "gz", "--max-rate", "512K", "--json").stdout)
+    (row,) = out["pairs"]
+    assert row["state"] == "SSWS" and row["takeover"]["zero_loss"], row["takeover"]
+    assert row["takeover"]["fenced_old_primary"] and row["takeover"]["pulled_chunks"] > 8
+    at = 3 * CHUNK + 4096
+    h = connect(env, "b", "zl1")
+    try:
+        assert h.pread(CHUNK, 5 * CHUNK) == truth[5 * CHUNK : 6 * CHUNK]  # before the pull
+        h.pwrite(b"\x07" * 4096, at)  # since the takeover, into a chunk maybe not here
+        h.flush()
+        truth[at : at + 4096] = b"\x07" * 4096
+    finally:
+        h.shutdown()
+    side = env.control("b", "pair.display", target="gz/p1")["pairs"][0]
+    assert side["hydration"]["pending_chunks"] > 0  # killed mid-pull
+    env.kill("b")
+    env.start("b")
+    h = connect(env, "b", "zl1")
+    try:
+        for c in range(size // CHUNK):  # every chunk, pulled or fetched on demand
+            assert h.pread(CHUNK, c * CHUNK) == truth[c * CHUNK : (c + 1) * CHUNK], c
+    finally:
+        h.shutdown()
+    env.wait_event("b", "pair.pull.done", after=mark, pair="gz/p1", timeout=60)
+    swapped_back(env, "b", "gz", after=mark)
+    assert image_of(pa, size) == truth
+    forget(env, "gz")
+
+
+def swapped_back(env: LabEnv, host: str, group: str, *, after: int) -> None:
+    """The pull done, ``host`` (taken over with a pull) swaps back on its own (issue 11,
+    item 5): it becomes the primary, copies what was written since the takeover, and the
+    pair ends reversed in PAIR, identical."""
+    env.wait_event(host, "pair.reverse", after=after, target=group, timeout=90)
+    for pid in [s["id"] for s in env.control(host, "pair.display", target=group)["pairs"]]:
+        env.wait(host, pid, "PAIR", timeout=60)
+        assert env.side(host, pid)["primary"].startswith(f"{host}:")  # reversed
+        assert verify(env, host, pid) == 0
 
 
 def image_of(path: str, size: int) -> bytes:

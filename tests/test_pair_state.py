@@ -155,8 +155,8 @@ s  S Resync PSUS PSUE -> COPY
 a  S Resync PSUS PSUE PFUS -> COPY
 sa P Resync(swap) PSUS PSUE -> COPY
 sa S Resync(swap) PSUS PSUE SSWS -> COPY
-s  S Takeover PAIR PSUS PSUE -> SSWS
-a  S Takeover PAIR PFUL PSUS PSUE PFUS -> SSWS
+s  S Takeover COPY PAIR PSUS PSUE -> SSWS
+a  S Takeover COPY PAIR PFUL PSUS PSUE PFUS -> SSWS
 s  S Takeover(force) COPY PAIR PSUS PSUE -> SSWS
 a  S Takeover(force) COPY PAIR PFUL PSUS PSUE PFUS -> SSWS
 s  P Delete COPY PAIR PSUS PSUE -> SMPL
@@ -480,6 +480,20 @@ def test_takeover_from_copy_needs_force_and_pulls_the_rest() -> None:
     assert StartCopy(CopyKind.DIFFERENTIAL, (BitmapRef.LOCAL_DIFF, BitmapRef.PEER_DIFF)) in sa
 
 
+def test_takeover_from_copy_without_force_only_as_a_pull_of_what_was_taken() -> None:
+    pair = Pair()
+    pair.both(Create())
+    with pytest.raises(IllegalState, match="pending bitmap was not taken"):
+        pair.s.handle(Takeover(), 1.0)
+    sa = pair.s.handle(Takeover(pull=True), 1.0)
+    assert StartCopy(CopyKind.PULL, (BitmapRef.PEER_PENDING,)) in sa
+    assert pair.s.state is State.SSWS
+    assert pair.s.record.copy_incomplete and not pair.s.record.svol_consistent
+    assert pair.s.read_decision() is ReadDecision.LOCAL_OR_FETCH
+    pair.s.handle(CopyDone(), 2.0)
+    assert pair.s.record.svol_consistent and not pair.s.record.copy_incomplete
+
+
 def test_forced_takeover_without_the_old_primary_swaps_back_with_a_full_copy() -> None:
     pair = Pair()
     pair.both(Create())
@@ -730,7 +744,7 @@ _json = st.recursive(
 
 
 @given(st.dictionaries(st.sampled_from(sorted(json.loads(rec(P).to_json()))), _json))
-@settings(max_examples=300)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 def test_from_json_either_parses_or_raises_header_corrupt(patch: dict[str, object]) -> None:
     doc = json.loads(rec(P, State.PAIR).to_json())
     doc.update(patch)

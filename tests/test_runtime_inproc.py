@@ -50,9 +50,11 @@ from replicator.errors import (
 )
 from replicator.events import EventLog, read_events
 from replicator.export import Exporter, ExportHandle
+from replicator.header import Role
 from replicator.journal import Journal
 from replicator.pair.manager import PairManager
 from replicator.pair.side import Side
+from replicator.pair.timer import HOUSEKEEPING
 from replicator.peer_auth import PeerSecrets
 from replicator.peer_link import PeerClient, PeerRefused, errno_of
 from replicator.volume import Volume
@@ -897,10 +899,18 @@ def test_an_async_side_swapped_to_secondary_opens_its_journal_at_once(
     assert out["pairs"][0]["state"] == "SSWS" and opened == []
 
 
-def swapped_back(a: Node, b: Node, pid: str) -> None:
-    """The taken-over side b becomes the primary (resync --swap); both end identical, and
-    ``pair verify`` says so."""
-    b.cmd("pair.resync", target="g", swap=True)
+def swapped_back(lab: Lab, a: Node, b: Node, pid: str) -> None:
+    """The pull done, the taken-over side b swaps back on its own at the next housekeeping
+    round (issue 11, item 5): it becomes the primary and copies what was written since the
+    takeover to a; both end identical in PAIR, and ``pair verify`` says so."""
+    side = b.side(pid)
+    assert side.doc.reverse_after_pull and side.record.state is ps.State.SSWS
+    lab.tick(HOUSEKEEPING)
+    wait_until(
+        "the swap back",
+        lambda: any(e["event"] == "pair.reverse" for e in read_events(b.events_path)),
+    )
+    assert side.record.role is Role.PRIMARY and not side.doc.reverse_after_pull
     wait_copy(b, pid)
     identical(a, b)
     assert b.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
@@ -957,7 +967,7 @@ def test_reads_and_writes_of_chunks_not_here_yet_fetch_them_on_demand(
     done = [e for e in read_events(b.events_path) if e["event"] == "pair.pull.done"]
     assert done[-1]["fetched_on_demand"] >= 6
     assert_same(b.image(), bytes(want))
-    swapped_back(a, b, pid)
+    swapped_back(lab, a, b, pid)
 
 
 def test_an_async_takeover_loses_nothing_while_the_old_primary_answers(
@@ -968,7 +978,7 @@ def test_an_async_takeover_loses_nothing_while_the_old_primary_answers(
     side takes its copy and difference bitmaps (its journal folded in) and is writable at
     once; every acknowledged write of the old primary reads back here before the pull is
     done, and after it the image is the old primary's, with the writes made since."""
-    _, a, b = two
+    lab, a, b = two
     pid = "g/p1"
     a.create(pid, b, mode="async", journal_size=MiB)
     wait_copy(a, pid)
@@ -993,7 +1003,7 @@ def test_an_async_takeover_loses_nothing_while_the_old_primary_answers(
     wait_until("the pull's end", lambda: not side.record.copy_incomplete)
     assert side.record.svol_consistent
     assert_same(b.image(), bytes(want))
-    swapped_back(a, b, pid)
+    swapped_back(lab, a, b, pid)
 
 
 def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
@@ -1012,6 +1022,40 @@ def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
     assert refused.value.errno == errno.EIO
     assert read(hb, last, CHUNK) == truth[last:]  # what is here still reads
     write(hb, last, b"x" * 512)  # and takes writes
+
+
+def test_a_takeover_during_the_copy_needs_no_force_while_the_old_primary_answers(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11, item 1: in COPY a takeover without force takes the old primary's pending
+    bitmap and pulls it (no data lost); without an answer it is refused, naming force (which
+    takes the half-built image), and nothing moved."""
+    lab, a, b = two
+    pid = "g/p1"
+    write(a.open(), 0, noise(SIZE))
+    a.create(pid, b, max_rate=4 * CHUNK)
+    side = b.side(pid)
+    assert side.record.state is ps.State.COPY
+
+    def silent(**_: Any) -> None:
+        raise ConnectionFailed("no answer (the test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(side.exchange, "query", silent)
+        with pytest.raises(IllegalState, match="use force"):
+            b.cmd("pair.takeover", target="g")
+    assert side.record.state is ps.State.COPY and a.show(pid)["writes"] != "REFUSE_STALE"
+    truth = a.image()
+    out = b.cmd("pair.takeover", target="g", max_rate=4 * CHUNK)["pairs"][0]
+    assert out["state"] == "SSWS" and out["takeover"]["zero_loss"]
+    assert out["takeover"]["previous"] == "COPY" and out["takeover"]["pulled_chunks"] > 40
+    assert a.show(pid)["writes"] == "REFUSE_STALE"
+    assert side.record.copy_incomplete and side.doc.reverse_after_pull
+    hb = b.open()
+    assert read(hb, 0, SIZE) == truth  # every chunk, most fetched on demand
+    side.doc.max_rate = 0
+    wait_until("the pull's end", lambda: not side.record.copy_incomplete)
+    swapped_back(lab, a, b, pid)
 
 
 def test_a_forced_takeover_that_cannot_take_the_pending_bitmap_reveals_nothing(

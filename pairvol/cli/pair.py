@@ -181,9 +181,11 @@ def register(sub: Any) -> None:
 
     t = ps.add_parser("takeover", help="make the secondary usable (run on its node)")
     t.add_argument("target", metavar="GROUP[/PAIR]")
-    t.add_argument("--force", action="store_true", help="even if the copy is incomplete")
-    t.add_argument("--max-rate", metavar="RATE", help="bandwidth limit of the pull after a "
-                   "forced takeover of an incomplete copy (bytes/s, e.g. 50M)")  # fmt: skip
+    t.add_argument(
+        "--force", action="store_true", help="in COPY even if the old primary does not answer"
+    )
+    t.add_argument("--max-rate", metavar="RATE", help="bandwidth limit of the pull of what "
+                   "this side lacks from the old primary (bytes/s, e.g. 50M)")  # fmt: skip
     node_opt(t)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_simple, op="pair.takeover")
@@ -359,6 +361,15 @@ def cmd_simple(args: argparse.Namespace) -> int:
             lost = p.get("not_received")
             if lost:
                 print(_rpo_line(lost))
+            took = p.get("takeover")
+            if took and took.get("zero_loss"):
+                pulled = took.get("pulled_chunks", 0)
+                tail = (
+                    f"; pulling {pulled} chunks from the old primary, then swapping back"
+                    if pulled
+                    else ""
+                )
+                print(f"  no data lost (the old primary fenced first){tail}")
     return 0
 
 

@@ -10,6 +10,7 @@ primary before the new one copies.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from replicator.errors import (
     HeaderCorrupt,
     IllegalState,
     NotFound,
+    PairvolError,
     ProtocolError,
     Timeout,
 )
@@ -42,6 +44,47 @@ class Commands:
 
     def __init__(self, manager: PairManager) -> None:
         self.m = manager
+        self._reversing: set[str] = set()
+        self._reversing_lock = threading.Lock()
+        self._reverse_failed: dict[str, str] = {}
+
+    def reverse_due(self) -> None:
+        """SPEC 4, issue 11 item 5: a takeover that pulled the old primary's final image,
+        once the image is whole here, swaps back on its own (``resync --swap``): the old
+        primary becomes the secondary and receives what was written since the takeover, and
+        the pair ends reversed in PAIR.  A group goes as one, once all its pulls are done;
+        one that is not ready, or whose swap fails (the link went down), waits for the next
+        round.  The swap talks to the peer: it runs on a thread of its own."""
+        sides = [s for s in list(self.m.sides.values()) if not s.deleted]
+        for group in sorted({s.record.group for s in sides if s.doc.reverse_after_pull}):
+            members = [s for s in sides if s.record.group == group]
+            flagged = [s for s in members if s.doc.reverse_after_pull]
+            if not all(_whole_again(s) for s in flagged):
+                continue
+            targets = [group] if flagged == members else [s.id for s in flagged]
+            with self._reversing_lock:
+                if group in self._reversing:
+                    continue
+                self._reversing.add(group)
+            threading.Thread(
+                target=self._reverse, args=(group, targets), name=f"reverse {group}", daemon=True
+            ).start()
+
+    def _reverse(self, group: str, targets: list[str]) -> None:
+        try:
+            for target in targets:
+                self.op_resync({"target": target, "swap": True})
+                self.m.events.emit("pair.reverse", target=target)
+        except PairvolError as e:
+            why = f"group {group}: the swap back after the pull did not start: {e}"
+            if self._reverse_failed.get(group) != why:  # once, not every round
+                self.m.log(f"{why}; trying again")
+            self._reverse_failed[group] = why
+        else:
+            self._reverse_failed.pop(group, None)
+        finally:
+            with self._reversing_lock:
+                self._reversing.discard(group)
 
     def _dry_run(self, side: Side, event: ps.Event, link_up: bool | None = None) -> ps.PairRecord:
         trial = ps.PairMachine(
@@ -159,6 +202,7 @@ class Commands:
                 if after.role is Role.PRIMARY:
                     # The peer (the secondary afterwards) moves first; then we copy to it.
                     self._announce(s, ps.State.COPY, Role.PRIMARY, after.epoch)
+                    s.doc.reverse_after_pull = False  # persisted with the move
                     s.fire(event, tell_peer=False)
                 else:
                     # A swap that demotes us: we move first, then the peer copies to us.
@@ -172,6 +216,7 @@ class Commands:
         sides = self.m.select(str(args["target"]), Role.SECONDARY)
         force = bool(args.get("force", False))
         reports: dict[str, dict[str, Any]] = {}
+        summaries: dict[str, dict[str, Any]] = {}
         if args.get("max_rate") is not None:
             for s in sides:
                 s.doc.max_rate = int(args["max_rate"])
@@ -191,24 +236,37 @@ class Commands:
                     answers = True
                 except (ConnectionFailed, Timeout, PeerRefused, ProtocolError) as e:
                     self.m.log(f"pair {s.id}: cannot ask the old primary its epoch: {e}")
-            event = ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch)
+            was = s.record.state
+            # In COPY the image is half-built: without force, only the old primary's pending
+            # bitmap (the pull) makes this side whole, so the move is a pull or nothing.
+            copying = was is ps.State.COPY and not force
+            event = ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch, pull=copying)
             after = self._dry_run(s, event)
-            forced_pull = after.copy_incomplete  # a forced takeover of an incomplete copy
+            # A forced takeover of an incomplete copy, or a copy taken over whole.
+            forced_pull = after.copy_incomplete and not copying
             # SPEC 4, no data lost: the old primary's node still answers, so this side takes
             # what it lacks of its final image (the copy not done, the async journal's tail)
             # and pulls it.  The old primary is fenced *before* that is asked, or the chunks
             # pulled could mix two points in time; it is durable here before the record that
             # reveals this side.  (A failure or a crash in between leaves the old primary
             # fenced, this side hidden, and a new takeover outbids the announced epoch.)
-            zero_loss = answers and s.record.state in (ps.State.PAIR, ps.State.PFUL)
+            zero_loss = answers and was in (ps.State.PAIR, ps.State.PFUL, ps.State.COPY)
+            if copying and not answers:
+                raise IllegalState(
+                    f"pair {s.id}: the secondary is not consistent until PAIR and the old "
+                    "primary does not answer to give what it lacks; use force to take over anyway"
+                )
             told = False
+            # Every acknowledged write is here: a sync pair in PAIR, or what lacks is pulled.
+            whole = not s.is_async and was is ps.State.PAIR
+            taken = 0
             if forced_pull or zero_loss:
                 try:
                     self._announce(s, ps.State.SSWS, Role.SECONDARY, after.epoch, PING_TIMEOUT)
                     told = True
                     pending = s.copies.fetch_pending()
                 except (ConnectionFailed, Timeout, PeerRefused, ProtocolError, IllegalState) as e:
-                    if forced_pull:
+                    if forced_pull or copying:
                         raise ConnectionFailed(
                             f"pair {s.id}: cannot take the old primary's pending bitmap: {e}; "
                             "not taken over (the old primary stays fenced): try again"
@@ -219,12 +277,23 @@ class Commands:
                     )
                 else:
                     # Nothing lacking (a sync pair in PAIR): no durable step, as before.
-                    taken = s.copies.take_pending(pending) if forced_pull or pending.count() else 0
+                    need = forced_pull or copying or pending.count()
+                    taken = s.copies.take_pending(pending) if need else 0
                     if zero_loss and taken:
                         event = replace(event, pull=True)
+                    whole = whole or zero_loss
                     if zero_loss and s.id in reports:
                         reports[s.id]["pulled_from_old_primary_chunks"] = taken
+            s.doc.reverse_after_pull = event.pull or forced_pull  # persisted with the move
             s.fire(event, tell_peer=False)
+            summaries[s.id] = {
+                "previous": str(was),
+                "fenced_old_primary": told,
+                "pulled_chunks": taken if event.pull else 0,
+                # False is "not known": an async pair whose old primary did not answer lacks
+                # what not_received names; a suspended pair, what was written since.
+                "zero_loss": whole,
+            }
             if s.machine.link_up and not told:
                 try:
                     self._announce(s, ps.State.SSWS, Role.SECONDARY, s.record.epoch)
@@ -233,6 +302,7 @@ class Commands:
         out = []
         for s in sides:
             d = describe(s)
+            d["takeover"] = summaries[s.id]
             if s.id in reports:
                 d["not_received"] = reports[s.id]
                 self.m.events.emit(
@@ -331,3 +401,15 @@ class Commands:
 
         faults.arm(after, announce)
         return {"armed": after, "steps_taken": taken}
+
+
+def _whole_again(side: Side) -> bool:
+    """A side taken over with a pull whose pull is done: ready to swap back."""
+    r = side.record
+    return (
+        r.role is Role.SECONDARY
+        and r.state is ps.State.SSWS
+        and r.svol_consistent
+        and not r.copy_incomplete
+        and side.machine.link_up
+    )

@@ -104,6 +104,9 @@ class SideDoc:
     #: disarmed.  Armed, client writes stop at the deadline the agent last set, which lives in
     #: memory only: a node that restarts with it armed refuses writes until it is set again.
     watchdog_epoch: int = 0
+    #: SSWS after a takeover that pulls the old primary's final image (SPEC 4): once it is
+    #: whole, swap back on its own, so the old primary becomes the secondary (issue 11, 5).
+    reverse_after_pull: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -131,6 +134,7 @@ class SideDoc:
                 "hold_epoch": self.hold_epoch,
                 "hold_reason": self.hold_reason,
                 "watchdog_epoch": self.watchdog_epoch,
+                "reverse_after_pull": self.reverse_after_pull,
             },
             indent=1,
             sort_keys=True,
@@ -163,6 +167,13 @@ class SideDoc:
                 int(doc.get("hold_epoch", 0)),
                 str(doc.get("hold_reason", "")),
                 int(doc.get("watchdog_epoch", 0)),
+                _flag(doc.get("reverse_after_pull", False)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"a flag is {value!r}, not true or false")
+    return value

@@ -88,6 +88,7 @@ class PairTimer:
                 if side.record.state is not ps.State.SMPL:
                     side.check_image()
                     side.al.expire()
+            m.commands.reverse_due()
 
     def ping_soon(self, side: Side) -> None:
         """A machine asked for a heartbeat (its SendPing action): one per link per round."""
