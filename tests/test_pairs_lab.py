@@ -420,3 +420,36 @@ def test_local_pair_within_one_node(env: LabEnv) -> None:
     env.pv("a", "pair", "delete", "gl")
     assert '"id"' not in env.pv("a", "pair", "display", "--json").stdout
     env.write("a", "l1", 0, b"both usable again")
+
+
+def test_pair_check_exits_with_pairvolchk_values_on_both_sides(env: LabEnv) -> None:
+    """``pair check`` is ``pairvolchk -ss``: the state as the exit status, P-VOL on the
+    primary's node and S-VOL on the secondary's, sync and async, SSWS its own, SMPL for a
+    volume in no pair (README's table)."""
+
+    def check(host: str, *args: str) -> int:
+        r = env.pv(host, "pair", "check", *args, ok=False)
+        assert r.stderr == "" and r.stdout.count("\n") == 1, (r.stdout, r.stderr)
+        return r.returncode
+
+    env.volume("a", "ck1")
+    env.volume("b", "ck1")
+    env.volume("a", "ck2")
+    env.volume("b", "ck2")
+    assert check("a", "--volume", "ck1") == 11  # SMPL: in no pair yet
+    env.pv("a", "pair", "create", "gck/p", "--primary", "a:ck1", "--secondary", "b:ck1")
+    env.pv("a", "pair", "create", "gcka/p", "--primary", "a:ck2", "--secondary", "b:ck2",
+           "--mode", "async")  # fmt: skip
+    env.wait("a", "gck/p", "PAIR")
+    env.wait("a", "gcka/p", "PAIR")
+    assert (check("a", "gck/p"), check("b", "gck/p"), check("b", "gck")) == (23, 33, 33)
+    assert (check("a", "gcka"), check("b", "--volume", "ck2")) == (43, 53)
+    env.pv("a", "pair", "split", "gck")
+    assert (check("a", "gck/p"), check("b", "gck/p")) == (24, 34)
+    env.pv("b", "pair", "takeover", "gcka")  # async, the old primary answers: SSWS
+    assert check("b", "gcka/p") == 59
+    r = env.pv("a", "pair", "check", "nosuch/p", ok=False)
+    assert r.returncode not in range(11, 60) and r.stderr.count("\n") == 1, r
+    for host in ("a", "b"):
+        for group in ("gck", "gcka"):
+            env.pv(host, "pair", "delete", group, ok=False)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pairvol.cli import pair_check
 from pairvol.cli.common import print_json, print_table
 from pairvol.cli.node import NODE_DIR_ENV
 from replicator import control
@@ -222,6 +223,8 @@ def register(sub: Any) -> None:
     w.add_argument("--progress", action="store_true", help="print copy progress on stderr")
     node_opt(w)
     w.set_defaults(func=cmd_wait)
+
+    pair_check.register(ps, node_opt)
 
     d = ps.add_parser("display", help="pairdisplay: the state of pairs")
     d.add_argument("target", nargs="?", metavar="GROUP[/PAIR]")
