@@ -16,6 +16,7 @@ The CLI talks to nodes through their control sockets.  Which node:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 from pairvol.cli import pair_check
 from pairvol.cli.common import print_json, print_table
 from pairvol.cli.node import NODE_DIR_ENV
+from pairvol.cli.progress import WaitProgress
 from replicator import control
 from replicator.errors import (
     ConnectionFailed,
@@ -220,7 +222,11 @@ def register(sub: Any) -> None:
     w.add_argument("target", metavar="GROUP/PAIR")
     w.add_argument("--state", required=True, choices=[s.value for s in State])
     w.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
-    w.add_argument("--progress", action="store_true", help="print copy progress on stderr")
+    w.add_argument(
+        "--progress",
+        action="store_true",
+        help="the copy's (or a takeover's pull's) progress on stderr: a bar on a terminal",
+    )
     node_opt(w)
     w.set_defaults(func=cmd_wait)
 
@@ -461,31 +467,21 @@ def cmd_wait(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be positive")
     where = _require_control(args.node)
     deadline = time.monotonic() + args.timeout
-    started = time.monotonic()
-    last, last_at = "", 0.0
-    while True:
-        p = _one(where, args.target)
-        if args.progress and p["state"] == "COPY":
-            pct = p.get("copy_percent") or 0.0
-            side = p
-            eta_s = side.get("eta_seconds")
-            if eta_s is None and pct > 0:
-                eta_s = (time.monotonic() - started) * (100 - pct) / pct
-            eta = "?" if eta_s is None else f"{eta_s:.0f}s"
-            rate = side.get("copy_rate_bytes_s")
-            speed = f" {format_size(int(rate))}/s" if rate else ""
-            line = f"{args.target}: COPY {pct:5.1f}%{speed} ETA {eta}"
-            if line != last and time.monotonic() - last_at >= 1.0:
-                print(line, file=sys.stderr, flush=True)
-                last, last_at = line, time.monotonic()
-        if p["state"] == args.state:
-            print(f"pair {args.target}: {p['state']}")
-            return 0
-        if time.monotonic() > deadline:
-            raise Timeout(
-                f"pair {args.target} is {p['state']} after {args.timeout:g}s, not {args.state}"
-            )
-        time.sleep(0.1)
+    shown = WaitProgress(args.target, sys.stderr) if args.progress else None
+    with shown or contextlib.nullcontext():
+        while True:
+            p = _one(where, args.target)
+            if shown is not None:
+                shown.show(p)
+            if p["state"] == args.state:
+                break
+            if time.monotonic() > deadline:
+                raise Timeout(
+                    f"pair {args.target} is {p['state']} after {args.timeout:g}s, not {args.state}"
+                )
+            time.sleep(0.1)
+    print(f"pair {args.target}: {p['state']}")
+    return 0
 
 
 def _collect(
