@@ -230,7 +230,7 @@ def register(sub: Any) -> None:
     node_opt(w)
     w.set_defaults(func=cmd_wait)
 
-    pair_check.register(ps, node_opt)
+    pair_check.register(ps, node_opt, _require_control)
 
     d = ps.add_parser("display", help="pairdisplay: the state of pairs")
     d.add_argument("target", nargs="?", metavar="GROUP[/PAIR]")

@@ -19,7 +19,7 @@ stderr.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from replicator import control
@@ -61,7 +61,9 @@ def group_state(states: Iterable[State]) -> State:
     return State.SMPL
 
 
-def register(ps: Any, node_opt: Any) -> None:
+def register(ps: Any, node_opt: Any, require_control: Callable[[str | None], str]) -> None:
+    """``pair check`` under ``pair`` (``require_control``: the node's control socket from
+    ``--node`` or the environment, as every ``pair`` command finds it)."""
     c = ps.add_parser(
         "check",
         help="pairvolchk -ss: the pair's state as the exit status (table in README)",
@@ -74,17 +76,15 @@ def register(ps: Any, node_opt: Any) -> None:
         help="of a pair with both sides on this node, which one (default primary)",
     )
     node_opt(c)
-    c.set_defaults(func=cmd_check)
+    c.set_defaults(func=cmd_check, require_control=require_control)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pairvol.cli.pair import _require_control
-
     if (args.target is None) == (args.volume is None):
         raise UsageError("pair check needs GROUP[/PAIR] or --volume NAME, one of them")
     if args.target is not None:
         split_pair_id(args.target)
-    where = _require_control(args.node)
+    where = args.require_control(args.node)
     shown = control.call(where, "pair.display", {"target": args.target} if args.target else {}, 10)
     sides: list[dict[str, Any]] = shown["pairs"]
     if args.volume is not None:
