@@ -1058,6 +1058,70 @@ def test_a_takeover_during_the_copy_needs_no_force_while_the_old_primary_answers
     swapped_back(lab, a, b, pid)
 
 
+def test_a_write_that_covers_whole_chunks_not_here_yet_fetches_nothing(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """Issue 11 (the hydration core, replicator/pair/hydration.py): a write, a zero or a trim
+    that covers a whole chunk not here yet overwrites all of it and needs no fetch, so it is
+    served while the old primary cannot be reached; it fetched the chunk first, and failed
+    with EIO.  Its data is synced before its written bit (its pending bit still covers it
+    until then); after a crash that left both bits on disk, the local data wins, the pull
+    never carries the old chunk over it, and the swap back carries it to the old primary."""
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    want = bytearray(truth)
+    hb = b.open()
+
+    def chunks(first: int, count: int) -> bytes:
+        return read(hb, first * CHUNK, count * CHUNK)
+
+    def wanted(first: int, count: int) -> bytes:
+        return bytes(want[first * CHUNK : (first + count) * CHUNK])
+
+    assert chunks(40, 1) == wanted(40, 1) and chunks(43, 1) == wanted(43, 1)  # fetched here
+    assert all(side.copy_map.test(c) for c in (41, 42, 44, 45, 46, 47))
+    lab.link(a, b).cut()
+    assert side.engine is not None
+    fetched = side.engine.on_demand
+
+    mine = noise(3 * CHUNK)
+    at = 40 * CHUNK + 100  # part of 40, all of 41 and 42 (not here), part of 43
+    write(hb, at, mine)
+    want[at : at + len(mine)] = mine
+    hb.zero(CHUNK, 45 * CHUNK, False, False)  # all of 45, not here
+    hb.trim(CHUNK, 46 * CHUNK, False)  # all of 46, not here
+    want[45 * CHUNK : 47 * CHUNK] = bytes(2 * CHUNK)
+    with pytest.raises(VolumeError, match="not here yet") as refused:
+        write(hb, 47 * CHUNK + 10, b"y" * 10)  # part of a chunk not here: needs a fetch
+    assert refused.value.errno == errno.EIO
+    assert side.engine.on_demand == fetched  # nothing was fetched
+    for c in (41, 42, 45, 46):
+        assert side.diff_map.test(c) and not side.copy_map.test(c)
+    assert side.copy_map.test(44) and side.copy_map.test(47) and not side.diff_map.test(47)
+    assert chunks(40, 4) == wanted(40, 4) and chunks(45, 2) == wanted(45, 2)
+
+    # A crash after a whole chunk's written bit but before its pending bit's sync: both set.
+    with side.bitmap_lock:
+        side.copy_map.set_chunk(41)
+    side.flush_copy_map()
+    side.doc.max_rate = 0
+    side.save()
+    lab.link(a, b).heal()
+    b.restart()
+    side = b.side(pid)
+    hb = b.open()
+    assert side.copy_map.test(41) and side.diff_map.test(41)
+    assert chunks(41, 1) == wanted(41, 1)  # the local data is newer: no fetch needed
+    for _ in range(10):  # the link comes back on the timer, then the pull resumes
+        if side.machine.link_up:
+            break
+        lab.tick(INTERVAL)
+    wait_until("the pull's end", lambda: not side.record.copy_incomplete)
+    assert_same(b.image(), bytes(want))
+    swapped_back(lab, a, b, pid)
+
+
 def test_a_forced_takeover_that_cannot_take_the_pending_bitmap_reveals_nothing(
     two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,10 @@ quiescent point close it), after asking each leg's machine for a
   the same chunk strictly, so the copy can never carry older data over a newer write.
 * ``JOURNAL`` (async): append to the group journal (sequenced), then write locally.
 * ``LOCAL_RECORD`` (split, suspended, taken over): the chunks' bits go into the difference
-  bitmap, durably, *before* the write is issued.
+  bitmap, durably, *before* the write is issued.  A side taken over before its copy was
+  complete, still pulling, follows the plan of :func:`replicator.pair.hydration.write`
+  under the chunk locks of the write: a chunk it lacks is fetched first, unless the write
+  covers all of it; such a whole chunk is written and synced *before* its bit.
 * ``REFUSE_*``: EPERM (hidden secondary) or EIO (fenced, stale) with one log line.
 
 A volume in several pairs applies every leg's decision to the one write (refused if any leg
@@ -36,8 +39,9 @@ from replicator import wire
 from replicator.errors import ConnectionFailed, PairvolError, Timeout, VolumeError
 from replicator.export import INFLIGHT, ExportHandle, get_ident
 from replicator.header import Role
-from replicator.pair import hold
-from replicator.pair.pull import PullEngine
+from replicator.pair import hold, hydration
+from replicator.pair.hydration import Step
+from replicator.pair.pull import PullEngine, carry_out, chunk_bits
 from replicator.peer_link import PeerRefused
 from replicator.pvid import format_pvid
 
@@ -63,10 +67,13 @@ class ClientWrites:
 
     One write goes to the local volume once, and to each leg as its machine decides, in this
     order: every leg's gate (shared, in the legs' fixed order); the activity log if a leg
-    mirrors; the chunk locks of the legs that mirror or journal; each journaling leg's entry
-    and each recording leg's bits (both durable *before* the local write); the local write;
-    the mirrored legs' requests.  A mirrored leg that fails is suspended and its chunks
-    recorded before the activity log lets go of them; ``fence=data`` then fails the write.
+    mirrors; the chunk locks of a leg still pulling (first: the pull holds one while it
+    carries a chunk on to the other legs) and the steps of its plan up to the write; the
+    chunk locks of the legs that mirror or journal; each journaling leg's entry and each
+    recording leg's bits (both durable *before* the local write); the local write; the
+    pulling legs' steps after it; the mirrored legs' requests.  A mirrored leg that fails is
+    suspended and its chunks recorded before the activity log lets go of them;
+    ``fence=data`` then fails the write.
     """
 
     def __init__(self, legs: VolumeLegs) -> None:
@@ -181,10 +188,16 @@ class ClientWrites:
         failed: list[tuple[Side, Exception]] = []
         journaled: list[tuple[Side, int]] = []
         with contextlib.ExitStack() as locks:
+            pulling = [
+                (leg, self._before_write(leg, offset, length, locks))
+                for leg, d in plan
+                if d is ps.WriteDecision.LOCAL_RECORD and self._pulling(leg)
+            ]
+            pulled = [leg for leg, _ in pulling]
             for leg, d in plan:
                 if d is ps.WriteDecision.LOCAL_RECORD:
-                    self._hydrate(leg, offset, length, "write")
-                    leg.mark_dirty(offset, length)
+                    if leg not in pulled:
+                        leg.mark_dirty(offset, length)
                 elif d is ps.WriteDecision.MIRROR or d is ps.WriteDecision.JOURNAL:
                     # The chunk locks order the write against a copy of the same chunks.
                     cs = leg.chunk_size
@@ -199,6 +212,8 @@ class ClientWrites:
             finally:
                 for leg, seq in journaled:
                     leg.host.primary_group(leg).written_locally(seq)
+            for leg, steps in pulling:
+                carry_out(leg, steps, held=True)  # a whole chunk written without a fetch
             for leg, d in plan:
                 if d is ps.WriteDecision.MIRROR:
                     try:
@@ -252,10 +267,20 @@ class ClientWrites:
 
     # -- chunks a leg never received (a forced takeover of an incomplete copy) ---------------
 
+    @staticmethod
+    def _pulling(leg: Side) -> bool:
+        """``leg`` was taken over before its copy was complete and still lacks chunks."""
+        return leg.record.state is ps.State.SSWS and leg.record.copy_incomplete
+
+    @staticmethod
+    def _reachable(leg: Side) -> bool:
+        """The old primary can be asked for a chunk now."""
+        return isinstance(leg.engine, PullEngine) and leg.machine.link_up
+
     def pending(self, leg: Side, offset: int, length: int) -> int | None:
         """The first chunk of ``[offset, offset + length)`` that ``leg`` never received
         (after a forced takeover of an incomplete copy), or None."""
-        if leg.record.state is not ps.State.SSWS or not leg.record.copy_incomplete:
+        if not self._pulling(leg):
             return None
         cs = leg.chunk_size
         with leg.bitmap_lock:
@@ -274,28 +299,52 @@ class ClientWrites:
 
     def hydrate_read(self, offset: int, length: int) -> None:
         """Every chunk of the read that a leg never received is fetched first (copy on
-        read), or the read is refused."""
+        read), or the read is refused (:func:`replicator.pair.hydration.read`)."""
         for leg in self.legs.sides():
-            self._hydrate(leg, offset, length, "read")
+            if not self._pulling(leg) or offset < 0 or offset + length > leg.data_size:
+                continue  # a range outside the volume: the handle refuses it
+            geometry = hydration.Geometry(leg.chunk_size, leg.data_size)
+            with leg.bitmap_lock:
+                bits = chunk_bits(leg, geometry.span(offset, length))
+            plan = hydration.read(geometry, offset, length, bits, self._reachable(leg))
+            if plan.refused is not None:
+                self._pending_error(leg, plan.refused, "read", "the old primary cannot be reached")
+            self._carry(leg, plan.split(Step.READ)[0], "read", held=False)
 
-    def _hydrate(self, leg: Side, offset: int, length: int, what: str) -> None:
-        """The chunks of ``[offset, offset + length)`` that ``leg`` never received are
-        fetched now from the old primary (a write then merges into them), and any pulled
-        since the pull's last sync are made durable before a write; EIO with one log line
-        when the old primary cannot be reached."""
-        chunk = self.pending(leg, offset, length)
-        engine = leg.engine
-        cs = leg.chunk_size
-        first, last = offset // cs, (offset + max(length, 1) - 1) // cs
-        if chunk is not None:
-            if not isinstance(engine, PullEngine) or not leg.machine.link_up:
-                self._pending_error(leg, chunk, what, "the old primary cannot be reached")
-            try:
-                engine.hydrate(first, last)
-            except (PairvolError, OSError) as e:
-                self._pending_error(leg, chunk, what, f"fetching it failed: {e}")
-        if what == "write" and isinstance(engine, PullEngine):
-            engine.before_write(first, last)
+    def _before_write(
+        self, leg: Side, offset: int, length: int, locks: contextlib.ExitStack
+    ) -> tuple[hydration.Action, ...]:
+        """A client write on a leg still pulling: the write's chunk locks (held until the
+        write is done, so the pull cannot carry older data over it), then the steps of
+        :func:`replicator.pair.hydration.write` before the write itself (fetches of chunks
+        it writes part of, a sync of chunks pulled since the last one, the written bits of
+        the chunks that are here); the steps after the write are returned.  EIO with one
+        log line when a fetch is needed and the old primary cannot be reached."""
+        geometry = hydration.Geometry(leg.chunk_size, leg.data_size)
+        span = geometry.span(offset, length)
+        locks.enter_context(leg.chunk_locks.hold(span.start, span[-1]))
+        with leg.bitmap_lock:
+            bits = chunk_bits(leg, span)
+        plan = hydration.write(geometry, offset, length, bits, self._reachable(leg))
+        if plan.refused is not None:
+            self._pending_error(leg, plan.refused, "write", "the old primary cannot be reached")
+        before, after = plan.split(Step.WRITE)
+        self._carry(leg, before, "write", held=True)
+        return after
+
+    def _carry(
+        self, leg: Side, actions: tuple[hydration.Action, ...], what: str, *, held: bool
+    ) -> None:
+        """Carry out ``actions``; a fetch that fails refuses the client's request (EIO)."""
+        for action in actions:
+            if action.step is not Step.FETCH:
+                carry_out(leg, (action,), held=held)
+                continue
+            for chunk in action.chunks:
+                try:
+                    carry_out(leg, (hydration.Action(Step.FETCH, (chunk,)),), held=held)
+                except (PairvolError, OSError) as e:
+                    self._pending_error(leg, chunk, what, f"fetching it failed: {e}")
 
     def _pending_error(self, leg: Side, chunk: int, what: str, why: str) -> NoReturn:
         leg.host.log_refusal(leg, f"pending {what}")

@@ -2,11 +2,13 @@
 side fetches, chunk by chunk, every chunk it never received from the old primary, whose
 storage node still answers.
 
-A client's read or write of a chunk not here yet fetches it first, on demand (copy on read,
-and a write smaller than a chunk merges into the fetched chunk, as dm-clone does), ahead of
-the background pull: :meth:`PullEngine.hydrate`.  While the old primary cannot be reached,
-such a read or write fails with EIO (one log line): a half-built image never serves wrong
-data (``client_io.ClientWrites.pending``).
+Every decision (fetch or not, skip or copy, what to make durable before what) is
+:mod:`replicator.pair.hydration`'s, a pure core; this module carries out its plans
+(:func:`carry_out`).  A client's read of a chunk not here yet fetches it first, on demand
+(copy on read), ahead of the background pull, and so does a write into part of one, which
+then merges (as dm-clone does); a write that covers a whole chunk fetches nothing.  While the
+old primary cannot be reached, a read or write that needs a fetch fails with EIO (one log
+line): a half-built image never serves wrong data (``client_io.ClientWrites``).
 
 Ordering: a chunk's data is written and synced before its pending bit is cleared durably,
 so a crash never leaves a cleared bit over missing data; a restart resumes from the
@@ -24,6 +26,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from replicator import pair_state as ps
@@ -31,13 +34,15 @@ from replicator import wire
 from replicator.errors import PairvolError, ProtocolError, UsageError, VolumeError
 from replicator.header import Role
 from replicator.journal import EntryKind
+from replicator.pair import hydration
 from replicator.pair.copy_engine import Throttle
 from replicator.pair.host import REQUEST_TIMEOUT
+from replicator.pair.hydration import Step
 
 if TYPE_CHECKING:
     from replicator.pair.side import Side
 
-SYNC_EVERY = 64  # chunks pulled between two syncs of the data and of the pending bitmap
+SYNC_EVERY = hydration.SYNC_EVERY  # chunks pulled between two syncs of data and pending bits
 ON_DEMAND_TIMEOUT = 10.0  # seconds a client's read or write waits for a chunk on demand
 
 
@@ -102,43 +107,53 @@ class PullEngine:
         """Bring ``chunk`` here if it is still pending, under its lock: the pull's step, and
         a client's on demand (:meth:`hydrate`).  False if it was not pending any more, or
         was written here since the takeover (its bit is then cleared: the local data is
-        newer; only a crash between a pull's clear and its sync leaves both bits)."""
+        newer)."""
+        with self.side.chunk_locks.hold(chunk, chunk):
+            return self.fetch_held(chunk, timeout)
+
+    def fetch_held(self, chunk: int, timeout: float) -> bool:
+        """:meth:`fetch`, the caller holding the chunk's lock: the chunk's copy step is
+        decided (again) under it, then carried out."""
         side = self.side
+        with side.bitmap_lock:
+            plan = hydration.copy_step(chunk, chunk_bits(side, (chunk,))[chunk])
+            drop(side, plan.chunks(Step.DROP))
+        if not plan.chunks(Step.COPY):
+            return False  # fetched meanwhile (on demand, or by the pull), or written here
         cs = side.chunk_size
         length = min(cs, side.data_size - chunk * cs)
-        with side.chunk_locks.hold(chunk, chunk):
+        reply = side.request(wire.ChunkRequest(side.id, chunk), timeout)
+        if not isinstance(reply, wire.Chunk) or reply.index != chunk:
+            raise ProtocolError(f"pair {side.id}: the old primary answered oddly")
+        if len(reply.data) != length:
+            raise ProtocolError(f"pair {side.id}: chunk {chunk} came with the wrong size")
+        with self._sync_lock:  # never between a sync's data and its bits
+            # The chunk goes on to the volume's other legs too (they never had it either).
+            side.apply_entry(EntryKind.WRITE, chunk * cs, length, reply.data, False)
             with side.bitmap_lock:
-                if not side.copy_map.test(chunk):
-                    return False  # fetched meanwhile (on demand, or by the pull)
-                if side.diff_map.test(chunk):
-                    side.copy_map.clear_chunk(chunk)
-                    return False
-            reply = side.request(wire.ChunkRequest(side.id, chunk), timeout)
-            if not isinstance(reply, wire.Chunk) or reply.index != chunk:
-                raise ProtocolError(f"pair {side.id}: the old primary answered oddly")
-            if len(reply.data) != length:
-                raise ProtocolError(f"pair {side.id}: chunk {chunk} came with the wrong size")
-            with self._sync_lock:  # never between a sync's data and its bits
-                # The chunk goes on to the volume's other legs too (they never had it either).
-                side.apply_entry(EntryKind.WRITE, chunk * cs, length, reply.data, False)
-                with side.bitmap_lock:
-                    side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
-                    self._unsynced.add(chunk)
+                side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
+                self._unsynced.add(chunk)
         return True
 
+    def fetch_for_client(self, chunk: int, *, held: bool = False) -> None:
+        """A client's fetch on demand (a ``FETCH`` of its plan), counted for the display;
+        ``held``: the caller holds the chunk's lock (a write holds its chunks')."""
+        t0 = time.monotonic()
+        fetch = self.fetch_held if held else self.fetch
+        if fetch(chunk, ON_DEMAND_TIMEOUT):
+            self.on_demand += 1
+            self.on_demand_seconds += time.monotonic() - t0
+
     def hydrate(self, first: int, last: int) -> None:
-        """A client reads or writes chunks ``first..last``: each still pending is fetched
-        now (copy on read, SPEC 4), ahead of the background pull.  Raises what the request
-        raises (the caller refuses the client's request)."""
+        """A client reads chunks ``first..last``: each still pending is fetched now (copy
+        on read, SPEC 4), ahead of the background pull.  Raises what the request raises
+        (the caller refuses the client's request)."""
         side = self.side
         for chunk in range(first, last + 1):
             with side.bitmap_lock:
                 pending = side.copy_map.test(chunk)
             if pending:
-                t0 = time.monotonic()
-                if self.fetch(chunk, ON_DEMAND_TIMEOUT):
-                    self.on_demand += 1
-                    self.on_demand_seconds += time.monotonic() - t0
+                self.fetch_for_client(chunk)  # decided again under the chunk's lock
 
     def _sync(self) -> None:
         """The pulled data is durable, then the cleared bits are (the pull's thread, or a
@@ -152,8 +167,7 @@ class PullEngine:
     def before_write(self, first: int, last: int) -> None:
         """A client is about to write chunks ``first..last`` (their difference bits go to
         disk first): any of them pulled since the last sync is made durable, data then
-        bit, before.  Otherwise a crash could leave its pending bit set under the write's
-        difference bit, over pulled data that never reached the disk."""
+        bit, before (rule 3 of :mod:`~replicator.pair.hydration`)."""
         with self.side.bitmap_lock:
             due = any(c in self._unsynced for c in range(first, last + 1))
         if due:
@@ -169,7 +183,7 @@ class PullEngine:
                 if chunk is None:
                     break
                 self._pull(chunk)
-                if self.copied % SYNC_EVERY == 0:
+                if hydration.sync_due(self.copied):
                     self._sync()
                     side.try_fire(ps.CopyProgress(self.copied, max(self.total, self.copied)))
             self._sync()
@@ -193,3 +207,62 @@ class PullEngine:
                 side.log(f"pair {side.id}: saving the pull's progress failed too: {sync_error}")
             if not self.stop_flag.is_set():
                 side.link_failed(f"pull failed: {e}")
+
+
+# -- carrying out the core's plans (replicator/pair/hydration.py) -----------------------------
+
+
+def chunk_bits(side: Side, chunks: Iterable[int]) -> dict[int, hydration.Bits]:
+    """The three facts about each of ``chunks``; the caller holds ``side.bitmap_lock``."""
+    engine = side.engine if isinstance(side.engine, PullEngine) else None
+    unsynced = engine._unsynced if engine is not None else set()
+    return {
+        c: hydration.Bits(side.copy_map.test(c), side.diff_map.test(c), c in unsynced)
+        for c in chunks
+    }
+
+
+def drop(side: Side, chunks: Iterable[int]) -> None:
+    """Clear stale pending bits (in memory): only of chunks written here since the takeover,
+    whose data is newer.  The caller holds ``side.bitmap_lock``."""
+    for c in chunks:
+        if side.diff_map.test(c):
+            side.copy_map.clear_chunk(c)
+
+
+def record(side: Side, chunks: Iterable[int]) -> None:
+    """Set the chunks' written bits (the difference bitmap), durably."""
+    with side.bitmap_lock:
+        changed = [c for c in chunks if side.diff_map.set_chunk(c)]
+        if changed:
+            side.store.flush(side.record.diff_slot, side.diff_map)
+
+
+def carry_out(side: Side, actions: Iterable[hydration.Action], *, held: bool = False) -> None:
+    """Carry out a plan's actions in order, each finished before the next (the client's own
+    ``READ`` or ``WRITE`` is the caller's: split the plan there).  ``held``: the caller holds
+    the locks of the plan's chunks.  A ``FETCH`` or a ``SYNC`` raises what its request or
+    its write raises."""
+    engine = side.engine if isinstance(side.engine, PullEngine) else None
+    for action in actions:
+        step = action.step
+        if step is Step.DROP:
+            with side.bitmap_lock:
+                drop(side, action.chunks)
+        elif step is Step.FETCH:
+            if engine is None:  # a plan fetches only while the pull's engine is there
+                raise VolumeError(f"pair {side.id}: no pull to fetch chunks with", errno.EIO)
+            for c in action.chunks:
+                engine.fetch_for_client(c, held=held)
+        elif step is Step.SYNC:
+            if engine is not None:
+                engine._sync()
+            else:  # nothing was pulled since the engine went; the same order all the same
+                os.fdatasync(side.volume.fd)
+                side.flush_copy_map()
+        elif step is Step.RECORD:
+            record(side, action.chunks)
+        elif step is Step.SYNC_DATA:
+            os.fdatasync(side.volume.fd)
+        else:  # COPY is the engine's own (fetch_held); READ and WRITE are the caller's
+            raise ValueError(f"pair {side.id}: {step} is not carried out here")
