@@ -28,11 +28,16 @@ back what happened, with ``now`` (monotonic seconds):
   ``nop`` (this side already is the primary, in PAIR or COPY, or its S-VOLs were taken
   over already, SSWS, by an earlier life of this agent), ``swap`` (the S-VOL side,
   the old primary answering: split there or already split, then ``resync --swap``: the pair
-  ends reversed, only differences copied), ``SVOL-takeover`` (the old primary does not
-  answer: ``pair takeover``, SSWS), ``PVOL-PSUE`` / ``PVOL-PSUS`` (this side is the primary,
-  its pair suspended).  Then ``pair unfence`` at the won epoch, then the resource's devices:
-  each is attached from the host PVID cache, PVID-checked (cluster/devices.py), so a stale
-  cache fails the takeover with the access error instead of attaching the wrong identity.
+  ends reversed, only differences copied), ``SVOL-takeover`` (the pair not split, or the
+  old primary not answering: ``pair takeover``, SSWS), ``PVOL-PSUE`` / ``PVOL-PSUS`` (this
+  side is the primary, its pair suspended).  An ``SVOL-takeover`` whose old primary's node
+  still answers has no data loss (SPEC 4: the node fences it and pulls what this side lacks,
+  serving I/O meanwhile); each such group's report (``zero_loss``, ``pulled_chunks``) is
+  kept apart from the names, in ``takeover_report``, and goes into ``cluster.active``, the
+  status and the last failover (``pairvol cluster status`` adds the hydration, live).
+  Then ``pair unfence`` at the won epoch, then the resource's devices: each is attached
+  from the host PVID cache, PVID-checked (cluster/devices.py), so a stale cache fails the
+  takeover with the access error instead of attaching the wrong identity.
 * **Switchover** (SwapPairs on the demoting host, after StopApp): fence the node (no stray
   write after the application stopped), split the groups (async: drained, so the target
   has every entry), then the core releases the leader key naming the target, whose
@@ -162,6 +167,42 @@ Runner = Callable[[str, float, Mapping[str, str]], tuple[int, str]]
 Posted = Callable[[float], None]
 
 
+def takeover_report(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """One group's SVOL-takeover, from ``pair.takeover``'s answer (each pair's ``takeover``
+    summary, SPEC 4): ``zero_loss`` (every pair holds every write its old primary
+    acknowledged; None if the node did not say), ``pulled_chunks`` (what is pulled from the
+    old primary in the background, the hydration), ``fenced_old_primary``, and for async
+    pairs ``not_received_entries`` (the journal entries that had not arrived: pulled when
+    zero_loss, else lost: the RPO)."""
+    pairs = [p for p in doc.get("pairs", []) if isinstance(p, dict)]
+    known = [p["takeover"] for p in pairs if isinstance(p.get("takeover"), dict)]
+    zero_loss: bool | None = None  # not said (a node before SPEC 4's takeover)
+    if known and len(known) == len(pairs):
+        zero_loss = all(t.get("zero_loss") is True for t in known)
+    elif any(t.get("zero_loss") is False for t in known):
+        zero_loss = False
+    report: dict[str, Any] = {
+        "pairs": len(pairs),
+        "zero_loss": zero_loss,
+        "pulled_chunks": sum(int(t.get("pulled_chunks") or 0) for t in known),
+        "fenced_old_primary": bool(known) and all(t.get("fenced_old_primary") for t in known),
+    }
+    missing = [p["not_received"] for p in pairs if isinstance(p.get("not_received"), dict)]
+    if missing:
+        report["not_received_entries"] = sum(int(m.get("missing_entries") or 0) for m in missing)
+    return report
+
+
+def zero_loss_of(reports: Mapping[str, Mapping[str, Any]]) -> bool | None:
+    """A resource's takeover, from its groups' reports: None if no group was taken over."""
+    if not reports:
+        return None
+    seen = [r.get("zero_loss") for r in reports.values()]
+    if any(z is False for z in seen):
+        return False
+    return None if any(z is None for z in seen) else True
+
+
 # -- per-resource state ---------------------------------------------------------------------
 
 
@@ -174,7 +215,10 @@ class Held:
     lease: Lease | None = None
     inflight: set[str] = field(default_factory=set)  # etcd requests asked and not answered
     poll_due: float = 0.0
-    takeover: dict[str, str] = field(default_factory=dict)
+    takeover: dict[str, str] = field(default_factory=dict)  # group -> horctakeover's name
+    # group -> what its SVOL-takeover lost and pulls (SVOL-takeover groups only): see
+    # takeover_report(); kept apart from ``takeover``, whose shape scripts rely on.
+    takeover_report: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_failover: dict[str, Any] | None = None
     last_switchover: dict[str, Any] | None = None
     handed_over: bool = False  # a switchover released the key to this host
@@ -196,6 +240,12 @@ class Held:
     @property
     def epoch(self) -> int:
         return self.core.epoch
+
+    @property
+    def zero_loss(self) -> bool | None:
+        """Whether the last takeover here lost no acknowledged write: None when no group
+        was taken over (``nop``, ``swap``, ``PVOL-*``), False when any group's may have."""
+        return zero_loss_of(self.takeover_report)
 
 
 class Agent:
@@ -349,7 +399,8 @@ class Agent:
         if isinstance(event, fo.AppStarted) and h.starting and h.core.role is fo.Role.ACTIVE:
             h.starting = False  # taken over and the application runs: the resource is active
             self._failed_over(h, self.clock())
-            self._announce("cluster.active", resource=h.name, epoch=h.epoch, takeover=h.takeover)
+            self._announce("cluster.active", resource=h.name, epoch=h.epoch, takeover=h.takeover,
+                           zero_loss=h.zero_loss, takeover_report=h.takeover_report)  # fmt: skip
 
     def _carry(self, h: Held, actions: list[fo.Action], before: fo.Role) -> None:
         """Carry out ``actions`` in order; ``before``: the role before the input that asked
@@ -416,6 +467,10 @@ class Agent:
             "at": round(self.wall(), 3), "from": seen[0], "to": self.me, "epoch": h.epoch,
             "seconds": seconds, "takeover": h.takeover, "result": last.get("result"),
             "why": "switchover" if h.handed_over else last.get("why"),
+            # Compact (it rides on every heartbeat): the groups' reports are in the status.
+            "zero_loss": h.zero_loss,
+            "pulled_chunks": sum(int(r.get("pulled_chunks") or 0)
+                                 for r in h.takeover_report.values()),
         }  # fmt: skip
         kind = "switchover" if h.handed_over else "failover"
         h.handed_over = False
@@ -425,7 +480,7 @@ class Agent:
             h.last_switchover = record
         self.events.emit(
             f"cluster.{kind}.done", resource=h.name, seconds=seconds, epoch=h.epoch,
-            takeover=h.takeover, **{"from": seen[0]},
+            takeover=h.takeover, zero_loss=h.zero_loss, **{"from": seen[0]},
         )  # fmt: skip
 
     # -- etcd: one worker, in order ------------------------------------------------------
@@ -777,42 +832,48 @@ class Agent:
         stale *outside* the protocol, a plain pair split, stays a failed attach with the
         access error)."""
         results: dict[str, str] = {}
+        reports: dict[str, dict[str, Any]] = {}
         try:
             for group in h.resource.groups:
-                results[group] = self._take_over_group(group)
+                results[group], report = self._take_over_group(group)
+                if report is not None:
+                    reports[group] = report
             left = h.core.lease_remaining(self.clock())
             self._arm(h, epoch, left if left is not None else 0.0, raises=True)
             for group in h.resource.groups:
                 self.node.call("pair.unfence", {"target": group, "epoch": epoch})
             self._attach_devices(h.resource, reread)
         except PairvolError as e:
-            h.takeover = results
+            h.takeover, h.takeover_report = results, reports
             return fo.TakeoverDone(False, f"{type(e).__name__}: {e}")
-        h.takeover = results
+        h.takeover, h.takeover_report = results, reports
         detail = ", ".join(f"{g}: {r}" for g, r in sorted(results.items()))
         return fo.TakeoverDone(True, detail or "nop")
 
-    def _take_over_group(self, group: str) -> str:
-        """The storage takeover of one group here; its result as horctakeover names it."""
+    def _take_over_group(self, group: str) -> tuple[str, dict[str, Any] | None]:
+        """The storage takeover of one group here: its result as horctakeover names it, and
+        for an ``SVOL-takeover`` its report (:func:`takeover_report`): with the old
+        primary's node answering, the node fenced it and pulls what this side lacks in the
+        background, a takeover with no loss (SPEC 4); without, the last consistent point."""
         pairs = self.node.call("pair.display", {"target": group}).get("pairs", [])
         roles = {p.get("role") for p in pairs}
         states = {str(p.get("state")) for p in pairs}
         if "secondary" not in roles:
             for bad in ("PSUE", "PSUS"):
                 if bad in states:
-                    return f"PVOL-{bad}"
-            return "nop"
+                    return f"PVOL-{bad}", None
+            return "nop", None
         if states == {"SSWS"}:
-            return "nop"  # taken over already (an earlier life of this agent): writable here
+            return "nop", None  # taken over already (an earlier life of this agent)
         link_up = all(p.get("link") == "up" for p in pairs)
         if link_up and states <= set(SWAP_STATES):
             # Split already (a switchover): the old primary answers, swap at once.
             with contextlib.suppress(ConnectionFailed, Timeout):
                 self.node.call("pair.resync", {"target": group, "swap": True},
                                timeout=TAKEOVER_TIMEOUT)  # fmt: skip
-                return "swap"
-        self.node.call("pair.takeover", {"target": group}, timeout=TAKEOVER_TIMEOUT)
-        return "SVOL-takeover"
+                return "swap", None
+        doc = self.node.call("pair.takeover", {"target": group}, timeout=TAKEOVER_TIMEOUT)
+        return "SVOL-takeover", takeover_report(doc if isinstance(doc, dict) else {})
 
     def _attach_devices(self, r: Resource, reread: Mapping[str, str] | None = None) -> None:
         """Attach the resource's devices on this host from the PVID cache (PVID-checked); a
@@ -1091,6 +1152,8 @@ class Agent:
                     if h.core.lease_remaining(now) is None
                     else round(max(0.0, h.core.lease_remaining(now) or 0.0), 3),
                     "takeover": h.takeover,
+                    "takeover_report": h.takeover_report,
+                    "zero_loss": h.zero_loss,
                     "last_failover": h.last_failover,
                     "last_switchover": h.last_switchover,
                     "ready": self.refresh.ready(name),

@@ -90,6 +90,7 @@ class Node:
         self.calls: list[tuple[float, str, dict[str, Any]]] = []
         self.cluster_epoch = 0
         self.state = "PAIR"
+        self.summary: dict[str, Any] | None = None  # pair.takeover's per-pair "takeover"
 
     def call(self, op: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
         self.calls.append((self.clock.t, op, dict(args)))
@@ -101,6 +102,9 @@ class Node:
             if self.state == "SSWS":  # as the real node says it
                 raise IllegalState("pair g1/p1: cannot take over in state SSWS (taken over)")
             self.role = "primary"
+            if self.summary is not None:
+                taken = {"role": self.role, "state": "SSWS", "takeover": dict(self.summary)}
+                return {"pairs": [taken]}
         pair = {"role": self.role, "state": self.state, "epoch": 0,
                 "cluster_epoch": self.cluster_epoch}  # fmt: skip
         return {"pairs": [pair]}
@@ -257,6 +261,53 @@ def test_standby_takes_over_when_the_active_dies(world: World) -> None:
     assert read_epoch(world.fake, Keys("t1"), "r1") == 2
 
 
+def test_a_takeover_whose_old_primary_answered_is_reported_with_zero_loss(
+    world: World,
+) -> None:
+    """The node fenced the old primary and pulls what b lacked (SPEC 4): the result keeps
+    horctakeover's name, and the report beside it says no data was lost and how much is
+    pulled, in cluster.active, the failover record and the status."""
+    b = world.nodes["b"]
+    b.summary = {"previous": "PAIR", "fenced_old_primary": True, "pulled_chunks": 37,
+                 "zero_loss": True}  # fmt: skip
+    world.alive["a"] = False
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    (active,) = world.events("b", "cluster.active")
+    assert active["takeover"] == {"g1": "SVOL-takeover"}  # the name, as before
+    assert active["zero_loss"] is True
+    assert active["takeover_report"] == {
+        "g1": {"pairs": 1, "zero_loss": True, "pulled_chunks": 37, "fenced_old_primary": True}
+    }
+    (done,) = world.events("b", "cluster.failover.done")
+    assert done["takeover"] == {"g1": "SVOL-takeover"} and done["zero_loss"] is True
+    (res,) = world.agents["b"].status(world.clock.t)["resources"]
+    assert res["zero_loss"] is True and res["takeover_report"]["g1"]["pulled_chunks"] == 37
+    assert res["last_failover"]["zero_loss"] is True
+    assert res["last_failover"]["pulled_chunks"] == 37
+
+
+def test_a_takeover_at_the_last_consistent_point_is_not_reported_as_zero_loss(
+    world: World,
+) -> None:
+    """The old primary's node did not answer (an async pair: what had not arrived is lost)."""
+    b = world.nodes["b"]
+    b.summary = {"previous": "PAIR", "fenced_old_primary": False, "pulled_chunks": 0,
+                 "zero_loss": False}  # fmt: skip
+    world.alive["a"] = False
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    (active,) = world.events("b", "cluster.active")
+    assert active["takeover"] == {"g1": "SVOL-takeover"} and active["zero_loss"] is False
+    assert active["takeover_report"]["g1"]["fenced_old_primary"] is False
+
+
+def test_a_node_that_says_nothing_of_loss_leaves_it_unknown(world: World) -> None:
+    world.alive["a"] = False
+    world.run(10.0, until=lambda: world.role("b") == "active")
+    (active,) = world.events("b", "cluster.active")
+    assert active["takeover"] == {"g1": "SVOL-takeover"} and active["zero_loss"] is None
+    assert active["takeover_report"]["g1"]["zero_loss"] is None
+
+
 def test_a_standby_whose_side_already_took_over_promotes_with_nop(world: World) -> None:
     # Regression (the lab's crash tests): an earlier life of b took its S-VOLs over (SSWS)
     # and lost the resource before it started; promoted again, its takeover was refused
@@ -271,6 +322,7 @@ def test_a_standby_whose_side_already_took_over_promotes_with_nop(world: World) 
     assert [args["epoch"] for _, args in b.ops("pair.unfence")] == [2]
     (done,) = world.events("b", "cluster.failover.done")
     assert done["takeover"] == {"g1": "nop"}
+    assert done["zero_loss"] is None  # no storage takeover: nothing to say of loss
     assert world.events("b", "cluster.takeover.failed") == []
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from cluster.etcd_server import EtcdCluster, free_ports
 from pairvol.cli import main
 from replicator.control import ControlServer
 from replicator.errors import IllegalState
-from replicator.events import wait_event
+from replicator.events import read_events, wait_event
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,6 +44,8 @@ class FakeNode:
     def __init__(self, path: str, role: str) -> None:
         self.role = role
         self.cluster_epoch = 0
+        self.summary: dict[str, Any] | None = None  # pair.takeover's "takeover", if set
+        self.hydration: dict[str, Any] | None = None  # pair.display's, once taken over
         self.ops: list[tuple[str, dict[str, Any]]] = []
         self.lock = threading.Lock()
         ops = ("pair.display", "pair.fence", "pair.unfence", "pair.takeover", "pair.watchdog")
@@ -61,6 +64,11 @@ class FakeNode:
                 self.role = "primary"
             side = {"role": self.role, "state": "PAIR", "epoch": 0,
                     "cluster_epoch": self.cluster_epoch}  # fmt: skip
+            if op == "pair.takeover" and self.summary is not None:
+                side |= {"state": "SSWS", "takeover": dict(self.summary)}
+            if self.role == "primary" and self.hydration is not None:  # (no id otherwise:
+                # the agents' refresh machines would track the pair)
+                side |= {"id": "g1/p1", "state": "SSWS", "hydration": dict(self.hydration)}
             return {"pairs": [side]}
 
     def seen(self, op: str) -> list[dict[str, Any]]:
@@ -206,3 +214,72 @@ def test_agents_fail_over_when_the_active_agent_is_killed(
     wait_event(cluster.events("b"), "cluster.stopped")
     assert Path(cluster.tmp, "stopped-b").exists()  # a clean stop stops the application
     assert cluster.nodes["b"].seen("pair.fence")[-1]["epoch"] == 2
+
+
+def test_cluster_status_shows_a_zero_loss_takeover_and_its_hydration(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """b's node fenced the old primary and pulls what b lacked (SPEC 4): ``cluster status``
+    on b says the takeover lost nothing, and shows the pull live from b's node."""
+    b = cluster.nodes["b"]
+    b.summary = {"previous": "PAIR", "fenced_old_primary": True, "pulled_chunks": 40,
+                 "zero_loss": True}  # fmt: skip
+    cluster.start("a")
+    cluster.start("b")
+    wait_event(cluster.events("a"), "cluster.active", lambda e: e["resource"] == "r1")
+    os.kill(cluster.pid("a"), signal.SIGKILL)
+    active = wait_event(cluster.events("b"), "cluster.active", timeout=20)
+    assert active["takeover"] == {"g1": "SVOL-takeover"} and active["zero_loss"] is True
+    assert active["takeover_report"]["g1"]["pulled_chunks"] == 40
+    node_dir = tmp_path / "node-b"  # what $PAIRVOL_NODE_DIR names: b's control socket
+    node_dir.mkdir()
+    (node_dir / "control.sock").symlink_to(tmp_path / "b.sock")
+    b.hydration = {"percent": 25.0, "pending_chunks": 30, "pulling": True,
+                   "pulled_chunks": 10, "fetched_on_demand": 4, "fetch_ms_avg": 1.5,
+                   "rate_bytes_s": 1 << 20, "eta_seconds": 1.9}  # fmt: skip
+    cfg = ["--config", str(cluster.config)]
+    capsys.readouterr()  # the agents' start lines
+
+    def status(*extra: str) -> str:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PAIRVOL_AGENT_DIR", cluster.dir("b"))
+            mp.setenv("PAIRVOL_NODE_DIR", str(node_dir))
+            assert main(["cluster", "status", *extra, *cfg]) == 0
+        return capsys.readouterr().out
+
+    (r1,) = json.loads(status("--json"))["resources"]
+    assert r1["active"] == "b"
+    assert r1["takeover"] == {
+        "host": "b", "groups": {"g1": "SVOL-takeover"}, "zero_loss": True, "pulled_chunks": 40,
+        "report": {"g1": {"pairs": 1, "zero_loss": True, "pulled_chunks": 40,
+                          "fenced_old_primary": True}},
+    }  # fmt: skip
+    assert r1["hydration"] == [{
+        "group": "g1", "pair": "g1/p1", "percent": 25.0, "pending_chunks": 30,
+        "fetched_on_demand": 4, "pulling": True, "rate_bytes_s": 1 << 20, "eta_seconds": 1.9,
+    }]  # fmt: skip
+    text = status()
+    assert "SVOL-takeover (zero data loss)" in text, text
+    assert "r1 g1/p1: hydrating 25.0%, 30 chunks pending" in text and "ETA 1.9s" in text, text
+    b.hydration = None  # the pull is done
+    (r1,) = json.loads(status("--json"))["resources"]
+    assert r1["hydration"] == [] and r1["takeover"]["zero_loss"] is True
+    # Seen from a host whose agent is not the active one: b's failover record, on its
+    # heartbeats, says it (without the groups' reports, kept off the datagrams).
+    mark = len(read_events(cluster.events("a")))
+    cluster.start("a")
+    wait_event(cluster.events("a"), "cluster.standby", lambda e: e["resource"] == "r1",
+               after=mark)  # fmt: skip
+    capsys.readouterr()
+    deadline = time.monotonic() + 20
+    while True:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PAIRVOL_AGENT_DIR", cluster.dir("a"))
+            assert main(["cluster", "status", "--json", *cfg]) == 0
+        (r1,) = json.loads(capsys.readouterr().out)["resources"]
+        if r1["takeover"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)  # a's status file follows its heartbeats from b: poll, bounded
+    assert r1["takeover"] == {"host": "b", "groups": {"g1": "SVOL-takeover"},
+                              "zero_loss": True, "pulled_chunks": 40, "report": None}  # fmt: skip
+    assert r1["hydration"] is None  # no node here

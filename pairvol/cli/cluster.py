@@ -21,6 +21,19 @@ agent, for the hosts' flags and the last failover) are set, so no option is need
 
 ``pairs`` are what this host's node says (``$PAIRVOL_NODE_DIR``; null without it).
 
+An active resource's ``takeover`` (null otherwise, or when no agent here knows it) says how
+its active host took it over: ``{"host", "groups": {GROUP: "nop" | "swap" | "SVOL-takeover"
+| "PVOL-PSUE" | "PVOL-PSUS"}, "zero_loss": bool | null, "pulled_chunks": int | null,
+"report": {GROUP: {"zero_loss", "pulled_chunks", "fenced_old_primary", "pairs",
+["not_received_entries"]}} | null}``.  ``zero_loss`` is null when no group was taken over
+(``nop``, ``swap``), true when every acknowledged write is there (an ``SVOL-takeover`` whose
+old primary's node answered: SPEC 4, the missing chunks pulled in the background; or a sync
+pair in PAIR); ``report`` is known on the active host itself (its agent's status), the rest
+also from a peer's last failover.  ``hydration`` lists, live from this host's node, each pair
+still pulling what its takeover lacked: ``[{"group", "pair", "percent", "pending_chunks",
+"fetched_on_demand", "pulling", "rate_bytes_s", "eta_seconds"}]`` (null without
+``$PAIRVOL_NODE_DIR``; run it on the active host).
+
 ``switchover`` is the planned move (``crm resource move``, HORCM's swap): the active agent
 stops the application, fences its node, splits the groups (async: drained), then releases the
 leader key naming the target, which swaps the pairs (``resync --swap``: only differences are
@@ -174,12 +187,21 @@ def _last_failover(agent: dict[str, Any] | None, name: str) -> Any:
     return max(known, key=lambda f: f.get("at", 0)) if known else None
 
 
-def _pairs(groups: tuple[str, ...]) -> list[dict[str, Any]] | None:
-    """The groups' pairs as this host's node sees them ($PAIRVOL_NODE_DIR), or None."""
+#: What ``status`` shows of a pair's hydration (``pair display``'s, SPEC 4).
+HYDRATION_KEYS = ("percent", "pending_chunks", "fetched_on_demand", "pulling", "rate_bytes_s",
+                  "eta_seconds")  # fmt: skip
+
+
+def _pairs(
+    groups: tuple[str, ...],
+) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """The groups' pairs as this host's node sees them ($PAIRVOL_NODE_DIR), and those still
+    hydrating after a takeover; (None, None) without a node here."""
     node_dir = os.environ.get("PAIRVOL_NODE_DIR")
     if not node_dir:
-        return None
+        return None, None
     out: list[dict[str, Any]] = []
+    hydrating: list[dict[str, Any]] = []
     for group in groups:
         try:
             doc = control.call(os.path.join(node_dir, CONTROL_SOCKET), "pair.display",
@@ -190,7 +212,53 @@ def _pairs(groups: tuple[str, ...]) -> list[dict[str, Any]] | None:
         for p in doc.get("pairs", []):
             out.append({k: p.get(k) for k in ("id", "role", "state", "epoch", "cluster_epoch",
                                                "writes", "fenced")})  # fmt: skip
-    return out
+            h = p.get("hydration")
+            if isinstance(h, dict):
+                hydrating.append({"group": group, "pair": p.get("id")}
+                                 | {k: h.get(k) for k in HYDRATION_KEYS})  # fmt: skip
+    return out, hydrating
+
+
+def _takeover(
+    agent: dict[str, Any] | None, name: str, active: str | None, last: Any
+) -> dict[str, Any] | None:
+    """How the active host took the resource over: from its own agent's status when that
+    agent is this host's (with each group's report), else from the last failover to it."""
+    if active is None:
+        return None
+    if agent is not None and agent.get("host") == active:
+        for r in agent.get("resources", []):
+            if r.get("name") == name and r.get("takeover"):
+                report = r.get("takeover_report") or {}
+                pulled = sum(int(g.get("pulled_chunks") or 0) for g in report.values())
+                return {"host": active, "groups": r["takeover"], "zero_loss": r.get("zero_loss"),
+                        "pulled_chunks": pulled, "report": report}  # fmt: skip
+    if isinstance(last, dict) and last.get("to") == active and last.get("takeover"):
+        return {"host": active, "groups": last["takeover"], "zero_loss": last.get("zero_loss"),
+                "pulled_chunks": last.get("pulled_chunks"), "report": None}  # fmt: skip
+    return None
+
+
+def _takeover_text(t: dict[str, Any] | None) -> str:
+    if t is None:
+        return "-"
+    names = ",".join(sorted(set(t["groups"].values())))
+    if t["zero_loss"] is True:
+        return f"{names} (zero data loss)"
+    if t["zero_loss"] is False:
+        return f"{names} (writes may be lost)"
+    return names
+
+
+def _hydration_text(resource: str, h: dict[str, Any]) -> str:
+    rate = h.get("rate_bytes_s")
+    eta = h.get("eta_seconds")
+    return (
+        f"{resource} {h['pair']}: hydrating {h.get('percent')}%, "
+        f"{h.get('pending_chunks')} chunks pending, {h.get('fetched_on_demand')} fetched on "
+        f"demand, {'-' if rate is None else f'{rate / 2**20:.1f} MiB/s'}, "
+        f"ETA {'-' if eta is None else f'{eta:g}s'}"
+    )
 
 
 def status_doc(args: Any) -> dict[str, Any]:
@@ -201,16 +269,21 @@ def status_doc(args: Any) -> dict[str, Any]:
         for r, source in _resources(config, coord, keys):
             leader = read_leader(coord, keys, r.name)
             remaining = None if leader is None else coord.lease_remaining(leader.lease)
+            active = None if leader is None else leader.holder
+            last = _last_failover(agent, r.name)
+            pairs, hydration = _pairs(r.groups)
             out.append({
                 "name": r.name,
                 "source": source,
                 "groups": list(r.groups),
-                "active": None if leader is None else leader.holder,
+                "active": active,
                 "epoch": read_epoch(coord, keys, r.name),
                 "lease_remaining": remaining,
                 "hosts": [{"name": h, "flags": _flags(agent, h)} for h in r.hosts],
-                "last_failover": _last_failover(agent, r.name),
-                "pairs": _pairs(r.groups),
+                "last_failover": last,
+                "takeover": _takeover(agent, r.name, active, last),
+                "pairs": pairs,
+                "hydration": hydration,
             })  # fmt: skip
     return {"cluster": config.cluster, "resources": out}
 
@@ -228,9 +301,13 @@ def cmd_status(args: Any) -> int:
             "hosts": ",".join(h["name"] for h in r["hosts"]),
             "last_failover": "-" if lf is None else
             f"{lf['from']}->{lf['to']} {lf['seconds']}s epoch {lf['epoch']}",
+            "takeover": _takeover_text(r["takeover"]),
         })  # fmt: skip
     print(f"cluster {doc['cluster']}")
-    print_table(rows, ["resource", "active", "epoch", "hosts", "last_failover"])
+    print_table(rows, ["resource", "active", "epoch", "hosts", "last_failover", "takeover"])
+    for r in doc["resources"]:
+        for h in r["hydration"] or []:
+            print(_hydration_text(r["name"], h))
     return 0
 
 
