@@ -665,6 +665,11 @@ def test_an_async_takeover_with_a_backlog_loses_nothing_across_a_kill_of_the_new
     env.wait_event("b", "pair.pull.done", after=mark, pair="gz/p1", timeout=60)
     swapped_back(env, "b", "gz", after=mark)
     assert image_of(pa, size) == truth
+    # Reversed, b ships its journal to a (the new primary's shipper runs).
+    env.write("b", "zl1", 6 * CHUNK, b"\x09" * 4096)
+    truth[6 * CHUNK : 6 * CHUNK + 4096] = b"\x09" * 4096
+    env.wait_side("b", "gz/p1", lambda s: s["journal"]["lag_entries"] == 0, what="shipped")
+    assert verify(env, "b", "gz/p1") == 0 and image_of(pa, size) == truth
     forget(env, "gz")
 
 

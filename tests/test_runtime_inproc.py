@@ -868,6 +868,32 @@ def test_the_reader_takes_a_journal_entry_itself_only_when_it_cannot_wait(
     assert not inline(wire.Write(pid, 0, b"x" * 4096, seq=nxt))  # would wait for space
 
 
+def test_an_async_side_swapped_to_primary_ships_what_is_written_to_it(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """After resync --swap the new async primary ships its journal: its group's shipper was
+    started only at create and at a node's start, so writes after a swap (or after the swap
+    back that ends a takeover's pull) piled up unshipped until the node restarted, with the
+    pair in PAIR."""
+    _, a, b = two
+    pid = "g/p1"
+    a.create(pid, b, mode="async", journal_size=MiB)
+    wait_copy(a, pid)
+    a.cmd("pair.split", target="g")
+    b.cmd("pair.resync", target="g", swap=True)
+    wait_copy(b, pid)
+    hb = b.open()
+    for i in range(8):
+        write(hb, i * 2 * CHUNK + 100, noise(4096))
+    hb.flush()
+    journal = lambda: b.show(pid)["journal"]  # noqa: E731
+    wait_until(
+        "the new primary's journal shipped and applied", lambda: journal()["lag_entries"] == 0
+    )
+    assert journal()["secondary_applied"] >= 8
+    identical(a, b)
+
+
 def test_an_async_side_swapped_to_secondary_opens_its_journal_at_once(
     two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -73,6 +73,9 @@ class PairManager:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node_name = node_name
+        #: The groups loaded at start-up are started (their shipper runs): a group made after
+        #: that starts at once (primary_group).
+        self._groups_started = False
         self.directory = directory
         self.listen = listen
         self.peer_port = peer_port
@@ -223,6 +226,7 @@ class PairManager:
                 if n:
                     self.log(f"group {name}: redid {n} journal entries after a restart")
             g.start()
+        self._groups_started = True
         if timer_thread:
             self.timer.start()
 
@@ -337,6 +341,11 @@ class PairManager:
                 path = journal_path(self.directory, name, receive=False)
                 g = GroupPrimary(name, path, size, side.doc.high_watermark, self.log)
                 self.primaries[name] = g
+                if self._groups_started:
+                    # A side that became the primary while the node runs (a swap, the swap
+                    # back after a takeover's pull): its shipper starts now.  At start-up it
+                    # starts after the journal's redo (start()).
+                    g.start()
             g.add(side.stream, side)
             return g
 
