@@ -986,12 +986,18 @@ def test_reads_and_writes_of_chunks_not_here_yet_fetch_them_on_demand(
     assert shown["fetched_on_demand"] == side.engine.on_demand and shown["pulling"]
     assert 0 < shown["percent"] < 100 and shown["pending_chunks"] == side.copy_map.count()
     assert shown["fetch_ms_avg"] is not None
+    assert read(hb, last, CHUNK) == truth[last:]  # here now: a local read
+    reads = b.show(pid)["hydration"]["read_latency"]
+    assert reads["fetched"]["count"] == 2 and reads["local"]["count"] == 1, reads
+    assert all(reads[k]["p50_ms"] is not None for k in ("fetched", "local"))
+    assert reads["fetched"]["p99_ms"] >= reads["fetched"]["p50_ms"]
 
     side.doc.max_rate = 0  # let the background pull finish
     wait_until("the pull's end", lambda: not side.record.copy_incomplete)
     assert b.show(pid)["hydration"] is None
     done = [e for e in read_events(b.events_path) if e["event"] == "pair.pull.done"]
     assert done[-1]["fetched_on_demand"] >= 6
+    assert done[-1]["read_latency"]["fetched"]["count"] == 2
     assert_same(b.image(), bytes(want))
     swapped_back(lab, a, b, pid)
 
@@ -1341,3 +1347,20 @@ def test_stop_during_a_copy_then_restart_resumes_it(two: tuple[Lab, Node, Node])
     wait_copy(a, pid)
     assert b.state(pid) == ("PAIR", "secondary")
     identical(a, b)
+
+
+def test_read_latency_percentiles_by_kind_nearest_rank_of_the_newest() -> None:
+    from replicator.pair.pull import ReadLatency
+
+    r = ReadLatency()
+    assert r.summary()["fetched"] == {"count": 0, "p50_ms": None, "p99_ms": None}
+    for ms in range(1, 101):  # 1..100 ms, fetched
+        r.note(True, ms / 1000)
+    r.note(False, 0.0002)
+    s = r.summary()
+    assert s["fetched"] == {"count": 100, "p50_ms": 50.0, "p99_ms": 99.0}
+    assert s["local"] == {"count": 1, "p50_ms": 0.2, "p99_ms": 0.2}
+    for _ in range(ReadLatency.SAMPLES):
+        r.note(True, 0.001)
+    assert r.summary()["fetched"] == {"count": 100 + ReadLatency.SAMPLES, "p50_ms": 1.0,
+                                      "p99_ms": 1.0}  # fmt: skip

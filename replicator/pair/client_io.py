@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -297,9 +298,13 @@ class ClientWrites:
                     errno.EPERM,
                 )
 
-    def hydrate_read(self, offset: int, length: int) -> None:
+    def hydrate_read(self, offset: int, length: int) -> tuple[list[PullEngine], bool]:
         """Every chunk of the read that a leg never received is fetched first (copy on
-        read), or the read is refused (:func:`replicator.pair.hydration.read`)."""
+        read), or the read is refused (:func:`replicator.pair.hydration.read`).  Returns the
+        pulls of the legs still pulling, and whether the read needed a fetch (the caller
+        notes its latency, by kind, in their :class:`~replicator.pair.pull.ReadLatency`)."""
+        engines: list[PullEngine] = []
+        fetched = False
         for leg in self.legs.sides():
             if not self._pulling(leg) or offset < 0 or offset + length > leg.data_size:
                 continue  # a range outside the volume: the handle refuses it
@@ -309,7 +314,12 @@ class ClientWrites:
             plan = hydration.read(geometry, offset, length, bits, self._reachable(leg))
             if plan.refused is not None:
                 self._pending_error(leg, plan.refused, "read", "the old primary cannot be reached")
-            self._carry(leg, plan.split(Step.READ)[0], "read", held=False)
+            before = plan.split(Step.READ)[0]
+            self._carry(leg, before, "read", held=False)
+            fetched = fetched or any(a.step is Step.FETCH for a in before)
+            if isinstance(leg.engine, PullEngine):
+                engines.append(leg.engine)
+        return engines, fetched
 
     def _before_write(
         self, leg: Side, offset: int, length: int, locks: contextlib.ExitStack
@@ -409,10 +419,15 @@ class BoundHandle(ExportHandle):
 
     def pread(self, buf: memoryview, offset: int) -> None:
         writes = self._policy()
-        if writes is not None:
-            writes.refuse_hidden()
-            writes.hydrate_read(offset, len(buf))
+        if writes is None:
+            super().pread(buf, offset)
+            return
+        writes.refuse_hidden()
+        t0 = time.monotonic()
+        pulls, fetched = writes.hydrate_read(offset, len(buf))
         super().pread(buf, offset)
+        for pull in pulls:  # while a takeover's pull runs: fetched against local reads
+            pull.reads.note(fetched, time.monotonic() - t0)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         count = len(buf)

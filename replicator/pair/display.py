@@ -117,6 +117,8 @@ def _hydration(side: Side, pending: int) -> dict[str, Any] | None:
         "pulled_chunks": engine.copied if engine is not None else 0,
         "fetched_on_demand": engine.on_demand if engine is not None else 0,
         "fetch_ms_avg": engine.fetch_ms_avg if engine is not None else None,
+        # Clients' reads meanwhile: those that needed a fetch against those served here.
+        "read_latency": engine.reads.summary() if engine is not None else None,
         "rate_bytes_s": rate,
         "eta_seconds": eta,
     }

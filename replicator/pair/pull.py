@@ -22,7 +22,9 @@ When the last chunk is in, the side is consistent (``CopyDone`` in SSWS) and ``r
 
 from __future__ import annotations
 
+import collections
 import errno
+import math
 import os
 import threading
 import time
@@ -60,6 +62,47 @@ def serve_chunk(side: Side, msg: wire.ChunkRequest) -> wire.Chunk:
     return wire.Chunk(side.id, msg.index, data)
 
 
+class ReadLatency:
+    """The latency of clients' reads while a pull runs, by kind: ``fetched`` (the read
+    needed a chunk fetched on demand) or ``local`` (everything it read was here); the
+    newest :data:`SAMPLES` of each, for the display's percentiles (issue 11, item 8)."""
+
+    SAMPLES = 4096
+    KINDS = ("fetched", "local")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: dict[str, collections.deque[float]] = {
+            k: collections.deque(maxlen=self.SAMPLES) for k in self.KINDS
+        }
+        self._counts = dict.fromkeys(self.KINDS, 0)
+
+    def note(self, fetched: bool, seconds: float) -> None:
+        kind = "fetched" if fetched else "local"
+        with self._lock:
+            self._seconds[kind].append(seconds)
+            self._counts[kind] += 1
+
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        """Per kind: how many reads, and the p50/p99 of the newest, in milliseconds."""
+        out: dict[str, dict[str, float | int | None]] = {}
+        with self._lock:
+            for kind in self.KINDS:
+                ms = sorted(1000 * t for t in self._seconds[kind])
+                out[kind] = {
+                    "count": self._counts[kind],
+                    "p50_ms": _nearest_rank(ms, 0.50),
+                    "p99_ms": _nearest_rank(ms, 0.99),
+                }
+        return out
+
+
+def _nearest_rank(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 3)
+
+
 class PullEngine:
     """Pulls the set chunks of a taken-over side's copy bitmap from the old primary."""
 
@@ -72,6 +115,7 @@ class PullEngine:
         self.copied = 0
         self.on_demand = 0  # chunks fetched for a client's read or write
         self.on_demand_seconds = 0.0
+        self.reads = ReadLatency()  # clients' reads meanwhile, fetched or local
         self._unsynced: set[int] = set()  # pulled chunks whose data and bit are not durable
         self._sync_lock = threading.Lock()
         self.total = 0
@@ -195,6 +239,7 @@ class PullEngine:
                 chunks=self.copied,
                 fetched_on_demand=self.on_demand,
                 fetch_ms_avg=self.fetch_ms_avg or 0.0,
+                read_latency=self.reads.summary(),
             )
             side.log(f"pair {side.id}: pulled the {self.copied} chunks it lacked; consistent")
             total = max(self.total, self.copied)
