@@ -332,12 +332,16 @@ class PairCreate:
     primary_peer: str = ""
     #: The P-VOL's logical block size: both volumes of a pair must have the same.
     block_size: int = 512
+    #: The pair's ``--max-rate`` (bytes/s, 0: none): the secondary keeps it, for the pull
+    #: after a takeover and for the copies and shipping once a swap makes it the primary.
+    max_rate: int = 0
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
         _volume(self, "volume")
         _utf8(self, "primary_peer", PEER_ADDRESS_MAX)
         _uint(self, "block_size", 32, low=1)
+        _uint(self, "max_rate", 63)
         _uint(self, "data_size", 63, low=1)
         _chunk_size(self, "chunk_size")
         _one_of(self, "mode", MODES)
@@ -821,7 +825,7 @@ CODECS: Final[dict[type, Codec]] = {
         Codec(0x10, PairCreate, (
             _pair_id(), _Str("volume", NAME_MAX), _u64("data_size"), _u32("chunk_size"),
             _choice("mode", MODES), _choice("fence", FENCES), _u64("pvid"), _u64("epoch"),
-            _Str("primary_peer", PEER_ADDRESS_MAX), _u32("block_size"),
+            _Str("primary_peer", PEER_ADDRESS_MAX), _u32("block_size"), _u64("max_rate"),
         )),
         Codec(0x11, PairState, (
             _pair_id(), _choice("state", STATES), _choice("role", ROLES, first=1),

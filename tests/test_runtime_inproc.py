@@ -1364,3 +1364,18 @@ def test_read_latency_percentiles_by_kind_nearest_rank_of_the_newest() -> None:
         r.note(True, 0.001)
     assert r.summary()["fetched"] == {"count": 100 + ReadLatency.SAMPLES, "p50_ms": 1.0,
                                       "p99_ms": 1.0}  # fmt: skip
+
+
+def test_the_secondary_keeps_the_pairs_max_rate_for_its_pull(two: tuple[Lab, Node, Node]) -> None:
+    """``pair create --max-rate`` reaches the secondary (PairCreate.max_rate): a takeover
+    there pulls at the pair's rate without being told again (the cluster agent's takeover
+    gives none); before, the secondary had no limit and pulled at full speed."""
+    _, a, b = two
+    pid = "g/p1"
+    write(a.open(), 0, noise(SIZE))
+    a.create(pid, b, max_rate=4 * CHUNK)
+    side = b.side(pid)
+    assert side.doc.max_rate == 4 * CHUNK
+    b.cmd("pair.takeover", target="g")  # no --max-rate
+    assert side.record.copy_incomplete and side.max_rate == 4 * CHUNK
+    assert side.copy_map.count() > 40  # still pulling, at four chunks a second

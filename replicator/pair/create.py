@@ -114,6 +114,7 @@ class Creation:
                     0,
                     f"{self.m.listen}:{self.m.peer_port}",
                     h.block_size,
+                    doc.max_rate,
                 )
                 if local:
                     secondary = self.on_pair_create(self.m.node_name, create)
@@ -217,7 +218,7 @@ class Creation:
                     os.unlink(journal_path(self.m.directory, group, receive=True))
             diff_slot, copy_slot = legs.claim_slots(pid)
             record = dataclasses.replace(record, diff_slot=diff_slot, copy_slot=copy_slot)
-            doc = SideDoc(record, msg.volume, peer, stream=stream)
+            doc = SideDoc(record, msg.volume, peer, stream=stream, max_rate=msg.max_rate)
             side = self._new_side(legs, doc)
             try:
                 self._clear_bitmaps(side)
