@@ -5,7 +5,8 @@ Where an agent keeps its state (``STATE_DIR``): ``--state-dir``, else ``$PAIRVOL
 else ``/var/lib/pairvol/agent/CLUSTER-HOST``.  It holds ``agent.pid`` (unless ``--pidfile``
 says otherwise), ``agent.json`` (the status, rewritten as it changes), ``events.jsonl`` and,
 for a daemon, ``agent.log``.  The agent is ready once its ``cluster.started`` event is in the
-log with its pid and its pid file exists.
+log with its pid and its pid file exists; in the foreground it then also says ``READY=1`` to
+systemd (:mod:`replicator.sd_notify`; nothing without ``$NOTIFY_SOCKET``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cluster.agent import EVENTS, STATUS, Agent, ControlNode
 from cluster.agent_link import Endpoint
 from cluster.config import Config, load_config
 from cluster.coord import EtcdCoord, Keys, list_resources
+from replicator import sd_notify
 from replicator.atomic_file import write_atomic
 from replicator.errors import ExternalCommandFailed, IllegalState, NotFound, Timeout, UsageError
 from replicator.events import read_events
@@ -135,6 +137,8 @@ def run_foreground(config_file: str, host: str, directory: str, pidfile: str) ->
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
+        # ready as a daemon is (cluster.started logged, pid file written): tell systemd
+        sd_notify.ready(f"agent {host} of cluster {config.cluster}")
         agent.run()
     finally:
         with contextlib.suppress(FileNotFoundError):

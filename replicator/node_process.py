@@ -4,6 +4,11 @@ The launcher opens both NBD listeners itself (TCP ``ADDR:PORT`` and the unix soc
 ``DIR/nbd.sock``) and hands them to nbdkit by socket activation (``LISTEN_FDS=2``): nbdkit alone
 can listen on a unix socket *or* TCP, not both.  The node is ready when its control socket
 exists; nbdkit's pidfile is ``DIR/node.pid``.
+
+``start`` leaves nbdkit running on its own (an orphan, a child of init); ``start(...,
+foreground=True)`` keeps it a child of this process, and :func:`wait_foreground` then tells
+systemd the node is ready (``READY=1``, :mod:`replicator.sd_notify`) and waits for it: that is
+``pairvol node start --foreground``, what ``systemd/pairvol-node@.service`` runs.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import signal
 import socket
 import time
 from pathlib import Path
+from types import FrameType
 
-from replicator import control
+from replicator import control, sd_notify
 from replicator.errors import (
     ConnectionFailed,
     ExternalCommandFailed,
@@ -110,13 +116,16 @@ def node_command(
     )
 
 
-def _spawn_detached(cmd: list[str], log_path: str, listeners: tuple[socket.socket, ...]) -> int:
+def _spawn_detached(
+    cmd: list[str], log_path: str, listeners: tuple[socket.socket, ...], *, detach: bool = True
+) -> int:
     """Run ``cmd`` as an orphan in its own session, with ``listeners`` as fds 3, 4, ...
 
     nbdkit runs in the foreground under socket activation and arms a parent-death signal at
     start-up, so it must not have a parent that will exit: the grandchild waits until its
     intermediate parent is gone (it is then a child of init) before it execs.  Returns the
-    pid of the process that execs ``cmd``.
+    pid of the process that execs ``cmd``.  ``detach=False``: ``cmd`` is our own child (the
+    foreground node, which dies with us), in our session.
     """
     read_end, write_end = os.pipe()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -124,12 +133,13 @@ def _spawn_detached(cmd: list[str], log_path: str, listeners: tuple[socket.socke
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked children
         try:
-            os.setsid()
-            middle = os.getpid()
-            if os.fork() != 0:
-                os._exit(0)
-            while os.getppid() == middle:
-                time.sleep(0.001)
+            if detach:
+                os.setsid()
+                middle = os.getpid()
+                if os.fork() != 0:
+                    os._exit(0)
+                while os.getppid() == middle:
+                    time.sleep(0.001)
             os.write(write_end, str(os.getpid()).encode())
             # Park everything above the target range first, so no dup2 clobbers a source.
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in (null_fd, log_fd)]
@@ -140,13 +150,14 @@ def _spawn_detached(cmd: list[str], log_path: str, listeners: tuple[socket.socke
             for i, fd in enumerate(socks):
                 os.dup2(fd, 3 + i)  # a real dup2 (fd != 3+i) clears close-on-exec
             env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(listeners)))
+            env.pop(sd_notify.NOTIFY_SOCKET_ENV, None)  # the node's readiness is ours to say
             os.execvpe(cmd[0], cmd, env)
         finally:
             os._exit(127)
     os.close(write_end)
     os.close(log_fd)
     os.close(null_fd)
-    _, status = os.waitpid(child, 0)
+    status = os.waitpid(child, 0)[1] if detach else 0
     with os.fdopen(read_end, "rb") as f:
         reported = f.read()
     if status != 0 or not reported:
@@ -164,9 +175,11 @@ def start(
     secret_file: str | None = None,
     max_connections: int = NBD_MAX_CONNECTIONS,
     timeout: float = 30.0,
+    foreground: bool = False,
 ) -> int:
     """Start a node in the background; return its pid once its control socket answers.
-    ``max_connections``: NBD clients served at once (0: no limit)."""
+    ``max_connections``: NBD clients served at once (0: no limit).  ``foreground``: nbdkit
+    stays this process's child (then :func:`wait_foreground`)."""
     check_node_name(name)
     check_max_connections(max_connections)
     directory = os.path.abspath(directory)
@@ -191,7 +204,7 @@ def start(
     cmd = node_command(name, directory, listen, nbd_port, peer_port, secret_file, max_connections)
 
     log_path = os.path.join(directory, LOG)
-    launched = _spawn_detached(cmd, log_path, (tcp, unix))
+    launched = _spawn_detached(cmd, log_path, (tcp, unix), detach=not foreground)
     tcp.close()
     unix.close()
     control_path = os.path.join(directory, CONTROL_SOCKET)
@@ -214,6 +227,29 @@ def start(
                 f"see {os.path.join(directory, LOG)}"
             )
         time.sleep(0.02)
+
+
+def wait_foreground(pid: int, name: str, directory: str) -> int:
+    """After ``start(..., foreground=True)`` returned ``pid``: report readiness to systemd
+    (a no-op without ``$NOTIFY_SOCKET``), pass SIGTERM and SIGINT on to nbdkit and wait until
+    it exits; its exit status (128+N if signal N ended it), its sockets and pid file gone."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        sd_notify.ready(f"node {name} serving (nbdkit pid {pid})")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for leftover in (NBD_SOCKET, CONTROL_SOCKET, PIDFILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, leftover))
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
 
 
 def _alive(pid: int) -> bool:

@@ -12,11 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pairvol.cli import agent, bench, cluster, demo, host, lab, node, pair, volume
+from pairvol.cli import agent, bench, cluster, demo, events, host, lab, node, pair, volume
 from pairvol.cli.common import ArgumentParser
 from replicator.errors import PairvolError, UsageError
 
-KINDS = (volume, host, node, pair, agent, cluster, lab, bench, demo)
+KINDS = (volume, host, node, pair, agent, cluster, events, lab, bench, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

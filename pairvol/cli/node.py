@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from pairvol.cli.common import print_json, print_table
@@ -45,6 +46,12 @@ def register(sub: Any) -> None:
         help=f"NBD clients served at once, more are refused (default {NBD_MAX_CONNECTIONS}; "
         "0: no limit)",
     )
+    s.add_argument(
+        "--foreground",
+        action="store_true",
+        help="stay until the node exits, passing SIGTERM on to it, and report readiness to "
+        "systemd (Type=notify); by default the node is left running in the background",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_start)
 
@@ -70,11 +77,15 @@ def cmd_start(args: argparse.Namespace) -> int:
         peer_port=args.peer_port,
         secret_file=args.secret_file,
         max_connections=args.max_connections,
+        foreground=args.foreground,
     )
     if args.json:
         print_json({"name": args.name, "pid": pid, "dir": os.path.abspath(args.dir)})
     else:
         print(f"node {args.name} started (pid {pid}), serving {os.path.abspath(args.dir)}")
+    if args.foreground:
+        sys.stdout.flush()
+        return node_process.wait_foreground(pid, args.name, os.path.abspath(args.dir))
     return 0
 
 
