@@ -46,7 +46,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from replicator import wire
@@ -90,6 +90,10 @@ class Side(Protocol):
     ) -> None: ...
 
     def mark_dirty(self, offset: int, length: int) -> None: ...
+
+    def mark_dirty_all(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Mark every range, then make the bitmap durable once."""
+        ...
 
     def ships(self) -> bool: ...
 
@@ -329,10 +333,13 @@ class GroupPrimary(_GroupWorker):
         """A fold's entries go into their pairs' difference bitmaps, durably, before the
         journal lets them go (the marks came after the drop: a kill between lost the
         changes from both, and a later resync left the secondary without them)."""
+        ranges: dict[int, list[tuple[int, int]]] = {}
         for entry in entries:
-            side = self.sides.get(entry.stream)
+            ranges.setdefault(entry.stream, []).append((entry.offset, max(entry.length, 1)))
+        for stream, marks in ranges.items():  # each pair's bitmap made durable once
+            side = self.sides.get(stream)
             if side is not None:
-                side.mark_dirty(entry.offset, max(entry.length, 1))
+                side.mark_dirty_all(marks)
 
     def _drop_all(self, record: Callable[[list[Entry]], None] | None = None) -> list[Entry]:
         """With the fold gate closed and the lock: release every entry; every leg has them in

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ class FakeSide:
         self.peer = peer
         self._volume = volume
         self.dirty: list[tuple[int, int]] = []
+        self.dirty_calls = 0
         self.link_failures: list[str] = []
         self.peer_failures: list[str] = []
         self.full = 0
@@ -124,6 +125,10 @@ class FakeSide:
 
     def mark_dirty(self, offset: int, length: int) -> None:
         self.dirty.append((offset, length))
+
+    def mark_dirty_all(self, ranges: Iterable[tuple[int, int]]) -> None:
+        self.dirty_calls += 1
+        self.dirty.extend(ranges)
 
     def ships(self) -> bool:
         return True
@@ -361,16 +366,17 @@ def test_a_fold_records_the_entries_before_the_journal_lets_them_go(
     secondary without them while the pair said PAIR."""
     rig.write(3)
 
-    def dies(offset: int, length: int) -> None:
+    def dies(ranges: Iterable[tuple[int, int]]) -> None:
         raise OSError("killed")
 
-    monkeypatch.setattr(rig.side, "mark_dirty", dies)
+    monkeypatch.setattr(rig.side, "mark_dirty_all", dies)
     with pytest.raises(OSError):
         rig.g.fold()
     g = rig.restart()
     assert [e.seq for e in g.journal.entries(g.journal.first_seq)] == [1, 2, 3]
     monkeypatch.undo()
     assert g.fold() == 3 and len(rig.side.dirty) == 3
+    assert rig.side.dirty_calls == 1  # the pair's bitmap made durable once, not per entry
 
 
 def test_a_group_restarted_after_a_release_tells_the_peer_where_to_continue(

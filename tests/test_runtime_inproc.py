@@ -1379,3 +1379,27 @@ def test_the_secondary_keeps_the_pairs_max_rate_for_its_pull(two: tuple[Lab, Nod
     b.cmd("pair.takeover", target="g")  # no --max-rate
     assert side.record.copy_incomplete and side.max_rate == 4 * CHUNK
     assert side.copy_map.count() > 40  # still pulling, at four chunks a second
+
+
+def test_a_fold_writes_each_pairs_bitmap_once_not_once_per_entry(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11, time to ready: a takeover's fold of the old primary's backlog made the
+    difference bitmap durable once per newly dirty chunk (a write and an fdatasync each: a
+    backlog of thousands of chunks took seconds); now once per pair.  The bits are the same."""
+    _, a, b = two
+    pid = "g/p1"
+    a.create(pid, b, mode="async", journal_size=4 * MiB)
+    wait_copy(a, pid)
+    side = a.side(pid)
+    side.doc.max_rate = 1  # nothing ships: a backlog
+    ha = a.open()
+    chunks = list(range(0, SIZE // CHUNK, 2))
+    for c in chunks:
+        write(ha, c * CHUNK + 100, noise(512))
+    flushes = []
+    real = side.store.flush
+    monkeypatch.setattr(side.store, "flush", lambda *a: flushes.append(1) or real(*a))
+    assert a.manager.primaries["g"].fold() >= len(chunks)
+    assert len(flushes) == 1
+    assert [c for c in range(SIZE // CHUNK) if side.diff_map.test(c)] == chunks

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import assert_never
 
 from replicator import faults, wire
@@ -191,8 +191,17 @@ class Side:
             self.store.flush(self.record.copy_slot, self.copy_map)
 
     def mark_dirty(self, offset: int, length: int) -> None:
+        self.mark_dirty_all(((offset, length),))
+
+    def mark_dirty_all(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Mark every ``(offset, length)`` in the difference bitmap, then make it durable
+        once (a fold of a journal's backlog: one write of the bitmap, not one per chunk)."""
         with self.bitmap_lock:
-            if self.diff_map.mark(offset, length):
+            changed = False
+            for offset, length in ranges:
+                if self.diff_map.mark(offset, length):
+                    changed = True
+            if changed:
                 self.store.flush(self.record.diff_slot, self.diff_map)
 
     def my_state(self) -> wire.PairState:
