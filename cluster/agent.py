@@ -295,6 +295,9 @@ class Agent:
         self._outbox: dict[str, dict[str, Any]] = {}  # peer -> resource -> heartbeat fields
         self._refusals: dict[str, tuple[float, int]] = {}
         self._status_written = ""
+        #: (resource, result) -> failovers to this host that completed (the metrics'
+        #: ``pairvol_failovers_total``, cluster/metrics.py); result as horctakeover names it.
+        self.failovers: dict[tuple[str, str], int] = {}
         self._resources_due = clock()
         self.refresh = RefreshDriver(
             host=self.me, state_dir=state_dir, coord=coord, keys=self.keys, node=node,
@@ -476,6 +479,8 @@ class Agent:
         h.handed_over = False
         if kind == "failover":
             h.last_failover = record
+            key = (h.name, str(record["result"] or "unknown"))
+            self.failovers[key] = self.failovers.get(key, 0) + 1
         else:
             h.last_switchover = record
         self.events.emit(

@@ -122,13 +122,27 @@ def preflight(config: Config, host: str) -> None:
         list_resources(coord, Keys(config.cluster), known_hosts=config.host_names())
 
 
-def run_foreground(config_file: str, host: str, directory: str, pidfile: str) -> int:
+def run_foreground(
+    config_file: str, host: str, directory: str, pidfile: str, metrics: str | None = None
+) -> int:
+    """Run the agent here until it stops; ``metrics``: serve Prometheus metrics at this
+    ``ADDR:PORT`` (:mod:`cluster.metrics`)."""
+    address = None
+    if metrics:
+        from replicator.metrics import parse_address  # prometheus_client: only when asked for
+
+        address = parse_address(metrics)
     config = load_config(config_file)
     os.makedirs(directory, exist_ok=True)
     pid = running_pid(pidfile)
     if pid is not None and pid != os.getpid():
         raise IllegalState(f"an agent already runs for {directory} (pid {pid})")
     agent = build(config, host, directory)
+    server = None
+    if address is not None:
+        from cluster.metrics import serve_agent
+
+        server = serve_agent(address, agent)
     write_atomic(pidfile, f"{os.getpid()}\n".encode())
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -141,6 +155,8 @@ def run_foreground(config_file: str, host: str, directory: str, pidfile: str) ->
         sd_notify.ready(f"agent {host} of cluster {config.cluster}")
         agent.run()
     finally:
+        if server is not None:
+            server.stop()
         with contextlib.suppress(FileNotFoundError):
             if running_pid(pidfile) == os.getpid():
                 os.unlink(pidfile)

@@ -401,6 +401,7 @@ class BenchConfig:
     journal_size: int = 512 << 20  # the async group's journal
     lag_runtime: float = 20.0  # seconds of rate-limited writing per lag measurement
     lag_interval: float = 0.25  # seconds between journal lag samples
+    tls: bool = False  # the replicated suites' lab with TLS on its peer links (lab up --tls)
 
     def fio_args(self) -> list[str]:
         args = ["--ioengine=nbd", f"--numjobs={self.numjobs}", "--time_based"]
@@ -650,9 +651,15 @@ class BenchLab:
     (the lab's own registry lives in ``root``, so ``down`` can only remove this lab)."""
 
     def __init__(
-        self, root: Path, name: str | None = None, progress: Callable[[str], None] = print
+        self,
+        root: Path,
+        name: str | None = None,
+        progress: Callable[[str], None] = print,
+        *,
+        tls: bool = False,
     ) -> None:
         self.root = root
+        self.tls = tls
         self.name = name or f"pvb{os.getpid() % 100000}"
         self.progress = progress
         self._saved_root: str | None = None
@@ -663,8 +670,8 @@ class BenchLab:
         self._saved_root = os.environ.get(labmod.LAB_ROOT_ENV)
         os.environ[labmod.LAB_ROOT_ENV] = str(self.root)  # pairvol.lab reads it on every call
         try:
-            self.progress(f"lab {self.name}: up, hosts a and b")
-            labmod.up(self.name, ["a", "b"])
+            self.progress(f"lab {self.name}: up, hosts a and b{', TLS' if self.tls else ''}")
+            labmod.up(self.name, ["a", "b"], tls=self.tls)
             self._info = labmod.load(self.name)
         except BaseException:
             self.close()
@@ -1176,7 +1183,7 @@ def run_replicated(
     workloads = replicated_workloads(cfg.workloads)
     if not workloads:
         raise UsageError(f"the replicated suites run only {', '.join(REPLICATED_WORKLOADS)}")
-    with BenchLab(workdir / "labs", progress=progress) as lab:
+    with BenchLab(workdir / "labs", progress=progress, tls=cfg.tls) as lab:
         unrepl = LabTarget(lab, UNREPLICATED)
         paired = [LabTarget(lab, m, m, journal_size=cfg.journal_size) for m in modes]
         targets: list[Target] = [*paired, unrepl]
@@ -1372,6 +1379,7 @@ def report(
             "journal_size": cfg.journal_size,
             "lag_runtime_s": cfg.lag_runtime,
             "lag_interval_s": cfg.lag_interval,
+            "tls": cfg.tls,
         },
         "baseline": names[-1] if names else None,
         "targets": [t.describe() for t in targets],

@@ -29,7 +29,13 @@ Design:
 - **Nodes.**  On each host, inside its namespace: ``pairvol node start --name HOST --dir
   HOSTDIR --listen ADDR --secret-file LABROOT/NAME/HOST.keys``; NBD on ``ADDR:10809``, peers
   on ``ADDR:10810``, the control socket is ``HOSTDIR/control.sock``.  ``HOSTDIR`` is
-  ``LABROOT/NAME/HOST``; the node serves the volumes found in that directory.
+  ``LABROOT/NAME/HOST``; the node serves the volumes found in that directory.  Prometheus
+  metrics (``--metrics``): the node's on ``ADDR:9810``, the agent's (``--cluster``) on
+  ``ADDR:9811``, reachable from the host's namespace (``lab status`` shows the URLs).
+- **TLS** (``up --tls``).  ``LABROOT/NAME/tls/`` holds the lab's CA (``ca.pem``, ``ca.key``)
+  and each host's certificate (``HOST.pem``, ``HOST.key``: CN and SAN DNS the host's name,
+  SAN IP its address), made with ``cryptography``; every node starts with ``--tls-cert
+  --tls-key --tls-ca`` and ``lab status --json`` says ``"tls": true``.
 - **Peer keys.**  One key per link, so that no host can pose as another (docs/protocol.md,
   "Secrets").  ``LABROOT/NAME/secret`` (mode 0600) is the lab's master secret; the key of
   the link between hosts X and Y is ``HMAC-SHA256(master, "pairvol-lab-link-v1" 0 X 0 Y)``
@@ -154,6 +160,7 @@ DEFAULT_LAB_ROOT = "/var/lib/pairvol/labs"
 REGISTRY = "lab.json"
 SECRET = "secret"
 KEYRING_SUFFIX = ".keys"
+TLS_DIR = "tls"
 LINK_KEY_CONTEXT = b"pairvol-lab-link-v1"
 LOCK = ".lock"
 VERSION = 1
@@ -170,6 +177,9 @@ HOST_NAME_MAX = 14  # the bridge-side veth is "v" + HOST, and interface names ar
 _NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 IP_TIMEOUT = 30.0
+#: Each host's node and agent serve Prometheus metrics on the host's address (--metrics).
+NODE_METRICS_PORT = 9810
+AGENT_METRICS_PORT = 9811
 NODE_START_TIMEOUT = 60.0
 KILL_TIMEOUT = 15.0
 
@@ -265,6 +275,7 @@ class Lab:
     isolated: list[str] = field(default_factory=list)  # hosts cut off from all (isolate)
     created: float = field(default_factory=time.time)
     cluster: dict[str, Any] | None = None  # up --cluster: etcd, secret, config (see above)
+    tls: bool = False  # up --tls: TLS on peer links, certificates in LABROOT/NAME/tls/
 
     @property
     def subnet(self) -> str:
@@ -302,6 +313,7 @@ class Lab:
             "isolated": list(self.isolated),
             "created": self.created,
             "cluster": self.cluster,
+            "tls": self.tls,
         }
 
     @classmethod
@@ -329,6 +341,7 @@ class Lab:
                 isolated=isolated,
                 created=float(doc["created"]),
                 cluster=_cluster_doc(doc.get("cluster")),
+                tls=doc.get("tls", False) is True,  # absent before --tls
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed lab description: {e!r}") from e
@@ -522,7 +535,31 @@ def _node_start_cmd(lab: Lab, host: LabHost) -> list[str]:
         "ip", "netns", "exec", host.netns,
         sys.executable, "-m", "pairvol", "node", "start", "--name", host.host,
         "--dir", host.dir, "--listen", host.address, "--secret-file", secret_file,
+        "--metrics", f"{host.address}:{NODE_METRICS_PORT}",
+        *_tls_options(lab, host),
     ]  # fmt: skip
+
+
+def _tls_options(lab: Lab, host: LabHost) -> list[str]:
+    """``--tls-*`` for the node of ``host`` in a lab made with ``--tls`` (see up)."""
+    if not lab.tls:
+        return []
+    d = os.path.join(lab.dir, TLS_DIR)
+    return ["--tls-cert", os.path.join(d, f"{host.host}.pem"),
+            "--tls-key", os.path.join(d, f"{host.host}.key"),
+            "--tls-ca", os.path.join(d, "ca.pem")]  # fmt: skip
+
+
+def _make_certificates(lab: Lab) -> None:
+    """The lab's CA and one certificate per host (CN and SAN DNS: the host's node name, SAN
+    IP: its address), in ``LABROOT/NAME/tls/``; keys mode 0600."""
+    from replicator.tls import new_ca, new_node_cert  # cryptography: only for --tls
+
+    d = os.path.join(lab.dir, TLS_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    ca = new_ca(d, f"pairvol lab {lab.name} CA")
+    for h in lab.hosts:
+        new_node_cert(d, ca, h.host, h.address)
 
 
 def link_key(master: bytes, a: str, b: str) -> str:
@@ -582,9 +619,17 @@ def _start_nodes(lab: Lab, hosts: list[LabHost]) -> None:
 # --------------------------------------------------------------------------- operations
 
 
-def up(name: str, hosts: Sequence[str], *, cluster: bool = False, etcd_members: int = 1) -> Lab:
+def up(
+    name: str,
+    hosts: Sequence[str],
+    *,
+    cluster: bool = False,
+    etcd_members: int = 1,
+    tls: bool = False,
+) -> Lab:
     """Build lab ``name`` with ``hosts`` and start a node on each; AlreadyExists if it exists.
-    With ``cluster``: etcd (``etcd_members`` members) and an agent on each host as well."""
+    With ``cluster``: etcd (``etcd_members`` members) and an agent on each host as well.
+    With ``tls``: a lab CA, a certificate per host, and TLS on every peer link."""
     check_lab_name(name)
     hosts = parse_hosts(",".join(hosts))
     if not cluster and etcd_members != 1:
@@ -640,7 +685,9 @@ def up(name: str, hosts: Sequence[str], *, cluster: bool = False, etcd_members: 
                     secret_file=keyring,
                 )
             )
-        lab = Lab(name, lab_dir, index, secret_file, lab_hosts)
+        lab = Lab(name, lab_dir, index, secret_file, lab_hosts, tls=tls)
+        if tls:
+            _make_certificates(lab)
         if cluster:
             lab.cluster = _cluster_plan(lab, etcd_members)
         _save(lab)  # first, so that `down` finds whatever a crash leaves behind
@@ -779,6 +826,7 @@ def _agent_start_cmd(lab: Lab, host: LabHost) -> list[str]:
         "ip", "netns", "exec", host.netns,
         sys.executable, "-m", "pairvol", "agent", "start", "--host", host.host,
         "--config", lab.cluster["config"], "--state-dir", agent_dir(host), "--daemon",
+        "--metrics", f"{host.address}:{AGENT_METRICS_PORT}",
     ]  # fmt: skip
 
 
@@ -1066,4 +1114,8 @@ def status(name: str) -> dict[str, Any]:
         entry["netns_exists"] = netns_exists(h.netns)
         entry["node_pid"] = node_process.running_pid(h.dir)
         entry["nbd_port"] = NBD_PORT
+        entry["node_metrics"] = f"http://{h.address}:{NODE_METRICS_PORT}/metrics"
+        entry["agent_metrics"] = (
+            f"http://{h.address}:{AGENT_METRICS_PORT}/metrics" if lab.cluster else None
+        )
     return doc

@@ -4,6 +4,7 @@
     nbdkit python plugins/pairvol.py dir=DIR         # serve every volume in DIR by name
     nbdkit python plugins/pairvol.py dir=DIR node=NAME listen=ADDR [secret-file=F]
                                                      # a storage node (use `pairvol node start`)
+        [tls-cert=F tls-key=F tls-ca=F]              # TLS on peer links (replicator/tls.py)
 
 Export names are ``[NAME][@PVID]``; with ``@PVID`` the connection is refused unless the volume
 carries that PVID (the access check).  Each callback is one call into a typed object; errors
@@ -35,7 +36,18 @@ for _p in (_VENV_SITE, _ROOT):
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 from replicator.errors import PairvolError  # noqa: E402
-from replicator.export import INFLIGHT, get_ident  # noqa: E402
+from replicator.export import (  # noqa: E402
+    INFLIGHT,
+    IO_CACHE,
+    IO_FLUSH,
+    IO_READ,
+    IO_ROWS,
+    IO_TRIM,
+    IO_WRITE,
+    IO_ZERO,
+    get_ident,
+    io_row,
+)
 from replicator.node import Service  # noqa: E402
 
 API_VERSION = 2
@@ -176,12 +188,24 @@ def is_rotational(h):
 # to the syscall; anything unusual (bounds, short transfers, a paired volume) takes the checked
 # method, which raises the precise error.  A write publishes itself in INFLIGHT before it looks
 # at ``h.plain``: a pair created under this connection waits for it (replicator/export.py).
+# Every request is counted first (replicator/export.py, IO_ROWS): this thread's own row, two
+# integer increments, no lock.
 _preadv, _pwritev, _DSYNC = os.preadv, os.pwritev, os.RWF_DSYNC
+_io_rows_get = IO_ROWS.get
+
+
+def _count(op, n):
+    c = _io_rows_get(get_ident()) or io_row()
+    c[op] += 1
+    c[op + 1] += n
 
 
 def pread(h, buf, offset, flags):
     try:
         n = len(buf)
+        c = _io_rows_get(get_ident()) or io_row()
+        c[IO_READ] += 1
+        c[IO_READ + 1] += n
         if not (
             h.plain
             and offset >= 0
@@ -198,8 +222,11 @@ def pwrite(h, buf, offset, flags):
     try:
         n = len(buf)
         fua = flags & _FUA != 0
+        tid = get_ident()
+        c = _io_rows_get(tid) or io_row()
+        c[IO_WRITE] += 1
+        c[IO_WRITE + 1] += n
         if h.plain:
-            tid = get_ident()
             INFLIGHT[tid] = h
             try:
                 if (
@@ -219,6 +246,7 @@ def pwrite(h, buf, offset, flags):
 
 def flush(h, flags):
     try:
+        _count(IO_FLUSH, 0)
         h.flush()
     except BaseException as e:
         _failed(e)
@@ -227,6 +255,7 @@ def flush(h, flags):
 
 def trim(h, count, offset, flags):
     try:
+        _count(IO_TRIM, count)
         h.trim(count, offset, flags & _FUA != 0)
     except BaseException as e:
         _failed(e)
@@ -235,6 +264,7 @@ def trim(h, count, offset, flags):
 
 def zero(h, count, offset, flags):
     try:
+        _count(IO_ZERO, count)
         h.zero(count, offset, flags & _MAY_TRIM != 0, flags & _FUA != 0)
     except BaseException as e:
         _failed(e)
@@ -243,6 +273,7 @@ def zero(h, count, offset, flags):
 
 def cache(h, count, offset, flags):
     try:
+        _count(IO_CACHE, count)
         h.cache(count, offset)
     except BaseException as e:
         _failed(e)

@@ -44,6 +44,28 @@ def _warn_stderr(message: str) -> None:
 INFLIGHT: dict[int, object] = {}
 get_ident = threading.get_ident
 
+#: The requests the plugin received and the bytes they asked for, per op (the metrics'
+#: ``pairvol_io_*_total``, replicator/metrics.py).  Each thread counts in a row of its own,
+#: keyed by thread id like INFLIGHT, so the hot path is two plain integer increments, with no
+#: lock and no lost update; :func:`io_totals` sums the rows.  Row: requests, bytes per op.
+IO_OPS = ("read", "write", "trim", "zero", "flush", "cache")
+IO_READ, IO_WRITE, IO_TRIM, IO_ZERO, IO_FLUSH, IO_CACHE = range(0, 2 * len(IO_OPS), 2)
+IO_ROWS: dict[int, list[int]] = {}
+
+
+def io_row() -> list[int]:
+    """The calling thread's row of counters (made on its first request)."""
+    return IO_ROWS.setdefault(get_ident(), [0] * (2 * len(IO_OPS)))
+
+
+def io_totals() -> dict[str, tuple[int, int]]:
+    """op -> (requests, bytes), over every thread's row."""
+    rows = list(IO_ROWS.values())
+    return {
+        op: (sum(r[2 * i] for r in rows), sum(r[2 * i + 1] for r in rows))
+        for i, op in enumerate(IO_OPS)
+    }
+
 
 def quiesce(handles: Collection[object], timeout: float = 30.0) -> None:
     """Return once no thread is inside a plain request on any of ``handles``."""

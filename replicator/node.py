@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 
@@ -30,8 +30,12 @@ from replicator.export import Exporter, ExportHandle
 from replicator.export_info import VolInfo
 from replicator.pair.manager import PairManager
 from replicator.peer_auth import PeerSecrets, parse_secrets
-from replicator.peer_link import PeerServer
+from replicator.peer_link import PeerClient, PeerServer
+from replicator.tls import PeerTls, check_options
 from replicator.wire import check_node_name
+
+if TYPE_CHECKING:
+    from replicator.metrics import MetricsServer
 
 CONTROL_SOCKET = "control.sock"
 NBD_SOCKET = "nbd.sock"
@@ -41,7 +45,10 @@ LOG = "node.log"
 NBD_PORT = 10809
 PEER_PORT = 10810
 
-NODE_KEYS = frozenset({"node", "listen", "nbd-port", "peer-port", "secret-file"})
+NODE_KEYS = frozenset(
+    {"node", "listen", "nbd-port", "peer-port", "secret-file", "metrics"}
+    | {"tls-cert", "tls-key", "tls-ca"}
+)
 
 
 def _log_stderr(message: str) -> None:
@@ -55,6 +62,10 @@ class NodeConfig:
     nbd_port: int = NBD_PORT
     peer_port: int = PEER_PORT
     secret_file: str | None = None
+    metrics: str = ""  # ADDR:PORT of the Prometheus endpoint (replicator/metrics.py); "": none
+    tls_cert: str = ""  # TLS on peer links (replicator/tls.py): all three or none
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def set(self, key: str, value: str) -> None:
         if key == "node":
@@ -71,8 +82,31 @@ class NodeConfig:
             setattr(self, key.replace("-", "_"), port)
         elif key == "secret-file":
             self.secret_file = os.path.abspath(value)
+        elif key in ("tls-cert", "tls-key", "tls-ca"):
+            setattr(self, key.replace("-", "_"), os.path.abspath(value))
+        elif key == "metrics":
+            from replicator.metrics import parse_address  # only a node that serves metrics
+
+            self.metrics = str(parse_address(value, "metrics="))
         else:
             raise UsageError(f"unknown node parameter {key!r}")
+
+    def load_tls(self) -> PeerTls | None:
+        """The peer links' TLS, if configured (all three files or none)."""
+        if not check_options(self.tls_cert, self.tls_key, self.tls_ca):
+            return None
+        return PeerTls.load(self.tls_cert, self.tls_key, self.tls_ca)
+
+
+class _TlsPairs(PairManager):
+    """The pair manager of a node with TLS on its peer links: its clients use it too."""
+
+    tls: PeerTls | None = None
+
+    def new_client(self, host: str, port: int, expect: str | None) -> PeerClient:
+        client = super().new_client(host, port, expect)
+        client.tls = self.tls
+        return client
 
 
 def _listen_peer(address: str, port: int) -> socket.socket:
@@ -123,7 +157,8 @@ class Node:
                 "it can pose as any other (a keyring of PEERNAME SECRET lines cannot)"
             )
         self.secret = secret
-        self.pairs = PairManager(
+        self.tls = self.config.load_tls()
+        self.pairs = _TlsPairs(
             self.config.name,
             self.directory,
             self.config.listen,
@@ -132,7 +167,9 @@ class Node:
             self.events,
             self.log,
         )
+        self.pairs.tls = self.tls
         self.peer_server: PeerServer | None = None
+        self.metrics: MetricsServer | None = None
         self.control = ControlServer(
             os.path.join(self.directory, CONTROL_SOCKET),
             {
@@ -154,10 +191,19 @@ class Node:
                 self.log,
                 allow_no_secret=not self.secret,
                 inline=self.pairs.receives_inline,
+                tls=self.tls,
             )
         self.pairs.start()
         if self.peer_server is not None:
             self.peer_server.start()
+        if self.config.metrics:  # before the control socket: the node is ready after both
+            from replicator import metrics  # prometheus_client: only when asked for
+
+            self.metrics = metrics.serve_node(
+                metrics.parse_address(self.config.metrics, "metrics="),
+                self.config.name,
+                lambda: self.pairs.op_display({})["pairs"],
+            )
         self.control.start()
         self.events.emit(
             "node.started",
@@ -168,6 +214,8 @@ class Node:
         )
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.control.stop()
         if self.peer_server is not None:
             self.peer_server.stop()
@@ -195,6 +243,7 @@ class Node:
             "authenticated_peers": self.config.secret_file is not None,
             "peer_secret": self._secret_kind(),
             "peer_keyring": list(self.secret.peers),
+            "peer_tls": self.tls is not None,
             "volumes": volumes,
             "pairs": shown["pairs"],
             # Pairs that cannot be loaded: their volumes are served to nobody.
@@ -233,6 +282,7 @@ class Service:
             raise UsageError("node=NAME needs dir=DIR (a node serves a directory of volumes)")
         if self.node_config.secret_file is not None:
             read_secret(self.node_config.secret_file)
+        self.node_config.load_tls()  # a bad or missing file fails nbdkit's start
 
     def after_fork(self, shutdown: Callable[[], None]) -> None:
         """Start the node's threads (nbdkit forks before this when daemonizing)."""

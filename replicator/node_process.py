@@ -43,6 +43,7 @@ from replicator.node import (
     read_secret,
 )
 from replicator.server import NBD_MAX_CONNECTIONS, check_max_connections, plugin_command
+from replicator.tls import PeerTls
 from replicator.wire import check_node_name
 
 
@@ -102,13 +103,21 @@ def node_command(
     peer_port: int,
     secret: str | None,
     max_connections: int = NBD_MAX_CONNECTIONS,
+    *,
+    metrics: str | None = None,
+    tls: tuple[str, str, str] | None = None,
 ) -> list[str]:
     """nbdkit's argv for a node; at most ``max_connections`` NBD clients at once (0: no
-    limit), over TCP and the unix socket together, the ones beyond refused at connect."""
+    limit), over TCP and the unix socket together, the ones beyond refused at connect.
+    ``metrics``: ``ADDR:PORT`` of its Prometheus endpoint (replicator/metrics.py)."""
     params = [f"dir={directory}", f"node={name}", f"listen={listen}", f"peer-port={peer_port}"]
     params.append(f"nbd-port={nbd_port}")
     if secret:
         params.append(f"secret-file={secret}")
+    if metrics:
+        params.append(f"metrics={metrics}")
+    if tls is not None:  # TLS on peer links: (certificate, key, CA) files
+        params += [f"tls-cert={tls[0]}", f"tls-key={tls[1]}", f"tls-ca={tls[2]}"]
     return plugin_command(
         *params,
         extra=("--foreground", "--pidfile", os.path.join(directory, PIDFILE)),
@@ -176,18 +185,29 @@ def start(
     max_connections: int = NBD_MAX_CONNECTIONS,
     timeout: float = 30.0,
     foreground: bool = False,
+    metrics: str | None = None,
+    tls: tuple[str, str, str] | None = None,
 ) -> int:
     """Start a node in the background; return its pid once its control socket answers.
     ``max_connections``: NBD clients served at once (0: no limit).  ``foreground``: nbdkit
-    stays this process's child (then :func:`wait_foreground`)."""
+    stays this process's child (then :func:`wait_foreground`).  ``metrics``: serve Prometheus
+    metrics at this ``ADDR:PORT`` (UsageError if it is not one).  ``tls``: (certificate, key,
+    CA) files for TLS on peer links, checked now (replicator/tls.py)."""
     check_node_name(name)
     check_max_connections(max_connections)
+    if metrics:
+        from replicator.metrics import parse_address  # prometheus_client: only when asked for
+
+        metrics = str(parse_address(metrics))
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise NotFound(f"--dir {directory} is not a directory")
     if secret_file is not None:
         secret_file = os.path.abspath(secret_file)
         read_secret(secret_file)
+    if tls is not None:
+        loaded = PeerTls.load(*tls)  # NotFound or UsageError naming the file
+        tls = (loaded.cert, loaded.key, loaded.ca)
     pid = running_pid(directory)
     if pid is not None:
         raise IllegalState(f"a node (pid {pid}) is already serving {directory}")
@@ -201,7 +221,17 @@ def start(
     )
     tcp = _listen_tcp(listen, nbd_port)
     unix = _listen_unix(os.path.join(directory, NBD_SOCKET))
-    cmd = node_command(name, directory, listen, nbd_port, peer_port, secret_file, max_connections)
+    cmd = node_command(
+        name,
+        directory,
+        listen,
+        nbd_port,
+        peer_port,
+        secret_file,
+        max_connections,
+        metrics=metrics,
+        tls=tls,
+    )
 
     log_path = os.path.join(directory, LOG)
     launched = _spawn_detached(cmd, log_path, (tcp, unix), detach=not foreground)

@@ -54,6 +54,7 @@ import itertools
 import os
 import queue
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -74,6 +75,8 @@ from replicator.errors import (
 )
 from replicator.errors import PeerRefused as PeerRefused  # re-exported: it lives in errors
 from replicator.peer_auth import Handshake, PeerSecrets, as_peer_secrets
+from replicator.tls import TLS_HANDSHAKE_BYTE, PeerTls, identity_error
+from replicator.tls import describe as tls_why
 
 Handler = Callable[[str, wire.Message], wire.Message]
 
@@ -125,6 +128,11 @@ _KEEPALIVE: Final = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT",
 _TIMEVAL: Final = struct.Struct("@ll")
 #: Buffers one sendmsg takes at most (Linux's UIO_MAXIOV; coalesced frames can exceed it).
 _IOV_MAX: Final = 1024
+#: TLS sends: parts smaller than this are joined into one write of at most _TLS_JOIN bytes.
+_TLS_SMALL: Final = 64 << 10
+_TLS_JOIN: Final = 256 << 10
+#: How a TLS ClientHello's first bytes show in wire's "bad frame magic" error.
+_TLS_HELLO: Final = f"bad frame magic {bytes([TLS_HANDSHAKE_BYTE, 3])!r}"[:-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +211,11 @@ class _Busy(Exception):
     """The server refused an authenticated peer: too many connections."""
 
 
+class _TlsFailed(Exception):
+    """The TLS handshake failed, or the peer spoke (or did not speak) TLS against our
+    configuration; the message is one line."""
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -230,6 +243,19 @@ class _Link:
         #: The SO_SNDTIMEO of sends without a deadline (None: block until sent or broken).
         self.send_timeout: float | None = None
         self.refusal_sent = False
+        self.tls = False  # the socket is an SSLSocket (start_tls)
+
+    def start_tls(self, ctx: ssl.SSLContext, server_side: bool, deadline: float) -> None:
+        """Wrap the socket in TLS and run TLS's handshake by ``deadline``; _TlsFailed."""
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        self.sock = ctx.wrap_socket(
+            self.sock, server_side=server_side, do_handshake_on_connect=False
+        )
+        self.tls = True
+        try:
+            self.sock.do_handshake()
+        except (OSError, EOFError) as e:
+            raise _TlsFailed(f"TLS handshake failed: {tls_why(e)}") from None
 
     def send(self, msg: wire.Message, request_id: int = 0, deadline: float | None = None) -> None:
         """Send one frame; OSError if the socket fails, TimeoutError past ``deadline`` (or
@@ -266,6 +292,9 @@ class _Link:
             self.send_lock.release()
 
     def _send_parts(self, parts: list[wire.Blob], deadline: float | None) -> None:
+        if self.tls:
+            self._send_tls(parts, deadline)
+            return
         views = [memoryview(p) for p in parts]
         while views:
             try:
@@ -282,6 +311,32 @@ class _Link:
                     if left <= 0:
                         raise TimeoutError("the peer stopped reading")
                     self._set_send_timeout(left)
+
+    def _send_tls(self, parts: list[wire.Blob], deadline: float | None) -> None:
+        """An SSLSocket has no ``sendmsg``: small parts (headers, 4k payloads) are joined
+        into one write, large ones are written from their own buffers (SSL_write makes the
+        records; it writes all or fails).  SO_SNDTIMEO running out is a want-write error."""
+        sock = self.sock
+        joined = bytearray()
+        try:
+            for p in parts:
+                if len(p) < _TLS_SMALL:
+                    joined += p
+                    if len(joined) < _TLS_JOIN:
+                        continue
+                    sock.sendall(joined)
+                    joined = bytearray()
+                    continue
+                if joined:
+                    sock.sendall(joined)
+                    joined = bytearray()
+                if deadline is not None:
+                    self._set_send_timeout(deadline - time.monotonic())
+                sock.sendall(memoryview(p))
+            if joined:
+                sock.sendall(joined)
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            raise TimeoutError("the peer stopped reading") from None
 
     def _set_send_timeout(self, seconds: float | None) -> None:
         # Only a blocking socket (after the handshake) obeys it; 0 means "forever".
@@ -342,9 +397,22 @@ class _Link:
         self.sock.settimeout(None)
 
     def shutdown(self) -> None:
-        """Wake every thread blocked on the socket; the fd stays open until :meth:`close`."""
+        """Wake every thread blocked on the socket; the fd stays open until :meth:`close`.
+        On TLS, the TCP socket's own shutdown: SSLSocket's drops the TLS object first, and a
+        sender between the two would write plaintext."""
         with contextlib.suppress(OSError):  # not connected any more: nothing to wake
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+    def drain(self, deadline: float) -> None:
+        """Before closing a refused connection: say we are done, then read and drop what the
+        peer still sends until it closes (or ``deadline``), so that unread data does not make
+        the close a reset, which would lose the TLS alert that tells the peer why."""
+        with contextlib.suppress(OSError, ValueError):
+            self.sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    return
 
     def close(self) -> None:
         self.shutdown()
@@ -381,7 +449,9 @@ class PeerServer:
     ``handshake_timeout``: each handshake's deadline, from the accept;
     ``max_pending``: connections in the handshake at once (a newcomer evicts one);
     ``max_connections``: authenticated connections at once (a peer beyond that is refused);
-    ``log_interval``, ``log_burst``: the limit on lines strangers can make us log.
+    ``log_interval``, ``log_burst``: the limit on lines strangers can make us log;
+    ``tls``: serve TLS only (a client without TLS is refused), with client certificates
+    required; without it, a client that speaks TLS is refused.
     """
 
     def __init__(
@@ -401,6 +471,7 @@ class PeerServer:
         max_pending: int = MAX_PENDING,
         log_interval: float = LOG_INTERVAL,
         log_burst: int = LOG_BURST,
+        tls: PeerTls | None = None,
     ) -> None:
         wire.check_node_name(node_name)
         secrets = _check_secret(secret, allow_no_secret)
@@ -418,6 +489,7 @@ class PeerServer:
         self.send_timeout = send_timeout
         self.max_connections = max_connections
         self.max_pending = max_pending
+        self.tls = tls
         self._secrets = secrets
         self._sock = sock
         self._address: tuple[str, int] = sock.getsockname()[:2]
@@ -596,13 +668,25 @@ class _ServerConn:
         )
         try:
             _tune(self.link.sock)
-            self.link.handshake(hs, self.deadline, admit=lambda: server._admit(self))
+            self._start_tls()
+            self.link.handshake(
+                hs, self.deadline, admit=lambda: self._tls_identity(hs) or server._admit(self)
+            )
+        except _TlsFailed as e:
+            if not self._closed:
+                server._note("tls", f"{self._who()}: {e}")
+                self.link.drain(min(self.deadline, time.monotonic() + 1.0))
+            return False
         except _Busy as e:
             if not self._closed:
                 server._note("busy", f"peer {hs.peer_name!r} ({self.where}): refused: {e}")
             return False
         except ProtocolError as e:
-            if not self._closed:
+            if not self._closed and server.tls is None and _TLS_HELLO in str(e):
+                why = "refused: the peer speaks TLS, this node has no TLS on peer links"
+                server._note("tls", f"{self._who()}: {why}")
+                self.link.try_send(wire.Error(_errno.EPROTO, wire.clip_text(why)))
+            elif not self._closed:
                 server._note("handshake", f"{self._who()}: handshake failed: {e}")
                 if not self.link.refusal_sent:  # else AuthResult(ok=False) already said why
                     self.link.try_send(wire.Error(_errno.EPROTO, wire.clip_text(str(e))))
@@ -621,6 +705,29 @@ class _ServerConn:
         note = " (NOT authenticated: no secret on either side)" if hs.unauthenticated else ""
         server.log(f"peer {self.peer!r} connected from {self.where}{note}")
         return True
+
+    def _start_tls(self) -> None:
+        """Look at the peer's first byte: TLS or not must match ours (else _TlsFailed, and a
+        plaintext peer is told so in its own protocol); then TLS's handshake, if ours."""
+        server, link = self.server, self.link
+        if server.tls is None:
+            return  # unchanged: our Hello goes out at once (a TLS peer: see _handshake)
+        link.sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
+        first = link.sock.recv(1, socket.MSG_PEEK)
+        if not first:
+            raise _Eof("the peer closed the connection before the handshake")
+        if first[0] != TLS_HANDSHAKE_BYTE:
+            link.try_send(
+                wire.Error(_errno.EPROTO, f"node {server.node_name} requires TLS on peer links")
+            )
+            raise _TlsFailed("refused: plaintext peer link, this node requires TLS")
+        link.start_tls(server.tls.server, True, self.deadline)
+
+    def _tls_identity(self, hs: Handshake) -> str | None:
+        """With TLS, the node the handshake proved must be the one the certificate names."""
+        if not self.link.tls or hs.peer_name is None:
+            return None
+        return identity_error(self.link.sock, hs.peer_name)
 
     def _serve(self) -> None:
         server = self.server
@@ -911,6 +1018,8 @@ class PeerClient:
     ``secret``: :class:`~replicator.peer_auth.PeerSecrets`, or bytes for a shared secret.
     ``expect_peer``: the only peer name to accept; with a keyring, the handshake then proves
     that the peer holds that name's key, so :attr:`peer_name` is never another node's.
+    ``tls``: connect with TLS (the server's certificate checked against our CA, ours sent),
+    and accept the peer only if its certificate names the node the handshake proved.
     """
 
     def __init__(
@@ -924,6 +1033,7 @@ class PeerClient:
         expect_peer: str | None = None,
         connect_timeout: float = 5.0,
         allow_no_secret: bool = False,
+        tls: PeerTls | None = None,
     ) -> None:
         wire.check_node_name(node_name)
         if expect_peer is not None:
@@ -936,6 +1046,7 @@ class PeerClient:
         self.expect_peer = expect_peer
         self.connect_timeout = connect_timeout
         self.allow_no_secret = allow_no_secret
+        self.tls = tls  # read at each connect
         self.on_disconnect: Callable[[str], None] | None = None
         self._secrets = keys
         self._lock = threading.Lock()  # _conn, _closed, _attempts, _failure, _peer_name
@@ -1060,9 +1171,22 @@ class PeerClient:
             expect_peer=self.expect_peer,
             allow_no_secret=self.allow_no_secret,
         )
+        tls = self.tls
         try:
             _tune(sock)
+            if tls is not None:
+                link.start_tls(tls.client, False, deadline)
             link.handshake(hs, deadline)
+            why = identity_error(link.sock, hs.peer_name)
+            if why is not None:
+                raise _TlsFailed(f"refused: {why}")
+        except _TlsFailed as e:
+            link.close()
+            raise ConnectionFailed(f"cannot connect to {label}: {e}") from None
+        except ssl.SSLError as e:  # TLS 1.3: the server refuses our certificate after its Finished
+            link.close()
+            why = f"TLS handshake failed: {tls_why(e)}"
+            raise ConnectionFailed(f"cannot connect to {label}: {why}") from None
         except ProtocolError as e:
             link.try_send(wire.Goodbye(wire.clip_text(f"handshake failed: {e}")), 0.2)
             link.close()

@@ -1,6 +1,7 @@
 """``pairvol agent``: run, stop and inspect a host's cluster agent (:mod:`cluster.agent`).
 
 pairvol agent start --host NAME --config FILE [--state-dir D] [--daemon] [--pidfile F]
+                    [--metrics ADDR:PORT]
 pairvol agent stop [--state-dir D] [--pidfile F]
 pairvol agent status [--state-dir D] [--pidfile F] [--json]
 
@@ -30,6 +31,9 @@ def register(sub: Any) -> None:
     s.add_argument("--state-dir", help=f"state directory (default ${ap.AGENT_DIR_ENV})")
     s.add_argument("--daemon", action="store_true", help="detach; return once it is ready")
     s.add_argument("--pidfile", help="pid file (default STATE_DIR/agent.pid)")
+    s.add_argument(
+        "--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics over HTTP there"
+    )
     s.set_defaults(func=cmd_start)
 
     t = acts.add_parser("stop", help="stop the agent (SIGTERM; waits until it is gone)")
@@ -49,16 +53,22 @@ def _pidfile(args: Any, directory: str) -> str:
 
 
 def cmd_start(args: Any) -> int:
+    if args.metrics:
+        from replicator.metrics import parse_address
+
+        parse_address(args.metrics)  # a bad one: exit 2 before anything starts
     path = ap.config_path(args.config)
     config = load_config(path)
     config.host(args.host)
     directory = ap.state_dir(args.state_dir, config, args.host)
     pidfile = _pidfile(args, directory)
     if not args.daemon:
-        return ap.run_foreground(path, args.host, directory, pidfile)
+        return ap.run_foreground(path, args.host, directory, pidfile, args.metrics)
     ap.preflight(config, args.host)
     argv = ["--host", args.host, "--config", os.path.abspath(path), "--state-dir", directory,
             "--pidfile", pidfile]  # fmt: skip
+    if args.metrics:
+        argv += ["--metrics", args.metrics]
     pid = ap.start_daemon(argv, directory, pidfile)
     print(f"agent {args.host} started (pid {pid}, state {directory})")
     return 0

@@ -1,5 +1,6 @@
 """``pairvol bench``: fio against the pairvol and nbdkit file plugins, replicated pairs
-against an unpaired volume in a lab, and failover times in a cluster lab (docs/benchmarks.md)."""
+against an unpaired volume in a lab, failover times in a cluster lab, and a takeover while the
+copy is incomplete (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import dataclasses
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pairvol import bench, bench_failover
+from pairvol import bench, bench_failover, bench_takeover
 from pairvol.cli.common import print_json
 from replicator.errors import UsageError
 from replicator.sizes import format_size, parse_size
@@ -26,20 +28,27 @@ def register(sub: Any) -> None:
         "plugin (suite base), or against sync/async pairs and an unpaired volume of the same "
         "node in a two-host lab (suites sync, async; needs root), alternating, and print "
         "medians and ratios; or time failovers of a cluster resource after SIGKILL of its "
-        "active host, and planned switchovers (suite failover; needs root).",
+        "active host, and planned switchovers (suite failover; needs root); or take over async "
+        "secondaries with a backlog: time to ready, fetched against local reads, the pull "
+        "against nbdcopy (suite takeover; needs root).",
     )
     p.add_argument(
         "--suite",
-        choices=[*bench.SUITES, bench_failover.SUITE],
+        choices=[*bench.SUITES, bench_failover.SUITE, bench_takeover.SUITE],
         default="base",
         help="base: pairvol vs the file plugin (default); sync, async: pairs vs an unpaired "
         "volume, with resync vs nbdcopy (sync) and journal lag (async); replicated: sync and "
-        "async; all: everything but failover; failover: SIGKILL of the active host to the "
-        "first write on the new one, sync and async resources",
+        "async; all: everything but failover and takeover; failover: SIGKILL of the active "
+        "host to the first write on the new one, sync and async resources; takeover: an async "
+        "secondary taken over with a backlog, time to ready, fetched vs local reads, the pull "
+        "vs nbdcopy",
     )
     d = bench.BenchConfig()
     # Defaults are None so that --quick can tell an explicit option from a default.
-    p.add_argument("--rounds", type=int, help=f"rounds (default {d.rounds})")
+    t = bench_takeover.TakeoverConfig()
+    p.add_argument(
+        "--rounds", type=int, help=f"rounds (default {d.rounds}; takeover {t.rounds}, quick 1)"
+    )
     p.add_argument("--runtime", type=float, help=f"seconds per fio job (default {d.runtime:g})")
     p.add_argument("--ramp-time", type=float, help=f"fio warm-up seconds (default {d.ramp_time:g})")
     p.add_argument("--size", help=f"data size of each image (default {format_size(d.size)})")
@@ -52,7 +61,7 @@ def register(sub: Any) -> None:
         "--quick",
         action="store_true",
         help="smoke test: 64M, 1 round, 1 s per job, no warm-up; failover: 16M, 3 kills, "
-        "1 switchover (explicit options win)",
+        "1 switchover; takeover: sizes 8M,16M,32M, 1 round, 50 reads (explicit options win)",
     )
     p.add_argument(
         "--journal-size", help=f"async suite: the journal (default {format_size(d.journal_size)})"
@@ -78,9 +87,25 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--modes", help=f"failover suite: resources to measure (default {','.join(f.modes)})"
     )
+    tq = bench_takeover.QUICK
+    p.add_argument(
+        "--sizes",
+        help="takeover suite: backlog sizes (default "
+        f"{','.join(format_size(s) for s in t.sizes)}, quick "
+        f"{','.join(format_size(s) for s in tq['sizes'])})",
+    )
+    p.add_argument(
+        "--reads",
+        type=int,
+        help=f"takeover suite: reads of each kind for the latencies (default {t.reads}, "
+        f"quick {tq['reads']})",
+    )
     p.add_argument("--dir", type=Path, help="work directory for images (default: a temp dir)")
     p.add_argument(
         "--json-out", type=Path, help="default: bench-results/baseline-TIME.json (SUITE-TIME)"
+    )
+    p.add_argument(
+        "--tls", action="store_true", help="sync/async suites: TLS on the lab's peer links"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_bench)
@@ -121,11 +146,43 @@ def config_from_args(args: argparse.Namespace) -> bench.BenchConfig:
         suite=args.suite,
         journal_size=journal,
         lag_runtime=lag_runtime,
+        tls=args.tls,
     )
 
 
 _FIO_ONLY = ("rounds", "runtime", "ramp_time", "lag_runtime")
 _FAILOVER_ONLY = ("kills", "switchovers", "modes")
+_TAKEOVER_ONLY = ("sizes", "reads")
+#: What the takeover suite refuses: the fio suites' own options but --rounds, --size and
+#: --journal-size (it sizes every pair for its backlog: --sizes), and the failover suite's.
+_NOT_TAKEOVER = ("runtime", "ramp_time", "lag_runtime", "size", "journal_size", *_FAILOVER_ONLY)
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> str:
+    """The options of ``names`` given on the command line, as typed ("" if none)."""
+    return ", ".join("--" + n.replace("_", "-") for n in names if getattr(args, n) is not None)
+
+
+def takeover_config_from_args(args: argparse.Namespace) -> bench_takeover.TakeoverConfig:
+    """The takeover suite's options; those of the other suites are refused, not ignored."""
+    opts = _given(args, _NOT_TAKEOVER)
+    if args.workloads != ",".join(w.name for w in bench.WORKLOADS):
+        opts = ", ".join(o for o in (opts, "--workloads") if o)
+    if getattr(args, "tls", False):  # the sync/async suites' peer links
+        opts = ", ".join(o for o in (opts, "--tls") if o)
+    if opts:
+        raise UsageError(f"--suite takeover runs no fio jobs and sizes its pairs: {opts} "
+                         "does not apply (--sizes sets the backlogs)")  # fmt: skip
+    base = dataclasses.asdict(bench_takeover.TakeoverConfig())
+    if args.quick:
+        base.update(bench_takeover.QUICK)
+    if args.sizes is not None:
+        base["sizes"] = bench_takeover.parse_sizes(args.sizes)
+    for name in ("rounds", "reads"):
+        if getattr(args, name) is not None:
+            base[name] = getattr(args, name)
+    base["workdir"] = args.dir
+    return bench_takeover.TakeoverConfig(**base)
 
 
 def failover_config_from_args(args: argparse.Namespace) -> bench_failover.FailoverConfig:
@@ -170,11 +227,37 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return 1 if doc["errors"] else 0
 
 
+def cmd_takeover(args: argparse.Namespace) -> int:
+    cfg = takeover_config_from_args(args)
+    out = args.json_out or bench.default_json_path(suite=bench_takeover.SUITE)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+    def progress(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    doc = bench_takeover.run(cfg, progress=progress)
+    bench.write_json(doc, out)
+    if args.json:
+        print_json(doc)
+    else:
+        print(bench_takeover.table_of(doc))
+        print(f"\n{cfg.rounds} round(s), medians; took {doc['duration_s']:.0f} s; JSON: {out}")
+    for error in doc["errors"]:
+        print(f"pairvol: error: takeover suite: {error}", file=sys.stderr)
+    return 1 if doc["errors"] else 0
+
+
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C: the lab's teardown runs
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == bench_takeover.SUITE:
+        return cmd_takeover(args)
+    opts = _given(args, _TAKEOVER_ONLY)
+    if opts:
+        raise UsageError(f"{opts}: only for --suite takeover")
     if args.suite == bench_failover.SUITE:
         return cmd_failover(args)
     given = [n for n in _FAILOVER_ONLY if getattr(args, n) is not None]

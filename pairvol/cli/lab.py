@@ -1,6 +1,6 @@
 """``pairvol lab``: multi-host labs in network namespaces (design: :mod:`pairvol.lab`).
 
-pairvol lab up NAME --hosts a,b[,c...] [--cluster [--etcd-members N]] [--json]
+pairvol lab up NAME --hosts a,b[,c...] [--cluster [--etcd-members N]] [--tls] [--json]
 pairvol lab down NAME
 pairvol lab status NAME [--json]
 pairvol lab list [--json]
@@ -37,6 +37,8 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     u.add_argument("--etcd-members", type=int, default=1, metavar="N",
                    help="etcd members, each in its own namespace (default 1)")  # fmt: skip
+    u.add_argument("--tls", action="store_true",
+                   help="TLS on peer links: a lab CA and a certificate per host")  # fmt: skip
     u.add_argument("--json", action="store_true")
     u.set_defaults(func=cmd_up)
 
@@ -93,7 +95,7 @@ def register(sub: Any) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     lab = labs.up(
         args.name, labs.parse_hosts(args.hosts), cluster=args.cluster,
-        etcd_members=args.etcd_members,
+        etcd_members=args.etcd_members, tls=args.tls,
     )  # fmt: skip
     if args.json:
         print_json(lab.to_json())
@@ -131,13 +133,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             "nbd": h["nbd_uri"],
             "node": f"pid {h['node_pid']}" if h["node_pid"] else "down",
             "netns": h["netns"] if h["netns_exists"] else f"{h['netns']} (missing)",
+            "metrics": " ".join(u for u in (h["node_metrics"], h["agent_metrics"]) if u),
         }
         for h in doc["hosts"]
     ]
-    print_table(rows, ["host", "address", "nbd", "node", "netns"])
+    print_table(rows, ["host", "address", "nbd", "node", "netns", "metrics"])
     cuts = ", ".join(f"{a}-{b}" for a, b in doc["cuts"]) or "none"
     print(f"cuts: {cuts}")
     print(f"isolated: {', '.join(doc['isolated']) or 'none'}")
+    print(
+        f"peer links: {'TLS (lab CA in ' + doc['dir'] + '/tls)' if doc.get('tls') else 'plaintext'}"
+    )
     return 0
 
 

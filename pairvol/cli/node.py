@@ -12,6 +12,7 @@ from replicator import control, node_process
 from replicator.errors import UsageError
 from replicator.node import CONTROL_SOCKET, NBD_PORT, PEER_PORT
 from replicator.server import NBD_MAX_CONNECTIONS
+from replicator.tls import check_options
 
 NODE_DIR_ENV = "PAIRVOL_NODE_DIR"
 
@@ -47,6 +48,18 @@ def register(sub: Any) -> None:
         "0: no limit)",
     )
     s.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics over HTTP there (default: none)",
+    )
+    for opt, what in (("cert", "this node's certificate"), ("key", "its private key"),
+                      ("ca", "the CA that signs every node's certificate")):  # fmt: skip
+        s.add_argument(
+            f"--tls-{opt}",
+            metavar="FILE",
+            help=f"TLS on peer links (give all three --tls-* or none): {what} (PEM)",
+        )
+    s.add_argument(
         "--foreground",
         action="store_true",
         help="stay until the node exits, passing SIGTERM on to it, and report readiness to "
@@ -69,6 +82,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     for opt in ("port", "peer_port"):
         if not 0 < getattr(args, opt) < 65536:
             raise UsageError(f"--{opt.replace('_', '-')} {getattr(args, opt)} is not a TCP port")
+    tls = (args.tls_cert, args.tls_key, args.tls_ca)
     pid = node_process.start(
         args.name,
         args.dir,
@@ -78,6 +92,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         secret_file=args.secret_file,
         max_connections=args.max_connections,
         foreground=args.foreground,
+        metrics=args.metrics,
+        tls=tls if check_options(*tls) else None,
     )
     if args.json:
         print_json({"name": args.name, "pid": pid, "dir": os.path.abspath(args.dir)})
