@@ -9,7 +9,7 @@ import dataclasses
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -163,11 +163,18 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> str:
     return ", ".join("--" + n.replace("_", "-") for n in names if getattr(args, n) is not None)
 
 
-def takeover_config_from_args(args: argparse.Namespace) -> bench_takeover.TakeoverConfig:
-    """The takeover suite's options; those of the other suites are refused, not ignored."""
-    opts = _given(args, _NOT_TAKEOVER)
+def _given_with_workloads(args: argparse.Namespace, names: Sequence[str]) -> str:
+    """:func:`_given`, and ``--workloads`` when it is not the default (a suite without fio
+    jobs refuses it)."""
+    opts = _given(args, names)
     if args.workloads != ",".join(w.name for w in bench.WORKLOADS):
         opts = ", ".join(o for o in (opts, "--workloads") if o)
+    return opts
+
+
+def takeover_config_from_args(args: argparse.Namespace) -> bench_takeover.TakeoverConfig:
+    """The takeover suite's options; those of the other suites are refused, not ignored."""
+    opts = _given_with_workloads(args, _NOT_TAKEOVER)
     if getattr(args, "tls", False):  # the sync/async suites' peer links
         opts = ", ".join(o for o in (opts, "--tls") if o)
     if opts:
@@ -187,11 +194,8 @@ def takeover_config_from_args(args: argparse.Namespace) -> bench_takeover.Takeov
 
 def failover_config_from_args(args: argparse.Namespace) -> bench_failover.FailoverConfig:
     """The failover suite's options; the fio suites' own options are refused, not ignored."""
-    given = [n for n in _FIO_ONLY if getattr(args, n) is not None]
-    if args.workloads != ",".join(w.name for w in bench.WORKLOADS):
-        given.append("workloads")
-    if given:
-        opts = ", ".join("--" + n.replace("_", "-") for n in given)
+    opts = _given_with_workloads(args, _FIO_ONLY)
+    if opts:
         raise UsageError(f"--suite failover runs no fio jobs: {opts} does not apply")
     base = dataclasses.asdict(bench_failover.FailoverConfig())
     if args.quick:
@@ -206,22 +210,41 @@ def failover_config_from_args(args: argparse.Namespace) -> bench_failover.Failov
     )
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    cfg = failover_config_from_args(args)
-    out = args.json_out or bench.default_json_path(suite=bench_failover.SUITE)
+def _run_suite(
+    args: argparse.Namespace,
+    suite: str,
+    run: Callable[[Callable[[str], None]], dict[str, Any]],
+    table_of: Callable[[dict[str, Any]], str],
+    footer: str,
+) -> dict[str, Any]:
+    """Run a suite (``run(progress)``), write its JSON report and print it (as JSON, or as
+    its table and then ``footer``, "took ..." and the report's path); the report."""
+    out = args.json_out or bench.default_json_path(suite=suite)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
 
     def progress(msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
-    doc = bench_failover.run(cfg, progress=progress)
+    doc = run(progress)
     bench.write_json(doc, out)
     if args.json:
         print_json(doc)
     else:
-        print(bench_failover.table_of(doc))
-        print(f"\n{cfg.kills} kill(s) per mode; took {doc['duration_s']:.0f} s; JSON: {out}")
+        print(table_of(doc))
+        print(f"\n{footer}; took {doc['duration_s']:.0f} s; JSON: {out}")
+    return doc
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    cfg = failover_config_from_args(args)
+    doc = _run_suite(
+        args,
+        bench_failover.SUITE,
+        lambda progress: bench_failover.run(cfg, progress=progress),
+        bench_failover.table_of,
+        f"{cfg.kills} kill(s) per mode",
+    )
     for mode, error in doc["errors"].items():
         print(f"pairvol: error: failover suite, {mode}: {error}", file=sys.stderr)
     return 1 if doc["errors"] else 0
@@ -229,20 +252,13 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 def cmd_takeover(args: argparse.Namespace) -> int:
     cfg = takeover_config_from_args(args)
-    out = args.json_out or bench.default_json_path(suite=bench_takeover.SUITE)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-
-    def progress(msg: str) -> None:
-        print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-    doc = bench_takeover.run(cfg, progress=progress)
-    bench.write_json(doc, out)
-    if args.json:
-        print_json(doc)
-    else:
-        print(bench_takeover.table_of(doc))
-        print(f"\n{cfg.rounds} round(s), medians; took {doc['duration_s']:.0f} s; JSON: {out}")
+    doc = _run_suite(
+        args,
+        bench_takeover.SUITE,
+        lambda progress: bench_takeover.run(cfg, progress=progress),
+        bench_takeover.table_of,
+        f"{cfg.rounds} round(s), medians",
+    )
     for error in doc["errors"]:
         print(f"pairvol: error: takeover suite: {error}", file=sys.stderr)
     return 1 if doc["errors"] else 0
@@ -260,26 +276,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"{opts}: only for --suite takeover")
     if args.suite == bench_failover.SUITE:
         return cmd_failover(args)
-    given = [n for n in _FAILOVER_ONLY if getattr(args, n) is not None]
-    if given:
-        opts = ", ".join("--" + n for n in given)
+    opts = _given(args, _FAILOVER_ONLY)
+    if opts:
         raise UsageError(f"{opts}: only for --suite failover")
     cfg = config_from_args(args)
-    out = args.json_out or bench.default_json_path(suite=cfg.suite)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-
-    def progress(msg: str) -> None:
-        print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-    doc = bench.run(cfg, progress=progress)
-    bench.write_json(doc, out)
-    if args.json:
-        print_json(doc)
-    else:
-        print(bench.table_of(doc))
-        print(
-            f"\n{cfg.rounds} round(s) x {cfg.runtime:g} s per job, medians; "
-            f"took {doc['duration_s']:.0f} s; JSON: {out}"
-        )
+    _run_suite(
+        args,
+        cfg.suite,
+        lambda progress: bench.run(cfg, progress=progress),
+        bench.table_of,
+        f"{cfg.rounds} round(s) x {cfg.runtime:g} s per job, medians",
+    )
     return 0
