@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import math
 import os
@@ -455,14 +456,29 @@ def order_for_round(targets: Sequence[_T], rnd: int) -> list[_T]:
 
 
 @contextlib.contextmanager
-def work_directory(cfg: BenchConfig) -> Iterator[Path]:
-    """``cfg.workdir``, or a temporary directory removed afterwards."""
-    if cfg.workdir is not None:
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
-        yield cfg.workdir
+def work_directory(workdir: Path | None, prefix: str = "pairvol-bench-") -> Iterator[Path]:
+    """``workdir`` (made if missing), or a temporary directory removed afterwards (every
+    suite's ``--dir``)."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
         return
-    with tempfile.TemporaryDirectory(prefix="pairvol-bench-") as d:
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
         yield Path(d)
+
+
+def check_lab_prerequisites(
+    suite: str, programs: Sequence[str], *, nbd: bool = False, lab: str = "a lab"
+) -> None:
+    """A suite that builds ``lab``: root, ``programs`` on PATH and, with ``nbd``, the
+    python3-libnbd module; one error naming the first thing missing."""
+    if os.geteuid() != 0:
+        raise IllegalState(f"the {suite} builds {lab} (network namespaces): run it as root")
+    for prog in programs:
+        if shutil.which(prog) is None:
+            raise ExternalCommandFailed(f"{prog} not found (run tools/setup)")
+    if nbd and importlib.util.find_spec("nbd") is None:
+        raise ExternalCommandFailed("the python3-libnbd module nbd is not importable (tools/setup)")
 
 
 def measure(
@@ -476,7 +492,7 @@ def measure(
     Without ``workdir``, the work directory is ``cfg``'s (see :func:`work_directory`)."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
-            workdir = stack.enter_context(work_directory(cfg))
+            workdir = stack.enter_context(work_directory(cfg.workdir))
         for t in targets:
             progress(f"preparing {t.name} ({cfg.size >> 20} MiB)")
             t.prepare(workdir, cfg.size)
@@ -1155,12 +1171,8 @@ def measure_lag(
 
 
 def check_replicated_prerequisites(modes: Sequence[str]) -> None:
-    if os.geteuid() != 0:
-        suite = "/".join(modes)
-        raise IllegalState(f"the {suite} suite builds a lab (network namespaces): run it as root")
-    for prog in ("ip", "nbdcopy") if "sync" in modes else ("ip",):
-        if shutil.which(prog) is None:
-            raise ExternalCommandFailed(f"{prog} not found (run tools/setup)")
+    programs = ("ip", "nbdcopy") if "sync" in modes else ("ip",)
+    check_lab_prerequisites(f"{'/'.join(modes)} suite", programs)
 
 
 def sample_json(s: Sample) -> dict[str, Any]:
@@ -1411,7 +1423,7 @@ def run(
     started = dt.datetime.now().astimezone()
     t0 = time.monotonic()
     machine = machine_info(cfg.fio)
-    with work_directory(cfg) as workdir:
+    with work_directory(cfg.workdir) as workdir:
         samples = measure(cfg, targets, progress, workdir=workdir) if targets else []
         replicated = run_replicated(cfg, modes, workdir, progress) if modes else None
     machine["loadavg_end"] = list(os.getloadavg())

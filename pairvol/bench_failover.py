@@ -39,17 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -900,32 +897,14 @@ class ModeRun:
 
 
 def check_prerequisites() -> None:
-    if os.geteuid() != 0:
-        raise IllegalState(
-            "the failover suite builds a cluster lab (network namespaces): run it as root"
-        )
-    for prog in ("ip", "nbdkit", "etcd"):
-        if shutil.which(prog) is None:
-            raise ExternalCommandFailed(f"{prog} not found (run tools/setup)")
-    if importlib.util.find_spec("nbd") is None:
-        raise ExternalCommandFailed("the python3-libnbd module nbd is not importable (tools/setup)")
+    programs = ("ip", "nbdkit", "etcd")
+    bench.check_lab_prerequisites("failover suite", programs, nbd=True, lab="a cluster lab")
 
 
 def etcd_version() -> str:
     done = _run(["etcd", "--version"], os.environ, 30.0)
     lines = done.stdout.strip().splitlines()
     return lines[0] if done.returncode == 0 and lines else f"unknown (status {done.returncode})"
-
-
-@contextlib.contextmanager
-def work_directory(cfg: FailoverConfig) -> Iterator[Path]:
-    """``cfg.workdir``, or a temporary directory removed afterwards."""
-    if cfg.workdir is not None:
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
-        yield cfg.workdir
-        return
-    with tempfile.TemporaryDirectory(prefix="pairvol-failover-") as d:
-        yield Path(d)
 
 
 def run(cfg: FailoverConfig, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
@@ -937,7 +916,7 @@ def run(cfg: FailoverConfig, progress: Callable[[str], None] = lambda _m: None) 
     machine["etcd_version"] = etcd_version()
     modes: dict[str, Any] = {}
     settings: dict[str, Any] = {}
-    with work_directory(cfg) as workdir:
+    with bench.work_directory(cfg.workdir, "pairvol-failover-") as workdir:
         for mode in cfg.modes:
             name = f"pvf{os.getpid() % 100000}{mode[0]}"
             with ClusterLab(workdir / "labs", name, progress) as lab:

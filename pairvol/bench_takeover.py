@@ -47,16 +47,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -923,24 +920,7 @@ class TakeoverRun:
 
 
 def check_prerequisites() -> None:
-    if os.geteuid() != 0:
-        raise IllegalState("the takeover suite builds a lab (network namespaces): run it as root")
-    for prog in ("ip", "nbdkit", "nbdcopy"):
-        if shutil.which(prog) is None:
-            raise ExternalCommandFailed(f"{prog} not found (run tools/setup)")
-    if importlib.util.find_spec("nbd") is None:
-        raise ExternalCommandFailed("the python3-libnbd module nbd is not importable (tools/setup)")
-
-
-@contextlib.contextmanager
-def work_directory(cfg: TakeoverConfig) -> Iterator[Path]:
-    """``cfg.workdir``, or a temporary directory removed afterwards."""
-    if cfg.workdir is not None:
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
-        yield cfg.workdir
-        return
-    with tempfile.TemporaryDirectory(prefix="pairvol-takeover-") as d:
-        yield Path(d)
+    bench.check_lab_prerequisites("takeover suite", ("ip", "nbdkit", "nbdcopy"), nbd=True)
 
 
 def report(
@@ -1004,7 +984,7 @@ def run(cfg: TakeoverConfig, progress: Callable[[str], None] = lambda _m: None) 
     t0 = time.monotonic()
     machine = bench.machine_info()
     with (
-        work_directory(cfg) as workdir,
+        bench.work_directory(cfg.workdir, "pairvol-takeover-") as workdir,
         bench.BenchLab(workdir / "labs", f"pvt{os.getpid() % 100000}", progress) as lab,
     ):
         runner = TakeoverRun(cfg, lab, progress)
