@@ -30,7 +30,7 @@ from replicator.export import Exporter, ExportHandle
 from replicator.export_info import VolInfo
 from replicator.pair.manager import PairManager
 from replicator.peer_auth import PeerSecrets, parse_secrets
-from replicator.peer_link import PeerClient, PeerServer
+from replicator.peer_link import PeerServer
 from replicator.tls import PeerTls, check_options
 from replicator.wire import check_node_name
 
@@ -98,17 +98,6 @@ class NodeConfig:
         return PeerTls.load(self.tls_cert, self.tls_key, self.tls_ca)
 
 
-class _TlsPairs(PairManager):
-    """The pair manager of a node with TLS on its peer links: its clients use it too."""
-
-    tls: PeerTls | None = None
-
-    def new_client(self, host: str, port: int, expect: str | None) -> PeerClient:
-        client = super().new_client(host, port, expect)
-        client.tls = self.tls
-        return client
-
-
 def _listen_peer(address: str, port: int) -> socket.socket:
     """The replication listener (peers connect here; see replicator.peer_link)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -158,7 +147,7 @@ class Node:
             )
         self.secret = secret
         self.tls = self.config.load_tls()
-        self.pairs = _TlsPairs(
+        self.pairs = PairManager(
             self.config.name,
             self.directory,
             self.config.listen,
@@ -166,8 +155,8 @@ class Node:
             secret,
             self.events,
             self.log,
+            tls=self.tls,
         )
-        self.pairs.tls = self.tls
         self.peer_server: PeerServer | None = None
         self.metrics: MetricsServer | None = None
         self.control = ControlServer(

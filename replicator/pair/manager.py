@@ -47,6 +47,7 @@ from replicator.pair.timer import PairTimer
 from replicator.pair.volume_legs import VolumeLegs
 from replicator.peer_auth import PeerSecrets
 from replicator.peer_link import PeerClient, PeerRefused, errno_of
+from replicator.tls import PeerTls
 from replicator.volume import Volume
 
 ASYNC_LINK_TIMEOUT = 30.0  # an async pair's heartbeat timeout: the journal absorbs outages
@@ -71,8 +72,10 @@ class PairManager:
         heartbeat_timeout: float = 5.0,
         async_link_timeout: float = ASYNC_LINK_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        tls: PeerTls | None = None,
     ) -> None:
         self.node_name = node_name
+        self.tls = tls  # the peer links' TLS (replicator/tls.py): its clients use it too
         #: The groups loaded at start-up are started (their shipper runs): a group made after
         #: that starts at once (primary_group).
         self._groups_started = False
@@ -175,6 +178,7 @@ class PairManager:
             self.log,
             allow_no_secret=not self.secret,
             expect_peer=expect,
+            tls=self.tls,
         )
 
     # -- life cycle -----------------------------------------------------------------------------
