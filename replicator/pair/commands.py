@@ -242,8 +242,9 @@ class Commands:
             copying = was is ps.State.COPY and not force
             event = ps.Takeover(force=force, peer_epoch=s.doc.peer_epoch, pull=copying)
             after = self._dry_run(s, event)
-            # A forced takeover of an incomplete copy, or a copy taken over whole.
-            forced_pull = after.copy_incomplete and not copying
+            # The move pulls what it lacks whatever else: a forced takeover of an incomplete
+            # copy, or a copy taken over whole.
+            must_pull = after.copy_incomplete
             # SPEC 4, no data lost: the old primary's node still answers, so this side takes
             # what it lacks of its final image (the copy not done, the async journal's tail)
             # and pulls it.  The old primary is fenced *before* that is asked, or the chunks
@@ -260,13 +261,13 @@ class Commands:
             # Every acknowledged write is here: a sync pair in PAIR, or what lacks is pulled.
             whole = not s.is_async and was is ps.State.PAIR
             taken = 0
-            if forced_pull or zero_loss:
+            if must_pull or zero_loss:
                 try:
                     self._announce(s, ps.State.SSWS, Role.SECONDARY, after.epoch, PING_TIMEOUT)
                     told = True
                     pending = s.copies.fetch_pending()
                 except (ConnectionFailed, Timeout, PeerRefused, ProtocolError, IllegalState) as e:
-                    if forced_pull or copying:
+                    if must_pull:
                         raise ConnectionFailed(
                             f"pair {s.id}: cannot take the old primary's pending bitmap: {e}; "
                             "not taken over (the old primary stays fenced): try again"
@@ -277,14 +278,14 @@ class Commands:
                     )
                 else:
                     # Nothing lacking (a sync pair in PAIR): no durable step, as before.
-                    need = forced_pull or copying or pending.count()
+                    need = must_pull or pending.count()
                     taken = s.copies.take_pending(pending) if need else 0
                     if zero_loss and taken:
                         event = replace(event, pull=True)
                     whole = whole or zero_loss
                     if zero_loss and s.id in reports:
                         reports[s.id]["pulled_from_old_primary_chunks"] = taken
-            s.doc.reverse_after_pull = event.pull or forced_pull  # persisted with the move
+            s.doc.reverse_after_pull = event.pull or must_pull  # persisted with the move
             s.fire(event, tell_peer=False)
             summaries[s.id] = {
                 "previous": str(was),
