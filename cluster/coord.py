@@ -717,9 +717,17 @@ class EtcdCoord:
     unanswered connection moves on to the next.  A whole call takes at most about
     ``timeout`` seconds: each endpoint gets ``timeout / len(endpoints)`` to connect, and the
     request the rest of the time.  A request that was sent and got no answer in time is a
-    Timeout and is not sent again (it may have been applied: the caller decides)."""
+    Timeout and is not sent again (it may have been applied: the caller decides).
 
-    def __init__(self, endpoints: Sequence[str], timeout: float) -> None:
+    Reads are linearizable (etcd's default: they go through the leader's quorum) unless
+    ``serializable`` is set: then ``get`` and ``snapshot`` answer from whatever the member
+    reached has applied (``etcdctl --consistency=s``), also while no leader is elected, and may
+    be a moment behind.  Only a reader that displays state may ask for that (``cluster
+    status``); a decision is never taken on a serializable read."""
+
+    def __init__(
+        self, endpoints: Sequence[str], timeout: float, *, serializable: bool = False
+    ) -> None:
         import requests
         from etcd3gw.client import Etcd3Client
 
@@ -743,6 +751,7 @@ class EtcdCoord:
                     api_path="/v3/",
                 )
             )
+        self.serializable = serializable
         self._current = 0
         self._lock = threading.Lock()
         self._watches: list[Watch] = []
@@ -873,9 +882,12 @@ class EtcdCoord:
 
     # keys
 
+    def _range(self, request: dict[str, Any]) -> dict[str, Any]:
+        return request | {"serializable": True} if self.serializable else request
+
     def get(self, key: str) -> KeyValue | None:
         _check_key(key)
-        doc = self._call("kv/range", {"key": _b64(key.encode())}, f"get {key}")
+        doc = self._call("kv/range", self._range({"key": _b64(key.encode())}), f"get {key}")
         kvs = doc.get("kvs") or []
         return _kv(kvs[0]) if kvs else None
 
@@ -884,7 +896,7 @@ class EtcdCoord:
         raw = prefix.encode()
         doc = self._call(
             "kv/range",
-            {"key": _b64(raw), "range_end": _b64(prefix_end(raw))},
+            self._range({"key": _b64(raw), "range_end": _b64(prefix_end(raw))}),
             f"list {prefix}",
         )
         kvs = tuple(_kv(d) for d in doc.get("kvs") or [])

@@ -130,9 +130,19 @@ def test_three_members_survive_one_loss_not_two(clusters: Factory) -> None:
     # the request timeout: "survives" means the other two elect a leader and then serve.
     poll_until(lambda: [c.healthy(i) for i in (1, 2)], all, what="a new leader", timeout=20)
     _put_get(c.endpoints())
+    with EtcdCoord(c.endpoints(), 5.0) as coord:
+        coord.put("/seen/k", b"v")
     c.kill_member(1)
     with pytest.raises((Timeout, ConnectionFailed)):
         _put_get(c.endpoints(), 2.0)
+    # Without a quorum a linearizable read fails too; a serializable one (cluster status's)
+    # answers from the live member with what it has applied.
+    with EtcdCoord(c.endpoints(), 1.0) as coord, pytest.raises((Timeout, ConnectionFailed)):
+        coord.get("/seen/k")
+    with EtcdCoord(c.endpoints(), 1.0, serializable=True) as coord:
+        kv = coord.get("/seen/k")
+        assert kv is not None and kv.value == b"v"
+        assert [k.key for k in coord.get_prefix("/seen/")] == ["/seen/k"]
     c.restart_member(1)  # a quorum again
     poll_until(lambda: [c.healthy(i) for i in (1, 2)], all, what="a quorum again", timeout=20)
     _put_get(c.endpoints())

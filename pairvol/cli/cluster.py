@@ -81,6 +81,7 @@ from pairvol.cli.common import print_json, print_table
 from replicator import control
 from replicator.errors import (
     AlreadyExists,
+    ConnectionFailed,
     IllegalState,
     NotFound,
     PairvolError,
@@ -146,9 +147,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"the cluster config (default ${ap.CONFIG_ENV})")
 
 
-def _open(args: Any) -> tuple[Config, EtcdCoord, Keys]:
+def _open(args: Any, *, serializable: bool = False) -> tuple[Config, EtcdCoord, Keys]:
     config = load_config(ap.config_path(args.config))
-    return config, EtcdCoord(config.etcd.endpoints, config.etcd.timeout), Keys(config.cluster)
+    coord = EtcdCoord(config.etcd.endpoints, config.etcd.timeout, serializable=serializable)
+    return config, coord, Keys(config.cluster)
 
 
 def _resources(config: Config, coord: EtcdCoord, keys: Keys) -> list[tuple[Resource, str]]:
@@ -261,14 +263,25 @@ def _hydration_text(resource: str, h: dict[str, Any]) -> str:
     )
 
 
+def _lease_remaining(coord: EtcdCoord, lease: int) -> float | None:
+    """Seconds left on ``lease``, None when it is gone or only etcd's leader could say and
+    there is none now (an election): the status is still shown."""
+    try:
+        return coord.lease_remaining(lease)
+    except (Timeout, ConnectionFailed):
+        return None
+
+
 def status_doc(args: Any) -> dict[str, Any]:
-    config, coord, keys = _open(args)
+    # Serializable reads: the status answers from any live etcd member, also during an
+    # election or without a quorum, as crm_mon shows its node's view; nothing is decided on it.
+    config, coord, keys = _open(args, serializable=True)
     agent = _local_agent()
     with coord:
         out = []
         for r, source in _resources(config, coord, keys):
             leader = read_leader(coord, keys, r.name)
-            remaining = None if leader is None else coord.lease_remaining(leader.lease)
+            remaining = None if leader is None else _lease_remaining(coord, leader.lease)
             active = None if leader is None else leader.holder
             last = _last_failover(agent, r.name)
             pairs, hydration = _pairs(r.groups)
