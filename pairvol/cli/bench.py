@@ -12,11 +12,11 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
-from pairvol import bench, bench_failover, bench_takeover
+from pairvol import bench, bench_failover, bench_plot, bench_takeover
 from pairvol.cli.common import print_json
-from replicator.errors import UsageError
+from replicator.errors import PairvolError, UsageError
 from replicator.sizes import format_size, parse_size
 
 
@@ -30,7 +30,8 @@ def register(sub: Any) -> None:
         "medians and ratios; or time failovers of a cluster resource after SIGKILL of its "
         "active host, and planned switchovers (suite failover; needs root); or take over async "
         "secondaries with a backlog: time to ready, fetched against local reads, the pull "
-        "against nbdcopy (suite takeover; needs root).",
+        "against nbdcopy (suite takeover; needs root).  --plot DIR writes PNG charts of the "
+        "report; --plot DIR --from REPORT charts saved reports without running anything.",
     )
     p.add_argument(
         "--suite",
@@ -108,6 +109,21 @@ def register(sub: Any) -> None:
         "--tls", action="store_true", help="sync/async suites: TLS on the lab's peer links"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="after the run, write PNG charts of its report into DIR (matplotlib): ratios per "
+        "workload with every round, the async lag trace, failover and takeover times",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_reports",
+        type=Path,
+        nargs="+",
+        metavar="REPORT",
+        help="with --plot: chart these saved JSON reports (any suites) instead of running",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -233,7 +249,47 @@ def _run_suite(
     else:
         print(table_of(doc))
         print(f"\n{footer}; took {doc['duration_s']:.0f} s; JSON: {out}")
+    if args.plot is not None:
+        try:
+            plotted = bench_plot.plot([(str(out), doc)], args.plot)
+        except PairvolError:
+            print(f"bench: the report is kept: --plot DIR --from {out} tries again",
+                  file=sys.stderr)  # fmt: skip
+            raise
+        _print_plotted(plotted, sys.stderr if args.json else sys.stdout)
     return doc
+
+
+def _print_plotted(plotted: bench_plot.Plotted, out: TextIO) -> None:
+    for note in plotted.notes:
+        print(f"note: {note}", file=out)
+    print(f"charts: {', '.join(str(p) for p in plotted.written)}", file=out)
+
+
+#: Every option that says how to run a suite: --from runs none, so it refuses them.
+_RUN_OPTIONS = ("rounds", "runtime", "ramp_time", "size", "journal_size", "lag_runtime",
+                *_FAILOVER_ONLY, *_TAKEOVER_ONLY, "dir", "json_out")  # fmt: skip
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``--plot DIR --from REPORT...``: the charts of saved reports, nothing run."""
+    if args.plot is None:
+        raise UsageError("--from needs --plot DIR (where the charts go)")
+    opts = _given_with_workloads(args, _RUN_OPTIONS)
+    extra = [f"--{n}" for n in ("quick", "tls") if getattr(args, n)]
+    if args.suite != "base":
+        extra.append("--suite")
+    opts = ", ".join(o for o in (opts, *extra) if o)
+    if opts:
+        raise UsageError(f"--from runs no suite: {opts} does not apply")
+    bench_plot.check_output(args.plot)
+    reports = [(str(p), bench_plot.load_report(p)) for p in args.from_reports]
+    plotted = bench_plot.plot(reports, args.plot)
+    if args.json:
+        print_json({"charts": [str(p) for p in plotted.written], "notes": plotted.notes})
+    else:
+        _print_plotted(plotted, sys.stdout)
+    return 0
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
@@ -269,6 +325,10 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.from_reports is not None:
+        return cmd_plot(args)
+    if args.plot is not None:
+        bench_plot.check_output(args.plot)  # before minutes of measuring, not after
     if args.suite == bench_takeover.SUITE:
         return cmd_takeover(args)
     opts = _given(args, _TAKEOVER_ONLY)
