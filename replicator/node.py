@@ -181,6 +181,7 @@ class Node:
                 allow_no_secret=not self.secret,
                 inline=self.pairs.receives_inline,
                 tls=self.tls,
+                compress_for=self.pairs.compress_for,
             )
         self.pairs.start()
         if self.peer_server is not None:

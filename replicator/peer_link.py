@@ -38,6 +38,11 @@ Then:
   :class:`~replicator.errors.Timeout` and breaks the connection too: a sync link that stops
   answering is lost, and a half-dead connection must not linger.
 
+Compression.  Both Hellos offer the codecs their node decodes (feature bits,
+docs/protocol.md "Compression"); a Write's or Chunk's data goes out compressed with its pair's
+codec (``compress_for(pair_id)``) when the peer offered it, and raw otherwise.  The decoder
+takes compressed frames only in the codecs both offered, and only after the handshake.
+
 Blocking and bounds.  Receives block without a timeout (TCP keepalive finds a dead peer; our
 own close wakes them with ``shutdown``).  Sends block at most ``SO_SNDTIMEO``: the request's
 remaining time on the client, ``send_timeout`` on the server.  A 64 MiB frame holds its
@@ -63,7 +68,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
-from replicator import wire
+from replicator import compression, wire
 from replicator.errors import (
     Closed,
     ConnectionFailed,
@@ -79,6 +84,11 @@ from replicator.tls import TLS_HANDSHAKE_BYTE, PeerTls, identity_error
 from replicator.tls import describe as tls_why
 
 Handler = Callable[[str, wire.Message], wire.Message]
+#: The codec a pair's volume data crosses the link with, by pair id (``pair create
+#: --compress``); used only for codecs the peer offered in its Hello.
+CompressFor = Callable[[str], str]
+#: The Hello feature bits of the codecs this node decodes.
+CODEC_FEATURES: Final = compression.features(compression.available())
 
 
 def inline_data(msg: wire.Message) -> bool:
@@ -232,7 +242,10 @@ class _Link:
     def __init__(self, sock: socket.socket, where: str) -> None:
         self.sock = sock
         self.where = where
-        self.decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD)
+        self.decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD, codecs=frozenset())
+        #: Codecs both Hellos offered (none until the handshake is done), and the pairs' own.
+        self.codecs: frozenset[str] = frozenset()
+        self.compress_for: CompressFor | None = None
         self.send_lock = threading.Lock()
         # Frames waiting for the send lock.  Whoever holds it sends every frame queued by then
         # in one sendmsg, so threads sending at once share the syscall and the segment.
@@ -266,7 +279,7 @@ class _Link:
         returns once the holder that took it is done; if that send failed, the connection is
         broken and the caller hears of it (a request's waiter fails, a server response's
         connection is aborted)."""
-        parts = wire.encode_parts(msg, request_id)
+        parts = wire.encode_parts(msg, request_id, compress=self._codec(msg))
         with self._outbox_lock:
             self._outbox += parts
         if deadline is None:
@@ -290,6 +303,13 @@ class _Link:
             self._send_parts(batch, deadline)
         finally:
             self.send_lock.release()
+
+    def _codec(self, msg: wire.Message) -> str:
+        """The codec for ``msg``'s data: its pair's, if the peer decodes it."""
+        if self.compress_for is None or not isinstance(msg, wire.Write | wire.Chunk):
+            return compression.NONE
+        codec = self.compress_for(msg.pair_id)
+        return codec if codec in self.codecs else compression.NONE
 
     def _send_parts(self, parts: list[wire.Blob], deadline: float | None) -> None:
         if self.tls:
@@ -394,6 +414,8 @@ class _Link:
         # The limit applies from the frame after the handshake's last (the decoder looks at
         # most one frame ahead, so frames already read are parsed under the new limit).
         self.decoder.max_payload = wire.MAX_PAYLOAD
+        self.codecs = compression.codecs_of(hs.features or 0) & compression.available()
+        self.decoder.codecs = self.codecs
         self.sock.settimeout(None)
 
     def shutdown(self) -> None:
@@ -472,6 +494,7 @@ class PeerServer:
         log_interval: float = LOG_INTERVAL,
         log_burst: int = LOG_BURST,
         tls: PeerTls | None = None,
+        compress_for: CompressFor | None = None,
     ) -> None:
         wire.check_node_name(node_name)
         secrets = _check_secret(secret, allow_no_secret)
@@ -490,6 +513,7 @@ class PeerServer:
         self.max_connections = max_connections
         self.max_pending = max_pending
         self.tls = tls
+        self.compress_for = compress_for
         self._secrets = secrets
         self._sock = sock
         self._address: tuple[str, int] = sock.getsockname()[:2]
@@ -613,6 +637,7 @@ class _ServerConn:
     ) -> None:
         self.server = server
         self.link = _Link(sock, where)
+        self.link.compress_for = server.compress_for
         self.where = where
         self.address = address  # the peer's IP address
         self.deadline = deadline  # the handshake's
@@ -665,6 +690,7 @@ class _ServerConn:
             server._secrets,
             server.node_name,
             allow_no_secret=server.allow_no_secret,
+            features=CODEC_FEATURES,
         )
         try:
             _tune(self.link.sock)
@@ -1034,6 +1060,7 @@ class PeerClient:
         connect_timeout: float = 5.0,
         allow_no_secret: bool = False,
         tls: PeerTls | None = None,
+        compress_for: CompressFor | None = None,
     ) -> None:
         wire.check_node_name(node_name)
         if expect_peer is not None:
@@ -1047,6 +1074,7 @@ class PeerClient:
         self.connect_timeout = connect_timeout
         self.allow_no_secret = allow_no_secret
         self.tls = tls  # read at each connect
+        self.compress_for = compress_for
         self.on_disconnect: Callable[[str], None] | None = None
         self._secrets = keys
         self._lock = threading.Lock()  # _conn, _closed, _attempts, _failure, _peer_name
@@ -1164,12 +1192,14 @@ class PeerClient:
         except OSError as e:
             raise ConnectionFailed(f"cannot connect to {label}: {_why(e)}") from None
         link = _Link(sock, self.where)
+        link.compress_for = self.compress_for
         hs = Handshake(
             "initiator",
             self._secrets,
             self.node_name,
             expect_peer=self.expect_peer,
             allow_no_secret=self.allow_no_secret,
+            features=CODEC_FEATURES,
         )
         tls = self.tls
         try:

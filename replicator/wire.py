@@ -21,6 +21,16 @@ or raises one ``ProtocolError(remote=True)``, never anything else; the header is
 CRC covers the length) before the payload is allocated; and after an error the decoder stays
 failed.  Frames completed before the bad bytes are still delivered first.
 
+Compression (issue 12, item 6).  The volume data of Write and Chunk frames may cross the link
+compressed (:mod:`replicator.compression`): bits 0-1 of the header's ``flags`` name the codec
+of the frame's bulk field (0 none, 1 zstd, 2 lz4), whose u32 length is then the *decompressed*
+size and whose bytes run to the end of the payload.  The payload CRC32C covers the bytes on the
+wire.  :func:`encode_parts` compresses only when asked (``compress=``) and when it saves space;
+a decoder takes only the codecs it was given (the ones both Hellos offered, feature bits
+:data:`FEATURE_ZSTD` and :data:`FEATURE_LZ4`; none before the handshake), refuses any other
+flag bit, and never decompresses past its payload limit.  A frame we compress decodes and
+re-encodes (with :attr:`Frame.compression`) to the same bytes.
+
 Zero copy.  Bulk fields (``Write.data``, ``Chunk.data``, ``Bitmap.bits``) accept ``bytes`` or
 a ``memoryview``; :func:`encode_parts` passes them through by reference, ready for
 ``socket.sendmsg``.  The decoder hands them out as read-only views of the frame's payload
@@ -38,6 +48,7 @@ from typing import Final, TypeAlias
 
 import crc32c
 
+from replicator import compression
 from replicator.errors import ProtocolError, UsageError
 from replicator.header import MIN_CHUNK, NAME_MAX, bitmap_bytes, check_name
 
@@ -69,6 +80,11 @@ BITMAP_PAGE: Final = 4096
 
 #: Hello.features bit: the sender has no secret configured (authentication is disabled).
 FEATURE_NO_SECRET: Final = 1 << 0
+#: Hello.features bits: the sender decodes Write and Chunk frames compressed with zstd, lz4.
+FEATURE_ZSTD: Final = compression.FEATURE[compression.ZSTD]
+FEATURE_LZ4: Final = compression.FEATURE[compression.LZ4]
+#: The frame flags this version defines: the bulk field's codec.
+FLAGS_CODEC: Final = compression.CODE_MASK
 
 STATES: Final = ("SMPL", "COPY", "PAIR", "PSUS", "PSUE", "PFUL", "PFUS", "SSWS")
 ROLES: Final = ("primary", "secondary")
@@ -335,6 +351,9 @@ class PairCreate:
     #: The pair's ``--max-rate`` (bytes/s, 0: none): the secondary keeps it, for the pull
     #: after a takeover and for the copies and shipping once a swap makes it the primary.
     max_rate: int = 0
+    #: The pair's ``--compress`` (none, zstd, lz4): the codec of its volume data on the link,
+    #: both ways (the secondary's pull answers, and everything once a swap reverses it).
+    compress: str = compression.NONE
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
@@ -342,6 +361,7 @@ class PairCreate:
         _utf8(self, "primary_peer", PEER_ADDRESS_MAX)
         _uint(self, "block_size", 32, low=1)
         _uint(self, "max_rate", 63)
+        _one_of(self, "compress", compression.CODECS)
         _uint(self, "data_size", 63, low=1)
         _chunk_size(self, "chunk_size")
         _one_of(self, "mode", MODES)
@@ -757,6 +777,14 @@ class _Bulk(_Field):
             raise ProtocolError(f"{r.what}.{self.name}: {n} bytes is over the {MAX_DATA} limit")
         return r.take(n, self.name).toreadonly()
 
+    def get_packed(self, r: _Reader, codec: str, limit: int) -> bytes:
+        """A compressed field: u32 decompressed length, then ``codec``'s bytes to the end of
+        the payload, decompressed to at most ``limit`` bytes (and at most MAX_DATA)."""
+        (n,) = _U32.unpack(r.take(4, self.name))
+        packed = r.take(len(r.view) - r.pos, self.name)
+        what = f"{r.what}.{self.name}"
+        return compression.unpack(codec, packed, n, limit=min(limit, MAX_DATA), what=what)
+
 
 _U16: Final = struct.Struct("<H")
 _U32: Final = struct.Struct("<I")
@@ -770,6 +798,8 @@ class Codec:
     number: int
     cls: type
     fields: tuple[_Field, ...]
+    #: The bulk field (the last) may be compressed: it is volume data (Write, Chunk).
+    packable: bool = False
     min_size: int = field(init=False)
     max_size: int = field(init=False)
 
@@ -826,6 +856,7 @@ CODECS: Final[dict[type, Codec]] = {
             _pair_id(), _Str("volume", NAME_MAX), _u64("data_size"), _u32("chunk_size"),
             _choice("mode", MODES), _choice("fence", FENCES), _u64("pvid"), _u64("epoch"),
             _Str("primary_peer", PEER_ADDRESS_MAX), _u32("block_size"), _u64("max_rate"),
+            _choice("compress", compression.CODECS),
         )),
         Codec(0x11, PairState, (
             _pair_id(), _choice("state", STATES), _choice("role", ROLES, first=1),
@@ -846,13 +877,13 @@ CODECS: Final[dict[type, Codec]] = {
         )),
         Codec(0x20, Write, (
             _pair_id(), _u64("offset"), _u64("seq"), _Bool("fua"), _Bulk("data"),
-        )),
+        ), packable=True),
         Codec(0x21, Zero, (
             _pair_id(), _u64("offset"), _u64("length"), _u64("seq"), _Bool("fua"),
             _Bool("may_trim"),
         )),
         Codec(0x22, Flush, (_pair_id(),)),
-        Codec(0x23, Chunk, (_pair_id(), _u64("index"), _Bulk("data"))),
+        Codec(0x23, Chunk, (_pair_id(), _u64("index"), _Bulk("data")), packable=True),
         Codec(0x24, ChunkRequest, (_pair_id(), _u64("index"))),
     )
 }
@@ -860,6 +891,7 @@ CODECS: Final[dict[type, Codec]] = {
 _BY_TYPE: Final[dict[int, Codec]] = {c.number: c for c in CODECS.values()}
 assert len(_BY_TYPE) == len(CODECS)
 assert all(c.max_size <= MAX_PAYLOAD for c in CODECS.values())
+assert all(isinstance(c.fields[-1], _Bulk) for c in CODECS.values() if c.packable)
 assert all(
     c.max_size <= HANDSHAKE_MAX_PAYLOAD
     for c in CODECS.values()
@@ -876,9 +908,13 @@ def type_number(msg_type: type) -> int:
 # Encoding
 
 
-def encode_parts(msg: Message, request_id: int = 0) -> list[Blob]:
+def encode_parts(
+    msg: Message, request_id: int = 0, *, compress: str = compression.NONE
+) -> list[Blob]:
     """The frame for ``msg`` as buffers to send in order (bulk data by reference, for
-    ``socket.sendmsg``).  ``request_id``: a request's id, or the id a response echoes."""
+    ``socket.sendmsg``).  ``request_id``: a request's id, or the id a response echoes.
+    ``compress``: the codec for a Write's or Chunk's data (the peer must have offered it);
+    the data goes raw if it does not shrink, and for every other message."""
     codec = CODECS.get(type(msg))
     if codec is None:
         raise ProtocolError(f"{type(msg).__name__} is not a wire message", remote=False)
@@ -890,12 +926,21 @@ def encode_parts(msg: Message, request_id: int = 0) -> list[Blob]:
         out = f.put(getattr(msg, f.name), body)
         if out is not None:
             bulk = out
+    flags = 0
+    if compress != compression.NONE and codec.packable and bulk is not None:
+        if compress not in compression.CODECS:
+            raise ProtocolError(f"codec {_show(compress)} is not one of {compression.CODECS}")
+        packed = compression.pack(compress, bulk)
+        if packed is not None:
+            bulk, flags = packed, compression.CODE[compress]
     crc = crc32c.crc32c(body)
     length = len(body)
     if bulk is not None:
         crc = crc32c.crc32c(bulk, crc)
         length += len(bulk)
-    header = bytearray(_HEADER.pack(MAGIC, VERSION, codec.number, 0, request_id, length, crc, 0))
+    header = bytearray(
+        _HEADER.pack(MAGIC, VERSION, codec.number, flags, request_id, length, crc, 0)
+    )
     _U32.pack_into(header, _HEADER_CRC_AT, crc32c.crc32c(header[:_HEADER_CRC_AT]))
     parts: list[Blob] = [bytes(header) + body]
     if bulk is not None and len(bulk):
@@ -903,9 +948,9 @@ def encode_parts(msg: Message, request_id: int = 0) -> list[Blob]:
     return parts
 
 
-def encode(msg: Message, request_id: int = 0) -> bytes:
+def encode(msg: Message, request_id: int = 0, *, compress: str = compression.NONE) -> bytes:
     """The frame for ``msg`` as one bytes object."""
-    return b"".join(encode_parts(msg, request_id))
+    return b"".join(encode_parts(msg, request_id, compress=compress))
 
 
 # --------------------------------------------------------------------------------------------
@@ -914,10 +959,12 @@ def encode(msg: Message, request_id: int = 0) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame: the message and the request id it carried."""
+    """A decoded frame: the message, the request id it carried, and the codec its bulk
+    data crossed the link with (``none``: raw)."""
 
     message: Message
     request_id: int
+    compression: str = compression.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -926,9 +973,13 @@ class _Head:
     request_id: int
     length: int
     crc: int
+    packing: str  # the bulk field's codec
+    limit: int  # the payload limit (a compressed field decompresses to no more)
 
 
-def _parse_header(raw: bytes | bytearray, max_payload: int) -> _Head:
+def _parse_header(
+    raw: bytes | bytearray, max_payload: int, codecs: frozenset[str] = frozenset()
+) -> _Head:
     magic, version, mtype, flags, request_id, length, crc, hcrc = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic {magic!r} (not a pairvol replication stream)")
@@ -937,18 +988,30 @@ def _parse_header(raw: bytes | bytearray, max_payload: int) -> _Head:
         raise ProtocolError(f"frame header CRC32C mismatch ({hcrc:#010x} != {actual:#010x})")
     if version != VERSION:
         raise ProtocolError(f"frame version {version} is not supported (this node: {VERSION})")
-    if flags:
+    if flags & ~FLAGS_CODEC:
         raise ProtocolError(f"frame flags {flags:#06x} are not defined in version {VERSION}")
     codec = _BY_TYPE.get(mtype)
     if codec is None:
         raise ProtocolError(f"unknown message type {mtype:#04x}")
     name = codec.cls.__name__
+    packing = compression.BY_CODE.get(flags & FLAGS_CODEC)
+    if packing is None:
+        raise ProtocolError(f"{name} frame flags {flags:#06x} name an unknown codec")
+    if packing != compression.NONE and not codec.packable:
+        raise ProtocolError(
+            f"{name} frame flags {flags:#06x} say {packing}: only Write and Chunk data is"
+            " compressed"
+        )
+    if packing != compression.NONE and packing not in codecs:
+        raise ProtocolError(
+            f"{name} frame flags {flags:#06x} say {packing}, which this link did not agree on"
+        )
     limit = min(codec.max_size, max_payload)
     if length > limit:
         raise ProtocolError(f"{name} payload of {length} bytes is over the {limit}-byte limit")
     if length < codec.min_size:
         raise ProtocolError(f"{name} payload of {length} bytes is under {codec.min_size}")
-    return _Head(codec, request_id, length, crc)
+    return _Head(codec, request_id, length, crc, packing, limit)
 
 
 def _decode(head: _Head, payload: bytearray) -> Frame:
@@ -958,14 +1021,20 @@ def _decode(head: _Head, payload: bytearray) -> Frame:
     if actual != head.crc:
         raise ProtocolError(f"{name} payload CRC32C mismatch ({head.crc:#010x} != {actual:#010x})")
     r = _Reader(memoryview(payload), name)
-    values = {f.name: f.get(r) for f in codec.fields}
+    if head.packing == compression.NONE:
+        values = {f.name: f.get(r) for f in codec.fields}
+    else:
+        *plain, bulk = codec.fields
+        values = {f.name: f.get(r) for f in plain}
+        assert isinstance(bulk, _Bulk)
+        values[bulk.name] = bulk.get_packed(r, head.packing, head.limit)
     if r.pos != len(payload):
         raise ProtocolError(f"{name} payload has {len(payload) - r.pos} bytes of trailing garbage")
     try:
         msg: Message = codec.cls(**values)
     except ProtocolError as e:
         raise ProtocolError(f"peer sent an invalid {e}") from None
-    return Frame(msg, head.request_id)
+    return Frame(msg, head.request_id, head.packing)
 
 
 _SCRATCH: Final = 64 * 1024
@@ -985,8 +1054,13 @@ class FrameDecoder:
     each :meth:`feed`: bytes fed past a complete frame wait, copied, in a backlog.
     """
 
-    def __init__(self, *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self, *, max_payload: int = MAX_PAYLOAD, codecs: frozenset[str] | None = None
+    ) -> None:
         self.max_payload = max_payload
+        #: The codecs of compressed frames it takes (default: every one this node has); like
+        #: ``max_payload``, a change applies from the frame after the one just returned.
+        self.codecs: frozenset[str] = compression.available() if codecs is None else codecs
         self._header = bytearray(HEADER_SIZE)
         self._hfill = 0
         self._head: _Head | None = None  # parsed header of the frame being received
@@ -1075,7 +1149,7 @@ class FrameDecoder:
 
     def _start_payload(self) -> None:
         try:
-            head = _parse_header(self._header, self.max_payload)
+            head = _parse_header(self._header, self.max_payload, self.codecs)
         except ProtocolError as e:
             self._pending = e
             return

@@ -29,6 +29,7 @@ from pairvol.cli.common import print_json, print_table
 from pairvol.cli.node import NODE_DIR_ENV
 from pairvol.cli.progress import WaitProgress
 from replicator import control
+from replicator.compression import CODECS, NONE
 from replicator.errors import (
     ConnectionFailed,
     HeaderCorrupt,
@@ -157,6 +158,8 @@ def register(sub: Any) -> None:
     c.add_argument("--auto-resync", action="store_true", help="resync when the link returns")
     c.add_argument("--max-rate", help="bandwidth limit per pair, e.g. 50M (bytes/s): its "
                    "copies and, async, its shipping (the group ships at its lowest)")  # fmt: skip
+    c.add_argument("--compress", choices=list(CODECS), default=NONE,
+                   help="compress the pair's volume data on the link (default none)")  # fmt: skip
     c.add_argument("--journal-size", help="async: the group journal's size (default 256M)")
     c.add_argument(
         "--high-watermark",
@@ -286,6 +289,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             "chunk": chunk,
             "auto_resync": args.auto_resync,
             "max_rate": _rate(args.max_rate),
+            "compress": args.compress,
             "journal_size": parse_size(args.journal_size) if args.journal_size else None,
             "high_watermark": None if high is None else high / 100,  # the node takes 0 < x <= 1
         },
@@ -536,6 +540,7 @@ def merge_sides(sides: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "secondary": f"{sec['node']}:{sec['volume']}" if sec else "?",
                 "mode": lead["mode"],
                 "fence": lead["fence"],
+                "compress": lead.get("compress", NONE),
                 "state": p["state"] if p else lead["state"],
                 "secondary_state": sec["state"] if sec else "?",
                 "copy_percent": copy,

@@ -7,8 +7,8 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
+from replicator import compression, wire
 from replicator import pair_state as ps
-from replicator import wire
 from replicator.bitmap import Bitmap
 from replicator.errors import AlreadyExists, IllegalState, UsageError
 from replicator.groups import DEFAULT_HIGH_WATERMARK, DEFAULT_JOURNAL_SIZE, journal_path
@@ -41,6 +41,7 @@ class Creation:
         if mode is ps.Mode.ASYNC and fence is ps.Fence.DATA:
             raise UsageError("--fence data needs --mode sync (an async secondary always lags)")
         chunk = int(args.get("chunk", ps.DEFAULT_CHUNK))
+        compress = compression.check_codec(args.get("compress") or compression.NONE)
         journal_size = int(args.get("journal_size") or DEFAULT_JOURNAL_SIZE)
         raw_high = args.get("high_watermark")
         high = DEFAULT_HIGH_WATERMARK if raw_high is None else float(raw_high)
@@ -98,6 +99,7 @@ class Creation:
                 stream=stream,
                 journal_size=journal_size,
                 high_watermark=high,
+                compress=compress,
             )
             side = self._new_side(legs, doc)
             try:
@@ -115,6 +117,7 @@ class Creation:
                     f"{self.m.listen}:{self.m.peer_port}",
                     h.block_size,
                     doc.max_rate,
+                    doc.compress,
                 )
                 if local:
                     secondary = self.on_pair_create(self.m.node_name, create)
@@ -184,6 +187,7 @@ class Creation:
             if self.m.has_pair(pid):
                 raise AlreadyExists(f"pair {pid} already exists on node {self.m.node_name}")
             path = self.m.volume_path(msg.volume)
+            compression.check_codec(msg.compress, f"the secondary's node {self.m.node_name}")
             legs = self._legs_for(msg.volume, pid, group, Role.SECONDARY)
             with Volume.open(path) as v:
                 if v.header.data_size != msg.data_size:
@@ -218,7 +222,14 @@ class Creation:
                     os.unlink(journal_path(self.m.directory, group, receive=True))
             diff_slot, copy_slot = legs.claim_slots(pid)
             record = dataclasses.replace(record, diff_slot=diff_slot, copy_slot=copy_slot)
-            doc = SideDoc(record, msg.volume, peer, stream=stream, max_rate=msg.max_rate)
+            doc = SideDoc(
+                record,
+                msg.volume,
+                peer,
+                stream=stream,
+                max_rate=msg.max_rate,
+                compress=msg.compress,
+            )
             side = self._new_side(legs, doc)
             try:
                 self._clear_bitmaps(side)

@@ -47,6 +47,7 @@ def describe(side: Side) -> dict[str, Any]:
         "mode": str(r.mode),
         "fence": str(r.fence),
         "auto_resync": r.auto_resync,
+        "compress": side.doc.compress,
         "state": str(r.state),
         "cause": str(r.cause),
         "epoch": r.epoch,

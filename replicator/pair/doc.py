@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from replicator import pair_state as ps
 from replicator import record_file
+from replicator.compression import CODECS
 from replicator.errors import HeaderCorrupt
 from replicator.record_codec import SlotCodec
 
@@ -107,6 +108,8 @@ class SideDoc:
     #: SSWS after a takeover that pulls the old primary's final image (SPEC 4): once it is
     #: whole, swap back on its own, so the old primary becomes the secondary (issue 11, 5).
     reverse_after_pull: bool = False
+    #: The codec of the pair's volume data on the link (none, zstd, lz4): both sides keep it.
+    compress: str = "none"
 
     def to_json(self) -> str:
         return json.dumps(
@@ -135,6 +138,7 @@ class SideDoc:
                 "hold_reason": self.hold_reason,
                 "watchdog_epoch": self.watchdog_epoch,
                 "reverse_after_pull": self.reverse_after_pull,
+                "compress": self.compress,
             },
             indent=1,
             sort_keys=True,
@@ -168,9 +172,16 @@ class SideDoc:
                 str(doc.get("hold_reason", "")),
                 int(doc.get("watchdog_epoch", 0)),
                 _flag(doc.get("reverse_after_pull", False)),
+                _codec(doc.get("compress", "none")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e
+
+
+def _codec(value: object) -> str:
+    if not isinstance(value, str) or value not in CODECS:
+        raise ValueError(f"compress is {value!r}, not one of {', '.join(CODECS)}")
+    return value
 
 
 def _flag(value: object) -> bool:

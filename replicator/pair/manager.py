@@ -179,6 +179,7 @@ class PairManager:
             allow_no_secret=not self.secret,
             expect_peer=expect,
             tls=self.tls,
+            compress_for=self.compress_for,
         )
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -459,6 +460,12 @@ class PairManager:
         side = self.sides.get(msg.pair_id)
         g = self.secondaries.get(side.record.group) if side is not None else None
         return g is not None and g.takes_now(msg)
+
+    def compress_for(self, pid: str) -> str:
+        """The codec of pair ``pid``'s volume data on its link (``pair create --compress``),
+        looked up for every Write and Chunk this node sends (peer_link.py)."""
+        side = self.sides.get(pid)
+        return side.doc.compress if side is not None else "none"
 
     def handle_peer(self, peer_name: str, msg: wire.Message) -> wire.Message:
         return self.peer_requests.handle(peer_name, msg)
