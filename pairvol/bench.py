@@ -924,9 +924,9 @@ def summarize_copies(samples: Sequence[CopySample], goal: float = RESYNC_GOAL) -
     }
 
 
-def nbdcopy_argv(lab: BenchLab, src: str, dst: str) -> list[str]:
+def nbdcopy_argv(lab: BenchLab, src: str, dst: str, *, flush: bool = False) -> list[str]:
     """nbdcopy on host a: from a's node (Unix socket) to b's node over TCP, the veth path the
-    replication takes."""
+    replication takes; ``flush``: the destination flushed at the end (``--flush``)."""
     dst_uri = f"nbd://{lab.host('b').address}/{dst}"
     return [
         "ip",
@@ -934,6 +934,7 @@ def nbdcopy_argv(lab: BenchLab, src: str, dst: str) -> list[str]:
         "exec",
         lab.host("a").netns,
         "nbdcopy",
+        *(["--flush"] if flush else []),
         lab.socket_uri("a", src),
         dst_uri,
     ]
@@ -966,11 +967,13 @@ def timed_resync(cfg: BenchConfig, t: LabTarget, rnd: int, workdir: Path) -> Cop
     )
 
 
-def timed_nbdcopy(lab: BenchLab, src: str, size: int, rnd: int) -> CopySample:
+def timed_nbdcopy(
+    lab: BenchLab, src: str, size: int, rnd: int, *, flush: bool = False
+) -> CopySample:
     notes: dict[str, Any] = {}
     with node_cores(lab, notes):
         t0 = time.monotonic()
-        _run_bounded(nbdcopy_argv(lab, src, NBDCOPY_DST), copy_timeout(size))
+        _run_bounded(nbdcopy_argv(lab, src, NBDCOPY_DST, flush=flush), copy_timeout(size))
         seconds = time.monotonic() - t0
     return CopySample(rnd, "nbdcopy", size, seconds, notes.get("cores_a"), notes.get("cores_b"))
 

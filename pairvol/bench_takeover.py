@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol import bench
-from replicator import control
+from replicator import control, falloc
 from replicator.bitmap import DEFAULT_CHUNK
 from replicator.errors import (
     ExternalCommandFailed,
@@ -557,6 +557,7 @@ class TakeoverRun:
     errors: list[str] = field(default_factory=list)
     groups: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(SEED))
+    copy_dst: tuple[Path, int] = (Path(), 0)  # nbdcopy's destination on b: path, data offset
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -698,7 +699,7 @@ class TakeoverRun:
 
     def setup(self) -> None:
         """The unpaired volumes: a's round-trip target and nbdcopy sources, b's destination
-        (filled: a copy into a sparse file would also pay for allocation)."""
+        (made sparse again before each copy, see :meth:`copy_round`)."""
         lab, cfg = self.lab, self.cfg
         self.progress(f"unpaired volumes: {RTT_VOLUME}, nbdcopy sources and destination")
         path, offset = lab.create_volume("a", RTT_VOLUME, cfg.local_size)
@@ -706,8 +707,7 @@ class TakeoverRun:
         for i, size in enumerate(cfg.sizes):
             path, offset = lab.create_volume("a", f"{COPY_SOURCE}{i}", size)
             bench.fill_region(path, offset, size, seed=SEED + i)
-        path, offset = lab.create_volume("b", bench.NBDCOPY_DST, max(cfg.sizes))
-        bench.fill_region(path, offset, max(cfg.sizes))
+        self.copy_dst = lab.create_volume("b", bench.NBDCOPY_DST, max(cfg.sizes))
 
     # -- scenario 1 and 3: time to ready, the pull's rate -----------------------------------
 
@@ -758,7 +758,17 @@ class TakeoverRun:
         return ReadySample(**{**asdict(sample), **after})
 
     def copy_round(self, rnd: int, index: int, size: int) -> bench.CopySample:
-        return bench.timed_nbdcopy(self.lab, f"{COPY_SOURCE}{index}", size, rnd)
+        """nbdcopy doing the pull's work: into a destination whose data region is a hole
+        (the pull writes where the secondary never had data: the file system allocates as
+        it goes), flushed at the end (the pull's data is durable when it is done)."""
+        path, offset = self.copy_dst
+        fd = os.open(path, os.O_RDWR)
+        try:
+            falloc.punch_hole(fd, offset, max(self.cfg.sizes))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return bench.timed_nbdcopy(self.lab, f"{COPY_SOURCE}{index}", size, rnd, flush=True)
 
     def ready_rounds(self) -> None:
         cfg = self.cfg

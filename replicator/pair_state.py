@@ -364,10 +364,16 @@ class Resync:
     swap: bool = False
     peer_epoch: int = 0
     epoch: int = 0
+    #: A swap back after a takeover's pull: this side pulled everything the peer (the old
+    #: primary, fenced at this epoch ever since) had and it lacked, so the peer's difference
+    #: bitmap is no news and the copy back takes this side's own differences only.
+    peer_pulled: bool = False
 
     def __post_init__(self) -> None:
         _check_count("peer epoch", self.peer_epoch)
         _check_count("epoch", self.epoch)
+        if self.peer_pulled is not False and (self.peer_pulled is not True or not self.swap):
+            raise ProtocolError("peer_pulled belongs to a swap (Resync(swap=True))", remote=False)
 
     @property
     def kind(self) -> Kind:
@@ -941,12 +947,18 @@ def _differential(c: _Ctx) -> None:
 START_DIFF_COPY = Step("fetch peer diff, start differential copy of the union", _differential)
 
 
-@_step("start differential copy (full if the taken-over image was inconsistent)")
+@_step(
+    "start differential copy (of ours only if the peer's image was pulled; full if the "
+    "taken-over image was inconsistent)"
+)
 def START_SWAP_COPY(c: _Ctx) -> None:
-    if c.old.svol_consistent:
-        _differential(c)
-    else:
+    if not c.old.svol_consistent:
         START_FULL_COPY.run(c)
+    elif isinstance(c.event, Resync) and c.event.peer_pulled:
+        c.changes.update(copied_chunks=0, total_chunks=0)
+        c.out.append(StartCopy(CopyKind.DIFFERENTIAL, (BitmapRef.LOCAL_DIFF,)))
+    else:
+        _differential(c)
 
 
 @_step("resume copy if reconnecting")

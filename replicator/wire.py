@@ -515,14 +515,17 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class ChunkRequest:
-    """Pull copy (SPEC section 4): ask the peer for chunk ``index``; answered by a Chunk."""
+    """Pull copy (SPEC section 4): ask the peer for ``count`` chunks from chunk ``index``;
+    answered by one Chunk holding them all (at most :data:`MAX_DATA` bytes)."""
 
     pair_id: str
     index: int
+    count: int = 1
 
     def __post_init__(self) -> None:
         _pair(self, "pair_id")
         _uint(self, "index", 64)
+        _uint(self, "count", 32, low=1)
 
 
 #: Most chunk digests one DigestRequest may ask for.
@@ -884,7 +887,7 @@ CODECS: Final[dict[type, Codec]] = {
         )),
         Codec(0x22, Flush, (_pair_id(),)),
         Codec(0x23, Chunk, (_pair_id(), _u64("index"), _Bulk("data")), packable=True),
-        Codec(0x24, ChunkRequest, (_pair_id(), _u64("index"))),
+        Codec(0x24, ChunkRequest, (_pair_id(), _u64("index"), _u32("count"))),
     )
 }
 # fmt: on

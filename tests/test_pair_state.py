@@ -480,6 +480,23 @@ def test_takeover_from_copy_needs_force_and_pulls_the_rest() -> None:
     assert StartCopy(CopyKind.DIFFERENTIAL, (BitmapRef.LOCAL_DIFF, BitmapRef.PEER_DIFF)) in sa
 
 
+def test_a_swap_back_after_the_peers_image_was_pulled_copies_our_differences_only() -> None:
+    """The old primary, fenced since, has nothing the pull did not bring: its difference
+    bitmap is not fetched, the copy back is of what was written here (Resync.peer_pulled,
+    which the command gives only when the pull ended at this epoch and the peer is still
+    the old primary fenced at it)."""
+    pair = Pair()
+    pair.both(Create())
+    pair.both(CopyDone())
+    pair.s.handle(Takeover(pull=True), 1.0)
+    pair.s.handle(CopyDone(), 2.0)
+    sa = pair.s.handle(Resync(swap=True, peer_pulled=True), 3.0)
+    assert StartCopy(CopyKind.DIFFERENTIAL, (BitmapRef.LOCAL_DIFF,)) in sa
+    assert not any(isinstance(a, FetchPeerBitmap) for a in sa)
+    with pytest.raises(ProtocolError, match="belongs to a swap"):
+        Resync(peer_pulled=True)
+
+
 def test_takeover_from_copy_without_force_only_as_a_pull_of_what_was_taken() -> None:
     pair = Pair()
     pair.both(Create())

@@ -45,6 +45,7 @@ from replicator.errors import (
     IllegalState,
     PairvolError,
     PeerLost,
+    ProtocolError,
     Timeout,
     VolumeError,
 )
@@ -992,7 +993,7 @@ def test_reads_and_writes_of_chunks_not_here_yet_fetch_them_on_demand(
     assert all(reads[k]["p50_ms"] is not None for k in ("fetched", "local"))
     assert reads["fetched"]["p99_ms"] >= reads["fetched"]["p50_ms"]
 
-    side.doc.max_rate = 0  # let the background pull finish
+    side.doc.pull_rate = 0  # let the background pull finish
     wait_until("the pull's end", lambda: not side.record.copy_incomplete)
     assert b.show(pid)["hydration"] is None
     done = [e for e in read_events(b.events_path) if e["event"] == "pair.pull.done"]
@@ -1035,7 +1036,78 @@ def test_an_async_takeover_loses_nothing_while_the_old_primary_answers(
     wait_until("the pull's end", lambda: not side.record.copy_incomplete)
     assert side.record.svol_consistent
     assert_same(b.image(), bytes(want))
+    assert side.doc.pulled_epoch == side.record.epoch
     swapped_back(lab, a, b, pid)
+    # The swap back copied only the chunk written here since the takeover: a's difference
+    # bitmap still held its folded backlog, which b had just pulled from it (it copied all of
+    # it back, and reported it as overwritten).
+    assert b.side(pid).doc.last_copy_bytes == CHUNK
+    assert not [e for e in read_events(b.events_path) if e["event"] == "pair.resync.overwrite"]
+
+
+def test_the_old_primary_serves_a_piece_of_chunks_in_one_answer(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """The pull asks for pieces of up to 1 MiB (ChunkRequest.count): one answer holds
+    them all, the last chunk of the volume short; a piece past the end is refused."""
+    _, a, b = two
+    pid = "g/p1"
+    image = noise(SIZE)
+    write(a.open(), 0, image)
+    a.create(pid, b)
+    wait_copy(a, pid)
+    side = b.side(pid)
+    n = SIZE // CHUNK
+    got = side.request(wire.ChunkRequest(pid, n - 3, 3))
+    assert isinstance(got, wire.Chunk) and got.index == n - 3
+    assert bytes(got.data) == image[(n - 3) * CHUNK :]
+    with pytest.raises(PeerRefused, match="outside the volume"):
+        side.request(wire.ChunkRequest(pid, n - 2, 3))
+    with pytest.raises(ProtocolError, match="count"):
+        wire.ChunkRequest(pid, 0, 0)
+
+
+def test_a_restarted_new_primary_serves_chunks_not_here_yet_at_once(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """After a restart (a kill during the pull) the side still pulling asks its old primary
+    before it serves anyone: a client's first read of a chunk not here yet is fetched.  It
+    was refused with EIO until the timer's first heartbeat brought the link back (seen as a
+    flaky lab test reading right after the restart)."""
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    b.restart()  # no tick: the timer has not run
+    side = b.side(pid)
+    assert side.record.copy_incomplete and side.machine.link_up
+    pending = next(side.copy_map.iter_set())
+    at = pending * CHUNK
+    assert read(b.open(), at, CHUNK) == truth[at : at + CHUNK]
+
+
+def test_a_takeovers_max_rate_limits_its_pull_only(two: tuple[Lab, Node, Node]) -> None:
+    """``pair takeover --max-rate`` limits the pull it starts; the pair keeps its own
+    ``--max-rate`` (it stayed on the pair, and limited the swap back and every copy after)."""
+    lab, a, b = two
+    pid = "g/p1"
+    write(a.open(), 0, noise(SIZE))
+    a.create(pid, b, max_rate=4 * CHUNK)
+    b.cmd("pair.takeover", target="g", max_rate=2 * CHUNK)
+    side = b.side(pid)
+    assert side.record.copy_incomplete
+    assert (side.pull_rate, side.max_rate) == (2 * CHUNK, 4 * CHUNK)
+    b.restart()
+    side = b.side(pid)
+    assert (side.pull_rate, side.max_rate) == (2 * CHUNK, 4 * CHUNK)
+    side.doc.pull_rate = 0  # the rest at full speed (the throttle cannot be scripted)
+    for _ in range(10):  # the link comes back on the timer, then the pull resumes
+        if side.machine.link_up:
+            break
+        lab.tick(INTERVAL)
+    wait_until("the pull's end", lambda: not side.record.copy_incomplete)
+    assert side.doc.pull_rate is None and side.pull_rate == side.max_rate == 4 * CHUNK
+    b.restart()
+    assert b.side(pid).doc.pull_rate is None and b.side(pid).max_rate == 4 * CHUNK
 
 
 def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
@@ -1085,7 +1157,7 @@ def test_a_takeover_during_the_copy_needs_no_force_while_the_old_primary_answers
     assert side.record.copy_incomplete and side.doc.reverse_after_pull
     hb = b.open()
     assert read(hb, 0, SIZE) == truth  # every chunk, most fetched on demand
-    side.doc.max_rate = 0
+    side.doc.pull_rate = 0
     wait_until("the pull's end", lambda: not side.record.copy_incomplete)
     swapped_back(lab, a, b, pid)
 
@@ -1137,7 +1209,7 @@ def test_a_write_that_covers_whole_chunks_not_here_yet_fetches_nothing(
     with side.bitmap_lock:
         side.copy_map.set_chunk(41)
     side.flush_copy_map()
-    side.doc.max_rate = 0
+    side.doc.pull_rate = 0
     side.save()
     lab.link(a, b).heal()
     b.restart()
@@ -1187,7 +1259,7 @@ def test_a_forced_takeover_that_cannot_take_the_pending_bitmap_reveals_nothing(
     b.cmd("pair.takeover", target="g", force=True)
     side = b.side(pid)
     assert side.record.copy_incomplete and side.copy_map.count() > 0
-    side.doc.max_rate = 0
+    side.doc.pull_rate = 0
     wait_until("the pull's end", lambda: not side.record.copy_incomplete)
     identical(a, b)
 
@@ -1219,11 +1291,12 @@ def test_the_pull_never_overwrites_a_chunk_written_since_the_takeover(
     with side.bitmap_lock:
         side.copy_map.set_chunk(0)  # as the disk has it after a kill before the pull's sync
     side.flush_copy_map()
-    side.doc.max_rate = 0
+    side.doc.pull_rate = 0
     side.save()
-    b.restart()
+    durable = side.store.load(side.record.copy_slot, side.chunk_size)
+    assert durable.test(0) and side.store.load(side.record.diff_slot, side.chunk_size).test(0)
+    b.restart()  # the pull resumes at once (the old primary is asked at start-up)
     side = b.side(pid)
-    assert side.copy_map.test(0) and side.diff_map.test(0)
 
     def pulled() -> bool:
         return any(e["event"] == "pair.pull.done" for e in read_events(b.events_path))

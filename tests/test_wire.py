@@ -149,7 +149,7 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     Zero: zeros(),
     Flush: st.builds(Flush, pair_ids),
     Chunk: st.builds(Chunk, pair_ids, U64, blobs()),
-    ChunkRequest: st.builds(ChunkRequest, pair_ids, U64),
+    ChunkRequest: st.builds(ChunkRequest, pair_ids, U64, st.integers(1, 2**32 - 1)),
     wire.JournalStatus: st.builds(wire.JournalStatus, pair_ids, U64, U64, U64),
     wire.JournalAck: st.tuples(U64, U64).map(lambda t: wire.JournalAck("g/p", max(t), min(t))),
     wire.DigestRequest: st.builds(wire.DigestRequest, pair_ids, U64, st.integers(1, 65536)),

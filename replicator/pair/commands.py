@@ -191,10 +191,11 @@ class Commands:
                 )
         for s in sides:
             with s.gate.closed():
-                s.exchange.query()  # may fence us: then the dry run below refuses
-                event = ps.Resync(swap=swap, peer_epoch=s.doc.peer_epoch)
+                peer = s.exchange.query()  # may fence us: then the dry run below refuses
+                pulled = swap and _peer_pulled(s, peer)
+                event = ps.Resync(swap=swap, peer_epoch=s.doc.peer_epoch, peer_pulled=pulled)
                 after = self._dry_run(s, event)
-                overwritten[s.id] = self._overwritten(s, after.role, swap)
+                overwritten[s.id] = 0 if pulled else self._overwritten(s, after.role, swap)
                 if s.is_async and after.role is Role.PRIMARY and s.record.group in self.m.primaries:
                     # Nothing shipped before the fold may reach the secondary after it has
                     # discarded what it received: wait for the shipper's requests in flight.
@@ -217,10 +218,9 @@ class Commands:
         force = bool(args.get("force", False))
         reports: dict[str, dict[str, Any]] = {}
         summaries: dict[str, dict[str, Any]] = {}
-        if args.get("max_rate") is not None:
-            for s in sides:
-                s.doc.max_rate = int(args["max_rate"])
-                s.save()
+        for s in sides:  # the pull's limit, this takeover's only (None: the pair's rate)
+            s.doc.pull_rate = None if args.get("max_rate") is None else int(args["max_rate"])
+            s.save()
         for s in sides:
             if s.is_async and s.record.role is Role.SECONDARY:
                 # Apply everything received first: the image is then the newest consistent
@@ -413,4 +413,18 @@ def _whole_again(side: Side) -> bool:
         and r.svol_consistent
         and not r.copy_incomplete
         and side.machine.link_up
+    )
+
+
+def _peer_pulled(side: Side, peer: wire.PairState) -> bool:
+    """This side's pull of the old primary's image ended at the epoch it still has, and the
+    peer is that old primary, fenced ever since (a primary suspended at our takeover's epoch:
+    only the fence gives it that epoch, and it writes nothing while fenced).  Its difference
+    bitmap is then what this side pulled: nothing on it lacks here."""
+    epoch = side.record.epoch
+    return (
+        side.doc.pulled_epoch == epoch > 0
+        and peer.role == Role.PRIMARY.label
+        and peer.state == str(ps.State.PSUE)
+        and peer.epoch == epoch
     )

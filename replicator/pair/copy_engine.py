@@ -68,6 +68,15 @@ class Throttle:
         self._lock = threading.Lock()
         self._t0 = time.monotonic()
 
+    def would_wait(self, nbytes: int) -> bool:
+        """Taking ``nbytes`` now would wait (a pipelined caller lands what it has in flight
+        first, rather than sleep on it)."""
+        rate = self._rate()
+        if rate <= 0:
+            return False
+        with self._lock:
+            return (self._budget + nbytes) / rate > time.monotonic() - self._t0
+
     def take(self, nbytes: int) -> None:
         rate = self._rate()
         if rate <= 0:

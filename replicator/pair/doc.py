@@ -110,6 +110,13 @@ class SideDoc:
     reverse_after_pull: bool = False
     #: The codec of the pair's volume data on the link (none, zstd, lz4): both sides keep it.
     compress: str = "none"
+    #: A takeover's ``--max-rate`` for its pull only (bytes/s, 0 unlimited); None: the
+    #: pair's ``max_rate``.  Forgotten when the pull is done: the pair keeps its own rate.
+    pull_rate: int | None = None
+    #: The epoch at which this side's pull of the old primary's image ended (0: none).  At
+    #: that epoch the old primary is fenced and has nothing this side lacks: a swap back
+    #: while both are still there copies only what was written here (``Resync.peer_pulled``).
+    pulled_epoch: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -139,6 +146,8 @@ class SideDoc:
                 "watchdog_epoch": self.watchdog_epoch,
                 "reverse_after_pull": self.reverse_after_pull,
                 "compress": self.compress,
+                "pull_rate": self.pull_rate,
+                "pulled_epoch": self.pulled_epoch,
             },
             indent=1,
             sort_keys=True,
@@ -173,6 +182,8 @@ class SideDoc:
                 int(doc.get("watchdog_epoch", 0)),
                 _flag(doc.get("reverse_after_pull", False)),
                 _codec(doc.get("compress", "none")),
+                _rate(doc.get("pull_rate")),
+                int(doc.get("pulled_epoch", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderCorrupt(f"pair file is damaged: {e}") from e
@@ -181,6 +192,14 @@ class SideDoc:
 def _codec(value: object) -> str:
     if not isinstance(value, str) or value not in CODECS:
         raise ValueError(f"compress is {value!r}, not one of {', '.join(CODECS)}")
+    return value
+
+
+def _rate(value: object) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ValueError(f"pull_rate is {value!r}, not a rate in bytes/s or null")
     return value
 
 

@@ -76,7 +76,7 @@ from typing import Final
 from replicator.errors import UsageError
 
 #: Chunks the pull copies between two bitmap syncs (a crash costs at most this many again).
-SYNC_EVERY: Final = 64
+SYNC_EVERY: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +288,10 @@ def sync() -> Plan:
     return Plan((Action(Step.SYNC),))
 
 
-def sync_due(copied: int) -> bool:
-    """The pull has copied ``copied`` chunks: time for a bitmap sync."""
-    return copied > 0 and copied % SYNC_EVERY == 0
+def sync_due(before: int, after: int) -> bool:
+    """The pull went from ``before`` to ``after`` chunks copied (a piece at a time): time
+    for a bitmap sync when that passed a multiple of :data:`SYNC_EVERY`."""
+    return after // SYNC_EVERY > before // SYNC_EVERY
 
 
 def after_crash(durable: Bits) -> Bits:

@@ -232,8 +232,19 @@ class PairManager:
                     self.log(f"group {name}: redid {n} journal entries after a restart")
             g.start()
         self._groups_started = True
+        self._reach_old_primaries()
         if timer_thread:
             self.timer.start()
+
+    def _reach_old_primaries(self) -> None:
+        """At start-up, before any client is served: a side still pulling after a takeover
+        asks its old primary now (one Ping, at most PING_TIMEOUT), so that its pull resumes
+        and a client's first read of a chunk not here yet fetches it.  Waiting for the timer's
+        first heartbeat refused those reads with EIO for a moment after every restart."""
+        for side in list(self.sides.values()):
+            r = side.record
+            if side.partner is None and r.state is ps.State.SSWS and r.copy_incomplete:
+                self.probe(side)
 
     def _fold_activity_log(self, legs: VolumeLegs) -> None:
         """At start-up: extents in the volume's activity log may differ between the volume and
@@ -452,7 +463,11 @@ class PairManager:
         to a worker (replicator/peer_link.py, ``inline``): a mirrored write, and a journal
         entry its group's receive journal takes without waiting (the next one, with room).
         One that would wait, for a predecessor or for space, goes to a worker: a reader that
-        waits reads nothing else, its predecessor included."""
+        waits reads nothing else, its predecessor included.  A ChunkRequest (a pull's piece,
+        or a chunk a client of the taken-over side waits for) too: it is one ``pread`` that
+        waits for nothing, and the hand-off was most of a fetch on demand."""
+        if isinstance(msg, wire.ChunkRequest):
+            return True
         if not isinstance(msg, wire.Write | wire.Zero):
             return False
         if not msg.seq:

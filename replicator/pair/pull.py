@@ -23,12 +23,14 @@ When the last chunk is in, the side is consistent (``CopyDone`` in SSWS) and ``r
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import math
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from replicator import pair_state as ps
@@ -45,18 +47,27 @@ if TYPE_CHECKING:
     from replicator.pair.side import Side
 
 SYNC_EVERY = hydration.SYNC_EVERY  # chunks pulled between two syncs of data and pending bits
+PULL_PIECE = 1 << 20  # bytes the background pull asks for in one request (whole chunks)
+PULL_DEPTH = 8  # requests of the background pull in flight at once
+PULL_WORKERS = 4  # threads landing the answers (writing them to the volume) at once
 ON_DEMAND_TIMEOUT = 10.0  # seconds a client's read or write waits for a chunk on demand
 
 
 def serve_chunk(side: Side, msg: wire.ChunkRequest) -> wire.Chunk:
-    """The old primary's answer to a ChunkRequest: the chunk's bytes, read from its volume."""
+    """The old primary's answer to a ChunkRequest: the chunks' bytes, read from its volume
+    (one read; the last chunk of the volume may be short)."""
     if side.record.role is not Role.PRIMARY:
         raise ProtocolError(f"pair {side.id}: only the old primary answers chunk requests")
     cs = side.chunk_size
-    if msg.index >= side.copy_map.nchunks:
-        raise UsageError(f"pair {side.id}: chunk {msg.index} is outside the volume")
-    length = min(cs, side.data_size - msg.index * cs)
-    data = os.pread(side.volume.fd, length, side.data_offset + msg.index * cs)
+    nchunks = side.copy_map.nchunks
+    if msg.index >= nchunks or msg.count > nchunks - msg.index:
+        last = msg.index + msg.count - 1
+        raise UsageError(f"pair {side.id}: chunks {msg.index}..{last} are outside the volume")
+    if msg.count * cs > wire.MAX_DATA:
+        raise UsageError(f"pair {side.id}: {msg.count} chunks do not fit one Chunk answer")
+    offset = msg.index * cs
+    length = min(msg.count * cs, side.data_size - offset)
+    data = os.pread(side.volume.fd, length, side.data_offset + offset)
     if len(data) != length:
         raise VolumeError(f"short read of chunk {msg.index} of {side.doc.volume}", errno.EIO)
     return wire.Chunk(side.id, msg.index, data)
@@ -117,9 +128,10 @@ class PullEngine:
         self.on_demand_seconds = 0.0
         self.reads = ReadLatency()  # clients' reads meanwhile, fetched or local
         self._unsynced: set[int] = set()  # pulled chunks whose data and bit are not durable
-        self._sync_lock = threading.Lock()
+        self._gate = StoreGate()  # stores share it; a sync holds it alone
+        self._count_lock = threading.Lock()
         self.total = 0
-        self.throttle = Throttle(lambda: side.max_rate, self.stop_flag)  # takeover --max-rate
+        self.throttle = Throttle(lambda: side.pull_rate, self.stop_flag)  # takeover --max-rate
 
     def start(self) -> None:
         self.thread.start()
@@ -134,50 +146,129 @@ class PullEngine:
     def stop(self) -> None:
         self.stop_flag.set()
 
-    def _next(self) -> int | None:
+    def _pieces(self) -> Iterator[tuple[int, int]]:
+        """(first chunk, count) pieces of the pending chunks, ascending, a run of the bitmap
+        at a time, each at most :data:`PULL_PIECE` chunks; a chunk fetched on demand meanwhile
+        may still be inside one (landing it again does nothing)."""
         side = self.side
-        with side.bitmap_lock:
-            return next(side.copy_map.iter_set(), None)
+        pos = 0
+        while not self.stop_flag.is_set():
+            with side.bitmap_lock:
+                run = next(side.copy_map.runs(pos), None)
+            if run is None:
+                return
+            first, count = run
+            pos = first + count
+            at = first
+            while at < pos:
+                n = min(self._piece_chunks(), pos - at)
+                yield at, n
+                at += n
 
-    def _pull(self, chunk: int) -> None:
+    def _piece_chunks(self) -> int:
+        """Chunks per request: :data:`PULL_PIECE`, or under a ``--max-rate`` at most a
+        quarter second of it (a slow pull moves chunk by chunk, not in bursts)."""
+        cs = self.side.chunk_size
+        rate = self.side.pull_rate
+        piece = PULL_PIECE if rate <= 0 else min(PULL_PIECE, rate // 4)
+        return max(1, piece // cs)
+
+    def _length(self, first: int, count: int = 1) -> int:
+        cs = self.side.chunk_size
+        return min(count * cs, self.side.data_size - first * cs)
+
+    def _check(self, first: int, count: int, reply: wire.Message) -> bytes | memoryview:
+        if not isinstance(reply, wire.Chunk) or reply.index != first:
+            raise ProtocolError(f"pair {self.side.id}: the old primary answered oddly")
+        if len(reply.data) != self._length(first, count):
+            raise ProtocolError(f"pair {self.side.id}: chunk {first} came with the wrong size")
+        return reply.data
+
+    def _pass(self, pool: ThreadPoolExecutor) -> None:
+        """One walk over the pending chunks, :data:`PULL_DEPTH` requests of a piece each in
+        flight: a piece is asked for without its locks and landed under them by one of the
+        pool's :data:`PULL_WORKERS` (several writes into the volume at once, as nbdcopy has),
+        each chunk's step decided again then (a chunk fetched on demand or written here since
+        is left alone).  The old primary is fenced and its data does not change, so an answer
+        that waited is still the takeover's point in time."""
         side = self.side
-        length = min(side.chunk_size, side.data_size - chunk * side.chunk_size)
-        self.throttle.take(length)
-        if self.fetch(chunk, REQUEST_TIMEOUT):
-            self.sent_bytes += length
-        self.copied += 1
+        flight: collections.deque[Future[None]] = collections.deque()
+
+        def land_oldest() -> None:
+            flight.popleft().result()  # raises what the landing raised
+
+        for first, count in self._pieces():
+            length = self._length(first, count)
+            if self.throttle.would_wait(length):  # a --max-rate: land, then wait
+                while flight:
+                    land_oldest()
+            self.throttle.take(length)
+            if self.stop_flag.is_set():
+                break
+            collect = side.send(wire.ChunkRequest(side.id, first, count), REQUEST_TIMEOUT)
+            flight.append(pool.submit(self._land, first, count, collect))
+            while len(flight) >= PULL_DEPTH or (flight and flight[0].done()):
+                land_oldest()
+        while flight:
+            land_oldest()
+
+    def _land(self, first: int, count: int, collect: Callable[[], wire.Message]) -> None:
+        """Store a piece's answer: under the piece's chunk locks, each run of its chunks
+        that still lacks goes to the volume in one write."""
+        side = self.side
+        data = memoryview(self._check(first, count, collect()))
+        cs = side.chunk_size
+        stored = 0
+        with side.chunk_locks.hold(first, first + count - 1):
+            copy = [c for c in range(first, first + count) if self._decide(c)]
+            for at, n in _runs(copy):
+                lo = (at - first) * cs
+                piece = data[lo : lo + self._length(at, n)]
+                self._store(at, n, piece)
+                stored += len(piece)
+        with self._count_lock:
+            before = self.copied
+            self.copied += count
+            self.sent_bytes += stored
+            copied = self.copied
+        if hydration.sync_due(before, copied):
+            self._sync()
+            side.try_fire(ps.CopyProgress(copied, max(self.total, copied)))
 
     def fetch(self, chunk: int, timeout: float) -> bool:
-        """Bring ``chunk`` here if it is still pending, under its lock: the pull's step, and
-        a client's on demand (:meth:`hydrate`).  False if it was not pending any more, or
-        was written here since the takeover (its bit is then cleared: the local data is
-        newer)."""
+        """Bring ``chunk`` here if it is still pending, under its lock: a client's fetch on
+        demand (:meth:`hydrate`).  False if it was not pending any more, or was written here
+        since the takeover (its bit is then cleared: the local data is newer)."""
         with self.side.chunk_locks.hold(chunk, chunk):
             return self.fetch_held(chunk, timeout)
 
     def fetch_held(self, chunk: int, timeout: float) -> bool:
         """:meth:`fetch`, the caller holding the chunk's lock: the chunk's copy step is
         decided (again) under it, then carried out."""
+        if not self._decide(chunk):
+            return False  # fetched meanwhile (on demand, or by the pull), or written here
+        reply = self.side.request(wire.ChunkRequest(self.side.id, chunk), timeout)
+        self._store(chunk, 1, self._check(chunk, 1, reply))
+        return True
+
+    def _decide(self, chunk: int) -> bool:
+        """The chunk's copy step, under its lock: True to copy it; a stale bit is dropped."""
         side = self.side
         with side.bitmap_lock:
             plan = hydration.copy_step(chunk, chunk_bits(side, (chunk,))[chunk])
             drop(side, plan.chunks(Step.DROP))
-        if not plan.chunks(Step.COPY):
-            return False  # fetched meanwhile (on demand, or by the pull), or written here
-        cs = side.chunk_size
-        length = min(cs, side.data_size - chunk * cs)
-        reply = side.request(wire.ChunkRequest(side.id, chunk), timeout)
-        if not isinstance(reply, wire.Chunk) or reply.index != chunk:
-            raise ProtocolError(f"pair {side.id}: the old primary answered oddly")
-        if len(reply.data) != length:
-            raise ProtocolError(f"pair {side.id}: chunk {chunk} came with the wrong size")
-        with self._sync_lock:  # never between a sync's data and its bits
-            # The chunk goes on to the volume's other legs too (they never had it either).
-            side.apply_entry(EntryKind.WRITE, chunk * cs, length, reply.data, False)
+        return bool(plan.chunks(Step.COPY))
+
+    def _store(self, first: int, count: int, data: bytes | memoryview) -> None:
+        """Chunks ``first..first+count-1`` go to the volume in one write (and to its other
+        legs, which never had them either); their pending bits are cleared in memory,
+        durable after the data's sync."""
+        side = self.side
+        with self._gate.store():  # never between a sync's data and its bits
+            side.apply_entry(EntryKind.WRITE, first * side.chunk_size, len(data), data, False)
             with side.bitmap_lock:
-                side.copy_map.clear_chunk(chunk)  # in memory; durable after the data's sync
-                self._unsynced.add(chunk)
-        return True
+                side.copy_map.clear_range(first, count)
+                self._unsynced.update(range(first, first + count))
 
     def fetch_for_client(self, chunk: int, *, held: bool = False) -> None:
         """A client's fetch on demand (a ``FETCH`` of its plan), counted for the display;
@@ -202,7 +293,7 @@ class PullEngine:
     def _sync(self) -> None:
         """The pulled data is durable, then the cleared bits are (the pull's thread, or a
         client's write of a chunk just pulled)."""
-        with self._sync_lock:
+        with self._gate.sync():
             os.fdatasync(self.side.volume.fd)
             self.side.flush_copy_map()
             with self.side.bitmap_lock:
@@ -222,14 +313,14 @@ class PullEngine:
         with side.bitmap_lock:
             self.total = side.copy_map.count()
         try:
-            while not self.stop_flag.is_set():
-                chunk = self._next()
-                if chunk is None:
-                    break
-                self._pull(chunk)
-                if hydration.sync_due(self.copied):
-                    self._sync()
-                    side.try_fire(ps.CopyProgress(self.copied, max(self.total, self.copied)))
+            # A pass lands every chunk it walked; a bit set behind it (none is, today) would
+            # be taken by the next pass: done when a pass starts with nothing pending.
+            with ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix=f"pull {side.id}") as pool:
+                while not self.stop_flag.is_set():
+                    with side.bitmap_lock:
+                        if not side.copy_map.count():
+                            break
+                    self._pass(pool)
             self._sync()
             if self.stop_flag.is_set():
                 return
@@ -242,6 +333,12 @@ class PullEngine:
                 read_latency=self.reads.summary(),
             )
             side.log(f"pair {side.id}: pulled the {self.copied} chunks it lacked; consistent")
+            # Durable before the move that ends the pull: at this epoch the old primary has
+            # nothing this side lacks (a swap back copies only what was written here).
+            with side.state_lock:
+                side.doc.pulled_epoch = side.record.epoch
+                side.doc.pull_rate = None  # the pair's own rate from now on
+                side.save()
             total = max(self.total, self.copied)
             if side.try_fire(ps.CopyProgress(total, total)):
                 side.try_fire(ps.CopyDone())
@@ -252,6 +349,58 @@ class PullEngine:
                 side.log(f"pair {side.id}: saving the pull's progress failed too: {sync_error}")
             if not self.stop_flag.is_set():
                 side.link_failed(f"pull failed: {e}")
+
+
+class StoreGate:
+    """Shared by the pull's stores (a chunk's data written, then its pending bit cleared in
+    memory), held alone by a sync (the volume's fdatasync, then the bitmap flushed): a sync
+    waits for the stores under way and holds new ones back, so that no bit it flushes was
+    cleared over data its fdatasync may have missed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._stores = 0
+        self._syncing = False
+
+    @contextlib.contextmanager
+    def store(self) -> Iterator[None]:
+        with self._cond:
+            while self._syncing:
+                self._cond.wait()
+            self._stores += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._stores -= 1
+                if not self._stores:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def sync(self) -> Iterator[None]:
+        with self._cond:
+            while self._syncing:
+                self._cond.wait()
+            self._syncing = True
+            while self._stores:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._syncing = False
+                self._cond.notify_all()
+
+
+def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) runs of consecutive chunks in ascending ``chunks``."""
+    i = 0
+    while i < len(chunks):
+        j = i + 1
+        while j < len(chunks) and chunks[j] == chunks[j - 1] + 1:
+            j += 1
+        yield chunks[i], j - i
+        i = j
 
 
 # -- carrying out the core's plans (replicator/pair/hydration.py) -----------------------------

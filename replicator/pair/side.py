@@ -127,6 +127,11 @@ class Side:
         return self.doc.max_rate
 
     @property
+    def pull_rate(self) -> int:
+        """The pull's limit: the takeover's ``--max-rate``, or else the pair's."""
+        return self.doc.max_rate if self.doc.pull_rate is None else self.doc.pull_rate
+
+    @property
     def is_async(self) -> bool:
         return self.record.mode is ps.Mode.ASYNC
 
