@@ -156,6 +156,10 @@ class CopyEngine:
     def stop(self) -> None:
         self.stop_flag.set()
 
+    def save_progress(self) -> None:
+        """The bits of the pieces acknowledged so far are durable (a side closing)."""
+        self.side.flush_copy_map()
+
     def _pieces(self) -> Iterator[tuple[int, int, int]]:
         """(first chunk, count, data bytes) pieces of the copy bitmap's runs, ascending, as
         the pool takes them.  The bitmap is read a run at a time (bits cleared behind the

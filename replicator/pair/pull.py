@@ -23,7 +23,6 @@ When the last chunk is in, the side is consistent (``CopyDone`` in SSWS) and ``r
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import math
 import os
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
     from replicator.pair.side import Side
 
 SYNC_EVERY = hydration.SYNC_EVERY  # chunks pulled between two syncs of data and pending bits
-PULL_PIECE = 1 << 20  # bytes the background pull asks for in one request (whole chunks)
+PULL_PIECE = 4 << 20  # bytes the background pull asks for in one request (whole chunks)
 PULL_DEPTH = 8  # requests of the background pull in flight at once
 PULL_WORKERS = 4  # threads landing the answers (writing them to the volume) at once
 ON_DEMAND_TIMEOUT = 10.0  # seconds a client's read or write waits for a chunk on demand
@@ -128,7 +127,7 @@ class PullEngine:
         self.on_demand_seconds = 0.0
         self.reads = ReadLatency()  # clients' reads meanwhile, fetched or local
         self._unsynced: set[int] = set()  # pulled chunks whose data and bit are not durable
-        self._gate = StoreGate()  # stores share it; a sync holds it alone
+        self._sync_lock = threading.Lock()  # one sync at a time
         self._count_lock = threading.Lock()
         self.total = 0
         self.throttle = Throttle(lambda: side.pull_rate, self.stop_flag)  # takeover --max-rate
@@ -148,8 +147,9 @@ class PullEngine:
 
     def _pieces(self) -> Iterator[tuple[int, int]]:
         """(first chunk, count) pieces of the pending chunks, ascending, a run of the bitmap
-        at a time, each at most :data:`PULL_PIECE` chunks; a chunk fetched on demand meanwhile
-        may still be inside one (landing it again does nothing)."""
+        at a time, each at most :data:`PULL_PIECE` bytes and cut when it is asked for: a
+        chunk fetched on demand or written here since is not asked for again (one that goes
+        meanwhile, while its piece is in flight, is left alone when the piece lands)."""
         side = self.side
         pos = 0
         while not self.stop_flag.is_set():
@@ -160,9 +160,16 @@ class PullEngine:
             first, count = run
             pos = first + count
             at = first
-            while at < pos:
-                n = min(self._piece_chunks(), pos - at)
-                yield at, n
+            while at < pos:  # each piece cut from the bitmap as it is now
+                limit = self._piece_chunks()
+                with side.bitmap_lock:
+                    while at < pos and not side.copy_map.test(at):
+                        at += 1  # fetched on demand, or written here, since the walk began
+                    n = 0
+                    while n < min(limit, pos - at) and side.copy_map.test(at + n):
+                        n += 1
+                if n:
+                    yield at, n
                 at += n
 
     def _piece_chunks(self) -> int:
@@ -261,14 +268,13 @@ class PullEngine:
 
     def _store(self, first: int, count: int, data: bytes | memoryview) -> None:
         """Chunks ``first..first+count-1`` go to the volume in one write (and to its other
-        legs, which never had them either); their pending bits are cleared in memory,
-        durable after the data's sync."""
+        legs, which never had them either); then their pending bits are cleared in memory,
+        durable with a later sync (:meth:`_sync`)."""
         side = self.side
-        with self._gate.store():  # never between a sync's data and its bits
-            side.apply_entry(EntryKind.WRITE, first * side.chunk_size, len(data), data, False)
-            with side.bitmap_lock:
-                side.copy_map.clear_range(first, count)
-                self._unsynced.update(range(first, first + count))
+        side.apply_entry(EntryKind.WRITE, first * side.chunk_size, len(data), data, False)
+        with side.bitmap_lock:
+            side.copy_map.clear_range(first, count)
+            self._unsynced.update(range(first, first + count))
 
     def fetch_for_client(self, chunk: int, *, held: bool = False) -> None:
         """A client's fetch on demand (a ``FETCH`` of its plan), counted for the display;
@@ -291,13 +297,31 @@ class PullEngine:
                 self.fetch_for_client(chunk)  # decided again under the chunk's lock
 
     def _sync(self) -> None:
-        """The pulled data is durable, then the cleared bits are (the pull's thread, or a
-        client's write of a chunk just pulled)."""
-        with self._gate.sync():
-            os.fdatasync(self.side.volume.fd)
-            self.side.flush_copy_map()
-            with self.side.bitmap_lock:
-                self._unsynced.clear()
+        """The pulled data is durable, then the cleared bits are (the pull's landing threads,
+        or a client's write of a chunk just pulled).  The bitmap's image is taken first,
+        under the bitmap lock, then the volume's ``fdatasync``, then the image's changed
+        pages are written: a bit clear in the image was cleared after its data was written
+        (:meth:`_store`), so before the ``fdatasync`` began.  Stores go on meanwhile; what
+        they clear stays dirty for the next sync."""
+        side = self.side
+        with self._sync_lock:
+            with side.bitmap_lock:
+                image = side.copy_map.copy()
+                pages = side.copy_map.take_dirty_pages()
+                synced = set(self._unsynced)
+            try:
+                os.fdatasync(side.volume.fd)
+                side.store.save_pages(side.record.copy_slot, image, pages)
+            except BaseException:
+                with side.bitmap_lock:
+                    side.copy_map.mark_pages_dirty(pages)
+                raise
+            with side.bitmap_lock:
+                self._unsynced -= synced
+
+    def save_progress(self) -> None:
+        """What the pull landed is durable, data then bits (a side closing)."""
+        self._sync()
 
     def before_write(self, first: int, last: int) -> None:
         """A client is about to write chunks ``first..last`` (their difference bits go to
@@ -349,47 +373,6 @@ class PullEngine:
                 side.log(f"pair {side.id}: saving the pull's progress failed too: {sync_error}")
             if not self.stop_flag.is_set():
                 side.link_failed(f"pull failed: {e}")
-
-
-class StoreGate:
-    """Shared by the pull's stores (a chunk's data written, then its pending bit cleared in
-    memory), held alone by a sync (the volume's fdatasync, then the bitmap flushed): a sync
-    waits for the stores under way and holds new ones back, so that no bit it flushes was
-    cleared over data its fdatasync may have missed."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._stores = 0
-        self._syncing = False
-
-    @contextlib.contextmanager
-    def store(self) -> Iterator[None]:
-        with self._cond:
-            while self._syncing:
-                self._cond.wait()
-            self._stores += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._stores -= 1
-                if not self._stores:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def sync(self) -> Iterator[None]:
-        with self._cond:
-            while self._syncing:
-                self._cond.wait()
-            self._syncing = True
-            while self._stores:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._syncing = False
-                self._cond.notify_all()
 
 
 def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:

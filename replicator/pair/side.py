@@ -437,7 +437,10 @@ class Side:
         if self.engine is not None:
             self.engine.stop()
             self.engine.thread.join(timeout=5)
-        steps = (("copy progress", self.flush_copy_map), ("activity log", self.al.expire_all))
+        # A pull's progress through its own sync: its landing threads may still store (the
+        # join timed out), and a bit flushed from memory could be over data not yet synced.
+        progress = self.flush_copy_map if self.engine is None else self.engine.save_progress
+        steps = (("copy progress", progress), ("activity log", self.al.expire_all))
         for what, step in steps:
             try:
                 step()
