@@ -55,6 +55,21 @@ ZERO_SLOW = 0.1
 _segments = segments
 
 
+def bitmap_runs(
+    lock: threading.Lock, bitmap: Bitmap, stop: threading.Event
+) -> Iterator[tuple[int, int]]:
+    """(first, count) runs of ``bitmap``'s set bits, ascending, read a run at a time under
+    ``lock`` (bits cleared behind the walk are not seen again), until ``stop`` is set."""
+    pos = 0
+    while not stop.is_set():
+        with lock:
+            run = next(bitmap.runs(pos), None)
+        if run is None:
+            return
+        yield run
+        pos = run[0] + run[1]
+
+
 class Throttle:
     """A bandwidth limit shared by a copy's workers: each takes its bytes from the budget
     before sending, and waits while the copy is ahead of ``rate()`` bytes per second.  The
@@ -168,13 +183,7 @@ class CopyEngine:
         Zero size of the moment, so the pieces grow as acknowledgements come back fast."""
         side = self.side
         cs = side.chunk_size
-        pos = 0
-        while not self.stop_flag.is_set():
-            with side.bitmap_lock:
-                run = next(side.copy_map.runs(pos), None)
-            if run is None:
-                return
-            first, count = run
+        for first, count in bitmap_runs(side.bitmap_lock, side.copy_map, self.stop_flag):
             pos = first + count
             fd, base = side.volume.fd, side.data_offset
             for f, n, is_data in data_chunk_runs(fd, base, side.data_size, cs, first, pos):

@@ -38,7 +38,7 @@ from replicator.errors import PairvolError, ProtocolError, UsageError, VolumeErr
 from replicator.header import Role
 from replicator.journal import EntryKind
 from replicator.pair import hydration
-from replicator.pair.copy_engine import Throttle
+from replicator.pair.copy_engine import Throttle, bitmap_runs
 from replicator.pair.host import REQUEST_TIMEOUT
 from replicator.pair.hydration import Step
 
@@ -151,13 +151,7 @@ class PullEngine:
         chunk fetched on demand or written here since is not asked for again (one that goes
         meanwhile, while its piece is in flight, is left alone when the piece lands)."""
         side = self.side
-        pos = 0
-        while not self.stop_flag.is_set():
-            with side.bitmap_lock:
-                run = next(side.copy_map.runs(pos), None)
-            if run is None:
-                return
-            first, count = run
+        for first, count in bitmap_runs(side.bitmap_lock, side.copy_map, self.stop_flag):
             pos = first + count
             at = first
             while at < pos:  # each piece cut from the bitmap as it is now
