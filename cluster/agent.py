@@ -868,8 +868,10 @@ class Agent:
                 if bad in states:
                     return f"PVOL-{bad}", None
             return "nop", None
-        if states == {"SSWS"}:
-            return "nop", None  # taken over already (an earlier life of this agent)
+        if all(p.get("taken_over") for p in pairs):
+            # Taken over already (an earlier life of this agent): SSWS, or PSUE while the
+            # pull of what it lacks waits for the old primary's node.
+            return "nop", None
         link_up = all(p.get("link") == "up" for p in pairs)
         if link_up and states <= set(SWAP_STATES):
             # Split already (a switchover): the old primary answers, swap at once.

@@ -775,11 +775,12 @@ class RefreshDriver:
 
     @staticmethod
     def _serving(p: _Pair) -> bool:
-        """Whether this host's side of the pair is an S-VOL taken over (SSWS): writable
-        here, the application's volume, so its cache entries are this host's own and are
-        never erased as a standby's copy (a new active that adopted a construction would
-        otherwise erase, or fail on, the very device it serves)."""
-        return any(r.get("role") == "secondary" and r.get("state") == "SSWS" for r in p.rows)
+        """Whether this host's side of the pair is an S-VOL taken over (SSWS, or PSUE while
+        its pull waits for the old primary: the node's ``taken_over``): writable here, the
+        application's volume, so its cache entries are this host's own and are never erased
+        as a standby's copy (a new active that adopted a construction would otherwise erase,
+        or fail on, the very device it serves)."""
+        return any(r.get("role") == "secondary" and r.get("taken_over") for r in p.rows)
 
     def _erase(self, p: _Pair) -> None:
         if self._serving(p):
@@ -1043,7 +1044,7 @@ class RefreshDriver:
 def _state_op(rows: list[dict[str, Any]]) -> Op:
     """The op a pair's state on this node stands for: split (PSUS or SSWS: the S-VOL is
     visible under its own PVID) or construction (any other)."""
-    states = {r.get("state") for r in rows}
+    states = {"SSWS" if r.get("taken_over") else r.get("state") for r in rows}
     return Op.SPLIT if states & SPLIT_STATES else Op.CONSTRUCTION
 
 

@@ -11,7 +11,10 @@ carries out the *actions* it returns, in list order, each finishing before the n
 Every legal move is a row of :data:`TRANSITIONS`, a data table keyed by
 ``(role, state, event kind)`` (one table per mode): a target state, guards (conditions on the
 record or the link, each with the reason given when it fails) and steps (record changes and
-actions specific to that move).  Anything not in the table, or whose guard fails, raises
+actions specific to that move); a secondary taken over before its image was whole (its pull
+not done: ``PairRecord.pulling``) moves by :data:`PULLING_TRANSITIONS` instead, SSWS while it
+pulls, PSUE while the old primary cannot be reached.  Anything not in the table, or whose
+guard fails, raises
 :class:`~replicator.errors.IllegalState` with a one-line message and leaves the machine as it
 was.  Events are of three sorts: *commands* (Create, Split, Resync, Takeover, Delete) and
 *engine reports* (CopyProgress, CopyDone, Drained) are refused where they make no sense;
@@ -34,8 +37,8 @@ Heartbeat (aioquic style): :meth:`PairMachine.get_timer` says when to call
 :meth:`PairMachine.handle_timer`.  While the link is up and the pair exists, the machine asks
 for a ``SendPing`` every ``heartbeat_interval`` and, if nothing (Ping or Pong) is heard for
 ``heartbeat_timeout``, feeds itself ``LinkLost``.  A machine restored from disk in COPY, PAIR
-or PFUL starts with the link down and the same deadline: if the peer is not back in time, the
-pair goes to PSUE.
+or PFUL (or SSWS while pulling) starts with the link down and the same deadline: if the peer
+is not back in time, the pair goes to PSUE.
 
 docs/state-machines.md is generated from these tables by ``tools/gen-state-docs``.
 """
@@ -99,6 +102,8 @@ REPLICATING: Final = frozenset({State.COPY, State.PAIR, State.PFUL})
 #: A secondary in one of these states is hidden: clients may neither read nor write it.
 HIDDEN_STATES: Final = frozenset({State.COPY, State.PAIR, State.PFUL, State.PSUE, State.PFUS})
 SUSPENDED: Final = frozenset({State.PSUE, State.PFUS})
+#: A secondary taken over before its copy was complete is in one of these while it pulls.
+PULLING_STATES: Final = frozenset({State.SSWS, State.PSUE})
 #: A primary in one of these states can be demoted by its peer's swap (Resync(swap)).
 SWAPPABLE_PRIMARY: Final = frozenset({State.PSUS, State.PSUE})
 
@@ -156,6 +161,19 @@ class PairRecord:
     def stale(self) -> bool:
         """The peer took over with a newer epoch: this side must never accept another write."""
         return self.cause is Cause.TAKEOVER
+
+    @property
+    def pulling(self) -> bool:
+        """Taken over before its image was whole (SPEC 4): the old primary still has chunks
+        this side lacks.  SSWS while they are pulled; PSUE while the old primary cannot be
+        reached (the pull suspended by an error, the takeover still standing)."""
+        return self.copy_incomplete
+
+    @property
+    def io_state(self) -> State:
+        """The state whose client I/O rules apply: a side taken over whose pull is suspended
+        (PSUE) serves as the taken-over side it is, not as a hidden secondary."""
+        return State.SSWS if self.copy_incomplete else self.state
 
     def to_json(self) -> str:
         doc: dict[str, object] = {"format": FORMAT, "version": VERSION}
@@ -246,8 +264,8 @@ def _record_problem(r: PairRecord) -> str | None:
         r.role is not Role.PRIMARY or r.mode is not Mode.ASYNC or r.state not in _DRAIN_STATES
     ):
         return "only an async primary in PAIR or PFUL can drain for a split"
-    if r.copy_incomplete and r.state is not State.SSWS:
-        return "copy_incomplete is set outside SSWS"
+    if r.copy_incomplete and (r.role is not Role.SECONDARY or r.state not in PULLING_STATES):
+        return "copy_incomplete is set outside SSWS and PSUE of a secondary"
     if r.svol_consistent and r.role is not Role.SECONDARY:
         return "svol_consistent is set on a primary"
     if (r.cause is not Cause.NONE) != (r.state in SUSPENDED):
@@ -403,6 +421,11 @@ class Takeover:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
+    """Dissolve the pair.  ``force``: also on a side taken over whose pull is not done (its
+    image keeps the chunks it never received as they were)."""
+
+    force: bool = False
+
     kind: ClassVar[Kind] = Kind.DELETE
 
 
@@ -908,11 +931,11 @@ TAKEN_TO_TAKE_OVER = Guard(
 )
 DRAINING = Guard("draining", lambda c: c.old.draining, "no split drain is in progress")
 NOT_DRAINING = Guard("not draining", lambda c: not c.old.draining, "a split is already draining")
-PULLING = Guard("pulling", lambda c: c.old.copy_incomplete, "no copy is running")
-NOT_PULLING = Guard(
-    "not pulling",
-    lambda c: not c.old.copy_incomplete,
-    "the forward copy from the old primary is still running (SPEC 4); swap when it is done",
+FORCED_DELETE = Guard(
+    "forced",
+    lambda c: isinstance(c.event, Delete) and c.event.force,
+    "this side still lacks chunks only the old primary has (the pull is not done); wait for "
+    "it, or delete --force to keep the image as it is, two points in time mixed",
 )
 
 
@@ -1169,13 +1192,12 @@ _ROWS: Final[tuple[_Row, ...]] = (
     _Row(S, REPL, (K.PEER_ERROR,), PSUE, (NOTE_ERROR, PEER_CAUSE)),
     _Row(P, REPL, (K.DISK_ERROR,), PSUE, (NOTE_ERROR, DISK_CAUSE, STOP_COPY, FOLD_JOURNAL)),
     _Row(S, REPL, (K.DISK_ERROR,), PSUE, (NOTE_ERROR, DISK_CAUSE)),
-    _Row(BOTH, QUIET, (K.LINK_LOST,), None, (STOP_PULL,)),
+    _Row(BOTH, QUIET, (K.LINK_LOST,), None),
     _Row(BOTH, QUIET, (K.PEER_ERROR, K.DISK_ERROR), None, (NOTE_ERROR,)),
     _Row(P, (COPY,), (K.LINK_RESTORED,), None, (RESUME_COPY,)),
     _Row(P, (PSUE,), (K.LINK_RESTORED,), None, (AUTO_RESYNC,)),
     _Row(P, (SMPL, PAIR, PFUL, PSUS, PFUS), (K.LINK_RESTORED,), None),
-    _Row(S, (SSWS,), (K.LINK_RESTORED,), None, (RESUME_PULL,)),
-    _Row(S, (SMPL, *REPL, PSUS, PSUE, PFUS), (K.LINK_RESTORED,), None),
+    _Row(S, (SMPL, *REPL, PSUS, PSUE, PFUS, SSWS), (K.LINK_RESTORED,), None),
     # -- facts: journal levels (async only; accepted in every state) --
     _Row(BOTH, (PAIR, PFUL), (K.JOURNAL_HIGH,), PFUL, modes=ASYNC),
     _Row(BOTH, (PAIR, PFUL), (K.JOURNAL_LOW,), PAIR, modes=ASYNC),
@@ -1190,8 +1212,6 @@ _ROWS: Final[tuple[_Row, ...]] = (
     _Row(BOTH, (COPY,), (K.COPY_PROGRESS,), None, (RECORD_PROGRESS,)),
     _Row(P, (COPY,), (K.COPY_DONE,), PAIR, (COMPLETE_PROGRESS,)),
     _Row(S, (COPY,), (K.COPY_DONE,), PAIR, (COMPLETE_PROGRESS, MARK_CONSISTENT)),
-    _Row(S, (SSWS,), (K.COPY_PROGRESS,), None, (RECORD_PROGRESS,), (PULLING,)),
-    _Row(S, (SSWS,), (K.COPY_DONE,), None, (COMPLETE_PROGRESS, MARK_CONSISTENT), (PULLING,)),
     _Row(P, (PAIR, PFUL), (K.DRAINED,), PSUS, (), (DRAINING,), modes=ASYNC),
     # -- commands --
     _Row(P, (SMPL,), (K.CREATE,), COPY, (START_FULL_COPY,), (LINK_UP,)),
@@ -1208,7 +1228,7 @@ _ROWS: Final[tuple[_Row, ...]] = (
     _Row(S, (PSUS, PSUE), (K.RESYNC_SWAP,), COPY,
          (SWAP_EPOCH, BECOME_PRIMARY, START_DIFF_COPY), (LINK_UP, CONSISTENT_TO_SWAP)),
     _Row(S, (SSWS,), (K.RESYNC_SWAP,), COPY,
-         (SWAP_EPOCH, BECOME_PRIMARY, START_SWAP_COPY), (LINK_UP, NOT_PULLING)),
+         (SWAP_EPOCH, BECOME_PRIMARY, START_SWAP_COPY), (LINK_UP,)),
     _Row(S, (PAIR, PFUL), (K.TAKEOVER,), SSWS, (TAKE_OVER, PULL_TAKEN)),
     _Row(S, (COPY,), (K.TAKEOVER,), SSWS, (TAKE_OVER, PULL_TAKEN), (TAKEN_TO_TAKE_OVER,)),
     _Row(S, (PSUS,), (K.TAKEOVER,), SSWS, (TAKE_OVER,)),
@@ -1218,7 +1238,24 @@ _ROWS: Final[tuple[_Row, ...]] = (
     _Row(P, (PSUE,), (K.DELETE,), SMPL, (NEW_PVID_IF_STALE, DROP_JOURNAL, DROP_BITMAPS)),
     _Row(S, (*REPL, PSUE, PFUS), (K.DELETE,), SMPL, (NEW_PVID, DROP_BITMAPS)),
     _Row(S, (PSUS,), (K.DELETE,), SMPL, (DROP_BITMAPS,)),
-    _Row(S, (SSWS,), (K.DELETE,), SMPL, (STOP_PULL, DROP_BITMAPS)),
+    _Row(S, (SSWS,), (K.DELETE,), SMPL, (DROP_BITMAPS,)),
+)
+
+# A secondary taken over before its copy was complete (``PairRecord.pulling``) has a table of
+# its own: SSWS while it pulls what it lacks from the old primary, PSUE while that primary
+# cannot be reached (the pull suspended by the link; the takeover stands, the side serves as
+# SSWS: io_state).  The commands wait for the pull's end; only a forced delete gives up.
+_PULLING_ROWS: Final[tuple[_Row, ...]] = (
+    _Row(S, (SSWS,), (K.LINK_LOST,), PSUE, (LINK_CAUSE, STOP_PULL)),
+    _Row(S, (PSUE,), (K.LINK_LOST,), None),
+    _Row(S, (SSWS,), (K.LINK_RESTORED,), None, (RESUME_PULL,)),
+    _Row(S, (PSUE,), (K.LINK_RESTORED,), SSWS, (RESUME_PULL,)),
+    _Row(S, (SSWS, PSUE), (K.PEER_ERROR, K.DISK_ERROR), None, (NOTE_ERROR,)),
+    _Row(S, (SSWS, PSUE), (K.JOURNAL_HIGH, K.JOURNAL_LOW, K.JOURNAL_FULL), None, modes=ASYNC),
+    _Row(S, (SSWS, PSUE), (K.COPY_PROGRESS,), None, (RECORD_PROGRESS,)),
+    _Row(S, (SSWS,), (K.COPY_DONE,), None, (COMPLETE_PROGRESS, MARK_CONSISTENT)),
+    _Row(S, (PSUE,), (K.COPY_DONE,), SSWS, (COMPLETE_PROGRESS, MARK_CONSISTENT)),
+    _Row(S, (SSWS, PSUE), (K.DELETE,), SMPL, (STOP_PULL, DROP_BITMAPS), (FORCED_DELETE,)),
 )
 # fmt: on
 
@@ -1235,9 +1272,9 @@ def states_of(mode: Mode, role: Role) -> tuple[State, ...]:
     )
 
 
-def _expand(mode: Mode) -> _Table:
+def _expand(mode: Mode, rows: tuple[_Row, ...]) -> _Table:
     table: _Table = {}
-    for row in _ROWS:
+    for row in rows:
         if mode not in row.modes:
             continue
         for role in row.roles:
@@ -1253,8 +1290,24 @@ def _expand(mode: Mode) -> _Table:
 
 
 #: mode → (role, state, event kind) → transition.
-TRANSITIONS: Final[dict[Mode, _Table]] = {mode: _expand(mode) for mode in Mode}
+TRANSITIONS: Final[dict[Mode, _Table]] = {mode: _expand(mode, _ROWS) for mode in Mode}
+#: The same for a record that is ``pulling`` (a secondary in SSWS or PSUE).
+PULLING_TRANSITIONS: Final[dict[Mode, _Table]] = {
+    mode: _expand(mode, _PULLING_ROWS) for mode in Mode
+}
 
+
+# Why an event is refused on a pulling side (PULLING_TRANSITIONS has no row).
+_PULLING_WHY: Final[dict[Kind, str]] = {
+    Kind.SPLIT: "taken over, and the pull from the old primary is not done; the swap back "
+    "follows it",
+    Kind.RESYNC: "taken over, and the pull from the old primary is not done; the swap back "
+    "follows it",
+    Kind.RESYNC_SWAP: "the forward copy from the old primary is still running (SPEC 4); swap "
+    "when it is done",
+    Kind.TAKEOVER: "already taken over",
+    Kind.TAKEOVER_FORCE: "already taken over",
+}
 
 # Why an event is refused where the table has no row; the most specific key wins.
 _WHY: Final[dict[tuple[Kind, State | None, Role | None], str]] = {
@@ -1289,10 +1342,13 @@ _WHY: Final[dict[tuple[Kind, State | None, Role | None], str]] = {
 }
 
 
-def why_refused(mode: Mode, role: Role, state: State, kind: Kind) -> str:
-    """The reason printed when ``(role, state, kind)`` has no row in ``mode``'s table."""
+def why_refused(mode: Mode, role: Role, state: State, kind: Kind, *, pulling: bool = False) -> str:
+    """The reason printed when ``(role, state, kind)`` has no row in ``mode``'s table (the
+    pulling table if ``pulling``)."""
     if kind in JOURNAL_FACTS and mode is Mode.SYNC:
         return "a sync pair has no journal"
+    if pulling and kind in _PULLING_WHY:
+        return _PULLING_WHY[kind]
     for key in ((kind, state, role), (kind, state, None), (kind, None, role), (kind, None, None)):
         if key in _WHY:
             return _WHY[key]
@@ -1312,7 +1368,7 @@ def _settle(old: PairRecord, target: State, changes: dict[str, Any]) -> PairReco
         changes["draining"] = False
     if target not in SUSPENDED:
         changes["cause"] = Cause.NONE
-    if target is not State.SSWS:
+    if target not in PULLING_STATES:
         changes["copy_incomplete"] = False
     if target is State.SMPL:
         changes.update(svol_consistent=False, copied_chunks=0, total_chunks=0)
@@ -1369,17 +1425,14 @@ class PairMachine:
 
     @property
     def hidden(self) -> bool:
-        return is_hidden(self._record.role, self._record.state)
+        return is_hidden(self._record.role, self._record.io_state)
 
     def write_decision(self) -> WriteDecision:
-        r = self._record
-        return write_decision(
-            r.state, r.role, r.mode, r.fence, self._link_up, draining=r.draining, stale=r.stale
-        )
+        return self._write(self._record, self._link_up)
 
     def read_decision(self) -> ReadDecision:
         r = self._record
-        return read_decision(r.state, r.role, copy_incomplete=r.copy_incomplete)
+        return read_decision(r.io_state, r.role, copy_incomplete=r.copy_incomplete)
 
     # -- inputs --
 
@@ -1427,14 +1480,20 @@ class PairMachine:
         return self._link_up and self._record.state is not State.SMPL
 
     def _awaiting_peer(self) -> bool:
-        return not self._link_up and self._record.state in REPLICATING
+        # Restored from disk while pulling: an old primary not back in time suspends the pull.
+        r = self._record
+        return not self._link_up and (
+            r.state in REPLICATING or (r.state is State.SSWS and r.pulling)
+        )
 
     def _fire(self, event: TableEvent, now: float) -> list[Action]:
         old = self._record
         kind = event.kind
-        transition = TRANSITIONS[old.mode].get((old.role, old.state, kind))
+        table = PULLING_TRANSITIONS if old.pulling else TRANSITIONS
+        transition = table[old.mode].get((old.role, old.state, kind))
         if transition is None:
-            raise _refusal(old, kind, why_refused(old.mode, old.role, old.state, kind))
+            why = why_refused(old.mode, old.role, old.state, kind, pulling=old.pulling)
+            raise _refusal(old, kind, why)
         link_up = {Kind.LINK_LOST: False, Kind.LINK_RESTORED: True}.get(kind, self._link_up)
         ctx = _Ctx(old, event, link_up, self._link_up)
         for guard in transition.guards:
@@ -1463,7 +1522,7 @@ class PairMachine:
     @staticmethod
     def _write(r: PairRecord, link_up: bool) -> WriteDecision:
         return write_decision(
-            r.state, r.role, r.mode, r.fence, link_up, draining=r.draining, stale=r.stale
+            r.io_state, r.role, r.mode, r.fence, link_up, draining=r.draining, stale=r.stale
         )
 
 
@@ -1476,7 +1535,7 @@ def _derive(
 ) -> list[Action]:
     """Wrap a move's own actions in the ones every move needs (see the module docstring)."""
     tell_peer = (old.state, old.role, old.epoch) != (new.state, new.role, new.epoch)
-    hide_before, hide_after = is_hidden(old.role, old.state), is_hidden(new.role, new.state)
+    hide_before, hide_after = is_hidden(old.role, old.io_state), is_hidden(new.role, new.io_state)
     # A new PVID goes on the volume before the record that may reveal it (AssignNewPvid).
     early = [a for a in ctx.out if isinstance(a, AssignNewPvid)]
     actions: list[Action] = list(early)

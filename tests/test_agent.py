@@ -90,6 +90,7 @@ class Node:
         self.calls: list[tuple[float, str, dict[str, Any]]] = []
         self.cluster_epoch = 0
         self.state = "PAIR"
+        self.pulling = False  # taken over, its pull suspended (PSUE, not SSWS)
         self.summary: dict[str, Any] | None = None  # pair.takeover's per-pair "takeover"
 
     def call(self, op: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
@@ -99,14 +100,17 @@ class Node:
                 raise IllegalState(f"epoch {args['epoch']} < {self.cluster_epoch}")
             self.cluster_epoch = args["epoch"]
         if op == "pair.takeover":
-            if self.state == "SSWS":  # as the real node says it
-                raise IllegalState("pair g1/p1: cannot take over in state SSWS (taken over)")
+            if self.state == "SSWS" or self.pulling:  # as the real node says it
+                raise IllegalState(
+                    f"pair g1/p1: cannot take over in state {self.state} (taken over)"
+                )
             self.role = "primary"
             if self.summary is not None:
                 taken = {"role": self.role, "state": "SSWS", "takeover": dict(self.summary)}
                 return {"pairs": [taken]}
+        taken = self.role == "secondary" and (self.state == "SSWS" or self.pulling)
         pair = {"role": self.role, "state": self.state, "epoch": 0,
-                "cluster_epoch": self.cluster_epoch}  # fmt: skip
+                "cluster_epoch": self.cluster_epoch, "taken_over": taken}  # fmt: skip
         return {"pairs": [pair]}
 
     def ops(self, op: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
@@ -308,13 +312,16 @@ def test_a_node_that_says_nothing_of_loss_leaves_it_unknown(world: World) -> Non
     assert active["takeover_report"]["g1"]["zero_loss"] is None
 
 
-def test_a_standby_whose_side_already_took_over_promotes_with_nop(world: World) -> None:
+@pytest.mark.parametrize("state", ["SSWS", "PSUE"])
+def test_a_standby_whose_side_already_took_over_promotes_with_nop(world: World, state: str) -> None:
     # Regression (the lab's crash tests): an earlier life of b took its S-VOLs over (SSWS)
     # and lost the resource before it started; promoted again, its takeover was refused
     # ("already taken over"), it fenced, and the old primary's host came back as the active
-    # on a side that refuses writes at the newer epoch.
+    # on a side that refuses writes at the newer epoch.  PSUE: taken over, its pull
+    # suspended because the old primary's node is gone too (the node says taken_over).
     b = world.nodes["b"]
-    b.state = "SSWS"
+    b.state = state
+    b.pulling = state == "PSUE"
     world.alive["a"] = False
     world.run(10.0, until=lambda: world.role("b") == "active")
     assert world.role("b") == "active"

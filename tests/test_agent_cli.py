@@ -236,7 +236,8 @@ def test_cluster_status_shows_a_zero_loss_takeover_and_its_hydration(
     (node_dir / "control.sock").symlink_to(tmp_path / "b.sock")
     b.hydration = {"percent": 25.0, "pending_chunks": 30, "pulling": True,
                    "pulled_chunks": 10, "fetched_on_demand": 4, "fetch_ms_avg": 1.5,
-                   "rate_bytes_s": 1 << 20, "eta_seconds": 1.9}  # fmt: skip
+                   "rate_bytes_s": 1 << 20, "eta_seconds": 1.9,
+                   "suspended_by": None}  # fmt: skip
     cfg = ["--config", str(cluster.config)]
     capsys.readouterr()  # the agents' start lines
 
@@ -257,10 +258,15 @@ def test_cluster_status_shows_a_zero_loss_takeover_and_its_hydration(
     assert r1["hydration"] == [{
         "group": "g1", "pair": "g1/p1", "percent": 25.0, "pending_chunks": 30,
         "fetched_on_demand": 4, "pulling": True, "rate_bytes_s": 1 << 20, "eta_seconds": 1.9,
+        "suspended_by": None,
     }]  # fmt: skip
     text = status()
     assert "SVOL-takeover (zero data loss)" in text, text
     assert "r1 g1/p1: hydrating 25.0%, 30 chunks pending" in text and "ETA 1.9s" in text, text
+    # The old primary's node lost too: the pull suspended, the pair PSUE (issue 11, item 4).
+    b.hydration |= {"pulling": False, "suspended_by": "link", "rate_bytes_s": None}
+    text = status()
+    assert "r1 g1/p1: hydration suspended at 25.0% (PSUE, link" in text, text
     b.hydration = None  # the pull is done
     (r1,) = json.loads(status("--json"))["resources"]
     assert r1["hydration"] == [] and r1["takeover"]["zero_loss"] is True

@@ -595,8 +595,9 @@ def test_a_forced_takeover_during_copy_serves_what_it_lacks_from_the_old_primary
 
 
 def test_a_chunk_not_here_yet_fails_while_the_old_primary_is_down(env: LabEnv) -> None:
-    """The old primary's node killed during the pull: a read of a chunk not here yet fails
-    (EIO, one line naming the pair); when the node is back the pull finishes."""
+    """The old primary's node killed during the pull: the pair goes PSUE (the takeover
+    stands), a read of a chunk not here yet fails (EIO, one line naming the pair), the rest
+    reads and takes writes; when the node is back the pull resumes (SSWS) and finishes."""
     env.volume("a", "hb2", 8 << 20)
     env.volume("b", "hb2", 8 << 20)
     fill(env, "a", "hb2", 8 << 20, seed=82)
@@ -605,18 +606,26 @@ def test_a_chunk_not_here_yet_fails_while_the_old_primary_is_down(env: LabEnv) -
     env.wait_side("a", "ghc/p1", lambda s: s["pending_chunks"] <= 100, what="the copy's progress")
     mark = env.mark("b")
     env.pv("b", "pair", "takeover", "ghc", "--force", "--max-rate", "1M")
+    env.wait_event("b", "pair.state", after=mark, group="ghc", state="SSWS")
     env.kill("a")
     try:
+        env.wait_event("b", "pair.state", after=mark, group="ghc", state="PSUE", timeout=30)
+        side = env.control("b", "pair.display", target="ghc/p1")["pairs"][0]
+        assert side["hydration"]["suspended_by"] == "link" and side["writes"] == "LOCAL_RECORD"
         h = connect(env, "b", "hb2")
         try:
             with pytest.raises(nbd.Error):
                 h.pread(CHUNK, (8 << 20) - CHUNK)
+            h.pwrite(b"\x05" * 4096, 0)  # chunk 0 was copied before the takeover
+            h.flush()
         finally:
             h.shutdown()
         log = Path(env.host("b").dir, "node.log").read_text()
         assert "is not here yet" in log and "ghc/p1" in log
+        back = env.mark("b")
     finally:
         env.start("a")
+    env.wait_event("b", "pair.state", after=back, group="ghc", state="SSWS", timeout=30)
     env.wait_event("b", "pair.pull.done", after=mark, pair="ghc/p1", timeout=90)  # a is back
     swapped_back(env, "b", "ghc", after=mark)
     forget(env, "ghc")

@@ -33,6 +33,7 @@ from replicator.pair_state import (
     FACTS,
     HIDDEN_STATES,
     JOURNAL_FACTS,
+    PULLING_TRANSITIONS,
     REPLICATING,
     ROLES,
     TRANSITIONS,
@@ -164,27 +165,16 @@ a  P Delete COPY PAIR PFUL PSUS PSUE PFUS -> SMPL
 s  S Delete COPY PAIR PSUS PSUE SSWS -> SMPL
 a  S Delete COPY PAIR PFUL PSUS PSUE PFUS SSWS -> SMPL
 sa P CopyProgress COPY -> =
-sa S CopyProgress COPY SSWS -> =
+sa S CopyProgress COPY -> =
 sa P CopyDone COPY -> PAIR
 sa S CopyDone COPY -> PAIR
-sa S CopyDone SSWS -> =
 s  P PeerTookOver COPY PAIR PSUS PSUE -> PSUE
 a  P PeerTookOver COPY PAIR PFUL PSUS PSUE PFUS -> PSUE
 """
 
 
 def expected_table(mode: Mode) -> dict[tuple[Role, State, Kind], State]:
-    code = "s" if mode is Mode.SYNC else "a"
-    out: dict[tuple[Role, State, Kind], State] = {}
-    for line in EXPECTED_COMMANDS.strip().splitlines():
-        left, target = line.split("->")
-        modes, side, kind, *states = left.split()
-        if code not in modes:
-            continue
-        for state in states:
-            key = (P if side == "P" else S, State(state), Kind(kind))
-            assert key not in out, key
-            out[key] = key[1] if target.strip() == "=" else State(target.strip())
+    out = parse_expected(EXPECTED_COMMANDS, mode)
     # Facts, by rule: every state accepts them; replicating states suspend.
     for role in ROLES:
         for state in states_of(mode, role):
@@ -197,6 +187,94 @@ def expected_table(mode: Mode) -> dict[tuple[Role, State, Kind], State]:
                 out[role, state, Kind.JOURNAL_LOW] = State.PAIR if paired else state
                 out[role, state, Kind.JOURNAL_FULL] = State.PFUS if state in REPLICATING else state
     return out
+
+
+# A secondary taken over before its copy was complete (record.pulling), its own table.
+EXPECTED_PULLING = """
+sa S Delete SSWS PSUE -> SMPL
+sa S CopyProgress SSWS PSUE -> =
+sa S CopyDone SSWS -> =
+sa S CopyDone PSUE -> SSWS
+sa S LinkLost SSWS -> PSUE
+sa S LinkLost PSUE -> =
+sa S LinkRestored SSWS -> =
+sa S LinkRestored PSUE -> SSWS
+sa S PeerError SSWS PSUE -> =
+sa S DiskError SSWS PSUE -> =
+a  S JournalHigh SSWS PSUE -> =
+a  S JournalLow SSWS PSUE -> =
+a  S JournalFull SSWS PSUE -> =
+"""
+
+
+def parse_expected(text: str, mode: Mode) -> dict[tuple[Role, State, Kind], State]:
+    code = "s" if mode is Mode.SYNC else "a"
+    out: dict[tuple[Role, State, Kind], State] = {}
+    for line in text.strip().splitlines():
+        left, target = line.split("->")
+        modes, side, kind, *states = left.split()
+        if code not in modes:
+            continue
+        for state in states:
+            key = (P if side == "P" else S, State(state), Kind(kind))
+            assert key not in out, key
+            out[key] = key[1] if target.strip() == "=" else State(target.strip())
+    return out
+
+
+def test_the_pulling_table_matches_its_rules() -> None:
+    """Only the old primary's return (or the pull's end) takes a pulling side out of PSUE;
+    every command but a forced delete waits for the pull (the swap back follows it)."""
+    for mode in Mode:
+        actual = {key: t.target for key, t in PULLING_TRANSITIONS[mode].items()}
+        assert actual == parse_expected(EXPECTED_PULLING, mode), mode
+        for key, t in PULLING_TRANSITIONS[mode].items():
+            assert [g.label for g in t.guards] == (["forced"] if key[2] is Kind.DELETE else [])
+
+
+def test_a_pulling_side_goes_psue_when_its_old_primary_is_lost_and_serves_on() -> None:
+    """Issue 11, item 4: the old primary's node gone during the pull suspends the pair
+    (PSUE, cause link) while the takeover stands: writes stay local and recorded, reads
+    still go through the fetch path (refused there while it is gone), the volume is not
+    hidden; the old primary's return resumes the pull in SSWS."""
+    r = rec(S, State.SSWS, copy_incomplete=True, epoch=4)
+    m = PairMachine(r, 0.0, link_up=True)
+    acts = m.handle(LinkLost("heartbeat timeout"), 1.0)
+    assert m.state is State.PSUE and m.record.cause is Cause.LINK and m.record.pulling
+    assert kinds(acts)[:2] == [PersistState, StopCopy]
+    assert [e["state"] for e in events(acts, "pair.state")] == ["PSUE"]
+    assert m.write_decision() is WriteDecision.LOCAL_RECORD and not m.hidden
+    assert m.read_decision() is ReadDecision.LOCAL_OR_FETCH
+    assert not any(isinstance(a, SetHidden) for a in acts)
+    for refused in (Resync(swap=True, peer_epoch=4), Takeover(), Split(), Delete()):
+        with pytest.raises(IllegalState):
+            m.handle(refused, 1.5)
+    acts = m.handle(LinkRestored(), 2.0)
+    assert m.state is State.SSWS and m.record.cause is Cause.NONE and m.record.pulling
+    pulls = [a for a in acts if isinstance(a, StartCopy)]
+    assert [p.kind for p in pulls] == [CopyKind.PULL]
+    m.handle(CopyDone(), 3.0)
+    assert m.state is State.SSWS and not m.record.pulling and m.record.svol_consistent
+
+
+def test_a_restarted_pulling_side_whose_old_primary_stays_away_goes_psue() -> None:
+    """Restored from disk in SSWS with its pull not done and the link down: the heartbeat
+    deadline suspends it (PSUE) if the old primary does not answer in time."""
+    m = PairMachine(rec(S, State.SSWS, copy_incomplete=True), 0.0, heartbeat_timeout=5.0)
+    assert m.get_timer() == 5.0
+    m.handle_timer(5.0)
+    assert m.state is State.PSUE and m.record.cause is Cause.LINK
+    assert m.get_timer() is None
+
+
+def test_a_pulling_side_is_deleted_only_by_force() -> None:
+    for state in (State.SSWS, State.PSUE):
+        cause = Cause.LINK if state is State.PSUE else Cause.NONE
+        m = PairMachine(rec(S, state, copy_incomplete=True, cause=cause), 0.0)
+        with pytest.raises(IllegalState, match="delete --force"):
+            m.handle(Delete(), 1.0)
+        m.handle(Delete(force=True), 1.0)
+        assert m.state is State.SMPL and not m.record.pulling
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -216,6 +294,9 @@ def test_facts_are_accepted_in_every_state() -> None:
                 for kind in facts:
                     assert (role, state, kind) in TRANSITIONS[mode], (mode, role, state, kind)
                     assert not TRANSITIONS[mode][role, state, kind].guards
+        for state in (State.SSWS, State.PSUE):
+            for kind in facts:
+                assert not PULLING_TRANSITIONS[mode][S, state, kind].guards
 
 
 def variants(mode: Mode, role: Role, state: State) -> Iterator[tuple[PairRecord, bool]]:
@@ -256,7 +337,8 @@ def test_every_event_in_every_state_follows_the_table_or_raises_illegal_state() 
                         m = PairMachine(record, 0.0, link_up=link_up)
                         timer = m.get_timer()
                         event = sample_event(kind, record)
-                        t = TRANSITIONS[mode].get((role, state, kind))
+                        table = PULLING_TRANSITIONS if record.pulling else TRANSITIONS
+                        t = table[mode].get((role, state, kind))
                         try:
                             m.handle(event, 1.0)
                         except IllegalState as e:
@@ -947,7 +1029,11 @@ class PairMachineModel(RuleBasedStateMachine):
     @invariant()
     def secondary_never_writable_while_paired(self) -> None:
         r = self.m.record
-        if r.role is S and r.state in HIDDEN_STATES:
+        if r.pulling:  # taken over: writable in SSWS and in PSUE (its pull suspended)
+            assert not self.m.hidden and r.state in (State.SSWS, State.PSUE)
+            assert self.m.write_decision() is WriteDecision.LOCAL_RECORD
+            assert self.m.read_decision() is ReadDecision.LOCAL_OR_FETCH
+        elif r.role is S and r.state in HIDDEN_STATES:
             assert self.m.hidden
             assert self.m.write_decision() is WriteDecision.REFUSE_HIDDEN
             assert self.m.read_decision() is ReadDecision.REFUSE_HIDDEN

@@ -166,6 +166,7 @@ class FakeNode:
                 "volume": p.volume, "peer_volume": p.volume if self.peer_volume else "",
                 "pvid": format_pvid(n),
                 "state": p.state,
+                "taken_over": self.side == "secondary" and p.state == "SSWS",
             })  # fmt: skip
         if not out:
             raise NotFound(f"group {group} has no pairs on node {self.side}")

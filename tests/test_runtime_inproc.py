@@ -1113,6 +1113,11 @@ def test_a_takeovers_max_rate_limits_its_pull_only(two: tuple[Lab, Node, Node]) 
 def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
     two: tuple[Lab, Node, Node],
 ) -> None:
+    """Issue 11, item 4: the old primary lost during the pull: the pair goes PSUE (the
+    takeover stands), a read of a chunk not here yet fails with EIO naming the pair, the
+    rest reads and takes writes; nothing but a forced delete is allowed meanwhile.  The old
+    primary back, the pull resumes (SSWS), ends, and the swap back keeps the write made
+    while it was away."""
     lab, a, b = two
     pid = "g/p1"
     truth, side = _taken_over_mid_copy(lab, a, b, pid)
@@ -1120,12 +1125,30 @@ def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
     last = SIZE - CHUNK
     assert read(hb, last, CHUNK) == truth[last:]  # fetched on demand while a answers
     lab.link(a, b).cut()
+    lab.tick(HB_TIMEOUT + 0.1)
+    assert b.state(pid) == ("PSUE", "secondary")
+    shown = b.show(pid)
+    assert shown["hydration"]["suspended_by"] == "link" and shown["writes"] == "LOCAL_RECORD"
+    assert not shown["hidden"] and side.record.pulling
     pending = next(side.copy_map.iter_set())
-    with pytest.raises(VolumeError, match="not here yet") as refused:
+    with pytest.raises(VolumeError, match=f"pair {pid}: .*not here yet") as refused:
         read(hb, pending * CHUNK, 4096)
     assert refused.value.errno == errno.EIO
     assert read(hb, last, CHUNK) == truth[last:]  # what is here still reads
     write(hb, last, b"x" * 512)  # and takes writes
+    expected = bytearray(truth)
+    expected[last : last + 512] = b"x" * 512
+    with pytest.raises(IllegalState, match="delete --force"):
+        b.cmd("pair.delete", target="g")
+    with pytest.raises(IllegalState, match="already taken over"):
+        b.cmd("pair.takeover", target="g", force=True)
+    side.doc.pull_rate = 0  # the resumed pull runs at full speed
+    lab.link(a, b).heal()
+    lab.tick(INTERVAL)  # the heartbeat finds a again
+    wait_until("the pull's end", lambda: not side.record.pulling)
+    assert [e["state"] for e in b.events("pair.state", pid)][-2:] == ["PSUE", "SSWS"]
+    swapped_back(lab, a, b, pid)
+    assert a.image() == bytes(expected)
 
 
 def test_a_takeover_during_the_copy_needs_no_force_while_the_old_primary_answers(

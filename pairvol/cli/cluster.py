@@ -191,7 +191,7 @@ def _last_failover(agent: dict[str, Any] | None, name: str) -> Any:
 
 #: What ``status`` shows of a pair's hydration (``pair display``'s, SPEC 4).
 HYDRATION_KEYS = ("percent", "pending_chunks", "fetched_on_demand", "pulling", "rate_bytes_s",
-                  "eta_seconds")  # fmt: skip
+                  "eta_seconds", "suspended_by")  # fmt: skip
 
 
 def _pairs(
@@ -255,6 +255,12 @@ def _takeover_text(t: dict[str, Any] | None) -> str:
 def _hydration_text(resource: str, h: dict[str, Any]) -> str:
     rate = h.get("rate_bytes_s")
     eta = h.get("eta_seconds")
+    if h.get("suspended_by"):  # PSUE: the old primary's node cannot be reached
+        return (
+            f"{resource} {h['pair']}: hydration suspended at {h.get('percent')}% (PSUE, "
+            f"{h['suspended_by']}: the old primary cannot be reached), "
+            f"{h.get('pending_chunks')} chunks pending, read with EIO until it is back"
+        )
     return (
         f"{resource} {h['pair']}: hydrating {h.get('percent')}%, "
         f"{h.get('pending_chunks')} chunks pending, {h.get('fetched_on_demand')} fetched on "

@@ -181,6 +181,10 @@ def register(sub: Any) -> None:
             q.add_argument("--swap", action="store_true", help="reverse the direction first")
             q.add_argument("--max-rate", help="bandwidth limit per pair, copies and async "
                            "shipping (bytes/s; 0: none)")  # fmt: skip
+        if name == "delete":
+            q.add_argument("--force", action="store_true", help="also a side taken over whose "
+                           "pull is not done (its image keeps what it never received as it "
+                           "was), and here even if the peer refuses")  # fmt: skip
         node_opt(q)
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=cmd_simple, op=f"pair.{name}")
@@ -353,10 +357,10 @@ def cmd_simple(args: argparse.Namespace) -> int:
         payload["swap"] = swap
         if args.max_rate is not None:
             payload["max_rate"] = _rate(args.max_rate)
-    if args.op == "pair.takeover":
+    if args.op in ("pair.takeover", "pair.delete"):
         payload["force"] = args.force
-        if args.max_rate is not None:
-            payload["max_rate"] = _rate(args.max_rate)
+    if args.op == "pair.takeover" and args.max_rate is not None:
+        payload["max_rate"] = _rate(args.max_rate)
     result = control.call(where, args.op, payload, timeout=120)
     if args.json:
         print_json(result)

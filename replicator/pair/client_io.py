@@ -271,7 +271,7 @@ class ClientWrites:
     @staticmethod
     def _pulling(leg: Side) -> bool:
         """``leg`` was taken over before its copy was complete and still lacks chunks."""
-        return leg.record.state is ps.State.SSWS and leg.record.copy_incomplete
+        return leg.record.pulling
 
     @staticmethod
     def _reachable(leg: Side) -> bool:
@@ -359,8 +359,8 @@ class ClientWrites:
     def _pending_error(self, leg: Side, chunk: int, what: str, why: str) -> NoReturn:
         leg.host.log_refusal(leg, f"pending {what}")
         raise VolumeError(
-            f"pair {leg.id}: chunk {chunk} was never copied here before the forced takeover "
-            f"and is not here yet ({why}): {what} refused",
+            f"pair {leg.id}: chunk {chunk} was never copied here before the takeover and is "
+            f"not here yet ({why}): {what} refused",
             errno.EIO,
         )
 

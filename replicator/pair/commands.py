@@ -13,6 +13,7 @@ import contextlib
 import threading
 import time
 from dataclasses import replace
+from errno import EBUSY
 from typing import TYPE_CHECKING, Any
 
 from replicator import faults, wire
@@ -343,22 +344,40 @@ class Commands:
                 return {"pairs": released}
             raise
         out = released
+        force = bool(args.get("force", False))
+        delete = ps.Delete(force=force)
         for s in sides:
             with s.gate.closed():
-                self._dry_run(s, ps.Delete())
+                self._dry_run(s, delete)
                 told: str | None = "the link is down"
                 if s.machine.link_up:
                     try:
                         self._announce(s, ps.State.SMPL, s.record.role, s.record.epoch)
                         told = None
-                    except (ConnectionFailed, Timeout, IllegalState) as e:
+                    except IllegalState as e:
+                        # The peer's machine refused (EBUSY: a side taken over still pulling
+                        # from this one): deleting here would strand it.
+                        cause = e.__cause__
+                        if not force and isinstance(cause, PeerRefused) and cause.code == EBUSY:
+                            raise IllegalState(
+                                f"{e}; nothing deleted (pair delete --force deletes this side "
+                                "anyway)"
+                            ) from e
+                        told = str(e)
+                    except (ConnectionFailed, Timeout) as e:
                         told = str(e)
                 if told is not None and s.partner is None:
                     self.m.log(
                         f"pair {s.id}: deleted here, but the peer was not told ({told}); "
                         f"run pair delete {s.id} on {s.doc.peer.label()} as well"
                     )
-                s.fire(ps.Delete(), tell_peer=False)
+                pending = s.copy_map.count() if s.record.pulling else 0
+                s.fire(delete, tell_peer=False)
+                if pending:
+                    self.m.log(
+                        f"pair {s.id}: deleted by force before its pull was done: {pending} "
+                        f"chunks of {s.doc.volume} were never received from the old primary"
+                    )
                 row = describe(s)
                 row["peer_not_told"] = told if s.partner is None else None
                 out.append(row)

@@ -106,7 +106,7 @@ class CopyControl:
         copy was complete (SSWS, ``copy_incomplete``)."""
         side = self.side
         r = side.record
-        pulling = r.role is Role.SECONDARY and r.state is ps.State.SSWS and r.copy_incomplete
+        pulling = r.pulling and r.state is ps.State.SSWS  # PSUE: suspended until the link is back
         if not pulling and (r.role is not Role.PRIMARY or r.state is not ps.State.COPY):
             return
         if side.engine is not None and side.engine.thread.is_alive():

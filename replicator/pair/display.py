@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from replicator import pair_state as ps
+from replicator.header import Role
 from replicator.pair import hold
 from replicator.pair.pull import PullEngine
 
@@ -53,6 +54,9 @@ def describe(side: Side) -> dict[str, Any]:
         "epoch": r.epoch,
         "link": "up" if side.machine.link_up else "down",
         "hidden": side.machine.hidden,
+        # This S-VOL was taken over and is the volume served here: SSWS, or PSUE while a
+        # pull waits for its old primary (the cluster agent reads this, not the state).
+        "taken_over": r.role is Role.SECONDARY and r.io_state is ps.State.SSWS,
         "writes": _writes(side),
         "chunk_size": side.chunk_size,
         "data_size": side.data_size,
@@ -100,7 +104,7 @@ def _hydration(side: Side, pending: int) -> dict[str, Any] | None:
     """A side taken over before its copy was complete (SPEC 4): how much of the image is
     here, what clients fetched on demand, and the background pull's rate and ETA."""
     r = side.record
-    if r.state is not ps.State.SSWS or not r.copy_incomplete:
+    if not r.pulling:
         return None
     engine = side.engine if isinstance(side.engine, PullEngine) else None
     running = engine is not None and engine.thread.is_alive()
@@ -115,6 +119,8 @@ def _hydration(side: Side, pending: int) -> dict[str, Any] | None:
         "percent": round(100.0 * (1 - pending / total), 1) if total else 100.0,
         "pending_chunks": pending,
         "pulling": running,
+        # PSUE: the old primary cannot be reached; the pull resumes when it is back.
+        "suspended_by": str(r.cause) if r.state is ps.State.PSUE else None,
         "pulled_chunks": engine.copied if engine is not None else 0,
         "fetched_on_demand": engine.on_demand if engine is not None else 0,
         "fetch_ms_avg": engine.fetch_ms_avg if engine is not None else None,

@@ -243,7 +243,7 @@ class PairManager:
         first heartbeat refused those reads with EIO for a moment after every restart."""
         for side in list(self.sides.values()):
             r = side.record
-            if side.partner is None and r.state is ps.State.SSWS and r.copy_incomplete:
+            if side.partner is None and r.pulling:
                 self.probe(side)
 
     def _fold_activity_log(self, legs: VolumeLegs) -> None:

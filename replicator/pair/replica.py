@@ -46,7 +46,7 @@ class Replica:
         r = side.record
         ok = r.role is Role.SECONDARY and (
             r.state in ps.REPLICATING
-            or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK)
+            or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK and not r.pulling)
             or (split and r.state is ps.State.PSUS)
         )
         if not ok:
@@ -60,9 +60,11 @@ class Replica:
         r = side.record
         # A secondary the link suspended still takes writes (it rejoins without a copy);
         # suspended by its disk or its peer it does not: the primary must not believe it is
-        # in PAIR (refused, it suspends itself and its fence policy applies).
+        # in PAIR (refused, it suspends itself and its fence policy applies).  Nor does a
+        # side taken over whose pull the link suspended: it is the primary's successor.
         if r.role is not Role.SECONDARY or not (
-            r.state in ps.REPLICATING or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK)
+            r.state in ps.REPLICATING
+            or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK and not r.pulling)
         ):
             why = f"{r.state}, suspended by {r.cause}" if r.state in ps.SUSPENDED else r.state
             raise IllegalState(f"pair {side.id}: not a replicating secondary here ({why})")
