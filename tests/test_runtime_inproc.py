@@ -1151,6 +1151,51 @@ def test_a_chunk_not_here_yet_is_refused_while_the_old_primary_is_unreachable(
     assert a.image() == bytes(expected)
 
 
+def test_the_old_primary_is_not_deleted_under_a_side_that_still_pulls_from_it(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """``pair delete`` on the old primary announces SMPL; the side still pulling refuses it
+    (EBUSY), so nothing is deleted there: the pull would be stranded with chunks it can
+    never have.  ``--force`` deletes the old primary's side anyway, and the peer says
+    nothing was deleted there."""
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    with pytest.raises(IllegalState, match="nothing deleted .*--force"):
+        a.cmd("pair.delete", target="g")
+    assert a.state(pid) == ("PSUE", "primary") and b.side(pid).record.pulling
+    side.doc.pull_rate = 0
+    wait_until("the pull's end", lambda: not side.record.pulling)
+    assert_same(b.image(), truth)  # the pull went on from the side kept
+    swapped_back(lab, a, b, pid)
+
+
+def test_a_forced_delete_of_the_old_primary_leaves_the_puller_refusing_only_what_it_lacks(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """The operator insists: the old primary's side goes; the pulling side keeps its pair
+    (it refused the delete) and what it has, refuses what it lacks (a has nothing to give
+    any more), and is itself deleted only by force."""
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    hb = b.open()
+    last = SIZE - CHUNK
+    assert read(hb, last, CHUNK) == truth[last:]  # fetched on demand: here now
+    out = a.cmd("pair.delete", target="g", force=True)
+    assert "refused" in str(out["pairs"][0]["peer_not_told"])
+    assert side.record.pulling  # b kept its pair: the peer's delete was refused there
+    assert read(hb, last, CHUNK) == truth[last:]
+    pending = next(side.copy_map.iter_set())
+    with pytest.raises(VolumeError, match="not here yet"):
+        read(hb, pending * CHUNK, 4096)  # a has no such pair any more
+    with pytest.raises(IllegalState, match="delete --force"):
+        b.cmd("pair.delete", target="g")
+    (row,) = b.cmd("pair.delete", target="g", force=True)["pairs"]
+    assert row["state"] == "SMPL"
+    assert any("never received from the old primary" in line for line in b.lines)
+
+
 def test_a_takeover_during_the_copy_needs_no_force_while_the_old_primary_answers(
     two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
