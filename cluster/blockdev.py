@@ -9,7 +9,18 @@ Two methods, chosen by what the kernel offers:
     No NBD driver (containers, many VMs): ``nbdfuse`` exposes the export as the file
     ``MOUNTPOINT/nbd`` and ``losetup`` turns that file into ``/dev/loopN``.  Undone by
     ``losetup -d``, ``fusermount3 -u`` (which makes nbdfuse exit), killing nbdfuse only if it
-    is somehow still there, and removing the mount point.
+    is somehow still there, and removing the mount point.  A FUSE mount made under ``ip
+    netns exec`` (a lab host) lives in that command's own mount namespace: a detach from
+    elsewhere cannot see it and SIGTERMs nbdfuse at once, which unmounts it and exits.
+
+The loop device is the one piece the kernel keeps when nbdfuse dies (SIGKILLed with its
+lab host): it stays bound to the dead file, whose path reads ``/nbd`` once the FUSE mount's
+namespace is gone, so no path identifies it any more.  So the attach records the binding
+as the kernel numbers it, ``STATE_DIR/loop.json`` (the device, its ``diskseq``, the boot):
+``diskseq`` changes on every set-up and every detach of a device, so the record names that
+one binding and nothing else.  ``detach`` trusts it over the path, and :func:`release_loop`
+detaches a recorded binding still in place after its helper was killed (a lab's ``down``
+and ``kill``), never a device set up by anyone else.
 
 Either way the export name carries ``@PVID``, so the *server* refuses the connection if the
 volume's identity changed: data is never served under the wrong identity, even if the
@@ -30,6 +41,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import json
 import os
 import signal
 import stat
@@ -37,10 +49,11 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from cluster.probe import NbdUri
 from cluster.pvid_cache import Attachment
+from replicator.atomic_file import write_atomic
 from replicator.errors import (
     ExternalCommandFailed,
     IllegalState,
@@ -53,7 +66,9 @@ READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
 POLL_INTERVAL = 0.05
 FUSE_FILE = "nbd"
+LOOP_RECORD = "loop.json"
 UDEV_CONTROL = "/run/udev/control"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 # -- helpers: external commands ---------------------------------------------------------------
@@ -248,6 +263,67 @@ def loop_devices_of(path: str) -> list[str]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class LoopBinding:
+    """One binding of a loop device to a file, as the kernel numbers it: the device's
+    ``diskseq`` is bumped by every set-up and every detach, so while it (and the boot) is
+    still the recorded one the device is still bound to the file we gave it, whatever the
+    file's path reads now (``/nbd`` once its FUSE mount's namespace is gone)."""
+
+    device: str
+    diskseq: int
+    boot_id: str
+
+    def in_place(self) -> bool:
+        return (
+            _read_sys(BOOT_ID) == self.boot_id
+            and loop_diskseq(self.device) == self.diskseq
+            and loop_backing_file(self.device) is not None
+        )
+
+
+def loop_diskseq(device: str) -> int | None:
+    """The device's ``diskseq`` (kernel 5.15 and later; None before, or no device)."""
+    text = _read_sys(os.path.join(_sys_block(device), "diskseq"))
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def current_binding(device: str) -> LoopBinding | None:
+    seq, boot = loop_diskseq(device), _read_sys(BOOT_ID)
+    return None if seq is None or not boot else LoopBinding(device, seq, boot)
+
+
+def write_loop_record(state_dir: str, binding: LoopBinding) -> None:
+    doc = {"device": binding.device, "diskseq": binding.diskseq, "boot_id": binding.boot_id}
+    write_atomic(os.path.join(state_dir, LOOP_RECORD), json.dumps(doc).encode() + b"\n", 0o600)
+
+
+def read_loop_record(state_dir: str | None) -> LoopBinding | None:
+    """The binding an attach recorded in ``state_dir`` (None: none, or unreadable)."""
+    text = _read_sys(os.path.join(state_dir, LOOP_RECORD)) if state_dir else None
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+        binding = LoopBinding(str(doc["device"]), int(doc["diskseq"]), str(doc["boot_id"]))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return binding if binding.device.startswith("/dev/loop") else None
+
+
+def release_loop(state_dir: str) -> list[str]:
+    """Detach the loop device the attachment in ``state_dir`` set up, if that binding is
+    still in place; what was done.  For after its nbdfuse was killed (a lab host's teardown
+    or crash), when nothing else would ever detach it; a device since detached, or set up
+    again by anyone else, has another diskseq and is left alone.  A device still open
+    (mounted) is detached by the kernel at its last close (``losetup -d`` sets autoclear)."""
+    binding = read_loop_record(state_dir)
+    if binding is None or not binding.in_place():
+        return []
+    run(["losetup", "-d", binding.device], f"detach {binding.device}")
+    return [f"losetup -d {binding.device}"]
+
+
 def list_block_devices() -> list[str]:
     """Device nodes of every block device, via pyudev (falls back to /sys/class/block)."""
     try:
@@ -425,8 +501,11 @@ def _attach_nbdfuse(uri: NbdUri, state_dir: str, now_ns: int, timeout: float) ->
             ["losetup", "--find", "--show", "--direct-io=off", backing], f"loop {backing}"
         ).strip()
         att = replace(att, device=device)
+        binding = current_binding(device)  # read before the check: then it is that binding
         if loop_backing_id(device) != (st.st_dev, st.st_ino):
             raise ExternalCommandFailed(f"losetup made {device}, but it is not backed by {backing}")
+        if binding is not None:
+            write_loop_record(state_dir, binding)
         wait_for_block_device(device, timeout)
     except BaseException as e:
         _undo(att, e)
@@ -465,9 +544,14 @@ def detach(att: Attachment, *, timeout: float = EXIT_TIMEOUT) -> list[str]:
 
 
 def _device_is_ours(att: Attachment) -> bool:
-    """Is the recorded device still the one we set up (not freed, not reused by others)?"""
+    """Is the recorded device still the one we set up (not freed, not reused by others)?
+    A loop device by the binding recorded at attach (its diskseq) when there is one: it
+    holds when the backing file's path no longer does (see the module's docstring)."""
     if att.method == "nbd-client":
         return _nbd_in_use(att.device)
+    binding = read_loop_record(att.state_dir)
+    if binding is not None and binding.device == att.device:
+        return binding.in_place()
     return loop_is_backed_by(att.device, att.backing_dev, att.backing_ino, att.backing_file)
 
 
@@ -486,10 +570,12 @@ def _detach_nbdfuse(att: Attachment, timeout: float) -> list[str]:
         run(["losetup", "-d", att.device], f"detach {att.device}")
         done.append(f"losetup -d {att.device}")
     mnt = att.mountpoint
+    unmounted = False
     if mnt is not None and is_mountpoint(mnt):
         _unmount_fuse(mnt, alive=helper_alive(att.helper_pid, att.helper_started), timeout=timeout)
         done.append(f"fusermount3 -u {mnt}")
-    done += _stop_helper(att, timeout)
+        unmounted = True
+    done += _stop_helper(att, timeout, unmounted=unmounted)
     if att.state_dir is not None:
         _remove_state_dir(att, mnt)
         done.append(f"removed {att.state_dir}")
@@ -518,16 +604,19 @@ def _unmount_fuse(mnt: str, *, alive: bool, timeout: float) -> None:
             time.sleep(POLL_INTERVAL)
 
 
-def _stop_helper(att: Attachment, timeout: float) -> list[str]:
-    """Unmounting makes nbdfuse exit by itself; only a helper still there is signalled."""
+def _stop_helper(att: Attachment, timeout: float, *, unmounted: bool = True) -> list[str]:
+    """Unmounting makes nbdfuse exit by itself; only a helper still there is signalled.  When
+    we could not unmount (the mount is in another mount namespace: attached under ``ip netns
+    exec``), waiting is pointless: SIGTERM at once, nbdfuse unmounts on it and exits."""
     pid, started = att.helper_pid, att.helper_started
     if pid is None or not helper_alive(pid, started):
         return []
     if att.method == "nbd-client":
         return []  # the kernel's nbd-client daemon exits when its device is disconnected
-    with contextlib.suppress(Timeout):
-        wait_until(lambda: not helper_alive(pid, started), timeout, "nbdfuse exit")
-        return []
+    if unmounted:
+        with contextlib.suppress(Timeout):
+            wait_until(lambda: not helper_alive(pid, started), timeout, "nbdfuse exit")
+            return []
     _signal(pid, signal.SIGTERM)
     with contextlib.suppress(Timeout):
         wait_until(lambda: not helper_alive(pid, started), timeout, "nbdfuse exit")
@@ -542,7 +631,11 @@ def _remove_state_dir(att: Attachment, mnt: str | None) -> None:
     assert state_dir is not None
     if mnt is not None and is_mountpoint(mnt):
         raise IllegalState(f"{mnt} is still mounted; not removing {state_dir}")
-    for path in (os.path.join(state_dir, "nbdfuse.pid"), att.log):
+    for path in (
+        os.path.join(state_dir, "nbdfuse.pid"),
+        os.path.join(state_dir, LOOP_RECORD),
+        att.log,
+    ):
         if path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

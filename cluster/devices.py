@@ -5,10 +5,15 @@ after a takeover, detaching them when it stops) share these.  The attach is the 
 where the cached PVID meets the volume: the server checks the export name's ``@PVID``
 (:func:`cluster.probe.check_access`), never the disk here, so a stale cache fails with the
 access error (SPEC 3) instead of attaching a volume whose identity changed.
+
+A lab host's teardown (:mod:`pairvol.lab`) uses :func:`detach_all` while its helpers still
+run and :func:`release_loops` after they were killed: the caches of a directory are found
+by their attachments' working directories, ``BASE.attach/NAME`` beside ``BASE.json``.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 
@@ -17,11 +22,57 @@ from cluster.probe import check_access, parse_uri, probe
 from cluster.pvid_cache import Attachment, CacheEntry, CacheFile, check_device_name
 from replicator.errors import IllegalState, PairvolError
 
+ATTACH_SUFFIX = ".attach"
+
 
 def attach_state_dir(store: CacheFile, name: str) -> str:
     """Per-device working directory for attachments, beside the cache file."""
     base = os.path.splitext(os.path.basename(store.path))[0]
-    return os.path.join(store.directory, f"{base}.attach", name)
+    return os.path.join(store.directory, f"{base}{ATTACH_SUFFIX}", name)
+
+
+def _attach_dirs(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(directory), f"*{ATTACH_SUFFIX}")))
+
+
+def detach_all(directory: str) -> tuple[list[str], list[str]]:
+    """Detach every device attached by the caches in ``directory``: (what was done, what
+    failed).  Best effort: a failure (a device still mounted) is reported, not raised."""
+    done: list[str] = []
+    failed: list[str] = []
+    for attach_dir in _attach_dirs(directory):
+        path = attach_dir.removesuffix(ATTACH_SUFFIX) + ".json"
+        if not os.path.exists(path):
+            continue
+        store = CacheFile(path)
+        try:
+            attached = [n for n, e in store.read().entries.items() if e.attachment is not None]
+        except PairvolError as e:
+            failed.append(f"{path}: {e}")
+            continue
+        for name in sorted(attached):
+            try:
+                att, _ = detach(store, name)
+                done.append(f"detached {name} ({att.device or '?'})")
+            except PairvolError as e:
+                failed.append(f"{name}: {e}")
+    return done, failed
+
+
+def release_loops(directory: str) -> tuple[list[str], list[str]]:
+    """Once the helpers of the caches in ``directory`` are dead (killed with their lab host),
+    detach each loop device their attachments set up whose binding is still in place
+    (:func:`cluster.blockdev.release_loop`): (what was done, what failed).  Nothing else
+    would ever detach them: the kernel keeps a loop device bound to a dead FUSE file."""
+    done: list[str] = []
+    failed: list[str] = []
+    for attach_dir in _attach_dirs(directory):
+        for state_dir in sorted(glob.glob(os.path.join(glob.escape(attach_dir), "*"))):
+            try:
+                done += blockdev.release_loop(state_dir)
+            except PairvolError as e:
+                failed.append(f"{os.path.basename(state_dir)}: {e}")
+    return done, failed
 
 
 def attach(store: CacheFile, name: str, *, method: str | None = None) -> CacheEntry:

@@ -66,7 +66,9 @@ Design:
   still cut from B.  Isolating an isolated host or rejoining one that is not isolated is a
   no-op.
 - **kill HOST** SIGKILLs every process in the namespace (``ip netns pids``) and waits until
-  each is gone; **start HOST** starts its node again.
+  each is gone, then detaches the loop devices the host's attachments left bound to their
+  killed nbdfuse (as a crashed machine keeps none; :mod:`cluster.blockdev` says how only
+  the host's own are found); **start HOST** starts its node again.
 - **exec** runs in the host's namespace with cwd ``HOSTDIR`` and ``PAIRVOL_NODE_DIR``,
   ``PAIRVOL_LAB``, ``PAIRVOL_LAB_ROOT``, ``PAIRVOL_HOST_CACHE=HOSTDIR/host-cache.json`` set
   and the project's ``.venv/bin`` first on ``PATH``.  Its exit status is the command's
@@ -86,9 +88,11 @@ Design:
   ``PAIRVOL_AGENT_DIR``, so ``pairvol cluster ...`` and ``pairvol agent ...`` need no
   options on a lab host.  ``kill HOST --only agent`` SIGKILLs the agent and whatever it
   runs, and leaves the node up; ``start HOST`` starts the node if it is down and the agent.
-- **down** stops each agent, then each node (SIGTERM, then SIGKILL of whatever is left in
-  the namespace), then etcd, deletes the namespaces and removes ``LABROOT/NAME``; on an
-  unknown or half-built lab it does what is left to do and exits 0.
+- **down** stops each agent, detaches what each host's caches still have attached, stops
+  each node (SIGTERM, then SIGKILL of whatever is left in the namespace, then the loop
+  devices left bound to a killed nbdfuse are detached, as by ``kill``), then etcd, deletes
+  the namespaces and removes ``LABROOT/NAME``; on an unknown or half-built lab it does what
+  is left to do and exits 0.
 
 ``lab.json`` (also what ``up --json`` prints; ``status --json`` adds ``netns_exists``,
 ``node_pid`` and ``nbd_port`` to each host)::
@@ -137,7 +141,7 @@ from typing import Any
 
 import psutil
 
-from cluster import agent_process
+from cluster import agent_process, devices
 from cluster.config import DEFAULT_AGENT_PORT
 from cluster.etcd_server import CLIENT_PORT, EtcdCluster
 from replicator import node_process
@@ -872,6 +876,15 @@ def _kill_tree(pid: int) -> list[int]:
     return [p.pid for p in procs]
 
 
+def _release_loops(h: LabHost) -> list[str]:
+    """After every process of ``h`` was killed: detach the loop devices its attachments left
+    bound to their dead nbdfuse (nothing else ever would; see :mod:`cluster.blockdev`)."""
+    if not os.path.isdir(h.dir):
+        return []
+    done, failed = devices.release_loops(h.dir)
+    return done + [f"could not detach {what}" for what in failed]
+
+
 def down(name: str) -> list[str]:
     """Tear lab ``name`` down; return what was done (empty: there was nothing to do)."""
     check_lab_name(name)
@@ -891,6 +904,9 @@ def down(name: str) -> list[str]:
             except PairvolError:
                 pass  # SIGKILLed below with everything else in the namespace
     for h in lab.hosts:
+        if os.path.isdir(h.dir):
+            detached, _ = devices.detach_all(h.dir)  # a failure: released below
+            done += [f"{h.host}: {step}" for step in detached]
         if node_process.running_pid(h.dir) is not None:
             try:
                 pid = node_process.stop(h.dir, timeout=10.0)
@@ -900,6 +916,7 @@ def down(name: str) -> list[str]:
         killed = _kill_netns(h.netns)
         if killed:
             done.append(f"killed {len(killed)} process(es) on {h.host}")
+        done += [f"{h.host}: {step}" for step in _release_loops(h)]
     etcd_netns: list[str] = []
     if lab.cluster is not None:
         etcd_netns = list(lab.cluster["etcd_netns"])
@@ -960,7 +977,9 @@ def kill_host(name: str, host: str, *, only: str | None = None) -> list[int]:
     lab = load(name)
     h = lab.host(host)
     if only is None:
-        return _kill_netns(h.netns)
+        killed = _kill_netns(h.netns)
+        _release_loops(h)  # a crashed machine keeps no loop device either
+        return killed
     if only != "agent":
         raise UsageError(f"--only {only!r}: only 'agent' can be killed alone")
     if lab.cluster is None:

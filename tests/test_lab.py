@@ -20,9 +20,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import require_programs, require_root
+from conftest import require, require_programs, require_root
 
+from cluster import blockdev
+from cluster.pvid_cache import CacheFile
 from pairvol import lab as labs
 from pairvol.cli import main
 from pairvol.latency_proxy import parse_endpoint, start_proxy
@@ -639,3 +642,93 @@ def test_a_host_cannot_pose_as_another_to_a_node(
     log = Path(b.dir, "node.log").read_text()
     assert "peer 'a' failed authentication (wrong secret)" in log
     assert "peer 'c' connected" in log
+
+
+@pytest.fixture
+def loop_bindings() -> Iterator[list[blockdev.LoopBinding]]:
+    """Loop-device bindings a test made; any still in place at the end is detached (a leak
+    the test failed on must not outlive it)."""
+    made: list[blockdev.LoopBinding] = []
+    yield made
+    for binding in made:
+        if binding.in_place():
+            subprocess.run(["losetup", "-d", binding.device], check=False, timeout=30)
+
+
+def _attach_on(pairvol_bin: str, name: str, host: labs.LabHost, volume: str) -> tuple[str, str]:
+    """``host attach`` run on ``host`` (in its namespace, so nbdfuse mounts in a mount
+    namespace of its own, as an agent's does): (the cached device name, the block device)."""
+    uri = f"nbd+unix:///{volume}?socket={host.dir}/nbd.sock"
+    r = lab_exec(pairvol_bin, name, host.host, "pairvol", "host", "scan", uri, "--as", volume)
+    assert r.returncode == 0, r.stderr
+    r = lab_exec(pairvol_bin, name, host.host, "pairvol", "host", "attach", volume, "--json")
+    assert r.returncode == 0, r.stderr
+    device = str(json.loads(r.stdout)["device"])
+    assert device.startswith("/dev/loop"), device  # this test is about nbdfuse + losetup
+    return volume, device
+
+
+@pytest.mark.privileged
+def test_a_hosts_loop_devices_go_with_it_when_killed_and_at_down(
+    make_lab: Callable[..., dict[str, object]],
+    lab_name: str,
+    pairvol_bin: str,
+    loop_bindings: list[blockdev.LoopBinding],
+) -> None:
+    """A loop device over nbdfuse outlives nbdfuse: SIGKILLed with its host, it leaves the
+    device bound to a dead file (shown as ``/nbd`` once its mount namespace is gone) that
+    nothing detaches.  ``lab kill`` and ``lab down`` release exactly the host's own."""
+    require_programs("nbdfuse", "losetup", "fusermount3")
+    require(os.path.exists("/dev/loop-control"), "needs loop devices (/dev/loop-control)")
+    require(not blockdev.nbd_driver_present(), "the kernel NBD driver is present: no loop")
+    make_lab("a")
+    a = labs.load(lab_name).host("a")
+    for volume in ("v1", "v2"):
+        assert main(["volume", "create", os.path.join(a.dir, volume), "--size", "8M"]) == 0
+
+    # A crash (every process of the host SIGKILLed, nbdfuse with them).
+    name, device = _attach_on(pairvol_bin, lab_name, a, "v1")
+    binding = blockdev.current_binding(device)
+    assert binding is not None and binding.in_place()
+    loop_bindings.append(binding)
+    labs.kill_host(lab_name, "a")
+    assert not binding.in_place(), f"{device} is left bound to a dead nbdfuse"
+    # Restarted, the host detaches its stale attachment cleanly: nothing left to undo but
+    # the working directory.
+    labs.start_node(lab_name, "a")
+    r = lab_exec(pairvol_bin, lab_name, "a", "pairvol", "host", "detach", name, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == [
+        f"removed {os.path.join(a.dir, 'host-cache.attach', name)}"
+    ]
+
+    # nbdfuse alone dies: its mount namespace (that of the ``lab exec`` that attached) goes
+    # with it, the backing file reads ``/nbd``, and ``host detach`` still knows the device.
+    _, device = _attach_on(pairvol_bin, lab_name, a, "v2")
+    binding = blockdev.current_binding(device)
+    assert binding is not None
+    loop_bindings.append(binding)
+    cached = CacheFile(os.path.join(a.dir, "host-cache.json")).read().get("v2").attachment
+    assert cached is not None and cached.helper_pid is not None
+    helper = psutil.Process(cached.helper_pid)
+    helper.kill()
+    psutil.wait_procs([helper], timeout=30)  # not our child: bounded wait through psutil
+    assert blockdev.loop_backing_file(device) == "/nbd" and binding.in_place()
+    r = lab_exec(pairvol_bin, lab_name, "a", "pairvol", "host", "detach", "v2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"][0] == f"losetup -d {device}"
+    assert not binding.in_place()
+
+    # down with a device attached: detached while its nbdfuse runs, so the node stops on
+    # SIGTERM (no client holds it) rather than being SIGKILLed, and no loop device is left.
+    _, device = _attach_on(pairvol_bin, lab_name, a, "v2")
+    binding = blockdev.current_binding(device)
+    assert binding is not None and binding.in_place()
+    loop_bindings.append(binding)
+    started = time.monotonic()
+    done = labs.down(lab_name)
+    assert not binding.in_place(), f"{device} is left bound after lab down: {done}"
+    # down cannot see the FUSE mount (another mount namespace), so it SIGTERMs nbdfuse at
+    # once instead of waiting EXIT_TIMEOUT for an exit that an unmount would have caused.
+    assert time.monotonic() - started < blockdev.EXIT_TIMEOUT, done
+    assert f"a: detached v2 ({device})" in done and any("stopped node a" in s for s in done)

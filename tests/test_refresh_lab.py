@@ -20,6 +20,7 @@ import pytest
 from labenv import lab_of, poll_until
 from test_agent_lab import Agents
 
+from cluster import blockdev
 from cluster.pvid_cache import CacheFile
 from pairvol import lab as labmod
 from replicator.events import read_events
@@ -102,8 +103,13 @@ def test_cluster_split_keeps_the_standby_cache_true_and_a_plain_split_does_not(
     for host in ("a", "b"):
         poll_until(lambda host=host: all_flags_zero(env, host), bool, what=f"{host} flags 0")
 
+    # a's devices are nbdfuse + loop devices: killed with a, nbdfuse leaves each bound to a
+    # dead file for good unless the lab detaches it (it does, and only those).
+    a_loops = [blockdev.read_loop_record(e.attachment.state_dir)
+               for e in cache(env, "a").values() if e.attachment is not None]  # fmt: skip
     mark = len(read_events(env.agent_events("b")))
     labmod.kill_host(env.name, "a")
+    assert a_loops and all(b is not None and not b.in_place() for b in a_loops), a_loops
     active = env.wait_agent("b", "cluster.active", resource="r2", after=mark)
     assert active["takeover"] == {"g2": "SVOL-takeover"}
     assert cache(env, "b")["pv2"].attachment is not None  # attached, PVID-checked
