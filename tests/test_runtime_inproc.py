@@ -1161,7 +1161,7 @@ def test_the_old_primary_is_not_deleted_under_a_side_that_still_pulls_from_it(
     lab, a, b = two
     pid = "g/p1"
     truth, side = _taken_over_mid_copy(lab, a, b, pid)
-    with pytest.raises(IllegalState, match="nothing deleted .*--force"):
+    with pytest.raises(IllegalState, match=r"nothing deleted .*--force"):
         a.cmd("pair.delete", target="g")
     assert a.state(pid) == ("PSUE", "primary") and b.side(pid).record.pulling
     side.doc.pull_rate = 0
@@ -1194,6 +1194,42 @@ def test_a_forced_delete_of_the_old_primary_leaves_the_puller_refusing_only_what
     (row,) = b.cmd("pair.delete", target="g", force=True)["pairs"]
     assert row["state"] == "SMPL"
     assert any("never received from the old primary" in line for line in b.lines)
+
+
+def test_a_fetch_on_demand_never_waits_behind_the_pulls_pieces(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """The old primary's reader serves ChunkRequests inline, in order: a client's fetch on
+    the connection that carries the pull's pieces (8 of 4 MiB in flight) waited for up to
+    32 MiB of them.  The pieces go on the peer's bulk connection; fetches on demand, like
+    heartbeats and states, on the other."""
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    seen: dict[str, list[wire.ChunkRequest]] = {"main": [], "bulk": []}
+
+    def recording(client: PeerClient, lane: str) -> None:
+        carry = client.request
+
+        def request(msg: wire.Message, timeout: float = 30.0) -> wire.Message:
+            if isinstance(msg, wire.ChunkRequest):
+                seen[lane].append(msg)
+            return carry(msg, timeout)
+
+        client.request = request  # type: ignore[method-assign]
+
+    recording(side.peer_client(), "main")
+    recording(side.bulk_client(), "bulk")
+    assert side.bulk_client() is not side.peer_client()
+    hb = b.open()
+    last = SIZE - CHUNK
+    assert read(hb, last, CHUNK) == truth[last:]  # fetched on demand
+    side.doc.pull_rate = 0
+    wait_until("the pull's end", lambda: not side.record.pulling)
+    assert [m.index for m in seen["main"]] == [last // CHUNK]
+    assert seen["bulk"] and last // CHUNK not in {m.index for m in seen["bulk"]}
+    assert max(m.count for m in seen["bulk"]) > 1  # unthrottled: pieces of many chunks
+    swapped_back(lab, a, b, pid)
 
 
 def test_a_takeover_during_the_copy_needs_no_force_while_the_old_primary_answers(

@@ -97,6 +97,10 @@ class PairManager:
         self.secondaries: dict[str, GroupSecondary] = {}
         self.lock = threading.RLock()
         self.clients: dict[tuple[str, int], PeerClient] = {}
+        # A second connection per peer for bulk transfers (a takeover's pull): what must be
+        # quick (heartbeats, state, a client's fetch on demand) never waits behind megabytes
+        # of pieces at the peer's reader, which serves each ChunkRequest inline, in order.
+        self.bulk_clients: dict[tuple[str, int], PeerClient] = {}
         self.timer = PairTimer(self)
         self._refusals: dict[tuple[str, str], float] = {}
         self.handle_registry = HandleRegistry(self)
@@ -152,11 +156,15 @@ class PairManager:
         legs = self.volumes.get(os.path.realpath(path))
         return legs if legs is not None and legs.legs else None
 
-    def client_for(self, host: str, port: int, expect: str = "") -> PeerClient:
+    def client_for(
+        self, host: str, port: int, expect: str = "", *, bulk: bool = False
+    ) -> PeerClient:
         """The client for the node at ``host:port``; ``expect``: the node name the pair knows
-        its peer by (a different node answering there is refused)."""
+        its peer by (a different node answering there is refused).  ``bulk``: the second
+        connection, for bulk transfers."""
+        clients = self.bulk_clients if bulk else self.clients
         with self.lock:
-            c = self.clients.get((host, port))
+            c = clients.get((host, port))
             if c is not None and expect and c.expect_peer not in (None, expect):
                 raise IllegalState(
                     f"{host}:{port} is node {c.expect_peer!r} for other pairs, not {expect!r}"
@@ -165,7 +173,7 @@ class PairManager:
                 c.expect_peer = expect  # checked at its next handshake
             if c is None:
                 c = self.new_client(host, port, expect or None)
-                self.clients[host, port] = c
+                clients[host, port] = c
             return c
 
     def new_client(self, host: str, port: int, expect: str | None) -> PeerClient:
@@ -279,7 +287,7 @@ class PairManager:
             gs.stop()
         for side in list(self.sides.values()):
             side.close()
-        for c in list(self.clients.values()):
+        for c in [*self.clients.values(), *self.bulk_clients.values()]:
             c.close()
 
     # -- the one timer (replicator/pair/timer.py) ------------------------------------------------

@@ -206,7 +206,8 @@ class PullEngine:
             self.throttle.take(length)
             if self.stop_flag.is_set():
                 break
-            collect = side.send(wire.ChunkRequest(side.id, first, count), REQUEST_TIMEOUT)
+            request = wire.ChunkRequest(side.id, first, count)
+            collect = side.send(request, REQUEST_TIMEOUT, bulk=True)  # fetches on demand jump it
             flight.append(pool.submit(self._land, first, count, collect))
             while len(flight) >= PULL_DEPTH or (flight and flight[0].done()):
                 land_oldest()

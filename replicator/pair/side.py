@@ -88,6 +88,7 @@ class Side:
         self.peer_pvid: int | None = None
         self.fetched: Bitmap | None = None
         self.client: PeerClient | None = None
+        self.bulk: PeerClient | None = None  # the peer's bulk connection (a pull's pieces)
         self.progress_bytes = 0
         self.copy_started: float | None = None
         self.deleted = False
@@ -150,15 +151,23 @@ class Side:
             return self.host.deliver_local(self.partner, msg)
         return _answer(self.peer_client().request(msg, timeout=timeout))
 
+    def bulk_client(self) -> PeerClient:
+        if self.bulk is None:
+            p = self.doc.peer
+            self.bulk = self.host.client_for(p.host, p.port, p.node, bulk=True)
+        return self.bulk
+
     def send(
-        self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT
+        self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT, *, bulk: bool = False
     ) -> Callable[[], wire.Message]:
         """Send ``msg`` now; the call returned collects the answer (as :meth:`request`
-        returns or raises it).  A local partner answers at once."""
+        returns or raises it).  A local partner answers at once.  ``bulk``: on the peer's
+        bulk connection, behind nothing that must be quick."""
         if self.partner is not None:
             reply = self.host.deliver_local(self.partner, msg)
             return lambda: reply
-        pending = self.peer_client().send(msg, timeout=timeout)
+        client = self.bulk_client() if bulk else self.peer_client()
+        pending = client.send(msg, timeout=timeout)
         return lambda: _answer(pending.result())
 
     def save(self) -> None:
