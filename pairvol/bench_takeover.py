@@ -80,6 +80,8 @@ WRITE = 1 << 20  # the writer's request size
 READY_TARGET_S = 1.0
 HYDRATION_GOAL = 0.8
 FETCH_ROUND_TRIPS = 2.0
+#: Reads of pending chunks right after each takeover of scenario 1, the pull at full speed.
+BUSY_READS = 30
 COMMAND_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 300.0
 RTT_VOLUME = "rtt"
@@ -172,6 +174,9 @@ class ReadySample:
     connect_s: float  # to b's export, after the call returned
     read_s: float  # the first 4 KiB read of a pending chunk
     fetched: bool  # that read fetched its chunk on demand (the pull had not got there)
+    #: Then up to BUSY_READS reads of other pending chunks, one at a time, while the pull
+    #: runs at full speed: the seconds of each that fetched its chunk on demand.
+    busy_fetched_s: tuple[float, ...] = ()
     pull_s: float | None = None  # the call's return to pair.pull.done
     reverse_s: float | None = None  # pair.pull.done to PAIR with b the primary
     reverse_copy_bytes: int | None = None  # what the swap back copied to a
@@ -240,6 +245,7 @@ def summarize_ready(samples: Sequence[ReadySample], sizes: Sequence[int]) -> lis
                 "ready_max_s": _r(max(ready)),
                 "ready_per_round": [_r(x) for x in ready],
                 "fetched": sum(1 for s in ok if s.fetched),
+                "busy_fetched": latency_stats([x for s in ok for x in s.busy_fetched_s]),
             }
         )
     return rows
@@ -367,7 +373,12 @@ def format_ready_table(doc: Mapping[str, Any]) -> str:
              ",".join(_f(x) for x in r["ready_per_round"]), f"{r['fetched']}/{r['n']}",
              ok + (f", {r['failed']} failed" if r["failed"] else "")]
         )  # fmt: skip
-    return bench.aligned(lines)
+    busy = [["fetched reads during the full-speed pull (ms)", "n", "p50", "p99", "max"]]
+    for r in doc["ready"]["summary"]:
+        x = r.get("busy_fetched") or {"n": 0}
+        busy.append([f"{format_size(r['size'])} written", str(x["n"]), _f(x.get("p50_ms")),
+                     _f(x.get("p99_ms")), _f(x.get("max_ms"))])  # fmt: skip
+    return bench.aligned(lines) + "\n\n" + bench.aligned(busy)
 
 
 def format_latency_table(doc: Mapping[str, Any]) -> str:
@@ -728,6 +739,7 @@ class TakeoverRun:
         off = size - CHUNK + self.rng.randrange(CHUNK // READ) * READ
         want = block_data(seed, off // WRITE)[off % WRITE : off % WRITE + READ]
         error = None
+        busy: list[float] = []
         t0 = t1 = t2 = time.monotonic()
         h = nbd.NBD()
         try:
@@ -735,9 +747,10 @@ class TakeoverRun:
             t1 = time.monotonic()
             data = h.pread(READ, off)
             t2 = time.monotonic()
-            h.shutdown()
             if data != want:
                 error = "the first read returned the wrong data"
+            error = error or self.busy_reads(h, group, size, seed, busy)
+            h.shutdown()
         except nbd.Error as e:  # the pull may still finish: go on to see the rest
             error = f"the first read through b's export: {e}; {self.log_tail('b')}"
         sample = ReadySample(
@@ -752,10 +765,39 @@ class TakeoverRun:
             connect_s=round(t1 - t0, 6),
             read_s=round(t2 - t1, 6),
             fetched=self.fetched_on_demand(group) >= 1,
+            busy_fetched_s=tuple(round(x, 6) for x in busy),
             error=error,
         )
         after = self.finish(group, marks, returned, f"ready {format_size(size)} round {rnd + 1}")
         return ReadySample(**{**asdict(sample), **after})
+
+    def busy_reads(
+        self, h: Any, group: str, size: int, seed: int, fetched: list[float]
+    ) -> str | None:
+        """Right after the first read, with the pull at full speed: up to BUSY_READS reads
+        of 4 KiB, one at a time, each in a distinct chunk of the region's upper half (the
+        pull goes from the first), in a random order; the seconds of each that fetched its
+        chunk on demand (b's count went up) go to ``fetched``.  Stops when the pull is over
+        (the count reads 0).  What a client sees of a read of a chunk not here yet right
+        after a failover; the latency scenario's pull is throttled.  An error, or None."""
+        chunks = list(range(size // CHUNK // 2, size // CHUNK - 1))
+        self.rng.shuffle(chunks)
+        before = self.fetched_on_demand(group)
+        for c in chunks[:BUSY_READS]:
+            off = c * CHUNK + self.rng.randrange(CHUNK // READ) * READ
+            want = block_data(seed, off // WRITE)[off % WRITE : off % WRITE + READ]
+            t0 = time.monotonic()
+            data = h.pread(READ, off)
+            seconds = time.monotonic() - t0
+            if data != want:
+                return f"a read during the pull returned the wrong data at {off}"
+            after = self.fetched_on_demand(group)
+            if after == 0:
+                break  # the pull is over (or b forgot its count): nothing pending any more
+            if after > before:
+                fetched.append(seconds)
+            before = after
+        return None
 
     def copy_round(self, rnd: int, index: int, size: int) -> bench.CopySample:
         """nbdcopy doing the pull's work: into a destination whose data region is a hole

@@ -145,6 +145,24 @@ def test_summarize_ready_medians_spread_and_failures_per_size() -> None:
     assert missing == {"size": 1024 * M, "n": 0, "failed": 0}
 
 
+def test_fetched_reads_during_the_full_speed_pull_are_summed_up_per_size() -> None:
+    samples = [
+        sample(0, 64 * M, 0.1, busy_fetched_s=(0.001, 0.003)),
+        sample(1, 64 * M, 0.1, busy_fetched_s=(0.002,)),
+        sample(0, 8 * M, 0.1),  # the pull was over before the second read
+    ]
+    small, large = bt.summarize_ready(samples, [8 * M, 64 * M])
+    assert small["busy_fetched"] == {"n": 0}
+    assert (large["busy_fetched"]["n"], large["busy_fetched"]["p50_ms"]) == (3, 2.0)
+    text = bt.format_ready_table({"ready": {"summary": [small, large]}})
+    assert "fetched reads during the full-speed pull (ms)" in text
+    assert [line.split()[:3] for line in text.splitlines() if line.startswith("64M")][-1] == [
+        "64M",
+        "written",
+        "3",
+    ]
+
+
 def test_latency_stats_in_milliseconds_nearest_rank() -> None:
     s = bt.latency_stats([i / 1000 for i in range(1, 101)])  # 1 ms .. 100 ms
     assert (s["n"], s["p50_ms"], s["p99_ms"], s["max_ms"]) == (100, 50.0, 99.0, 100.0)
