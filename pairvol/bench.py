@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pairvol import bench_scrape
 from pairvol import lab as labmod
 from replicator import control, node_process, server
 from replicator.errors import (
@@ -403,6 +404,7 @@ class BenchConfig:
     lag_runtime: float = 20.0  # seconds of rate-limited writing per lag measurement
     lag_interval: float = 0.25  # seconds between journal lag samples
     tls: bool = False  # the replicated suites' lab with TLS on its peer links (lab up --tls)
+    scrape: float | None = None  # replicated suites: poll each host's metrics every N seconds
 
     def fio_args(self) -> list[str]:
         args = ["--ioengine=nbd", f"--numjobs={self.numjobs}", "--time_based"]
@@ -748,6 +750,19 @@ class BenchLab:
         """Both nodes together: a replicated write costs CPU on each."""
         a, b = self.node_cpu("a"), self.node_cpu("b")
         return None if a is None or b is None else a + b
+
+    def metrics_urls(self, host: str) -> list[str]:
+        """``host``'s node metrics endpoint, and its agent's in a cluster lab."""
+        h = self.host(host)
+        urls = [f"http://{h.address}:{labmod.NODE_METRICS_PORT}/metrics"]
+        if self._info is not None and self._info.cluster is not None:
+            urls.append(f"http://{h.address}:{labmod.AGENT_METRICS_PORT}/metrics")
+        return urls
+
+    def scrapers(self, interval: float, log: Path) -> bench_scrape.Scrapers:
+        """One metrics scraper per host, in its namespace (``--scrape``; not started yet)."""
+        hosts = {h: (self.host(h).netns, self.metrics_urls(h)) for h in "ab"}
+        return bench_scrape.Scrapers(hosts, interval, log)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -1194,57 +1209,80 @@ def sample_json(s: Sample) -> dict[str, Any]:
 def run_replicated(
     cfg: BenchConfig, modes: Sequence[str], workdir: Path, progress: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Build a lab, measure the pair modes against the unpaired volume, tear the lab down."""
+    """Build a lab, measure the pair modes against the unpaired volume, tear the lab down.
+    With ``cfg.scrape``, a scraper per host polls its metrics the whole time (``notes.scrape``)."""
     workloads = replicated_workloads(cfg.workloads)
     if not workloads:
         raise UsageError(f"the replicated suites run only {', '.join(REPLICATED_WORKLOADS)}")
     with BenchLab(workdir / "labs", progress=progress, tls=cfg.tls) as lab:
-        unrepl = LabTarget(lab, UNREPLICATED)
-        paired = [LabTarget(lab, m, m, journal_size=cfg.journal_size) for m in modes]
-        targets: list[Target] = [*paired, unrepl]
-        names = [t.name for t in targets]
-        samples = measure(cfg, targets, progress, workdir=workdir, workloads=workloads)
-        rows = summarize(samples, workloads, names, {t.name: t.goals for t in paired})
-        out: dict[str, Any] = {
-            "lab": lab.describe(),
-            "baseline": UNREPLICATED,
-            "targets": [t.describe() for t in targets],
-            "workloads": [asdict(w) for w in workloads],
-            "goals": {t.name: t.goals for t in paired},
-            "samples": [sample_json(s) for s in samples],
-            "summary": [asdict(r) for r in rows],
-            "resync": None,
-            "lag": None,
-        }
-        by_mode = {t.mode: t for t in paired}
-        if "sync" in by_mode:
-            copies = measure_copies(cfg, by_mode["sync"], unrepl, workdir, progress)
-            out["resync"] = {
-                "how": "split, rewrite the whole volume on the primary, resync, wait PAIR; the "
-                "node's last_copy_bytes/last_copy_seconds, against nbdcopy of the same size "
-                "from a's node (Unix socket) to b's node (TCP), run on host a",
-                "nbdcopy_command": nbdcopy_argv(lab, UNREPLICATED, NBDCOPY_DST),
-                "samples": [{**asdict(s), "mib_s": s.mib_s} for s in copies],
-                "summary": summarize_copies(copies),
-            }
-        if "async" in by_mode:
-            at, lag = by_mode["async"], []
-            for row, w in zip(rows, workloads, strict=True):
-                fio_max = row.mib_s["async"] * (1 << 20)  # bytes/s into the journal
-                burst = int(min(at.size, 0.4 * at.journal_size, fio_max * cfg.runtime))
-                sustained = measure_sustained(cfg, at, w, burst, workdir)
-                progress(
-                    f"async {w.name} end to end: {sustained['bytes'] >> 20} MiB applied after "
-                    f"{sustained['drained_seconds']:.2f} s (fio done after "
-                    f"{sustained['fio_seconds']:.2f} s) = {sustained['rate']} {w.metric}"
-                )
-                fio_best = row.iops["async"] if w.metric == "iops" else row.mib_s["async"]
-                best = min(sustained["rate"], fio_best)
-                result = measure_lag(cfg, at, w, best / 2, workdir, progress)
-                lag.append({**result, "sustained": sustained})
-            out["lag"] = lag
-        out["left_pair"] = left_pair(samples)
+        if cfg.scrape is None:
+            return measure_replicated(cfg, lab, modes, workloads, workdir, progress)
+        scrapers = lab.scrapers(cfg.scrape, workdir / "scrape.log")
+        progress(f"scrapers: every {cfg.scrape:g} s, {', '.join(scrapers.hosts)}")
+        with scrapers:
+            out = measure_replicated(cfg, lab, modes, workloads, workdir, progress)
+        scrape = bench_scrape.summarize_scrapes(cfg.scrape, scrapers.reports)
+        out["notes"]["scrape"] = scrape
+        progress(bench_scrape.format_scrapes(scrape).replace("\n", "\nbench: "))
         return out
+
+
+def measure_replicated(
+    cfg: BenchConfig,
+    lab: BenchLab,
+    modes: Sequence[str],
+    workloads: Sequence[Workload],
+    workdir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """The replicated suites' measurements in ``lab``: the ``replicated`` part of the report."""
+    unrepl = LabTarget(lab, UNREPLICATED)
+    paired = [LabTarget(lab, m, m, journal_size=cfg.journal_size) for m in modes]
+    targets: list[Target] = [*paired, unrepl]
+    names = [t.name for t in targets]
+    samples = measure(cfg, targets, progress, workdir=workdir, workloads=workloads)
+    rows = summarize(samples, workloads, names, {t.name: t.goals for t in paired})
+    out: dict[str, Any] = {
+        "lab": lab.describe(),
+        "baseline": UNREPLICATED,
+        "targets": [t.describe() for t in targets],
+        "workloads": [asdict(w) for w in workloads],
+        "goals": {t.name: t.goals for t in paired},
+        "samples": [sample_json(s) for s in samples],
+        "summary": [asdict(r) for r in rows],
+        "resync": None,
+        "lag": None,
+        "notes": {},  # the run's own observations: "scrape" (--scrape)
+    }
+    by_mode = {t.mode: t for t in paired}
+    if "sync" in by_mode:
+        copies = measure_copies(cfg, by_mode["sync"], unrepl, workdir, progress)
+        out["resync"] = {
+            "how": "split, rewrite the whole volume on the primary, resync, wait PAIR; the "
+            "node's last_copy_bytes/last_copy_seconds, against nbdcopy of the same size "
+            "from a's node (Unix socket) to b's node (TCP), run on host a",
+            "nbdcopy_command": nbdcopy_argv(lab, UNREPLICATED, NBDCOPY_DST),
+            "samples": [{**asdict(s), "mib_s": s.mib_s} for s in copies],
+            "summary": summarize_copies(copies),
+        }
+    if "async" in by_mode:
+        at, lag = by_mode["async"], []
+        for row, w in zip(rows, workloads, strict=True):
+            fio_max = row.mib_s["async"] * (1 << 20)  # bytes/s into the journal
+            burst = int(min(at.size, 0.4 * at.journal_size, fio_max * cfg.runtime))
+            sustained = measure_sustained(cfg, at, w, burst, workdir)
+            progress(
+                f"async {w.name} end to end: {sustained['bytes'] >> 20} MiB applied after "
+                f"{sustained['drained_seconds']:.2f} s (fio done after "
+                f"{sustained['fio_seconds']:.2f} s) = {sustained['rate']} {w.metric}"
+            )
+            fio_best = row.iops["async"] if w.metric == "iops" else row.mib_s["async"]
+            best = min(sustained["rate"], fio_best)
+            result = measure_lag(cfg, at, w, best / 2, workdir, progress)
+            lag.append({**result, "sustained": sustained})
+        out["lag"] = lag
+    out["left_pair"] = left_pair(samples)
+    return out
 
 
 def left_pair(samples: Sequence[Sample]) -> dict[str, dict[str, int]]:
@@ -1395,6 +1433,7 @@ def report(
             "lag_runtime_s": cfg.lag_runtime,
             "lag_interval_s": cfg.lag_interval,
             "tls": cfg.tls,
+            "scrape_s": cfg.scrape,
         },
         "baseline": names[-1] if names else None,
         "targets": [t.describe() for t in targets],
@@ -1450,6 +1489,8 @@ def table_of(doc: dict[str, Any]) -> str:
             tables.append(format_copy_table(rep["resync"]["summary"]))
         if rep["lag"]:
             tables.append(format_lag_table(rep["lag"]))
+        if (rep.get("notes") or {}).get("scrape"):
+            tables.append(bench_scrape.format_scrapes(rep["notes"]["scrape"]))
     return "\n\n".join(tables)
 
 

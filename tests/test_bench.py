@@ -414,11 +414,13 @@ def test_table_of_a_replicated_only_report() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_quick_replicated_run_end_to_end(tmp_path: Path) -> None:
-    """One quick sync+async run in a real lab: structure only, never speeds."""
+    """One quick sync+async run in a real lab, its metrics scraped: structure only, never
+    speeds."""
     require_root()
     require_programs("nbdkit", "fio", "ip", "nbdcopy")
     out = tmp_path / "result.json"
     argv = ["bench", "--suite", "replicated", "--quick", "--size", "16M", "--lag-runtime", "1"]
+    argv += ["--scrape", "0.2"]
     code = main([*argv, "--json-out", str(out), "--dir", str(tmp_path / "work")])
     assert code == 0
     doc = json.loads(out.read_text())
@@ -437,8 +439,19 @@ def test_quick_replicated_run_end_to_end(tmp_path: Path) -> None:
     assert rep["resync"]["summary"]["ratio"] > 0
     assert [x["workload"] for x in rep["lag"]] == ["randwrite-4k", "write-1m"]
     assert all("p99_s" in x or x["samples"] == 0 for x in rep["lag"])
+    scrape = rep["notes"]["scrape"]
+    assert (doc["config"]["scrape_s"], scrape["interval_s"], sorted(scrape["hosts"])) == (
+        0.2, 0.2, ["a", "b"],
+    )  # fmt: skip
+    assert all(h["scrapes"] > 0 for h in scrape["hosts"].values()), scrape
     # The lab is gone: no namespace, no node process, no registry left behind.
     lab = rep["lab"]["name"]
     assert not [ns for ns in Path("/run/netns").glob(f"{lab}-*")]
     assert not [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path) in cmdline(p)]
     assert not (tmp_path / "work" / "labs" / lab).exists()
+    addresses = [h["address"] for h in rep["lab"]["hosts"].values()]
+    assert not [
+        p
+        for p in Path("/proc").glob("[0-9]*")
+        if "pairvol.bench_scrape" in cmdline(p) and any(a in cmdline(p) for a in addresses)
+    ]  # no scraper left

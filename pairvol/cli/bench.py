@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from pairvol import bench, bench_failover, bench_plot, bench_takeover
+from pairvol import bench, bench_failover, bench_plot, bench_scrape, bench_takeover
 from pairvol.cli.common import print_json
 from replicator.errors import PairvolError, UsageError
 from replicator.sizes import format_size, parse_size
@@ -108,6 +108,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--tls", action="store_true", help="sync/async suites: TLS on the lab's peer links"
     )
+    p.add_argument(
+        "--scrape",
+        metavar="SECONDS",
+        help="sync/async suites: while they measure, poll each lab host's metrics endpoints "
+        "every SECONDS from inside its namespace (the report's replicated.notes.scrape)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument(
         "--plot",
@@ -152,6 +158,12 @@ def config_from_args(args: argparse.Namespace) -> bench.BenchConfig:
     if modes and not bench.replicated_workloads(workloads):
         names = ", ".join(bench.REPLICATED_WORKLOADS)
         raise UsageError(f"--suite {args.suite} runs only {names}: none selected")
+    scrape = None
+    if args.scrape is not None:
+        if not modes:
+            raise UsageError(f"--scrape: only for the suites with a lab (sync, async, "
+                             f"replicated, all), not --suite {args.suite}")  # fmt: skip
+        scrape = bench_scrape.parse_interval(args.scrape)
     return bench.BenchConfig(
         size=size,
         rounds=rounds,
@@ -163,15 +175,17 @@ def config_from_args(args: argparse.Namespace) -> bench.BenchConfig:
         journal_size=journal,
         lag_runtime=lag_runtime,
         tls=args.tls,
+        scrape=scrape,
     )
 
 
-_FIO_ONLY = ("rounds", "runtime", "ramp_time", "lag_runtime")
+_FIO_ONLY = ("rounds", "runtime", "ramp_time", "lag_runtime", "scrape")
 _FAILOVER_ONLY = ("kills", "switchovers", "modes")
 _TAKEOVER_ONLY = ("sizes", "reads")
 #: What the takeover suite refuses: the fio suites' own options but --rounds, --size and
 #: --journal-size (it sizes every pair for its backlog: --sizes), and the failover suite's.
-_NOT_TAKEOVER = ("runtime", "ramp_time", "lag_runtime", "size", "journal_size", *_FAILOVER_ONLY)
+_NOT_TAKEOVER = ("runtime", "ramp_time", "lag_runtime", "size", "journal_size", "scrape",
+                 *_FAILOVER_ONLY)  # fmt: skip
 
 
 def _given(args: argparse.Namespace, names: Sequence[str]) -> str:
@@ -268,7 +282,7 @@ def _print_plotted(plotted: bench_plot.Plotted, out: TextIO) -> None:
 
 #: Every option that says how to run a suite: --from runs none, so it refuses them.
 _RUN_OPTIONS = ("rounds", "runtime", "ramp_time", "size", "journal_size", "lag_runtime",
-                *_FAILOVER_ONLY, *_TAKEOVER_ONLY, "dir", "json_out")  # fmt: skip
+                "scrape", *_FAILOVER_ONLY, *_TAKEOVER_ONLY, "dir", "json_out")  # fmt: skip
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
