@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 STRIPES = 1024
 
@@ -63,18 +63,35 @@ class ChunkLocks:
 
     @contextlib.contextmanager
     def hold(self, first: int, last: int) -> Iterator[None]:
+        release = self.take(first, last)
+        try:
+            yield
+        finally:
+            release()
+
+    def take(self, first: int, last: int) -> Callable[[], None]:
+        """Take the locks of chunks ``first..last``; the function returned releases them,
+        once, from any thread (a store finished by another thread than the one that
+        fetched)."""
         count = last - first + 1
         stripes = (
             range(STRIPES)
             if count >= STRIPES
             else sorted({c % STRIPES for c in range(first, last + 1)})
         )
-        taken = []
+        taken: list[int] = []
         try:
             for s in stripes:
                 self._locks[s].acquire()
                 taken.append(s)
-            yield
-        finally:
+        except BaseException:
             for s in reversed(taken):
                 self._locks[s].release()
+            raise
+
+        def release() -> None:
+            for s in reversed(taken):
+                self._locks[s].release()
+            taken.clear()
+
+        return release

@@ -54,6 +54,7 @@ from replicator.export import Exporter, ExportHandle
 from replicator.header import Role
 from replicator.journal import Journal
 from replicator.pair.manager import PairManager
+from replicator.pair.pull import PullEngine
 from replicator.pair.side import Side
 from replicator.pair.timer import HOUSEKEEPING
 from replicator.peer_auth import PeerSecrets
@@ -970,8 +971,9 @@ def test_reads_and_writes_of_chunks_not_here_yet_fetch_them_on_demand(
 
     last = SIZE - CHUNK
     assert side.copy_map.test(last // CHUNK)
-    assert read(hb, last, CHUNK) == truth[last:]  # copy on read
-    assert not side.copy_map.test(last // CHUNK)
+    assert read(hb, last, CHUNK) == truth[last:]  # copy on read: the bytes at once
+    # Stored by the pull's store thread, then its bit cleared (the read did not wait).
+    wait_until("the fetched chunk stored", lambda: not side.copy_map.test(last // CHUNK))
     assert b.image()[last:] == truth[last:]  # stored here
 
     at = 50 * CHUNK + 10
@@ -1194,6 +1196,49 @@ def test_a_forced_delete_of_the_old_primary_leaves_the_puller_refusing_only_what
     (row,) = b.cmd("pair.delete", target="g", force=True)["pairs"]
     assert row["state"] == "SMPL"
     assert any("never received from the old primary" in line for line in b.lines)
+
+
+def test_a_read_has_a_fetched_chunk_before_its_store_and_a_write_waits_for_the_store(
+    two: tuple[Lab, Node, Node],
+) -> None:
+    """A read of a chunk not here yet returns the old primary's bytes as soon as they come
+    (the store waits behind the pull's writes, 5-50 ms at full speed); the chunk stays
+    pending, under its lock, until the store is done.  A write into it meanwhile waits
+    for the store, so the late store never overwrites it."""
+    lab, a, b = two
+    pid = "g/p1"
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    engine = side.engine
+    assert isinstance(engine, PullEngine)
+    target = SIZE // CHUNK - 1
+    entered, release = threading.Event(), threading.Event()
+    real_store = engine._store
+
+    def slow_store(first: int, count: int, data: bytes | memoryview) -> None:
+        if (first, count) == (target, 1):
+            entered.set()
+            assert release.wait(WAIT)
+        real_store(first, count, data)
+
+    engine._store = slow_store  # type: ignore[method-assign]
+    last = target * CHUNK
+    assert read(b.open(), last, CHUNK) == truth[last:]  # while its store is held
+    assert entered.is_set() and side.copy_map.test(target)  # not stored: still pending
+    written = threading.Event()
+
+    def writer() -> None:
+        write(b.open(), last + 100, b"w" * 100)
+        written.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert not written.wait(0.2)  # held behind the store, however long it takes
+    release.set()
+    t.join(WAIT)
+    assert written.is_set() and not side.copy_map.test(target)
+    want = bytearray(truth[last:])
+    want[100:200] = b"w" * 100
+    assert b.image()[last:] == bytes(want)
 
 
 def test_a_fetch_on_demand_never_waits_behind_the_pulls_pieces(

@@ -298,13 +298,17 @@ class ClientWrites:
                     errno.EPERM,
                 )
 
-    def hydrate_read(self, offset: int, length: int) -> tuple[list[PullEngine], bool]:
+    def hydrate_read(
+        self, offset: int, length: int
+    ) -> tuple[list[PullEngine], list[tuple[int, bytes | memoryview]]]:
         """Every chunk of the read that a leg never received is fetched first (copy on
         read), or the read is refused (:func:`replicator.pair.hydration.read`).  Returns the
-        pulls of the legs still pulling, and whether the read needed a fetch (the caller
-        notes its latency, by kind, in their :class:`~replicator.pair.pull.ReadLatency`)."""
+        pulls of the legs still pulling, and the chunks fetched for it as (byte offset,
+        bytes): the caller reads the range here, then lays those over it (their stores into
+        the volume may not be done yet; :meth:`PullEngine.fetch_for_read`), and notes the
+        read's latency, fetched or local, in the pulls' ReadLatency."""
         engines: list[PullEngine] = []
-        fetched = False
+        fetched: list[tuple[int, bytes | memoryview]] = []
         for leg in self.legs.sides():
             if not self._pulling(leg) or offset < 0 or offset + length > leg.data_size:
                 continue  # a range outside the volume: the handle refuses it
@@ -314,11 +318,20 @@ class ClientWrites:
             plan = hydration.read(geometry, offset, length, bits, self._reachable(leg))
             if plan.refused is not None:
                 self._pending_error(leg, plan.refused, "read", "the old primary cannot be reached")
-            before = plan.split(Step.READ)[0]
-            self._carry(leg, before, "read", held=False)
-            fetched = fetched or any(a.step is Step.FETCH for a in before)
-            if isinstance(leg.engine, PullEngine):
-                engines.append(leg.engine)
+            engine = leg.engine if isinstance(leg.engine, PullEngine) else None
+            for action in plan.split(Step.READ)[0]:
+                if action.step is not Step.FETCH or engine is None:
+                    self._carry(leg, (action,), "read", held=False)
+                    continue
+                for chunk in action.chunks:
+                    try:
+                        data = engine.fetch_for_read(chunk)
+                    except (PairvolError, OSError) as e:
+                        self._pending_error(leg, chunk, "read", f"fetching it failed: {e}")
+                    if data is not None:
+                        fetched.append((chunk * leg.chunk_size, data))
+            if engine is not None:
+                engines.append(engine)
         return engines, fetched
 
     def _before_write(
@@ -425,9 +438,15 @@ class BoundHandle(ExportHandle):
         writes.refuse_hidden()
         t0 = time.monotonic()
         pulls, fetched = writes.hydrate_read(offset, len(buf))
-        super().pread(buf, offset)
+        end = offset + len(buf)
+        if not any(at <= offset and end <= at + len(data) for at, data in fetched):
+            super().pread(buf, offset)  # else one fetched chunk holds the whole read
+        for at, data in fetched:  # the old primary's bytes, maybe not stored here yet
+            lo, hi = max(at, offset), min(at + len(data), end)
+            if lo < hi:
+                buf[lo - offset : hi - offset] = memoryview(data)[lo - at : hi - at]
         for pull in pulls:  # while a takeover's pull runs: fetched against local reads
-            pull.reads.note(fetched, time.monotonic() - t0)
+            pull.reads.note(bool(fetched), time.monotonic() - t0)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         count = len(buf)

@@ -6,7 +6,9 @@ Every decision (fetch or not, skip or copy, what to make durable before what) is
 :mod:`replicator.pair.hydration`'s, a pure core; this module carries out its plans
 (:func:`carry_out`).  A client's read of a chunk not here yet fetches it first, on demand
 (copy on read), ahead of the background pull, and so does a write into part of one, which
-then merges (as dm-clone does); a write that covers a whole chunk fetches nothing.  While the
+then merges (as dm-clone does); a write that covers a whole chunk fetches nothing.  A read
+gets the fetched bytes at once; their store into the volume follows on a thread of the pull's,
+which holds the chunk's lock until it is done.  While the
 old primary cannot be reached, a read or write that needs a fetch fails with EIO (one log
 line): a half-built image never serves wrong data (``client_io.ClientWrites``).
 
@@ -49,7 +51,12 @@ SYNC_EVERY = hydration.SYNC_EVERY  # chunks pulled between two syncs of data and
 PULL_PIECE = 4 << 20  # bytes the background pull asks for in one request (whole chunks)
 PULL_DEPTH = 8  # requests of the background pull in flight at once
 PULL_WORKERS = 4  # threads landing the answers (writing them to the volume) at once
+#: The most one pwrite of a landing writes.  A buffered write holds the file's inode lock
+#: (ext4) for all of it: four landing threads writing 4 MiB each made a client's write, or a
+#: fetch on demand's store, wait 15-50 ms for the lock.
+STORE_SLICE = 256 << 10
 ON_DEMAND_TIMEOUT = 10.0  # seconds a client's read or write waits for a chunk on demand
+STORE_WORKERS = 2  # threads storing the chunks fetched for clients' reads
 
 
 def serve_chunk(side: Side, msg: wire.ChunkRequest) -> wire.Chunk:
@@ -131,6 +138,8 @@ class PullEngine:
         self._count_lock = threading.Lock()
         self.total = 0
         self.throttle = Throttle(lambda: side.pull_rate, self.stop_flag)  # takeover --max-rate
+        # Stores of chunks fetched for reads, after the read has its bytes (fetch_for_read).
+        self._stores = ThreadPoolExecutor(STORE_WORKERS, thread_name_prefix=f"store {side.id}")
 
     def start(self) -> None:
         self.thread.start()
@@ -262,11 +271,15 @@ class PullEngine:
         return bool(plan.chunks(Step.COPY))
 
     def _store(self, first: int, count: int, data: bytes | memoryview) -> None:
-        """Chunks ``first..first+count-1`` go to the volume in one write (and to its other
-        legs, which never had them either); then their pending bits are cleared in memory,
-        durable with a later sync (:meth:`_sync`)."""
+        """Chunks ``first..first+count-1`` go to the volume in writes of at most
+        :data:`STORE_SLICE` (and to its other legs, which never had them either); then their
+        pending bits are cleared in memory, durable with a later sync (:meth:`_sync`)."""
         side = self.side
-        side.apply_entry(EntryKind.WRITE, first * side.chunk_size, len(data), data, False)
+        at = first * side.chunk_size
+        view = memoryview(data)
+        for lo in range(0, len(view), STORE_SLICE):
+            piece = view[lo : lo + STORE_SLICE]
+            side.apply_entry(EntryKind.WRITE, at + lo, len(piece), piece, False)
         with side.bitmap_lock:
             side.copy_map.clear_range(first, count)
             self._unsynced.update(range(first, first + count))
@@ -279,6 +292,46 @@ class PullEngine:
         if fetch(chunk, ON_DEMAND_TIMEOUT):
             self.on_demand += 1
             self.on_demand_seconds += time.monotonic() - t0
+
+    def fetch_for_read(self, chunk: int) -> bytes | memoryview | None:
+        """A client's read of ``chunk`` (a ``FETCH`` of its plan): if still pending, fetched
+        under its lock and returned at once (None: not pending any more, read it here).  Its
+        store waits behind the pull's writes (the file's inode lock, its dirty pages: 5-50 ms
+        while the pull runs at full speed), so it goes to the pull's store threads, which
+        hold the chunk's lock until the data is in the volume and its bit is clear: a write
+        of the chunk, or another read of it, waits for that; the pull skips it then."""
+        side = self.side
+        t0 = time.monotonic()
+        release = side.chunk_locks.take(chunk, chunk)
+        try:
+            if not self._decide(chunk):
+                release()
+                return None  # fetched meanwhile (on demand, or by the pull), or written here
+            reply = side.request(wire.ChunkRequest(side.id, chunk), ON_DEMAND_TIMEOUT)
+            data = self._check(chunk, 1, reply)
+        except BaseException:
+            release()
+            raise
+        self.on_demand += 1
+        self.on_demand_seconds += time.monotonic() - t0
+
+        def store() -> None:
+            try:
+                self._store(chunk, 1, data)
+            except (PairvolError, OSError) as e:  # still pending: fetched again later
+                side.log(f"pair {side.id}: storing chunk {chunk} fetched for a read: {e}")
+            finally:
+                release()
+
+        try:
+            self._stores.submit(store)
+        except RuntimeError:  # the pull is over (its stores were awaited): store it here
+            store()
+        return data
+
+    def _await_stores(self) -> None:
+        """Every store of a chunk fetched for a read is done (before the pull's last sync)."""
+        self._stores.shutdown(wait=True)
 
     def hydrate(self, first: int, last: int) -> None:
         """A client reads chunks ``first..last``: each still pending is fetched now (copy
@@ -316,6 +369,7 @@ class PullEngine:
 
     def save_progress(self) -> None:
         """What the pull landed is durable, data then bits (a side closing)."""
+        self._await_stores()
         self._sync()
 
     def before_write(self, first: int, last: int) -> None:
@@ -340,6 +394,7 @@ class PullEngine:
                         if not side.copy_map.count():
                             break
                     self._pass(pool)
+            self._await_stores()
             self._sync()
             if self.stop_flag.is_set():
                 return
@@ -363,6 +418,7 @@ class PullEngine:
                 side.try_fire(ps.CopyDone())
         except (PairvolError, OSError) as e:
             try:
+                self._await_stores()
                 self._sync()
             except (PairvolError, OSError) as sync_error:
                 side.log(f"pair {side.id}: saving the pull's progress failed too: {sync_error}")
