@@ -39,6 +39,7 @@ import pytest
 
 from replicator import groups, wire
 from replicator import pair_state as ps
+from replicator.direct_io import DirectWriter
 from replicator.errors import (
     Closed,
     ConnectionFailed,
@@ -1274,6 +1275,37 @@ def test_a_fetch_on_demand_never_waits_behind_the_pulls_pieces(
     assert [m.index for m in seen["main"]] == [last // CHUNK]
     assert seen["bulk"] and last // CHUNK not in {m.index for m in seen["bulk"]}
     assert max(m.count for m in seen["bulk"]) > 1  # unthrottled: pieces of many chunks
+    swapped_back(lab, a, b, pid)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "refused"])
+def test_the_pulls_landings_go_beneath_the_page_cache(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """The pull's pieces are written with O_DIRECT (replicator.direct_io): buffered, their
+    copy into fresh page-cache pages and the inode lock held 2.5x as long as the transfer
+    (docs/benchmarks.md, session 12).  Where direct I/O is refused, the same landings are
+    written buffered: either way b ends with a's image."""
+    lab, a, b = two
+    pid = "g/p1"
+    written: list[int] = []
+    carry = DirectWriter.write
+
+    def counting(self: DirectWriter, data: bytes | memoryview, pos: int) -> bool:
+        done = carry(self, data, pos) if direct else False
+        if done:
+            written.append(len(data))
+        return done
+
+    monkeypatch.setattr(DirectWriter, "write", counting)
+    truth, side = _taken_over_mid_copy(lab, a, b, pid)
+    side.doc.pull_rate = 0
+    wait_until("the pull's end", lambda: not side.record.pulling)
+    assert_same(b.image(), truth)
+    if direct:
+        assert sum(written) > SIZE // 2  # nearly all of it was pending
+    else:
+        assert not written
     swapped_back(lab, a, b, pid)
 
 

@@ -18,6 +18,7 @@ from replicator.header import Role
 from replicator.journal import EntryKind
 
 if TYPE_CHECKING:
+    from replicator.direct_io import DirectWriter
     from replicator.pair.side import Side
 
 
@@ -88,28 +89,43 @@ class Replica:
         return wire.Ack()
 
     def apply_entry(
-        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+        self,
+        kind: EntryKind,
+        offset: int,
+        length: int,
+        data: bytes | memoryview,
+        fua: bool,
+        direct: DirectWriter | None = None,
     ) -> None:
         """Write one change to the local volume (shipped, copied, pulled, or redone from a
-        journal); on a receiving leg, carried on to the volume's other legs."""
+        journal); on a receiving leg, carried on to the volume's other legs.  ``direct``:
+        a write goes beneath the page cache through it when it can (the pull's landings)."""
         side = self.side
         if side.record.role is Role.SECONDARY and len(side.legs.legs) > 1:
             side.legs.writes.forward_write(
                 side,
                 offset,
                 max(length, 1),
-                lambda: self._write_local(kind, offset, length, data, fua),
+                lambda: self._write_local(kind, offset, length, data, fua, direct),
                 lambda pid: _message(pid, kind, offset, length, data, fua),
             )
             return
-        self._write_local(kind, offset, length, data, fua)
+        self._write_local(kind, offset, length, data, fua, direct)
 
     def _write_local(
-        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
+        self,
+        kind: EntryKind,
+        offset: int,
+        length: int,
+        data: bytes | memoryview,
+        fua: bool,
+        direct: DirectWriter | None = None,
     ) -> None:
         side = self.side
         fd, base = side.volume.fd, side.data_offset
         if kind is EntryKind.WRITE:
+            if direct is not None and not fua and direct.write(data, base + offset):
+                return
             done = os.pwritev(fd, [data], base + offset, os.RWF_DSYNC if fua else 0)
             if done != len(data):
                 raise VolumeError(f"short write on {side.doc.volume}", errno.ENOSPC)
