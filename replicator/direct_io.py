@@ -52,23 +52,30 @@ class DirectWriter:
         return self._fd >= 0 and not self._refused
 
     def write(self, data: bytes | bytearray | memoryview, pos: int) -> bool:
-        """Write ``data`` at ``pos`` directly: True when written, False when it cannot be
-        (not aligned, too long, or direct I/O refused): then nothing was written."""
+        """Write ``data`` at ``pos`` directly, a buffer's worth at a time: True when written,
+        False when it cannot be (not aligned, or direct I/O refused): then the caller writes
+        all of it buffered (a refusal after some slices went direct rewrites them with the
+        same bytes)."""
         n = len(data)
         fd = self._fd
-        if fd < 0 or self._refused or not 0 < n <= self.buffer_size or n % ALIGN or pos % ALIGN:
+        if fd < 0 or self._refused or not n or n % ALIGN or pos % ALIGN:
             return False
         buf = self._buffer()
-        buf[:n] = data
-        try:
-            done = os.pwritev(fd, [buf[:n]], pos)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._refused = True  # refused after all (a device with larger blocks): buffered
-            return False
-        if done != n:
-            raise VolumeError(f"short direct write at {pos}: {done} of {n} bytes", errno.ENOSPC)
+        view = memoryview(data).cast("B")
+        for lo in range(0, n, self.buffer_size):
+            m = min(self.buffer_size, n - lo)
+            buf[:m] = view[lo : lo + m]
+            try:
+                done = os.pwritev(fd, [buf[:m]], pos + lo)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._refused = True  # refused after all (a device with larger blocks)
+                return False
+            if done != m:
+                raise VolumeError(
+                    f"short direct write at {pos + lo}: {done} of {m} bytes", errno.ENOSPC
+                )
         return True
 
     def _buffer(self) -> memoryview:

@@ -59,6 +59,21 @@ def segments(fd: int, pos: int, end: int) -> Iterator[tuple[int, int, bool]]:
         pos = stop
 
 
+def is_hole(fd: int, pos: int, length: int) -> bool:
+    """Whether file bytes [pos, pos+length) hold no data at all (False where the filesystem
+    cannot tell): one ``lseek(SEEK_DATA)``."""
+    if _SEEK_DATA is None:
+        return False
+    try:
+        return os.lseek(fd, pos, _SEEK_DATA) >= pos + length
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data at or after pos
+            return True
+        if e.errno in _UNSUPPORTED:
+            return False
+        raise
+
+
 def data_ranges(fd: int, data_offset: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of the ranges of [start, end) of the data area (offsets relative to
     ``data_offset``, where the data area starts in the file) that hold data."""

@@ -229,3 +229,19 @@ def test_a_platform_without_seek_data_is_all_data(
         assert list(segments(fd, MIB, MIB)) == []
     finally:
         os.close(fd)
+
+
+def test_is_hole_answers_for_a_range(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        os.pwrite(fd, b"x" * 65536, 65536)
+        os.fsync(fd)
+        assert extents.is_hole(fd, 0, 65536)
+        assert not extents.is_hole(fd, 0, 65537)
+        assert not extents.is_hole(fd, 65536 + 4096, 4096)
+        assert extents.is_hole(fd, 2 * 65536, 65536)  # no data after it at all (ENXIO)
+        assert extents.is_hole(fd, 1 << 20, 4096)  # past the end
+    finally:
+        os.close(fd)

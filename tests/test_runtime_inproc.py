@@ -1309,6 +1309,44 @@ def test_the_pulls_landings_go_beneath_the_page_cache(
     swapped_back(lab, a, b, pid)
 
 
+def test_an_initial_copy_into_holes_goes_beneath_the_page_cache_and_a_resync_does_not(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new secondary's copied Writes into ranges that hold nothing go direct (1 GiB copied
+    in 2.5-3.0 s, was 4.6-5.5); a range with data here, and every Write of a differential
+    resync (overwrites, faster buffered), is written buffered.  Either way: identical."""
+    _, a, b = two
+    pid = "g/p1"
+    spots: list[tuple[int, int]] = []
+    carry = DirectWriter.write
+
+    def counting(self: DirectWriter, data: bytes | memoryview, pos: int) -> bool:
+        done = carry(self, data, pos)
+        if done:
+            spots.append((pos, len(data)))
+        return done
+
+    monkeypatch.setattr(DirectWriter, "write", counting)
+    write(a.open(), 0, noise(SIZE))
+    hb = b.open()
+    write(hb, MiB, noise(2 * CHUNK))  # data here before the pair: overwritten buffered
+    hb.close()
+    a.create(pid, b)
+    wait_copy(a, pid)
+    identical(a, b)
+    assert sum(n for _, n in spots) >= SIZE // 2
+    at = b.side(pid).data_offset + MiB
+    assert not [(p, n) for p, n in spots if p < at + 2 * CHUNK and p + n > at]
+    a.cmd("pair.split", target="g")
+    write(a.open(), 0, noise(SIZE))
+    spots.clear()
+    a.cmd("pair.resync", target="g")
+    wait_copy(a, pid)
+    identical(a, b)
+    assert not spots
+    assert a.cmd("pair.verify", target="g")["pairs"][0]["mismatch_count"] == 0
+
+
 def test_a_takeover_during_the_copy_needs_no_force_while_the_old_primary_answers(
     two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from typing import TYPE_CHECKING
 
 import xxhash
 
-from replicator import falloc, wire
+from replicator import extents, falloc, wire
 from replicator import pair_state as ps
+from replicator.direct_io import DirectWriter
 from replicator.errors import IllegalState, UsageError, VolumeError
 from replicator.header import Role
 from replicator.journal import EntryKind
 
 if TYPE_CHECKING:
-    from replicator.direct_io import DirectWriter
     from replicator.pair.side import Side
+
+#: A Write received in COPY this long or longer, into a hole, is written directly.
+DIRECT_MIN = 256 << 10
+#: The direct writer's buffer per receiving thread.
+DIRECT_SLICE = 1 << 20
 
 
 def _message(
@@ -36,6 +42,31 @@ class Replica:
 
     def __init__(self, side: Side) -> None:
         self.side = side
+        self._direct: DirectWriter | None = None  # opened at the first copied Write into a hole
+        self._direct_lock = threading.Lock()
+
+    def _copy_writer(self, offset: int, length: int) -> DirectWriter | None:
+        """The direct writer for a Write received in COPY of at least :data:`DIRECT_MIN`
+        bytes into a range that holds no data here (a new secondary's initial copy), else
+        None (buffered).  Written beneath the page cache, such a Write costs no fresh
+        page-cache pages (docs/benchmarks.md, session 12: 1 GiB copied in 2.5-3.0 s, was
+        4.6-5.5); a differential resync overwrites blocks that are here, likely cached, and
+        stays buffered (direct, it measured slower)."""
+        side = self.side
+        if side.record.state is not ps.State.COPY or length < DIRECT_MIN:
+            return None
+        if not extents.is_hole(side.volume.fd, side.data_offset + offset, length):
+            return None
+        with self._direct_lock:
+            if self._direct is None:
+                self._direct = DirectWriter(side.volume.fd, DIRECT_SLICE)
+            return self._direct
+
+    def close(self) -> None:
+        with self._direct_lock:
+            direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
 
     def check_journal_marks(self, *, split: bool = False) -> None:
         """This secondary may take journal entries and acknowledge its marks: it replicates,
@@ -82,7 +113,8 @@ class Replica:
             self.check_journal_marks()
             return side.host.secondary_group(side).receive(side, msg)
         if isinstance(msg, wire.Write):
-            self.apply_entry(EntryKind.WRITE, msg.offset, length, msg.data, msg.fua)
+            direct = self._copy_writer(msg.offset, length)
+            self.apply_entry(EntryKind.WRITE, msg.offset, length, msg.data, msg.fua, direct)
         else:
             kind = EntryKind.TRIM if msg.may_trim else EntryKind.ZERO
             self.apply_entry(kind, msg.offset, length, b"", msg.fua)

@@ -462,6 +462,7 @@ class Side:
                 step()
             except (PairvolError, OSError) as e:
                 self.log(f"pair {self.id}: saving its {what} at close failed: {e}")
+        self.replica.close()
         self.legs.detach(self, release=release)
 
 
