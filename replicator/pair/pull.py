@@ -59,11 +59,6 @@ PULL_WORKERS = 2
 #: (ext4) for all of it: four landing threads writing 4 MiB each made a client's write, or a
 #: fetch on demand's store, wait 15-50 ms for the lock.
 STORE_SLICE = 256 << 10
-#: The most one direct write of a landing writes (beneath the page cache,
-#: :mod:`replicator.direct_io`): ext4 holds the inode lock while it allocates and submits,
-#: so 1 MiB (about a millisecond here) rather than a whole piece.  Direct writes of 256 KiB,
-#: 1 MiB and 4 MiB into a hole (1 GiB, 2 threads): 880-890, 1250-1260, 1210-1460 MiB/s.
-DIRECT_SLICE = 1 << 20
 ON_DEMAND_TIMEOUT = 10.0  # seconds a client's read or write waits for a chunk on demand
 STORE_WORKERS = 2  # threads storing the chunks fetched for clients' reads
 
@@ -285,16 +280,16 @@ class PullEngine:
     ) -> None:
         """Chunks ``first..first+count-1`` go to the volume in writes of at most
         :data:`STORE_SLICE` (and to its other legs, which never had them either), or of
-        :data:`DIRECT_SLICE` through ``direct`` (the pull's landings: beneath the page cache,
+        its buffer's size through ``direct`` (the pull's landings: beneath the page cache,
         where they can be); then their pending bits are cleared in memory, durable with a
         later sync (:meth:`_sync`: its ``fdatasync`` covers direct writes too)."""
         side = self.side
         at = first * side.chunk_size
         view = memoryview(data)
-        step = DIRECT_SLICE if direct is not None and direct.usable else STORE_SLICE
+        step = direct.buffer_size if direct is not None and direct.usable else STORE_SLICE
         for lo in range(0, len(view), step):
             piece = view[lo : lo + step]
-            side.apply_entry(EntryKind.WRITE, at + lo, len(piece), piece, False, direct)
+            side.replica.apply_entry(EntryKind.WRITE, at + lo, len(piece), piece, False, direct)
         with side.bitmap_lock:
             side.copy_map.clear_range(first, count)
             self._unsynced.update(range(first, first + count))
@@ -403,7 +398,7 @@ class PullEngine:
         try:
             # A pass lands every chunk it walked; a bit set behind it (none is, today) would
             # be taken by the next pass: done when a pass starts with nothing pending.
-            self._direct = DirectWriter(side.volume.fd, DIRECT_SLICE)
+            self._direct = DirectWriter(side.volume.fd)
             try:
                 with ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix=f"pull {side.id}") as pool:
                     while not self.stop_flag.is_set():

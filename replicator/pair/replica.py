@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 #: A Write received in COPY this long or longer, into a hole, is written directly.
 DIRECT_MIN = 256 << 10
-#: The direct writer's buffer per receiving thread.
-DIRECT_SLICE = 1 << 20
 
 
 def _message(
@@ -59,7 +57,7 @@ class Replica:
             return None
         with self._direct_lock:
             if self._direct is None:
-                self._direct = DirectWriter(side.volume.fd, DIRECT_SLICE)
+                self._direct = DirectWriter(side.volume.fd)
             return self._direct
 
     def close(self) -> None:

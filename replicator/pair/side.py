@@ -22,7 +22,6 @@ from typing import assert_never
 from replicator import faults, wire
 from replicator import pair_state as ps
 from replicator.bitmap import Bitmap
-from replicator.direct_io import DirectWriter
 from replicator.errors import IllegalState, PairvolError
 from replicator.events import EventLog
 from replicator.gate import ChunkLocks, Gate
@@ -438,15 +437,9 @@ class Side:
         self.try_fire(ps.JournalFull())
 
     def apply_entry(
-        self,
-        kind: EntryKind,
-        offset: int,
-        length: int,
-        data: bytes | memoryview,
-        fua: bool,
-        direct: DirectWriter | None = None,
+        self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
     ) -> None:
-        self.replica.apply_entry(kind, offset, length, data, fua, direct)
+        self.replica.apply_entry(kind, offset, length, data, fua)
 
     def close(self, *, release: bool = False) -> None:
         """Stop the side; ``release``: it is deleted, and its bitmap slots are free again."""
