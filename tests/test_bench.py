@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import require_programs, require_root
 
-from pairvol import bench
+from pairvol import bench, bench_floor
 from pairvol.cli import build_parser, main
 from pairvol.cli.bench import config_from_args
 from replicator import server
@@ -361,7 +362,7 @@ def test_summarize_copies_medians_and_round_ratios() -> None:
         "0.50",
         "(below)",
         ">=",
-        "0.8",
+        "0.9",
     ]
 
 
@@ -409,6 +410,201 @@ def test_table_of_a_replicated_only_report() -> None:
     assert "100 MiB/s" in text  # the end-to-end rate the lag run's rate is half of
     assert "1.00 (ok)" in text  # resync/nbdcopy
     assert "50 MiB/s" in text and "0.020" in text
+    assert "issue 10 target" not in text and "floor:" not in text  # a schema-2 report has none
+
+
+# -- issue 10's targets: the async figure, CPU per request, floors ---------------------------
+
+MIB = 1 << 20
+REPL = bench.replicated_workloads(bench.WORKLOADS)
+
+
+def noted_sample(
+    workload: str, target: str, iops: float, bs: int, a: float, b: float, client: float | None
+) -> bench.Sample:
+    m = bench.Measurement(iops, iops * bs / MIB, 1.0, 2.0, 1, client)
+    return bench.Sample(0, workload, target, m, None, {"cores_a": a, "cores_b": b})
+
+
+def sustained(iops: float, bs: int, entries: int, cpu_a: float, cpu_b: float) -> dict[str, Any]:
+    return {
+        "iops": iops,
+        "mib_s": iops * bs / MIB,
+        "rate": iops if bs == 4096 else iops * bs / MIB,
+        "entries": entries,
+        "cpu_s_a": cpu_a,
+        "cpu_s_b": cpu_b,
+    }
+
+
+def fake_steps() -> dict[str, dict[str, Any]]:
+    return {
+        name: {"us": 10.0, "min_us": 9.0, "max_us": 11.0, "iterations": 3, "repeats": 2}
+        for name in bench_floor.STEPS
+    }
+
+
+def replicated_part(*, sync_4k: float = 2000.0, p99_4k: float = 0.02) -> dict[str, Any]:
+    """A replicated part as measure_replicated builds it, from made-up figures: unrepl writes
+    10000 4k IOPS and 1000 MiB/s; async takes 9000 IOPS and 800 MiB/s into its journal but
+    sustains 1000 IOPS and 100 MiB/s end to end."""
+    samples = [
+        noted_sample("randwrite-4k", "sync", sync_4k, 4096, 0.66, 0.5, None),
+        noted_sample("randwrite-4k", "async", 9000, 4096, 0.9, 0.3, None),
+        noted_sample("randwrite-4k", "unrepl", 10000, 4096, 0.8, 0.0, 0.4),
+        noted_sample("write-1m", "sync", 200, MIB, 0.4, 0.3, None),
+        noted_sample("write-1m", "async", 800, MIB, 0.9, 0.2, None),
+        noted_sample("write-1m", "unrepl", 1000, MIB, 0.9, 0.0, 0.1),
+    ]
+    names = ["sync", "async", "unrepl"]
+    goals = {m: bench.MODE_GOALS[m] for m in ("sync", "async")}
+    rows = bench.summarize(samples, REPL, names, goals)
+    burst = {
+        "randwrite-4k": sustained(1000, 4096, 5000, 1.5, 1.0),
+        "write-1m": sustained(100, MIB, 100, 0.3, 0.2),
+    }
+    rows = bench.end_to_end_rows(rows, burst, "async", "unrepl")
+    lag = [
+        {"workload": w, "metric": m, "rate": r, "achieved": r, "p99_s": p99, "samples": 9,
+         "notes": {"cores_a": 0.1, "cores_b": 0.05}, "sustained": burst[w]}
+        for w, m, r, p99 in (
+            ("randwrite-4k", "iops", 500.0, p99_4k), ("write-1m", "mib_s", 50.0, 0.2)
+        )
+    ]  # fmt: skip
+    copies = [
+        # The resync's CPU seconds span the command, more than cores x its copy seconds.
+        bench.CopySample(0, "resync", 100 * MIB, 1.0, 0.5, 0.4, 0.8, 0.4),
+        bench.CopySample(0, "nbdcopy", 100 * MIB, 0.5, 0.3, 0.3, 0.15, 0.15),
+    ]
+    rep: dict[str, Any] = {
+        "baseline": "unrepl",
+        "targets": [{"name": n} for n in names],
+        "workloads": [dataclasses.asdict(w) for w in REPL],
+        "samples": [bench.sample_json(s) for s in samples],
+        "summary": [dataclasses.asdict(r) for r in rows],
+        "lag": lag,
+        "resync": {
+            "samples": [dataclasses.asdict(c) for c in copies],
+            "summary": bench.summarize_copies(copies),
+        },
+        "notes": {},
+        "cores": 2,
+    }
+    rep["cpu"] = bench.cpu_costs(rep)
+    rep["floor"] = bench.floor_of(rep, fake_steps(), 2)
+    rep["objectives"] = bench.objectives_of(rep, 2)
+    return rep
+
+
+def test_parse_fio_json_reads_fios_own_cpu() -> None:
+    job = {**fio_job("write", 10.0, 1 << 20, 1 << 20), "usr_cpu": 30.0, "sys_cpu": 12.5}
+    assert bench.parse_fio_json(fio_output(job, job), "write").client_cores == 0.85
+    assert bench.parse_fio_json(fio_output(fio_job("write", 1, 1, 1)), "write").client_cores is None
+
+
+def test_the_async_figure_is_the_end_to_end_rate_not_fios() -> None:
+    rep = replicated_part()
+    row = {r["workload"]: r for r in rep["summary"]}["randwrite-4k"]
+    assert row["iops"]["async"] == 1000 and row["ratio"]["async"] == pytest.approx(0.1)
+    assert row["round_ratios"]["async"] == [0.1]
+    assert row["into_journal"]["async"]["iops"] == 9000
+    assert row["into_journal"]["async"]["ratio"] == pytest.approx(0.9)
+    assert row["iops"]["sync"] == 2000 and row["into_journal"].keys() == {"async"}
+    lines = bench.format_table(
+        [bench.Row(**r) for r in rep["summary"]], ["sync", "async", "unrepl"]
+    )
+    header, _, first, second, legend = lines.splitlines()
+    assert "async e2e IOPS" in header and "async e2e/unrepl" in header
+    assert header.split()[-3:] == ["async", "into", "journal"]
+    assert "0.10 (below)" in first and first.endswith("9000 IOPS (0.90)")
+    assert second.endswith("800.0 MiB/s (0.80)")
+    assert legend.startswith("async e2e: end to end")
+    async_obj = [o for o in rep["objectives"] if o["target"] == "async" and o["kind"] == "ratio"]
+    assert [o["value"] for o in async_obj] == [0.1, 0.1]  # never fio's 0.9 and 0.8
+
+
+def test_cpu_per_request_and_per_mib_on_each_node() -> None:
+    rows = {(r["target"], r["figure"], r["workload"]): r for r in replicated_part()["cpu"]["rows"]}
+    assert set(rows) == {
+        (t, f, w)
+        for w in ("randwrite-4k", "write-1m")
+        for t, f in (("sync", "fio"), ("async", "end to end"), ("async", "into journal"),
+                     ("unrepl", "fio"))
+    }  # fmt: skip
+    sync = rows["sync", "fio", "randwrite-4k"]
+    assert sync["a"] == {"us_per_request": 330.0, "ms_per_mib": 84.48}  # 0.66 cores / 2000 IOPS
+    assert sync["b"]["us_per_request"] == 250.0 and sync["fio"] is None
+    unrepl = rows["unrepl", "fio", "write-1m"]
+    assert unrepl["a"]["ms_per_mib"] == 0.9 and unrepl["fio"]["ms_per_mib"] == 0.1
+    e2e = rows["async", "end to end", "randwrite-4k"]  # 1.5 and 1.0 CPU s over 5000 entries
+    assert (e2e["a"]["us_per_request"], e2e["b"]["us_per_request"]) == (300.0, 200.0)
+    assert e2e["rate"]["iops"] == 1000
+    assert rows["async", "end to end", "write-1m"]["a"]["ms_per_mib"] == 3.0
+
+
+def test_a_reached_target_has_no_floor_and_a_missed_one_has_its_floor_lines() -> None:
+    rep = replicated_part(sync_4k=5000.0, p99_4k=0.02)
+    objectives = {o["name"]: o for o in rep["objectives"]}
+    assert list(objectives) == [
+        "sync randwrite-4k / unrepl",
+        "async end to end randwrite-4k / unrepl",
+        "sync write-1m / unrepl",
+        "async end to end write-1m / unrepl",
+        "async lag p99 at half the end-to-end rate, randwrite-4k",
+        "async lag p99 at half the end-to-end rate, write-1m",
+        "full resync / nbdcopy",
+    ]
+    reached = objectives["sync randwrite-4k / unrepl"]
+    assert (reached["value"], reached["goal"], reached["reached"]) == (0.5, 0.4, True)
+    assert (
+        "floor" not in reached
+        and "floor" not in objectives["async lag p99 at half the end-to-end rate, randwrite-4k"]
+    )
+    missed = objectives["sync write-1m / unrepl"]
+    assert (missed["value"], missed["goal"], missed["reached"]) == (0.2, 0.6, False)
+    f = missed["floor"]
+    assert f["cpu"]["a"]["ms_per_mib"] == 2.0 and f["cpu"]["b"]["ms_per_mib"] == 1.5
+    # 2 cores / (2.0 + 1.5 + 0.1 ms per MiB) = 555.6 MiB/s against unrepl's 1000
+    assert f["ceilings"]["rate"]["this_machine"] == pytest.approx(555.6)
+    assert f["ceilings"]["ratio"] == {
+        "this_machine": 0.556, "two_hosts_gil": 0.5, "two_hosts_all_cores": pytest.approx(0.952)
+    }  # fmt: skip
+    lag = objectives["async lag p99 at half the end-to-end rate, write-1m"]["floor"]
+    assert lag["busy"] == 0.075 and lag["cpu"]["a"] == {"ms_per_mib": 2.0}  # 0.1 cores, 50 MiB/s
+    resync = objectives["full resync / nbdcopy"]["floor"]
+    assert (resync["cpu"]["a"], resync["cpu"]["b"]) == ({"ms_per_mib": 8.0}, {"ms_per_mib": 4.0})
+    assert resync["nbdcopy_nodes"]["a"] == {"ms_per_mib": 1.5}
+    # 2 cores / (8 + 4 ms per MiB) = 166.7 MiB/s against nbdcopy's 200
+    assert resync["ceilings"]["ratio"]["this_machine"] == pytest.approx(0.833)
+
+    text = bench.table_of(
+        {"summary": [], "targets": [], "config": {"rounds": 1}, "replicated": rep}
+    )
+    table = text[text.index("issue 10 target") :]
+    assert "sync randwrite-4k / unrepl" in table and "floor: sync randwrite-4k" not in table
+    assert "floor: async lag p99 at half the end-to-end rate, randwrite-4k" not in table
+    floor = table[table.index("floor: sync write-1m / unrepl = 0.20, goal >= 0.6: not reached") :]
+    lines = floor.splitlines()[1:5]
+    assert lines[0] == (
+        "  measured, CPU per MiB: a 2.00 ms/MiB, b 1.50 ms/MiB, fio 0.10 ms/MiB (unreplicated run)"
+    )
+    assert "ceiling on this machine (2 cores" in lines[1] and "555.6 MiB/s = 0.56x" in lines[1]
+    assert "GIL-serialized 1/cpu_node 500.0 MiB/s = 0.50x" in lines[2]
+    assert lines[3].startswith("  estimate, per-step floor: a ")
+    assert "floor: async lag p99 at half the end-to-end rate, write-1m = 0.200 s" in table
+    assert "floor: full resync / nbdcopy = 0.50, goal >= 0.9: not reached" in table
+    assert "per-step floor of a sync mirrored write (measured in this run" in table
+    assert "4k per request: node b = tcp_4k_b + decode_write_4k + pwritev_4k + encode_ack" in table
+    assert "CPU per request / per MiB" in text and "132 µs/req" in text  # 0.66 / 5000
+
+
+def test_every_target_reached_prints_no_floor_analysis() -> None:
+    objectives = [
+        {"name": "sync randwrite-4k / unrepl", "kind": "ratio", "value": 0.5, "goal": 0.4,
+         "op": ">=", "reached": True},
+    ]  # fmt: skip
+    assert bench.format_floors(objectives) == ""
+    assert bench.format_objectives(objectives).splitlines()[2].split()[-3:] == [">=", "0.4", "ok"]
 
 
 @pytest.mark.slow

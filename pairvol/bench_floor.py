@@ -1,0 +1,368 @@
+"""The per-step floor of a replicated write: the CPU of each unavoidable step, measured here.
+
+Theory of operation.  A sync mirrored write costs node a (the primary) what an unreplicated
+write costs, plus encoding the Write frame, sending it and receiving and decoding the peer's
+Ack; it costs node b (the secondary) receiving and decoding the frame, ``pwritev`` of its data
+and encoding and sending the Ack.  :func:`measure_steps` times each of those steps on its own,
+in this process, with no other work in the way: CPU time of this thread
+(:func:`time.thread_time_ns`) over many iterations, the median of several repeats.  The whole
+measurement is bounded in time (about 1 s at the default settings).
+
+:func:`sync_floor` adds the steps up per node, with the unreplicated write's own cost as
+measured by the benchmark run (``local``), into a per-request (4 KiB) and per-MiB (1 MiB)
+floor: a write path that did these steps and nothing else could not cost less CPU on this
+machine, with this Python and this ``crc32c``.  :func:`ceilings` turns CPU per request into the
+rates it allows: on this machine (every core shared by both nodes and the client), and on two
+hosts (each node its own machine, bounded by the busier one).  Those rates are estimates; the
+step times are measurements, and the report says which is which.
+
+The socket steps run over TCP loopback with both ends in this thread: on loopback the kernel
+delivers into the receiver's queue during the sender's ``sendmsg``, so the split between the
+a and b sides is approximate and their sum is what counts.  The lab's nodes talk over a veth
+pair between namespaces, which the same TCP stack serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import crc32c
+
+from replicator import wire
+
+SMALL = 4096
+LARGE = 1 << 20
+REPEATS = 5
+#: CPU seconds one repeat of a step aims for when the iteration count is calibrated.
+REPEAT_S = 0.015
+MAX_ITERATIONS = 20_000
+FILE_SPAN = 8 << 20  # the temp file the pwritev steps overwrite, all of it in the page cache
+PAIR_ID = "bench/p"
+
+#: Step name -> what it is, in the order the report lists them.
+STEPS: dict[str, str] = {
+    "encode_write_4k": "encode a 4 KiB Write frame (wire.encode_parts, header and payload CRC)",
+    "encode_write_1m": "encode a 1 MiB Write frame",
+    "decode_write_4k": "decode a 4 KiB Write frame (FrameDecoder.feed + next_frame, CRCs)",
+    "decode_write_1m": "decode a 1 MiB Write frame (feed copies it once)",
+    "alloc_1m": "bytearray(1 MiB), inside decode_write_1m: a fresh payload buffer per frame",
+    "encode_ack": "encode an Ack frame",
+    "decode_ack": "decode an Ack frame",
+    "crc32c_1m": "CRC32C of 1 MiB (inside every encode and decode above)",
+    "pwritev_4k": "os.pwritev of 4 KiB into a cached temp file",
+    "pwritev_1m": "os.pwritev of 1 MiB into a cached temp file",
+    "tcp_4k_a": "TCP loopback, a's side: sendmsg a 4 KiB request, recv_into the ack",
+    "tcp_4k_b": "TCP loopback, b's side: recv_into the 4 KiB request, sendmsg the ack",
+    "tcp_1m_a": "TCP loopback, a's side: send a 1 MiB request, recv_into the ack",
+    "tcp_1m_b": "TCP loopback, b's side: recv_into the 1 MiB request, send the ack",
+}
+
+#: A step's runner: do the step ``n`` times, return the CPU nanoseconds per named part.
+Runner = Callable[[int], dict[str, int]]
+
+
+def _timed(name: str, op: Callable[[int], object]) -> Runner:
+    def run(n: int) -> dict[str, int]:
+        t0 = time.thread_time_ns()
+        for i in range(n):
+            op(i)
+        return {name: time.thread_time_ns() - t0}
+
+    return run
+
+
+def _median_us(run: Runner, iterations: int | None, repeats: int) -> dict[str, dict[str, Any]]:
+    """Each part's CPU µs per operation: the median of ``repeats`` runs of ``iterations``
+    (calibrated to about :data:`REPEAT_S` each when None), with the runs' min and max."""
+    run(1)  # warm-up: first allocations, page faults, socket buffers
+    if iterations is None:
+        probe = sum(run(10).values()) / 10 / 1e9
+        iterations = max(10, min(MAX_ITERATIONS, int(REPEAT_S / max(probe, 1e-7))))
+    per: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for part, ns in run(iterations).items():
+            per.setdefault(part, []).append(ns / iterations / 1000)
+    return {
+        part: {
+            "us": round(statistics.median(xs), 3),
+            "min_us": round(min(xs), 3),
+            "max_us": round(max(xs), 3),
+            "iterations": iterations,
+            "repeats": repeats,
+        }
+        for part, xs in per.items()
+    }
+
+
+def _decoder() -> wire.FrameDecoder:
+    return wire.FrameDecoder(max_payload=wire.MAX_PAYLOAD, codecs=frozenset())
+
+
+def _codec_ops(small: bytes, large: bytes) -> dict[str, Callable[[int], object]]:
+    def encoder(data: bytes) -> Callable[[int], object]:
+        return lambda i: wire.encode_parts(wire.Write(PAIR_ID, 0, data), i)
+
+    def decoder(frame: bytes) -> Callable[[int], object]:
+        dec = _decoder()
+
+        def op(_i: int) -> object:
+            dec.feed(frame)
+            return dec.next_frame()
+
+        return op
+
+    return {
+        "encode_write_4k": encoder(small),
+        "encode_write_1m": encoder(large),
+        "decode_write_4k": decoder(wire.encode(wire.Write(PAIR_ID, 0, small))),
+        "decode_write_1m": decoder(wire.encode(wire.Write(PAIR_ID, 0, large))),
+        "alloc_1m": lambda _i: bytearray(LARGE),
+        "encode_ack": lambda i: wire.encode_parts(wire.Ack(), i),
+        "decode_ack": decoder(wire.encode(wire.Ack(), 1)),
+        "crc32c_1m": lambda _i: crc32c.crc32c(large),
+    }
+
+
+@contextlib.contextmanager
+def _cached_file(directory: Path | None) -> Iterator[int]:
+    """A temp file of :data:`FILE_SPAN` bytes, written once so that its pages are cached."""
+    with tempfile.TemporaryFile(dir=directory) as f:
+        fd = f.fileno()
+        block = os.urandom(LARGE)
+        for off in range(0, FILE_SPAN, LARGE):
+            os.pwrite(fd, block, off)
+        yield fd
+
+
+def _pwritev_ops(fd: int, small: bytes, large: bytes) -> dict[str, Callable[[int], object]]:
+    def write(data: bytes) -> Callable[[int], object]:
+        slots = FILE_SPAN // len(data)
+        # A stride that visits the slots out of order, as a random writer would.
+        return lambda i: os.pwritev(fd, [data], (i * 7919 % slots) * len(data))
+
+    return {"pwritev_4k": write(small), "pwritev_1m": write(large)}
+
+
+@contextlib.contextmanager
+def _loopback_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    with a, b:
+        for s in (a, b):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        yield a, b
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("loopback peer closed")
+        got += n
+
+
+def _tcp_small(a: socket.socket, b: socket.socket, small: bytes) -> Runner:
+    """One 4 KiB request and its ack per iteration, blocking, one in flight."""
+    request = wire.encode_parts(wire.Write(PAIR_ID, 0, small), 1)
+    ack = wire.encode(wire.Ack(), 1)
+    inbox = memoryview(bytearray(sum(len(p) for p in request)))
+    ack_in = memoryview(bytearray(len(ack)))
+    clock = time.thread_time_ns
+
+    def run(n: int) -> dict[str, int]:
+        a_ns = b_ns = 0
+        for _ in range(n):
+            t0 = clock()
+            a.sendmsg(request)
+            t1 = clock()
+            _recv_exact(b, inbox)
+            b.sendmsg([ack])
+            t2 = clock()
+            _recv_exact(a, ack_in)
+            t3 = clock()
+            a_ns += (t1 - t0) + (t3 - t2)
+            b_ns += t2 - t1
+        return {"tcp_4k_a": a_ns, "tcp_4k_b": b_ns}
+
+    return run
+
+
+def _tcp_large(a: socket.socket, b: socket.socket, large: bytes) -> Runner:
+    """One 1 MiB request and its ack per iteration: both ends non-blocking in this one
+    thread, a sending while b's receive buffer takes it, b draining it in turn."""
+    frame = memoryview(wire.encode(wire.Write(PAIR_ID, 0, large), 1))
+    ack = wire.encode(wire.Ack(), 1)
+    inbox = memoryview(bytearray(len(frame)))
+    ack_in = memoryview(bytearray(len(ack)))
+    clock = time.thread_time_ns
+
+    def run(n: int) -> dict[str, int]:
+        a.setblocking(False)
+        b.setblocking(False)
+        a_ns = b_ns = 0
+        try:
+            for _ in range(n):
+                sent = got = 0
+                while got < len(frame):
+                    t0 = clock()
+                    if sent < len(frame):
+                        with contextlib.suppress(BlockingIOError):
+                            sent += a.send(frame[sent:])
+                    t1 = clock()
+                    with contextlib.suppress(BlockingIOError):
+                        got += b.recv_into(inbox[got:])
+                    t2 = clock()
+                    a_ns += t1 - t0
+                    b_ns += t2 - t1
+                t0 = clock()
+                b.send(ack)  # a few bytes into an empty buffer: never short
+                t1 = clock()
+                b.setblocking(True)  # so that the ack's receive below waits, not spins
+                a.setblocking(True)
+                _recv_exact(a, ack_in)
+                a.setblocking(False)
+                b.setblocking(False)
+                t2 = clock()
+                a_ns += t2 - t1
+                b_ns += t1 - t0
+        finally:
+            a.setblocking(True)
+            b.setblocking(True)
+        return {"tcp_1m_a": a_ns, "tcp_1m_b": b_ns}
+
+    return run
+
+
+def measure_steps(
+    directory: Path | None = None, *, iterations: int | None = None, repeats: int = REPEATS
+) -> dict[str, dict[str, Any]]:
+    """Every step of :data:`STEPS`: CPU µs per operation (``us``, the median of ``repeats``),
+    with ``min_us``, ``max_us``, ``iterations`` and ``repeats``.  ``iterations`` None
+    calibrates each step to about :data:`REPEAT_S` of CPU per repeat.  The pwritev steps write
+    a temp file in ``directory`` (default: the system's temp directory)."""
+    small, large = os.urandom(SMALL), os.urandom(LARGE)
+    out: dict[str, dict[str, Any]] = {}
+    with _cached_file(directory) as fd:
+        ops = {**_codec_ops(small, large), **_pwritev_ops(fd, small, large)}
+        for name, op in ops.items():
+            out.update(_median_us(_timed(name, op), iterations, repeats))
+    with _loopback_pair() as (a, b):
+        out.update(_median_us(_tcp_small(a, b, small), iterations, repeats))
+        out.update(_median_us(_tcp_large(a, b, large), iterations, repeats))
+    return {name: out[name] for name in STEPS}
+
+
+# -- the floor of a sync mirrored write, and the rates CPU allows -----------------------------
+
+#: The steps each node pays per write, on top of the unreplicated write (node a only).
+NODE_STEPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "4k": {
+        "a": ("encode_write_4k", "tcp_4k_a", "decode_ack"),
+        "b": ("tcp_4k_b", "decode_write_4k", "pwritev_4k", "encode_ack"),
+    },
+    "1m": {
+        "a": ("encode_write_1m", "tcp_1m_a", "decode_ack"),
+        "b": ("tcp_1m_b", "decode_write_1m", "pwritev_1m", "encode_ack"),
+    },
+}
+
+
+def ceilings(
+    cpu_a: float, cpu_b: float, client: float | None, cores: int, base: float | None = None
+) -> dict[str, Any]:
+    """The rates CPU alone allows (estimates), for ``cpu_a``, ``cpu_b`` and ``client`` CPU
+    seconds per unit (a request, or a MiB) on node a, node b and the client (fio; None when
+    unknown, then left out):
+
+    - ``this_machine``: ``cores`` shared by both nodes and the client;
+    - ``two_hosts_gil``: each node its own host, bounded by the busier node, all of whose
+      CPU is taken as serialized (one core: the GIL's bound);
+    - ``two_hosts_all_cores``: the same with every core of each host usable (the client
+      runs on a's host).
+
+    With ``base`` (the unreplicated rate in the same unit), each rate also as a ratio."""
+    extra = client or 0.0
+    busier = max(cpu_a, cpu_b)
+    rates = {
+        "this_machine": cores / (cpu_a + cpu_b + extra) if cpu_a + cpu_b + extra > 0 else None,
+        "two_hosts_gil": 1 / busier if busier > 0 else None,
+        "two_hosts_all_cores": cores / max(cpu_a + extra, cpu_b) if busier > 0 else None,
+    }
+    out: dict[str, Any] = {
+        "cores": cores,
+        "client_included": client is not None,
+        "busier": "a" if cpu_a >= cpu_b else "b",
+        "rate": {k: None if v is None else round(v, 1) for k, v in rates.items()},
+    }
+    if base:
+        out["ratio"] = {k: None if v is None else round(v / base, 3) for k, v in rates.items()}
+    return out
+
+
+def sync_floor(
+    steps: Mapping[str, Mapping[str, Any]],
+    local: Mapping[str, float | None],
+    client: Mapping[str, float | None],
+    base: Mapping[str, float | None],
+    cores: int,
+) -> dict[str, Any]:
+    """The per-request (``4k``) and per-MiB (``1m``) floor of a sync mirrored write on nodes a
+    and b, in µs: :data:`NODE_STEPS`' steps, plus on a the unreplicated write's CPU
+    (``local``, µs per request / per MiB as measured by the run; None: left out), and the
+    :func:`ceilings` those allow with the client's cost (``client``, µs) and against the
+    unreplicated rate (``base``: IOPS for ``4k``, MiB/s for ``1m``)."""
+    out: dict[str, Any] = {}
+    for size, nodes in NODE_STEPS.items():
+        a = sum(float(steps[s]["us"]) for s in nodes["a"])
+        b = sum(float(steps[s]["us"]) for s in nodes["b"])
+        own = local.get(size)
+        if own is not None:
+            a += own
+        fio = client.get(size)
+        out[size] = {
+            "unit": "request" if size == "4k" else "MiB",
+            "a_us": round(a, 2),
+            "b_us": round(b, 2),
+            "a_steps": list(nodes["a"]),
+            "b_steps": list(nodes["b"]),
+            "local_us": own,  # the unreplicated write on a, measured by the run (None: left out)
+            "client_us": fio,
+            "ceilings": ceilings(
+                a / 1e6, b / 1e6, None if fio is None else fio / 1e6, cores, base.get(size)
+            ),
+        }
+    return out
+
+
+def format_steps(steps: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """Table lines: each step's median CPU µs and its spread over the repeats."""
+    lines = [["step", "µs", "min-max µs", "iterations"]]
+    for name, what in STEPS.items():
+        s = steps.get(name)
+        if s is None:
+            continue
+        lines.append(
+            [
+                f"{name}: {what}",
+                f"{s['us']:.1f}",
+                f"{s['min_us']:.1f}-{s['max_us']:.1f}",
+                f"{s['iterations']}x{s['repeats']}",
+            ]
+        )
+    return lines
+
+
+def hardware_crc() -> bool | None:
+    """Whether the ``crc32c`` module the project imports uses the CPU's instruction."""
+    value = getattr(crc32c, "hardware_based", None)
+    return None if value is None else bool(value)
