@@ -353,3 +353,13 @@ def test_quick_run_with_plot_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     assert isinstance(chart, bench_plot.SpreadChart)
     assert [b.group for b in chart.bars] == ["randread-4k", "write-1m"]
     assert all(len(b.rounds) == 1 for b in chart.bars)
+
+
+def test_the_async_bar_says_end_to_end_once_the_report_measures_it_so() -> None:
+    doc = replicated_report()
+    old = {b.label for b in bench_plot.charts_of(doc, "r.json").charts[0].bars}  # type: ignore[attr-defined]
+    doc["replicated"]["objectives"] = []  # schema 3: the async figure is the end-to-end rate
+    new = {b.label for b in bench_plot.charts_of(doc, "r.json").charts[0].bars}  # type: ignore[attr-defined]
+    assert "async / unrepl" in old and "async end to end / unrepl" not in old
+    assert "async end to end / unrepl" in new and "async / unrepl" not in new
+    assert "sync / unrepl" in new
