@@ -1154,20 +1154,21 @@ def measure_sustained(
     argv += [*workload.fio_args(), f"--size={t.size}", f"--io_size={burst}"]
     argv += ["--output-format=json", f"--output={out}"]
     t.settle()
-    cpu0 = {h: t.lab.node_cpu(h) for h in "ab"}
-    t0 = time.monotonic()
-    _run_bounded(argv, copy_timeout(burst))
-    fio_s = time.monotonic() - t0
-    while True:
-        side = t.lab.side(t.pair)
-        state = str(side["state"])
-        if state not in ("PAIR", "PFUL") or int((side.get("journal") or {})["lag_entries"]) == 0:
-            break
-        if time.monotonic() - t0 > copy_timeout(burst):
-            raise Timeout(f"{t.pair}: the journal did not drain in {copy_timeout(burst):.0f}s")
-        time.sleep(0.02)
-    total_s = time.monotonic() - t0
-    cpu1 = {h: t.lab.node_cpu(h) for h in "ab"}
+    cpu: dict[str, Any] = {}
+    with node_cores(t.lab, cpu):  # each node's CPU from fio's start until b applied it all
+        t0 = time.monotonic()
+        _run_bounded(argv, copy_timeout(burst))
+        fio_s = time.monotonic() - t0
+        while True:
+            side = t.lab.side(t.pair)
+            state = str(side["state"])
+            lag = int((side.get("journal") or {})["lag_entries"])
+            if state not in ("PAIR", "PFUL") or lag == 0:
+                break
+            if time.monotonic() - t0 > copy_timeout(burst):
+                raise Timeout(f"{t.pair}: the journal did not drain in {copy_timeout(burst):.0f}s")
+            time.sleep(0.02)
+        total_s = time.monotonic() - t0
     t.settle()
     per_s = burst / total_s
     return {
@@ -1179,8 +1180,8 @@ def measure_sustained(
         "rate": round(per_s / workload.bs if workload.metric == "iops" else per_s / (1 << 20), 1),
         "iops": round(per_s / workload.bs, 1),
         "mib_s": round(per_s / (1 << 20), 2),
-        # each node's CPU seconds from fio's start until b had applied the last entry
-        **{f"cpu_s_{h}": cpu_spent(cpu0[h], cpu1[h]) for h in "ab"},
+        "cpu_s_a": cpu.get("cpu_s_a"),
+        "cpu_s_b": cpu.get("cpu_s_b"),
     }
 
 
