@@ -11,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -62,12 +63,12 @@ def test_scrape_is_refused_in_one_line_by_the_other_suites(
 
 
 class _Metrics(http.server.BaseHTTPRequestHandler):
-    hits = 0
+    hits: ClassVar[Counter[str]] = Counter()  # by path
 
     def do_GET(self) -> None:
-        type(self).hits += 1
+        type(self).hits[self.path] += 1
         body = b"pairvol_node_info 1\n"
-        self.send_response(200 if self.path == "/metrics" else 404)
+        self.send_response(404 if self.path == "/nope" else 200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -79,7 +80,7 @@ class _Metrics(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[str]:
     """A local metrics endpoint; its base URL."""
-    _Metrics.hits = 0
+    _Metrics.hits = Counter()
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -103,10 +104,12 @@ def test_an_endpoint_counts_its_scrapes_bytes_and_failures(server: str) -> None:
     assert missing.error is not None and "404" in missing.error
 
 
-def wait_for_hits(n: int, timeout: float = 30.0) -> None:
+def wait_for_hits(n: int, path: str = "/metrics", timeout: float = 30.0) -> None:
+    """Until ``path`` was requested ``n`` times.  A scraper sends its next request to an
+    endpoint only once the previous one is counted, so ``n`` hits mean ``n - 1`` counted."""
     deadline = time.monotonic() + timeout
-    while _Metrics.hits < n:
-        assert time.monotonic() < deadline, f"only {_Metrics.hits} scrapes"
+    while _Metrics.hits[path] < n:
+        assert time.monotonic() < deadline, f"only {_Metrics.hits[path]} requests of {path}"
         time.sleep(0.01)
 
 
@@ -119,8 +122,8 @@ class LocalScrapers(bench_scrape.Scrapers):
 
 def test_scrapers_report_on_sigterm_and_leave_no_process(server: str, tmp_path: Path) -> None:
     hosts = {
-        "a": ("ns-a", [f"{server}/metrics"]),
-        "b": ("ns-b", [f"{server}/metrics", f"{server}/nope"]),
+        "a": ("ns-a", [f"{server}/a"]),
+        "b": ("ns-b", [f"{server}/b", f"{server}/nope"]),
     }
     scrapers = LocalScrapers(hosts, 0.05, tmp_path / "scrape.log")
     assert scrapers.argv("ns", ["U"])[:4] == [sys.executable, "-m", "pairvol.bench_scrape",
@@ -130,7 +133,8 @@ def test_scrapers_report_on_sigterm_and_leave_no_process(server: str, tmp_path: 
     ]  # fmt: skip
     with scrapers:
         procs = list(scrapers._procs.values())
-        wait_for_hits(6)
+        for path in ("/a", "/b", "/nope"):  # each endpoint counted at least once
+            wait_for_hits(2, path)
     assert all(p.returncode is not None for p in procs)
     a, b = scrapers.reports["a"], scrapers.reports["b"]
     assert "error" not in a and a["interval_s"] == 0.05
@@ -145,7 +149,7 @@ def test_a_scraper_outlives_neither_sigterm_nor_its_parent(server: str) -> None:
     argv += ["0.05", f"{server}/metrics"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
-        wait_for_hits(2)
+        wait_for_hits(3)  # at the second, the SIGTERM may cut that scrape short
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
