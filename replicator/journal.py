@@ -511,6 +511,7 @@ class Journal:
 
     def _iter(self, first: int, last: int, max_bytes: int | None) -> Iterator[Entry]:
         total = 0
+        data: bytes | memoryview
         for seq in range(first, last + 1):
             with self._lock:
                 self._check_open()
@@ -526,7 +527,7 @@ class Journal:
                 data = b""
             yield _entry(seq, slot, data)
 
-    def _read_data(self, seq: int, slot: _Slot) -> bytes:
+    def _read_data(self, seq: int, slot: _Slot) -> memoryview:
         ring = slot.pos % self.capacity
         n = REC_HEADER_LEN + slot.length
         try:
@@ -637,7 +638,7 @@ def _fdatasync(fd: int) -> None:
         raise _io_error(e, "fdatasync") from e
 
 
-def _entry(seq: int, slot: _Slot, data: bytes) -> Entry:
+def _entry(seq: int, slot: _Slot, data: bytes | memoryview) -> Entry:
     return Entry(
         seq, slot.stream, slot.kind, slot.offset, slot.length, data, slot.fua, slot.stamp_ns
     )

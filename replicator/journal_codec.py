@@ -88,7 +88,7 @@ class Entry:
     kind: EntryKind
     offset: int
     length: int
-    data: bytes  # empty for ZERO/TRIM, and for WRITE in drop_all's result
+    data: bytes | memoryview  # empty for ZERO/TRIM, and for WRITE in drop_all's result
     fua: bool = False
     stamp_ns: int = 0
 
@@ -413,14 +413,14 @@ def place_record(head: int, size: int, capacity: int) -> int:
     return head if ring + size <= capacity else head + (capacity - ring)
 
 
-def record_data(raw: bytes, seq: int, length: int) -> bytes | None:
+def record_data(raw: bytes, seq: int, length: int) -> memoryview | None:
     """The data of the record at the start of ``raw`` (header and data, nothing more) if it
-    is intact and is ``seq``'s; None otherwise."""
+    is intact and is ``seq``'s; None otherwise.  A view of ``raw``: no copy of the data."""
     try:
         rh = decode_record_head(raw)
     except BadRecord:
         return None
-    data = raw[REC_HEADER_LEN:]
+    data = memoryview(raw)[REC_HEADER_LEN:]
     if rh.seq != seq or len(data) != length or crc32c.crc32c(data) != rh.data_crc:
         return None
     return data
