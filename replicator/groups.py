@@ -214,7 +214,16 @@ class GroupPrimary(_GroupWorker):
         # is either in the journal before the fold (and folded into the bitmap with it) or
         # sees the fold's state and is recorded in the bitmap, never journaled after a fold.
         self._fold_gate = Gate()
-        self._release_lock = threading.Lock()  # one journal release at a time (on_ack)
+        self._release_lock = threading.Lock()  # one journal release at a time
+        # The releaser: the shipper's acknowledgements hand it the newest releasable seq
+        # (under cond) and go on shipping; it commits the journal's header (two fdatasyncs,
+        # which also make every page-cached append durable) off the shipper's thread, one
+        # release for however many acknowledgements came meanwhile.
+        self._release_to = 0
+        self._release_wake = threading.Event()
+        self._releaser = threading.Thread(
+            target=self._release_loop, name=f"release {name}", daemon=True
+        )
 
     # -- the marks (read without the lock: for display and the old attribute names) ----------
 
@@ -384,9 +393,22 @@ class GroupPrimary(_GroupWorker):
 
     # -- shipping ------------------------------------------------------------------------------
 
-    def on_ack(self, ack: wire.JournalAck, leg: str = PEER_LEG) -> None:
-        """Count the peer's marks and release what every leg has applied.  An acknowledgement
-        of another incarnation is refused (ProtocolError): marks of another sequence space (the
+    def start(self) -> None:
+        if not self._releaser.is_alive():  # first: the shipper's first ack hands over to it
+            self._releaser.start()
+        super().start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._release_wake.set()
+        if self._releaser.is_alive():
+            self._releaser.join(timeout=10)
+        super().stop()
+
+    def on_ack(self, ack: wire.JournalAck, leg: str = PEER_LEG, *, later: bool = False) -> None:
+        """Count the peer's marks and release what every leg has applied: at once, or with
+        ``later`` (the shipper) by the releaser thread when it runs.  An acknowledgement of
+        another incarnation is refused (ProtocolError): marks of another sequence space (the
         group before a reset, or re-created) would release entries the peer never applied."""
         with self.cond:
             m = self.marks
@@ -405,6 +427,22 @@ class GroupPrimary(_GroupWorker):
             upto = m.release_upto()
             if not (upto > bound and upto >= m.first_retained):
                 return
+            if later and self._releaser.is_alive():
+                self._release_to = max(self._release_to, upto)
+                self._release_wake.set()
+                return
+        self._release(upto)
+
+    def _release_loop(self) -> None:
+        while not self._stop.is_set():
+            self._release_wake.wait()
+            self._release_wake.clear()
+            with self.cond:
+                upto = self._release_to
+            if upto and not self._stop.is_set():
+                self._release(upto)
+
+    def _release(self, upto: int) -> None:
         # The release rewrites the journal's header (two fdatasyncs): not under the group's
         # lock, which every client write takes (written_locally) and the other replies too.
         # Releases are serialized; one that lost the race to a later one is a no-op.
@@ -416,7 +454,7 @@ class GroupPrimary(_GroupWorker):
                 self.log(f"group {self.name}: releasing the journal up to {upto} failed: {e}")
                 return
             with self.cond:
-                m.on_released(upto)
+                self.marks.on_released(upto)
                 self.cond.notify_all()  # for whoever waits for the journal to shrink
         self._watermark()  # below the high watermark again: PFUL -> PAIR
 
@@ -482,7 +520,7 @@ class GroupPrimary(_GroupWorker):
         stamp = self.journal.newest_stamp_ns or 0
         reply = side.request(wire.JournalStatus(side.id, st.newest, stamp, st.base, st.incarnation))
         if isinstance(reply, wire.JournalAck):
-            self.on_ack(reply, leg)
+            self.on_ack(reply, leg, later=True)
 
     def _rate(self) -> int:
         rates = [s.max_rate for s in list(self.sides.values()) if s.max_rate > 0]
@@ -537,7 +575,7 @@ class GroupPrimary(_GroupWorker):
 
     def _collect(self, reply: wire.Message, leg: str) -> None:
         if isinstance(reply, wire.JournalAck):
-            self.on_ack(reply, leg)
+            self.on_ack(reply, leg, later=True)
 
     # -- display -------------------------------------------------------------------------------
 

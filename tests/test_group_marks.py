@@ -294,7 +294,7 @@ def test_the_shipper_thread_ships_what_is_written(rig: Rig) -> None:
     assert g.wait_applied(seqs[-1], WAIT)
     assert rig.peer.got == seqs
     with g.cond:  # released in the same acknowledgement that made it applied
-        assert g.cond.wait_for(lambda: g.journal.first_seq == 6, WAIT)
+        assert g.cond.wait_for(lambda: g.marks.first_retained == 6, WAIT)
     assert g.journal.count == 0
 
 
@@ -509,3 +509,37 @@ def test_client_writes_go_on_while_a_release_rewrites_the_journal_header(
     assert g.wait_applied(3, WAIT)
     assert g.journal.first_seq == 4
     in_sync(g)
+
+
+def test_the_shipper_goes_on_shipping_while_the_releaser_rewrites_the_journal_header(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running, the group releases on its own thread: the shipper hands the releasable seq
+    over and ships the next entries while a release (two fdatasyncs, which also flush every
+    page-cached append) is under way; releases that piled up meanwhile land as one."""
+    g = rig.g
+    real = g.journal.release
+    entered, go = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def held(upto: int) -> None:
+        calls.append(upto)
+        entered.set()
+        assert go.wait(WAIT)
+        real(upto)
+
+    monkeypatch.setattr(g.journal, "release", held)
+    rig.write(2)
+    g.start()
+    assert entered.wait(WAIT)  # the releaser holds a release of 1 or 2
+    rig.write(3)
+    with rig.peer.cond:  # shipped meanwhile, not stuck behind the release
+        assert rig.peer.cond.wait_for(lambda: rig.peer.got == [1, 2, 3, 4, 5], WAIT)
+    go.set()
+    with g.cond:
+        assert g.cond.wait_for(lambda: g.marks.first_retained == 6, WAIT)
+    assert calls[-1] == 5 and len(calls) <= 3  # one release for the acknowledgements held back
+    assert g.applied == 5
+    in_sync(g)
+    g.stop()
+    assert not any(t.name == "release g" for t in threading.enumerate())
