@@ -11,7 +11,10 @@ and the volumes agree again.
 
 The shipper (one thread per group on the primary) reads entries in sequence order and sends
 them as Write/Zero requests carrying ``seq``, up to :data:`SHIP_WINDOW` in flight: it sends
-each at once and collects the acks oldest first (no thread per request). The secondary appends
+each at once and collects the acks oldest first (no thread per request), reading the next
+batch from the journal while the last one's acks are still coming.  A round starts with a
+status (what the secondary holds) and ships until it has caught up or for
+:data:`SHIP_ROUND_S`; the primary's journal releases run on their own thread. The secondary appends
 each to its *receive journal* with the same sequence number, strictly in order (an early
 arrival waits for its predecessor), and answers with a JournalAck: received and applied. Its
 applier thread writes entries to the volumes in order, makes them durable, then records the
@@ -120,7 +123,11 @@ DEFAULT_HIGH_WATERMARK = 0.8
 #: and collects their acks oldest first, so each arrives after the one it follows: any
 #: window is safe from the receiver's wait for a predecessor (ORDER_WAIT).
 SHIP_WINDOW = 32
+#: What one read of the journal returns at most; a round reads batch after batch.
 SHIP_BATCH_BYTES = 8 << 20
+#: A round ships until it has caught up or this long has passed (then a status, so that the
+#: secondary hears the newest seq at least this often, and quiesce() waits at most this long).
+SHIP_ROUND_S = 1.0
 APPLY_BATCH = 256
 ORDER_WAIT = 10.0  # how long an early entry waits for its predecessor on the secondary
 #: The primary's one replication leg today (SPEC 5 adds a second: sync near, async far).
@@ -473,7 +480,9 @@ class GroupPrimary(_GroupWorker):
 
     def ship_round(self, leg: str = PEER_LEG) -> bool:
         """One round of the shipper: the status to ``leg``'s peer (learn what it holds), then
-        the entries after that, at most :data:`SHIP_WINDOW` in flight.  False if the round
+        the entries after that, batch after batch with at most :data:`SHIP_WINDOW` in flight
+        throughout, until it has caught up (the last acknowledgement collected) or
+        :data:`SHIP_ROUND_S` has passed.  False if the round
         failed; the pairs that ship were told (``peer_failed`` or ``link_failed``) and the
         leg ships again from what its peer holds durably."""
         side = self._shipping_side()
@@ -527,39 +536,35 @@ class GroupPrimary(_GroupWorker):
         return min(rates, default=0)
 
     def _ship_some(self, leg: str) -> None:
-        # From what the secondary holds durably on: it never needs an entry twice.
-        with self.lock:
-            start = self.marks.next_to_ship(leg)
-            upto = self.marks.written
-        if start is None:
-            return
+        # From what the secondary holds durably on: it never needs an entry twice.  The next
+        # batch is read and sent while the last one's acknowledgements are still coming: the
+        # window stays full across batches (a batch is eight entries at 1 MiB).
         pending: collections.deque[Callable[[], wire.Message]] = collections.deque()
         rate = self._rate()
-        # Throttled, a round takes about a second's worth (quiesce waits for a round).
+        # Throttled, a round is one batch of about a second's worth.
         most = min(SHIP_BATCH_BYTES, max(rate, 64 << 10)) if rate else SHIP_BATCH_BYTES
+        until = time.monotonic() + SHIP_ROUND_S
+        after = 0  # the newest seq this round looked at (shipped, or of no member)
         try:
-            batch = list(self.journal.entries(start, max_bytes=most))
-        except NotFound:
-            return  # released meanwhile (the secondary applied it): the next round moves on
-        sent = 0
-        try:
-            for entry in batch:
-                if entry.seq > upto:
-                    break
-                side = self.sides.get(entry.stream)
-                if side is None:
+            # Until the round's time is up (throttled: one batch), then the answers in flight.
+            while not self._stop.is_set() and time.monotonic() < until and not (rate and after):
+                with self.lock:
+                    start = self.marks.next_to_ship(leg)
+                    upto = self.marks.written
+                if start is None or max(start, after + 1) > upto:
+                    if not pending:
+                        break  # caught up, every answer in
+                    self._collect(pending.popleft()(), leg)  # newer entries may come meanwhile
                     continue
-                msg: wire.Message
-                if entry.kind is EntryKind.WRITE:
-                    msg = wire.Write(side.id, entry.offset, entry.data, entry.fua, entry.seq)
-                else:
-                    trim = entry.kind is EntryKind.TRIM
-                    msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
-                self.ship_rate.take(max(len(entry.data), 512))
-                pending.append(side.send(msg))
-                sent = entry.seq
-                while len(pending) >= SHIP_WINDOW:
-                    self._collect(pending.popleft()(), leg)
+                try:
+                    batch = list(self.journal.entries(max(start, after + 1), max_bytes=most))
+                except NotFound:
+                    break  # released meanwhile (the secondary applied it): the next round
+                sent = self._send_batch(batch, upto, pending, leg)
+                after = max(after, min(upto, batch[-1].seq if batch else upto))
+                if sent:
+                    with self.lock:
+                        self.marks.on_shipped(leg, sent)
             while pending:
                 self._collect(pending.popleft()(), leg)
         finally:
@@ -567,11 +572,38 @@ class GroupPrimary(_GroupWorker):
                 with contextlib.suppress(PairvolError, OSError):
                     answer()
         with self.lock:
-            if sent:
-                self.marks.on_shipped(leg, sent)
-            more = self.marks.leg(leg).shipped < upto
+            more = self.marks.next_to_ship(leg) is not None
         if more:
             self._wake.set()
+
+    def _send_batch(
+        self,
+        batch: list[Entry],
+        upto: int,
+        pending: collections.deque[Callable[[], wire.Message]],
+        leg: str,
+    ) -> int:
+        """Send the entries of ``batch`` up to ``upto``, collecting the oldest answers to keep
+        at most :data:`SHIP_WINDOW` in flight; the newest seq sent (0: none)."""
+        sent = 0
+        for entry in batch:
+            if entry.seq > upto:
+                break
+            side = self.sides.get(entry.stream)
+            if side is None:
+                continue
+            msg: wire.Message
+            if entry.kind is EntryKind.WRITE:
+                msg = wire.Write(side.id, entry.offset, entry.data, entry.fua, entry.seq)
+            else:
+                trim = entry.kind is EntryKind.TRIM
+                msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
+            self.ship_rate.take(max(len(entry.data), 512))
+            pending.append(side.send(msg))
+            sent = entry.seq
+            while len(pending) >= SHIP_WINDOW:
+                self._collect(pending.popleft()(), leg)
+        return sent
 
     def _collect(self, reply: wire.Message, leg: str) -> None:
         if isinstance(reply, wire.JournalAck):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from replicator import wire
+from replicator import groups, wire
 from replicator.errors import ConnectionFailed, PairvolError, ProtocolError, VolumeError
 from replicator.groups import PEER_LEG, SHIP_WINDOW, GroupPrimary
 from replicator.journal import EntryKind
@@ -264,6 +264,40 @@ def test_the_shipper_keeps_a_window_in_flight_from_one_thread(
     assert len({thread for _, thread, _ in sent}) == 1
     assert sent[SHIP_WINDOW - 1][2] == 0 and sent[SHIP_WINDOW][2] == 1
     assert rig.leg().shipped == n
+
+
+def test_a_round_keeps_the_window_full_across_batches_with_one_status(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal read returns a batch (SHIP_BATCH_BYTES, eight entries at 1 MiB); the round
+    reads the next one while the last one's answers are still in flight, and ships all that
+    is written after one status (it was a status, one batch, and every answer collected)."""
+    monkeypatch.setattr(groups, "SHIP_BATCH_BYTES", 2 * BLOCK)  # two entries per read
+    in_flight: list[int] = []
+    outstanding = 0
+    real = rig.side.send
+
+    def send(msg: wire.Message) -> Callable[[], wire.Message]:
+        nonlocal outstanding
+        outstanding += 1
+        in_flight.append(outstanding)
+        answer = real(msg)
+
+        def collect() -> wire.Message:
+            nonlocal outstanding
+            outstanding -= 1
+            return answer()
+
+        return collect
+
+    monkeypatch.setattr(rig.side, "send", send)
+    n = SHIP_WINDOW + 8
+    rig.write(n)
+    assert rig.ship()
+    assert rig.peer.got == list(range(1, n + 1)) and len(rig.peer.statuses) == 1
+    assert max(in_flight) == SHIP_WINDOW and outstanding == 0
+    assert rig.leg().shipped == n and rig.g.wait_applied(n, WAIT)
+    in_sync(rig.g)
 
 
 def test_max_rate_limits_shipping_and_shows_the_backlog(
