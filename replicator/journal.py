@@ -76,7 +76,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import crc32c
@@ -121,6 +121,7 @@ from replicator.journal_codec import (
     decode_record_head,
     encode_header,
     encode_record,
+    encode_record_parts,
     max_entry_bytes,
     place_record,
     record_data,
@@ -372,7 +373,7 @@ class Journal:
                     synced_seq=synced,
                 )
                 _pwrite_all(self.fd, marker, RING_OFFSET + start % cap)
-            rec = encode_record(
+            rec = encode_record_parts(
                 journal_id=jid,
                 epoch=epoch,
                 seq=my_seq,
@@ -387,7 +388,7 @@ class Journal:
                 written_seq=written,
                 synced_seq=synced,
             )
-            _pwrite_all(self.fd, rec, RING_OFFSET + pos % cap)
+            _pwritev_all(self.fd, rec, RING_OFFSET + pos % cap)  # the data is not copied
         except OSError as e:
             err = _io_error(e, f"write of seq {my_seq}")
             with self._cond:
@@ -821,6 +822,19 @@ def _boot_id() -> bytes:
 
 def _same_boot(h: JournalHeader) -> bool:
     return h.boot_id != bytes(16) and h.boot_id == _boot_id()
+
+
+def _pwritev_all(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> None:
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = os.pwritev(fd, views, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwritev returned {n}")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

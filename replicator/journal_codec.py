@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import crc32c
 
@@ -238,7 +238,12 @@ def record_size(data_len: int) -> int:
     return -(-(REC_HEADER_LEN + data_len) // RECORD_ALIGN) * RECORD_ALIGN
 
 
-def encode_record(
+def encode_record(**fields: Any) -> bytes:
+    """A whole record, padded, in one buffer: :func:`encode_record_parts` joined."""
+    return b"".join(encode_record_parts(**fields))
+
+
+def encode_record_parts(
     *,
     journal_id: int,
     epoch: int,
@@ -253,8 +258,9 @@ def encode_record(
     data_crc: int | None = None,
     written_seq: int = 0,
     synced_seq: int = 0,
-) -> bytes:
-    """A whole record, padded.  ``length`` defaults to ``len(data)``; ``data_crc``
+) -> tuple[bytes, bytes | memoryview, bytes]:
+    """A whole record, padded, as its header, its data (``data`` itself, not a copy) and its
+    padding, for one ``pwritev``.  ``length`` defaults to ``len(data)``; ``data_crc``
     (``crc32c(data)``) may be precomputed.  ``written_seq`` and ``synced_seq`` vouch for the
     records before this one (module docstring); 0 vouches for nothing."""
     if length is None:
@@ -280,7 +286,7 @@ def encode_record(
         b"",
     )
     pad = record_size(len(data)) - REC_HEADER_LEN - len(data)
-    return b"".join((head, _CRC.pack(crc32c.crc32c(head)), data, bytes(pad)))
+    return head + _CRC.pack(crc32c.crc32c(head)), data, bytes(pad)
 
 
 class BadRecord(HeaderCorrupt):

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -628,21 +628,29 @@ def test_release_makes_the_tail_durable_before_space_is_reused(
     counts as retained (from its tail to the newest durable record)."""
     p = tmp_path / "j"
     j = Journal.create(str(p), MIB, "g1")
-    real = jr._pwrite_all
+    real, real_v = jr._pwrite_all, jr._pwritev_all
     checked = 0
 
-    def spy(fd: int, data: bytes, offset: int) -> None:
+    def check(fd: int, size: int, offset: int) -> None:
         nonlocal checked
         if offset >= jr.RING_OFFSET and fd == j.fd:
             h = disk_header(p)
             end = j._index[j._durable].end if j._durable >= h.tail_seq else h.tail_pos
-            lo, hi = offset - jr.RING_OFFSET, offset - jr.RING_OFFSET + len(data)
+            lo, hi = offset - jr.RING_OFFSET, offset - jr.RING_OFFSET + size
             for a, b in ring_intervals(h.tail_pos, end, j.capacity):
                 assert hi <= a or lo >= b, "overwrote a record the disk still retains"
             checked += 1
+
+    def spy(fd: int, data: bytes, offset: int) -> None:  # headers and wrap markers
+        check(fd, len(data), offset)
         real(fd, data, offset)
 
+    def spy_v(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> None:  # records
+        check(fd, sum(len(x) for x in parts), offset)
+        real_v(fd, parts, offset)
+
     monkeypatch.setattr(jr, "_pwrite_all", spy)
+    monkeypatch.setattr(jr, "_pwritev_all", spy_v)
     rng = random.Random(3)
     try:
         while j.last_seq < 600:
@@ -749,17 +757,18 @@ def test_no_append_returns_before_every_earlier_one_is_written(
     """Seq 1's pwrite is held back; seq 2 (written, and synced by a flusher) must not be
     acknowledged until seq 1 is on disk too, or a crash could leave an acknowledged gap."""
     with new_journal(tmp_path) as j:
-        real = jr._pwrite_all
+        real = jr._pwritev_all  # a record: its header, data and padding in one pwritev
         hold = threading.Event()
         entered = threading.Event()
 
-        def slow(fd: int, data: bytes, offset: int) -> None:
-            if data[:4] == jr.REC_MAGIC and data[8:16] == (1).to_bytes(8, "little"):
+        def slow(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> None:
+            head = bytes(parts[0])
+            if head[:4] == jr.REC_MAGIC and head[8:16] == (1).to_bytes(8, "little"):
                 entered.set()
                 hold.wait()
-            real(fd, data, offset)
+            real(fd, parts, offset)
 
-        monkeypatch.setattr(jr, "_pwrite_all", slow)
+        monkeypatch.setattr(jr, "_pwritev_all", slow)
         got: dict[str, int] = {}
         first = threading.Thread(target=lambda: got.update(a=j.append(0, W, 0, b"a")))
         first.start()
@@ -1187,3 +1196,28 @@ def test_sigkill_loses_no_acknowledged_append(
 
 if __name__ == "__main__":
     _child(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1")
+
+
+def test_a_record_written_in_short_pwritevs_lands_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record goes down as header, data and padding in one ``pwritev`` (the data is not
+    copied into a joined buffer); a write that takes fewer bytes goes on from there."""
+    real = os.pwritev
+    calls = 0
+
+    def short(fd: int, views: Sequence[memoryview], offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        first = bytes(views[0][:7]) if len(views[0]) >= 7 else bytes(views[0])
+        return real(fd, [first], offset)  # at most 7 bytes of the first part
+
+    data = bytes(range(256)) * 40  # 10 KiB
+    with new_journal(tmp_path) as j:
+        monkeypatch.setattr(jr.os, "pwritev", short)
+        seq = j.append(0, W, 0, data)
+        monkeypatch.undo()
+        assert calls > 10_000 // 7
+        assert [e.data for e in j.entries(seq)] == [data]
+    with Journal.open(str(tmp_path / "j")) as j:
+        assert [e.data for e in j.entries(seq)] == [data]
