@@ -235,12 +235,11 @@ def test_shipped_entries_are_released_once_the_peer_applied_them(rig: Rig) -> No
     assert (rig.peer.statuses[-1].newest, rig.peer.statuses[-1].base) == (3, 1)
 
 
-def test_the_shipper_keeps_a_window_in_flight_from_one_thread(
+def spy_sends(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One thread sends the entries in sequence order and collects their acks oldest first,
-    with SHIP_WINDOW sent before the first is collected (it was a pool of four threads, each
-    waiting for its own answer: a hand-off per entry, and four in flight)."""
+) -> tuple[list[tuple[int, str, int]], list[int]]:
+    """Record each entry sent (seq, thread, how many answers were collected before it) and
+    each answer collected (seq)."""
     sent: list[tuple[int, str, int]] = []
     collected: list[int] = []
     real = rig.side.send
@@ -257,6 +256,16 @@ def test_the_shipper_keeps_a_window_in_flight_from_one_thread(
         return collect
 
     monkeypatch.setattr(rig.side, "send", send)
+    return sent, collected
+
+
+def test_the_shipper_keeps_a_window_in_flight_from_one_thread(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread sends the entries in sequence order and collects their acks oldest first,
+    with SHIP_WINDOW sent before the first is collected (it was a pool of four threads, each
+    waiting for its own answer: a hand-off per entry, and four in flight)."""
+    sent, collected = spy_sends(rig, monkeypatch)
     n = SHIP_WINDOW + 8
     rig.write(n)
     assert rig.ship()
@@ -273,29 +282,13 @@ def test_a_round_keeps_the_window_full_across_batches_with_one_status(
     reads the next one while the last one's answers are still in flight, and ships all that
     is written after one status (it was a status, one batch, and every answer collected)."""
     monkeypatch.setattr(groups, "SHIP_BATCH_BYTES", 2 * BLOCK)  # two entries per read
-    in_flight: list[int] = []
-    outstanding = 0
-    real = rig.side.send
-
-    def send(msg: wire.Message) -> Callable[[], wire.Message]:
-        nonlocal outstanding
-        outstanding += 1
-        in_flight.append(outstanding)
-        answer = real(msg)
-
-        def collect() -> wire.Message:
-            nonlocal outstanding
-            outstanding -= 1
-            return answer()
-
-        return collect
-
-    monkeypatch.setattr(rig.side, "send", send)
+    sent, collected = spy_sends(rig, monkeypatch)
     n = SHIP_WINDOW + 8
     rig.write(n)
     assert rig.ship()
-    assert rig.peer.got == list(range(1, n + 1)) and len(rig.peer.statuses) == 1
-    assert max(in_flight) == SHIP_WINDOW and outstanding == 0
+    assert rig.peer.got == list(range(1, n + 1)) == collected and len(rig.peer.statuses) == 1
+    in_flight = [i + 1 - before for i, (_, _, before) in enumerate(sent)]  # at each send
+    assert max(in_flight) == SHIP_WINDOW
     assert rig.leg().shipped == n and rig.g.wait_applied(n, WAIT)
     in_sync(rig.g)
 
