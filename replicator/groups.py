@@ -551,17 +551,19 @@ class GroupPrimary(_GroupWorker):
                 with self.lock:
                     start = self.marks.next_to_ship(leg)
                     upto = self.marks.written
-                if start is None or max(start, after + 1) > upto:
+                first = None if start is None else max(start, after + 1)
+                if first is None or first > upto:
                     if not pending:
                         break  # caught up, every answer in
                     self._collect(pending.popleft()(), leg)  # newer entries may come meanwhile
                     continue
                 try:
-                    batch = list(self.journal.entries(max(start, after + 1), max_bytes=most))
+                    batch = list(self.journal.entries(first, max_bytes=most))
                 except NotFound:
                     break  # released meanwhile (the secondary applied it): the next round
-                sent = self._send_batch(batch, upto, pending, leg)
-                after = max(after, min(upto, batch[-1].seq if batch else upto))
+                if not batch:
+                    break
+                after, sent = self._send_batch(batch, upto, pending, leg)
                 if sent:
                     with self.lock:
                         self.marks.on_shipped(leg, sent)
@@ -582,13 +584,15 @@ class GroupPrimary(_GroupWorker):
         upto: int,
         pending: collections.deque[Callable[[], wire.Message]],
         leg: str,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Send the entries of ``batch`` up to ``upto``, collecting the oldest answers to keep
-        at most :data:`SHIP_WINDOW` in flight; the newest seq sent (0: none)."""
-        sent = 0
+        at most :data:`SHIP_WINDOW` in flight; the newest seq looked at and the newest sent
+        (0: none; an entry of no member is looked at, not sent)."""
+        seen = sent = 0
         for entry in batch:
             if entry.seq > upto:
                 break
+            seen = entry.seq
             side = self.sides.get(entry.stream)
             if side is None:
                 continue
@@ -603,7 +607,7 @@ class GroupPrimary(_GroupWorker):
             sent = entry.seq
             while len(pending) >= SHIP_WINDOW:
                 self._collect(pending.popleft()(), leg)
-        return sent
+        return seen, sent
 
     def _collect(self, reply: wire.Message, leg: str) -> None:
         if isinstance(reply, wire.JournalAck):
