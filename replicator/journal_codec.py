@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple, ParamSpec
 
 import crc32c
 
 from replicator import record_codec as rc
 from replicator.errors import HeaderCorrupt, UsageError
+
+_P = ParamSpec("_P")  # the arguments of encode_record_parts, for encode_record
 
 MAGIC = b"PVJRNL\x00\x00"
 FORMAT_MAJOR = 2  # 2: records have their own header CRC and the vouch marks
@@ -238,11 +241,6 @@ def record_size(data_len: int) -> int:
     return -(-(REC_HEADER_LEN + data_len) // RECORD_ALIGN) * RECORD_ALIGN
 
 
-def encode_record(**fields: Any) -> bytes:
-    """A whole record, padded, in one buffer: :func:`encode_record_parts` joined."""
-    return b"".join(encode_record_parts(**fields))
-
-
 def encode_record_parts(
     *,
     journal_id: int,
@@ -287,6 +285,17 @@ def encode_record_parts(
     )
     pad = record_size(len(data)) - REC_HEADER_LEN - len(data)
     return head + _CRC.pack(crc32c.crc32c(head)), data, bytes(pad)
+
+
+def _joined(parts: Callable[_P, tuple[bytes, bytes | memoryview, bytes]]) -> Callable[_P, bytes]:
+    def joined(*args: _P.args, **kwargs: _P.kwargs) -> bytes:
+        return b"".join(parts(*args, **kwargs))
+
+    return joined
+
+
+#: A whole record, padded, in one buffer: :func:`encode_record_parts` (same arguments) joined.
+encode_record = _joined(encode_record_parts)
 
 
 class BadRecord(HeaderCorrupt):
