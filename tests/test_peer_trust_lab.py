@@ -97,3 +97,55 @@ def test_a_node_is_trusted_only_for_the_pairs_it_belongs_to(trio: LabEnv, tmp_pa
     assert "refused Write for pair gt/p1 from node 'c'" in log
     assert verify(env, "gt/p1") == 0
     env.pv("a", "pair", "delete", "gt")
+
+
+JOURNAL_ENTRIES = """
+import sys
+from replicator import wire
+from replicator.node import read_secret
+from replicator.peer_link import PeerClient
+from replicator.errors import PairvolError
+
+keys = read_secret(sys.argv[1])
+host, port = sys.argv[2], int(sys.argv[3])
+a = PeerClient("a", host, port, keys, print)
+accepted = 0
+for msg in (
+    wire.Write("gt/p2", 0, b"\x66" * 4096, seq=1),
+):
+    try:
+        a.request(msg)
+        accepted += 1
+        print("accepted:", type(msg).__name__)
+    except PairvolError as e:
+        print("refused:", type(msg).__name__, e)
+a.close()
+sys.exit(1 if accepted else 0)
+"""
+
+
+def test_a_sync_pair_takes_no_journal_entries_even_from_its_own_peer(
+    trio: LabEnv, tmp_path: Path
+) -> None:
+    """A journal entry (an async Write) for a sync pair is refused, even
+    from the pair's own peer: a sync secondary has no receive journal, and a stray entry must
+    not make one (nor reach the volume)."""
+    env = trio
+    _, pb = paired(env, "gt/p2", "tv2")
+    a, b = env.host("a"), env.host("b")
+    before = digest(pb)
+    script = tmp_path / "entries.py"
+    script.write_text(JOURNAL_ENTRIES)
+    r = subprocess.run(
+        ["ip", "netns", "exec", a.netns, str(VENV_BIN / "python"), str(script),
+         a.secret_file or env.lab.secret_file, b.address, str(b.peer_port)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("takes no journal entries (sync,") == 1, r.stdout
+    assert digest(pb) == before
+    assert not Path(b.dir, ".pairvol", "journals", "gt.rjournal").exists()
+    row = env.side("a", "gt/p2")
+    assert (row["state"], row["secondary_state"]) == ("PAIR", "PAIR")
+    assert verify(env, "gt/p2") == 0
+    env.pv("a", "pair", "delete", "gt")

@@ -67,22 +67,27 @@ class Replica:
             direct.close()
 
     def check_journal_marks(self, *, split: bool = False) -> None:
-        """This secondary may take journal entries and acknowledge its marks: it replicates,
+        """This secondary may take journal entries and acknowledge its marks: it is async
+        (a sync pair has no receive journal, and gets none from a stray entry), it replicates,
         or the link only blipped (PSUE by the link; it rejoins without a copy), or, for a
         status only, a split is being finished.  Suspended by its disk or its peer (a
         salvaged journal), its marks are not to be trusted: an acknowledgement would let the
         primary release entries nobody applied, so the primary is refused and folds them."""
         side = self.side
         r = side.record
-        ok = r.role is Role.SECONDARY and (
-            r.state in ps.REPLICATING
-            or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK and not r.pulling)
-            or (split and r.state is ps.State.PSUS)
+        ok = (
+            side.is_async
+            and r.role is Role.SECONDARY
+            and (
+                r.state in ps.REPLICATING
+                or (r.state is ps.State.PSUE and r.cause is ps.Cause.LINK and not r.pulling)
+                or (split and r.state is ps.State.PSUS)
+            )
         )
         if not ok:
             raise IllegalState(
-                f"pair {side.id}: this side takes no journal entries ({r.role.label}, "
-                f"{r.state}, cause {r.cause})"
+                f"pair {side.id}: this side takes no journal entries ({r.mode.value}, "
+                f"{r.role.label}, {r.state}, cause {r.cause})"
             )
 
     def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
