@@ -88,6 +88,10 @@ class Side(Protocol):
         """Send a request now; the call returned collects its answer (or raises)."""
         ...
 
+    def takes_entries(self) -> bool:
+        """Whether its peer takes Entries frames (many entries in one request)."""
+        ...
+
     def apply_entry(
         self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
     ) -> None: ...
@@ -125,6 +129,9 @@ DEFAULT_HIGH_WATERMARK = 0.8
 SHIP_WINDOW = 32
 #: What one read of the journal returns at most; a round reads batch after batch.
 SHIP_BATCH_BYTES = 8 << 20
+#: The most data one Entries frame carries (at least one entry, whatever its size); it holds
+#: at most wire.MAX_ENTRIES entries.
+SHIP_FRAME_BYTES = 1 << 20
 #: A round ships until it has caught up or this long has passed (then a status, so that the
 #: secondary hears the newest seq at least this often, and quiesce() waits at most this long).
 SHIP_ROUND_S = 1.0
@@ -144,6 +151,28 @@ def _kind_of(msg: wire.Write | wire.Zero) -> tuple[EntryKind, int, bytes | memor
     if isinstance(msg, wire.Write):
         return EntryKind.WRITE, len(msg.data), msg.data
     return (EntryKind.TRIM if msg.may_trim else EntryKind.ZERO), msg.length, b""
+
+
+_WIRE_KIND = {
+    EntryKind.WRITE: wire.ENTRY_WRITE,
+    EntryKind.ZERO: wire.ENTRY_ZERO,
+    EntryKind.TRIM: wire.ENTRY_TRIM,
+}
+_JOURNAL_KIND = {code: kind for kind, code in _WIRE_KIND.items()}
+
+
+def _entry_message(pair_id: str, entry: Entry) -> wire.Write | wire.Zero:
+    """One journal entry as its own request (a peer that does not take Entries)."""
+    if entry.kind is EntryKind.WRITE:
+        return wire.Write(pair_id, entry.offset, entry.data, entry.fua, entry.seq)
+    trim = entry.kind is EntryKind.TRIM
+    return wire.Zero(pair_id, entry.offset, entry.length, entry.fua, trim, entry.seq)
+
+
+def _entries_message(pair_id: str, run: list[Entry]) -> wire.Entries:
+    """Consecutive journal entries of one pair as one Entries request."""
+    heads = [(e.seq, e.offset, e.length, _WIRE_KIND[e.kind], e.fua) for e in run]
+    return wire.pack_entries(pair_id, heads, [e.data for e in run if e.kind is EntryKind.WRITE])
 
 
 def open_journal(path: str, group: str, capacity: int) -> Journal:
@@ -545,6 +574,8 @@ class GroupPrimary(_GroupWorker):
         most = min(SHIP_BATCH_BYTES, max(rate, 64 << 10)) if rate else SHIP_BATCH_BYTES
         until = time.monotonic() + SHIP_ROUND_S
         after = 0  # the newest seq this round looked at (shipped, or of no member)
+        side = self._shipping_side()
+        framed = side is not None and side.takes_entries()
         try:
             # Until the round's time is up (throttled: one batch), then the answers in flight.
             while not self._stop.is_set() and time.monotonic() < until and not (rate and after):
@@ -563,7 +594,7 @@ class GroupPrimary(_GroupWorker):
                     break  # released meanwhile (the secondary applied it): the next round
                 if not batch:
                     break
-                after, sent = self._send_batch(batch, upto, pending, leg)
+                after, sent = self._send_batch(batch, upto, pending, leg, framed)
                 if sent:
                     with self.lock:
                         self.marks.on_shipped(leg, sent)
@@ -584,11 +615,18 @@ class GroupPrimary(_GroupWorker):
         upto: int,
         pending: collections.deque[Callable[[], wire.Message]],
         leg: str,
+        framed: bool,
     ) -> tuple[int, int]:
         """Send the entries of ``batch`` up to ``upto``, collecting the oldest answers to keep
-        at most :data:`SHIP_WINDOW` in flight; the newest seq looked at and the newest sent
-        (0: none; an entry of no member is looked at, not sent)."""
+        at most :data:`SHIP_WINDOW` requests in flight; the newest seq looked at and the newest
+        sent (0: none; an entry of no member is looked at, not sent).  ``framed``: runs of
+        consecutive entries of one pair go as one Entries request each (at most
+        :data:`~replicator.wire.MAX_ENTRIES` entries and :data:`SHIP_FRAME_BYTES` of data);
+        otherwise each entry is its own Write or Zero."""
         seen = sent = 0
+        run: list[Entry] = []  # consecutive entries of run_side, not sent yet
+        run_side: Side | None = None
+        run_bytes = 0
         for entry in batch:
             if entry.seq > upto:
                 break
@@ -596,18 +634,36 @@ class GroupPrimary(_GroupWorker):
             side = self.sides.get(entry.stream)
             if side is None:
                 continue
-            msg: wire.Message
-            if entry.kind is EntryKind.WRITE:
-                msg = wire.Write(side.id, entry.offset, entry.data, entry.fua, entry.seq)
-            else:
-                trim = entry.kind is EntryKind.TRIM
-                msg = wire.Zero(side.id, entry.offset, entry.length, entry.fua, trim, entry.seq)
             self.ship_rate.take(max(len(entry.data), 512))
-            pending.append(side.send(msg))
-            sent = entry.seq
-            while len(pending) >= SHIP_WINDOW:
-                self._collect(pending.popleft()(), leg)
+            if not framed:
+                pending.append(side.send(_entry_message(side.id, entry)))
+                sent = entry.seq
+                self._keep_window(pending, leg)
+                continue
+            if run_side is not None and (
+                side is not run_side
+                or entry.seq != run[-1].seq + 1
+                or len(run) >= wire.MAX_ENTRIES
+                or run_bytes + len(entry.data) > SHIP_FRAME_BYTES
+            ):
+                pending.append(run_side.send(_entries_message(run_side.id, run)))
+                sent = run[-1].seq
+                run, run_bytes = [], 0
+                self._keep_window(pending, leg)
+            run.append(entry)
+            run_side = side
+            run_bytes += len(entry.data)
+        if run_side is not None and run:
+            pending.append(run_side.send(_entries_message(run_side.id, run)))
+            sent = run[-1].seq
+            self._keep_window(pending, leg)
         return seen, sent
+
+    def _keep_window(
+        self, pending: collections.deque[Callable[[], wire.Message]], leg: str
+    ) -> None:
+        while len(pending) >= SHIP_WINDOW:
+            self._collect(pending.popleft()(), leg)
 
     def _collect(self, reply: wire.Message, leg: str) -> None:
         if isinstance(reply, wire.JournalAck):
@@ -671,35 +727,63 @@ class GroupSecondary(_GroupWorker):
     def ack(self, pair_id: str) -> wire.JournalAck:
         return wire.JournalAck(pair_id, self.received, self.applied, self.incarnation)
 
-    def takes_now(self, msg: wire.Write | wire.Zero) -> bool:
-        """Whether :meth:`receive` would take ``msg`` without waiting: it is the next entry
-        (or one held already) and the journal has room for it (with room for a wrap
-        marker).  Only the receiver appends, and only the applier frees, so the answer
-        holds until the entry is received."""
+    def takes_now(self, msg: wire.Write | wire.Zero | wire.Entries) -> bool:
+        """Whether :meth:`receive` (or :meth:`receive_entries`) would take ``msg`` without
+        waiting: its first entry is the next one (or held already) and the journal has room
+        for them all (with room for a wrap marker).  Only the receiver appends, and only the
+        applier frees, so the answer holds until the entries are received."""
         j = self.journal
-        size = len(msg.data) if isinstance(msg, wire.Write) else 0
-        return msg.seq <= j.last_seq + 1 and j.free_bytes >= 2 * record_size(size)
+        if isinstance(msg, wire.Entries):
+            first = msg.first
+            sizes = [record_size(len(d)) for *_, d in msg.items()]
+        else:
+            first = msg.seq
+            sizes = [record_size(len(msg.data) if isinstance(msg, wire.Write) else 0)]
+        # A wrap wastes at most the ring's end, less than the record that did not fit there.
+        return first <= j.last_seq + 1 and j.free_bytes >= sum(sizes) + max(sizes)
 
     def receive(self, side: Side, msg: wire.Write | wire.Zero) -> wire.JournalAck:
         """Append a shipped entry in sequence order (duplicates are acknowledged again)."""
+        kind, length, data = _kind_of(msg)
+        self._receive_run(side, msg.seq, [(msg.seq, kind, msg.offset, length, msg.fua, data)])
+        return self.ack(msg.pair_id)
+
+    def receive_entries(self, side: Side, msg: wire.Entries) -> wire.JournalAck:
+        """Append the consecutive entries of one Entries frame in sequence order (those held
+        already are skipped, and acknowledged again)."""
+        run = [
+            (seq, _JOURNAL_KIND[code], offset, length, fua, data)
+            for seq, code, offset, length, fua, data in msg.items()
+        ]
+        self._receive_run(side, msg.first, run)
+        return self.ack(msg.pair_id)
+
+    def _receive_run(
+        self,
+        side: Side,
+        first: int,
+        run: list[tuple[int, EntryKind, int, int, bool, bytes | memoryview]],
+    ) -> None:
+        """Wait (up to :data:`ORDER_WAIT`) until the entry before ``first`` is held, then
+        append the entries of ``run`` (consecutive from ``first``) not held yet."""
         deadline = time.monotonic() + ORDER_WAIT
         with self.cond:
-            while msg.seq > self.journal.last_seq + 1:
+            while first > self.journal.last_seq + 1:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     expected = self.journal.last_seq + 1
                     raise IllegalState(
-                        f"group {self.name}: entry {msg.seq} arrived but {expected} never did"
+                        f"group {self.name}: entry {first} arrived but {expected} never did"
                     )
                 self.cond.wait(left)
-            if msg.seq == self.journal.last_seq + 1:
-                kind, length, data = _kind_of(msg)
+            for seq, kind, offset, length, fua, data in run:
+                if seq != self.journal.last_seq + 1:
+                    continue  # held already (sent again after a broken link)
                 while True:
                     try:
                         self.journal.append(
-                            side.stream, kind, msg.offset, data, length=length, fua=msg.fua,
-                            seq=msg.seq,
-                        )  # fmt: skip
+                            side.stream, kind, offset, data, length=length, fua=fua, seq=seq
+                        )
                         break
                     except JournalFull:
                         # The applier frees space as it goes: wait for it, do not refuse.
@@ -707,9 +791,8 @@ class GroupSecondary(_GroupWorker):
                             raise
                         self._wake.set()
                         self.cond.wait(0.2)
-                self.cond.notify_all()
+            self.cond.notify_all()
         self._wake.set()
-        return self.ack(msg.pair_id)
 
     def _rebase(self, next_seq: int) -> None:
         """Start the receive journal over so that its next entry is ``next_seq``."""

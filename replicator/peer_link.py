@@ -87,8 +87,8 @@ Handler = Callable[[str, wire.Message], wire.Message]
 #: The codec a pair's volume data crosses the link with, by pair id (``pair create
 #: --compress``); used only for codecs the peer offered in its Hello.
 CompressFor = Callable[[str], str]
-#: The Hello feature bits of the codecs this node decodes.
-CODEC_FEATURES: Final = compression.features(compression.available())
+#: The Hello feature bits this node offers: the codecs it decodes, and Entries frames.
+FEATURES: Final = compression.features(compression.available()) | wire.FEATURE_ENTRIES
 
 
 def inline_data(msg: wire.Message) -> bool:
@@ -96,9 +96,9 @@ def inline_data(msg: wire.Message) -> bool:
     mirrored write (a Write or Zero without a journal sequence).  The hand-off to a worker
     (a queue, a wake-up, the GIL passed on) was about a third of the secondary's CPU per
     mirrored 4k write and a quarter per MiB (docs/benchmarks.md, "Replication speed, session
-    4"); the write itself is a ``pwritev`` into the page cache.  Journal entries (``seq``)
-    go to workers here: the receiver may wait for the entry one follows (which a busy reader
-    would never read).  A storage node passes its own predicate, which also takes the
+    4"); the write itself is a ``pwritev`` into the page cache.  Journal entries (``seq``,
+    and Entries) go to workers here: the receiver may wait for the entry one follows (which a
+    busy reader would never read).  A storage node passes its own predicate, which also takes the
     entries its receive journal takes at once (``PairManager.receives_inline``)."""
     return isinstance(msg, wire.Write | wire.Zero) and not msg.seq
 
@@ -110,6 +110,7 @@ REQUESTS: Final = (
     wire.PairState,
     wire.BitmapRequest,
     wire.Write,
+    wire.Entries,
     wire.Zero,
     wire.Flush,
     wire.Chunk,
@@ -245,6 +246,8 @@ class _Link:
         self.decoder = wire.FrameDecoder(max_payload=wire.HANDSHAKE_MAX_PAYLOAD, codecs=frozenset())
         #: Codecs both Hellos offered (none until the handshake is done), and the pairs' own.
         self.codecs: frozenset[str] = frozenset()
+        #: The Hello feature bits both sides offered (0 until the handshake is done).
+        self.features = 0
         self.compress_for: CompressFor | None = None
         self.send_lock = threading.Lock()
         # Frames waiting for the send lock.  Whoever holds it sends every frame queued by then
@@ -414,7 +417,8 @@ class _Link:
         # The limit applies from the frame after the handshake's last (the decoder looks at
         # most one frame ahead, so frames already read are parsed under the new limit).
         self.decoder.max_payload = wire.MAX_PAYLOAD
-        self.codecs = compression.codecs_of(hs.features or 0) & compression.available()
+        self.features = hs.features or 0
+        self.codecs = compression.codecs_of(self.features) & compression.available()
         self.decoder.codecs = self.codecs
         self.sock.settimeout(None)
 
@@ -690,7 +694,7 @@ class _ServerConn:
             server._secrets,
             server.node_name,
             allow_no_secret=server.allow_no_secret,
-            features=CODEC_FEATURES,
+            features=FEATURES,
         )
         try:
             _tune(self.link.sock)
@@ -1099,6 +1103,11 @@ class PeerClient:
         conn = self._conn
         return conn is not None and conn.alive
 
+    def agreed(self, feature: int, timeout: float = 30.0) -> bool:
+        """Whether both Hellos of the connection (made now if there is none) offered the
+        Hello.features bit ``feature``.  Raises what :meth:`request` raises for connecting."""
+        return bool(self._connection(time.monotonic() + timeout).link.features & feature)
+
     def request(self, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
         """Send a request and return its response.  Raises ConnectionFailed (cannot connect or
         authenticate), PeerLost (the connection broke meanwhile), Timeout (no answer within
@@ -1199,7 +1208,7 @@ class PeerClient:
             self.node_name,
             expect_peer=self.expect_peer,
             allow_no_secret=self.allow_no_secret,
-            features=CODEC_FEATURES,
+            features=FEATURES,
         )
         tls = self.tls
         try:

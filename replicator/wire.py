@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
@@ -83,6 +83,8 @@ FEATURE_NO_SECRET: Final = 1 << 0
 #: Hello.features bits: the sender decodes Write and Chunk frames compressed with zstd, lz4.
 FEATURE_ZSTD: Final = compression.FEATURE[compression.ZSTD]
 FEATURE_LZ4: Final = compression.FEATURE[compression.LZ4]
+#: Hello.features bit: the sender takes Entries frames (many journal entries in one request).
+FEATURE_ENTRIES: Final = 1 << 3
 #: The frame flags this version defines: the bulk field's codec.
 FLAGS_CODEC: Final = compression.CODE_MASK
 
@@ -467,6 +469,81 @@ class Write:
         _uint(self, "seq", 64)
 
 
+#: One entry of an Entries frame: seq u64, offset u64, length u64, kind u8, fua u8.
+ENTRY_HEAD: Final = struct.Struct("<QQQBB")
+#: Entries.index kind codes (the wire's own, not the journal's).
+ENTRY_WRITE: Final = 0
+ENTRY_ZERO: Final = 1
+ENTRY_TRIM: Final = 2
+#: Most entries one Entries frame carries (its index fits the payload's room beside the data).
+MAX_ENTRIES: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Entries:
+    """Async primary → secondary: consecutive journal entries of one pair, in one request
+    answered by one JournalAck.  ``index``: one :data:`ENTRY_HEAD` per entry, their seqs
+    consecutive from ``first``; ``data``: the data of the WRITE entries, in order.  Only sent to
+    a peer whose Hello offered :data:`FEATURE_ENTRIES`."""
+
+    pair_id: str
+    index: Blob = field(repr=False)
+    data: Blob = field(repr=False)
+    #: The seq of the first entry and of the last (from the index, for the receiver's order).
+    first: int = field(init=False)
+    last: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        _pair(self, "pair_id")
+        n = _blob(self, "index", low=ENTRY_HEAD.size, high=MAX_ENTRIES * ENTRY_HEAD.size)
+        if n % ENTRY_HEAD.size:
+            raise _bad(self, "index", f"{n} bytes is not a whole number of entries")
+        total = _blob(self, "data", low=0)
+        expect = 0
+        written = 0
+        for seq, offset, length, kind, fua in ENTRY_HEAD.iter_unpack(self.index):
+            if not expect:
+                if seq < 1:
+                    raise _bad(self, "index", "the first entry's seq is 0")
+                object.__setattr__(self, "first", seq)
+            elif seq != expect:
+                raise _bad(self, "index", f"seq {seq} follows {expect - 1}, not consecutive")
+            expect = seq + 1
+            if kind > ENTRY_TRIM:
+                raise _bad(self, "index", f"entry {seq} has kind {kind}, not 0, 1 or 2")
+            if fua > 1:
+                raise _bad(self, "index", f"entry {seq} has fua byte {fua}, not 0 or 1")
+            if length < 1:
+                raise _bad(self, "index", f"entry {seq} has length 0")
+            _range(self, offset, length)
+            if kind == ENTRY_WRITE:
+                written += length
+        if written != total:
+            raise _bad(self, "data", f"{total} bytes, but the index's writes hold {written}")
+        object.__setattr__(self, "last", expect - 1)
+
+    def items(self) -> Iterator[tuple[int, int, int, int, bool, Blob]]:
+        """Each entry as (seq, kind code, offset, length, fua, data: a view, empty unless a
+        WRITE)."""
+        data = memoryview(self.data)
+        pos = 0
+        for seq, offset, length, kind, fua in ENTRY_HEAD.iter_unpack(self.index):
+            if kind == ENTRY_WRITE:
+                yield seq, kind, offset, length, fua == 1, data[pos : pos + length]
+                pos += length
+            else:
+                yield seq, kind, offset, length, fua == 1, b""
+
+
+def pack_entries(
+    pair_id: str, heads: list[tuple[int, int, int, int, bool]], data: list[Blob]
+) -> Entries:
+    """An Entries message from (seq, offset, length, kind code, fua) tuples and the WRITE
+    entries' data buffers (joined into one: the frame's bulk field)."""
+    index = b"".join(ENTRY_HEAD.pack(s, o, n, k, 1 if f else 0) for s, o, n, k, f in heads)
+    return Entries(pair_id, index, data[0] if len(data) == 1 else b"".join(data))
+
+
 @dataclass(frozen=True, slots=True)
 class Zero:
     """Write zeros (``may_trim``: holes allowed); ``seq`` and ``fua`` as for Write."""
@@ -626,6 +703,7 @@ Message: TypeAlias = (
     | BitmapRequest
     | Bitmap
     | Write
+    | Entries
     | Zero
     | Flush
     | Chunk
@@ -789,6 +867,28 @@ class _Bulk(_Field):
         return compression.unpack(codec, packed, n, limit=min(limit, MAX_DATA), what=what)
 
 
+class _Bytes(_Field):
+    """u32 byte length, then at most ``limit`` bytes, copied into the payload (a bulk field
+    that is not the last)."""
+
+    __slots__ = ("_limit",)
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(name, 4, 4 + limit)
+        self._limit = limit
+
+    def put(self, value: object, out: bytearray) -> None:
+        assert isinstance(value, bytes | memoryview)
+        out += _U32.pack(len(value))
+        out += value
+
+    def get(self, r: _Reader) -> object:
+        (n,) = _U32.unpack(r.take(4, self.name))
+        if n > self._limit:
+            raise ProtocolError(f"{r.what}.{self.name}: {n} bytes is over the {self._limit} limit")
+        return r.take(n, self.name).toreadonly()
+
+
 _U16: Final = struct.Struct("<H")
 _U32: Final = struct.Struct("<I")
 
@@ -888,6 +988,9 @@ CODECS: Final[dict[type, Codec]] = {
         Codec(0x22, Flush, (_pair_id(),)),
         Codec(0x23, Chunk, (_pair_id(), _u64("index"), _Bulk("data")), packable=True),
         Codec(0x24, ChunkRequest, (_pair_id(), _u64("index"), _u32("count"))),
+        Codec(0x25, Entries, (
+            _pair_id(), _Bytes("index", MAX_ENTRIES * ENTRY_HEAD.size), _Bulk("data"),
+        ), packable=True),
     )
 }
 # fmt: on

@@ -39,6 +39,8 @@ class FakePeer:
         self.ack_incarnation: int | None = None  # answer with this instead of what we learnt
         self.lose_reply_at: int | None = None  # append this seq, then the link breaks
         self.down = False
+        self.entries = False  # it takes Entries frames (its Hello offered them)
+        self.frames: list[wire.Entries] = []
 
     def ack(self, pair_id: str) -> wire.JournalAck:
         inc = self.incarnation if self.ack_incarnation is None else self.ack_incarnation
@@ -54,21 +56,28 @@ class FakePeer:
                 if msg.base > self.received + 1:  # folded by the primary: continue at its base
                     self.received = self.applied = msg.base - 1
                 return self.ack(msg.pair_id)
-            assert isinstance(msg, wire.Write | wire.Zero)
-            ok = self.cond.wait_for(lambda: self.down or msg.seq <= self.received + 1, WAIT)
+            if isinstance(msg, wire.Entries):
+                assert self.entries, "Entries sent to a peer that did not offer them"
+                self.frames.append(msg)
+                seqs = [seq for seq, *_ in msg.items()]
+            else:
+                assert isinstance(msg, wire.Write | wire.Zero)
+                seqs = [msg.seq]
+            ok = self.cond.wait_for(lambda: self.down or seqs[0] <= self.received + 1, WAIT)
             if self.down or not ok:
-                raise ConnectionFailed(f"entry {msg.seq}: the link is down")
-            if msg.seq == self.received + 1:
-                self.got.append(msg.seq)
-                self.received = msg.seq
-                if self.auto_apply:
-                    self.applied = msg.seq
-                self.cond.notify_all()
-            if msg.seq == self.lose_reply_at:
-                self.lose_reply_at = None
-                self.down = True  # it holds the entry; its acknowledgement is lost
-                self.cond.notify_all()
-                raise ConnectionFailed(f"entry {msg.seq}: the reply was lost")
+                raise ConnectionFailed(f"entry {seqs[0]}: the link is down")
+            for seq in seqs:
+                if seq == self.received + 1:
+                    self.got.append(seq)
+                    self.received = seq
+                    if self.auto_apply:
+                        self.applied = seq
+                    self.cond.notify_all()
+                if seq == self.lose_reply_at:
+                    self.lose_reply_at = None
+                    self.down = True  # it holds the entries; their acknowledgement is lost
+                    self.cond.notify_all()
+                    raise ConnectionFailed(f"entry {seq}: the reply was lost")
             return self.ack(msg.pair_id)
 
     def heal(self) -> None:
@@ -84,8 +93,11 @@ class FakeVolume:
 class FakeSide:
     """A pair's side as the group sees it (groups.Side)."""
 
-    def __init__(self, peer: FakePeer, volume: FakeVolume) -> None:
-        self.id = "g/p"
+    def __init__(
+        self, peer: FakePeer, volume: FakeVolume, pid: str = "g/p", stream: int = 1
+    ) -> None:
+        self.id = pid
+        self._stream = stream
         self.peer = peer
         self._volume = volume
         self.dirty: list[tuple[int, int]] = []
@@ -97,7 +109,7 @@ class FakeSide:
 
     @property
     def stream(self) -> int:
-        return 1
+        return self._stream
 
     @property
     def volume(self) -> Any:
@@ -117,6 +129,9 @@ class FakeSide:
 
             return fail
         return lambda: reply
+
+    def takes_entries(self) -> bool:
+        return self.peer.entries
 
     def apply_entry(
         self, kind: EntryKind, offset: int, length: int, data: bytes | memoryview, fua: bool
@@ -171,11 +186,12 @@ class Rig:
         self.g = self.open()
         return self.g
 
-    def write(self, n: int = 1, *, local: bool = True) -> list[int]:
+    def write(self, n: int = 1, *, local: bool = True, side: FakeSide | None = None) -> list[int]:
         """``n`` client writes: journaled, then (``local``) on the local volume."""
+        side = side or self.side
         seqs = []
         for _ in range(n):
-            seq = self.g.record(self.side, wire.Write("g/p", len(seqs) * BLOCK, b"w" * BLOCK))
+            seq = self.g.record(side, wire.Write(side.id, len(seqs) * BLOCK, b"w" * BLOCK))
             assert seq is not None
             if local:
                 self.g.written_locally(seq)
@@ -570,3 +586,74 @@ def test_the_shipper_goes_on_shipping_while_the_releaser_rewrites_the_journal_he
     in_sync(g)
     g.stop()
     assert not any(t.name == "release g" for t in threading.enumerate())
+
+
+# -- Entries: many entries in one request ------------------------------------------------------
+
+
+def test_runs_of_entries_go_as_one_entries_request_each(rig: Rig) -> None:
+    """A peer that offered Entries gets the consecutive entries of a pair in frames of at
+    most MAX_ENTRIES (one request and one acknowledgement each, not one per entry)."""
+    rig.peer.entries = True
+    n = 2 * wire.MAX_ENTRIES + 44
+    rig.write(n)
+    rig.g.record(rig.side, wire.Zero("g/p", 0, BLOCK, may_trim=True))
+    rig.g.written_locally(n + 1)
+    assert rig.ship()
+    assert rig.peer.got == list(range(1, n + 2))
+    assert [(f.first, f.last) for f in rig.peer.frames] == [
+        (1, wire.MAX_ENTRIES),
+        (wire.MAX_ENTRIES + 1, 2 * wire.MAX_ENTRIES),
+        (2 * wire.MAX_ENTRIES + 1, n + 1),
+    ]
+    *_, (seq, kind, offset, length, fua, data) = rig.peer.frames[-1].items()
+    assert (seq, kind, offset, length, fua, data) == (n + 1, wire.ENTRY_TRIM, 0, BLOCK, False, b"")
+    first = next(rig.peer.frames[0].items())
+    assert first[:5] == (1, wire.ENTRY_WRITE, 0, BLOCK, False) and bytes(first[5]) == b"w" * BLOCK
+    assert rig.leg().shipped == n + 1 and rig.g.wait_applied(n + 1, WAIT)
+    in_sync(rig.g)
+
+
+def test_an_entries_frame_holds_at_most_ship_frame_bytes(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(groups, "SHIP_FRAME_BYTES", 3 * BLOCK)
+    rig.peer.entries = True
+    rig.write(7)
+    assert rig.ship()
+    assert [(f.first, f.last) for f in rig.peer.frames] == [(1, 3), (4, 6), (7, 7)]
+    assert rig.peer.got == list(range(1, 8))
+
+
+def test_a_frame_holds_one_pairs_entries_and_a_new_pair_starts_a_new_one(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The secondary checks the frame's pair against the peer that sent it (a peer is
+    trusted only for its own pairs): entries of two pairs never share a frame."""
+    rig.peer.entries = True
+    other = FakeSide(rig.peer, rig.side.volume, "g/q", stream=2)
+    rig.g.add(2, other)
+    rig.write(2)
+    rig.write(3, side=other)
+    rig.write(1)
+    assert rig.ship()
+    assert [(f.pair_id, f.first, f.last) for f in rig.peer.frames] == [
+        ("g/p", 1, 2),
+        ("g/q", 3, 5),
+        ("g/p", 6, 6),
+    ]
+    assert rig.peer.got == list(range(1, 7))
+
+
+def test_a_link_lost_inside_a_frame_ships_again_from_what_the_peer_holds(rig: Rig) -> None:
+    rig.peer.entries = True
+    rig.peer.lose_reply_at = 3  # the peer appends 1..3 of the frame, the answer is lost
+    rig.write(5)
+    assert not rig.ship()
+    assert rig.leg().received == 0 and len(rig.side.link_failures) == 1
+    rig.peer.heal()
+    assert rig.ship()  # its status says it holds 3: the next frame starts at 4
+    assert [(f.first, f.last) for f in rig.peer.frames] == [(1, 5), (4, 5)]
+    assert rig.peer.got == [1, 2, 3, 4, 5]
+    assert rig.leg() == LegMarks(PEER_LEG, 5, 5, 5, 0, True)
+    in_sync(rig.g)

@@ -55,6 +55,7 @@ c = PeerClient("c", host, port, keys, print)
 for msg in (
     wire.Write("gt/p1", 0, b"\x66" * 4096),
     wire.Zero("gt/p1", 4096, 4096),
+    wire.pack_entries("gt/p1", [(1, 0, 4096, wire.ENTRY_WRITE, False)], [b"\x66" * 4096]),
     wire.PairState("gt/p1", "PSUS", "primary", 1, 99),
     wire.BitmapRequest("gt/p1", "diff"),
 ):
@@ -112,6 +113,7 @@ a = PeerClient("a", host, port, keys, print)
 accepted = 0
 for msg in (
     wire.Write("gt/p2", 0, b"\x66" * 4096, seq=1),
+    wire.pack_entries("gt/p2", [(1, 0, 4096, wire.ENTRY_WRITE, False)], [b"\x66" * 4096]),
 ):
     try:
         a.request(msg)
@@ -127,7 +129,7 @@ sys.exit(1 if accepted else 0)
 def test_a_sync_pair_takes_no_journal_entries_even_from_its_own_peer(
     trio: LabEnv, tmp_path: Path
 ) -> None:
-    """A journal entry (an async Write) for a sync pair is refused, even
+    """A journal entry (an async Write, an Entries frame) for a sync pair is refused, even
     from the pair's own peer: a sync secondary has no receive journal, and a stray entry must
     not make one (nor reach the volume)."""
     env = trio
@@ -142,7 +144,7 @@ def test_a_sync_pair_takes_no_journal_entries_even_from_its_own_peer(
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("takes no journal entries (sync,") == 1, r.stdout
+    assert r.stdout.count("takes no journal entries (sync,") == 2, r.stdout
     assert digest(pb) == before
     assert not Path(b.dir, ".pairvol", "journals", "gt.rjournal").exists()
     row = env.side("a", "gt/p2")

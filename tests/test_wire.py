@@ -101,6 +101,21 @@ def writes(draw: st.DrawFn) -> Write:
 
 
 @st.composite
+def entries(draw: st.DrawFn) -> wire.Entries:
+    first = draw(st.integers(1, 2**63))
+    heads: list[tuple[int, int, int, int, bool]] = []
+    data: list[bytes] = []
+    for i in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from((wire.ENTRY_WRITE, wire.ENTRY_ZERO, wire.ENTRY_TRIM)))
+        length = draw(st.integers(1, 600))
+        offset = draw(st.integers(0, 2**64 - length))
+        heads.append((first + i, offset, length, kind, draw(st.booleans())))
+        if kind == wire.ENTRY_WRITE:
+            data.append(draw(st.binary(min_size=length, max_size=length)))
+    return wire.pack_entries(draw(pair_ids), heads, data)
+
+
+@st.composite
 def zeros(draw: st.DrawFn) -> Zero:
     length = draw(st.integers(1, 2**64 - 1))
     offset = draw(st.integers(0, 2**64 - length))
@@ -147,6 +162,7 @@ STRATEGIES: dict[type, st.SearchStrategy[Message]] = {
     Bitmap: bitmaps(),
     Write: writes(),
     Zero: zeros(),
+    wire.Entries: entries(),
     Flush: st.builds(Flush, pair_ids),
     Chunk: st.builds(Chunk, pair_ids, U64, blobs()),
     ChunkRequest: st.builds(ChunkRequest, pair_ids, U64, st.integers(1, 2**32 - 1)),
@@ -539,6 +555,7 @@ def test_incomplete_input_waits() -> None:
 
 # -- building messages ------------------------------------------------------------------------
 
+ENTRY = wire.ENTRY_HEAD.pack(1, 0, 4, wire.ENTRY_WRITE, 0)  # one 4-byte write at seq 1
 BAD_BUILDS = [
     lambda: Hello(0, "a", bytes(32)),
     lambda: Hello(1, "", bytes(32)),
@@ -574,6 +591,16 @@ BAD_BUILDS = [
     lambda: Write("g/p", 0, "text"),  # type: ignore[arg-type]
     lambda: Write("g/p", 0, memoryview(bytes(8))[::2]),
     lambda: Zero("g/p", 0, 0),
+    lambda: wire.Entries("g/p", b"", b""),
+    lambda: wire.Entries("g/p", ENTRY + b"x", b"d" * 4),
+    lambda: wire.Entries("g/p", ENTRY, b"d" * 3),  # the index's write holds 4 bytes
+    lambda: wire.Entries("g/p", ENTRY * (wire.MAX_ENTRIES + 1), b"d" * 4),
+    lambda: wire.pack_entries("g/p", [(1, 0, 4, 0, False), (3, 0, 4, 0, False)], [b"d" * 8]),
+    lambda: wire.pack_entries("g/p", [(0, 0, 4, 0, False)], [b"d" * 4]),  # seq 0
+    lambda: wire.pack_entries("g/p", [(1, 0, 4, 3, False)], [b"d" * 4]),  # no kind 3
+    lambda: wire.pack_entries("g/p", [(1, 0, 0, 1, False)], []),  # a zero of no bytes
+    lambda: wire.pack_entries("g/p", [(1, 2**64 - 2, 4, 1, False)], []),
+    lambda: wire.Entries("g/p", wire.ENTRY_HEAD.pack(1, 0, 4, 0, 2), b"d" * 4),  # fua byte 2
     lambda: Zero("g/p", 2, 2**64 - 1),
     lambda: Chunk("g/p", -1, b"x"),
     lambda: Bitmap("g/p", "diff", 65536, 65536, 0, bytes(4095)),

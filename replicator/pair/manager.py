@@ -476,9 +476,9 @@ class PairManager:
         waits for nothing, and the hand-off was most of a fetch on demand."""
         if isinstance(msg, wire.ChunkRequest):
             return True
-        if not isinstance(msg, wire.Write | wire.Zero):
+        if not isinstance(msg, wire.Write | wire.Zero | wire.Entries):
             return False
-        if not msg.seq:
+        if not isinstance(msg, wire.Entries) and not msg.seq:
             return True
         side = self.sides.get(msg.pair_id)
         g = self.secondaries.get(side.record.group) if side is not None else None

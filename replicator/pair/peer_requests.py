@@ -77,6 +77,8 @@ class PeerRequests:
             return wire.Digests(pid, msg.first, side.replica.digests(msg.first, msg.count))
         if isinstance(msg, wire.Write | wire.Zero | wire.Flush):
             return side.replica.apply_write(msg)
+        if isinstance(msg, wire.Entries):
+            return side.replica.apply_entries(msg)
         if isinstance(msg, wire.JournalStatus):
             side.replica.check_journal_marks(split=True)
             return self.m.secondary_group(side).note_status(msg)

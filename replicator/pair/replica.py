@@ -90,7 +90,7 @@ class Replica:
                 f"{r.role.label}, {r.state}, cause {r.cause})"
             )
 
-    def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
+    def _check_takes_writes(self) -> None:
         side = self.side
         r = side.record
         # A secondary the link suspended still takes writes (it rejoins without a copy);
@@ -103,6 +103,25 @@ class Replica:
         ):
             why = f"{r.state}, suspended by {r.cause}" if r.state in ps.SUSPENDED else r.state
             raise IllegalState(f"pair {side.id}: not a replicating secondary here ({why})")
+
+    def apply_entries(self, msg: wire.Entries) -> wire.JournalAck:
+        """Journal entries of this pair shipped in one frame: an async Write's checks for
+        each, then its group's receive journal takes them in order."""
+        side = self.side
+        self._check_takes_writes()
+        for seq, _kind, offset, length, _fua, _data in msg.items():
+            if offset + length > side.data_size:
+                raise UsageError(
+                    f"pair {side.id}: entry {seq} writes past the end of {side.doc.volume}"
+                )
+        if not side.check_image():
+            raise VolumeError(f"pair {side.id}: {side.damaged}", errno.EIO)
+        self.check_journal_marks()
+        return side.host.secondary_group(side).receive_entries(side, msg)
+
+    def apply_write(self, msg: wire.Write | wire.Zero | wire.Flush) -> wire.Message:
+        side = self.side
+        self._check_takes_writes()
         if isinstance(msg, wire.Flush):
             fd = side.volume.fd
             side.legs.writes.forward_flush(side, lambda: os.fdatasync(fd))

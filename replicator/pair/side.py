@@ -157,6 +157,13 @@ class Side:
             self.bulk = self.host.client_for(p.host, p.port, p.node, bulk=True)
         return self.bulk
 
+    def takes_entries(self) -> bool:
+        """Whether the peer takes Entries frames (both Hellos offered the feature; a local
+        partner always does).  Connects if there is no connection yet."""
+        if self.partner is not None:
+            return True
+        return self.peer_client().agreed(wire.FEATURE_ENTRIES, REQUEST_TIMEOUT)
+
     def send(
         self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT, *, bulk: bool = False
     ) -> Callable[[], wire.Message]:
