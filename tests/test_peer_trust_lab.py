@@ -40,7 +40,9 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
     yield from lab_of(tmp_path_factory, "tt", LabEnv, hosts=("a", "b", "c"))
 
 
-INTRUDER = """
+#: The start of a script run on a host: argv is the key file, b's address and peer port;
+#: ``attempt`` sends each message as node ``name`` and counts the ones accepted.
+SCRIPT_HEAD = """
 import sys
 from replicator import wire
 from replicator.node import read_secret
@@ -49,23 +51,46 @@ from replicator.errors import PairvolError
 
 keys = read_secret(sys.argv[1])
 host, port = sys.argv[2], int(sys.argv[3])
-accepted = 0
+
+
+def attempt(name, msgs):
+    client = PeerClient(name, host, port, keys, print)
+    accepted = 0
+    for msg in msgs:
+        try:
+            client.request(msg)
+            accepted += 1
+            print("accepted:", type(msg).__name__)
+        except PairvolError as e:
+            print("refused:", type(msg).__name__, e)
+    client.close()
+    return accepted
+"""
+
+
+def run_script(
+    env: LabEnv, host: str, body: str, tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """``SCRIPT_HEAD + body`` in ``host``'s namespace with its key, against node b."""
+    h, b = env.host(host), env.host("b")
+    script = tmp_path / f"{host}.py"
+    script.write_text(SCRIPT_HEAD + body)
+    return subprocess.run(
+        ["ip", "netns", "exec", h.netns, str(VENV_BIN / "python"), str(script),
+         h.secret_file or env.lab.secret_file, b.address, str(b.peer_port)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+INTRUDER = """
 # c's own name, with its own key: authenticated, but c is not gt/p1's peer.
-c = PeerClient("c", host, port, keys, print)
-for msg in (
+accepted = attempt("c", (
     wire.Write("gt/p1", 0, b"\x66" * 4096),
     wire.Zero("gt/p1", 4096, 4096),
     wire.pack_entries("gt/p1", [(1, 0, 4096, wire.ENTRY_WRITE, False)], [b"\x66" * 4096]),
     wire.PairState("gt/p1", "PSUS", "primary", 1, 99),
     wire.BitmapRequest("gt/p1", "diff"),
-):
-    try:
-        c.request(msg)
-        accepted += 1
-        print("accepted:", type(msg).__name__)
-    except PairvolError as e:
-        print("refused:", type(msg).__name__, e)
-c.close()
+))
 # Posing as a, the pair's real peer, with c's keys: the handshake fails.
 try:
     PeerClient("a", host, port, keys, print).request(wire.Ping(1))
@@ -80,16 +105,9 @@ sys.exit(1 if accepted else 0)
 def test_a_node_is_trusted_only_for_the_pairs_it_belongs_to(trio: LabEnv, tmp_path: Path) -> None:
     env = trio
     _, pb = paired(env, "gt/p1", "tv1")
-    b, c = env.host("b"), env.host("c")
+    b = env.host("b")
     before = digest(pb)
-    script = tmp_path / "intruder.py"
-    script.write_text(INTRUDER)
-    keys = c.secret_file or env.lab.secret_file
-    r = subprocess.run(
-        ["ip", "netns", "exec", c.netns, str(VENV_BIN / "python"), str(script),
-         keys, b.address, str(b.peer_port)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    r = run_script(env, "c", INTRUDER, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert digest(pb) == before
     row = env.side("a", "gt/p1")
@@ -101,27 +119,10 @@ def test_a_node_is_trusted_only_for_the_pairs_it_belongs_to(trio: LabEnv, tmp_pa
 
 
 JOURNAL_ENTRIES = """
-import sys
-from replicator import wire
-from replicator.node import read_secret
-from replicator.peer_link import PeerClient
-from replicator.errors import PairvolError
-
-keys = read_secret(sys.argv[1])
-host, port = sys.argv[2], int(sys.argv[3])
-a = PeerClient("a", host, port, keys, print)
-accepted = 0
-for msg in (
+accepted = attempt("a", (
     wire.Write("gt/p2", 0, b"\x66" * 4096, seq=1),
     wire.pack_entries("gt/p2", [(1, 0, 4096, wire.ENTRY_WRITE, False)], [b"\x66" * 4096]),
-):
-    try:
-        a.request(msg)
-        accepted += 1
-        print("accepted:", type(msg).__name__)
-    except PairvolError as e:
-        print("refused:", type(msg).__name__, e)
-a.close()
+))
 sys.exit(1 if accepted else 0)
 """
 
@@ -134,15 +135,9 @@ def test_a_sync_pair_takes_no_journal_entries_even_from_its_own_peer(
     not make one (nor reach the volume)."""
     env = trio
     _, pb = paired(env, "gt/p2", "tv2")
-    a, b = env.host("a"), env.host("b")
+    b = env.host("b")
     before = digest(pb)
-    script = tmp_path / "entries.py"
-    script.write_text(JOURNAL_ENTRIES)
-    r = subprocess.run(
-        ["ip", "netns", "exec", a.netns, str(VENV_BIN / "python"), str(script),
-         a.secret_file or env.lab.secret_file, b.address, str(b.peer_port)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    r = run_script(env, "a", JOURNAL_ENTRIES, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("takes no journal entries (sync,") == 2, r.stdout
     assert digest(pb) == before
