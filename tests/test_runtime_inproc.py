@@ -59,7 +59,7 @@ from replicator.pair.pull import PullEngine
 from replicator.pair.side import Side
 from replicator.pair.timer import HOUSEKEEPING
 from replicator.peer_auth import PeerSecrets
-from replicator.peer_link import PeerClient, PeerRefused, errno_of
+from replicator.peer_link import FEATURES, PeerClient, PeerRefused, errno_of
 from replicator.volume import Volume
 
 MiB = 1 << 20
@@ -232,6 +232,10 @@ class LinkEnd(PeerClient):
         except Timeout:
             self._up = False  # a request that times out drops the connection
             raise
+
+    def agreed(self, feature: int, timeout: float = 30.0) -> bool:
+        """Both "Hellos" offer what this node offers: every node of the lab runs this code."""
+        return bool(FEATURES & feature)
 
     def send(self, msg: wire.Message, timeout: float = 30.0) -> Answered:
         """As the real client's: the answer is collected later (here it is carried now; an
