@@ -676,9 +676,10 @@ class GroupPrimary(_GroupWorker):
         with self.lock:
             g = self.marks.leg(PEER_LEG)
         applied, received = g.done, max(g.received, g.folded)
-        oldest = j.oldest_stamp_ns
-        outstanding = j.last_seq > applied
-        lag_s = round(max(0.0, time.time() - oldest / 1e9), 3) if oldest and outstanding else 0.0
+        # The age of the oldest entry the secondary has not applied: entries it applied may
+        # still be retained (released later, in batches), and they are not lag.
+        oldest = j.stamp_ns(max(applied + 1, j.first_seq)) if j.last_seq > applied else None
+        lag_s = round(max(0.0, time.time() - oldest / 1e9), 3) if oldest else 0.0
         return {
             "group": self.name,
             "journal_bytes": j.capacity,

@@ -601,6 +601,13 @@ class Journal:
             s = self._index.get(self._first_seq)
             return s.stamp_ns if s is not None and self._first_seq <= self._gc.durable else None
 
+    def stamp_ns(self, seq: int) -> int | None:
+        """When entry ``seq`` was written (its stamp), if it is retained and durable."""
+        with self._lock:
+            s = self._index.get(seq)
+            retained = s is not None and self._first_seq <= seq <= self._gc.durable
+            return s.stamp_ns if s is not None and retained else None
+
     @property
     def newest_stamp_ns(self) -> int | None:
         with self._lock:

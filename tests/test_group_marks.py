@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from replicator.seq_marks import LegMarks, format_incarnation
 
 MIB = 1 << 20
 BLOCK = 4096
+SECOND = 1_000_000_000  # ns
 WAIT = 10.0  # a bound, never a sleep: the waits return as soon as the state is there
 
 
@@ -516,6 +518,33 @@ def test_a_failed_release_is_reported_and_the_entries_stay(
     assert rig.ship()
     assert g.journal.first_seq == 5
     in_sync(g)
+
+
+def test_lag_seconds_is_the_age_of_the_oldest_entry_not_applied(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries the peer applied may stay retained until a release: they are no lag.  (Once,
+    the lag was the age of the oldest retained entry: a 20 s trace showed 62 s.)"""
+    g = rig.g
+    monkeypatch.setattr(g.journal, "release", lambda upto: None)  # the releaser has not run
+    rig.peer.auto_apply = False
+    now = time.time_ns()
+    data = b"w" * BLOCK
+    for stamp in (now - 600 * SECOND, now - 500 * SECOND, now - 30 * SECOND):
+        seq = g.journal.append(rig.side.stream, EntryKind.WRITE, 0, data, stamp_ns=stamp)
+        g.written_locally(seq)
+    assert g.describe()["lag_seconds"] >= 600  # none applied: the oldest is the lag
+    assert rig.ship() and rig.peer.got == [1, 2, 3]  # received, none applied
+    assert g.describe()["lag_seconds"] >= 600
+    rig.peer.applied = 2  # the peer applied the first two; the third is received only
+    assert rig.ship()
+    assert g.applied == 2 and g.journal.first_seq == 1  # applied, and still retained
+    d = g.describe()
+    assert d["lag_entries"] == 1
+    assert 30 <= d["lag_seconds"] < 400, d
+    rig.peer.applied = 3
+    assert rig.ship() and g.wait_applied(3, WAIT)
+    assert g.journal.first_seq == 1 and g.describe()["lag_seconds"] == 0.0
 
 
 def test_client_writes_go_on_while_a_release_rewrites_the_journal_header(
