@@ -1584,6 +1584,7 @@ def floor_of(
         "python": platform.python_version(),
         "steps": dict(steps),
         "sync": bench_floor.sync_floor(steps, local, client, base, cores),
+        "async": bench_floor.async_floor(steps, local, client, base, cores),
     }
 
 
@@ -1833,17 +1834,32 @@ def _rate_floor_lines(
             f"b {_cost_text(n['b'], metric)}"
         )
     lines += _ceiling_lines(f["ceilings"], f["unit"], f["client"], f"of {against}")
-    step = ((floor or {}).get("sync") or {}).get(f.get("step_floor") or "")
+    size = f.get("step_floor") or ""
+    journaled = ((floor or {}).get("async") or {}).get(size) if o["target"] == "async" else None
+    if journaled:
+        for label, step in (
+            ("warm journals", journaled["warm"]),
+            ("first lap", journaled["first_lap"]),
+        ):
+            lines.append(
+                _step_floor_line(f"per-step floor of an async entry, {label}", step, f["unit"])
+            )
+        return lines
+    step = ((floor or {}).get("sync") or {}).get(size)
     if step:
-        r = _rates_text(step["ceilings"], f["unit"])
         lower = " (a sync write's steps; async also journals: a lower bound)"
-        lines.append(
-            f"  estimate, per-step floor{lower if o['target'] == 'async' else ''}: "
-            f"a {step['a_us']:.0f} µs, b {step['b_us']:.0f} µs per {f['unit']}: here "
-            f"{r['this_machine']}, two hosts {r['two_hosts_gil']} (GIL) / "
-            f"{r['two_hosts_all_cores']} (all cores)"
-        )
+        label = f"per-step floor{lower if o['target'] == 'async' else ''}"
+        lines.append(_step_floor_line(label, step, f["unit"]))
     return lines
+
+
+def _step_floor_line(label: str, step: Mapping[str, Any], unit: str) -> str:
+    r = _rates_text(step["ceilings"], unit)
+    return (
+        f"  estimate, {label}: a {step['a_us']:.0f} µs, b {step['b_us']:.0f} µs per {unit}: "
+        f"here {r['this_machine']}, two hosts {r['two_hosts_gil']} (GIL) / "
+        f"{r['two_hosts_all_cores']} (all cores)"
+    )
 
 
 def _lag_floor_lines(f: Mapping[str, Any], floor: Mapping[str, Any] | None) -> list[str]:
@@ -1899,6 +1915,25 @@ def format_step_floor(floor: Mapping[str, Any]) -> str:
             f"{r['this_machine']} ({c['cores']} cores{client}); two hosts "
             f"{r['two_hosts_gil']} (GIL) / {r['two_hosts_all_cores']} (all cores)",
         ]
+    for size, s in (floor.get("async") or {}).items():
+        warm, lap = s["warm"], s["first_lap"]
+        lines += [
+            f"async {size} per {warm['unit']}: node a = {' + '.join(warm['a_steps'])} + the "
+            f"unreplicated write = {warm['a_us']:.0f} µs; node b = {' + '.join(warm['b_steps'])} "
+            f"= {warm['b_us']:.0f} µs (journals past their first lap)",
+            f"async {size} first lap (each journal's pwritev into pages never cached: "
+            f"+{lap['extra_per_journal_us']:.0f} µs on each node): a {lap['a_us']:.0f} µs, "
+            f"b {lap['b_us']:.0f} µs (new pages cost what the kernel hands out at the time: "
+            "on a VM whose host backs guest pages lazily, often many times an overwrite, and "
+            "varying; not a lower bound)",
+        ]
+        for label, step in (("warm", warm), ("first lap", lap)):
+            c, r = step["ceilings"], _rates_text(step["ceilings"], warm["unit"])
+            lines.append(
+                f"async {size} estimate, {label}: this machine {r['this_machine']} "
+                f"({c['cores']} cores); two hosts {r['two_hosts_gil']} (GIL) / "
+                f"{r['two_hosts_all_cores']} (all cores)"
+            )
     return "\n".join(lines)
 
 

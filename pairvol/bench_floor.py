@@ -16,6 +16,15 @@ rates it allows: on this machine (every core shared by both nodes and the client
 hosts (each node its own machine, bounded by the busier one).  Those rates are estimates; the
 step times are measurements, and the report says which is which.
 
+An async write is journalled on both nodes before it is applied: :func:`async_floor` adds,
+for 1 MiB entries, a :class:`~replicator.journal.Journal` append (CRC, record, ``pwritev``,
+``fdatasync``) on each node and the volume's ``pwritev`` on b to the frame and socket steps.
+Its ``first_lap`` variant charges each journal ``pwritev`` what writing into pages the page
+cache has never held costs (``pwritev_1m_fresh``): a new journal's first pass over its ring.
+On some virtual machines that is many times an overwrite of cached pages (the host backs
+each new guest page on first touch); on a host that recycles its page cache it is close to
+``pwritev_1m``.
+
 The socket steps run over TCP loopback with both ends in this thread: on loopback the kernel
 delivers into the receiver's queue during the sender's ``sendmsg``, so the split between the
 a and b sides is approximate and their sum is what counts.  The lab's nodes talk over a veth
@@ -25,6 +34,7 @@ pair between namespaces, which the same TCP stack serves.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import statistics
@@ -37,6 +47,8 @@ from typing import Any
 import crc32c
 
 from replicator import wire
+from replicator.journal import Journal
+from replicator.journal_codec import Entry, EntryKind, record_size
 
 SMALL = 4096
 LARGE = 1 << 20
@@ -44,7 +56,11 @@ REPEATS = 5
 #: CPU seconds one repeat of a step aims for when the iteration count is calibrated.
 REPEAT_S = 0.015
 MAX_ITERATIONS = 20_000
+PROBE = 4  # iterations of the calibrating run
 FILE_SPAN = 8 << 20  # the temp file the pwritev steps overwrite, all of it in the page cache
+#: Iterations per repeat, at most, of the steps that write new data to the disk (each one
+#: takes a fresh MiB, or makes a journal append durable): a few seconds of disk, not minutes.
+DISK_ITERATIONS = {"pwritev_1m_fresh": 32, "journal_append_4k": 400, "journal_append_1m": 8}
 PAIR_ID = "bench/p"
 
 #: Step name -> what it is, in the order the report lists them.
@@ -59,6 +75,14 @@ STEPS: dict[str, str] = {
     "crc32c_1m": "CRC32C of 1 MiB (inside every encode and decode above)",
     "pwritev_4k": "os.pwritev of 4 KiB into a cached temp file",
     "pwritev_1m": "os.pwritev of 1 MiB into a cached temp file",
+    "pwritev_1m_fresh": "os.pwritev of 1 MiB into pages the page cache never held (a file "
+    "that grows: a new journal's first lap)",
+    "journal_append_4k": "Journal.append of a 4 KiB entry, one writer: CRC, record, pwritev, "
+    "its own fdatasync",
+    "journal_append_1m": "Journal.append of a 1 MiB entry into a ring whose pages are cached "
+    "(past its first lap), one writer, its own fdatasync",
+    "journal_read_1m": "Journal.entries: one 1 MiB entry read back from a cached journal "
+    "(pread, CRC check), as the shipper and the applier do",
     "tcp_4k_a": "TCP loopback, a's side: sendmsg a 4 KiB request, recv_into the ack",
     "tcp_4k_b": "TCP loopback, b's side: recv_into the 4 KiB request, sendmsg the ack",
     "tcp_1m_a": "TCP loopback, a's side: send a 1 MiB request, recv_into the ack",
@@ -79,13 +103,18 @@ def _timed(name: str, op: Callable[[int], object]) -> Runner:
     return run
 
 
-def _median_us(run: Runner, iterations: int | None, repeats: int) -> dict[str, dict[str, Any]]:
+def _median_us(
+    run: Runner, iterations: int | None, repeats: int, cap: int = MAX_ITERATIONS
+) -> dict[str, dict[str, Any]]:
     """Each part's CPU µs per operation: the median of ``repeats`` runs of ``iterations``
-    (calibrated to about :data:`REPEAT_S` each when None), with the runs' min and max."""
+    (calibrated to about :data:`REPEAT_S` each, at most ``cap``, when None), with the runs'
+    min and max."""
     run(1)  # warm-up: first allocations, page faults, socket buffers
-    if iterations is None:
-        probe = sum(run(10).values()) / 10 / 1e9
-        iterations = max(10, min(MAX_ITERATIONS, int(REPEAT_S / max(probe, 1e-7))))
+    if iterations is not None:
+        iterations = min(iterations, cap)
+    else:
+        probe = sum(run(PROBE).values()) / PROBE / 1e9
+        iterations = max(PROBE, min(cap, int(REPEAT_S / max(probe, 1e-7))))
     per: dict[str, list[float]] = {}
     for _ in range(repeats):
         for part, ns in run(iterations).items():
@@ -149,6 +178,62 @@ def _pwritev_ops(fd: int, small: bytes, large: bytes) -> dict[str, Callable[[int
         return lambda i: os.pwritev(fd, [data], (i * 7919 % slots) * len(data))
 
     return {"pwritev_4k": write(small), "pwritev_1m": write(large)}
+
+
+def _fresh_op(fd: int, large: bytes) -> Callable[[int], object]:
+    """Each call writes the next MiB of a file that only grows: pages never cached before."""
+    offsets = itertools.count(0, LARGE)
+    return lambda _i: os.pwritev(fd, [large], next(offsets))
+
+
+@contextlib.contextmanager
+def _journal(directory: Path | None, capacity: int) -> Iterator[Journal]:
+    """A new journal of ``capacity`` bytes whose ring is written once first (through another
+    descriptor, beyond anything the journal reads back), so that its pages are cached."""
+    with tempfile.TemporaryDirectory(dir=directory) as d:
+        journal = Journal.create(os.path.join(d, "journal"), capacity, "bench")
+        try:
+            fd = os.open(journal.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                zeros = bytes(LARGE)
+                for off in range(size - capacity, size, LARGE):
+                    os.pwrite(fd, zeros[: size - off], off)
+            finally:
+                os.close(fd)
+            yield journal
+        finally:
+            journal.close()
+
+
+def _journal_op(journal: Journal, data: bytes) -> Callable[[int], object]:
+    return lambda i: journal.append(0, EntryKind.WRITE, (i % 64) * len(data), data)
+
+
+def _read_back_op(journal: Journal) -> Callable[[int], object]:
+    """Each call reads the next retained entry back (from the oldest again at the end)."""
+    entries: Iterator[Entry] = iter(())
+
+    def op(_i: int) -> object:
+        nonlocal entries
+        entry = next(entries, None)
+        if entry is None:
+            entries = journal.entries(journal.first_seq)
+            entry = next(entries)
+        return entry
+
+    return op
+
+
+def _journal_capacity(size: int, repeats: int) -> int:
+    """Room for every append :func:`_median_us` can make of ``size`` bytes: no lap, no
+    release, never full."""
+    appends = 1 + PROBE + repeats * DISK_ITERATIONS[f"journal_append_{_size_name(size)}"]
+    return (-(-appends * record_size(size) // LARGE) + 2) * LARGE  # whole MiB, and slack
+
+
+def _size_name(size: int) -> str:
+    return "1m" if size == LARGE else "4k"
 
 
 @contextlib.contextmanager
@@ -256,6 +341,18 @@ def measure_steps(
         ops = {**_codec_ops(small, large), **_pwritev_ops(fd, small, large)}
         for name, op in ops.items():
             out.update(_median_us(_timed(name, op), iterations, repeats))
+    with tempfile.TemporaryFile(dir=directory) as f:
+        cap = DISK_ITERATIONS["pwritev_1m_fresh"]
+        run = _timed("pwritev_1m_fresh", _fresh_op(f.fileno(), large))
+        out.update(_median_us(run, iterations, repeats, cap))
+    for data in (small, large):
+        name = f"journal_append_{_size_name(len(data))}"
+        with _journal(directory, _journal_capacity(len(data), repeats)) as journal:
+            run = _timed(name, _journal_op(journal, data))
+            out.update(_median_us(run, iterations, repeats, DISK_ITERATIONS[name]))
+            if data is large:
+                run = _timed("journal_read_1m", _read_back_op(journal))
+                out.update(_median_us(run, iterations, repeats))
     with _loopback_pair() as (a, b):
         out.update(_median_us(_tcp_small(a, b, small), iterations, repeats))
         out.update(_median_us(_tcp_large(a, b, large), iterations, repeats))
@@ -309,6 +406,21 @@ def ceilings(
     return out
 
 
+#: The steps each node pays per async entry of 1 MiB, on top of the unreplicated write (node
+#: a only): a journals it, reads it back and ships it in a frame of its own (an entry of 1 MiB
+#: fills an Entries frame, which costs what a Write frame does); b journals it, reads it back
+#: and applies it to the volume.
+ASYNC_STEPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "1m": {
+        "a": ("journal_append_1m", "journal_read_1m", "encode_write_1m", "tcp_1m_a", "decode_ack"),
+        "b": ("tcp_1m_b", "decode_write_1m", "journal_append_1m", "journal_read_1m", "pwritev_1m"),
+    },
+}
+#: A new journal's first lap: each journal append's ``pwritev`` lands in pages the page
+#: cache never held, at the cost of this step instead of ``pwritev_1m`` (on each node).
+FIRST_LAP = ("pwritev_1m_fresh", "pwritev_1m")
+
+
 def sync_floor(
     steps: Mapping[str, Mapping[str, Any]],
     local: Mapping[str, float | None],
@@ -321,27 +433,74 @@ def sync_floor(
     (``local``, µs per request / per MiB as measured by the run; None: left out), and the
     :func:`ceilings` those allow with the client's cost (``client``, µs) and against the
     unreplicated rate (``base``: IOPS for ``4k``, MiB/s for ``1m``)."""
+    return {
+        size: _node_floor(size, nodes, steps, local, client, base, cores)
+        for size, nodes in NODE_STEPS.items()
+    }
+
+
+def async_floor(
+    steps: Mapping[str, Mapping[str, Any]],
+    local: Mapping[str, float | None],
+    client: Mapping[str, float | None],
+    base: Mapping[str, float | None],
+    cores: int,
+) -> dict[str, Any]:
+    """The per-MiB floor of an async write of 1 MiB entries, end to end (written on a,
+    applied on b), as :func:`sync_floor` with :data:`ASYNC_STEPS`: ``warm`` with every
+    journal's ring in the page cache, and ``first_lap`` with each node's journal ``pwritev``
+    charged at :data:`FIRST_LAP`'s cost of pages never cached."""
+    fresh, cached = (float(steps[s]["us"]) for s in FIRST_LAP)
     out: dict[str, Any] = {}
-    for size, nodes in NODE_STEPS.items():
-        a = sum(float(steps[s]["us"]) for s in nodes["a"])
-        b = sum(float(steps[s]["us"]) for s in nodes["b"])
-        own = local.get(size)
-        if own is not None:
-            a += own
+    for size, nodes in ASYNC_STEPS.items():
+        warm = _node_floor(size, nodes, steps, local, client, base, cores)
+        lap = {h: warm[f"{h}_us"] + fresh - cached for h in "ab"}
         fio = client.get(size)
         out[size] = {
-            "unit": "request" if size == "4k" else "MiB",
-            "a_us": round(a, 2),
-            "b_us": round(b, 2),
-            "a_steps": list(nodes["a"]),
-            "b_steps": list(nodes["b"]),
-            "local_us": own,  # the unreplicated write on a, measured by the run (None: left out)
-            "client_us": fio,
-            "ceilings": ceilings(
-                a / 1e6, b / 1e6, None if fio is None else fio / 1e6, cores, base.get(size)
-            ),
+            "warm": warm,
+            "first_lap": {
+                "a_us": round(lap["a"], 2),
+                "b_us": round(lap["b"], 2),
+                "extra_per_journal_us": round(fresh - cached, 2),
+                "ceilings": ceilings(
+                    lap["a"] / 1e6,
+                    lap["b"] / 1e6,
+                    None if fio is None else fio / 1e6,
+                    cores,
+                    base.get(size),
+                ),
+            },
         }
     return out
+
+
+def _node_floor(
+    size: str,
+    nodes: Mapping[str, tuple[str, ...]],
+    steps: Mapping[str, Mapping[str, Any]],
+    local: Mapping[str, float | None],
+    client: Mapping[str, float | None],
+    base: Mapping[str, float | None],
+    cores: int,
+) -> dict[str, Any]:
+    a = sum(float(steps[s]["us"]) for s in nodes["a"])
+    b = sum(float(steps[s]["us"]) for s in nodes["b"])
+    own = local.get(size)
+    if own is not None:
+        a += own
+    fio = client.get(size)
+    return {
+        "unit": "request" if size == "4k" else "MiB",
+        "a_us": round(a, 2),
+        "b_us": round(b, 2),
+        "a_steps": list(nodes["a"]),
+        "b_steps": list(nodes["b"]),
+        "local_us": own,  # the unreplicated write on a, measured by the run (None: left out)
+        "client_us": fio,
+        "ceilings": ceilings(
+            a / 1e6, b / 1e6, None if fio is None else fio / 1e6, cores, base.get(size)
+        ),
+    }
 
 
 def format_steps(steps: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:

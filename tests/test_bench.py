@@ -595,6 +595,16 @@ def test_a_reached_target_has_no_floor_and_a_missed_one_has_its_floor_lines() ->
     assert "floor: full resync / nbdcopy = 0.50, goal >= 0.9: not reached" in table
     assert "per-step floor of a sync mirrored write (measured in this run" in table
     assert "4k per request: node b = tcp_4k_b + decode_write_4k + pwritev_4k + encode_ack" in table
+    # async 1M's floor journals on both nodes: warm, and a new journal's first lap
+    floor = table[table.index("floor: async end to end write-1m / unrepl = 0.10") :]
+    lines = floor.splitlines()[1:6]
+    assert lines[3].startswith("  estimate, per-step floor of an async entry, warm journals: a ")
+    assert lines[4].startswith("  estimate, per-step floor of an async entry, first lap: a ")
+    assert "async 1m per MiB: node a = journal_append_1m + journal_read_1m + " in table
+    assert "async 1m first lap (each journal's pwritev into pages never cached" in table
+    # async 4k has no journalled step floor: the sync one, marked as a lower bound
+    floor = table[table.index("floor: async end to end randwrite-4k / unrepl = 0.10") :]
+    assert "per-step floor (a sync write's steps; async also journals: a lower bound)" in floor
     assert "CPU per request / per MiB" in text and "132 µs/req" in text  # 0.66 / 5000
 
 

@@ -57,3 +57,35 @@ def test_the_step_table_lists_every_measured_step() -> None:
     lines = bench_floor.format_steps({"crc32c_1m": s})
     assert lines[0] == ["step", "µs", "min-max µs", "iterations"]
     assert lines[1][0].startswith("crc32c_1m: ") and lines[1][1:] == ["1.2", "1.0-2.0", "5x3"]
+
+
+def test_async_floor_journals_on_both_nodes_and_charges_the_first_lap() -> None:
+    us = {"journal_append_1m": 250, "journal_read_1m": 120, "encode_write_1m": 40}
+    us |= {"tcp_1m_a": 100, "decode_ack": 5, "tcp_1m_b": 50, "decode_write_1m": 100}
+    us |= {"pwritev_1m": 30, "pwritev_1m_fresh": 230, "crc32c_1m": 1000, "pwritev_4k": 7}
+    floor = bench_floor.async_floor(
+        steps_of(us), {"1m": 300.0}, {"1m": 100.0}, {"1m": 2000.0}, cores=2
+    )
+    assert list(floor) == ["1m"]
+    warm, lap = floor["1m"]["warm"], floor["1m"]["first_lap"]
+    # a: the unreplicated write, its journal append, reading it back, the frame, the socket
+    assert (warm["a_us"], warm["local_us"]) == (815.0, 300.0)
+    # b: the socket, the frame, its own journal append and read back, the volume's pwritev
+    assert warm["b_us"] == 550.0
+    assert warm["b_steps"] == [
+        "tcp_1m_b", "decode_write_1m", "journal_append_1m", "journal_read_1m", "pwritev_1m"
+    ]  # fmt: skip
+    # the first lap: each node's journal pwritev lands in new pages, 230 - 30 µs more
+    assert (lap["a_us"], lap["b_us"], lap["extra_per_journal_us"]) == (1015.0, 750.0, 200.0)
+    # 2 cores / (815 + 550 + 100 µs) and 2 / (1015 + 750 + 100 µs), against 2000 MiB/s
+    assert warm["ceilings"]["rate"]["this_machine"] == pytest.approx(1365.2)
+    assert lap["ceilings"]["rate"]["this_machine"] == pytest.approx(1072.4)
+    assert lap["ceilings"]["ratio"]["two_hosts_gil"] == pytest.approx(0.493)  # 1 / 1015 µs
+
+
+def test_the_disk_steps_stay_within_their_iteration_caps(tmp_path: Path) -> None:
+    steps = bench_floor.measure_steps(tmp_path, iterations=500, repeats=1)
+    for name, cap in bench_floor.DISK_ITERATIONS.items():
+        assert steps[name]["iterations"] == cap, name  # a journal never fills, the disk is spared
+    assert steps["crc32c_1m"]["iterations"] == 500
+    assert list(tmp_path.iterdir()) == []
