@@ -1559,10 +1559,15 @@ def unit_seconds(cost: Mapping[str, float], metric: str) -> float:
 
 
 def floor_of(
-    rep: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]], cores: int
+    rep: Mapping[str, Any],
+    steps: Mapping[str, Mapping[str, Any]],
+    cores: int,
+    disk: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The per-step floor of a sync mirrored write (:func:`bench_floor.sync_floor`) with this
-    run's unreplicated write on a, fio's cost and the unreplicated rates."""
+    """The per-step floor of a sync mirrored write (:func:`bench_floor.sync_floor`) and of an
+    async one (:func:`bench_floor.async_floor`, with the durable rate of the ``disk``
+    measurement when there is one) with this run's unreplicated write on a, fio's cost and
+    the unreplicated rates."""
     baseline = rep["baseline"]
     local: dict[str, float | None] = {}
     client: dict[str, float | None] = {}
@@ -1584,15 +1589,19 @@ def floor_of(
         "python": platform.python_version(),
         "steps": dict(steps),
         "sync": bench_floor.sync_floor(steps, local, client, base, cores),
-        "async": bench_floor.async_floor(steps, local, client, base, cores),
+        "disk": disk,
+        "async": bench_floor.async_floor(
+            steps, local, client, base, cores, None if disk is None else disk["mib_s"]
+        ),
     }
 
 
 def measure_floor(
     rep: Mapping[str, Any], cores: int, workdir: Path, progress: Callable[[str], None]
 ) -> dict[str, Any]:
-    progress("floor: timing each step of a replicated write in this process (about 1 s)")
-    return floor_of(rep, bench_floor.measure_steps(workdir), cores)
+    progress("floor: timing each step of a replicated write in this process (about 2 s)")
+    steps = bench_floor.measure_steps(workdir)
+    return floor_of(rep, steps, cores, bench_floor.measure_disk(workdir))
 
 
 def objectives_of(rep: Mapping[str, Any], cores: int) -> list[dict[str, Any]]:
@@ -1844,6 +1853,8 @@ def _rate_floor_lines(
             lines.append(
                 _step_floor_line(f"per-step floor of an async entry, {label}", step, f["unit"])
             )
+        if journaled.get("disk"):
+            lines.append(_disk_floor_line(journaled["disk"], (floor or {}).get("disk") or {}))
         return lines
     step = ((floor or {}).get("sync") or {}).get(size)
     if step:
@@ -1851,6 +1862,23 @@ def _rate_floor_lines(
         label = f"per-step floor{lower if o['target'] == 'async' else ''}"
         lines.append(_step_floor_line(label, step, f["unit"]))
     return lines
+
+
+def _disk_floor_line(d: Mapping[str, Any], how: Mapping[str, Any]) -> str:
+    ratio = d.get("ratio") or {}
+
+    def at(where: str) -> str:
+        x = ratio.get(where)
+        return f"{d['rate'][where]:.0f} MiB/s" + ("" if x is None else f" = {x:.2f}x")
+
+    copies = d["copies"]
+    return (
+        f"  measured, durable journal appends here: {d['durable_mib_s']:.0f} MiB/s "
+        f"({how.get('writers', '?')} writers of 1 MiB, fdatasync each); estimate, disk-bound: "
+        f"each MiB made durable {copies['this_machine']} times on this disk (a's journal, "
+        f"b's journal, b's volume) <= {at('this_machine')}; two hosts ({copies['two_hosts']} "
+        f"on b's) <= {at('two_hosts')} (the unreplicated run writes to the page cache only)"
+    )
 
 
 def _step_floor_line(label: str, step: Mapping[str, Any], unit: str) -> str:
@@ -1934,6 +1962,8 @@ def format_step_floor(floor: Mapping[str, Any]) -> str:
                 f"({c['cores']} cores); two hosts {r['two_hosts_gil']} (GIL) / "
                 f"{r['two_hosts_all_cores']} (all cores)"
             )
+        if s.get("disk"):
+            lines.append(f"async {size}:" + _disk_floor_line(s["disk"], floor.get("disk") or {}))
     return "\n".join(lines)
 
 

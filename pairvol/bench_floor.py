@@ -39,6 +39,7 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -359,6 +360,50 @@ def measure_steps(
     return {name: out[name] for name in STEPS}
 
 
+#: :func:`measure_disk`: journal writers (the nodes' four nbdkit threads), 1 MiB appends each
+#: per round, and rounds.
+DISK_WRITERS, DISK_APPENDS, DISK_ROUNDS = 4, 16, 3
+
+
+def measure_disk(
+    directory: Path | None = None,
+    *,
+    writers: int = DISK_WRITERS,
+    appends: int = DISK_APPENDS,
+    rounds: int = DISK_ROUNDS,
+) -> dict[str, Any]:
+    """How fast 1 MiB journal appends become durable here, by the wall clock: ``writers``
+    threads each append ``appends`` entries to one journal whose ring is cached (each append
+    waits for its fdatasync, which the writers share as the nodes' do); the median MiB/s of
+    ``rounds``, with each round's.  Async writes are durable in a journal before they are
+    acknowledged, so this bounds them where CPU does not."""
+    data = os.urandom(LARGE)
+    per_round = writers * appends
+    capacity = (-(-(1 + rounds * per_round) * record_size(LARGE) // LARGE) + 2) * LARGE
+    rates: list[float] = []
+    with _journal(directory, capacity) as journal:
+        journal.append(0, EntryKind.WRITE, 0, data)  # warm-up: the first sync, the file's blocks
+
+        def write() -> None:
+            for i in range(appends):
+                journal.append(0, EntryKind.WRITE, i * LARGE, data)
+
+        for _ in range(rounds):
+            threads = [threading.Thread(target=write, daemon=True) for _ in range(writers)]
+            t0 = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rates.append(per_round / max(time.monotonic() - t0, 1e-9))
+    return {
+        "mib_s": round(statistics.median(rates), 1),
+        "rounds_mib_s": [round(r, 1) for r in rates],
+        "writers": writers,
+        "appends": appends,
+    }
+
+
 # -- the floor of a sync mirrored write, and the rates CPU allows -----------------------------
 
 #: The steps each node pays per write, on top of the unreplicated write (node a only).
@@ -439,17 +484,27 @@ def sync_floor(
     }
 
 
+#: How many times one async MiB is made durable (written and fdatasynced) on the busiest disk:
+#: on this machine's one disk a's journal, b's receive journal and b's volume (the applier
+#: syncs it per batch); on two hosts b's disk takes the last two.  a's volume is written back
+#: in time, never waited for.
+DURABLE_COPIES = {"this_machine": 3, "two_hosts": 2}
+
+
 def async_floor(
     steps: Mapping[str, Mapping[str, Any]],
     local: Mapping[str, float | None],
     client: Mapping[str, float | None],
     base: Mapping[str, float | None],
     cores: int,
+    disk_mib_s: float | None = None,
 ) -> dict[str, Any]:
     """The per-MiB floor of an async write of 1 MiB entries, end to end (written on a,
     applied on b), as :func:`sync_floor` with :data:`ASYNC_STEPS`: ``warm`` with every
     journal's ring in the page cache, and ``first_lap`` with each node's journal ``pwritev``
-    charged at :data:`FIRST_LAP`'s cost of pages never cached."""
+    charged at :data:`FIRST_LAP`'s cost of pages never cached.  With ``disk_mib_s`` (the
+    durable rate of :func:`measure_disk`), also ``disk``: the rates the disk allows with
+    :data:`DURABLE_COPIES`, and their ratios to ``base``."""
     fresh, cached = (float(steps[s]["us"]) for s in FIRST_LAP)
     out: dict[str, Any] = {}
     for size, nodes in ASYNC_STEPS.items():
@@ -471,6 +526,20 @@ def async_floor(
                 ),
             },
         }
+        if disk_mib_s:
+            out[size]["disk"] = _disk_ceilings(disk_mib_s, base.get(size))
+    return out
+
+
+def _disk_ceilings(mib_s: float, base: float | None) -> dict[str, Any]:
+    rates = {where: mib_s / n for where, n in DURABLE_COPIES.items()}
+    out: dict[str, Any] = {
+        "durable_mib_s": mib_s,
+        "copies": dict(DURABLE_COPIES),
+        "rate": {k: round(v, 1) for k, v in rates.items()},
+    }
+    if base:
+        out["ratio"] = {k: round(v / base, 3) for k, v in rates.items()}
     return out
 
 

@@ -491,7 +491,7 @@ def replicated_part(*, sync_4k: float = 2000.0, p99_4k: float = 0.02) -> dict[st
         "cores": 2,
     }
     rep["cpu"] = bench.cpu_costs(rep)
-    rep["floor"] = bench.floor_of(rep, fake_steps(), 2)
+    rep["floor"] = bench.floor_of(rep, fake_steps(), 2, {"mib_s": 600.0, "writers": 4})
     rep["objectives"] = bench.objectives_of(rep, 2)
     return rep
 
@@ -597,9 +597,15 @@ def test_a_reached_target_has_no_floor_and_a_missed_one_has_its_floor_lines() ->
     assert "4k per request: node b = tcp_4k_b + decode_write_4k + pwritev_4k + encode_ack" in table
     # async 1M's floor journals on both nodes: warm, and a new journal's first lap
     floor = table[table.index("floor: async end to end write-1m / unrepl = 0.10") :]
-    lines = floor.splitlines()[1:6]
+    lines = floor.splitlines()[1:7]
     assert lines[3].startswith("  estimate, per-step floor of an async entry, warm journals: a ")
     assert lines[4].startswith("  estimate, per-step floor of an async entry, first lap: a ")
+    assert lines[5] == (
+        "  measured, durable journal appends here: 600 MiB/s (4 writers of 1 MiB, fdatasync "
+        "each); estimate, disk-bound: each MiB made durable 3 times on this disk (a's journal, "
+        "b's journal, b's volume) <= 200 MiB/s = 0.20x; two hosts (2 on b's) <= 300 MiB/s = "
+        "0.30x (the unreplicated run writes to the page cache only)"
+    )
     assert "async 1m per MiB: node a = journal_append_1m + journal_read_1m + " in table
     assert "async 1m first lap (each journal's pwritev into pages never cached" in table
     # async 4k has no journalled step floor: the sync one, marked as a lower bound

@@ -64,9 +64,14 @@ def test_async_floor_journals_on_both_nodes_and_charges_the_first_lap() -> None:
     us |= {"tcp_1m_a": 100, "decode_ack": 5, "tcp_1m_b": 50, "decode_write_1m": 100}
     us |= {"pwritev_1m": 30, "pwritev_1m_fresh": 230, "crc32c_1m": 1000, "pwritev_4k": 7}
     floor = bench_floor.async_floor(
-        steps_of(us), {"1m": 300.0}, {"1m": 100.0}, {"1m": 2000.0}, cores=2
+        steps_of(us), {"1m": 300.0}, {"1m": 100.0}, {"1m": 2000.0}, cores=2, disk_mib_s=900.0
     )
     assert list(floor) == ["1m"]
+    # 900 MiB/s of durable appends: each MiB is made durable 3 times on this machine's one
+    # disk (a's journal, b's journal, b's volume), twice on b's disk of two hosts
+    disk = floor["1m"]["disk"]
+    assert disk["rate"] == {"this_machine": 300.0, "two_hosts": 450.0}
+    assert disk["ratio"] == {"this_machine": 0.15, "two_hosts": 0.225}
     warm, lap = floor["1m"]["warm"], floor["1m"]["first_lap"]
     # a: the unreplicated write, its journal append, reading it back, the frame, the socket
     assert (warm["a_us"], warm["local_us"]) == (815.0, 300.0)
@@ -89,3 +94,13 @@ def test_the_disk_steps_stay_within_their_iteration_caps(tmp_path: Path) -> None
         assert steps[name]["iterations"] == cap, name  # a journal never fills, the disk is spared
     assert steps["crc32c_1m"]["iterations"] == 500
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_disk_measurement_times_durable_appends_and_leaves_nothing(tmp_path: Path) -> None:
+    disk = bench_floor.measure_disk(tmp_path, writers=2, appends=2, rounds=2)
+    assert (disk["writers"], disk["appends"], len(disk["rounds_mib_s"])) == (2, 2, 2)
+    assert all(math.isfinite(r) and r > 0 for r in disk["rounds_mib_s"])
+    assert min(disk["rounds_mib_s"]) <= disk["mib_s"] <= max(disk["rounds_mib_s"])
+    assert list(tmp_path.iterdir()) == []
+    no_disk = bench_floor.async_floor(steps_of({}), {}, {}, {}, cores=2)
+    assert "disk" not in no_disk["1m"]
