@@ -7,6 +7,7 @@ Run as a script, this module is the child process of the SIGKILL test (see ``_ch
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -40,6 +41,7 @@ from replicator.errors import (
     IllegalState,
     NotFound,
     UsageError,
+    VolumeError,
 )
 from replicator.journal import Entry, EntryKind, Journal, JournalFull
 
@@ -111,15 +113,36 @@ def test_create_append_read_back_and_reopen(tmp_path: Path) -> None:
         assert j.count == 4 and j.last_seq == 4
     st_ = p.stat()
     assert st_.st_size == jr.RING_OFFSET + MIB
-    assert st_.st_blocks * 512 < MIB // 2  # sparse
+    assert st_.st_blocks * 512 >= MIB  # the ring's blocks reserved at creation
     with Journal.open(str(p)) as j2:
         assert all_entries(j2) == want
         assert j2.repaired == []
         assert j2.append(0, W, 0, b"z") == 5
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_create_on_a_full_file_system_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    """The ring's blocks are reserved at creation, so a file system without room for it
+    refuses the journal there, with the errno, rather than a client's write (the append that
+    found no block) later: a sparse ring allocated blocks one append at a time.  Nothing is
+    left behind: no journal, no half-built temporary file."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        full = r"journal create .*/g\.journal: No space left on device"
+        with pytest.raises(VolumeError, match=full) as info:
+            Journal.create(str(mnt / "g.journal"), 8 * MIB, "g")
+        assert info.value.errno == errno.ENOSPC
+        assert list(mnt.iterdir()) == []
+        with Journal.create(str(mnt / "g.journal"), 2 * MIB, "g") as j:  # room for this one
+            assert j.append(0, W, 0, b"x" * 4096) == 1
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 def test_create_reads_no_ring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A journal just created is a ring of holes: opening it follows no chain and scans
+    """A journal just created reads as zeros: opening it follows no chain and scans
     nothing (the scan reads the whole ring: an async takeover that opened its group's
     journal paid 0.4 s for 256 MiB).  What is opened is a working journal."""
     read: list[int] = []
