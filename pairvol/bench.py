@@ -631,8 +631,8 @@ def format_table(rows: Sequence[Row], targets: Sequence[str]) -> str:
     for t in e2e:
         table += (
             f"\n{t} e2e: end to end, written on a and applied on b (one burst from empty, "
-            f"until drained); {t} into journal: fio's rate (ratio), which the journal takes only "
-            "until it fills"
+            f"from fio's first write until drained); {t} into journal: fio's rate (ratio), "
+            "which the journal takes only until it fills"
         )
     return table
 
