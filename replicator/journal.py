@@ -688,8 +688,14 @@ def _create_file(path: str, capacity: int, group: str, first_seq: int) -> None:
     except OSError as e:
         raise _io_error(e, f"create {tmp}") from e
     try:
-        os.ftruncate(fd, RING_OFFSET + capacity)
-        _reserve_ring(fd, capacity)
+        # Every block reserved, not left sparse (posix_fallocate also sets the size), as a
+        # journal volume's capacity is when it is made: a file system without room refuses
+        # the journal here with ENOSPC, not a client's write (the append that found no
+        # block) later.  It writes nothing (the ring reads as zeros, as holes do; 3 ms for
+        # 256 MiB here).  Writing the ring with zeros instead made a first lap's appends
+        # faster alone (560 against 890 µs per MiB) but not the async end-to-end rate, and
+        # costs 0.6 s per GiB (docs/benchmarks.md, session 18).
+        os.posix_fallocate(fd, 0, RING_OFFSET + capacity)
         slot = encode_header(header)
         for off in SLOT_OFFSETS:
             _pwrite_all(fd, slot, off)
@@ -704,18 +710,6 @@ def _create_file(path: str, capacity: int, group: str, first_seq: int) -> None:
         os.close(fd)
         os.unlink(tmp)
     fsync_dir(directory)
-
-
-def _reserve_ring(fd: int, capacity: int) -> None:
-    """Allocate the whole ring's blocks as a new journal is built (before the ``fsync`` that
-    precedes its ``link``), as a journal volume's capacity is reserved when it is made: a
-    file system without room for it refuses the journal here, with ENOSPC, not a client's
-    write (the append that found no block) hours later.  ``posix_fallocate`` reserves without
-    writing (the blocks read as zeros, as holes do; 3 ms for 256 MiB here).  Writing the ring
-    with zeros instead made a first lap's appends faster alone (560 against 890 µs per MiB)
-    but not the async end-to-end rate, and costs 0.6 s per GiB at creation
-    (docs/benchmarks.md, session 18).  Its OSError is the caller's (a create that failed)."""
-    os.posix_fallocate(fd, RING_OFFSET, capacity)
 
 
 def _open_file(cls: type[Journal], path: str, *, created: bool = False) -> Journal:
