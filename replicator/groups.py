@@ -11,16 +11,18 @@ and the volumes agree again.
 
 The shipper (one thread per group on the primary) reads entries in sequence order and sends
 them as Write/Zero requests carrying ``seq``, up to :data:`SHIP_WINDOW` in flight: it sends
-each at once and collects the acks oldest first (no thread per request), reading the next
-batch from the journal while the last one's acks are still coming.  A round starts with a
-status (what the secondary holds) and ships until it has caught up or for
-:data:`SHIP_ROUND_S`; the primary's journal releases run on their own thread. The secondary appends
-each to its *receive journal* with the same sequence number, strictly in order (an early
-arrival waits for its predecessor), and answers with a JournalAck: received and applied. Its
-applier thread writes entries to the volumes in order, makes them durable, then records the
-applied mark and releases them. A secondary that restarts replays its receive journal from the
-applied mark, so its volumes are always a write-order-consistent prefix of the primary's: never
-a mixture, never a hole. The primary releases entries once the secondary has *applied* them.
+each at once and collects the acks oldest first (no thread per request), reading the next batch
+from the journal while the last one's acks are still coming. A round starts with a status (what
+the secondary holds) and ships until it has caught up or for :data:`SHIP_ROUND_S`; the
+primary's journal releases run on their own thread. The secondary never sends its marks
+unasked: while it holds entries it has not applied, the shipper asks again (a status) within
+:data:`APPLIED_POLL_S` of each answer that showed progress. The secondary appends each to its
+*receive journal* with the same sequence number, strictly in order (an early arrival waits for
+its predecessor), and answers with a JournalAck: received and applied. Its applier thread
+writes entries to the volumes in order, makes them durable, then records the applied mark and
+releases them. A secondary that restarts replays its receive journal from the applied mark, so
+its volumes are always a write-order-consistent prefix of the primary's: never a mixture, never
+a hole. The primary releases entries once the secondary has *applied* them.
 
 Marks.  The primary keeps its sequence marks in :class:`~replicator.seq_marks.GroupMarks`:
 *written* (the contiguous prefix of the local writes, which finish in any order) and, per
@@ -135,6 +137,15 @@ SHIP_FRAME_BYTES = 1 << 20
 #: A round ships until it has caught up or this long has passed (then a status, so that the
 #: secondary hears the newest seq at least this often, and quiesce() waits at most this long).
 SHIP_ROUND_S = 1.0
+#: The shipper's wait between rounds while the peer has applied all it was sent: a status
+#: (a round that finds nothing to ship) at least this often.
+IDLE_WAIT_S = 0.2
+#: While the peer holds entries it has not applied, the shipper asks again (a status, whose
+#: answer carries the applied mark) this soon, and twice as long after each answer that shows
+#: no progress, up to IDLE_WAIT_S.  The peer never pushes its applied mark: without this the
+#: primary learnt it up to IDLE_WAIT_S late, which its lag, its journal's releases, a split's
+#: drain and every waiter on ``wait_applied`` paid.
+APPLIED_POLL_S = 0.005
 APPLY_BATCH = 256
 ORDER_WAIT = 10.0  # how long an early entry waits for its predecessor on the secondary
 #: The primary's one replication leg today (SPEC 5 adds a second: sync near, async far).
@@ -186,6 +197,34 @@ def open_journal(path: str, group: str, capacity: int) -> Journal:
         j = Journal.create(path, capacity, group)
     j.sync_appends = False
     return j
+
+
+class AppliedPoll:
+    """When the shipper's next status is due, from the leg's marks after each round (pure:
+    no clock, no I/O).  Nothing unapplied at the peer: :data:`IDLE_WAIT_S`.  Otherwise
+    :data:`APPLIED_POLL_S` after the round that first saw it or saw the applied mark move,
+    doubling, up to :data:`IDLE_WAIT_S`, while it stands still (a secondary slow to apply is
+    asked ever less often, not 200 times a second)."""
+
+    def __init__(self) -> None:
+        self.wait = IDLE_WAIT_S
+        self._done: int | None = None  # the applied mark last seen with entries unapplied
+
+    def after_round(self, done: int, shipped: int) -> float:
+        """The wait after a round that left the peer at ``done`` (applied or folded) with
+        everything up to ``shipped`` sent to it."""
+        if done >= shipped:
+            self.wait, self._done = IDLE_WAIT_S, None
+        elif self._done is None or done > self._done:
+            self.wait, self._done = APPLIED_POLL_S, done
+        else:
+            self.wait = min(IDLE_WAIT_S, self.wait * 2)
+        return self.wait
+
+    def reset(self) -> float:
+        """After a failed round: the next one ships from what the peer holds, afresh."""
+        self.wait, self._done = IDLE_WAIT_S, None
+        return self.wait
 
 
 class _GroupWorker:
@@ -501,11 +540,18 @@ class GroupPrimary(_GroupWorker):
         return None
 
     def _ship_loop(self) -> None:
+        poll = AppliedPoll()
+        wait = poll.wait
         while not self._stop.is_set():
-            self._wake.wait(0.2)
+            self._wake.wait(wait)
             self._wake.clear()
             if not self.ship_round():
+                wait = poll.reset()
                 self._stop.wait(0.5)  # retry, not spin, while the link is down
+                continue
+            with self.lock:
+                g = self.marks.leg(PEER_LEG)
+            wait = poll.after_round(g.done, g.shipped)
 
     def ship_round(self, leg: str = PEER_LEG) -> bool:
         """One round of the shipper: the status to ``leg``'s peer (learn what it holds), then

@@ -343,6 +343,43 @@ def test_the_shipper_thread_ships_what_is_written(rig: Rig) -> None:
     assert g.journal.count == 0
 
 
+def test_the_applied_poll_asks_soon_while_the_peer_applies_and_backs_off_when_it_stalls() -> None:
+    poll = groups.AppliedPoll()
+    idle, soon = groups.IDLE_WAIT_S, groups.APPLIED_POLL_S
+    assert poll.after_round(done=10, shipped=10) == idle  # nothing unapplied: idle
+    assert poll.after_round(done=10, shipped=40) == soon  # first seen unapplied
+    assert poll.after_round(done=10, shipped=40) == 2 * soon  # no progress: back off
+    assert poll.after_round(done=10, shipped=40) == 4 * soon
+    assert poll.after_round(done=25, shipped=40) == soon  # progress: soon again
+    waits = [poll.after_round(done=25, shipped=40) for _ in range(12)]
+    assert waits == sorted(waits) and waits[-1] == idle  # a stalled peer: at most idle
+    assert poll.after_round(done=40, shipped=40) == idle  # all applied
+    assert poll.after_round(done=40, shipped=41) == soon  # a new batch: soon again
+    assert poll.reset() == idle
+    assert poll.after_round(done=40, shipped=41) == soon  # after a failed round: afresh
+
+
+def test_the_shipper_learns_the_peers_applied_mark_without_a_new_write(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer applies after it acknowledged the entries' receipt, and never pushes its
+    applied mark: the shipper asks for it (a status) while entries are unapplied there, not
+    only at its idle interval (set to an hour here; it once was the only way, 0.2 s late)."""
+    monkeypatch.setattr(groups, "IDLE_WAIT_S", 3600.0)
+    g = rig.g
+    rig.peer.auto_apply = False
+    g.start()
+    seqs = rig.write(4)
+    with rig.peer.cond:
+        assert rig.peer.cond.wait_for(lambda: rig.peer.received == seqs[-1], WAIT)
+        statuses = len(rig.peer.statuses)
+        rig.peer.applied = seqs[-1]  # applied later, with no new client write
+    with g.cond:
+        assert g.cond.wait_for(lambda: g.applied == seqs[-1], WAIT)
+    assert len(rig.peer.statuses) > statuses  # learnt from a status, not a write
+    assert g.describe()["lag_entries"] == 0
+
+
 def test_nothing_ships_before_it_is_on_the_local_volume(rig: Rig) -> None:
     g = rig.g
     s1, s2, s3 = rig.write(3, local=False)
