@@ -814,6 +814,43 @@ def test_fence_data_refuses_what_the_secondary_cannot_take(
     identical(a, b)
 
 
+def test_a_local_write_that_fails_after_the_mirror_was_sent_suspends_the_pair(
+    two: tuple[Lab, Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirrored write goes to the secondary first, then to the local volume while the
+    secondary writes it.  If the local write then fails, the secondary may hold a write the
+    primary does not: the pair must not stay PAIR with nothing dirty."""
+    lab, a, b = two
+    pid = "g/p1"
+    paired(lab, a, b)
+    ha = a.open()
+    plain = ExportHandle.pwrite
+    broken = {"on": True}
+
+    def pwrite(self: ExportHandle, buf: memoryview, offset: int, fua: bool) -> None:
+        if self is ha and broken["on"]:
+            raise VolumeError("short write (0 of 4096 bytes) at 655360", errno.ENOSPC)
+        plain(self, buf, offset, fua)
+
+    monkeypatch.setattr(ExportHandle, "pwrite", pwrite)
+    sent = noise(4096)
+    with pytest.raises(VolumeError) as failed:
+        write(ha, 10 * CHUNK, sent)
+    assert failed.value.errno == errno.ENOSPC  # the client hears the local error
+    assert b.image()[10 * CHUNK : 10 * CHUNK + 4096] == sent  # the secondary took it
+    assert a.image()[10 * CHUNK : 10 * CHUNK + 4096] != sent  # this volume did not
+    assert a.state(pid) == ("PSUE", "primary")
+    assert a.side(pid).record.cause is ps.Cause.DISK
+    assert a.show(pid)["dirty_bytes"] == CHUNK  # the chunk that differs, recorded
+
+    broken["on"] = False
+    write(ha, 20 * CHUNK, noise(4096))  # recorded, as in any PSUE
+    a.cmd("pair.resync", target="g")
+    wait_copy(a, pid)
+    identical(a, b)
+    assert b.image()[10 * CHUNK : 10 * CHUNK + 4096] != sent  # the primary's data won
+
+
 def test_takeover_while_cut_fences_the_old_primary(two: tuple[Lab, Node, Node]) -> None:
     """Issue 7 item 8: after a takeover on the secondary, the old primary must stop taking
     writes as soon as it hears of the newer epoch (REFUSE_STALE, EIO)."""

@@ -6,11 +6,13 @@ quiescent point close it), after asking each leg's machine for a
 :class:`~replicator.pair_state.WriteDecision`:
 
 * ``MIRROR`` (sync, COPY or PAIR): mark the write's extents in the activity log, lock the
-  chunks it touches, write locally, send it to the secondary and wait for the
-  acknowledgement.  A failure to reach the secondary suspends the pair (PSUE): with
-  ``fence=never`` the chunks go into the difference bitmap and the client gets success; with
-  ``fence=data`` the client gets EIO.  The chunk locks order a client write and the copy of
-  the same chunk strictly, so the copy can never carry older data over a newer write.
+  chunks it touches, send it to the secondary, write locally while the secondary does, and
+  wait for the acknowledgement.  A local write that fails after the send suspends the pair
+  (PSUE) with the chunks in its bitmap: the secondary may hold what this volume does not.
+  A failure to reach the secondary suspends the pair (PSUE): with ``fence=never`` the
+  chunks go into the difference bitmap and the client gets success; with ``fence=data``
+  the client gets EIO.  The chunk locks order a client write and the copy of the same
+  chunk strictly, so the copy can never carry older data over a newer write.
 * ``JOURNAL`` (async): append to the group journal (sequenced), then write locally.
 * ``LOCAL_RECORD`` (split, suspended, taken over): the chunks' bits go into the difference
   bitmap, durably, *before* the write is issued.  A side taken over before its copy was
@@ -71,10 +73,10 @@ class ClientWrites:
     mirrors; the chunk locks of a leg still pulling (first: the pull holds one while it
     carries a chunk on to the other legs) and the steps of its plan up to the write; the
     chunk locks of the legs that mirror or journal; each journaling leg's entry and each
-    recording leg's bits (both durable *before* the local write); the local write; the
-    pulling legs' steps after it; the mirrored legs' requests.  A mirrored leg that fails is
-    suspended and its chunks recorded before the activity log lets go of them;
-    ``fence=data`` then fails the write.
+    recording leg's bits (both durable *before* the local write); the mirrored legs'
+    requests sent; the local write; the pulling legs' steps after it; the mirrored legs'
+    answers.  A mirrored leg that fails is suspended and its chunks recorded before the
+    activity log lets go of them; ``fence=data`` then fails the write.
     """
 
     def __init__(self, legs: VolumeLegs) -> None:
@@ -208,20 +210,52 @@ class ClientWrites:
                         seq = self._journal(leg, offset, length, remote)
                         if seq is not None:
                             journaled.append((leg, seq))
+            # The mirrored legs' requests go first: the secondaries write while this node
+            # does (the activity log already covers the chunks, should it crash meanwhile).
+            sent: list[tuple[Side, Callable[[], wire.Message]]] = []
+            for leg, d in plan:
+                if d is ps.WriteDecision.MIRROR:
+                    try:
+                        sent.append((leg, leg.send(remote(leg.id))))
+                    except _LINK_ERRORS as e:
+                        failed.append((leg, e))
             try:
                 local()
+            except BaseException as e:
+                self._local_failed(sent, offset, length, e)
+                raise
             finally:
                 for leg, seq in journaled:
                     leg.host.primary_group(leg).written_locally(seq)
             for leg, steps in pulling:
                 carry_out(leg, steps, held=True)  # a whole chunk written without a fetch
-            for leg, d in plan:
-                if d is ps.WriteDecision.MIRROR:
-                    try:
-                        leg.request(remote(leg.id))
-                    except _LINK_ERRORS as e:
-                        failed.append((leg, e))
+            for leg, answer in sent:
+                try:
+                    answer()
+                except _LINK_ERRORS as e:
+                    failed.append((leg, e))
         return failed
+
+    @staticmethod
+    def _local_failed(
+        sent: list[tuple[Side, Callable[[], wire.Message]]],
+        offset: int,
+        length: int,
+        error: BaseException,
+    ) -> None:
+        """The local write failed after the mirrored legs were sent it: their secondaries
+        may hold a write this volume does not.  The chunks go into each leg's bitmap and the
+        leg is suspended (PSUE, a disk error), so that nothing reports it identical; the
+        client gets the local error."""
+        for leg, answer in sent:
+            with contextlib.suppress(*_LINK_ERRORS):
+                answer()
+            with contextlib.suppress(PairvolError, OSError):
+                leg.mark_dirty(offset, length)
+            leg.suspend_for_disk(
+                f"the local write at {offset} ({length} bytes) failed after the secondary "
+                f"was sent it: {error}"
+            )
 
     def _journal(
         self, leg: Side, offset: int, length: int, remote: Callable[[str], wire.Message]
