@@ -1058,7 +1058,8 @@ def measure_copies(
     progress: Callable[[str], None],
 ) -> list[CopySample]:
     """Alternating rounds of a full differential resync of ``pair`` and an nbdcopy of as many
-    bytes (``source``, unpaired on a, to a fresh volume on b)."""
+    bytes (``source``, unpaired on a, to a fresh volume on b), flushed at the end as the
+    resync is."""
     # Filled like every volume: a first copy into a sparse file would also pay for allocation.
     path, data_offset = pair.lab.create_volume("b", NBDCOPY_DST, source.size)
     fill_region(path, data_offset, source.size)
@@ -1068,7 +1069,9 @@ def measure_copies(
             if method == "resync":
                 s = timed_resync(cfg, pair, rnd, workdir)
             else:
-                s = timed_nbdcopy(pair.lab, source.name, source.size, rnd)
+                # --flush: the resync ends with its Flush (the copy durable before PAIR),
+                # so the baseline pays for the same durability.
+                s = timed_nbdcopy(pair.lab, source.name, source.size, rnd, flush=True)
             samples.append(s)
             progress(
                 f"round {rnd + 1}/{cfg.rounds} copy {method:<8} {s.bytes >> 20} MiB in "

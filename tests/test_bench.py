@@ -679,3 +679,36 @@ def test_quick_replicated_run_end_to_end(tmp_path: Path) -> None:
         for p in Path("/proc").glob("[0-9]*")
         if "pairvol.bench_scrape" in cmdline(p) and any(a in cmdline(p) for a in addresses)
     ]  # no scraper left
+
+
+def test_the_resyncs_nbdcopy_baseline_is_flushed_as_the_resync_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync ends with a Flush (its copy is durable before PAIR); an nbdcopy without
+    ``--flush`` leaves 1 GiB in b's page cache and once made the resync look 0.5x of it
+    where, flushed, it is 0.75x."""
+    flushed: list[bool] = []
+
+    def nbdcopy(lab: Any, src: str, size: int, rnd: int, *, flush: bool = False) -> Any:
+        flushed.append(flush)
+        return bench.CopySample(rnd, "nbdcopy", size, 1.0, None, None, None, None)
+
+    def resync(cfg: Any, t: Any, rnd: int, workdir: Path) -> Any:
+        return bench.CopySample(rnd, "resync", t.size, 1.0, None, None, None, None)
+
+    class Lab:
+        def create_volume(self, host: str, name: str, size: int) -> tuple[Path, int]:
+            return tmp_path / name, 0
+
+    class Target:
+        lab = Lab()
+        name = "v"
+        size = 1 << 20
+
+    monkeypatch.setattr(bench, "timed_nbdcopy", nbdcopy)
+    monkeypatch.setattr(bench, "timed_resync", resync)
+    monkeypatch.setattr(bench, "fill_region", lambda *a, **k: None)
+    cfg = bench.BenchConfig(rounds=2)
+    samples = bench.measure_copies(cfg, Target(), Target(), tmp_path, lambda line: None)  # type: ignore[arg-type]
+    assert sorted(s.method for s in samples) == ["nbdcopy", "nbdcopy", "resync", "resync"]
+    assert flushed == [True, True]
