@@ -691,10 +691,10 @@ def test_the_resyncs_nbdcopy_baseline_is_flushed_as_the_resync_is(
 
     def nbdcopy(lab: Any, src: str, size: int, rnd: int, *, flush: bool = False) -> Any:
         flushed.append(flush)
-        return bench.CopySample(rnd, "nbdcopy", size, 1.0, None, None, None, None)
+        return bench.CopySample(rnd, "nbdcopy", size, 1.0)
 
     def resync(cfg: Any, t: Any, rnd: int, workdir: Path) -> Any:
-        return bench.CopySample(rnd, "resync", t.size, 1.0, None, None, None, None)
+        return bench.CopySample(rnd, "resync", t.size, 1.0)
 
     class Lab:
         def create_volume(self, host: str, name: str, size: int) -> tuple[Path, int]:
